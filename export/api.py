@@ -1,0 +1,240 @@
+"""``export_model``: a checkpoint in, a model directory (DESIGN.md's contract) out.
+
+The directory is written to a temporary sibling and renamed at the end, so a failure at any
+point leaves no half-written model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from export import __version__
+from export.config import ExportError, LlamaConfig
+from export.graph import GraphSpec, build_decoder
+from export.onnx_builder import GraphBuilder
+from export.quant import dequantize_blocks, quantize_blocks
+from export.sources import GGUFSource, HFSource, open_source, validate
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    out: Path
+    source: Path
+    precision: str
+    target: str
+    params: int
+    seconds: float
+    bytes_written: int
+    max_length: int
+    verify: object | None = None
+
+    def render(self) -> str:
+        lines = [
+            f"exported   {self.source} -> {self.out}",
+            f"precision  {self.precision} ({self.target})",
+            f"params     {self.params / 1e6:.1f} M",
+            f"max length {self.max_length}",
+            f"size       {self.bytes_written / 2**20:.1f} MiB",
+            f"time       {self.seconds:.1f} s",
+        ]
+        if self.verify is not None:
+            v = self.verify
+            lines.append(
+                f"verify     ok: max |Δlogits| {v.max_abs_diff:.2e} "
+                f"({v.max_rel_diff:.2%} of scale), argmax agreement {v.argmax_agreement:.0%}"
+            )
+        return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def genai_config(cfg: LlamaConfig, max_length: int, tok: dict) -> dict:
+    """ONNX Runtime GenAI's genai_config.json for the decoder we build."""
+    gen = tok.get("generation_config.json", {})
+    eos = gen.get("eos_token_id", cfg.eos_token_id)
+    bos = gen.get("bos_token_id", cfg.bos_token_id)
+    pad = gen.get("pad_token_id", cfg.pad_token_id)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    return {
+        "model": {
+            "bos_token_id": bos,
+            "context_length": cfg.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": cfg.num_key_value_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": cfg.model_type,
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": max_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": 1.0,
+            "temperature": gen.get("temperature", 1.0),
+            "top_k": gen.get("top_k", 1),
+            "top_p": gen.get("top_p", 1.0),
+        },
+    }
+
+
+def _reference_loader(source, spec: GraphSpec):
+    """Weights as the graph sees them, for --verify: int4 linears go through quantize→dequantize
+    (the 8-bit lm_head is compared against its float weights; its error is far below int4's)."""
+    if spec.precision != "int4":
+        return source.load
+    projections = ("_proj.weight",)
+
+    def load(name: str) -> np.ndarray:
+        if not name.endswith(projections):
+            return source.load(name)
+        pre = source.quantized(name)
+        if pre is not None and pre.bits == 4 and pre.block_size == spec.block_size:
+            return dequantize_blocks(pre)
+        return dequantize_blocks(quantize_blocks(source.load(name), bits=4,
+                                                 block_size=spec.block_size))
+
+    return load
+
+
+def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", target: str = "cpu",
+                 max_length: int | None = None, block_size: int = 32,
+                 accuracy_level: int | None = None, verify: bool = False, force: bool = False,
+                 progress: bool = True) -> ExportSummary:
+    """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
+
+    Raises ExportError (naming the file/field) on bad input; nothing is left at ``out`` then.
+    """
+    t0 = time.perf_counter()
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"{out}: output directory exists (pass --force to replace it)")
+    source = open_source(src)
+    cfg = source.config
+    validate(source)
+    if accuracy_level is None:
+        accuracy_level = 4 if target == "cpu" else 0
+    max_length = int(max_length or cfg.max_position_embeddings)
+    if max_length < 1:
+        raise ExportError(f"--max-length {max_length}: must be positive")
+    spec = GraphSpec(target=target, precision=precision, max_length=max_length,
+                     block_size=block_size, accuracy_level=accuracy_level)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns() % 10**6}"
+    tmp.mkdir()
+    try:
+        tok = source.tokenizer_files()
+        for name, data in tok.items():
+            (tmp / name).write_bytes(data)
+        tok_json = {k: json.loads(v) for k, v in tok.items() if k.endswith(".json")}
+        _build(tmp, cfg, source, spec, progress)
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+        (tmp / "genai_config.json").write_text(
+            json.dumps(genai_config(cfg, max_length, tok_json), indent=2))
+        report = None
+        if verify:
+            from export.verify import verify_export
+
+            report = verify_export(tmp, cfg, _reference_loader(source, spec),
+                                   quantized=precision == "int4")
+        manifest = {
+            "format": 1,
+            "exporter": f"llorch {__version__}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {
+                "kind": source.kind,
+                "path": str(src.resolve()),
+                "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)}
+                          for f in source.files],
+            },
+            "precision": precision,
+            "target": target,
+            "graph": {
+                "variant": "gqa-shared-kv",
+                "io_dtype": "float32",
+                "kv_dtype": "float32",
+                "block_size": block_size if precision == "int4" else None,
+                "accuracy_level": accuracy_level if precision == "int4" else None,
+                "lm_head_bits": spec.lm_head_bits if precision == "int4" else None,
+                "gguf_blocks": source.kind == "gguf" and precision == "int4",
+            },
+            "max_length": max_length,
+            "params": cfg.num_params(),
+            "verify": None if report is None else report.__dict__,
+        }
+        (tmp / "llorch.json").write_text(json.dumps(manifest, indent=2))
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+        if out.exists():  # --force: swap in the new directory, then drop the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportSummary(out, src, precision, target, cfg.num_params(),
+                         time.perf_counter() - t0, size, max_length, report)
+
+
+def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: GraphSpec,
+           progress: bool) -> None:
+    g = GraphBuilder(tmp / "model.onnx.data")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.num_hidden_layers, desc="layers", unit="layer", file=sys.stderr,
+                   leave=False)
+    try:
+        build_decoder(g, cfg, source, spec, on_layer=lambda i: bar.update(1) if bar else None)
+    finally:
+        g.close()
+        if bar is not None:
+            bar.close()
+    model = g.model("llorch-llama")
+    onnx.save_model(model, str(tmp / "model.onnx"))

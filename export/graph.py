@@ -1,0 +1,285 @@
+"""The Llama decoder as an ONNX graph, one builder per Hugging Face module.
+
+Node names mirror HF modules (``/model/layers.3/self_attn/o_proj/MatMul``); initializers keep
+HF tensor names where one tensor maps to one initializer (packed ones say ``qkv_proj`` /
+``gate_up_proj``). The target and precision are parameters of the builders, not forks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from onnx import TensorProto
+
+from export.config import ExportError, LlamaConfig, cos_sin_cache
+from export.onnx_builder import GraphBuilder
+from export.quant import QuantizedWeight, dequantize_blocks, quantize_blocks
+
+PRECISIONS = ("fp32", "fp16", "int4")
+TARGETS = ("cpu", "cuda", "coreml")
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class Weights(Protocol):
+    def load(self, name: str) -> np.ndarray:
+        """float32 tensor in HF layout ([out, in] for linears)."""
+
+    def quantized(self, name: str) -> QuantizedWeight | None:
+        """The tensor already in MatMulNBits form (GGUF blocks), or None."""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    target: str = "cpu"
+    precision: str = "fp32"
+    max_length: int = 4096  # KV buffer length and rotary cache size
+    block_size: int = 32
+    accuracy_level: int = 4
+    lm_head_bits: int = 8  # int4 exports: lm_head as 8-bit MatMulNBits (0 = keep float)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"--precision {self.precision!r}: choose one of {PRECISIONS}")
+        if self.target != "cpu":
+            raise ExportError(f"--target {self.target!r} is not implemented yet (cpu only)")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ExportError(f"--block-size {self.block_size}: must be a power of two >= 16")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(f"--accuracy-level {self.accuracy_level}: must be 0..4")
+
+
+# -- linear layers ----------------------------------------------------------------------------
+
+
+def _concat_quantized(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
+    """Stack quantized weights along N when their layouts agree (else None)."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.block_size != first.block_size or p.k != first.k
+           for p in parts):
+        return None
+    if len({p.zero_points.dtype for p in parts}) > 1:
+        return None
+    return QuantizedWeight(
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        np.concatenate([p.zero_points for p in parts]),
+        first.bits, first.block_size, first.k, sum(p.n for p in parts),
+    )
+
+
+def _quantized_linear(w: Weights, names: Sequence[str], bits: int, block_size: int
+                      ) -> QuantizedWeight:
+    """Pre-quantized blocks when every part has them in one layout; else quantize the floats."""
+    pre = [w.quantized(n) for n in names]
+    if all(p is not None for p in pre) and all(p.block_size == block_size for p in pre):
+        packed = _concat_quantized(pre)  # type: ignore[arg-type]
+        if packed is not None and (bits == 8 or packed.bits == 4):
+            return packed
+    mats = [dequantize_blocks(p) if p is not None else w.load(n) for p, n in zip(pre, names)]
+    return quantize_blocks(np.concatenate(mats), bits=bits, block_size=block_size)
+
+
+def linear(g: GraphBuilder, x: str, w: Weights, names: Sequence[str], *, node: str, init: str,
+           spec: GraphSpec, bits: int | None = None, bias: Sequence[str] = ()) -> str:
+    """y = x @ concat(W_names).T (+ bias): MatMul on float weights or MatMulNBits.
+
+    ``bits`` None follows the precision (int4 → 4); 0 forces a float MatMul.
+    """
+    if bits is None:
+        bits = 4 if spec.precision == "int4" else 0
+    if bits:
+        qw = _quantized_linear(w, names, bits, spec.block_size)
+        inputs = [
+            x,
+            g.initializer(f"{init}.qweight", qw.packed),
+            g.initializer(f"{init}.scales", qw.scales.reshape(-1).astype(np.float32)),
+            g.initializer(f"{init}.qzeros", qw.zero_points.reshape(-1)),
+        ]
+        y = g.op("MatMulNBits", inputs, name=f"{node}/MatMulNBits", domain="com.microsoft",
+                 K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block_size,
+                 accuracy_level=spec.accuracy_level)
+    else:
+        wt = np.concatenate([w.load(n) for n in names]).T
+        if spec.precision == "fp16":
+            # CPU fp16: weights stored in half precision, widened once at session load.
+            wh = g.initializer(f"{init}.weight", wt.astype(np.float16))
+            wf = g.op("Cast", [wh], name=f"{node}/Cast", to=TensorProto.FLOAT)
+        else:
+            wf = g.initializer(f"{init}.weight", wt.astype(np.float32))
+        y = g.op("MatMul", [x, wf], name=f"{node}/MatMul")
+    if bias:
+        b = np.concatenate([w.load(n) for n in bias]).astype(np.float32)
+        y = g.op("Add", [y, g.initializer(f"{init}.bias", b)], name=f"{node}/Add")
+    return y
+
+
+# -- one builder per HF module ----------------------------------------------------------------
+
+
+def embed_tokens(g: GraphBuilder, input_ids: str, w: Weights, spec: GraphSpec) -> str:
+    table = w.load("model.embed_tokens.weight")
+    dtype = np.float16 if spec.precision == "fp16" else np.float32
+    t = g.initializer("model.embed_tokens.weight", table.astype(dtype))
+    x = g.op("Gather", [t, input_ids], name="/model/embed_tokens/Gather")
+    if dtype == np.float16:
+        x = g.op("Cast", [x], name="/model/embed_tokens/Cast", to=TensorProto.FLOAT)
+    return x
+
+
+def rms_norm(g: GraphBuilder, x: str, weight: str, cfg: LlamaConfig, *, node: str,
+             w: Weights) -> str:
+    gamma = g.initializer(weight, w.load(weight).astype(np.float32))
+    return g.op("SimplifiedLayerNormalization", [x, gamma], name=f"{node}/SimplifiedLayerNorm",
+                axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+
+
+def skip_rms_norm(g: GraphBuilder, x: str, skip: str, weight: str, cfg: LlamaConfig, *,
+                  node: str, w: Weights) -> tuple[str, str]:
+    """
+        x ──┐
+            Add ──► residual (x + skip) ──► RMSNorm(γ) ──► normed
+     skip ──┘
+    Returns (normed, residual).
+    """
+    gamma = g.initializer(weight, w.load(weight).astype(np.float32))
+    out = g.node("SkipSimplifiedLayerNormalization", [x, skip, gamma],
+                 [f"{node}/output_0", "", "", f"{node}/output_3"],
+                 name=f"{node}/SkipLayerNorm", domain="com.microsoft", epsilon=cfg.rms_norm_eps)
+    return out[0], out[3]
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """Per-step tensors every layer's attention shares."""
+
+    seqlens_k: str  # int32 [batch]: index of each sequence's last token
+    total_seq_len: str  # int32 scalar: attention_mask width
+    cos_cache: str
+    sin_cache: str
+
+
+def self_attn(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
+              spec: GraphSpec, att: AttentionInputs) -> tuple[str, str, str]:
+    """
+      h ─► qkv_proj (packed q|k|v) ─► GroupQueryAttention ─► o_proj ─► out
+                       past k/v ──────────┘    └──► present k/v (same buffers)
+    Rotary is applied inside GroupQueryAttention from the cos/sin caches.
+    Returns (out, present_key, present_value).
+    """
+    p = f"model.layers.{layer}.self_attn"
+    n = f"/model/layers.{layer}/self_attn"
+    qkv = linear(g, h, w, [f"{p}.q_proj.weight", f"{p}.k_proj.weight", f"{p}.v_proj.weight"],
+                 node=f"{n}/qkv_proj", init=f"{p}.qkv_proj", spec=spec,
+                 bias=[f"{p}.q_proj.bias", f"{p}.k_proj.bias", f"{p}.v_proj.bias"]
+                 if cfg.attention_bias else ())
+    past_k, past_v = f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+    outs = g.node(
+        "GroupQueryAttention",
+        [qkv, "", "", past_k, past_v, att.seqlens_k, att.total_seq_len, att.cos_cache,
+         att.sin_cache],
+        [f"{n}/attn/output_0", f"present.{layer}.key", f"present.{layer}.value"],
+        name=f"{n}/GroupQueryAttention", domain="com.microsoft",
+        num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
+        scale=float(cfg.head_dim**-0.5), do_rotary=1, rotary_interleaved=0,
+    )
+    out = linear(g, outs[0], w, [f"{p}.o_proj.weight"], node=f"{n}/o_proj",
+                 init=f"{p}.o_proj", spec=spec)
+    return out, outs[1], outs[2]
+
+
+def mlp(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
+        spec: GraphSpec) -> str:
+    """
+      h ─► gate_up_proj ─► Split ─┬─ gate ─► SiLU ─┐
+                                  └─ up ──────────Mul ─► down_proj ─► out
+    """
+    p = f"model.layers.{layer}.mlp"
+    n = f"/model/layers.{layer}/mlp"
+    gu = linear(g, h, w, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"],
+                node=f"{n}/gate_up_proj", init=f"{p}.gate_up_proj", spec=spec)
+    i = cfg.intermediate_size
+    gate, up = g.node("Split", [gu, g.const(f"{n}/split_sizes", [i, i])], 2, name=f"{n}/Split",
+                      axis=-1)
+    sig = g.op("Sigmoid", [gate], name=f"{n}/act_fn/Sigmoid")
+    act = g.op("Mul", [gate, sig], name=f"{n}/act_fn/Mul")
+    prod = g.op("Mul", [act, up], name=f"{n}/Mul")
+    return linear(g, prod, w, [f"{p}.down_proj.weight"], node=f"{n}/down_proj",
+                  init=f"{p}.down_proj", spec=spec)
+
+
+def lm_head(g: GraphBuilder, h: str, cfg: LlamaConfig, w: Weights, spec: GraphSpec,
+            keep: str) -> str:
+    """Logits for the last ``keep`` positions (0 = every position, HF's logits_to_keep)."""
+    start = g.op("Neg", [keep], name="/lm_head/Neg")
+    h = g.op("Slice", [h, start, g.const("/lm_head/ends", [INT64_MAX]),
+                       g.const("/lm_head/axes", [1])], name="/lm_head/Slice")
+    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    bits = (spec.lm_head_bits if spec.precision == "int4" else 0)
+    return linear(g, h, w, [name], node="/lm_head", init="lm_head", spec=spec, bits=bits)
+
+
+# -- the whole decoder ------------------------------------------------------------------------
+
+
+def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec,
+                  on_layer: Callable[[int], None] = lambda i: None) -> None:
+    """Inputs/outputs follow ONNX Runtime GenAI's decoder contract (shared past/present)."""
+    if cfg.head_dim % 16:
+        raise ExportError(
+            f"head_dim {cfg.head_dim} is not a multiple of 16, which ONNX Runtime's CPU "
+            "GroupQueryAttention requires; this model cannot be exported for --target cpu yet"
+        )
+    kv_shape = ["batch_size", cfg.num_key_value_heads, "max_sequence_length", cfg.head_dim]
+    input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    for i in range(cfg.num_hidden_layers):
+        g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, kv_shape)
+        g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, kv_shape)
+    # Overridable input (an initializer default of 0 = logits for every position): the server
+    # feeds 1 so a prefill chunk pays the lm_head for its last position only.
+    keep = g.input("num_logits_to_keep", TensorProto.INT64, [1])
+    g.const("num_logits_to_keep", [0])
+
+    # seqlens_k = tokens per sequence - 1, total = mask width (what GQA wants as int32)
+    total = g.op("ReduceSum", [mask, g.const("/model/attn_mask/axes", [1])],
+                 name="/model/attn_mask/ReduceSum", keepdims=0)
+    last = g.op("Sub", [total, g.const("/model/attn_mask/one", 1)], name="/model/attn_mask/Sub")
+    seqlens = g.op("Cast", [last], name="/model/attn_mask/seqlens_k/Cast", to=TensorProto.INT32)
+    width = g.op("Shape", [mask], name="/model/attn_mask/Shape", start=1, end=2)
+    width = g.op("Squeeze", [width], name="/model/attn_mask/Squeeze")
+    width = g.op("Cast", [width], name="/model/attn_mask/total_seq_len/Cast", to=TensorProto.INT32)
+    cos, sin = cos_sin_cache(cfg, spec.max_length)
+    att = AttentionInputs(seqlens, width, g.initializer("cos_cache", cos),
+                          g.initializer("sin_cache", sin))
+
+    x = embed_tokens(g, input_ids, w, spec)
+    residual, mlp_out = x, None
+    for i in range(cfg.num_hidden_layers):
+        p, n = f"model.layers.{i}", f"/model/layers.{i}"
+        if mlp_out is None:
+            h = rms_norm(g, x, f"{p}.input_layernorm.weight", cfg, node=f"{n}/input_layernorm",
+                         w=w)
+        else:
+            h, residual = skip_rms_norm(g, mlp_out, residual, f"{p}.input_layernorm.weight", cfg,
+                                        node=f"{n}/input_layernorm", w=w)
+        attn_out, _, _ = self_attn(g, h, i, cfg, w, spec, att)
+        h, residual = skip_rms_norm(g, attn_out, residual, f"{p}.post_attention_layernorm.weight",
+                                    cfg, node=f"{n}/post_attention_layernorm", w=w)
+        mlp_out = mlp(g, h, i, cfg, w, spec)
+        on_layer(i)
+    h, _ = skip_rms_norm(g, mlp_out, residual, "model.norm.weight", cfg, node="/model/norm", w=w)
+    logits = lm_head(g, h, cfg, w, spec, keep)
+    g.nodes.append(_identity(logits, "logits"))
+    g.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+    for i in range(cfg.num_hidden_layers):
+        g.output(f"present.{i}.key", TensorProto.FLOAT, kv_shape)
+        g.output(f"present.{i}.value", TensorProto.FLOAT, kv_shape)
+
+
+def _identity(src: str, dst: str):
+    from onnx import helper
+
+    return helper.make_node("Identity", [src], [dst], name="/logits/Identity")

@@ -1,0 +1,143 @@
+"""Block quantization for ``com.microsoft.MatMulNBits`` — pure functions with inverses.
+
+MatMulNBits stores a weight W [N, K] (HF's [out, in]) as
+  B            uint8 [N, n_blocks, block_size * bits / 8]  (4 bits: element 2i in the low nibble)
+  scales       float [N * n_blocks]
+  zero_points  uint8 [N, ceil(n_blocks * bits / 8)] packed, or float [N * n_blocks]
+and dequantizes block values as (q - zero_point) * scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight in MatMulNBits layout. ``k`` and ``n`` are the logical (unpadded) sizes."""
+
+    packed: np.ndarray  # uint8 [n, n_blocks, blob]
+    scales: np.ndarray  # float32 [n, n_blocks]
+    zero_points: np.ndarray  # uint8 packed [n, zp_bytes] or float32 [n, n_blocks]
+    bits: int
+    block_size: int
+    k: int
+    n: int
+
+    @property
+    def n_blocks(self) -> int:
+        return self.packed.shape[1]
+
+
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """[N, K] float → [N, n_blocks, block_size], zero-padding K up to a whole block."""
+    n, k = w.shape
+    n_blocks = -(-k // block_size)
+    if n_blocks * block_size != k:
+        w = np.pad(w, ((0, 0), (0, n_blocks * block_size - k)))
+    return w.reshape(n, n_blocks, block_size)
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 values 0..15 [..., 2m] → [..., m], element 2i in the low nibble."""
+    q = q.astype(np.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(p: np.ndarray) -> np.ndarray:
+    """Inverse of pack_nibbles."""
+    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def quantize_blocks(w: np.ndarray, *, bits: int = 4, block_size: int = 32) -> QuantizedWeight:
+    """Asymmetric round-to-nearest block quantization with integer zero points.
+
+    The range of each block is widened to include 0 so the zero point is an integer in
+    [0, 2^bits - 1] and 0.0 stays exact (what ORT's own quantizer does).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    qmax = (1 << bits) - 1
+    blk = _blocks(w, block_size)
+    lo = np.minimum(blk.min(axis=-1), 0.0)
+    hi = np.maximum(blk.max(axis=-1), 0.0)
+    scale = (hi - lo) / qmax
+    safe = np.where(scale == 0, 1.0, scale)
+    zp = np.clip(np.round(-lo / safe), 0, qmax)
+    q = np.clip(np.round(blk / safe[..., None] + zp[..., None]), 0, qmax).astype(np.uint8)
+    scale = scale.astype(np.float32)
+    zp = zp.astype(np.uint8)
+    if bits == 4:
+        packed = pack_nibbles(q)
+        n_blocks = zp.shape[1]
+        if n_blocks % 2:
+            zp = np.pad(zp, ((0, 0), (0, 1)))
+        zp_packed = pack_nibbles(zp)
+        assert zp_packed.shape[1] == -(-n_blocks // 2)
+    else:
+        packed, zp_packed = q, zp
+    return QuantizedWeight(packed, scale, zp_packed, bits, block_size, k, n)
+
+
+def dequantize_blocks(qw: QuantizedWeight) -> np.ndarray:
+    """Inverse of quantize_blocks (and of the GGUF mappings): float32 [N, K]."""
+    q = unpack_nibbles(qw.packed) if qw.bits == 4 else qw.packed
+    q = q.astype(np.float32)
+    if qw.zero_points.dtype == np.uint8:
+        zp = unpack_nibbles(qw.zero_points) if qw.bits == 4 else qw.zero_points
+        zp = zp[:, : qw.n_blocks].astype(np.float32)
+    else:
+        zp = qw.zero_points.astype(np.float32)
+    w = (q - zp[..., None]) * qw.scales[..., None]
+    return w.reshape(qw.n, -1)[:, : qw.k]
+
+
+# -- GGUF blocks → MatMulNBits, without a dequantize→requantize round trip --------------------
+# Q4_0: fp16 d, 16 bytes: value = d * (q - 8)
+# Q4_1: fp16 d, fp16 m, 16 bytes: value = d * q + m   (float zero point zp = -m / d)
+# Q8_0: fp16 d, 32 int8: value = d * q               (uint8 q + 128, zero point 128)
+# In GGUF 4-bit blocks, element j is the low nibble of byte j and element j+16 the high nibble.
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def _gguf_nibbles(qs: np.ndarray) -> np.ndarray:
+    """GGUF nibble order [..., 16] → values [..., 32]."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def from_gguf_blocks(qtype: str, blocks: np.ndarray, k: int) -> QuantizedWeight:
+    """Map raw GGUF blocks uint8 [N, n_blocks, bytes] onto MatMulNBits (block 32), exactly."""
+    if qtype not in GGUF_BLOCK_BYTES:
+        raise ValueError(f"no direct MatMulNBits mapping for GGUF type {qtype}")
+    n, n_blocks, nbytes = blocks.shape
+    if nbytes != GGUF_BLOCK_BYTES[qtype]:
+        raise ValueError(f"{qtype} blocks must be {GGUF_BLOCK_BYTES[qtype]} bytes, got {nbytes}")
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype == "Q8_0":
+        q = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        zp = np.full((n, n_blocks), 128, dtype=np.uint8)
+        return QuantizedWeight(q, d, zp, 8, 32, k, n)
+    if qtype == "Q4_0":
+        q = _gguf_nibbles(blocks[..., 2:])
+        zp = np.full((n, n_blocks + (n_blocks % 2)), 8, dtype=np.uint8)
+        return QuantizedWeight(pack_nibbles(q), d, pack_nibbles(zp), 4, 32, k, n)
+    # Q4_1
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = _gguf_nibbles(blocks[..., 4:])
+    flat = d == 0
+    if flat.any():
+        # A constant block (d == 0, every value == m): encode as q=1, zp=0, scale=m.
+        q = q.copy()
+        q[flat] = 1
+        d = np.where(flat, m, d)
+        m = np.where(flat, 0.0, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zp = np.where(d == 0, 0.0, -m / d).astype(np.float32)
+    return QuantizedWeight(pack_nibbles(q), d.astype(np.float32), zp, 4, 32, k, n)

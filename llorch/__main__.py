@@ -1,0 +1,5 @@
+import sys
+
+from llorch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""``llorch`` command line: export, serve, models.
+
+Each subcommand imports its package lazily, so ``llorch serve`` never loads the exporter.
+Flags map one-to-one onto function arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="convert a HF SafeTensors directory or a GGUF file into an ONNX model directory",
+        description="Convert a Llama-family checkpoint (HF SafeTensors directory or llama.cpp "
+        "GGUF file) into an ONNX model directory with a KV cache; or, with --to-safetensors, "
+        "a GGUF into a HF SafeTensors directory.",
+    )
+    p.add_argument("source", type=Path, help="HF model directory or .gguf file")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int4"), default="int4",
+                   help="weight precision (default: int4)")
+    p.add_argument("--target", choices=("cpu", "cuda", "coreml"), default="cpu",
+                   help="execution provider the graph is built for (default: cpu)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="KV buffer / rotary cache length (default: the model's context length)")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (default: 32)")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=range(5),
+                   metavar="{0..4}",
+                   help="MatMulNBits accuracy_level (default: 4 on cpu, i.e. int8 compute)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare the export with a NumPy reference forward pass; fail loudly")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--to-safetensors", action="store_true",
+                   help="GGUF → HF SafeTensors directory instead of ONNX")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model directory behind an OpenAI-compatible API")
+    p.add_argument("model", nargs="?", type=Path, default=None,
+                   help="model directory (default: prepare and serve SmolLM2-135M-Instruct int4)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "coreml", "auto"),
+                   help="ONNX Runtime execution provider (default: cpu); 'auto' picks the best "
+                   "available")
+    p.add_argument("--model-name", default=None,
+                   help="model id in /v1/models (default: the directory name)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="context length served (default: the export's max_length)")
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="KV slots = sequences decoded together (default: 4)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per prefill step (default: 512)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (default: physical cores)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"))
+
+
+def _models_parser(sub) -> None:
+    p = sub.add_parser("models", help="prepare the default model")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    f = msub.add_parser("fetch", help="fetch SmolLM2-135M-Instruct and export it")
+    f.add_argument("name", nargs="?", default="smollm2", choices=("smollm2",))
+    f.add_argument("--variants", default="int4,fp32",
+                   help="comma-separated exports to build (default: int4,fp32)")
+    f.add_argument("--root", type=Path, default=None, help="models directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llorch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _export_parser(sub)
+    _serve_parser(sub)
+    _models_parser(sub)
+    args = parser.parse_args(argv)
+    if args.cmd == "export":
+        return _run_export(args)
+    if args.cmd == "models":
+        return _run_models(args)
+    return _run_serve(args)
+
+
+def _run_export(args) -> int:
+    try:
+        from export.config import ExportError
+    except ImportError as e:
+        print(f"llorch export needs the exporter's dependencies: pip install 'llorch[export]' "
+              f"({e})", file=sys.stderr)
+        return 2
+    try:
+        if args.to_safetensors:
+            from export.gguf_to_hf import gguf_to_hf
+
+            out = gguf_to_hf(args.source, args.output, force=args.force,
+                             progress=not args.quiet)
+            print(f"wrote {out}")
+            return 0
+        from export.api import export_model
+
+        summary = export_model(
+            args.source, args.output, precision=args.precision, target=args.target,
+            max_length=args.max_length, block_size=args.block_size,
+            accuracy_level=args.accuracy_level, verify=args.verify, force=args.force,
+            progress=not args.quiet,
+        )
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary.render())
+    return 0
+
+
+def _run_models(args) -> int:
+    from export.default_model import ensure_default_model
+
+    paths = ensure_default_model(root=args.root, variants=tuple(args.variants.split(",")))
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _default_model_dir() -> Path:
+    """Prepare the default model in a child process: serve must not import the exporter."""
+    code = ("from export.default_model import ensure_default_model; "
+            "print(ensure_default_model(variants=('int4',))['int4'])")
+    res = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        raise SystemExit("error: could not prepare the default model (see above); "
+                         "it needs pip access to PyPI and the exporter: pip install 'llorch[export]'")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+def _run_serve(args) -> int:
+    from serve.main import run
+    from serve.options import ServeOptions
+
+    model = args.model or _default_model_dir()
+    opts = ServeOptions(
+        model_dir=model, model_name=args.model_name, host=args.host, port=args.port,
+        provider=args.provider, threads=args.threads, max_length=args.max_length,
+        max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
+        log_level=args.log_level,
+    )
+    return run(opts) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
