@@ -142,7 +142,8 @@ def _reference_loader(source, spec: GraphSpec):
 def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", target: str = "cpu",
                  max_length: int | None = None, block_size: int = 32,
                  accuracy_level: int | None = None, verify: bool = False, force: bool = False,
-                 progress: bool = True) -> ExportSummary:
+                 progress: bool = True, lm_head_bits: int = 8,
+                 exact_q4_1: bool = False) -> ExportSummary:
     """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
 
     Raises ExportError (naming the file/field) on bad input; nothing is left at ``out`` then.
@@ -151,7 +152,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out}: output directory exists (pass --force to replace it)")
-    source = open_source(src)
+    source = open_source(src, exact_q4_1=exact_q4_1)
     cfg = source.config
     validate(source)
     if accuracy_level is None:
@@ -160,7 +161,8 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     if max_length < 1:
         raise ExportError(f"--max-length {max_length}: must be positive")
     spec = GraphSpec(target=target, precision=precision, max_length=max_length,
-                     block_size=block_size, accuracy_level=accuracy_level)
+                     block_size=block_size, accuracy_level=accuracy_level,
+                     lm_head_bits=lm_head_bits)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns() % 10**6}"
@@ -194,12 +196,13 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
             "target": target,
             "graph": {
                 "variant": "gqa-shared-kv",
+                "logits_to_keep": True,
                 "io_dtype": "float32",
                 "kv_dtype": "float32",
                 "block_size": block_size if precision == "int4" else None,
                 "accuracy_level": accuracy_level if precision == "int4" else None,
                 "lm_head_bits": spec.lm_head_bits if precision == "int4" else None,
-                "gguf_blocks": source.kind == "gguf" and precision == "int4",
+                "gguf_exact_q4_1": source.kind == "gguf" and precision == "int4" and exact_q4_1,
             },
             "max_length": max_length,
             "params": cfg.num_params(),

@@ -54,7 +54,19 @@ def unpack_nibbles(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def quantize_blocks(w: np.ndarray, *, bits: int = 4, block_size: int = 32) -> QuantizedWeight:
+def quantize_blocks(w: np.ndarray, *, bits: int = 4, block_size: int = 32,
+                    rows_per_chunk: int = 4096) -> QuantizedWeight:
+    """Quantize ``w`` [N, K] in chunks of rows (bounded temporaries for large matrices)."""
+    if w.shape[0] <= rows_per_chunk:
+        return _quantize_rows(w, bits, block_size)
+    parts = [_quantize_rows(w[i:i + rows_per_chunk], bits, block_size)
+             for i in range(0, w.shape[0], rows_per_chunk)]
+    return QuantizedWeight(
+        np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
+        np.concatenate([p.zero_points for p in parts]), bits, block_size, w.shape[1], w.shape[0])
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int) -> QuantizedWeight:
     """Asymmetric round-to-nearest block quantization with integer zero points.
 
     The range of each block is widened to include 0 so the zero point is an integer in

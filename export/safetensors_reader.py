@@ -1,8 +1,8 @@
 """Lazy reader over a HF SafeTensors checkpoint (one file or index-sharded).
 
 The header is parsed here rather than through ``safetensors.safe_open`` because its numpy
-API cannot read bf16; each tensor is a view into a read-only memmap, converted to float32
-one at a time, so peak memory stays around the largest single tensor.
+API cannot read bf16; each tensor is read on its own and converted to float32 one at a time,
+so peak memory stays around the largest single tensor.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ class _File:
             raise ExportError(
                 f"{path}: truncated safetensors file ({size} bytes, header needs {self.base + end})"
             )
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
 
     def tensor(self, name: str) -> np.ndarray:
         e = self.entries[name]
@@ -58,8 +57,11 @@ class _File:
         if dtype is None:
             raise ExportError(f"{self.path}: tensor '{name}' has unsupported dtype {e['dtype']}")
         start, stop = e["data_offsets"]
-        raw = self._mm[self.base + start : self.base + stop]
-        arr = raw.view(dtype).reshape(e["shape"])
+        # A positioned read, not a memmap: the bytes are freed with the array, so resident
+        # memory stays around one tensor instead of growing with every page touched.
+        count = (stop - start) // np.dtype(dtype).itemsize
+        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=self.base + start)
+        arr = arr.reshape(e["shape"])
         if e["dtype"] == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
@@ -115,4 +117,4 @@ class SafeTensorsCheckpoint:
         """The tensor as float32 (a fresh array; the memmap is not kept alive by it)."""
         if name not in self._where:
             raise ExportError(f"missing tensor '{name}' in the checkpoint")
-        return np.array(self._where[name].tensor(name), dtype=np.float32)
+        return np.asarray(self._where[name].tensor(name), dtype=np.float32)

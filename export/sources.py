@@ -35,9 +35,8 @@ class HFSource:
                 "required; convert slow tokenizers with transformers' save_pretrained first)"
             )
         self.ckpt = SafeTensorsCheckpoint(self.path)
-        self.files = [self.path / "config.json"] + [
-            self.ckpt.path_of(n) for n in dict.fromkeys(self.ckpt.names())
-        ]
+        self.files = [self.path / "config.json"] + list(
+            dict.fromkeys(self.ckpt.path_of(n) for n in self.ckpt.names()))
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self.ckpt.shape(name) if name in set(self.ckpt.names()) else None
@@ -59,9 +58,13 @@ class HFSource:
 class GGUFSource:
     kind = "gguf"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, exact_q4_1: bool = False):
         from export.gguf_reader import GGUFCheckpoint
 
+        # Q4_1's exact mapping needs float zero points, for which ONNX Runtime's CPU
+        # MatMulNBits has no fast kernel (10-15x slower per matmul, measured); by default Q4_1
+        # blocks are re-quantized to integer zero points instead. Q4_0 / Q8_0 are always exact.
+        self.exact_q4_1 = exact_q4_1
         self.path = Path(path)
         self.ckpt = GGUFCheckpoint(self.path)
         self.config = LlamaConfig.from_hf(self.ckpt.hf_config(), source=f"{self.path} (metadata)")
@@ -78,7 +81,7 @@ class GGUFSource:
 
     def quantized(self, name: str) -> QuantizedWeight | None:
         qtype = self.ckpt.qtype(name)
-        if qtype not in GGUF_BLOCK_BYTES:
+        if qtype not in GGUF_BLOCK_BYTES or (qtype == "Q4_1" and not self.exact_q4_1):
             return None
         blocks = self.ckpt.load_blocks(name)
         k = self.shape(name)[-1]
@@ -96,13 +99,13 @@ class GGUFSource:
         return out
 
 
-def open_source(src: Path) -> HFSource | GGUFSource:
+def open_source(src: Path, *, exact_q4_1: bool = False) -> HFSource | GGUFSource:
     src = Path(src)
     if not src.exists():
         raise ExportError(f"{src}: no such file or directory")
     if src.is_file():
         if src.suffix.lower() == ".gguf" or _is_gguf(src):
-            return GGUFSource(src)
+            return GGUFSource(src, exact_q4_1=exact_q4_1)
         raise ExportError(f"{src}: not a GGUF file or a Hugging Face model directory")
     if not (src / "config.json").is_file():
         raise ExportError(f"{src}: config.json not found (expected a Hugging Face model directory)")

@@ -1,0 +1,115 @@
+"""What the server needs to know about a model directory, read once at startup.
+
+Three layouts are accepted: llorch's own exports and ONNX Runtime GenAI builder output (both
+described by genai_config.json), and optimum-cli decoders (config.json + model.onnx).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelDirError(Exception):
+    """The model directory is unusable; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    name: str
+    onnx_file: Path
+    vocab_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_length: int  # longest sequence (prompt + completion) the KV buffers hold
+    context_length: int  # what the model was trained for
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    pad_token_id: int | None
+    past_key: str = "past_key_values.%d.key"
+    past_value: str = "past_key_values.%d.value"
+    present_key: str = "present.%d.key"
+    present_value: str = "present.%d.value"
+    precision: str | None = None
+    source: str = "llorch"  # llorch | genai | optimum
+    logits_to_keep: bool = False  # graph has the overridable `num_logits_to_keep` initializer
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+
+
+def _ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+
+
+def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelInfo:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelDirError(f"{model_dir}: model directory not found")
+    name = name or model_dir.resolve().name.removesuffix("-int4").removesuffix("-fp32")
+    gen_cfg = model_dir / "generation_config.json"
+    gen = _read_json(gen_cfg) if gen_cfg.is_file() else {}
+    genai = model_dir / "genai_config.json"
+    if genai.is_file():
+        cfg = _read_json(genai)
+        try:
+            m = cfg["model"]
+            d = m["decoder"]
+            onnx_file = model_dir / d["filename"]
+            manifest = model_dir / "llorch.json"
+            meta = _read_json(manifest) if manifest.is_file() else {}
+            precision = meta.get("precision")
+            eos = _ids(m.get("eos_token_id")) + _ids(gen.get("eos_token_id"))
+            return ModelInfo(
+                path=model_dir, name=name, onnx_file=onnx_file,
+                vocab_size=int(m["vocab_size"]), num_layers=int(d["num_hidden_layers"]),
+                num_kv_heads=int(d["num_key_value_heads"]), head_dim=int(d["head_size"]),
+                max_length=int(cfg.get("search", {}).get("max_length") or m["context_length"]),
+                context_length=int(m["context_length"]),
+                eos_token_ids=tuple(dict.fromkeys(eos)),
+                bos_token_id=m.get("bos_token_id"), pad_token_id=m.get("pad_token_id"),
+                past_key=d["inputs"].get("past_key_names", "past_key_values.%d.key"),
+                past_value=d["inputs"].get("past_value_names", "past_key_values.%d.value"),
+                present_key=d["outputs"].get("present_key_names", "present.%d.key"),
+                present_value=d["outputs"].get("present_value_names", "present.%d.value"),
+                precision=precision,
+                source="llorch" if manifest.is_file() else "genai",
+                logits_to_keep=bool(meta.get("graph", {}).get("logits_to_keep", False)),
+            )
+        except KeyError as e:
+            raise ModelDirError(f"{genai}: missing field {e}") from None
+    hf = model_dir / "config.json"
+    if not hf.is_file():
+        raise ModelDirError(
+            f"{model_dir}: neither genai_config.json nor config.json found (not a model directory "
+            "made by llorch export, ONNX Runtime GenAI's builder or optimum-cli)")
+    cfg = _read_json(hf)
+    onnx_file = next((model_dir / f for f in ("model.onnx", "decoder_model_merged.onnx")
+                      if (model_dir / f).is_file()), None)
+    if onnx_file is None:
+        raise ModelDirError(f"{model_dir}: no model.onnx")
+    try:
+        heads = int(cfg["num_attention_heads"])
+        ctx = int(cfg.get("max_position_embeddings", 2048))
+        return ModelInfo(
+            path=model_dir, name=name, onnx_file=onnx_file, vocab_size=int(cfg["vocab_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+            max_length=ctx, context_length=ctx,
+            eos_token_ids=tuple(dict.fromkeys(_ids(cfg.get("eos_token_id"))
+                                              + _ids(gen.get("eos_token_id")))),
+            bos_token_id=cfg.get("bos_token_id"), pad_token_id=cfg.get("pad_token_id"),
+            source="optimum",
+        )
+    except KeyError as e:
+        raise ModelDirError(f"{hf}: missing field {e}") from None

@@ -1,0 +1,293 @@
+"""Next-token sampling over one logits row, in NumPy.
+
+Per decode step, for each request:
+
+    logits ─► logit_bias ─► repetition_penalty ─► presence/frequency ─┬─ greedy: argmax
+                                                                      └─ temperature ─► top_k
+                                                                         ─► top_p ─► min_p ─► draw
+
+- ``repetition_penalty`` has Hugging Face semantics: over the distinct prompt + generated
+  ids, positive logits are divided by it and negative ones multiplied.
+- ``presence_penalty`` / ``frequency_penalty`` have OpenAI semantics over generated ids:
+  ``logit -= frequency * count + presence * (count > 0)``.
+- Greedy (temperature 0, or top_k 1) is an argmax: no softmax over the vocabulary unless
+  logprobs were asked for.
+- Logprobs are the log-softmax of the raw model logits, before bias, penalties,
+  temperature and truncation (vLLM's default, "raw_logprobs"): they describe the model,
+  not the sampling settings, and the chosen token always has a finite logprob.
+
+The vocabulary is ~50k wide and this runs every step, so nothing sorts it: top-k and
+top-p use ``np.argpartition`` and sort only the candidates they keep, and the logits row
+is only copied when bias or penalties must change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Below this temperature sampling is argmax (dividing by ~0 only adds overflow risk).
+_GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request (the engine's type; routes build it).
+
+    ``top_k`` <= 0 disables top-k; ``logprobs`` None returns no logprobs, k >= 0 returns
+    the chosen token's logprob and the top k alternatives.
+
+    Raises:
+        ValueError: a value outside its range (routes validate first, with OpenAI errors).
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled token; ``logprob``/``top`` are None unless logprobs were requested.
+
+    ``top`` holds (token, logprob) pairs, most likely first.
+    """
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None
+
+
+class Sampler:
+    """Samples the tokens of one sequence (one choice of one request).
+
+    Args:
+        params: the request's sampling parameters.
+        prompt_ids: the prompt, for ``repetition_penalty``.
+        seed_offset: added to ``params.seed``, so choice i of n gets seed + i: the choices
+            differ, and a fixed seed still reproduces all of them. With no seed, each
+            Sampler draws fresh OS entropy.
+    """
+
+    def __init__(
+        self, params: SamplingParams, *, prompt_ids: Sequence[int] = (), seed_offset: int = 0
+    ) -> None:
+        self.params = params
+        # Modulo 2**64: OpenAI seeds may be negative, NumPy's may not.
+        seed = None if params.seed is None else (params.seed + seed_offset) % 2**64
+        self._rng = np.random.default_rng(seed)
+        self._bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
+        self._bias_values = np.fromiter(params.logit_bias.values(), dtype=np.float32)
+        self._repetition = params.repetition_penalty != 1.0
+        self._penalize = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        # Distinct prompt + generated ids (repetition), generated counts (presence/frequency);
+        # `generated` is append-only, so only its new tail is folded in each step.
+        self._seen: dict[int, None] = dict.fromkeys(prompt_ids) if self._repetition else {}
+        self._seen_arr: np.ndarray | None = None
+        self._counts: dict[int, int] = {}
+        self._n_generated = 0
+
+    def sample(self, logits: np.ndarray, generated: Sequence[int] = ()) -> Sample:
+        """Picks the next token.
+
+        Args:
+            logits: float [vocab] scores after the last token (not modified).
+            generated: every token this sequence generated so far (append-only).
+
+        Raises:
+            ValueError: a logit_bias id outside the logits row.
+        """
+        raw = np.asarray(logits, dtype=np.float32)
+        self._update_history(generated)
+        x = self._process(raw)
+        params = self.params
+        if params.greedy:
+            token = int(np.argmax(x))
+        else:
+            token = self._draw(x)
+        if params.logprobs is None:
+            return Sample(token)
+        return Sample(token, *_logprobs(raw, token, params.logprobs))
+
+    def _update_history(self, generated: Sequence[int]) -> None:
+        if not (self._repetition or self._penalize) or len(generated) == self._n_generated:
+            return
+        if len(generated) < self._n_generated:  # a different sequence: start over
+            self._counts.clear()
+            self._n_generated = 0
+        for t in generated[self._n_generated :]:
+            t = int(t)
+            self._counts[t] = self._counts.get(t, 0) + 1
+            if self._repetition and t not in self._seen:
+                self._seen[t] = None
+                self._seen_arr = None
+        self._n_generated = len(generated)
+
+    def _process(self, raw: np.ndarray) -> np.ndarray:
+        """Logits after bias and penalties; ``raw`` itself when nothing applies."""
+        params = self.params
+        if not (self._bias_ids.size or self._repetition or (self._penalize and self._counts)):
+            return raw
+        x = raw.copy()
+        if self._bias_ids.size:
+            if self._bias_ids.min() < 0 or self._bias_ids.max() >= x.shape[-1]:
+                raise ValueError(f"logit_bias token id out of range [0, {x.shape[-1]})")
+            x[self._bias_ids] += self._bias_values
+        if self._repetition and self._seen:
+            if self._seen_arr is None:
+                self._seen_arr = np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
+            ids = self._seen_arr[self._seen_arr < x.shape[-1]]
+            v = x[ids]
+            p = np.float32(params.repetition_penalty)
+            x[ids] = np.where(v > 0, v / p, v * p)
+        if self._penalize and self._counts:
+            ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+            counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+            keep = ids < x.shape[-1]
+            x[ids[keep]] -= (
+                params.frequency_penalty * counts[keep] + params.presence_penalty
+            ).astype(np.float32)
+        return x
+
+    def _draw(self, x: np.ndarray) -> int:
+        """temperature → top_k → top_p → min_p → one draw from the kept candidates."""
+        params = self.params
+        vocab = x.shape[-1]
+        # `ids` are the candidate token ids (None: the whole vocabulary, in order) and `w`
+        # their unnormalised probabilities.
+        ids: np.ndarray | None = None
+        if 0 < params.top_k < vocab:
+            ids = _top_indices(x, params.top_k)
+            x = x[ids]
+        # Temperature only rescales; top-k's choice does not depend on it, so it runs on
+        # the (few) candidates only.
+        w = x - x.max()  # a fresh array: the in-place steps below touch no caller data
+        if params.temperature != 1.0:
+            w *= np.float32(1.0 / params.temperature)
+        np.exp(w, out=w)
+        if params.top_p < 1.0:
+            keep = _nucleus(w, params.top_p)
+            ids, w = (keep if ids is None else ids[keep]), w[keep]
+        if params.min_p > 0.0:
+            # Relative to the most likely token, so renormalising after top-p changes nothing.
+            keep = np.flatnonzero(w >= np.float32(params.min_p) * w.max())
+            ids, w = (keep if ids is None else ids[keep]), w[keep]
+        i = _inverse_cdf(w, self._rng.random())
+        return int(i if ids is None else ids[i])
+
+
+# Candidate sets are found by partitioning, and cumulative sums are taken block-wise: a
+# cumsum (or an argsort) over the whole 50k vocabulary costs more than the rest of a
+# sampling step.
+_BLOCK = 1024
+
+
+def _top_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest entries of ``x``, in no particular order.
+
+    The k-th largest of a strided subsample is a threshold that at least k entries of
+    ``x`` pass (the subsample's own top k do), and only ~stride * k do, so the exact
+    selection runs on a short list instead of the whole vocabulary.
+    """
+    n = x.shape[-1]
+    stride = min(16, n // (4 * k))
+    if stride < 2:
+        return np.argpartition(x, n - k)[n - k :]
+    sample = x[::stride]
+    threshold = np.partition(sample, sample.size - k)[sample.size - k]
+    cand = np.flatnonzero(x >= threshold)
+    if cand.size > k:
+        cand = cand[np.argpartition(x[cand], cand.size - k)[cand.size - k :]]
+    return cand
+
+
+def _inverse_cdf(w: np.ndarray, u: float) -> int:
+    """Index i where the cumulative sum of ``w`` (>= 0, not all 0) first exceeds
+    ``u * w.sum()``, for u in [0, 1): always an entry with positive weight."""
+    n = w.shape[-1]
+    base = 0
+    if n > 2 * _BLOCK:
+        # The total comes from the same block sums that are searched, so the target is
+        # always inside the last block's range and lands on a block with positive mass.
+        block_cdf = np.cumsum(np.add.reduceat(w, np.arange(0, n, _BLOCK)), dtype=np.float64)
+        target = u * block_cdf[-1]
+        b = int(np.searchsorted(block_cdf, target, side="right"))
+        if b:
+            target -= block_cdf[b - 1]
+        base = b * _BLOCK
+        w = w[base : base + _BLOCK]
+        cdf = np.cumsum(w, dtype=np.float64)
+    else:
+        cdf = np.cumsum(w, dtype=np.float64)
+        target = u * cdf[-1]
+    i = int(np.searchsorted(cdf, target, side="right"))
+    if i >= w.shape[-1] or w[i] <= 0:  # rounding: step back to the last positive entry
+        i = int(np.flatnonzero(w[: min(i, w.shape[-1] - 1) + 1] > 0)[-1])
+    return base + i
+
+
+def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest most-likely set of ``w`` whose mass reaches ``top_p``.
+
+    Tries the exact top 64, then the top 1024 (most nuclei are small); only a wider
+    nucleus pays for a full sort — of values, not indices, so entries tied with the last
+    kept value are kept too.
+    """
+    n = w.shape[-1]
+    target = top_p * float(w.sum())
+    for k in (64, _BLOCK):
+        if k * 4 > n:
+            break
+        cand = _top_indices(w, k)
+        if float(w[cand].sum(dtype=np.float64)) >= target:
+            cand = cand[np.argsort(w[cand], kind="stable")[::-1]]
+            cut = int(np.searchsorted(np.cumsum(w[cand], dtype=np.float64), target)) + 1
+            return cand[:cut]
+    desc = np.sort(w)[::-1]
+    return np.flatnonzero(w >= desc[_inverse_cdf(desc, top_p)])
+
+
+def _logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """Chosen token's logprob and the top ``k`` (token, logprob), from the raw logits."""
+    m = raw.max()
+    shifted = raw - m
+    # float32 sums are pairwise: accurate to ~1e-7 here, and twice as fast as float64.
+    lse = float(m) + float(np.log(np.exp(shifted, out=shifted).sum()))
+    chosen = float(raw[token]) - lse
+    if k == 0:
+        return chosen, ()
+    vocab = raw.shape[-1]
+    top = _top_indices(raw, k) if k < vocab else np.arange(vocab)
+    top = top[np.argsort(raw[top], kind="stable")[::-1]]
+    return chosen, tuple((int(t), float(raw[t]) - lse) for t in top)

@@ -1,0 +1,59 @@
+"""Stop strings over streamed text.
+
+Text arrives in arbitrary pieces, so a stop string may straddle pieces. The matcher emits
+text only once it cannot be the start of a stop string: it holds back the longest suffix
+of what it has seen that is a proper prefix of some stop, and on a match emits the text
+before it and nothing after (the stop string itself is not returned, as in OpenAI's API).
+
+"The" match is the one that completes first in the stream (the earliest end; at equal
+ends, the longer stop), which is what a generator checking after every character would
+see. It does not depend on how the text was cut into pieces: with stops "c" and "aca",
+"aca" stops after "a" whether it arrives whole or as "ac" + "a".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopMatcher:
+    """Feeds text pieces through a set of stop strings (empty strings are ignored)."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(sorted({s for s in stops if s}, key=len))
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Adds a piece; returns (text safe to emit, whether a stop string matched).
+
+        After a match every call returns ("", True).
+        """
+        if self.stopped:
+            return "", True
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        match = min(((i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0), default=None)
+        if match is not None:
+            self.stopped = True
+            self._held = ""
+            return buf[: match[1]], True
+        hold = self._partial_match_len(buf)
+        self._held = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        """Text held back as a possible stop start, once generation ends otherwise."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+    def _partial_match_len(self, buf: str) -> int:
+        """Length of the longest suffix of ``buf`` that is a proper prefix of a stop."""
+        best = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), best, -1):
+                if buf.endswith(stop[:k]):
+                    best = k
+                    break
+        return best

@@ -1,0 +1,131 @@
+"""StopMatcher: output is the text up to the earliest stop, whatever the piece boundaries."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serve.stops import StopMatcher
+
+
+def run(stops, pieces) -> tuple[list[str], bool]:
+    """Feeds pieces until a stop; returns the emitted chunks (flush included) and stopped."""
+    m = StopMatcher(stops)
+    out = []
+    for p in pieces:
+        text, stopped = m.feed(p)
+        out.append(text)
+        if stopped:
+            return out, True
+    out.append(m.flush())
+    return out, False
+
+
+def expected(stops, text: str) -> tuple[str, bool]:
+    """Reference: check after every character; the longest stop ending there wins."""
+    for end in range(1, len(text) + 1):
+        hits = [s for s in stops if s and text[:end].endswith(s)]
+        if hits:
+            return text[: end - max(map(len, hits))], True
+    return text, False
+
+
+def split(text: str, cuts: list[int]) -> list[str]:
+    cuts = sorted({min(c, len(text)) for c in cuts})
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+ALPHABET = st.sampled_from("abc ")
+STOPS = st.lists(st.text(ALPHABET, min_size=0, max_size=4), min_size=1, max_size=4)
+
+
+@settings(max_examples=400, deadline=None)
+@given(stops=STOPS, text=st.text(ALPHABET, max_size=30), cuts=st.lists(st.integers(0, 30)))
+def test_random_splits(stops, text, cuts) -> None:
+    want, want_stopped = expected(stops, text)
+    out, stopped = run(stops, split(text, cuts))
+    assert "".join(out) == want
+    assert stopped == want_stopped
+
+
+@settings(max_examples=200, deadline=None)
+@given(stops=STOPS, text=st.text(ALPHABET, max_size=30), cuts=st.lists(st.integers(0, 30)))
+def test_never_leaks_a_partial_match(stops, text, cuts) -> None:
+    # At every step, what was emitted is a prefix of the final answer (so no stop text,
+    # whole or partial, ever went out), and what is held back is shorter than any stop.
+    want, _ = expected(stops, text)
+    longest = max((len(s) for s in stops), default=0)
+    m = StopMatcher(stops)
+    emitted, consumed = "", 0
+    for piece in split(text, cuts):
+        out, stopped = m.feed(piece)
+        emitted += out
+        consumed += len(piece)
+        assert want.startswith(emitted)
+        if stopped:
+            break
+        assert consumed - len(emitted) < max(longest, 1)
+
+
+def test_stop_across_pieces() -> None:
+    out, stopped = run(["</answer>"], ["The answer is 4<", "/ans", "wer> and more"])
+    assert out == ["The answer is 4", "", ""]
+    assert stopped
+
+
+def test_partial_match_released_when_it_breaks() -> None:
+    m = StopMatcher(["STOP"])
+    assert m.feed("go ST") == ("go ", False)
+    assert m.feed("OP") == ("", True)
+    m = StopMatcher(["STOP"])
+    assert m.feed("go ST") == ("go ", False)
+    assert m.feed("AY") == ("STAY", False)
+    assert m.flush() == ""
+
+
+def test_flush_returns_held_text() -> None:
+    m = StopMatcher(["\n\n"])
+    assert m.feed("line\n") == ("line", False)
+    assert m.flush() == "\n"
+
+
+def test_multiple_stops_earliest_wins() -> None:
+    assert run(["world", "lo"], ["hello world"]) == (["hel"], True)
+    assert run(["xyz", "o w"], ["hell", "o", " wor", "ld"]) == (["hell", "", ""], True)
+
+
+def test_first_completed_stop_wins() -> None:
+    # "c" completes before "aca" does, however the text is cut.
+    assert run(["c", "aca"], ["aca"]) == (["a"], True)
+    assert run(["c", "aca"], ["ac", "a"]) == (["a"], True)
+
+
+def test_overlapping_stops() -> None:
+    # "abab" inside "aabab": a naive matcher restarting after "aba" misses it.
+    assert "".join(run(["abab"], ["a", "a", "b", "a", "b", "c"])[0]) == "a"
+    assert "".join(run(["ab", "abc", "b"], list("xxabc"))[0]) == "xx"
+
+
+def test_stop_at_the_very_start() -> None:
+    assert run(["Hi"], ["Hi there"]) == ([""], True)
+    assert run(["Hi"], ["H", "i there"]) == (["", ""], True)
+
+
+def test_no_or_empty_stops_pass_through() -> None:
+    assert run([], ["a", "b"]) == (["a", "b", ""], False)
+    assert run([""], ["a", "b"]) == (["a", "b", ""], False)
+
+
+def test_after_stop_nothing_more() -> None:
+    m = StopMatcher(["x"])
+    assert m.feed("ax") == ("a", True)
+    assert m.feed("more") == ("", True)
+    assert m.flush() == ""
+
+
+def test_unicode_stops() -> None:
+    assert "".join(run(["。"], ["你好", "。再见"])[0]) == "你好"
+    assert "".join(run(["👍🏽"], ["ok 👍", "🏽 done"])[0]) == "ok "
