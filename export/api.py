@@ -20,9 +20,9 @@ import onnx
 
 from export import __version__
 from export.config import ExportError, LlamaConfig
-from export.graph import GraphSpec, build_decoder
+from export.graph import GraphSpec, build_decoder, quantized_linear
 from export.onnx_builder import GraphBuilder
-from export.quant import dequantize_blocks, quantize_blocks
+from export.quant import dequantize_blocks
 from export.sources import GGUFSource, HFSource, open_source, validate
 
 
@@ -130,11 +130,7 @@ def _reference_loader(source, spec: GraphSpec):
     def load(name: str) -> np.ndarray:
         if not name.endswith(projections):
             return source.load(name)
-        pre = source.quantized(name)
-        if pre is not None and pre.bits == 4 and pre.block_size == spec.block_size:
-            return dequantize_blocks(pre)
-        return dequantize_blocks(quantize_blocks(source.load(name), bits=4,
-                                                 block_size=spec.block_size))
+        return dequantize_blocks(quantized_linear(source, [name], 4, spec.block_size))
 
     return load
 
@@ -143,7 +139,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                  max_length: int | None = None, block_size: int = 32,
                  accuracy_level: int | None = None, verify: bool = False, force: bool = False,
                  progress: bool = True, lm_head_bits: int = 8,
-                 exact_q4_1: bool = False) -> ExportSummary:
+                 down_proj_accuracy_level: int | None = 0) -> ExportSummary:
     """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
 
     Raises ExportError (naming the file/field) on bad input; nothing is left at ``out`` then.
@@ -152,7 +148,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out}: output directory exists (pass --force to replace it)")
-    source = open_source(src, exact_q4_1=exact_q4_1)
+    source = open_source(src)
     cfg = source.config
     validate(source)
     if accuracy_level is None:
@@ -162,6 +158,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
         raise ExportError(f"--max-length {max_length}: must be positive")
     spec = GraphSpec(target=target, precision=precision, max_length=max_length,
                      block_size=block_size, accuracy_level=accuracy_level,
+                     down_proj_accuracy_level=down_proj_accuracy_level,
                      lm_head_bits=lm_head_bits)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +198,10 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                 "kv_dtype": "float32",
                 "block_size": block_size if precision == "int4" else None,
                 "accuracy_level": accuracy_level if precision == "int4" else None,
+                "down_proj_accuracy_level": (spec.down_proj_accuracy_level
+                                             if precision == "int4" else None),
                 "lm_head_bits": spec.lm_head_bits if precision == "int4" else None,
-                "gguf_exact_q4_1": source.kind == "gguf" and precision == "int4" and exact_q4_1,
+                "gguf_blocks": source.kind == "gguf" and precision == "int4",
             },
             "max_length": max_length,
             "params": cfg.num_params(),

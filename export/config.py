@@ -97,6 +97,15 @@ class LlamaConfig:
             raise ExportError(
                 f"{source}: partial_rotary_factor {cfg['partial_rotary_factor']} is not supported"
             )
+        # The graph attends to the whole past: a window shorter than the context (Mistral v0.1,
+        # Qwen2 with use_sliding_window) would give silently wrong logits past the window.
+        window = _sliding_window(cfg, model_type)
+        max_pos = int(cfg.get("max_position_embeddings", 2048))
+        if window is not None and int(window) < max_pos:
+            raise ExportError(
+                f"{source}: sliding_window {window} (shorter than max_position_embeddings "
+                f"{max_pos}) is not supported yet"
+            )
 
         bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
         return cls(
@@ -208,6 +217,16 @@ class LlamaConfig:
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return d
+
+
+def _sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
+    """The attention window HF applies, or None (Qwen2 only with use_sliding_window)."""
+    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return cfg.get("sliding_window")
 
 
 def _rope_scaling(cfg: dict[str, Any], source: str) -> RopeScaling:

@@ -16,7 +16,13 @@ from onnx import TensorProto
 
 from export.config import ExportError, LlamaConfig, cos_sin_cache
 from export.onnx_builder import GraphBuilder
-from export.quant import QuantizedWeight, dequantize_blocks, quantize_blocks
+from export.quant import (
+    QuantizedWeight,
+    dequantize_blocks,
+    quantize_blocks,
+    quantize_blocks_affine,
+    split_zero_points,
+)
 
 PRECISIONS = ("fp32", "fp16", "int4")
 TARGETS = ("cpu", "cuda", "coreml")
@@ -38,6 +44,7 @@ class GraphSpec:
     max_length: int = 4096  # KV buffer length and rotary cache size
     block_size: int = 32
     accuracy_level: int = 4
+    down_proj_accuracy_level: int | None = 0  # None = same as accuracy_level
     lm_head_bits: int = 8  # int4 exports: lm_head as 8-bit MatMulNBits (0 = keep float)
 
     def __post_init__(self):
@@ -47,8 +54,10 @@ class GraphSpec:
             raise ExportError(f"--target {self.target!r} is not implemented yet (cpu only)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"--block-size {self.block_size}: must be a power of two >= 16")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ExportError(f"--accuracy-level {self.accuracy_level}: must be 0..4")
+        for flag, level in (("--accuracy-level", self.accuracy_level),
+                            ("--down-proj-accuracy-level", self.down_proj_accuracy_level)):
+            if level is not None and level not in (0, 1, 2, 3, 4):
+                raise ExportError(f"{flag} {level}: must be 0..4")
 
 
 # -- linear layers ----------------------------------------------------------------------------
@@ -70,7 +79,7 @@ def _concat_quantized(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
     )
 
 
-def _quantized_linear(w: Weights, names: Sequence[str], bits: int, block_size: int
+def quantized_linear(w: Weights, names: Sequence[str], bits: int, block_size: int
                       ) -> QuantizedWeight:
     """Pre-quantized blocks when every part has them in one layout; else quantize the floats."""
     pre = [w.quantized(n) for n in names]
@@ -79,11 +88,26 @@ def _quantized_linear(w: Weights, names: Sequence[str], bits: int, block_size: i
         if packed is not None and (bits == 8 or packed.bits == 4):
             return packed
     mats = [dequantize_blocks(p) if p is not None else w.load(n) for p, n in zip(pre, names)]
+    if bits == 4:
+        return quantize_blocks_affine(np.concatenate(mats), block_size=block_size)
     return quantize_blocks(np.concatenate(mats), bits=bits, block_size=block_size)
 
 
+def block_sums(g: GraphBuilder, x: str, k: int, block_size: int, *, node: str) -> str:
+    """Sum of x over each block of ``block_size`` along the last axis: [.., K] → [.., K/bs]."""
+    pad = -k % block_size
+    if pad:
+        x = g.op("Pad", [x, g.const(f"{node}/pads", [0, 0, 0, 0, 0, pad])], name=f"{node}/Pad")
+    n_blocks = (k + pad) // block_size
+    r = g.op("Reshape", [x, g.const(f"{node}/shape", [0, 0, n_blocks, block_size])],
+             name=f"{node}/Reshape")
+    return g.op("ReduceSum", [r, g.const(f"{node}/axes", [-1])], name=f"{node}/ReduceSum",
+                keepdims=0)
+
+
 def linear(g: GraphBuilder, x: str, w: Weights, names: Sequence[str], *, node: str, init: str,
-           spec: GraphSpec, bits: int | None = None, bias: Sequence[str] = ()) -> str:
+           spec: GraphSpec, bits: int | None = None, bias: Sequence[str] = (),
+           accuracy_level: int | None = None) -> str:
     """y = x @ concat(W_names).T (+ bias): MatMul on float weights or MatMulNBits.
 
     ``bits`` None follows the precision (int4 → 4); 0 forces a float MatMul.
@@ -91,7 +115,10 @@ def linear(g: GraphBuilder, x: str, w: Weights, names: Sequence[str], *, node: s
     if bits is None:
         bits = 4 if spec.precision == "int4" else 0
     if bits:
-        qw = _quantized_linear(w, names, bits, spec.block_size)
+        qw = quantized_linear(w, names, bits, spec.block_size)
+        corr = None
+        if qw.zero_points.dtype != np.uint8:
+            qw, corr = split_zero_points(qw)
         inputs = [
             x,
             g.initializer(f"{init}.qweight", qw.packed),
@@ -100,7 +127,14 @@ def linear(g: GraphBuilder, x: str, w: Weights, names: Sequence[str], *, node: s
         ]
         y = g.op("MatMulNBits", inputs, name=f"{node}/MatMulNBits", domain="com.microsoft",
                  K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block_size,
-                 accuracy_level=spec.accuracy_level)
+                 accuracy_level=accuracy_level if accuracy_level is not None
+                 else spec.accuracy_level)
+        if corr is not None:
+            # exact float zero points: y -= blocksum(x) @ corr (see quant.split_zero_points)
+            sums = block_sums(g, x, qw.k, qw.block_size, node=f"{node}/zero_point_correction")
+            c = g.op("MatMul", [sums, g.initializer(f"{init}.zp_correction", corr)],
+                     name=f"{node}/zero_point_correction/MatMul")
+            y = g.op("Sub", [y, c], name=f"{node}/zero_point_correction/Sub")
     else:
         wt = np.concatenate([w.load(n) for n in names]).T
         if spec.precision == "fp16":
@@ -206,8 +240,11 @@ def mlp(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
     sig = g.op("Sigmoid", [gate], name=f"{n}/act_fn/Sigmoid")
     act = g.op("Mul", [gate, sig], name=f"{n}/act_fn/Mul")
     prod = g.op("Mul", [act, up], name=f"{n}/Mul")
+    # down_proj's input (SiLU(gate) * up) carries the activation outliers that int8
+    # quantization (accuracy_level 4) distorts most; it gets its own accuracy level.
     return linear(g, prod, w, [f"{p}.down_proj.weight"], node=f"{n}/down_proj",
-                  init=f"{p}.down_proj", spec=spec)
+                  init=f"{p}.down_proj", spec=spec,
+                  accuracy_level=spec.down_proj_accuracy_level)
 
 
 def lm_head(g: GraphBuilder, h: str, cfg: LlamaConfig, w: Weights, spec: GraphSpec,

@@ -58,13 +58,9 @@ class HFSource:
 class GGUFSource:
     kind = "gguf"
 
-    def __init__(self, path: Path, *, exact_q4_1: bool = False):
+    def __init__(self, path: Path):
         from export.gguf_reader import GGUFCheckpoint
 
-        # Q4_1's exact mapping needs float zero points, for which ONNX Runtime's CPU
-        # MatMulNBits has no fast kernel (10-15x slower per matmul, measured); by default Q4_1
-        # blocks are re-quantized to integer zero points instead. Q4_0 / Q8_0 are always exact.
-        self.exact_q4_1 = exact_q4_1
         self.path = Path(path)
         self.ckpt = GGUFCheckpoint(self.path)
         self.config = LlamaConfig.from_hf(self.ckpt.hf_config(), source=f"{self.path} (metadata)")
@@ -81,7 +77,7 @@ class GGUFSource:
 
     def quantized(self, name: str) -> QuantizedWeight | None:
         qtype = self.ckpt.qtype(name)
-        if qtype not in GGUF_BLOCK_BYTES or (qtype == "Q4_1" and not self.exact_q4_1):
+        if qtype not in GGUF_BLOCK_BYTES:
             return None
         blocks = self.ckpt.load_blocks(name)
         k = self.shape(name)[-1]
@@ -99,13 +95,13 @@ class GGUFSource:
         return out
 
 
-def open_source(src: Path, *, exact_q4_1: bool = False) -> HFSource | GGUFSource:
+def open_source(src: Path) -> HFSource | GGUFSource:
     src = Path(src)
     if not src.exists():
         raise ExportError(f"{src}: no such file or directory")
     if src.is_file():
         if src.suffix.lower() == ".gguf" or _is_gguf(src):
-            return GGUFSource(src, exact_q4_1=exact_q4_1)
+            return GGUFSource(src)
         raise ExportError(f"{src}: not a GGUF file or a Hugging Face model directory")
     if not (src / "config.json").is_file():
         raise ExportError(f"{src}: config.json not found (expected a Hugging Face model directory)")

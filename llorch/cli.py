@@ -32,9 +32,13 @@ def _export_parser(sub) -> None:
     p.add_argument("--accuracy-level", type=int, default=None, choices=range(5),
                    metavar="{0..4}",
                    help="MatMulNBits accuracy_level (default: 4 on cpu, i.e. int8 compute)")
-    p.add_argument("--exact-q4-1", action="store_true",
-                   help="GGUF int4: map Q4_1 blocks exactly (float zero points; lossless but "
-                   "ONNX Runtime's CPU kernel for them is ~10x slower). Q4_0/Q8_0 are always exact")
+    p.add_argument("--down-proj-accuracy-level", type=int, default=0, choices=range(5),
+                   metavar="{0..4}",
+                   help="accuracy_level of the MLP down_proj, whose input carries the activation "
+                   "outliers int8 compute distorts most (default: 0, fp32 compute)")
+    p.add_argument("--lm-head-bits", type=int, default=8, choices=(0, 4, 8),
+                   help="int4 exports: lm_head as 8- or 4-bit MatMulNBits, 0 = float "
+                   "(default: 8)")
     p.add_argument("--verify", action="store_true",
                    help="compare the export with a NumPy reference forward pass; fail loudly")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -113,7 +117,8 @@ def _run_export(args) -> int:
             args.source, args.output, precision=args.precision, target=args.target,
             max_length=args.max_length, block_size=args.block_size,
             accuracy_level=args.accuracy_level, verify=args.verify, force=args.force,
-            progress=not args.quiet, exact_q4_1=args.exact_q4_1,
+            progress=not args.quiet, lm_head_bits=args.lm_head_bits,
+            down_proj_accuracy_level=args.down_proj_accuracy_level,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,376 @@
+"""The OpenAI wire protocol, wire-in half: request models (the subset we serve) and their
+validation; `serve.responses` builds what goes back.
+
+Requests are validated here and converted to engine types at the boundary
+(`to_sampling_params()`); the engine never sees pydantic or JSON. Fields follow the order of
+OpenAI's API reference, then our extras (`top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos`). Unknown fields are ignored (logged at debug), like OpenAI-compatible peers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve.errors import InvalidRequestError
+from serve.sampling import SamplingParams
+
+log = logging.getLogger("serve.protocol")
+
+MAX_N = 16
+MAX_STOPS = 4
+MAX_TOP_LOGPROBS = 20  # chat
+MAX_COMPLETION_LOGPROBS = 5  # completions
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = False
+
+
+def _check_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ValueError("must be a string or a list of strings")
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(stops)}")
+    if any(s == "" for s in stops):
+        raise ValueError("stop sequences must not be empty")
+    return tuple(stops)
+
+
+def _check_logit_bias(value: Any) -> dict[int, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("must be an object mapping token ids (as strings) to biases")
+    bias: dict[int, float] = {}
+    for key, b in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key!r} is not a token id (keys must be integers as strings)") from None
+        if token < 0:
+            raise ValueError(f"{key!r} is not a token id (must be >= 0)")
+        if isinstance(b, bool) or not isinstance(b, int | float) or not -100 <= b <= 100:
+            raise ValueError(f"the bias for token {key} must be a number from -100 to 100, got {b!r}")
+        bias[token] = float(b)
+    return bias
+
+
+class _Sampling(_Request):
+    """Fields shared by both endpoints, in the order OpenAI lists them."""
+
+    @field_validator("stop", mode="before", check_fields=False)
+    @classmethod
+    def _stop(cls, value: Any) -> tuple[str, ...]:
+        return _check_stop(value)
+
+    @field_validator("logit_bias", mode="before", check_fields=False)
+    @classmethod
+    def _logit_bias(cls, value: Any) -> dict[int, float]:
+        return _check_logit_bias(value)
+
+    def _sampling_kwargs(self) -> dict[str, Any]:
+        names = (
+            "n",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "ignore_eos",
+        )
+        kwargs = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        if kwargs.get("top_k") == -1:  # vLLM's spelling of "disabled"
+            kwargs["top_k"] = 0
+        if kwargs.get("top_p") == 0:  # OpenAI accepts 0: a nucleus of the single best token
+            kwargs["top_p"], kwargs["top_k"] = 1.0, 1
+        kwargs["logit_bias"] = dict(getattr(self, "logit_bias", None) or {})
+        kwargs["stop"] = tuple(getattr(self, "stop", None) or ())
+        return kwargs
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:  # type: ignore[attr-defined]
+            raise _FieldError(
+                "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+            )
+        return self
+
+
+def _sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:  # our field checks are stricter; this is a safety net
+        raise InvalidRequestError(f"Invalid sampling parameters: {exc}") from None
+
+
+class _FieldError(ValueError):
+    """A cross-field check failing; carries the `param` to name."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+class ChatMessage(_Request):
+    role: str
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, role: str) -> str:
+        if role in ("tool", "function"):
+            raise ValueError(f"messages with role '{role}' are not supported by this server")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise ValueError(
+                f"'{role}' is not one of ['system', 'developer', 'user', 'assistant']"
+            )
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, content: Any) -> Any:
+        # A list of parts becomes one string; only text parts can reach a text-only model.
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValueError("each content part must be an object with a 'type'")
+            if part["type"] != "text":
+                raise ValueError(f"content parts of type '{part['type']}' are not supported; only 'text'")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a 'text' content part needs a string 'text' field")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def to_template(self) -> dict[str, str]:
+        # `developer` is OpenAI's new name for `system`; chat templates only know the latter.
+        message = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.content or "",
+        }
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None
+    logprobs: bool | None = False
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_p: float | None = Field(None, ge=0, le=1)
+    user: str | None = None
+    # extras (vLLM / llama.cpp names)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = False
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _FieldError(
+                "top_logprobs", "Invalid value for 'top_logprobs': 'logprobs' must be set to true."
+            )
+        return self
+
+    def to_sampling_params(self) -> SamplingParams:
+        kwargs = self._sampling_kwargs()
+        kwargs["max_tokens"] = self.max_completion_tokens or self.max_tokens
+        kwargs["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        return _sampling_params(kwargs)
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.to_template() for m in self.messages]
+
+
+# ----------------------------------------------------------------------- completions
+
+
+def _check_prompt(value: Any) -> list[str] | list[list[int]]:
+    """str | list[str] | list[int] | list[list[int]] → a list of prompts, each str or ids."""
+
+    def is_ids(x: Any) -> bool:
+        return (
+            isinstance(x, list)
+            and len(x) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+        )
+
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return list(value)
+        if is_ids(value):
+            return [list(value)]
+        if all(is_ids(p) for p in value):
+            return [list(p) for p in value]
+    raise ValueError(
+        "must be a string, a list of strings, a non-empty list of token ids (integers >= 0), "
+        "or a list of such lists"
+    )
+
+
+class CompletionRequest(_Sampling):
+    model: str | None = None
+    prompt: list[str] | list[list[int]]
+    best_of: int | None = Field(None, ge=1)
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    user: str | None = None
+    # extras
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> list[str] | list[list[int]]:
+        return _check_prompt(value)
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix is not supported by this server")
+        return suffix
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self):
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise _FieldError("best_of", "best_of is only supported when it equals n")
+        return self
+
+    def to_sampling_params(self) -> SamplingParams:
+        kwargs = self._sampling_kwargs()
+        kwargs["max_tokens"] = self.max_tokens
+        kwargs["logprobs"] = self.logprobs
+        return _sampling_params(kwargs)
+
+
+# ------------------------------------------------------------------------ validation
+
+R = TypeVar("R", bound=_Request)
+
+
+def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
+    """Validate a JSON body; the first problem becomes a 400 naming the field."""
+    unknown = sorted(set(body) - set(model.model_fields))
+    if unknown:
+        log.debug("ignoring unknown fields in %s: %s", model.__name__, ", ".join(unknown))
+    try:
+        return model.model_validate(dict(body))
+    except ValidationError as exc:
+        raise _to_api_error(exc.errors(include_url=False)[0]) from None
+
+
+def _param(loc: Sequence[str | int]) -> str:
+    # OpenAI spells nested params like `messages.[0].content`.
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc)
+
+
+def _num(x: Any) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+def _to_api_error(err: Mapping[str, Any]) -> InvalidRequestError:
+    ctx = err.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, _FieldError):
+        return InvalidRequestError(str(cause), param=cause.param)
+    param = _param(err["loc"]) or None
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif kind in ("greater_than_equal", "greater_than"):
+        limit = ctx.get("ge", ctx.get("gt"))
+        message = f"Invalid '{param}': {_num(value)} is less than the minimum of {_num(limit)}."
+    elif kind in ("less_than_equal", "less_than"):
+        limit = ctx.get("le", ctx.get("lt"))
+        message = f"Invalid '{param}': {_num(value)} is greater than the maximum of {_num(limit)}."
+    elif kind == "too_short":
+        message = (
+            f"Invalid '{param}': empty array. Expected an array with minimum length 1, "
+            "but got an empty array instead."
+        )
+    elif cause is not None:
+        message = f"Invalid '{param}': {cause}."
+    else:
+        message = f"Invalid type or value for '{param}': {err['msg']}."
+    return InvalidRequestError(message, param=param)
+
+
+def check_context(
+    *, prompt_tokens: int, max_tokens: int | None, max_length: int, what: str, param: str
+) -> None:
+    """400 if the prompt plus the requested completion does not fit the context, with numbers."""
+    if prompt_tokens == 0:
+        raise InvalidRequestError(f"The {what} is empty after tokenization.", param=param)
+    if prompt_tokens >= max_length:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_length} tokens. However, your {what} "
+            f"resulted in {prompt_tokens} tokens, which leaves no room for a completion. "
+            f"Please reduce the length of the {what}.",
+            param=param,
+        )
+    if max_tokens is not None and prompt_tokens + max_tokens > max_length:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_length} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} in "
+            f"the completion). Please reduce the length of the {what} or completion.",
+            param=param,
+        )
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, *, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"Invalid '{param}': token id {bad[0]} is out of range; this model's vocabulary "
+            f"has {vocab_size} tokens (ids 0 to {vocab_size - 1}).",
+            param=param,
+        )

@@ -1,0 +1,298 @@
+"""OpenAI response bodies and stream chunks, built from engine events (the wire-out half
+of the protocol; `serve.protocol` is the wire-in half).
+
+`ChatOutput` / `CompletionOutput` either accumulate a whole response (`add` → `response`)
+or render SSE chunks as events arrive (`start`, `chunks` per event, `end`). Choice `i` of
+prompt `k` has index `k * n + i` (completions may carry several prompts). Each chunk is
+serialized once, compactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from serve.engine import Event, TokenLogprob, Usage
+from serve.errors import ServerError
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {dumps(obj)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def add_usage(a: Usage | None, b: Usage) -> Usage:
+    if a is None:
+        return b
+    return Usage(
+        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
+        completion_tokens=a.completion_tokens + b.completion_tokens,
+        cached_tokens=a.cached_tokens + b.cached_tokens,
+    )
+
+
+TokenText = Callable[[int], str]
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs_content(lps: Sequence[TokenLogprob], token_text: TokenText) -> list[dict]:
+    """Chat shape: `[{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]`."""
+    content = []
+    for lp in lps:
+        text = token_text(lp.token_id)
+        content.append(
+            {
+                "token": text,
+                "logprob": lp.logprob,
+                "bytes": _bytes(text),
+                "top_logprobs": [
+                    {"token": (t := token_text(i)), "logprob": p, "bytes": _bytes(t)} for i, p in lp.top
+                ],
+            }
+        )
+    return content
+
+
+class CompletionLogprobs:
+    """Completions shape, `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, built
+    incrementally so stream chunks carry consecutive `text_offset`s."""
+
+    def __init__(self, token_text: TokenText, offset: int = 0) -> None:
+        self.token_text = token_text
+        self.offset = offset
+
+    def block(self, lps: Sequence[TokenLogprob | None], token_ids: Sequence[int]) -> dict:
+        """`lps[i]` is None where no logprob exists (the first prompt token with echo)."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, lp in zip(token_ids, lps, strict=True):
+            text = self.token_text(token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            out["top_logprobs"].append(
+                None if lp is None else {self.token_text(i): p for i, p in lp.top}
+            )
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+
+def merge_completion_logprobs(blocks: Sequence[dict]) -> dict:
+    merged: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for block in blocks:
+        for key, values in block.items():
+            merged[key].extend(values)
+    return merged
+
+
+class Output:
+    """What both endpoints share: ids, per-choice text and finish reasons, summed usage."""
+
+    object = ""  # of a whole response
+    chunk_object = ""  # of a stream chunk
+
+    def __init__(self, id: str, model: str, n: int, token_text: Callable[[int], str], *,
+                 logprobs: bool, include_usage: bool, n_prompts: int = 1) -> None:
+        self.id, self.model, self.created, self.n = id, model, now(), n
+        self.token_text = token_text
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+        self.n_choices = n * n_prompts
+        self.texts: list[list[str]] = [[] for _ in range(self.n_choices)]
+        self.finish: list[str | None] = [None] * self.n_choices
+        self.usage: Usage | None = None
+
+    def _track(self, event: Event) -> None:
+        if event.error is not None:
+            raise ServerError(event.error)
+        if event.usage is not None:
+            self.usage = add_usage(self.usage, event.usage)
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def _chunk(self, choices: list[dict]) -> bytes:
+        chunk = self._base(self.chunk_object)
+        chunk["choices"] = choices
+        if self.include_usage:
+            chunk["usage"] = None
+        return sse(chunk)
+
+    def start(self) -> list[bytes]:
+        """Chunks to send before the first event's."""
+        return []
+
+    def chunks(self, k: int, event: Event) -> list[bytes]:
+        """SSE chunks for one event of prompt k (raises ServerError for an error event)."""
+        raise NotImplementedError
+
+    def add(self, k: int, event: Event) -> None:
+        """Accumulate one event of prompt k for `response()`."""
+        raise NotImplementedError
+
+    def response(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def end(self) -> list[bytes]:
+        if not self.include_usage:
+            return []
+        chunk = self._base(self.chunk_object)
+        chunk["choices"] = []
+        chunk["usage"] = usage_dict(self.usage or Usage(0, 0))
+        return [sse(chunk)]
+
+    def _response(self, choices: list[dict]) -> dict[str, Any]:
+        body = self._base(self.object)
+        body["choices"] = choices
+        body["usage"] = usage_dict(self.usage or Usage(0, 0))
+        return body
+
+
+class ChatOutput(Output):
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.content: list[list[dict]] = [[] for _ in range(self.n_choices)]
+
+    def start(self) -> list[bytes]:
+        return [
+            self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+            for i in range(self.n_choices)
+        ]
+
+    def chunks(self, k: int, event: Event) -> list[bytes]:
+        self._track(event)
+        out = []
+        for c in event.choices:
+            i = k * self.n + c.index
+            lp = None
+            if self.logprobs and c.logprobs:
+                lp = {"content": chat_logprobs_content(c.logprobs, self.token_text)}
+            if c.text or lp:
+                out.append(self._chunk([{"index": i, "delta": {"content": c.text}, "logprobs": lp,
+                                         "finish_reason": None}]))
+            if c.finish_reason is not None:
+                out.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
+                                         "finish_reason": c.finish_reason}]))
+        return out
+
+    def add(self, k: int, event: Event) -> None:
+        self._track(event)
+        for c in event.choices:
+            i = k * self.n + c.index
+            self.texts[i].append(c.text)
+            if self.logprobs and c.logprobs:
+                self.content[i].extend(chat_logprobs_content(c.logprobs, self.token_text))
+            if c.finish_reason is not None:
+                self.finish[i] = c.finish_reason
+
+    def response(self) -> dict[str, Any]:
+        return self._response([
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(self.texts[i])},
+                "logprobs": {"content": self.content[i]} if self.logprobs else None,
+                "finish_reason": self.finish[i],
+            }
+            for i in range(self.n_choices)
+        ])
+
+
+class CompletionOutput(Output):
+    object = "text_completion"
+    chunk_object = "text_completion"
+
+    def __init__(self, *args: Any, echo: list[tuple[str, list[int]]] | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.echo = echo
+        self.offsets = [CompletionLogprobs(self.token_text) for _ in range(self.n_choices)]
+        self.blocks: list[list[dict]] = [[] for _ in range(self.n_choices)]
+        self.started = [False] * (self.n_choices // self.n)
+
+    def _echo(self, k: int, event: Event) -> list[tuple[int, str, dict | None]]:
+        """The first event of prompt k: its text (and prompt logprobs) for each of its choices."""
+        if self.started[k]:
+            return []
+        self.started[k] = True
+        if self.echo is None:
+            return []
+        text, ids = self.echo[k]
+        echoed = []
+        for i in range(k * self.n, (k + 1) * self.n):
+            block = None
+            if self.logprobs:
+                lps = event.prompt_logprobs or (None,) * len(ids)
+                block = self.offsets[i].block(lps, ids)
+            echoed.append((i, text, block))
+        return echoed
+
+    def _pieces(self, k: int, event: Event) -> list[tuple[int, str, dict | None, str | None]]:
+        self._track(event)
+        pieces = [(i, text, block, None) for i, text, block in self._echo(k, event)]
+        for c in event.choices:
+            i = k * self.n + c.index
+            block = None
+            if self.logprobs and c.logprobs:
+                block = self.offsets[i].block(c.logprobs, c.token_ids)
+            pieces.append((i, c.text, block, c.finish_reason))
+        return pieces
+
+    def chunks(self, k: int, event: Event) -> list[bytes]:
+        out = []
+        for i, text, block, finish in self._pieces(k, event):
+            if text or block:
+                out.append(self._chunk([{"index": i, "text": text, "logprobs": block, "finish_reason": None}]))
+            if finish is not None:
+                out.append(self._chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": finish}]))
+        return out
+
+    def add(self, k: int, event: Event) -> None:
+        for i, text, block, finish in self._pieces(k, event):
+            self.texts[i].append(text)
+            if block is not None:
+                self.blocks[i].append(block)
+            if finish is not None:
+                self.finish[i] = finish
+
+    def response(self) -> dict[str, Any]:
+        return self._response([
+            {
+                "index": i,
+                "text": "".join(self.texts[i]),
+                "logprobs": merge_completion_logprobs(self.blocks[i]) if self.logprobs else None,
+                "finish_reason": self.finish[i],
+            }
+            for i in range(self.n_choices)
+        ])

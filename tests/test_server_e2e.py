@@ -1,0 +1,577 @@
+"""The real server (uvicorn in a subprocess, free port) through the official `openai` client,
+sync and async, and raw `httpx` streaming for the exact bytes a `curl -N` user sees.
+
+`tiny_model_dir` (a tiny random Llama exported by our exporter) exercises every request
+parameter; `default_model_dir` (SmolLM2-135M-Instruct int4) checks real answers.
+Random weights give repetitive text, so the tests derive what to expect from the server's own
+greedy / seeded output rather than from fixed strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from serve.model_dir import load_model_info
+from serve.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+MSG = [{"role": "user", "content": "Tell me a story about a hello world."}]
+API_KEY = "sk-e2e-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, *args: str, log_path: Path, timeout: float = 180) -> Iterator[str]:
+    """`python -m serve.main` on a free port; yields the base URL once /health says 200."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "serve.main", str(model_dir), "--port", str(port), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        saw_loading = False
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                status = httpx.get(f"{base}/health", timeout=2).status_code
+                if status == 200:
+                    break
+                saw_loading = saw_loading or status == 503
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {timeout}s:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("tiny-server") / "server.log"
+    with running_server(tiny_model_dir, "--max-batch", "4", "--threads", "1", "--model-name", "tiny",
+                        log_path=log) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_model_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx(tiny_model_dir) -> int:
+    return load_model_info(tiny_model_dir).max_length
+
+
+@pytest.fixture
+def client(tiny_server) -> Iterator[OpenAI]:
+    with OpenAI(base_url=f"{tiny_server}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def chat(client: OpenAI, **kw):
+    kw.setdefault("messages", MSG)
+    return client.chat.completions.create(model="tiny", **kw)
+
+
+def complete(client: OpenAI, **kw):
+    kw.setdefault("prompt", "hello world")
+    return client.completions.create(model="tiny", **kw)
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_tok) -> dict:
+    """Sampling settings that make a random model's text varied: random tied embeddings
+    mostly repeat one token even at temperature 1. Sixteen letters get +100 and the
+    repetition penalty divides the logit of each letter already seen by 10, so sampling
+    walks over the letters (and whatever else then competes) instead of looping."""
+    letters = {tiny_tok.encode(ch, add_special_tokens=False)[0] for ch in "abcdefghijklmnop"}
+    return dict(temperature=1.0, logit_bias={str(t): 100 for t in sorted(letters)},
+                extra_body={"ignore_eos": True, "repetition_penalty": 10.0})
+
+
+def prompt_ids(tok: Tokenizer, messages) -> list[int]:
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
+
+def joined_chat_stream(stream) -> tuple[dict[int, str], dict[int, str], list]:
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    chunks = list(stream)
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    return texts, finish, chunks
+
+
+# ---------------------------------------------------------------------------- basics
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_chat_max_tokens_length_and_exact_usage(client, tiny_tok):
+    r = chat(client, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"
+    [choice] = r.choices
+    assert choice.finish_reason == "length" and choice.message.role == "assistant"
+    assert r.usage.prompt_tokens == len(prompt_ids(tiny_tok, MSG))
+    assert r.usage.completion_tokens == 7
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    r2 = chat(client, max_completion_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    assert r2.usage.completion_tokens == 3 and r2.choices[0].finish_reason == "length"
+
+
+def test_default_max_tokens_is_the_rest_of_the_context(client, tiny_tok, tiny_ctx):
+    r = chat(client, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.total_tokens == tiny_ctx
+
+
+def test_context_overflow_is_a_400_with_numbers(client, tiny_tok, tiny_ctx):
+    n_prompt = len(prompt_ids(tiny_tok, MSG))
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, max_tokens=tiny_ctx)
+    err = info.value.body
+    assert err["param"] == "messages" and err["type"] == "invalid_request_error"
+    assert f"maximum context length is {tiny_ctx} tokens" in err["message"]
+    assert f"you requested {n_prompt + tiny_ctx} tokens ({n_prompt} in the messages, {tiny_ctx} in the completion)" in err["message"]
+
+
+def test_greedy_is_deterministic_and_streaming_matches(client):
+    a = chat(client, temperature=0, max_tokens=24)
+    b = chat(client, temperature=0, max_tokens=24)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    texts, finish, chunks = joined_chat_stream(
+        chat(client, temperature=0, max_tokens=24, stream=True))
+    assert texts == {0: a.choices[0].message.content}
+    assert finish == {0: a.choices[0].finish_reason}
+    assert len({(c.id, c.created, c.model) for c in chunks}) == 1
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_seed_reproduces(client, varied):
+    a = chat(client, max_tokens=24, seed=1234, **varied).choices[0].message.content
+    b = chat(client, max_tokens=24, seed=1234, **varied).choices[0].message.content
+    assert a == b
+    texts, _, _ = joined_chat_stream(chat(client, stream=True, max_tokens=24, seed=1234, **varied))
+    assert texts == {0: a}
+    others = {chat(client, max_tokens=24, seed=s, **varied).choices[0].message.content for s in (1, 2, 3)}
+    assert others - {a}  # and other seeds give other text
+
+
+def test_n_choices(client, varied):
+    r = chat(client, n=3, seed=5, max_tokens=12, **varied)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert len({c.message.content for c in r.choices}) > 1  # each choice samples on its own
+    assert r.usage.completion_tokens == 36  # summed over choices, as OpenAI does
+    again = chat(client, n=3, seed=5, max_tokens=12, **varied)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+    # more choices than the server's 4 slots: the rest start once slots free up, same text
+    many = chat(client, n=6, seed=5, max_tokens=12, **varied)
+    assert [c.message.content for c in many.choices[:3]] == [c.message.content for c in r.choices]
+    assert many.usage.completion_tokens == 72
+    greedy = chat(client, temperature=0, max_tokens=5, extra_body={"ignore_eos": True}).choices[0].message.content
+    many = chat(client, n=6, temperature=0, max_tokens=5, extra_body={"ignore_eos": True})
+    assert [c.message.content for c in many.choices] == [greedy] * 6
+
+
+def test_n_streaming(client, varied):
+    kw = dict(n=2, seed=9, max_tokens=12, **varied)
+    full = chat(client, **kw)
+    texts, finish, chunks = joined_chat_stream(chat(client, stream=True, **kw))
+    assert texts == {c.index: c.message.content for c in full.choices}
+    assert finish == {0: "length", 1: "length"}
+    assert {c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant"} == {0, 1}
+
+
+def test_stop_strings(client, varied):
+    kw = dict(seed=77, max_tokens=30, **varied)
+    text = chat(client, **kw).choices[0].message.content
+    stop = text[4:6]
+    expected = text[: text.index(stop)]
+    assert expected
+    r = chat(client, stop=stop, **kw)
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == "stop"
+    r = chat(client, stop=["\u2603never", stop], **kw)
+    assert r.choices[0].message.content == expected
+    texts, finish, _ = joined_chat_stream(chat(client, stop=[stop], stream=True, **kw))
+    assert texts == {0: expected} and finish == {0: "stop"}  # no partial stop text leaked
+
+
+def test_logit_bias(client, tiny_tok):
+    token = tiny_tok.encode("hello", add_special_tokens=False)[0]
+    r = complete(client, temperature=0, max_tokens=5, logit_bias={str(token): 100},
+                 extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tiny_tok.decode([token] * 5)
+    first = complete(client, temperature=0, max_tokens=1).choices[0].text
+    ids = tiny_tok.encode(first, add_special_tokens=False)
+    if len(ids) == 1:
+        banned = complete(client, temperature=0, max_tokens=1, logit_bias={str(ids[0]): -100})
+        assert banned.choices[0].text != first
+
+
+def test_penalties(client, tiny_tok):
+    token = tiny_tok.encode("hello", add_special_tokens=False)[0]
+    kw = dict(prompt="hello world", temperature=0, max_tokens=40, logit_bias={str(token): 20})
+    same = tiny_tok.decode([token] * 40)
+    assert complete(client, **kw, extra_body={"ignore_eos": True}).choices[0].text == same
+    # frequency: -2 per earlier occurrence eats the +20 bias within 10 repeats
+    freq = complete(client, frequency_penalty=2.0, **kw, extra_body={"ignore_eos": True}).choices[0].text
+    assert freq.startswith(tiny_tok.decode([token] * 2)) and not freq.startswith(tiny_tok.decode([token] * 11))
+    # repetition (HF semantics, the prompt counts): the biased logit is divided by 100
+    rep = complete(client, **kw, extra_body={"ignore_eos": True, "repetition_penalty": 100.0})
+    assert not rep.choices[0].text.startswith(tiny_tok.decode([token]))
+    # presence: accepted and applied
+    assert complete(client, presence_penalty=1.5, temperature=0, max_tokens=5).choices[0].finish_reason
+
+
+def test_truncation_extras_reduce_to_greedy(client):
+    greedy = chat(client, temperature=0, max_tokens=12, extra_body={"ignore_eos": True}).choices[0].message.content
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = chat(client, temperature=1.0, seed=3, max_tokens=12, extra_body={"ignore_eos": True, **extra})
+        assert r.choices[0].message.content == greedy, extra
+    r = chat(client, temperature=1.0, top_p=1e-9, seed=3, max_tokens=12, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == greedy
+
+
+def test_chat_logprobs(client):
+    r = chat(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3
+        lps = [t.logprob for t in entry.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the top token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    assert chat(client, max_tokens=2).choices[0].logprobs is None
+    stream = chat(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2, stream=True,
+                  extra_body={"ignore_eos": True})
+    streamed = [lp for chunk in stream for c in chunk.choices if c.logprobs for lp in c.logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+
+
+def test_completions_logprobs_and_echo(client, tiny_tok):
+    r = complete(client, temperature=0, max_tokens=4, logprobs=2, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset == sorted(lp.text_offset)
+    prompt = "hello world"
+    e = complete(client, prompt=prompt, temperature=0, max_tokens=4, echo=True, logprobs=1,
+                 extra_body={"ignore_eos": True})
+    [choice] = e.choices
+    assert choice.text == prompt + r.choices[0].text
+    n_prompt = len(tiny_tok.encode(prompt))
+    assert e.usage.prompt_tokens == n_prompt
+    assert len(choice.logprobs.tokens) == n_prompt + 4
+    assert choice.logprobs.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in choice.logprobs.token_logprobs[1:])
+    assert choice.logprobs.text_offset[0] == 0
+    assert choice.logprobs.token_logprobs[n_prompt:] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    plain = complete(client, prompt=prompt, max_tokens=2, echo=True, extra_body={"ignore_eos": True})
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+
+
+def test_completion_prompt_forms(client, tiny_tok):
+    kw = dict(temperature=0, max_tokens=5, extra_body={"ignore_eos": True})
+    a = complete(client, prompt="hello world", **kw).choices[0].text
+    ids = tiny_tok.encode("hello world")
+    assert complete(client, prompt=ids, **kw).choices[0].text == a
+    b = complete(client, prompt="the world", **kw).choices[0].text
+    r = complete(client, prompt=["hello world", "the world"], n=2, **kw)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert [(c.index, c.text) for c in r.choices] == [(0, a), (1, a), (2, b), (3, b)]
+    assert r.usage.prompt_tokens == len(ids) + len(tiny_tok.encode("the world"))
+    assert r.usage.completion_tokens == 20
+    r = complete(client, prompt=[ids, tiny_tok.encode("the world")], **kw)
+    assert [c.text for c in r.choices] == [a, b]
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(client, prompt="x", suffix="y")
+    assert info.value.body["param"] == "suffix"
+
+
+def test_completions_streaming_matches(client):
+    kw = dict(prompt=["hello world", "the world"], temperature=0, max_tokens=8, n=2)
+    full = complete(client, **kw)
+    texts: dict[int, str] = {}
+    chunks = list(complete(client, stream=True, stream_options={"include_usage": True}, **kw))
+    for chunk in chunks[:-1]:
+        assert chunk.object == "text_completion" and chunk.usage is None
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in full.choices}
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+
+
+def test_include_usage(client):
+    chunks = list(chat(client, temperature=0, max_tokens=5, stream=True,
+                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 5
+    full = chat(client, temperature=0, max_tokens=5, extra_body={"ignore_eos": True})
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_messages_forms_and_unknown_fields(client):
+    parts = [{"role": "system", "content": "Hi"},
+             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+             {"role": "assistant", "content": "c"},
+             {"role": "developer", "content": "d"}]
+    r = chat(client, messages=parts, max_tokens=3, user="someone",
+             extra_body={"frobnicate": {"x": 1}, "response_format": {"type": "text"}})
+    assert r.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert info.value.body["param"] == "messages.[0].content"
+
+
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"1": 500}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+    ],
+)
+def test_bad_requests(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, **kw)
+    assert info.value.status_code == 400
+    assert info.value.body["param"] == param and info.value.body["type"] == "invalid_request_error"
+
+
+def test_error_statuses(tiny_server, client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=MSG)
+    assert info.value.body["code"] == "model_not_found"
+    r = httpx.post(f"{tiny_server}/v1/chat/completions", content=b"{oops")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{tiny_server}/v1/chat/completions")
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(f"{tiny_server}/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{tiny_server}/v1/completions", content=b'{"prompt": "' + b"x" * (9 << 20) + b'"}')
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_async_client_and_simultaneous_requests(tiny_server):
+    asyncio.run(asyncio.wait_for(_async_scenario(tiny_server), 120))
+
+
+async def _async_scenario(tiny_server: str) -> None:
+    async with AsyncOpenAI(base_url=f"{tiny_server}/v1", api_key="unused", max_retries=0) as aclient:
+        kw = dict(model="tiny", temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+        m1 = [{"role": "user", "content": "first question"}]
+        m2 = [{"role": "user", "content": "a different, longer second question"}]
+        solo1 = (await aclient.chat.completions.create(messages=m1, **kw)).choices[0].message.content
+        solo2 = (await aclient.chat.completions.create(messages=m2, **kw)).choices[0].message.content
+
+        async def streamed(messages) -> str:
+            stream = await aclient.chat.completions.create(messages=messages, stream=True, **kw)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        together = await asyncio.gather(
+            aclient.chat.completions.create(messages=m1, **kw), streamed(m2),
+            aclient.completions.create(prompt="hello world", **kw), streamed(m1))
+        assert together[0].choices[0].message.content == solo1
+        assert together[1] == solo2 and together[3] == solo1
+        assert together[2].usage.completion_tokens == 12
+
+
+def test_raw_sse_bytes(tiny_server):
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 6, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    pieces = []
+    with httpx.stream("POST", f"{tiny_server}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert r.headers["cache-control"] == "no-cache"
+        for piece in r.iter_raw():
+            pieces.append(piece)
+    raw = b"".join(pieces)
+    assert len(pieces) > 1  # written as produced, not buffered into one body
+    events = raw.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+    payloads = []
+    for event in events[:-2]:
+        assert re.fullmatch(rb"data: \{[^\n]*\}", event), event
+        payloads.append(json.loads(event[len(b"data: "):]))
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads[-1]["choices"][0]["delta"] == {} and payloads[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in p for p in payloads)
+    # completions: the same framing
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{tiny_server}/v1/completions", json=body, timeout=60) as r:
+        raw = r.read()
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert all(json.loads(e[6:])["object"] == "text_completion" for e in raw.split(b"\n\n")[:-2])
+
+
+def _slots_in_use(base: str) -> int:
+    return httpx.get(f"{base}/health").json()["slots_in_use"]
+
+
+def _wait_for_free_slots(base: str) -> None:
+    deadline = time.monotonic() + 30
+    while _slots_in_use(base):
+        assert time.monotonic() < deadline, "slots were not given back"
+        time.sleep(0.05)
+
+
+def test_client_disconnects_free_their_slots(tiny_server, client):
+    body = {"model": "tiny", "messages": MSG, "stream": True, "ignore_eos": True, "n": 4}
+    with httpx.stream("POST", f"{tiny_server}/v1/chat/completions", json=body, timeout=60) as r:
+        next(r.iter_raw())
+    _wait_for_free_slots(tiny_server)
+    with contextlib.suppress(httpx.ReadTimeout):  # a non-streaming client that gives up
+        httpx.post(f"{tiny_server}/v1/chat/completions", timeout=0.05,
+                   json={"model": "tiny", "messages": MSG, "ignore_eos": True, "n": 4})
+    _wait_for_free_slots(tiny_server)
+    # the server still answers, with every slot usable
+    r = chat(client, n=4, temperature=0, max_tokens=3, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 4 and r.usage.completion_tokens == 12
+    assert _slots_in_use(tiny_server) == 0
+
+
+# ------------------------------------------------------------------ startup and auth
+
+
+def test_api_key(tiny_model_dir, tmp_path):
+    with running_server(tiny_model_dir, "--api-key", API_KEY, "--threads", "1",
+                        log_path=tmp_path / "server.log") as base:
+        assert httpx.get(f"{base}/health").status_code == 200
+        with OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0) as bad:
+            with pytest.raises(openai.AuthenticationError) as info:
+                bad.models.list()
+            assert info.value.body["type"] == "authentication_error"
+            with pytest.raises(openai.AuthenticationError):
+                bad.chat.completions.create(model=tiny_model_dir.name, messages=MSG)
+        r = httpx.post(f"{base}/v1/chat/completions", json={"messages": MSG})
+        assert r.status_code == 401
+        with OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0) as good:
+            [model] = good.models.list().data
+            r = good.chat.completions.create(model=model.id, messages=MSG, max_tokens=2)
+            assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_unavailable_provider_is_a_startup_error(tiny_model_dir):
+    import onnxruntime
+
+    missing = next(p for p in ("coreml", "cuda") if {"coreml": "CoreMLExecutionProvider",
+                   "cuda": "CUDAExecutionProvider"}[p] not in onnxruntime.get_available_providers())
+    proc = subprocess.run([sys.executable, "-m", "serve.main", str(tiny_model_dir), "--provider", missing,
+                           "--port", str(_free_port())], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert missing in proc.stderr and "CPUExecutionProvider" in proc.stderr
+
+
+# --------------------------------------------------------------------- default model
+
+
+@pytest.fixture(scope="module")
+def default_server(default_model_dir, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("default-server") / "server.log"
+    with running_server(default_model_dir, "--max-batch", "2", log_path=log) as base:
+        yield base
+
+
+@pytest.fixture
+def default_client(default_server) -> Iterator[OpenAI]:
+    with OpenAI(base_url=f"{default_server}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.slow
+def test_default_model_knows_paris(default_client, default_model_dir):
+    model = default_client.models.list().data[0].id
+    r = default_client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=40)
+    answer = r.choices[0].message.content
+    assert "Paris" in answer, answer
+    texts, finish, _ = joined_chat_stream(default_client.chat.completions.create(
+        model=model, messages=FRANCE, temperature=0, max_tokens=40, stream=True))
+    assert texts == {0: answer} and finish == {0: r.choices[0].finish_reason}
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    prompt = tok.apply_chat_template(FRANCE, add_generation_prompt=True)
+    c = default_client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=40)
+    assert "Paris" in c.choices[0].text, c.choices[0].text
+    assert c.usage.prompt_tokens == r.usage.prompt_tokens
+    assert c.choices[0].text == answer
+
+
+@pytest.mark.slow
+def test_default_model_max_tokens(default_client):
+    model = default_client.models.list().data[0].id
+    r = default_client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=5)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+
+
+@pytest.mark.slow
+def test_default_model_streams_whole_characters(default_client):
+    model = default_client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Repeat exactly: 🌊🐳 日本語のテキスト Ünïcödé"}]
+    full = default_client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                                  max_tokens=40).choices[0].message.content
+    pieces = [c.choices[0].delta.content or "" for c in default_client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=40, stream=True) if c.choices]
+    assert "".join(pieces) == full
+    assert any(ord(ch) > 0xFFFF or 0x3040 <= ord(ch) <= 0x9FFF for ch in full), full  # emoji or CJK
+    if "\ufffd" not in full:
+        assert not any("\ufffd" in p for p in pieces)
