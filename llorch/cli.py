@@ -48,28 +48,12 @@ def _export_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
+    from serve.options import add_arguments  # dataclass + argparse only: cheap to import
+
     p = sub.add_parser("serve", help="serve a model directory behind an OpenAI-compatible API")
     p.add_argument("model", nargs="?", type=Path, default=None,
                    help="model directory (default: prepare and serve SmolLM2-135M-Instruct int4)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "coreml", "auto"),
-                   help="ONNX Runtime execution provider (default: cpu); 'auto' picks the best "
-                   "available")
-    p.add_argument("--model-name", default=None,
-                   help="model id in /v1/models (default: the directory name)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="context length served (default: the export's max_length)")
-    p.add_argument("--max-batch", type=int, default=4,
-                   help="KV slots = sequences decoded together (default: 4)")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens per prefill step (default: 512)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="ONNX Runtime intra-op threads (default: physical cores)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"))
+    add_arguments(p)
 
 
 def _models_parser(sub) -> None:
@@ -148,17 +132,16 @@ def _default_model_dir() -> Path:
 
 
 def _run_serve(args) -> int:
+    from serve.errors import StartupError
     from serve.main import run
-    from serve.options import ServeOptions
+    from serve.options import options_from_args
 
-    model = args.model or _default_model_dir()
-    opts = ServeOptions(
-        model_dir=model, model_name=args.model_name, host=args.host, port=args.port,
-        provider=args.provider, threads=args.threads, max_length=args.max_length,
-        max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, api_key=args.api_key,
-        log_level=args.log_level,
-    )
-    return run(opts) or 0
+    try:
+        run(options_from_args(args.model or _default_model_dir(), args))
+    except StartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from serve.app import create_app
 from serve.engine import Engine
 from serve.errors import StartupError
 from serve.model_dir import ModelDirError, load_model_info
-from serve.options import PROVIDERS, ServeOptions
+from serve.options import ServeOptions, add_arguments, options_from_args
 from serve.runtime import ProviderError, Runtime, resolve_providers
 from serve.tokenizer import Tokenizer
 
@@ -80,41 +80,6 @@ def run(options: ServeOptions) -> None:
     server.run()
     if failures:
         raise StartupError(f"could not load {options.model_dir}: {failures[0]}")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The serve flags, one per `ServeOptions` field (model_dir excluded)."""
-    d = ServeOptions(model_dir=Path("."))
-    parser.add_argument("--model-name", default=None, help="id in /v1/models (default: directory name)")
-    parser.add_argument("--host", default=d.host)
-    parser.add_argument("--port", type=int, default=d.port)
-    parser.add_argument("--provider", default=d.provider,
-                        help=f"{'|'.join(PROVIDERS)} or an ORT provider name; only 'auto' may fall back")
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
-    parser.add_argument("--max-length", type=int, default=None, help="context per slot (default: model's)")
-    parser.add_argument("--max-batch", type=int, default=d.max_batch, help="KV slots")
-    parser.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
-    parser.add_argument("--log-level", default=d.log_level,
-                        choices=["critical", "error", "warning", "info", "debug"])
-    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-
-
-def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions:
-    return ServeOptions(
-        model_dir=model_dir,
-        model_name=args.model_name,
-        host=args.host,
-        port=args.port,
-        provider=args.provider,
-        threads=args.threads,
-        max_length=args.max_length,
-        max_batch=args.max_batch,
-        prefill_chunk=args.prefill_chunk,
-        api_key=args.api_key,
-        log_level=args.log_level,
-        max_body_bytes=args.max_body_bytes,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class ServeOptions:
     provider: str = "cpu"
     threads: int | None = None
     max_length: int | None = None
-    max_batch: int = 1
+    max_batch: int = 4
     prefill_chunk: int = 512
     api_key: str | None = None
     log_level: str = "info"
@@ -48,3 +49,41 @@ class ServeOptions:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serve flags, one per `ServeOptions` field (model_dir excluded)."""
+    d = ServeOptions(model_dir=Path("."))
+    parser.add_argument("--model-name", default=None, help="id in /v1/models (default: directory name)")
+    parser.add_argument("--host", default=d.host, help=f"bind address (default: {d.host})")
+    parser.add_argument("--port", type=int, default=d.port, help=f"port (default: {d.port})")
+    parser.add_argument("--provider", default=d.provider,
+                        help=f"{'|'.join(PROVIDERS)} or an ORT provider name (default: {d.provider}); "
+                        "a provider this onnxruntime lacks is an error; only 'auto' falls back")
+    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: the CPUs this process may use)")
+    parser.add_argument("--max-length", type=int, default=None, help="context per slot, prompt + completion (default: the export's max length)")
+    parser.add_argument("--max-batch", type=int, default=d.max_batch, help=f"KV slots: sequences decoded together (default: {d.max_batch})")
+    parser.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                        help=f"prompt tokens per prefill step (default: {d.prefill_chunk})")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    parser.add_argument("--log-level", default=d.log_level,
+                        choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                        help=f"larger request bodies get 413 (default: {d.max_body_bytes})")
+
+
+def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(
+        model_dir=model_dir,
+        model_name=args.model_name,
+        host=args.host,
+        port=args.port,
+        provider=args.provider,
+        threads=args.threads,
+        max_length=args.max_length,
+        max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk,
+        api_key=args.api_key,
+        log_level=args.log_level,
+        max_body_bytes=args.max_body_bytes,
+    )

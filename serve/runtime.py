@@ -49,9 +49,12 @@ def resolve_providers(provider: str) -> list[str]:
             if p in available:
                 return [p, "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
-    if provider not in PROVIDERS:
+    if provider in PROVIDERS:
+        wanted = PROVIDERS[provider]
+    elif provider.endswith("ExecutionProvider"):
+        wanted = provider
+    else:
         raise ProviderError(f"unknown provider {provider!r} (choose cpu, cuda, coreml or auto)")
-    wanted = PROVIDERS[provider]
     if wanted not in available:
         raise ProviderError(
             f"--provider {provider}: {wanted} is not available in this onnxruntime "
