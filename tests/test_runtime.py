@@ -1,0 +1,296 @@
+"""serve.runtime.Runtime: KV slots, batching, row swaps, chunked prefill, limits — and
+optimum-cli exports (growing KV) against transformers.
+
+The shared-buffer tests compare the Runtime with itself (one slot alone vs several slots in
+one batch): the arithmetic is the same GroupQueryAttention kernel either way, so they must
+agree to float32 rounding (1e-5). Parity with transformers lives in test_export_parity.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.runtime import ContextFull, ProviderError, Runtime
+
+TOL = 1e-5
+
+
+def _ids(n: int, seed: int, vocab: int = 49152) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, n)]
+
+
+def _alone(model_dir: Path, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """Logits after the prompt and after each of ``tokens``, one sequence in its own Runtime."""
+    rt = Runtime(model_dir)
+    out = [rt.prefill(0, prompt)]
+    out += [rt.decode([0], [t])[0] for t in tokens]
+    return np.stack(out)
+
+
+# -- batching and row movement -----------------------------------------------------------------
+
+
+def test_batched_decode_equals_decoding_alone(tiny_model_dir):
+    prompts = [_ids(n, seed=n) for n in (3, 7, 12)]
+    steps = [_ids(5, seed=100 + j) for j in range(3)]
+    rt = Runtime(tiny_model_dir, max_batch=3)
+    got = [[rt.prefill(j, p)] for j, p in enumerate(prompts)]
+    for k in range(5):
+        logits = rt.decode([0, 1, 2], [steps[j][k] for j in range(3)])
+        assert logits.shape == (3, rt.info.vocab_size) and logits.dtype == np.float32
+        for j in range(3):
+            got[j].append(logits[j])
+    for j in range(3):
+        want = _alone(tiny_model_dir, prompts[j], steps[j])
+        assert np.abs(np.stack(got[j]) - want).max() <= TOL, f"slot {j}"
+        assert rt.length(j) == len(prompts[j]) + 5
+
+
+def test_shuffled_and_partial_decode_order(tiny_model_dir):
+    """Slots decoded in a different order (and subset) each step: rows are swapped under the
+    hood, slot ids stay stable."""
+    n_slots = 4
+    prompts = [_ids(n, seed=10 + n) for n in (2, 9, 5, 14)]
+    orders = [[0, 1, 2, 3], [3, 1, 0, 2], [2, 0], [1, 3, 2], [0, 3, 1, 2], [3], [2, 1, 0, 3]]
+    streams = {j: _ids(len(orders), seed=200 + j) for j in range(n_slots)}
+    rt = Runtime(tiny_model_dir, max_batch=n_slots)
+    got = {j: [rt.prefill(j, p)] for j, p in enumerate(prompts)}
+    fed = {j: [] for j in range(n_slots)}
+    for order in orders:
+        tokens = [streams[j][len(fed[j])] for j in order]
+        logits = rt.decode(order, tokens)
+        for row, (j, t) in enumerate(zip(order, tokens, strict=True)):
+            fed[j].append(t)
+            got[j].append(logits[row])
+    for j in range(n_slots):
+        assert rt.length(j) == len(prompts[j]) + len(fed[j])
+        want = _alone(tiny_model_dir, prompts[j], fed[j])
+        assert np.abs(np.stack(got[j]) - want).max() <= TOL, f"slot {j}"
+
+
+def test_copy_slot_then_divergent_continuations(tiny_model_dir):
+    prompt = _ids(11, seed=3)
+    a, b = _ids(4, seed=4), _ids(4, seed=5)
+    rt = Runtime(tiny_model_dir, max_batch=3)
+    rt.prefill(2, _ids(6, seed=6))  # an unrelated sequence that must not be disturbed
+    first = rt.prefill(0, prompt)
+    rt.copy_slot(0, 1)
+    assert rt.length(1) == rt.length(0) == len(prompt)
+    got_a, got_b = [first], [first]
+    for k in range(4):
+        logits = rt.decode([1, 0], [b[k], a[k]])  # dst first: it moves to row 0
+        got_b.append(logits[0])
+        got_a.append(logits[1])
+    assert np.abs(np.stack(got_a) - _alone(tiny_model_dir, prompt, a)).max() <= TOL
+    assert np.abs(np.stack(got_b) - _alone(tiny_model_dir, prompt, b)).max() <= TOL
+    assert np.abs(got_a[1] - got_b[1]).max() > 1e-3  # they really diverged
+
+    # the unrelated slot still continues as if alone
+    t = _ids(1, seed=7)
+    assert np.abs(rt.decode([2], t)[0] - _alone(tiny_model_dir, _ids(6, seed=6), t)[1]).max() \
+        <= TOL
+
+
+def test_copy_slot_over_a_longer_sequence(tiny_model_dir):
+    """dst held more tokens than src: its stale tail must not leak into attention."""
+    rt = Runtime(tiny_model_dir, max_batch=2)
+    rt.prefill(1, _ids(30, seed=8))
+    prompt = _ids(5, seed=9)
+    rt.prefill(0, prompt)
+    rt.copy_slot(0, 1)
+    assert rt.length(1) == 5
+    t = _ids(3, seed=10)
+    got = np.stack([rt.decode([1], [x])[0] for x in t])
+    assert np.abs(got - _alone(tiny_model_dir, prompt, t)[1:]).max() <= TOL
+
+
+def test_truncate_then_prefill_equals_fresh(tiny_model_dir):
+    p, q = _ids(20, seed=11), _ids(5, seed=12)
+    rt = Runtime(tiny_model_dir)
+    rt.prefill(0, p)
+    rt.decode([0], [7])
+    rt.truncate(0, 10)
+    assert rt.length(0) == 10
+    got = rt.prefill(0, q)
+    assert np.abs(got - _alone(tiny_model_dir, p[:10] + q, [])[0]).max() <= TOL
+    rt.truncate(0, 0)
+    assert np.abs(rt.prefill(0, q) - _alone(tiny_model_dir, q, [])[0]).max() <= TOL
+    with pytest.raises(ValueError):
+        rt.truncate(0, rt.length(0) + 1)
+    with pytest.raises(ValueError):
+        rt.truncate(0, -1)
+
+
+def test_reset_then_prefill_equals_fresh(tiny_model_dir):
+    rt = Runtime(tiny_model_dir)
+    rt.prefill(0, _ids(25, seed=13))
+    rt.reset(0)
+    assert rt.length(0) == 0
+    q = _ids(4, seed=14)
+    assert np.abs(rt.prefill(0, q) - _alone(tiny_model_dir, q, [])[0]).max() <= TOL
+
+
+def test_chunked_prefill_equals_one_prefill(tiny_model_dir):
+    ids = _ids(23, seed=15)
+    t = _ids(3, seed=16)
+    rt = Runtime(tiny_model_dir)
+    rt.prefill(0, ids[:8])
+    rt.prefill(0, ids[8:9])
+    last = rt.prefill(0, ids[9:])
+    assert rt.length(0) == 23
+    got = np.stack([last] + [rt.decode([0], [x])[0] for x in t])
+    assert np.abs(got - _alone(tiny_model_dir, ids, t)).max() <= TOL
+
+
+def test_context_full(tiny_model_dir):
+    rt = Runtime(tiny_model_dir, max_batch=2, max_length=16)
+    assert rt.info.max_length == 16
+    with pytest.raises(ContextFull, match="slot 0: 0 \\+ 17 tokens exceed the context length 16"):
+        rt.prefill(0, _ids(17, seed=17))
+    assert rt.length(0) == 0
+    rt.prefill(0, _ids(15, seed=18))
+    rt.prefill(1, _ids(3, seed=19))
+    rt.decode([0, 1], [5, 6])  # slot 0 reaches 16: still fits
+    assert rt.length(0) == 16
+    with pytest.raises(ContextFull):
+        rt.decode([1, 0], [5, 6])
+    assert (rt.length(0), rt.length(1)) == (16, 4)  # a refused step changes nothing
+    with pytest.raises(ContextFull):
+        rt.prefill(0, [5])
+    rt.decode([1], [5])  # the other slot goes on
+    assert rt.length(1) == 5
+
+
+def test_max_length_beyond_the_export_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="exceeds the export's max_length 512"):
+        Runtime(tiny_model_dir, max_length=513)
+
+
+def test_kv_bytes(tiny_model_dir):
+    info = Runtime(tiny_model_dir).info
+    assert (info.num_layers, info.num_kv_heads, info.head_dim, info.max_length) == (2, 2, 16, 512)
+    per_slot_token = 2 * 2 * 2 * 16 * 4  # (k, v) x layers x kv heads x head_dim x fp32
+    assert Runtime(tiny_model_dir).kv_bytes() == per_slot_token * 512
+    assert Runtime(tiny_model_dir, max_batch=3, max_length=64).kv_bytes() == \
+        per_slot_token * 64 * 3
+
+
+def test_bad_calls(tiny_model_dir):
+    rt = Runtime(tiny_model_dir, max_batch=2)
+    with pytest.raises(ValueError):
+        rt.prefill(0, [])
+    with pytest.raises(ValueError):
+        rt.decode([0, 1], [5])
+
+
+# -- providers ---------------------------------------------------------------------------------
+
+
+def test_cuda_provider_on_a_cpu_build_is_refused(tiny_model_dir):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA")
+    with pytest.raises(ProviderError, match=r"--provider cuda: CUDAExecutionProvider is not "
+                                            r"available .*install onnxruntime-gpu"):
+        Runtime(tiny_model_dir, provider="cuda")
+    with pytest.raises(ProviderError, match="unknown provider 'tpu'"):
+        Runtime(tiny_model_dir, provider="tpu")
+
+
+# -- optimum-cli exports (growing KV, position_ids) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def optimum_model(tmp_path_factory):
+    """(optimum export dir, transformers model) for a tiny random Llama saved by transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from optimum.exporters.onnx import main_export
+
+    root = tmp_path_factory.mktemp("optimum")
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # larger than the default init, so attention is far from uniform
+        for name, p in model.named_parameters():
+            p.copy_((1 + 0.2 * torch.randn(p.shape, generator=g)) if "norm" in name
+                    else 0.2 * torch.randn(p.shape, generator=g))
+    src = root / "hf"
+    model.save_pretrained(src)
+    _write_tokenizer(src / "tokenizer.json")
+    out = root / "onnx"
+    with warnings.catch_warnings():
+        # torch's TorchScript exporter, as optimum drives it, warns about its own tracing
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        main_export(str(src), str(out), task="text-generation-with-past", do_validation=False,
+                    device="cpu")
+    shutil.rmtree(src)  # the runtime must need nothing but the export
+    return out, model
+
+
+def _write_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(512)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def _torch_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.slow  # the fixture's torch export: ~4 s cold
+def test_optimum_export_matches_transformers(optimum_model):
+    out, model = optimum_model
+    rt = Runtime(out, max_batch=2)
+    assert rt.info.source == "optimum" and rt.kv_bytes() == 0
+    prompt = _ids(10, seed=20, vocab=512)
+    # greedy: prefill, then decode the argmax each step
+    seq, got = list(prompt), [rt.prefill(0, prompt)]
+    for _ in range(6):
+        seq.append(int(got[-1].argmax()))
+        got.append(rt.decode([0], [seq[-1]])[0])
+    want = _torch_logits(model, seq)[len(prompt) - 1:]
+    assert np.abs(np.stack(got) - want).max() <= 1e-3
+    assert np.abs(want).max() > 1.0
+
+    # two slots decoded "together", chunked prefill, copy and truncate
+    a, b = _ids(12, seed=21, vocab=512), _ids(7, seed=22, vocab=512)
+    rt.reset(0)
+    rt.prefill(0, a[:4])
+    rt.prefill(0, a[4:10])
+    rt.prefill(1, b[:5])
+    for k in range(2):
+        la, lb = rt.decode([1, 0], [b[5 + k], a[10 + k]])[::-1]
+    assert np.abs(la - _torch_logits(model, a)[-1]).max() <= 1e-3
+    assert np.abs(lb - _torch_logits(model, b)[-1]).max() <= 1e-3
+    rt.copy_slot(1, 0)
+    rt.truncate(0, 3)
+    last = rt.prefill(0, a[:2])
+    assert np.abs(last - _torch_logits(model, b[:3] + a[:2])[-1]).max() <= 1e-3
+    assert np.abs(rt.decode([1], [9])[0] - _torch_logits(model, b + [9])[-1]).max() <= 1e-3
+
+
+@pytest.mark.slow
+def test_optimum_context_full(optimum_model):
+    out, _ = optimum_model
+    rt = Runtime(out, max_length=8)
+    rt.prefill(0, list(range(3, 11)))
+    with pytest.raises(ContextFull):
+        rt.decode([0], [3])
