@@ -20,7 +20,7 @@ import onnx
 
 from export import __version__
 from export.config import ExportError, LlamaConfig
-from export.graph import GraphSpec, build_decoder, quantized_linear
+from export.graph import GraphSpec, build_decoder, quantized_linear, uses_gqa
 from export.onnx_builder import GraphBuilder
 from export.quant import dequantize_blocks
 from export.sources import GGUFSource, HFSource, open_source, validate
@@ -64,7 +64,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def genai_config(cfg: LlamaConfig, max_length: int, tok: dict) -> dict:
+def genai_config(cfg: LlamaConfig, max_length: int, tok: dict, *, shared_kv: bool = True) -> dict:
     """ONNX Runtime GenAI's genai_config.json for the decoder we build."""
     gen = tok.get("generation_config.json", {})
     eos = gen.get("eos_token_id", cfg.eos_token_id)
@@ -84,6 +84,7 @@ def genai_config(cfg: LlamaConfig, max_length: int, tok: dict) -> dict:
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
+                    **({} if shared_kv else {"position_ids": "position_ids"}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -111,7 +112,7 @@ def genai_config(cfg: LlamaConfig, max_length: int, tok: dict) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": True,
+            "past_present_share_buffer": shared_kv,
             "repetition_penalty": 1.0,
             "temperature": gen.get("temperature", 1.0),
             "top_k": gen.get("top_k", 1),
@@ -161,6 +162,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                      down_proj_accuracy_level=down_proj_accuracy_level,
                      lm_head_bits=lm_head_bits)
 
+    gqa = uses_gqa(cfg, spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns() % 10**6}"
     tmp.mkdir()
@@ -172,7 +174,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
         _build(tmp, cfg, source, spec, progress)
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         (tmp / "genai_config.json").write_text(
-            json.dumps(genai_config(cfg, max_length, tok_json), indent=2))
+            json.dumps(genai_config(cfg, max_length, tok_json, shared_kv=gqa), indent=2))
         report = None
         if verify:
             from export.verify import verify_export
@@ -192,7 +194,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
             "precision": precision,
             "target": target,
             "graph": {
-                "variant": "gqa-shared-kv",
+                "variant": "gqa-shared-kv" if gqa else "standard-growing-kv",
                 "logits_to_keep": True,
                 "io_dtype": "float32",
                 "kv_dtype": "float32",

@@ -15,6 +15,11 @@ import numpy as np
 from onnx import TensorProto
 
 from export.config import ExportError, LlamaConfig, cos_sin_cache
+from export.graph_attention import (
+    StandardAttentionInputs,
+    attention_inputs,
+    standard_attention,
+)
 from export.onnx_builder import GraphBuilder
 from export.quant import (
     QuantizedWeight,
@@ -46,6 +51,7 @@ class GraphSpec:
     accuracy_level: int = 4
     down_proj_accuracy_level: int | None = 0  # None = same as accuracy_level
     lm_head_bits: int = 8  # int4 exports: lm_head as 8-bit MatMulNBits (0 = keep float)
+    attention: str = "auto"  # gqa | standard | auto (gqa where ORT's kernel takes the head size)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -87,7 +93,7 @@ def quantized_linear(w: Weights, names: Sequence[str], bits: int, block_size: in
         packed = _concat_quantized(pre)  # type: ignore[arg-type]
         if packed is not None and (bits == 8 or packed.bits == 4):
             return packed
-    mats = [dequantize_blocks(p) if p is not None else w.load(n) for p, n in zip(pre, names)]
+    mats = [dequantize_blocks(p) if p is not None else w.load(n) for p, n in zip(pre, names, strict=True)]
     if bits == 4:
         return quantize_blocks_affine(np.concatenate(mats), block_size=block_size)
     return quantize_blocks(np.concatenate(mats), bits=bits, block_size=block_size)
@@ -195,8 +201,17 @@ class AttentionInputs:
     sin_cache: str
 
 
+def uses_gqa(cfg: LlamaConfig, spec: GraphSpec) -> bool:
+    """GroupQueryAttention (shared KV buffers) unless asked otherwise or the head size is one
+    ORT's CPU kernel rejects (not a multiple of 16): then standard ops with a growing cache."""
+    if spec.attention == "auto":
+        return cfg.head_dim % 16 == 0
+    return spec.attention == "gqa"
+
+
 def self_attn(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
-              spec: GraphSpec, att: AttentionInputs) -> tuple[str, str, str]:
+              spec: GraphSpec, att: AttentionInputs | StandardAttentionInputs
+              ) -> tuple[str, str, str]:
     """
       h ─► qkv_proj (packed q|k|v) ─► GroupQueryAttention ─► o_proj ─► out
                        past k/v ──────────┘    └──► present k/v (same buffers)
@@ -209,6 +224,11 @@ def self_attn(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
                  node=f"{n}/qkv_proj", init=f"{p}.qkv_proj", spec=spec,
                  bias=[f"{p}.q_proj.bias", f"{p}.k_proj.bias", f"{p}.v_proj.bias"]
                  if cfg.attention_bias else ())
+    if isinstance(att, StandardAttentionInputs):
+        outs = standard_attention(g, qkv, layer, cfg, att)
+        out = linear(g, outs[0], w, [f"{p}.o_proj.weight"], node=f"{n}/o_proj",
+                     init=f"{p}.o_proj", spec=spec)
+        return out, outs[1], outs[2]
     past_k, past_v = f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
     outs = g.node(
         "GroupQueryAttention",
@@ -263,15 +283,15 @@ def lm_head(g: GraphBuilder, h: str, cfg: LlamaConfig, w: Weights, spec: GraphSp
 
 def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec,
                   on_layer: Callable[[int], None] = lambda i: None) -> None:
-    """Inputs/outputs follow ONNX Runtime GenAI's decoder contract (shared past/present)."""
-    if cfg.head_dim % 16:
-        raise ExportError(
-            f"head_dim {cfg.head_dim} is not a multiple of 16, which ONNX Runtime's CPU "
-            "GroupQueryAttention requires; this model cannot be exported for --target cpu yet"
-        )
-    kv_shape = ["batch_size", cfg.num_key_value_heads, "max_sequence_length", cfg.head_dim]
+    """Inputs/outputs follow ONNX Runtime GenAI's decoder contract: shared past/present with
+    GroupQueryAttention, or (standard attention) position_ids and a growing past."""
+    gqa = uses_gqa(cfg, spec)
+    kv_len = "max_sequence_length" if gqa else "past_sequence_length"
+    kv_shape = ["batch_size", cfg.num_key_value_heads, kv_len, cfg.head_dim]
     input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    if not gqa:
+        position_ids = g.input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     for i in range(cfg.num_hidden_layers):
         g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, kv_shape)
         g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, kv_shape)
@@ -280,6 +300,21 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
     keep = g.input("num_logits_to_keep", TensorProto.INT64, [1])
     g.const("num_logits_to_keep", [0])
 
+    if not gqa:
+        att = attention_inputs(g, cfg, spec.max_length, input_ids, mask, position_ids)
+    else:
+        att = _gqa_inputs(g, cfg, spec, mask)
+    _decoder_body(g, cfg, w, spec, input_ids, keep, att, on_layer)
+    present_shape = kv_shape if gqa else ["batch_size", cfg.num_key_value_heads,
+                                          "total_sequence_length", cfg.head_dim]
+    g.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+    for i in range(cfg.num_hidden_layers):
+        g.output(f"present.{i}.key", TensorProto.FLOAT, present_shape)
+        g.output(f"present.{i}.value", TensorProto.FLOAT, present_shape)
+
+
+def _gqa_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, mask: str
+                ) -> AttentionInputs:
     # seqlens_k = tokens per sequence - 1, total = mask width (what GQA wants as int32)
     total = g.op("ReduceSum", [mask, g.const("/model/attn_mask/axes", [1])],
                  name="/model/attn_mask/ReduceSum", keepdims=0)
@@ -289,9 +324,12 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
     width = g.op("Squeeze", [width], name="/model/attn_mask/Squeeze")
     width = g.op("Cast", [width], name="/model/attn_mask/total_seq_len/Cast", to=TensorProto.INT32)
     cos, sin = cos_sin_cache(cfg, spec.max_length)
-    att = AttentionInputs(seqlens, width, g.initializer("cos_cache", cos),
-                          g.initializer("sin_cache", sin))
+    return AttentionInputs(seqlens, width, g.initializer("cos_cache", cos),
+                           g.initializer("sin_cache", sin))
 
+
+def _decoder_body(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec,
+                  input_ids: str, keep: str, att, on_layer: Callable[[int], None]) -> None:
     x = embed_tokens(g, input_ids, w, spec)
     residual, mlp_out = x, None
     for i in range(cfg.num_hidden_layers):
@@ -310,10 +348,6 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
     h, _ = skip_rms_norm(g, mlp_out, residual, "model.norm.weight", cfg, node="/model/norm", w=w)
     logits = lm_head(g, h, cfg, w, spec, keep)
     g.nodes.append(_identity(logits, "logits"))
-    g.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
-    for i in range(cfg.num_hidden_layers):
-        g.output(f"present.{i}.key", TensorProto.FLOAT, kv_shape)
-        g.output(f"present.{i}.value", TensorProto.FLOAT, kv_shape)
 
 
 def _identity(src: str, dst: str):

@@ -78,7 +78,8 @@ def onnx_logits(model_dir: Path, cfg: LlamaConfig, ids: list[int], prefill: int,
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), so,
                                 providers=["CPUExecutionProvider"])
-    cache_len = cache_len or len(ids) + 8
+    growing = "position_ids" in {i.name for i in sess.get_inputs()}
+    cache_len = 0 if growing else (cache_len or len(ids) + 8)
     shape = (1, cfg.num_key_value_heads, cache_len, cfg.head_dim)
     past = {}
     for i in range(cfg.num_hidden_layers):
@@ -91,6 +92,8 @@ def onnx_logits(model_dir: Path, cfg: LlamaConfig, ids: list[int], prefill: int,
         feed = dict(past)
         feed["input_ids"] = np.asarray([step], np.int64)
         feed["attention_mask"] = np.ones((1, pos + len(step)), np.int64)
+        if growing:
+            feed["position_ids"] = np.arange(pos, pos + len(step), dtype=np.int64)[None]
         res = dict(zip(out_names, sess.run(out_names, feed)))
         chunks.append(res["logits"][0])
         for i in range(cfg.num_hidden_layers):

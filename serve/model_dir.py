@@ -36,6 +36,7 @@ class ModelInfo:
     precision: str | None = None
     source: str = "llorch"  # llorch | genai | optimum
     logits_to_keep: bool = False  # graph has the overridable `num_logits_to_keep` initializer
+    shared_kv: bool = True  # past and present share one buffer (GroupQueryAttention graphs)
 
 
 def _read_json(path: Path) -> dict:
@@ -84,6 +85,7 @@ def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelI
                 precision=precision,
                 source="llorch" if manifest.is_file() else "genai",
                 logits_to_keep=bool(meta.get("graph", {}).get("logits_to_keep", False)),
+                shared_kv=bool(cfg.get("search", {}).get("past_present_share_buffer", True)),
             )
         except KeyError as e:
             raise ModelDirError(f"{genai}: missing field {e}") from None
@@ -110,6 +112,7 @@ def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelI
                                               + _ids(gen.get("eos_token_id")))),
             bos_token_id=cfg.get("bos_token_id"), pad_token_id=cfg.get("pad_token_id"),
             source="optimum",
+            shared_kv=False,
         )
     except KeyError as e:
         raise ModelDirError(f"{hf}: missing field {e}") from None

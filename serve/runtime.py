@@ -87,7 +87,7 @@ class Runtime:
     def __new__(cls, model_dir: Path, **kwargs):
         if cls is Runtime:
             info = load_model_info(model_dir, name=kwargs.get("name"))
-            if info.source == "optimum":
+            if not info.shared_kv:
                 return super().__new__(_GrowingKVRuntime)
         return super().__new__(cls)
 

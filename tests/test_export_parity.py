@@ -67,6 +67,9 @@ CASES = {
     "bf16": Case(dtype=torch.bfloat16),
     "fp16-weights": Case(dtype=torch.float16),
     "sharded": Case(config=dict(tie_word_embeddings=True), shard="100KB"),
+    # head sizes ORT's CPU GroupQueryAttention rejects: standard-op attention, growing cache
+    "head-dim-8": Case(config=dict(head_dim=8)),
+    "head-dim-24-mha": Case(config=dict(head_dim=24, num_key_value_heads=4)),
     "qwen2": Case(arch="qwen2"),  # bias on q/k/v (random here: HF initializes them to 0)
     "mistral": Case(arch="mistral"),
 }
@@ -262,7 +265,7 @@ def _greedy_ref(model, ids: list[int], steps: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("name", ["gqa-untied", "mha-tied", "qwen2", "head-dim-32"])
+@pytest.mark.parametrize("name", ["gqa-untied", "mha-tied", "qwen2", "head-dim-32", "head-dim-8"])
 def test_int4_greedy_matches_transformers(tiny, name):
     """int4 (MatMulNBits, block 32, accuracy level 4 = int8 activations; lm_head 8-bit).
 
@@ -305,13 +308,18 @@ def test_int4_greedy_matches_transformers(tiny, name):
 # -- refusals --------------------------------------------------------------------------------
 
 
-def test_head_dim_not_multiple_of_16_is_refused(tmp_path, tiny):
-    config = transformers.LlamaConfig(**{**BASE, "head_dim": 24})
-    src = tmp_path / "hd24"
-    transformers.LlamaForCausalLM(config).save_pretrained(src)
-    shutil.copy(tiny.tokenizer, src / "tokenizer.json")
-    out = tmp_path / "out" / "hd24-fp32"
-    with pytest.raises(ExportError, match=r"head_dim 24 .*multiple of 16"):
-        export_model(src, out, precision="fp32", progress=False)
-    assert not out.exists()
-    assert list(out.parent.iterdir()) == []  # no temp sibling left behind
+@pytest.mark.parametrize(("name", "variant", "shared"), [
+    ("gqa-untied", "gqa-shared-kv", True),
+    ("head-dim-8", "standard-growing-kv", False),
+])
+def test_attention_variant_by_head_size(tiny, name, variant, shared):
+    """head_dim % 16 != 0 → standard-op attention with position_ids and a growing cache,
+    described as such to ONNX Runtime GenAI (past_present_share_buffer false)."""
+    import json
+
+    out = tiny.export(name)
+    manifest = json.loads((out / "llorch.json").read_text())
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert manifest["graph"]["variant"] == variant
+    assert genai["search"]["past_present_share_buffer"] is shared
+    assert ("position_ids" in genai["model"]["decoder"]["inputs"]) is not shared
