@@ -51,6 +51,7 @@ class LlamaConfig:
     tie_word_embeddings: bool
     attention_bias: bool  # bias on q/k/v projections (Qwen2; Llama's `attention_bias`)
     mlp_bias: bool
+    sliding_window: int | None = None  # attend to the last `sliding_window` positions only
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -97,14 +98,16 @@ class LlamaConfig:
             raise ExportError(
                 f"{source}: partial_rotary_factor {cfg['partial_rotary_factor']} is not supported"
             )
-        # The graph attends to the whole past: a window shorter than the context (Mistral v0.1,
-        # Qwen2 with use_sliding_window) would give silently wrong logits past the window.
+        # A window shorter than the context must be applied in every layer (Mistral v0.1);
+        # per-layer mixes (Qwen2's max_window_layers / layer_types) are refused by name.
         window = _sliding_window(cfg, model_type)
         max_pos = int(cfg.get("max_position_embeddings", 2048))
-        if window is not None and int(window) < max_pos:
+        if window is not None and int(window) >= max_pos:
+            window = None
+        if window is not None and not _window_in_every_layer(cfg, model_type):
             raise ExportError(
-                f"{source}: sliding_window {window} (shorter than max_position_embeddings "
-                f"{max_pos}) is not supported yet"
+                f"{source}: sliding_window {window} applied to only some layers "
+                "(layer_types / max_window_layers) is not supported"
             )
 
         bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
@@ -124,6 +127,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=None if window is None else int(window),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
@@ -213,20 +217,37 @@ class LlamaConfig:
                 "high_freq_factor": rs.high_freq_factor,
                 "original_max_position_embeddings": rs.original_max_position_embeddings,
             }
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         return d
 
 
+def _layer_types(cfg: dict[str, Any], model_type: str) -> list[str] | None:
+    """Per-layer attention kinds as transformers derives them (None: uniform)."""
+    if cfg.get("layer_types") is not None:
+        return list(cfg["layer_types"])
+    if model_type == "qwen2":  # layers >= max_window_layers use the window
+        n, first = int(cfg.get("num_hidden_layers", 0)), int(cfg.get("max_window_layers", 28))
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return None
+
+
 def _sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
     """The attention window HF applies, or None (Qwen2 only with use_sliding_window)."""
     if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
         return None
-    layer_types = cfg.get("layer_types")
-    if layer_types is not None and "sliding_attention" not in layer_types:
+    types = _layer_types(cfg, model_type)
+    if types is not None and "sliding_attention" not in types:
         return None
     return cfg.get("sliding_window")
+
+
+def _window_in_every_layer(cfg: dict[str, Any], model_type: str) -> bool:
+    types = _layer_types(cfg, model_type)
+    return types is None or all(t == "sliding_attention" for t in types)
 
 
 def _rope_scaling(cfg: dict[str, Any], source: str) -> RopeScaling:

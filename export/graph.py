@@ -238,6 +238,7 @@ def self_attn(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
         name=f"{n}/GroupQueryAttention", domain="com.microsoft",
         num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
         scale=float(cfg.head_dim**-0.5), do_rotary=1, rotary_interleaved=0,
+        local_window_size=cfg.sliding_window or -1,
     )
     out = linear(g, outs[0], w, [f"{p}.o_proj.weight"], node=f"{n}/o_proj",
                  init=f"{p}.o_proj", spec=spec)

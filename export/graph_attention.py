@@ -54,6 +54,11 @@ def attention_inputs(g: GraphBuilder, cfg: LlamaConfig, max_length: int, input_i
     q_pos = g.op("Range", [past_s, total_s, one], name=f"{m}/q_pos/Range")  # [S]
     q_col = g.op("Unsqueeze", [q_pos, g.const(f"{m}/q_axes", [1])], name=f"{m}/q/Unsqueeze")
     causal = g.op("LessOrEqual", [k_pos, q_col], name=f"{m}/causal/LessOrEqual")  # [S, T]
+    if cfg.sliding_window:  # and within the window: k > q - window
+        start = g.op("Sub", [q_col, g.const(f"{m}/window", cfg.sliding_window)],
+                     name=f"{m}/window/Sub")
+        inside = g.op("Greater", [k_pos, start], name=f"{m}/window/Greater")
+        causal = g.op("And", [causal, inside], name=f"{m}/window/And")
     keys = g.op("Cast", [mask], name=f"{m}/keys/Cast", to=TensorProto.BOOL)
     keys = g.op("Unsqueeze", [keys, g.const(f"{m}/keys_axes", [1])], name=f"{m}/keys/Unsqueeze")
     allowed = g.op("And", [causal, keys], name=f"{m}/And")  # [B, S, T]

@@ -38,6 +38,8 @@ def reference_logits(cfg: LlamaConfig, load: Loader, ids: list[int]) -> np.ndarr
     cos = np.concatenate([np.cos(ang)] * 2, axis=-1)[None]
     sin = np.concatenate([np.sin(ang)] * 2, axis=-1)[None]
     causal = np.triu(np.full((s, s), -np.inf, dtype=np.float32), 1)
+    if cfg.sliding_window:  # query i sees keys j with i - window < j <= i
+        causal += np.tril(np.full((s, s), -np.inf, dtype=np.float32), -cfg.sliding_window)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         h = _rms(x, load(p + "input_layernorm.weight"), cfg.rms_norm_eps)

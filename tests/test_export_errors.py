@@ -121,14 +121,12 @@ def test_missing_source(tmp_path):
         ({"hidden_size": None}, r"config\.json: required field 'hidden_size' is missing"),
         ({"num_key_value_heads": 3},
          r"num_attention_heads \(4\) is not a multiple of num_key_value_heads \(3\)"),
-        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16},
-         r"config\.json: sliding_window 16 \(shorter than max_position_embeddings 512\)"),
         ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_bias": False,
-          "use_sliding_window": True, "sliding_window": 64},
-         r"config\.json: sliding_window 64 "),
+          "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1},
+         r"config\.json: sliding_window 64 applied to only some layers"),
     ],
     ids=["architectures", "model_type", "model_type-only", "rope-yarn", "rope-dynamic",
-         "hidden_act", "missing-field", "kv-heads", "mistral-window", "qwen2-window"],
+         "hidden_act", "missing-field", "kv-heads", "qwen2-window"],
 )
 def test_unsupported_config(src, tmp_path, changes, match):
     _edit_config(src, **changes)

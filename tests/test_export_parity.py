@@ -72,6 +72,11 @@ CASES = {
     "head-dim-24-mha": Case(config=dict(head_dim=24, num_key_value_heads=4)),
     "qwen2": Case(arch="qwen2"),  # bias on q/k/v (random here: HF initializes them to 0)
     "mistral": Case(arch="mistral"),
+    # sliding window shorter than the sequence: GroupQueryAttention's local_window_size, and
+    # the standard-op mask for a head size GQA rejects
+    "mistral-window": Case(arch="mistral", config=dict(sliding_window=16), seq_len=40),
+    "mistral-window-hd8": Case(arch="mistral", config=dict(sliding_window=16, head_dim=8),
+                               seq_len=40),
 }
 
 
