@@ -21,6 +21,7 @@ import onnx
 from export import __version__
 from export.config import ExportError, LlamaConfig
 from export.graph import GraphSpec, build_decoder, quantized_linear, uses_gqa
+from export.graph_coreml import DEFAULT_CHUNK, DEFAULT_MAX_LENGTH, StaticGraphs
 from export.onnx_builder import GraphBuilder
 from export.quant import dequantize_blocks
 from export.sources import GGUFSource, HFSource, open_source, validate
@@ -64,8 +65,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def genai_config(cfg: LlamaConfig, max_length: int, tok: dict, *, shared_kv: bool = True) -> dict:
-    """ONNX Runtime GenAI's genai_config.json for the decoder we build."""
+def genai_config(cfg: LlamaConfig, max_length: int, tok: dict, *, shared_kv: bool = True,
+                 static: StaticGraphs | None = None) -> dict:
+    """ONNX Runtime GenAI's genai_config.json for the decoder we build.
+
+    CoreML exports (``static``) name their decode graph and its inputs here too, so the model
+    directory reads the same way; their static contract is in llorch.json's ``graph``.
+    """
     gen = tok.get("generation_config.json", {})
     eos = gen.get("eos_token_id", cfg.eos_token_id)
     bos = gen.get("bos_token_id", cfg.bos_token_id)
@@ -78,11 +84,12 @@ def genai_config(cfg: LlamaConfig, max_length: int, tok: dict, *, shared_kv: boo
             "context_length": cfg.max_position_embeddings,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": "model.onnx",
+                "filename": static.decode if static else "model.onnx",
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
                 "inputs": {
-                    "input_ids": "input_ids",
+                    **({"inputs_embeds": "inputs_embeds"} if static and static.host_embedding
+                       else {"input_ids": "input_ids"}),
                     "attention_mask": "attention_mask",
                     **({} if shared_kv else {"position_ids": "position_ids"}),
                     "past_key_names": "past_key_values.%d.key",
@@ -140,8 +147,13 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                  max_length: int | None = None, block_size: int = 32,
                  accuracy_level: int | None = None, verify: bool = False, force: bool = False,
                  progress: bool = True, lm_head_bits: int = 8,
-                 down_proj_accuracy_level: int | None = 0) -> ExportSummary:
+                 down_proj_accuracy_level: int | None = 0,
+                 prefill_chunk: int = DEFAULT_CHUNK) -> ExportSummary:
     """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
+
+    ``target`` cpu/cuda: one GroupQueryAttention graph (fp16 I/O on cuda). ``target`` coreml:
+    the static decode + prefill graphs of export/graph_coreml.py, ``prefill_chunk`` tokens a
+    prefill call, max_length by default min(context, 2048).
 
     Raises ExportError (naming the file/field) on bad input; nothing is left at ``out`` then.
     """
@@ -154,6 +166,8 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     validate(source)
     if accuracy_level is None:
         accuracy_level = 4 if target == "cpu" else 0
+    if max_length is None and target == "coreml":
+        max_length = min(cfg.max_position_embeddings, DEFAULT_MAX_LENGTH)
     max_length = int(max_length or cfg.max_position_embeddings)
     if max_length < 1:
         raise ExportError(f"--max-length {max_length}: must be positive")
@@ -162,7 +176,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                      down_proj_accuracy_level=down_proj_accuracy_level,
                      lm_head_bits=lm_head_bits)
 
-    gqa = uses_gqa(cfg, spec)
+    gqa = uses_gqa(cfg, spec) and target != "coreml"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns() % 10**6}"
     tmp.mkdir()
@@ -171,12 +185,17 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
         for name, data in tok.items():
             (tmp / name).write_bytes(data)
         tok_json = {k: json.loads(v) for k, v in tok.items() if k.endswith(".json")}
-        _build(tmp, cfg, source, spec, progress)
+        static = _build(tmp, cfg, source, spec, progress, prefill_chunk)
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-        (tmp / "genai_config.json").write_text(
-            json.dumps(genai_config(cfg, max_length, tok_json, shared_kv=gqa), indent=2))
+        (tmp / "genai_config.json").write_text(json.dumps(
+            genai_config(cfg, max_length, tok_json, shared_kv=gqa, static=static), indent=2))
         report = None
-        if verify:
+        if verify and static is not None:
+            from export.verify_static import verify_static_export
+
+            report = verify_static_export(tmp, cfg, source.load, static.manifest(),
+                                          half=spec.io_dtype == np.float16)
+        elif verify:
             from export.verify import verify_export
 
             report = verify_export(tmp, cfg, _reference_loader(source, spec),
@@ -193,11 +212,12 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
             },
             "precision": precision,
             "target": target,
-            "graph": {
+            "graph": static.manifest() if static else {
                 "variant": "gqa-shared-kv" if gqa else "standard-growing-kv",
                 "logits_to_keep": True,
-                "io_dtype": "float32",
-                "kv_dtype": "float32",
+                "io_dtype": np.dtype(spec.io_dtype).name,
+                "kv_dtype": np.dtype(spec.io_dtype).name,
+                "logits_dtype": "float32",
                 "block_size": block_size if precision == "int4" else None,
                 "accuracy_level": accuracy_level if precision == "int4" else None,
                 "down_proj_accuracy_level": (spec.down_proj_accuracy_level
@@ -226,14 +246,24 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
 
 
 def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: GraphSpec,
-           progress: bool) -> None:
-    g = GraphBuilder(tmp / "model.onnx.data")
+           progress: bool, prefill_chunk: int = DEFAULT_CHUNK) -> StaticGraphs | None:
+    """The graph file(s); CoreML's static pair returns its description, the others None."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.num_hidden_layers, desc="layers", unit="layer", file=sys.stderr,
                    leave=False)
+    if spec.target == "coreml":
+        from export.graph_coreml import write_static_graphs
+
+        try:
+            return write_static_graphs(tmp, cfg, source, spec, chunk=prefill_chunk,
+                                       on_layer=lambda i: bar.update(1) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    g = GraphBuilder(tmp / "model.onnx.data")
     try:
         build_decoder(g, cfg, source, spec, on_layer=lambda i: bar.update(1) if bar else None)
     finally:
@@ -242,3 +272,4 @@ def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: Gra
             bar.close()
     model = g.model("llorch-llama")
     onnx.save_model(model, str(tmp / "model.onnx"))
+    return None

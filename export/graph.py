@@ -31,6 +31,9 @@ from export.quant import (
 
 PRECISIONS = ("fp32", "fp16", "int4")
 TARGETS = ("cpu", "cuda", "coreml")
+# What each target can build: CUDA has no fp32 GroupQueryAttention kernel; the CoreML graph
+# (graph_coreml.py) is float only, since MatMulNBits is a contrib op.
+TARGET_PRECISIONS = {"cpu": PRECISIONS, "cuda": ("fp16", "int4"), "coreml": ("fp32", "fp16")}
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -56,14 +59,30 @@ class GraphSpec:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ExportError(f"--precision {self.precision!r}: choose one of {PRECISIONS}")
-        if self.target != "cpu":
-            raise ExportError(f"--target {self.target!r} is not implemented yet (cpu only)")
+        if self.target not in TARGETS:
+            raise ExportError(f"--target {self.target!r}: choose one of {TARGETS}")
+        if self.precision not in TARGET_PRECISIONS[self.target]:
+            raise ExportError(
+                f"--precision {self.precision} is not available for --target {self.target} "
+                f"(choose one of {TARGET_PRECISIONS[self.target]})")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"--block-size {self.block_size}: must be a power of two >= 16")
         for flag, level in (("--accuracy-level", self.accuracy_level),
                             ("--down-proj-accuracy-level", self.down_proj_accuracy_level)):
             if level is not None and level not in (0, 1, 2, 3, 4):
                 raise ExportError(f"{flag} {level}: must be 0..4")
+
+    @property
+    def io_dtype(self) -> type[np.floating]:
+        """Activations, KV cache and norm weights: fp16 on CUDA (GQA has no fp32 kernel there),
+        fp32 on CPU, the precision itself on CoreML."""
+        if self.target == "cuda" or (self.target == "coreml" and self.precision == "fp16"):
+            return np.float16
+        return np.float32
+
+    @property
+    def io_type(self) -> int:
+        return TensorProto.FLOAT16 if self.io_dtype == np.float16 else TensorProto.FLOAT
 
 
 # -- linear layers ----------------------------------------------------------------------------
@@ -128,7 +147,7 @@ def linear(g: GraphBuilder, x: str, w: Weights, names: Sequence[str], *, node: s
         inputs = [
             x,
             g.initializer(f"{init}.qweight", qw.packed),
-            g.initializer(f"{init}.scales", qw.scales.reshape(-1).astype(np.float32)),
+            g.initializer(f"{init}.scales", qw.scales.reshape(-1).astype(spec.io_dtype)),
             g.initializer(f"{init}.qzeros", qw.zero_points.reshape(-1)),
         ]
         y = g.op("MatMulNBits", inputs, name=f"{node}/MatMulNBits", domain="com.microsoft",
@@ -138,20 +157,21 @@ def linear(g: GraphBuilder, x: str, w: Weights, names: Sequence[str], *, node: s
         if corr is not None:
             # exact float zero points: y -= blocksum(x) @ corr (see quant.split_zero_points)
             sums = block_sums(g, x, qw.k, qw.block_size, node=f"{node}/zero_point_correction")
-            c = g.op("MatMul", [sums, g.initializer(f"{init}.zp_correction", corr)],
+            c = g.op("MatMul", [sums, g.initializer(f"{init}.zp_correction",
+                                                    corr.astype(spec.io_dtype))],
                      name=f"{node}/zero_point_correction/MatMul")
             y = g.op("Sub", [y, c], name=f"{node}/zero_point_correction/Sub")
     else:
         wt = np.concatenate([w.load(n) for n in names]).T
-        if spec.precision == "fp16":
+        if spec.precision == "fp16" and spec.io_dtype == np.float32:
             # CPU fp16: weights stored in half precision, widened once at session load.
             wh = g.initializer(f"{init}.weight", wt.astype(np.float16))
             wf = g.op("Cast", [wh], name=f"{node}/Cast", to=TensorProto.FLOAT)
         else:
-            wf = g.initializer(f"{init}.weight", wt.astype(np.float32))
+            wf = g.initializer(f"{init}.weight", wt.astype(spec.io_dtype))
         y = g.op("MatMul", [x, wf], name=f"{node}/MatMul")
     if bias:
-        b = np.concatenate([w.load(n) for n in bias]).astype(np.float32)
+        b = np.concatenate([w.load(n) for n in bias]).astype(spec.io_dtype)
         y = g.op("Add", [y, g.initializer(f"{init}.bias", b)], name=f"{node}/Add")
     return y
 
@@ -161,30 +181,31 @@ def linear(g: GraphBuilder, x: str, w: Weights, names: Sequence[str], *, node: s
 
 def embed_tokens(g: GraphBuilder, input_ids: str, w: Weights, spec: GraphSpec) -> str:
     table = w.load("model.embed_tokens.weight")
-    dtype = np.float16 if spec.precision == "fp16" else np.float32
+    dtype = np.float16 if spec.precision == "fp16" or spec.io_dtype == np.float16 else np.float32
     t = g.initializer("model.embed_tokens.weight", table.astype(dtype))
     x = g.op("Gather", [t, input_ids], name="/model/embed_tokens/Gather")
-    if dtype == np.float16:
-        x = g.op("Cast", [x], name="/model/embed_tokens/Cast", to=TensorProto.FLOAT)
+    if dtype != spec.io_dtype:
+        x = g.op("Cast", [x], name="/model/embed_tokens/Cast", to=spec.io_type)
     return x
 
 
 def rms_norm(g: GraphBuilder, x: str, weight: str, cfg: LlamaConfig, *, node: str,
-             w: Weights) -> str:
-    gamma = g.initializer(weight, w.load(weight).astype(np.float32))
+             w: Weights, spec: GraphSpec) -> str:
+    """SimplifiedLayerNormalization accumulates in fp32 (stash_type 1) for fp16 inputs too."""
+    gamma = g.initializer(weight, w.load(weight).astype(spec.io_dtype))
     return g.op("SimplifiedLayerNormalization", [x, gamma], name=f"{node}/SimplifiedLayerNorm",
                 axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
 
 
 def skip_rms_norm(g: GraphBuilder, x: str, skip: str, weight: str, cfg: LlamaConfig, *,
-                  node: str, w: Weights) -> tuple[str, str]:
+                  node: str, w: Weights, spec: GraphSpec) -> tuple[str, str]:
     """
         x ──┐
             Add ──► residual (x + skip) ──► RMSNorm(γ) ──► normed
      skip ──┘
-    Returns (normed, residual).
+    Returns (normed, residual). The CUDA kernel computes the fp16 case in fp32 internally.
     """
-    gamma = g.initializer(weight, w.load(weight).astype(np.float32))
+    gamma = g.initializer(weight, w.load(weight).astype(spec.io_dtype))
     out = g.node("SkipSimplifiedLayerNormalization", [x, skip, gamma],
                  [f"{node}/output_0", "", "", f"{node}/output_3"],
                  name=f"{node}/SkipLayerNorm", domain="com.microsoft", epsilon=cfg.rms_norm_eps)
@@ -276,7 +297,11 @@ def lm_head(g: GraphBuilder, h: str, cfg: LlamaConfig, w: Weights, spec: GraphSp
                        g.const("/lm_head/axes", [1])], name="/lm_head/Slice")
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     bits = (spec.lm_head_bits if spec.precision == "int4" else 0)
-    return linear(g, h, w, [name], node="/lm_head", init="lm_head", spec=spec, bits=bits)
+    logits = linear(g, h, w, [name], node="/lm_head", init="lm_head", spec=spec, bits=bits)
+    if spec.io_dtype != np.float32:
+        # fp32 logits for the sampler: softmax/top-p in numpy need the range, not the bytes.
+        logits = g.op("Cast", [logits], name="/lm_head/Cast", to=TensorProto.FLOAT)
+    return logits
 
 
 # -- the whole decoder ------------------------------------------------------------------------
@@ -286,7 +311,12 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
                   on_layer: Callable[[int], None] = lambda i: None) -> None:
     """Inputs/outputs follow ONNX Runtime GenAI's decoder contract: shared past/present with
     GroupQueryAttention, or (standard attention) position_ids and a growing past."""
+    if spec.target == "coreml":
+        raise ExportError("--target coreml graphs are built by export.graph_coreml")
     gqa = uses_gqa(cfg, spec)
+    if spec.target == "cuda" and not gqa:
+        raise ExportError(f"--target cuda needs GroupQueryAttention, which does not take "
+                          f"head_dim {cfg.head_dim} (a multiple of 16 is required)")
     kv_len = "max_sequence_length" if gqa else "past_sequence_length"
     kv_shape = ["batch_size", cfg.num_key_value_heads, kv_len, cfg.head_dim]
     input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
@@ -294,8 +324,8 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
     if not gqa:
         position_ids = g.input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     for i in range(cfg.num_hidden_layers):
-        g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, kv_shape)
-        g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, kv_shape)
+        g.input(f"past_key_values.{i}.key", spec.io_type, kv_shape)
+        g.input(f"past_key_values.{i}.value", spec.io_type, kv_shape)
     # Overridable input (an initializer default of 0 = logits for every position): the server
     # feeds 1 so a prefill chunk pays the lm_head for its last position only.
     keep = g.input("num_logits_to_keep", TensorProto.INT64, [1])
@@ -310,8 +340,8 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
                                           "total_sequence_length", cfg.head_dim]
     g.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
     for i in range(cfg.num_hidden_layers):
-        g.output(f"present.{i}.key", TensorProto.FLOAT, present_shape)
-        g.output(f"present.{i}.value", TensorProto.FLOAT, present_shape)
+        g.output(f"present.{i}.key", spec.io_type, present_shape)
+        g.output(f"present.{i}.value", spec.io_type, present_shape)
 
 
 def _gqa_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, mask: str
@@ -325,8 +355,8 @@ def _gqa_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, mask: str
     width = g.op("Squeeze", [width], name="/model/attn_mask/Squeeze")
     width = g.op("Cast", [width], name="/model/attn_mask/total_seq_len/Cast", to=TensorProto.INT32)
     cos, sin = cos_sin_cache(cfg, spec.max_length)
-    return AttentionInputs(seqlens, width, g.initializer("cos_cache", cos),
-                           g.initializer("sin_cache", sin))
+    return AttentionInputs(seqlens, width, g.initializer("cos_cache", cos.astype(spec.io_dtype)),
+                           g.initializer("sin_cache", sin.astype(spec.io_dtype)))
 
 
 def _decoder_body(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec,
@@ -337,16 +367,17 @@ def _decoder_body(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
         p, n = f"model.layers.{i}", f"/model/layers.{i}"
         if mlp_out is None:
             h = rms_norm(g, x, f"{p}.input_layernorm.weight", cfg, node=f"{n}/input_layernorm",
-                         w=w)
+                         w=w, spec=spec)
         else:
             h, residual = skip_rms_norm(g, mlp_out, residual, f"{p}.input_layernorm.weight", cfg,
-                                        node=f"{n}/input_layernorm", w=w)
+                                        node=f"{n}/input_layernorm", w=w, spec=spec)
         attn_out, _, _ = self_attn(g, h, i, cfg, w, spec, att)
         h, residual = skip_rms_norm(g, attn_out, residual, f"{p}.post_attention_layernorm.weight",
-                                    cfg, node=f"{n}/post_attention_layernorm", w=w)
+                                    cfg, node=f"{n}/post_attention_layernorm", w=w, spec=spec)
         mlp_out = mlp(g, h, i, cfg, w, spec)
         on_layer(i)
-    h, _ = skip_rms_norm(g, mlp_out, residual, "model.norm.weight", cfg, node="/model/norm", w=w)
+    h, _ = skip_rms_norm(g, mlp_out, residual, "model.norm.weight", cfg, node="/model/norm", w=w,
+                         spec=spec)
     logits = lm_head(g, h, cfg, w, spec, keep)
     g.nodes.append(_identity(logits, "logits"))
 

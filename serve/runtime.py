@@ -64,6 +64,13 @@ def resolve_providers(provider: str) -> list[str]:
     return [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
 
 
+def _on_cuda(provider: str) -> bool:
+    try:
+        return resolve_providers(provider)[0] == "CUDAExecutionProvider"
+    except ProviderError:
+        return False  # __init__ raises it with the full message
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -84,11 +91,22 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 class Runtime:
     """One ORT session and ``max_batch`` KV slots (see the module docstring)."""
 
+    # Pin the graph's overridable num_logits_to_keep to 1 through SessionOptions.add_initializer.
+    pin_logits_to_keep = True
+
     def __new__(cls, model_dir: Path, **kwargs):
         if cls is Runtime:
+            from serve.runtime_static import StaticRuntime, static_graph
+
+            if static_graph(model_dir) is not None:  # --target coreml: host-side KV
+                return super().__new__(StaticRuntime)
             info = load_model_info(model_dir, name=kwargs.get("name"))
             if not info.shared_kv:
                 return super().__new__(_GrowingKVRuntime)
+            if _on_cuda(kwargs.get("provider", "cpu")):  # KV on the GPU, IO binding by pointer
+                from serve.runtime_cuda import CudaRuntime
+
+                return super().__new__(CudaRuntime)
         return super().__new__(cls)
 
     def __init__(self, model_dir: Path, *, provider: str = "cpu", threads: int | None = None,
@@ -102,14 +120,14 @@ class Runtime:
             info = _replace(info, max_length=max_length)
         self.info: ModelInfo = info
         self.n_slots = max_batch
-        self.providers = resolve_providers(provider)
+        self.providers = self._with_options(resolve_providers(provider))
         self._threads = threads
         so = session_options(threads)
         # llorch exports have an overridable `num_logits_to_keep` (default 0 = every position);
         # pinning it to 1 makes prefill pay the lm_head for its last position only.
-        self._has_keep = info.logits_to_keep
+        self._has_keep = info.logits_to_keep and self.pin_logits_to_keep
         if self._has_keep:
-            self._keep_ov = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+            self._keep_ov = self._keep_value()
             so.add_initializer("num_logits_to_keep", self._keep_ov)
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=self.providers)
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -117,6 +135,14 @@ class Runtime:
         self.kv_dtype = _ORT_TYPES.get(inputs[info.past_key % 0].type, np.float32)
         self._lengths = [0] * self.n_slots
         self._setup()
+
+    def _with_options(self, providers: list) -> list:
+        """Provider list as ORT takes it; subclasses attach provider options."""
+        return providers
+
+    def _keep_value(self) -> ort.OrtValue:
+        """num_logits_to_keep = 1, on the device ORT plans it (CPU here)."""
+        return ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
 
     # -- public interface -------------------------------------------------------------------
     def length(self, slot: int) -> int:
@@ -133,8 +159,15 @@ class Runtime:
 
     def kv_bytes(self) -> int:
         """Bytes preallocated for the KV cache of all slots."""
-        return (2 * self.info.num_layers * self.n_slots * self.info.num_kv_heads
-                * self.info.max_length * self.info.head_dim * np.dtype(self.kv_dtype).itemsize)
+        return self.n_slots * self.info.max_length * self._kv_token_bytes()
+
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of KV cache holding tokens (every slot's length, idle slots included)."""
+        return sum(self._lengths) * self._kv_token_bytes()
+
+    def _kv_token_bytes(self) -> int:
+        return (2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim
+                * np.dtype(self.kv_dtype).itemsize)
 
     def _check_room(self, slot: int, n: int) -> None:
         if self._lengths[slot] + n > self.info.max_length:
@@ -219,8 +252,11 @@ class Runtime:
             self._lengths[s] += 1
         return self._logits_out(io, (0, b))
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        n = self._lengths[src]
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """dst gets src's KV: all of it, or its first `length` tokens (a shared prefix)."""
+        n = self._lengths[src] if length is None else length
+        if not 0 <= n <= self._lengths[src]:
+            raise ValueError(f"cannot copy {n} tokens of slot {src} of length {self._lengths[src]}")
         rs, rd = self._row[src], self._row[dst]
         if rs != rd:
             for bufs in (self._k, self._v):
@@ -270,6 +306,9 @@ class _GrowingKVRuntime(Runtime):
     def kv_bytes(self) -> int:
         return 0  # allocated per step by ORT
 
+    def kv_bytes_in_use(self) -> int:
+        return sum(a.nbytes for past in self._past if past for a in past)
+
     def _run(self, slot: int, ids: Sequence[int]) -> np.ndarray:
         n = len(ids)
         self._check_room(slot, n)
@@ -297,9 +336,11 @@ class _GrowingKVRuntime(Runtime):
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
         return np.stack([self._run(s, [t]) for s, t in zip(slots, ids)])
 
-    def copy_slot(self, src: int, dst: int) -> None:
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         self._past[dst] = None if self._past[src] is None else list(self._past[src])
         self._lengths[dst] = self._lengths[src]
+        if length is not None:
+            self.truncate(dst, length)
 
 
 def _replace(info: ModelInfo, **changes) -> ModelInfo:

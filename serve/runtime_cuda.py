@@ -1,0 +1,337 @@
+"""Runtime on ONNX Runtime's CUDA provider: the KV cache lives on the GPU for its whole life.
+
+Every layer has one device buffer per K and V, ``[n_slots + 1, kv_heads, max_length, hd]``
+(fp16 for ``--target cuda`` exports; the extra row is scratch for swaps). A call binds rows
+``[first, first + rows)`` of it by pointer as both past and present, so GroupQueryAttention
+writes the new positions in place. Per decode step only the token ids and the mask go up and
+only the last position's fp32 logits come down::
+
+    host ── input_ids [b, 1], attention_mask [b, L] ──►  GPU: graph, KV rows 0..b-1 in place
+    host ◄──────────── logits [b, 1, vocab] (fp32) ─────  GPU
+
+Decoded sequences are moved so slot ``slots[j]`` sits in row ``j`` (as in ``Runtime``); moves
+and ``copy_slot`` are device-to-device copies through a tiny Identity graph (``DeviceCopier``).
+
+CUDA graph capture (``cuda_graph=True``, ORT's ``enable_cuda_graph``) needs fixed shapes and
+addresses: decode masks then span the whole buffer (GroupQueryAttention reads each row's
+length from the mask's sum, the width only sizes the buffer), ids, mask and logits live in
+fixed device buffers per batch size, and each batch size is captured once (``gpu_graph_id``);
+prefill always runs uncaptured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serve.runtime import Runtime
+
+log = logging.getLogger("llorch.runtime")
+
+_ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}
+
+
+# -- the binding plan (pure: what goes where; tested on CPU) -----------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    name: str
+    kind: str  # "input" | "output"
+    device: str  # "cuda" (stays on the GPU) | "host" (crosses the bus each call)
+    shape: tuple[int, ...]
+    dtype: str
+    buffer: str  # which allocation: "k.{i}" / "v.{i}" (row offset applies), "ids", "mask", ...
+    first_row: int = 0
+
+
+def binding_plan(info, kv_dtype, first_row: int, rows: int, *, seq: int, mask_width: int,
+                 device_io: bool) -> list[Bound]:
+    """Every input/output of one call and where it lives.
+
+    Past and present of a layer name the same buffer and row range (shared in place).
+    ``device_io`` (CUDA graphs) keeps ids/mask/logits in fixed device buffers too; otherwise
+    they are host memory that ORT copies per call.
+    """
+    io_dev = "cuda" if device_io else "host"
+    kv = (rows, info.num_kv_heads, info.max_length, info.head_dim)
+    dt = np.dtype(kv_dtype).name
+    plan = [Bound("input_ids", "input", io_dev, (rows, seq), "int64", "ids"),
+            Bound("attention_mask", "input", io_dev, (rows, mask_width), "int64", "mask")]
+    for i in range(info.num_layers):
+        for t, pname, oname in (("k", info.past_key, info.present_key),
+                                ("v", info.past_value, info.present_value)):
+            plan.append(Bound(pname % i, "input", "cuda", kv, dt, f"{t}.{i}", first_row))
+            plan.append(Bound(oname % i, "output", "cuda", kv, dt, f"{t}.{i}", first_row))
+    plan.append(Bound("logits", "output", io_dev, (rows, 1, info.vocab_size), "float32",
+                      "logits"))
+    return plan
+
+
+def cuda_provider_options(*, device_id: int = 0, cuda_graph: bool = False) -> dict[str, str]:
+    return {
+        "device_id": str(device_id),
+        # RMSNorm with the residual add in fp32, as the CPU graph computes it (older ORT
+        # builds accumulate SkipSimplifiedLayerNormalization in fp16 without this)
+        "enable_skip_layer_norm_strict_mode": "1",
+        "enable_cuda_graph": "1" if cuda_graph else "0",
+    }
+
+
+# -- device-to-device copies -------------------------------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, value: int | bytes | str) -> bytes:
+    if isinstance(value, int):
+        return _varint(num << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(num << 3 | 2) + _varint(len(data)) + data
+
+
+def identity_model(n: int, elem_type: int) -> bytes:
+    """ModelProto bytes: ``y{j} = Identity(x{j})`` for j < n, 1-D tensors of length "len".
+
+    Written by hand (the protobuf wire format, ONNX field numbers) because serve does not
+    depend on the onnx package.
+    """
+    def value_info(name: str) -> bytes:
+        dim = _field(1, _field(2, "len"))  # Dimension.dim_param
+        tensor = _field(1, elem_type) + _field(2, dim)  # TypeProto.Tensor elem_type, shape
+        return _field(1, name) + _field(2, _field(1, tensor))
+
+    graph = b"".join(_field(1, _field(1, f"x{j}") + _field(2, f"y{j}") + _field(3, f"copy{j}")
+                            + _field(4, "Identity")) for j in range(n))
+    graph += _field(2, "llorch-device-copy")
+    graph += b"".join(_field(11, value_info(f"x{j}")) for j in range(n))
+    graph += b"".join(_field(12, value_info(f"y{j}")) for j in range(n))
+    opset = _field(1, "") + _field(2, 13)
+    return _field(1, 8) + _field(2, "llorch") + _field(7, graph) + _field(8, opset)
+
+
+class DeviceCopier:
+    """Copies between device buffers by pointer: one ORT run moves up to ``n`` ranges."""
+
+    def __init__(self, n: int, dtype, providers: list, device: str = "cuda", device_id: int = 0):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(identity_model(n, _ONNX_TYPES[np.dtype(dtype)]), so,
+                                            providers=providers)
+        self.n, self.dtype, self.device, self.device_id = n, np.dtype(dtype), device, device_id
+
+    def copy(self, pairs: Sequence[tuple[int, int]], count: int) -> None:
+        """For each (src, dst) address pair, copy ``count`` elements src → dst."""
+        for start in range(0, len(pairs), self.n):
+            chunk = pairs[start:start + self.n]
+            io = self.session.io_binding()
+            for j in range(self.n):  # unused slots copy a range onto itself
+                src, dst = chunk[j] if j < len(chunk) else chunk[0]
+                io.bind_input(f"x{j}", self.device, self.device_id, self.dtype, [count], src)
+                io.bind_output(f"y{j}", self.device, self.device_id, self.dtype, [count], dst)
+            self.session.run_with_iobinding(io)
+        io.synchronize_outputs()
+
+
+# -- the runtime -------------------------------------------------------------------------------
+
+
+class CudaRuntime(Runtime):
+    """``Runtime`` with device-resident KV (module docstring). ``device`` "cpu" runs the same
+    pointer-bound plan on host memory, which is how CI tests it without a GPU."""
+
+    # ORT drops a CPU-side session-options initializer for a tensor it plans on the GPU, and
+    # refuses a device-side one ("Buffer containing the initializer must be owned by the user",
+    # onnxruntime-gpu 1.31.1 on the H100): CUDA sessions take every position's logits.
+    pin_logits_to_keep = False
+
+    def __init__(self, model_dir: Path, *, provider: str = "cuda", threads: int | None = None,
+                 max_batch: int = 1, max_length: int | None = None, name: str | None = None,
+                 cuda_graph: bool = False, device_id: int = 0, device: str = "cuda"):
+        self._cuda_graph, self._device_id, self._device = cuda_graph, device_id, device
+        super().__init__(model_dir, provider=provider, threads=threads, max_batch=max_batch,
+                         max_length=max_length, name=name)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise RuntimeError(f"CUDAExecutionProvider did not load (session providers: "
+                               f"{self.session.get_providers()}); check the CUDA/cuDNN libraries")
+
+    def _with_options(self, providers: list) -> list:
+        return [(p, cuda_provider_options(device_id=self._device_id, cuda_graph=self._cuda_graph))
+                if p == "CUDAExecutionProvider" else p for p in providers]
+
+    # -- buffers -----------------------------------------------------------------------------
+    def _alloc(self, shape, dtype) -> ort.OrtValue:
+        ov = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self._device,
+                                                       self._device_id)
+        ov.update_inplace(np.zeros(shape, dtype))  # device memory starts as garbage
+        return ov
+
+    def _setup(self) -> None:
+        info = self.info
+        shape = (self.n_slots + 1, info.num_kv_heads, info.max_length, info.head_dim)
+        self._k = [self._alloc(shape, self.kv_dtype) for _ in range(info.num_layers)]
+        self._v = [self._alloc(shape, self.kv_dtype) for _ in range(info.num_layers)]
+        self._row_elems = int(np.prod(shape[1:]))
+        self._row_bytes = self._row_elems * np.dtype(self.kv_dtype).itemsize
+        self._row = list(range(self.n_slots))  # slot -> physical row
+        self._scratch = self.n_slots
+        self._bindings: dict[tuple, ort.IOBinding] = {}
+        self._host_logits: dict[tuple, np.ndarray] = {}
+        self._dev_io: dict[int, tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]] = {}
+        # the copier binds new addresses every run: never a captured graph
+        copier_providers = [(p, cuda_provider_options(device_id=self._device_id))
+                            if p == "CUDAExecutionProvider" else p
+                            for p in (x[0] if isinstance(x, tuple) else x for x in self.providers)]
+        self._copier = DeviceCopier(2 * info.num_layers, self.kv_dtype, copier_providers,
+                                    self._device, self._device_id)
+        self._uncaptured = ort.RunOptions()
+        self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
+        self._run_opts: dict[int, ort.RunOptions] = {}
+
+    def _ptr(self, buffer: str, row: int) -> int:
+        t, i = buffer.split(".")
+        return (self._k if t == "k" else self._v)[int(i)].data_ptr() + row * self._row_bytes
+
+    def _binding(self, first_row: int, rows: int, *, decode: bool) -> ort.IOBinding:
+        """Past/present rows bound by pointer once per (first_row, rows, decode)."""
+        key = (first_row, rows, decode)
+        io = self._bindings.get(key)
+        if io is not None:
+            return io
+        io = self.session.io_binding()
+        device_io = decode and self._cuda_graph
+        plan = binding_plan(self.info, self.kv_dtype, first_row, rows, seq=1,
+                            mask_width=self.info.max_length, device_io=device_io)
+        for b in plan:
+            if b.buffer.startswith(("k.", "v.")):
+                bind = io.bind_input if b.kind == "input" else io.bind_output
+                bind(b.name, self._device, self._device_id, self.kv_dtype, list(b.shape),
+                     self._ptr(b.buffer, b.first_row))
+        if device_io:
+            ids, mask, logits = self._device_inputs(rows)
+            io.bind_ortvalue_input("input_ids", ids)
+            io.bind_ortvalue_input("attention_mask", mask)
+            io.bind_ortvalue_output("logits", logits)
+        elif self._has_keep:
+            out = np.empty((rows, 1, self.info.vocab_size), np.float32)
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+            self._host_logits[key] = out
+        else:
+            io.bind_output("logits")
+        self._bindings[key] = io
+        return io
+
+    def _device_inputs(self, rows: int) -> tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]:
+        if rows not in self._dev_io:
+            self._dev_io[rows] = (
+                self._alloc((rows, 1), np.int64),
+                self._alloc((rows, self.info.max_length), np.int64),
+                self._alloc((rows, 1, self.info.vocab_size), np.float32))
+        return self._dev_io[rows]
+
+    def _logits(self, io: ort.IOBinding, key: tuple) -> np.ndarray:
+        if key[2] and self._cuda_graph:
+            return self._dev_io[key[1]][2].numpy()[:, 0].copy()
+        if self._has_keep:
+            return self._host_logits[key][:, 0].copy()
+        out = io.get_outputs()[-1].numpy()
+        return np.ascontiguousarray(out[:, -1], dtype=np.float32)
+
+    # -- calls -------------------------------------------------------------------------------
+    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        n = len(ids)
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        self._check_room(slot, n)
+        past = self._lengths[slot]
+        key = (self._row[slot], 1, False)
+        io = self._binding(*key[:2], decode=False)
+        if not self._has_keep:
+            io.bind_output("logits")
+        io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, past + n), np.int64))
+        self.session.run_with_iobinding(io, self._uncaptured if self._cuda_graph else None)
+        self._lengths[slot] = past + n
+        return self._logits(io, key)[0]
+
+    def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
+        b = len(slots)
+        if b != len(ids):
+            raise ValueError("decode needs one token id per slot")
+        for s in slots:
+            self._check_room(s, 1)
+        self._gather_rows(slots)
+        # captured graphs need one shape per batch size: the mask spans the whole buffer then
+        lengths = [self._lengths[s] for s in slots]
+        width = self.info.max_length if self._cuda_graph else max(lengths) + 1
+        mask = np.zeros((b, width), np.int64)
+        for j, n in enumerate(lengths):
+            mask[j, : n + 1] = 1
+        tokens = np.asarray(ids, np.int64).reshape(b, 1)
+        key = (0, b, True)
+        io = self._binding(0, b, decode=True)
+        if self._cuda_graph:
+            dev_ids, dev_mask, _ = self._device_inputs(b)
+            dev_ids.update_inplace(tokens)
+            dev_mask.update_inplace(mask)
+            self.session.run_with_iobinding(io, self._graph_opts(b))
+        else:
+            if not self._has_keep:
+                io.bind_output("logits")
+            io.bind_cpu_input("input_ids", tokens)
+            io.bind_cpu_input("attention_mask", mask)
+            self.session.run_with_iobinding(io)
+        for s in slots:
+            self._lengths[s] += 1
+        return self._logits(io, key)
+
+    def _graph_opts(self, rows: int) -> ort.RunOptions:
+        opts = self._run_opts.get(rows)
+        if opts is None:
+            opts = ort.RunOptions()
+            opts.add_run_config_entry("gpu_graph_id", str(rows))  # one capture per batch size
+            self._run_opts[rows] = opts
+        return opts
+
+    # -- moving rows on the device ------------------------------------------------------------
+    def _copy_rows(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy whole KV rows (every layer, K and V) src → dst for each (src, dst) row pair."""
+        addrs = [(self._ptr(f"{t}.{i}", src), self._ptr(f"{t}.{i}", dst))
+                 for src, dst in pairs for t in "kv" for i in range(self.info.num_layers)]
+        self._copier.copy(addrs, self._row_elems)
+
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        n = self._lengths[src] if length is None else length
+        if not 0 <= n <= self._lengths[src]:
+            raise ValueError(f"cannot copy {n} tokens of slot {src} of length "
+                             f"{self._lengths[src]}")
+        rs, rd = self._row[src], self._row[dst]
+        if rs != rd and n:
+            self._copy_rows([(rs, rd)])
+        self._lengths[dst] = n
+
+    def _gather_rows(self, slots: Sequence[int]) -> None:
+        """Swap sequences between rows (through the scratch row) so slots[j] sits in row j."""
+        owner = {r: s for s, r in enumerate(self._row)}
+        for j, s in enumerate(slots):
+            r = self._row[s]
+            if r == j:
+                continue
+            other = owner[j]
+            if self._lengths[s] or self._lengths[other]:
+                self._copy_rows([(j, self._scratch), (r, j), (self._scratch, r)])
+            self._row[s], self._row[other] = j, r
+            owner[j], owner[r] = s, other

@@ -1,0 +1,218 @@
+"""`llorch export --target cuda` and the CUDA runtime, as far as a machine without a GPU can
+check them: op types per node, fp16 initializers and I/O, the IO-binding plan, the device-copy
+graph, and the runtime's pointer-bound plan run on host memory ("device" cpu) against the plain
+Runtime. ONNX Runtime's CPU provider runs the fp16 graph too, so its numbers are checked here;
+the GPU run itself is bench/gpu/ (results in bench/results/).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export.api import export_model
+from export.config import ExportError, LlamaConfig
+from export.sources import open_source
+from export.verify import reference_logits
+from serve.runtime import ProviderError, Runtime
+from serve.runtime_cuda import (
+    CudaRuntime,
+    DeviceCopier,
+    binding_plan,
+    cuda_provider_options,
+    identity_model,
+)
+
+F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(3, 49152, n)]
+
+
+@pytest.fixture(scope="module")
+def cuda_dirs(tmp_path_factory, tiny_hf_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cuda")
+    out = {}
+    for precision in ("fp16", "int4"):
+        out[precision] = root / precision
+        export_model(tiny_hf_dir, out[precision], precision=precision, target="cuda",
+                     progress=False)
+    return out
+
+
+def _model(d: Path) -> onnx.ModelProto:
+    return onnx.load(d / "model.onnx", load_external_data=False)
+
+
+def _io(model, name) -> tuple[int, list]:
+    v = {x.name: x for x in [*model.graph.input, *model.graph.output]}[name]
+    t = v.type.tensor_type
+    return t.elem_type, [d.dim_value or d.dim_param for d in t.shape.dim]
+
+
+# -- graph construction -------------------------------------------------------------------------
+
+
+def test_fp16_graph_ops_and_dtypes(cuda_dirs):
+    m = _model(cuda_dirs["fp16"])
+    ops = Counter((n.domain or "ai.onnx", n.op_type) for n in m.graph.node)
+    layers = 2
+    assert ops[("com.microsoft", "GroupQueryAttention")] == layers
+    assert ops[("ai.onnx", "SimplifiedLayerNormalization")] == 1
+    assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * layers
+    assert ops[("ai.onnx", "MatMul")] == 4 * layers + 1  # qkv, o, gate_up, down; lm_head
+    assert ("com.microsoft", "MatMulNBits") not in ops
+    # weights feed MatMul directly in fp16: the only Cast is the logits' to fp32
+    casts = [n for n in m.graph.node if n.op_type == "Cast" and n.name.startswith(("/lm", "/model/l"))]
+    assert [n.name for n in casts] == ["/lm_head/Cast"]
+    assert casts[0].attribute[0].i == F32
+    floats = [t for t in m.graph.initializer if t.data_type in (F16, F32)]
+    assert floats and all(t.data_type == F16 for t in floats), \
+        [t.name for t in floats if t.data_type != F16]
+    assert _io(m, "past_key_values.0.key") == (F16, ["batch_size", 2, "max_sequence_length", 16])
+    assert _io(m, "present.1.value")[0] == F16
+    assert _io(m, "logits")[0] == F32
+    assert _io(m, "input_ids")[0] == onnx.TensorProto.INT64
+    gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: a for a in gqa.attribute}
+    assert attrs["do_rotary"].i == 1 and attrs["kv_num_heads"].i == 2
+
+
+def test_int4_graph_matmulnbits_fp16_scales(cuda_dirs):
+    m = _model(cuda_dirs["int4"])
+    inits = {t.name: t for t in m.graph.initializer}
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 2 + 1
+    for n in nbits:
+        attrs = {a.name: a.i for a in n.attribute}
+        assert attrs["accuracy_level"] == 0  # CUDA's default: fp16 compute
+        assert inits[n.input[2]].data_type == F16  # scales
+        assert inits[n.input[3]].data_type == onnx.TensorProto.UINT8  # zero points
+        assert attrs["bits"] == (8 if n.name == "/lm_head/MatMulNBits" else 4)
+    # Q4_1-style float zero points stay exact through an fp16 block-sum correction
+    corr = [n for n in m.graph.node if n.name.endswith("zero_point_correction/MatMul")]
+    assert corr and all(inits[n.input[1]].data_type == F16 for n in corr)
+    assert all(t.data_type == F16 for t in inits.values() if t.data_type in (F16, F32))
+
+
+def test_cpu_graph_is_unchanged_by_the_targets(tiny_model_dir):
+    """The CPU export keeps fp32 I/O and no logits Cast (the targets are parameters)."""
+    m = _model(tiny_model_dir)
+    assert _io(m, "past_key_values.0.key")[0] == F32 and _io(m, "logits")[0] == F32
+    assert not any(n.name == "/lm_head/Cast" for n in m.graph.node)
+    assert any(n.name == "/model/layers.1/self_attn/GroupQueryAttention" for n in m.graph.node)
+
+
+def test_cuda_export_refuses_fp32(tmp_path, tiny_hf_dir):
+    with pytest.raises(ExportError, match="not available for --target cuda"):
+        export_model(tiny_hf_dir, tmp_path / "x", precision="fp32", target="cuda",
+                     progress=False)
+
+
+def test_manifest_names_the_dtypes(cuda_dirs):
+    import json
+
+    graph = json.loads((cuda_dirs["fp16"] / "llorch.json").read_text())["graph"]
+    assert graph["io_dtype"] == graph["kv_dtype"] == "float16"
+    assert graph["logits_dtype"] == "float32"
+
+
+# -- numbers on the CPU provider ----------------------------------------------------------------
+
+
+def test_fp16_graph_logits_close_to_the_reference(cuda_dirs, tiny_hf_dir):
+    src = open_source(tiny_hf_dir)
+    cfg = LlamaConfig.from_dir(tiny_hf_dir)
+    ids = _ids(20, seed=7)
+    ref = reference_logits(cfg, src.load, ids)
+    rt = Runtime(cuda_dirs["fp16"])
+    assert rt.kv_dtype == np.float16
+    got = [rt.prefill(0, ids[:12])] + [rt.decode([0], [t])[0] for t in ids[12:]]
+    err = np.abs(np.stack(got) - ref[11:]).max() / np.abs(ref).max()
+    assert err < 1e-2
+
+
+# -- the IO-binding plan and the runtime's pointer binding -------------------------------------
+
+
+def test_binding_plan_keeps_kv_on_device_and_shares_past_present(cuda_dirs):
+    rt = Runtime(cuda_dirs["fp16"])  # only for its ModelInfo
+    plan = binding_plan(rt.info, np.float16, first_row=2, rows=3, seq=1, mask_width=40,
+                        device_io=False)
+    host = [(b.kind, b.name) for b in plan if b.device == "host"]
+    assert host == [("input", "input_ids"), ("input", "attention_mask"), ("output", "logits")]
+    kv = [b for b in plan if b.buffer.startswith(("k.", "v."))]
+    assert len(kv) == 2 * 2 * rt.info.num_layers and all(b.device == "cuda" for b in kv)
+    by_buffer = {}
+    for b in kv:
+        by_buffer.setdefault(b.buffer, []).append(b)
+    for pair in by_buffer.values():  # past and present: the same buffer, the same rows
+        assert sorted(b.kind for b in pair) == ["input", "output"]
+        assert {(b.first_row, b.shape) for b in pair} == {(2, (3, 2, rt.info.max_length, 16))}
+    logits = next(b for b in plan if b.name == "logits")
+    assert logits.shape == (3, 1, rt.info.vocab_size) and logits.dtype == "float32"
+    graph_plan = binding_plan(rt.info, np.float16, 0, 3, seq=1, mask_width=512, device_io=True)
+    assert all(b.device == "cuda" for b in graph_plan)
+
+
+def test_cuda_provider_options():
+    opts = cuda_provider_options(device_id=1, cuda_graph=True)
+    assert opts == {"device_id": "1", "enable_skip_layer_norm_strict_mode": "1",
+                    "enable_cuda_graph": "1"}
+
+
+def test_device_copy_graph():
+    model = onnx.load_from_string(identity_model(3, F16))
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Identity"] * 3
+    copier = DeviceCopier(2, np.float16, ["CPUExecutionProvider"], device="cpu")
+    src = [np.arange(8, dtype=np.float16) + k for k in range(3)]
+    dst = [np.zeros(8, np.float16) for _ in range(3)]
+    copier.copy([(s.ctypes.data, d.ctypes.data) for s, d in zip(src, dst, strict=False)], 8)
+    for s, d in zip(src, dst, strict=False):
+        np.testing.assert_array_equal(s, d)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int4"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_pointer_bound_runtime_equals_runtime(cuda_dirs, precision, cuda_graph):
+    """Batched decode in shifting orders (row swaps through the scratch row), copy_slot and
+    truncate; with cuda_graph the ids/mask/logits sit in fixed buffers and the mask spans the
+    whole cache. Host memory stands in for the GPU's."""
+    d = cuda_dirs[precision]
+    prompts = [_ids(n, seed=n) for n in (4, 15, 33)]
+    orders = [[0, 1, 2], [2, 0], [1, 2, 0], [2], [0, 2, 1]]
+
+    def script(rt):
+        out = [rt.prefill(j, p) for j, p in enumerate(prompts)]
+        for k, order in enumerate(orders):
+            out.extend(rt.decode(order, [11 + k + j for j in order]))
+        rt.copy_slot(2, 0, length=20)
+        rt.truncate(1, 10)
+        out.append(rt.prefill(0, [5, 6]))
+        out.append(rt.prefill(1, [7]))
+        out.extend(rt.decode([1, 0, 2], [8, 8, 8]))
+        return np.stack(out)
+
+    want = script(Runtime(d, max_batch=3))
+    rt = CudaRuntime(d, provider="cpu", device="cpu", max_batch=3, cuda_graph=cuda_graph)
+    assert rt.kv_bytes() == Runtime(d, max_batch=3).kv_bytes()
+    # fp16 logits: the CUDA runtime computes the lm_head over every prefill position (no pinned
+    # num_logits_to_keep on CUDA), a different kernel shape: one fp16 ulp apart at most.
+    np.testing.assert_allclose(script(rt), want, atol=2e-3)
+
+
+def test_cuda_provider_missing_is_a_clear_error(cuda_dirs):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider is not available"):
+        Runtime(cuda_dirs["fp16"], provider="cuda")
+
+
