@@ -27,7 +27,8 @@ def _export_parser(sub) -> None:
     p.add_argument("--target", choices=("cpu", "cuda", "coreml"), default="cpu",
                    help="execution provider the graph is built for (default: cpu)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="KV buffer / rotary cache length (default: the model's context length)")
+                   help="KV buffer / rotary cache length (default: the model's context length; "
+                   "coreml: at most 2048, every step attends over the whole buffer)")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default: 32)")
     p.add_argument("--accuracy-level", type=int, default=None, choices=range(5),
                    metavar="{0..4}",
@@ -39,6 +40,8 @@ def _export_parser(sub) -> None:
     p.add_argument("--lm-head-bits", type=int, default=8, choices=(0, 4, 8),
                    help="int4 exports: lm_head as 8- or 4-bit MatMulNBits, 0 = float "
                    "(default: 8)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="coreml: tokens per call of the static prefill graph (default: 64)")
     p.add_argument("--verify", action="store_true",
                    help="compare the export with a NumPy reference forward pass; fail loudly")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -103,6 +106,7 @@ def _run_export(args) -> int:
             accuracy_level=args.accuracy_level, verify=args.verify, force=args.force,
             progress=not args.quiet, lm_head_bits=args.lm_head_bits,
             down_proj_accuracy_level=args.down_proj_accuracy_level,
+            prefill_chunk=args.prefill_chunk,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
