@@ -1,13 +1,17 @@
-"""The Starlette app: OpenAI routes, SSE streaming, auth, body limits, readiness.
+"""The Starlette app: OpenAI routes, SSE streaming, auth, body limits, readiness, metrics.
 
 ```
 POST /v1/chat/completions ─┐ auth → body (≤ max_body_bytes) → pydantic → prompt ids (thread pool)
 POST /v1/completions ──────┘ → context check → Engine.submit → events → one JSON body | SSE chunks
-GET  /v1/models, /v1/models/{id}, /health (503 until the engine has loaded)
+                             (429 + Retry-After when the queue is full; see serve.streaming)
+POST /tokenize, /detokenize  token counting (vLLM's shapes)
+GET  /v1/models, /v1/models/{id}
+GET  /health                 503 while loading and while draining
+GET  /metrics                Prometheus text format (serve.metrics)
 ```
 
-A stream only starts once the engine's first event is in, so anything that fails before the
-first token still gets a proper HTTP status; later failures become a final SSE error event.
+`drain(app, timeout)` is the graceful shutdown `serve.main` runs on SIGTERM/SIGINT: new
+requests get 503, queued ones end with 503, running ones get `timeout` seconds to finish.
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serve.chat_template import ChatTemplateError
-from serve.engine import Event, GenerationRequest, RequestStream
+from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
     EXCEPTION_HANDLERS,
     GENERIC_SERVER_ERROR,
@@ -41,6 +48,7 @@ from serve.errors import (
     ServerError,
     ServiceUnavailableError,
 )
+from serve.metrics import CONTENT_TYPE, Metrics
 from serve.options import ServeOptions
 from serve.protocol import (
     ChatCompletionRequest,
@@ -49,15 +57,24 @@ from serve.protocol import (
     check_token_ids,
     parse_request,
 )
-from serve.responses import SSE_DONE, ChatOutput, CompletionOutput, Output, new_id, now
+from serve.responses import ChatOutput, CompletionOutput, new_id, now
+from serve.streaming import respond
 
 log = logging.getLogger("serve.app")
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+RETRY_AFTER_S = 1  # what a 429 tells clients to wait
+
+
+class RateLimitError(APIError):
+    """429: the request queue is full (OpenAI's rate-limit shape, so SDKs back off and retry)."""
+
+    status_code = 429
+    type = "requests"
 
 
 class EngineLike(Protocol):
-    """What the routes need from `serve.engine.Engine` (tests pass a fake)."""
+    """What the routes need from `serve.engine.Engine` (tests pass a fake). The engine's
+    state gauges (`slots_in_use`, `num_requests`, …) are read where present."""
 
     tokenizer: Any
     max_length: int
@@ -68,12 +85,14 @@ class EngineLike(Protocol):
 
 
 class _State:
-    def __init__(self, options: ServeOptions, model_name: str) -> None:
+    def __init__(self, options: ServeOptions, model_name: str, metrics: Metrics) -> None:
         self.options = options
         self.model_name = model_name
+        self.metrics = metrics
         self.created = now()
         self.engine: EngineLike | None = None
         self.load_error: str | None = None
+        self.draining = False
 
 
 def create_app(
@@ -82,15 +101,19 @@ def create_app(
     *,
     model_name: str,
     on_load_error: Callable[[BaseException], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> Starlette:
     """The ASGI app. `load()` runs on a background thread at startup and returns a started
     engine; until it returns, `/health` says 503 and the generation routes answer 503.
-    `model_name` is the only model id served."""
-    state = _State(options, model_name)
+    `model_name` is the only model id served; `metrics` is what `/metrics` reports (the
+    caller hands the same object to the engine as its observer)."""
+    state = _State(options, model_name, metrics or Metrics())
 
     def load_in_background() -> None:
         try:
-            state.engine = load()
+            engine = load()
+            state.metrics.bind(engine)
+            state.engine = engine
             log.info("model %s is ready", state.model_name)
         except BaseException as exc:
             log.error("loading the model failed", exc_info=exc)
@@ -105,14 +128,25 @@ def create_app(
         if state.engine is not None:
             await run_in_threadpool(state.engine.stop)
 
+    def route(path: str, handler: Handler, method: str) -> Route:
+        return Route(path, _endpoint(handler, path), methods=[method])
+
+    middleware = []
+    if options.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
+                                     allow_methods=["*"], allow_headers=["*"]))
     app = Starlette(
         routes=[
-            Route("/health", _endpoint(health), methods=["GET"]),
-            Route("/v1/models", _endpoint(list_models), methods=["GET"]),
-            Route("/v1/models/{model_id:path}", _endpoint(get_model), methods=["GET"]),
-            Route("/v1/chat/completions", _endpoint(chat_completions), methods=["POST"]),
-            Route("/v1/completions", _endpoint(completions), methods=["POST"]),
+            route("/health", health, "GET"),
+            route("/metrics", metrics_text, "GET"),
+            route("/v1/models", list_models, "GET"),
+            route("/v1/models/{model_id:path}", get_model, "GET"),
+            route("/v1/chat/completions", chat_completions, "POST"),
+            route("/v1/completions", completions, "POST"),
+            route("/tokenize", tokenize, "POST"),
+            route("/detokenize", detokenize, "POST"),
         ],
+        middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
@@ -120,21 +154,47 @@ def create_app(
     return app
 
 
+async def drain(app: Starlette, timeout: float) -> None:
+    """Graceful shutdown, first half: refuse new requests (503), end the queued ones, let
+    the running ones finish for up to `timeout` seconds (then the engine ends them with a
+    final error event); returns once the engine holds no request. The caller then stops
+    the server, which waits for the responses to be written."""
+    state: _State = app.state.llorch
+    state.draining = True
+    engine = state.engine
+    if engine is None or not hasattr(engine, "drain"):
+        return
+    log.info("draining: %d requests in flight, up to %g s to finish",
+             getattr(engine, "num_requests", 0), timeout)
+    engine.drain(timeout)
+    deadline = time.monotonic() + timeout + 5.0  # the engine ends them at `timeout`
+    while getattr(engine, "num_requests", 0) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 Handler = Callable[[Request, _State], Awaitable[Response]]
 
 
-def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Pass the server state; turn unexpected exceptions into a logged, traceback-free 500."""
+def _endpoint(handler: Handler, path: str) -> Callable[[Request], Awaitable[Response]]:
+    """Pass the server state; count the request by status; turn unexpected exceptions into
+    a logged, traceback-free 500."""
 
     @functools.wraps(handler)
     async def endpoint(request: Request) -> Response:
+        state: _State = request.app.state.llorch
+        status = 500
         try:
-            return await handler(request, request.app.state.llorch)
-        except APIError:
+            response = await handler(request, state)
+            status = response.status_code
+            return response
+        except APIError as exc:
+            status = exc.status_code
             raise
         except Exception:
             log.exception("error in %s %s", request.method, request.url.path)
             raise ServerError(GENERIC_SERVER_ERROR) from None
+        finally:
+            state.metrics.request(path, status)
 
     return endpoint
 
@@ -143,12 +203,18 @@ def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
 
 
 async def health(request: Request, state: _State) -> Response:
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     if state.engine is not None:
         slots = getattr(state.engine, "slots_in_use", None)
         return JSONResponse({"status": "ok"} if slots is None else {"status": "ok", "slots_in_use": slots})
     if state.load_error is not None:
         return JSONResponse({"status": "error", "message": state.load_error}, status_code=503)
     return JSONResponse({"status": "loading"}, status_code=503)
+
+
+async def metrics_text(request: Request, state: _State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 def _model_card(state: _State) -> dict[str, Any]:
@@ -164,6 +230,56 @@ async def get_model(request: Request, state: _State) -> Response:
     _authorize(request, state)
     _check_model(request.path_params["model_id"], state)
     return JSONResponse(_model_card(state))
+
+
+async def tokenize(request: Request, state: _State) -> Response:
+    """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...],
+    "add_generation_prompt"?: true}` → `{"tokens", "count", "max_model_len"}` (vLLM)."""
+    _authorize(request, state)
+    data = await _read_json(request, state.options.max_body_bytes)
+    _check_model(data.get("model"), state)
+    engine = _engine(state)
+    tokenizer = engine.tokenizer
+    if "messages" in data:
+        req = parse_request(ChatCompletionRequest, {"messages": data["messages"]})
+        generation_prompt = _flag(data, "add_generation_prompt", True)
+        special = _flag(data, "add_special_tokens", False)
+
+        def encode() -> list[int]:
+            text = _chat_template(tokenizer, req, add_generation_prompt=generation_prompt)
+            return tokenizer.encode(text, add_special_tokens=special)
+    else:
+        prompt = data.get("prompt", data.get("content"))  # llama-server says "content"
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("'prompt' must be a string (or send 'messages').", param="prompt")
+        special = _flag(data, "add_special_tokens", True)
+
+        def encode() -> list[int]:
+            return tokenizer.encode(prompt, add_special_tokens=special)
+    tokens = await run_in_threadpool(encode)
+    return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_length})
+
+
+async def detokenize(request: Request, state: _State) -> Response:
+    """`{"tokens": [int, ...]}` → `{"prompt": text}` (vLLM)."""
+    _authorize(request, state)
+    data = await _read_json(request, state.options.max_body_bytes)
+    _check_model(data.get("model"), state)
+    engine = _engine(state)
+    tokens = data.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                               for t in tokens):
+        raise InvalidRequestError("'tokens' must be a list of token ids.", param="tokens")
+    check_token_ids(tokens, engine.vocab_size, param="tokens")
+    text = await run_in_threadpool(engine.tokenizer.decode, tokens, skip_special_tokens=False)
+    return JSONResponse({"prompt": text})
+
+
+def _flag(data: dict[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"'{name}' must be a boolean.", param=name)
+    return value
 
 
 # ----------------------------------------------------------------- shared checks
@@ -195,12 +311,33 @@ def _check_model(model: str | None, state: _State) -> None:
         )
 
 
-def _engine(state: _State) -> EngineLike:
+def _engine(state: _State, *, generating: bool = False) -> EngineLike:
+    if generating and state.draining:
+        raise ServiceUnavailableError("The server is shutting down; retry on another instance.",
+                                      code="shutting_down")
     if state.engine is None:
         raise ServiceUnavailableError(
             "The model is still loading; retry when /health answers 200.", code="model_loading"
         )
     return state.engine
+
+
+def _submit(engine: EngineLike, requests: list[GenerationRequest]) -> list[RequestStream]:
+    """All of a response's engine requests, or none: 429 when the queue is full, 503 when
+    the engine is shutting down."""
+    streams: list[RequestStream] = []
+    try:
+        for request in requests:
+            streams.append(engine.submit(request))
+    except (QueueFull, ShuttingDown) as exc:
+        for stream in streams:
+            stream.cancel()
+        if isinstance(exc, QueueFull):
+            log.warning("request %s refused: %s", requests[0].request_id, exc)
+            raise RateLimitError(str(exc), code="rate_limit_exceeded",
+                                 headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise ServiceUnavailableError(str(exc), code="shutting_down") from None
+    return streams
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -230,8 +367,8 @@ async def chat_completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
     req = parse_request(ChatCompletionRequest, await _read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
-    engine = _engine(state)
-    prompt_ids = await run_in_threadpool(_chat_prompt_ids, engine.tokenizer, req)
+    engine = _engine(state, generating=True)
+    text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req)
     check_context(
         prompt_tokens=len(prompt_ids),
         max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -244,24 +381,31 @@ async def chat_completions(request: Request, state: _State) -> Response:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     out = ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
                       logprobs=bool(req.logprobs), include_usage=include_usage)
-    stream = engine.submit(GenerationRequest(tuple(prompt_ids), params, request_id=out.id))
-    return await _respond(request, [stream], out, streaming=bool(req.stream))
+    if state.options.log_prompts:
+        log.info("request %s prompt: %r", out.id, text)
+    streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id)])
+    return await respond(request, streams, out, streaming=bool(req.stream))
 
 
-def _chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
+def _chat_template(tokenizer: Any, req: ChatCompletionRequest, *, add_generation_prompt: bool) -> str:
     try:
-        text = tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
+        return tokenizer.apply_chat_template(req.template_messages(),
+                                             add_generation_prompt=add_generation_prompt)
     except ChatTemplateError as exc:
         raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
+
+
+def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+    text = _chat_template(tokenizer, req, add_generation_prompt=True)
     # The template already wrote any BOS it wants.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 async def completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
     req = parse_request(CompletionRequest, await _read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
-    engine = _engine(state)
+    engine = _engine(state, generating=True)
     prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req)
     for _, ids in prompts:
         check_token_ids(ids, engine.vocab_size, param="prompt")
@@ -275,11 +419,13 @@ async def completions(request: Request, state: _State) -> Response:
                             logprobs=req.logprobs is not None, include_usage=include_usage,
                             echo=[(t, ids) for t, ids in prompts] if req.echo else None,
                             n_prompts=len(prompts))
-    streams = [
-        engine.submit(GenerationRequest(tuple(ids), params, echo_logprobs, request_id=out.id))
-        for _, ids in prompts
-    ]
-    return await _respond(request, streams, out, streaming=bool(req.stream))
+    if state.options.log_prompts:
+        for k, (text, ids) in enumerate(prompts):
+            log.info("request %s prompt %d: %r", out.id, k,
+                     text or engine.tokenizer.decode(ids, skip_special_tokens=False))
+    streams = _submit(engine, [GenerationRequest(tuple(ids), params, echo_logprobs, request_id=out.id)
+                               for _, ids in prompts])
+    return await respond(request, streams, out, streaming=bool(req.stream))
 
 
 def _completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -291,123 +437,3 @@ def _completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[tuple[st
             text = tokenizer.decode(prompt, skip_special_tokens=False) if req.echo else ""
             prompts.append((text, list(prompt)))
     return prompts
-
-
-# --------------------------------------------------------------- events → response
-
-
-class _Merged:
-    """The events of one or more RequestStreams (one per completions prompt) as (k, event)."""
-
-    def __init__(self, streams: Sequence[RequestStream]) -> None:
-        self.streams = list(streams)
-        self._queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
-        self._live = len(self.streams)
-        self._tasks = []
-        if len(self.streams) > 1:
-            self._tasks = [asyncio.create_task(self._pump(k, s)) for k, s in enumerate(self.streams)]
-
-    async def _pump(self, k: int, stream: RequestStream) -> None:
-        try:
-            async for event in stream:
-                self._queue.put_nowait((k, event))
-        finally:
-            self._queue.put_nowait((k, None))
-
-    def __aiter__(self) -> _Merged:
-        return self
-
-    async def __anext__(self) -> tuple[int, Event]:
-        if not self._tasks:
-            return 0, await self.streams[0].__anext__()
-        while self._live:
-            k, event = await self._queue.get()
-            if event is not None:
-                return k, event
-            self._live -= 1
-        raise StopAsyncIteration
-
-    def close(self) -> None:
-        """Synchronous, so it is safe in `finally` under cancellation."""
-        for task in self._tasks:
-            task.cancel()
-        for stream in self.streams:
-            stream.cancel()
-
-
-@asynccontextmanager
-async def _cancel_on_disconnect(request: Request, events: _Merged) -> AsyncIterator[list[bool]]:
-    """While the body is being waited for, a client disconnect cancels the requests."""
-    disconnected = [False]
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        disconnected[0] = True
-        events.close()
-
-    task = asyncio.create_task(watch())
-    try:
-        yield disconnected
-    finally:
-        task.cancel()
-
-
-async def _respond(request: Request, streams: list[RequestStream], out: Output, *, streaming: bool) -> Response:
-    events = _Merged(streams)
-    try:
-        async with _cancel_on_disconnect(request, events) as disconnected:
-            if not streaming:
-                async for k, event in events:
-                    out.add(k, event)
-            else:  # wait for the first event: errors up to here keep their HTTP status
-                first = await anext(events, None)
-                if first is not None:
-                    head = [*out.start(), *out.chunks(*first)]
-    except BaseException:
-        events.close()
-        raise
-    if disconnected[0]:
-        return Response(status_code=499)  # nobody is listening; for the access log only
-    if streaming and first is None:
-        raise ServerError(GENERIC_SERVER_ERROR)  # the engine ended the request without a word
-    if not streaming:
-        return JSONResponse(out.response())
-    return _SSEResponse(_sse(out, head, events), events)
-
-
-class _SSEResponse(StreamingResponse):
-    """Closes the engine streams however the response ends, even when the client left
-    before the body iterator ever started (then its own `finally` never runs)."""
-
-    def __init__(self, content: AsyncIterator[bytes], events: _Merged) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self._events = events
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._events.close()
-
-
-async def _sse(out: Output, head: list[bytes], events: _Merged) -> AsyncIterator[bytes]:
-    error: APIError | None = None
-    try:
-        for chunk in head:
-            yield chunk
-        async for k, event in events:
-            for chunk in out.chunks(k, event):
-                yield chunk
-        for chunk in out.end():
-            yield chunk
-    except APIError as exc:
-        error = exc
-    except Exception:
-        log.exception("error while streaming %s", out.id)
-        error = ServerError(GENERIC_SERVER_ERROR)
-    finally:
-        events.close()  # a no-op when done; frees the slots when the client went away
-    if error is not None:
-        yield error.sse()
-    yield SSE_DONE

@@ -2,175 +2,81 @@
 
 ```
  route ── submit() ──► inbox ──► engine thread (loops while there is work)
-   ▲                               1. admit   FIFO head takes free slots, one per choice
-   │                               2. prefill one chunk of the oldest admitted prompt
-   │                                          (then copy its KV to the sibling choices' slots)
-   │                               3. decode  one Runtime.decode over every running slot
-   │                               4. per choice: Sampler → detokenizer → StopMatcher
+   │  QueueFull past max_queue       1. expire  queued past queue_timeout; all past a drain deadline
+   │  ShuttingDown once draining     2. admit   FIFO head takes idle slots, one per choice; the
+   │                                            first starts from the longest cached prefix
+   ▲                                 3. prefill one chunk of the oldest admitted prompt
+   │                                            (then copy its KV to the sibling choices' slots)
+   │                                 4. decode  one Runtime.decode over every running slot
+   │                                 5. per choice: Sampler → detokenizer → StopMatcher
    └── asyncio.Queue per request ◄── Event (call_soon_threadsafe)
 ```
 
-ORT is never called from the event loop. A request's choices that do not fit the free slots
-wait at the head of the FIFO and start later from the prompt KV of a running sibling
-(`copy_slot` + `truncate`), or from a fresh prefill when none is left. Cancellation is a flag
-the thread checks every step; finished, failed and cancelled choices give their slot back.
+ORT is never called from the event loop. Continuous batching: a request joins the decode
+batch as soon as its prompt is in, and leaves it the step it finishes; a long prompt is
+prefilled one chunk per step, so the running streams get a token between its chunks.
+
+Slots that finish keep their KV as a prefix cache (`serve.prefix_cache`): a new prompt takes
+the idle slot sharing its longest prefix (or copies that prefix from a running sequence) and
+prefills only the rest: at least one token, since its logits are needed (two, see
+`_reuse_limit`). A request's
+choices that do not fit the free slots wait at the head of the FIFO and later start from a
+slot holding the whole prompt (a running sibling's, a cached one) or from a fresh prefill.
+Cancellation is a flag the thread checks every step; finished, failed and cancelled choices
+give their slot back.
+
+Batched rows are computed independently of each other, so a sequence's logits do not depend
+on what else runs, with one exception: int4 CPU kernels round a one-row call differently.
+Hence prefills never end on a one-token chunk or reuse all but one prompt token, and
+`batch_invariant` pads a lone decode to two rows.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from serve.detokenizer import IncrementalDetokenizer
+from serve.events import (
+    QUEUE_TIMEOUT,
+    SHUTTING_DOWN,
+    ChoiceOutput,
+    EngineObserver,
+    Event,
+    GenerationRequest,
+    QueueFull,
+    RequestStats,  # noqa: F401 (re-exported)
+    RequestStream,
+    ShuttingDown,
+    TokenLogprob,
+    Usage,
+    stream_sender,
+)
+from serve.prefix_cache import SlotPool
 from serve.runtime import ContextFull
-from serve.sampling import Sample, Sampler, SamplingParams
-from serve.stops import StopMatcher
+from serve.sampling import Sample
+from serve.sequence import Choice, Job, prompt_logprob
+
+__all__ = [  # the cross-thread types live in serve.events; routes import them from here
+    "QUEUE_TIMEOUT", "SHUTTING_DOWN", "ChoiceOutput", "Engine", "EngineObserver", "Event",
+    "GenerationRequest", "QueueFull", "RequestStats", "RequestStream", "ShuttingDown",
+    "TokenLogprob", "Usage",
+]
 
 log = logging.getLogger("serve.engine")
 
-
-# ------------------------------------------------------------------- what crosses threads
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """What the engine runs: token ids in, `params.n` choices out.
-
-    `prompt_logprobs=k` also reports every prompt token's logprob (+ top k) on the first
-    event (completions `echo` + `logprobs`); it prefills one token per call to get them.
-    """
-
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    prompt_logprobs: int | None = None
-    request_id: str = ""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class ChoiceOutput:
-    """What one choice produced in one step: new text (possibly empty while the detokenizer or
-    the stop matcher holds text back), the token(s) and their logprobs, and why it ended."""
-
-    index: int
-    text: str
-    token_ids: tuple[int, ...] = ()
-    logprobs: tuple[TokenLogprob, ...] | None = None
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Event:
-    """One step of one request. The last event has `usage` (done) or `error` (failed)."""
-
-    choices: tuple[ChoiceOutput, ...] = ()
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
-    usage: Usage | None = None
-    error: str | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.usage is not None or self.error is not None
-
-
-_CANCELLED = Event(error="cancelled")
-
-
-class RequestStream:
-    """The route's end of a request: async-iterate its events; `cancel()` frees its slots."""
-
-    def __init__(self, engine: Engine, job: _Job, events: asyncio.Queue[Event]) -> None:
-        self._engine, self._job, self._events = engine, job, events
-        self._done = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._done:
-            raise StopAsyncIteration
-        event = await self._events.get()
-        if event is _CANCELLED:
-            raise StopAsyncIteration
-        self._done = event.final
-        return event
-
-    def cancel(self) -> None:
-        """Idempotent; a no-op once the request has ended. Call from the event loop."""
-        if not self._done:
-            self._done = True
-            self._job.cancelled = True
-            self._engine._inbox.put(_WAKE)
-            self._events.put_nowait(_CANCELLED)  # wakes a pending __anext__
-
-
-# --------------------------------------------------------------------- engine-thread state
-
-
-class _Choice:
-    """One sequence: a choice of a request, on one KV slot."""
-
-    __slots__ = ("job", "index", "slot", "sampler", "detok", "stops", "generated", "next_token")
-
-    def __init__(self, job: _Job, index: int, slot: int, engine: Engine) -> None:
-        params = job.request.params
-        self.job, self.index, self.slot = job, index, slot
-        self.sampler = Sampler(params, prompt_ids=job.prompt, seed_offset=index)
-        self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_ids=job.prompt)
-        self.stops = StopMatcher(params.stop)
-        self.generated: list[int] = []
-        self.next_token = -1  # sampled, not yet fed to the model
-
-
-class _Job:
-    """One request inside the engine thread."""
-
-    def __init__(self, request: GenerationRequest, send: Callable[[Event], None], max_tokens: int):
-        self.request = request
-        self.prompt = list(request.prompt_ids)
-        self.send = send
-        self.max_tokens = max_tokens
-        self.pending = deque(range(request.params.n))  # choices not yet on a slot
-        self.slotted: list[_Choice] = []  # every choice given a slot (freed ones have slot -1)
-        self.running: list[_Choice] = []  # choices past prefill
-        self.group: list[_Choice] = []  # choices whose prompt is being prefilled
-        self.fed = 0  # prompt tokens prefilled into group[0].slot
-        self.prompt_logits: np.ndarray | None = None  # kept while choices are pending
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
-        self.prompt_logprobs_sent = False
-        self.completion_tokens = 0
-        self.finished = 0
-        self.cancelled = False  # set from the event loop
-
-    @property
-    def done(self) -> bool:
-        return self.finished == self.request.params.n
-
-
+_SERVER_ERROR = "The server had an error while processing your request."
+_SHUTDOWN_MESSAGE = "The server is shutting down; retry on another instance."
 _WAKE = object()
 _STOP = object()
+_DRAIN = object()
 
 
 class Engine:
@@ -179,22 +85,44 @@ class Engine:
     Args:
         runtime: KV-slot runtime (`serve.runtime.Runtime` or a stand-in with its interface).
         tokenizer: `serve.tokenizer.Tokenizer`.
-        prefill_chunk: prompt tokens per prefill call.
+        prefill_chunk: prompt tokens per prefill call (one call per step).
+        max_queue: the most requests that may wait for a slot; `submit` raises `QueueFull`
+            past it (None: unbounded).
+        queue_timeout: seconds a request may wait for a slot before it ends with a
+            QUEUE_TIMEOUT error event (None: forever).
+        prefix_cache_tokens: the most tokens idle slots keep for reuse (None: all they hold;
+            0: none, the prefix cache is off).
+        observer: hooks for metrics (`EngineObserver`).
+        batch_invariant: decode a lone sequence with a padding row, so its logits are those it
+            would get in a batch bit for bit (int4 MatMulNBits has another kernel for one row;
+            costs a third of single-stream speed there).
     """
 
-    def __init__(self, runtime, tokenizer, *, prefill_chunk: int = 512) -> None:
+    def __init__(self, runtime, tokenizer, *, prefill_chunk: int = 512, max_queue: int | None = None,
+                 queue_timeout: float | None = None, prefix_cache_tokens: int | None = None,
+                 observer: EngineObserver | None = None, batch_invariant: bool = False) -> None:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.batch_invariant = batch_invariant
+        self.observer = observer or EngineObserver()
         self.max_length: int = runtime.info.max_length
         self.vocab_size: int = runtime.info.vocab_size
         self.n_slots: int = runtime.n_slots
+        self.slots = SlotPool(runtime, prefix_cache_tokens)
         self._eos = frozenset(tokenizer.eos_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting: deque[_Job] = deque()
-        self._prefilling: deque[_Job] = deque()
-        self._running: list[_Choice] = []
-        self._free = list(range(self.n_slots))  # a heap: lowest slot first keeps them packed
+        self._waiting: deque[Job] = deque()
+        self._prefilling: deque[Job] = deque()
+        self._running: list[Choice] = []
+        self._lock = threading.Lock()  # guards the counters submit() reads
+        self._queued = 0  # submitted, never had a slot, not ended
+        self._alive = 0  # submitted, not ended
+        self._active = 0  # had a slot, not ended (engine thread only)
+        self._closed = False
+        self._drain_deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="llorch-engine", daemon=True)
 
     # ------------------------------------------------------------------ event-loop side
@@ -203,17 +131,57 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Ends every request with an error event and joins the thread."""
+        """Ends every request with a SHUTTING_DOWN error event and joins the thread."""
+        with self._lock:
+            self._closed = True
         if self._thread.is_alive():
             self._inbox.put(_STOP)
             self._thread.join(timeout)
 
+    def drain(self, timeout: float) -> None:
+        """Take no new requests, end the queued ones (SHUTTING_DOWN) and give the running
+        ones `timeout` seconds to finish before ending them the same way."""
+        with self._lock:
+            self._closed = True
+        self._inbox.put((_DRAIN, time.monotonic() + timeout))
+
     @property
     def slots_in_use(self) -> int:
-        return self.n_slots - len(self._free)
+        return self.n_slots - self.slots.n_free
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return self._queued
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding slots (prefilling or decoding)."""
+        return self._active
+
+    @property
+    def num_requests(self) -> int:
+        """Requests submitted and not yet ended."""
+        return self._alive
+
+    @property
+    def cached_prefix_tokens(self) -> int:
+        """Tokens idle slots keep for the prefix cache."""
+        return self.slots.cache.tokens
+
+    def kv_bytes(self) -> int:
+        return getattr(self.runtime, "kv_bytes", lambda: 0)()
+
+    def kv_bytes_in_use(self) -> int:
+        return getattr(self.runtime, "kv_bytes_in_use", lambda: 0)()
 
     def submit(self, request: GenerationRequest) -> RequestStream:
-        """Queue a request; call from the event loop. The route has validated it already."""
+        """Queue a request; call from the event loop. The route has validated it already.
+
+        Raises:
+            QueueFull: `max_queue` requests already wait for a slot.
+            ShuttingDown: after `drain` or `stop`.
+        """
         if not request.prompt_ids:
             raise ValueError("empty prompt")
         room = self.max_length - len(request.prompt_ids)
@@ -222,9 +190,18 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         max_tokens = min(request.params.max_tokens or room, room)
-        job = _Job(request, _sender(loop, events), max_tokens)
-        self._inbox.put(job)
-        return RequestStream(self, job, events)
+        job = Job(request, stream_sender(loop, events), max_tokens)
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown(_SHUTDOWN_MESSAGE)
+            # idle slots take queued requests first; only the rest really wait
+            if self.max_queue is not None and self._queued + 1 - self.slots.n_free > self.max_queue:
+                raise QueueFull(f"The server is busy: its queue of requests waiting for a slot is "
+                                f"full ({self.max_queue}). Retry later.")
+            self._queued += 1
+            self._alive += 1
+            self._inbox.put(job)
+        return RequestStream(job, events, wake=lambda: self._inbox.put(_WAKE))
 
     # ----------------------------------------------------------------- engine thread
 
@@ -237,10 +214,12 @@ class Engine:
                 item = _WAKE
             while True:  # drain everything that arrived
                 if item is _STOP:
-                    self._fail_all("The server is shutting down.")
+                    self._fail_all(_SHUTDOWN_MESSAGE, SHUTTING_DOWN)
                     return
-                if isinstance(item, _Job):
+                if isinstance(item, Job):
                     self._waiting.append(item)
+                elif isinstance(item, tuple) and item[0] is _DRAIN:
+                    self._start_draining(item[1])
                 try:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
@@ -249,17 +228,19 @@ class Engine:
                 self._step()
             except Exception:  # a scheduler bug: end what is in flight, keep serving
                 log.exception("engine step failed")
-                self._fail_all("The server had an error while processing your request.")
+                self._fail_all(_SERVER_ERROR)
+                self.slots.clear()
 
     def _step(self) -> None:
         self._drop_cancelled()
+        self._expire(time.monotonic())
         self._admit()
         if self._prefilling:
             self._prefill(self._prefilling[0])
         if self._running:
             self._decode()
 
-    def _jobs(self) -> list[_Job]:
+    def _jobs(self) -> list[Job]:
         """Every job the thread knows, once each, oldest first."""
         running = (c.job for c in self._running)
         return list(dict.fromkeys(itertools.chain(self._waiting, self._prefilling, running)))
@@ -267,46 +248,99 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for job in self._jobs():
             if job.cancelled:
-                log.debug("request %s cancelled", job.request.request_id)
                 self._remove(job)
+                self._end(job, "cancelled")
+
+    def _expire(self, now: float) -> None:
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            self._fail_all(_SHUTDOWN_MESSAGE, SHUTTING_DOWN)
+            return
+        if self.queue_timeout is None:
+            return
+        for job in [j for j in self._waiting if not j.admitted]:
+            waited = now - job.t_submit
+            if waited > self.queue_timeout:
+                self._remove(job)
+                self._end(job, QUEUE_TIMEOUT)
+                job.send(Event(error=f"The server is busy: the request waited {waited:.1f} s for "
+                               "a free slot. Retry later.", error_code=QUEUE_TIMEOUT))
+
+    def _start_draining(self, deadline: float) -> None:
+        self._drain_deadline = min(deadline, self._drain_deadline or deadline)
+        for job in [j for j in self._waiting if not j.admitted]:
+            self._remove(job)
+            self._end(job, SHUTTING_DOWN)
+            job.send(Event(error=_SHUTDOWN_MESSAGE, error_code=SHUTTING_DOWN))
+
+    # ------------------------------------------------------------------ admission
 
     def _admit(self) -> None:
-        while self._waiting and self._free:
+        while self._waiting and self.slots.n_free:
             job = self._waiting[0]
             if job.group:  # its first choices are still prefilling; the rest wait for that
                 return
-            group: list[_Choice] = []
+            if not job.admitted:
+                with self._lock:  # before the slot is taken: submit's estimate errs to accept
+                    self._queued -= 1
+                job.admitted, job.t_admit = True, time.monotonic()
+                self._active += 1
+            group: list[Choice] = []
+            reuse = 0
             try:
-                while job.pending and self._free:
-                    c = _Choice(job, job.pending[0], self._free[0], self)
-                    heapq.heappop(self._free)
+                while job.pending and self.slots.n_free:
+                    c = Choice(job, job.pending[0], self.tokenizer)
+                    if group:
+                        c.slot = self.slots.acquire_blank()
+                    else:
+                        limit = self._reuse_limit(job)
+                        c.slot, reuse = self.slots.acquire(job.prompt_arr, limit, self._busy)
                     job.pending.popleft()
                     job.slotted.append(c)
                     group.append(c)
                 if not job.pending:
                     self._waiting.popleft()
-                self._place(job, group)
+                self._place(job, group, reuse)
             except Exception as exc:
                 self._fail(job, exc)
 
-    def _place(self, job: _Job, group: list[_Choice]) -> None:
-        source = next((c for c in job.running if c.slot >= 0), None)
-        if job.prompt_logits is not None and source is not None:
-            # a sibling holds the prompt's KV: copy it and drop the sibling's own tokens
-            for c in group:
-                self.runtime.copy_slot(source.slot, c.slot)
-                self.runtime.truncate(c.slot, len(job.prompt))
+    def _reuse_limit(self, job: Job) -> int:
+        """How much of the prompt's KV may come from elsewhere."""
+        if job.wants_prompt_logprobs:
+            return 0  # every prompt token's logits are needed
+        if job.prompt_logits is not None:
+            return len(job.prompt)  # a later choice: the prompt's logits are known
+        # Prefill at least one token, for its logits; two where the prompt allows, because a
+        # one-row call runs another int4 kernel (MatMulNBits M=1) whose rounding differs, and
+        # the logits should equal those of an uncached prefill bit for bit.
+        return max(len(job.prompt) - 2, 0)
+
+    def _busy(self) -> Iterable[tuple[int, np.ndarray]]:
+        """(slot, ids its KV holds) of every busy slot with a prompt in it."""
+        for c in self._running:
+            yield c.slot, c.held_ids(self.runtime.length(c.slot))
+        for job in self._prefilling:
+            if job.fed:
+                yield job.group[0].slot, job.prompt_arr[: job.fed]
+
+    def _place(self, job: Job, group: list[Choice], reuse: int) -> None:
+        if not job.slotted[:-len(group)]:  # the request's first placement
+            job.cached_tokens = reuse
+        if reuse == len(job.prompt):  # a later group from a slot holding the whole prompt
+            for c in group[1:]:
+                self.runtime.copy_slot(group[0].slot, c.slot)
             self._start(job, group, job.prompt_logits)
         else:
-            for c in group:
-                self.runtime.reset(c.slot)
-            job.group, job.fed = group, 0
+            job.group, job.fed = group, reuse
             self._prefilling.append(job)
 
-    def _prefill(self, job: _Job) -> None:
+    # ------------------------------------------------------------------ prefill and decode
+
+    def _prefill(self, job: Job) -> None:
         slot = job.group[0].slot
-        per_token = job.request.prompt_logprobs is not None and not job.prompt_logprobs_sent
+        per_token = job.wants_prompt_logprobs
         size = 1 if per_token else self.prefill_chunk
+        if size > 1 and len(job.prompt) - job.fed - size == 1:
+            size -= 1  # no one-token last chunk: its logits would come from another kernel
         try:
             logits = self.runtime.prefill(slot, job.prompt[job.fed : job.fed + size])
             job.fed = min(job.fed + size, len(job.prompt))
@@ -315,7 +349,7 @@ class Engine:
                     job.prompt_logprobs = [None]  # nothing predicts the first prompt token
                 if job.fed < len(job.prompt):
                     k = job.request.prompt_logprobs or 0
-                    job.prompt_logprobs.append(_logprob(logits, job.prompt[job.fed], k))
+                    job.prompt_logprobs.append(prompt_logprob(logits, job.prompt[job.fed], k))
             if job.fed < len(job.prompt):
                 return
             self._prefilling.popleft()
@@ -326,11 +360,16 @@ class Engine:
         except Exception as exc:
             self._fail(job, exc)
 
-    def _start(self, job: _Job, group: list[_Choice], logits: np.ndarray) -> None:
+    def _start(self, job: Job, group: list[Choice], logits: np.ndarray) -> None:
         """The group's prompt KV is in place: sample each choice's first token."""
         job.prompt_logits = logits if job.pending else None
+        now = time.monotonic()
+        if job.t_first is None:
+            job.t_first = now
+            self._observe("first_token", now - job.t_submit)
         outputs = []
         for c in group:  # (samplers never modify the logits they are given)
+            c.t_last = now
             job.running.append(c)
             self._running.append(c)
             outputs.append(self._accept(c, c.sampler.sample(logits, c.generated)))
@@ -343,7 +382,7 @@ class Engine:
         batch = list(self._running)
         try:
             try:
-                rows = list(self.runtime.decode([c.slot for c in batch], [c.next_token for c in batch]))
+                rows = self._decode_batch([c.slot for c in batch], [c.next_token for c in batch])
             except ContextFull:
                 # Our length check should prevent this; if the runtime's limit is tighter,
                 # find the full sequences one by one and end them with "length".
@@ -351,88 +390,88 @@ class Engine:
         except Exception as exc:  # whose fault is unknowable in a batched call: fail them all
             for job in dict.fromkeys(c.job for c in batch):
                 self._fail(job, exc)
+            self.slots.clear()  # rows may have moved half-way: trust no idle KV either
             return
-        outputs: dict[_Job, list[ChoiceOutput]] = {}
+        now = time.monotonic()
+        gaps = []
+        outputs: dict[Job, list[ChoiceOutput]] = {}
         for c, row in zip(batch, rows, strict=True):
             job = c.job
             if job.cancelled or c.slot < 0:
                 continue
             try:
                 if row is None:
-                    out = self._finish(c, "length", "")
+                    out = c.end("length")
+                    self._release(c)
                 else:
+                    gaps.append(now - c.t_last)
+                    c.t_last = now
                     out = self._accept(c, c.sampler.sample(row, c.generated))
                 outputs.setdefault(job, []).append(out)
             except Exception as exc:
                 outputs.pop(job, None)
                 self._fail(job, exc)
+        self._observe("tokens", gaps)
         for job, outs in outputs.items():
             self._send(job, outs)
 
-    def _decode_alone(self, c: _Choice) -> np.ndarray | None:
+    def _decode_batch(self, slots: list[int], ids: list[int]) -> list[np.ndarray]:
+        """One Runtime.decode; with `batch_invariant` a lone sequence gets an idle slot as a
+        padding row (then cut back), so it runs the same kernels as in a batch."""
+        pad = None
+        if self.batch_invariant and len(slots) == 1 and self.slots.n_free:
+            pad = self.slots.cache.victim()
+            pad_length = self.runtime.length(pad)
+            if pad_length >= self.max_length:
+                pad = None
+        if pad is None:
+            return list(self.runtime.decode(slots, ids))
+        try:
+            return list(self.runtime.decode([*slots, pad], [*ids, ids[0]])[:1])
+        finally:
+            self.runtime.truncate(pad, pad_length)
+
+    def _decode_alone(self, c: Choice) -> np.ndarray | None:
         try:
             return self.runtime.decode([c.slot], [c.next_token])[0]
         except ContextFull:
             return None
 
-    def _accept(self, c: _Choice, sample: Sample) -> ChoiceOutput:
+    def _accept(self, c: Choice, sample: Sample) -> ChoiceOutput:
         """Record a sampled token; returns the choice's output for this step."""
-        job, params, token = c.job, c.job.request.params, int(sample.token)
-        c.generated.append(token)
-        c.next_token = token
-        job.completion_tokens += 1
-        logprobs = None
-        if params.logprobs is not None and sample.logprob is not None:
-            top = tuple((int(i), float(p)) for i, p in (sample.top or ()))
-            logprobs = (TokenLogprob(token, float(sample.logprob), top),)
-        eos = token in self._eos and not params.ignore_eos
-        text, stopped = c.stops.feed("" if eos else c.detok.add(token))
-        finish = None
-        if stopped or eos:
-            finish = "stop"
-        elif len(c.generated) >= job.max_tokens or len(job.prompt) + len(c.generated) >= self.max_length:
-            finish = "length"
-        if finish is None:
-            return ChoiceOutput(c.index, text, (token,), logprobs)
-        out = self._finish(c, finish, text, stopped=stopped)
-        return ChoiceOutput(c.index, out.text, (token,), logprobs, out.finish_reason)
+        out = c.accept(sample, eos_ids=self._eos, max_length=self.max_length)
+        if out.finish_reason is not None:
+            self._release(c)
+        return out
 
-    def _finish(self, c: _Choice, reason: str, text: str, *, stopped: bool = False) -> ChoiceOutput:
-        if not stopped:  # release held-back text; it may still complete a stop string
-            tail, stopped = c.stops.feed(c.detok.flush())
-            text += tail
-            if stopped:
-                reason = "stop"
-            else:
-                text += c.stops.flush()
-        self._release(c)
-        c.job.finished += 1
-        return ChoiceOutput(c.index, text, finish_reason=reason)
+    # ------------------------------------------------------------------ endings
 
-    def _release(self, c: _Choice) -> None:
+    def _release(self, c: Choice, *, keep: bool = True) -> None:
+        """Give the choice's slot back; with `keep` its KV stays for the prefix cache."""
         if c.slot < 0:
             return
-        if c in self._running:
-            self._running.remove(c)
-        try:
-            self.runtime.reset(c.slot)
-        finally:
-            heapq.heappush(self._free, c.slot)
-            c.slot = -1
+        if c in self._running:  # swap-remove: the rest keep their runtime rows
+            i = self._running.index(c)
+            last = self._running.pop()
+            if i < len(self._running):
+                self._running[i] = last
+        slot, c.slot = c.slot, -1
+        self.slots.release(slot, (lambda: c.held_ids(self.runtime.length(slot))) if keep else None)
 
     def _send(
         self,
-        job: _Job,
+        job: Job,
         outputs: Sequence[ChoiceOutput],
         prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None,
     ) -> None:
         usage = None
         if job.done:
-            usage = Usage(len(job.prompt), job.completion_tokens)
+            usage = Usage(len(job.prompt), job.completion_tokens, job.cached_tokens)
             job.running.clear()
+            self._end(job, "ok")  # first, so metrics are current when the client hears
         job.send(Event(tuple(outputs), prompt_logprobs, usage))
 
-    def _remove(self, job: _Job) -> None:
+    def _remove(self, job: Job, *, keep: bool = True) -> None:
         """Take a job out of every structure and give back its slots."""
         if job in self._waiting:
             self._waiting.remove(job)
@@ -440,44 +479,43 @@ class Engine:
             self._prefilling.remove(job)
         for c in job.slotted:
             try:
-                self._release(c)
+                self._release(c, keep=keep)
             except Exception:
-                log.exception("resetting a slot failed")
+                log.exception("freeing a slot failed")
         job.slotted.clear()
         job.running.clear()
         job.group = []
         job.pending.clear()
 
-    def _fail(self, job: _Job, exc: BaseException) -> None:
+    def _fail(self, job: Job, exc: BaseException) -> None:
         log.error("request %s failed", job.request.request_id or "?", exc_info=exc)
-        self._remove(job)
-        job.send(Event(error="The server had an error while processing your request."))
+        self._remove(job, keep=False)
+        self._end(job, "error")
+        job.send(Event(error=_SERVER_ERROR))
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, code: str | None = None) -> None:
         for job in self._jobs():
-            self._remove(job)
-            job.send(Event(error=message))
+            self._remove(job, keep=code is not None)
+            self._end(job, code or "error")
+            job.send(Event(error=message, error_code=code))
 
+    def _end(self, job: Job, outcome: str) -> None:
+        """Bookkeeping once per request, however it ends: counters, the log line, metrics."""
+        if job.ended:
+            return
+        job.ended = True
+        with self._lock:
+            self._alive -= 1
+            if not job.admitted:
+                self._queued -= 1
+        if job.admitted:
+            self._active -= 1
+        stats = job.stats(outcome)
+        log.info("%s", stats)
+        self._observe("request_done", stats)
 
-def _sender(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event]) -> Callable[[Event], None]:
-    def send(event: Event) -> None:
+    def _observe(self, hook: str, arg) -> None:
         try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
-
-    return send
-
-
-def _logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
-    """Log-softmax of the raw logits at `token` (+ the top k), for prompt tokens."""
-    logits = logits.astype(np.float64, copy=False)
-    peak = logits.max()
-    lse = peak + np.log(np.exp(logits - peak).sum())
-    top: tuple[tuple[int, float], ...] = ()
-    if k:
-        idx = np.argpartition(-logits, k - 1)[:k]
-        idx = idx[np.argsort(-logits[idx], kind="stable")]
-        top = tuple((int(i), float(logits[i] - lse)) for i in idx)
-    return TokenLogprob(int(token), float(logits[token] - lse), top)
-
+            getattr(self.observer, hook)(arg)
+        except Exception:
+            log.exception("metrics hook %s failed", hook)

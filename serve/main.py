@@ -2,6 +2,9 @@
 
 The model loads on a background thread (see `create_app`), so `/health` answers 503 at once
 and 200 when ready; if loading fails the server shuts down and `run` raises `StartupError`.
+SIGTERM / SIGINT drain first (`serve.app.drain`: 503 for new requests, running ones get
+`--drain-timeout` seconds), then uvicorn stops and `run` returns; a second signal cuts the
+drain short, a third exits at once.
 `python -m serve.main MODEL_DIR [flags]` runs it without the `llorch` CLI; `add_arguments` /
 `options_from_args` are the flag ↔ `ServeOptions` mapping for CLIs to reuse.
 """
@@ -9,17 +12,22 @@ and 200 when ready; if loading fails the server shuts down and `run` raises `Sta
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
+from starlette.applications import Starlette
 
-from serve.app import create_app
+from serve.app import create_app, drain
 from serve.engine import Engine
 from serve.errors import StartupError
+from serve.metrics import Metrics
 from serve.model_dir import ModelDirError, load_model_info
 from serve.options import ServeOptions, add_arguments, options_from_args
 from serve.runtime import ProviderError, Runtime, resolve_providers
@@ -35,7 +43,7 @@ def check_provider(provider: str) -> None:
         raise StartupError(f"{exc}; pass --provider auto to use the best available one") from None
 
 
-def load_engine(options: ServeOptions) -> Engine:
+def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine:
     """Build the Runtime and Tokenizer and start the engine thread (slow: runs off the loop)."""
     runtime = Runtime(
         options.model_dir,
@@ -45,9 +53,50 @@ def load_engine(options: ServeOptions) -> Engine:
         max_length=options.max_length,
     )
     tokenizer = Tokenizer.from_dir(options.model_dir)
-    engine = Engine(runtime, tokenizer, prefill_chunk=options.prefill_chunk)
+    engine = Engine(runtime, tokenizer, prefill_chunk=options.prefill_chunk,
+                    max_queue=options.max_queue, queue_timeout=options.queue_timeout,
+                    prefix_cache_tokens=options.prefix_cache_size, observer=metrics,
+                    batch_invariant=options.batch_invariant)
+    kv = runtime.kv_bytes()
+    log.info("KV cache: %d slots x %d tokens = %.1f MiB (%.1f MiB a slot); prefix cache: %s",
+             runtime.n_slots, runtime.info.max_length, kv / 2**20, kv / runtime.n_slots / 2**20,
+             "off" if options.prefix_cache_size == 0 else
+             f"up to {engine.slots.cache.capacity} tokens in idle slots")
     engine.start()
     return engine
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but SIGTERM/SIGINT drain the engine before the server stops, and the process
+    then exits normally (uvicorn would re-raise the signal, i.e. die by it)."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette, drain_timeout: float) -> None:
+        super().__init__(config)
+        self._app, self._drain_timeout = app, drain_timeout
+        self._signals = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals >= 3 or self._loop is None or self.should_exit:
+            self.should_exit = self.force_exit = True
+            return
+        timeout = self._drain_timeout if self._signals == 1 else 0.0
+        log.info("%s: draining (%g s for running requests)", signal.Signals(sig).name, timeout)
+        self._loop.call_soon_threadsafe(self._start_drain, timeout)
+
+    def _start_drain(self, timeout: float) -> None:
+        async def drain_then_exit() -> None:
+            try:
+                await drain(self._app, timeout)
+            finally:
+                self.should_exit = True
+
+        asyncio.ensure_future(drain_then_exit())
 
 
 def run(options: ServeOptions) -> None:
@@ -61,20 +110,21 @@ def run(options: ServeOptions) -> None:
         level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     failures: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    server: _Server | None = None
+    metrics = Metrics()
 
     def on_load_error(exc: BaseException) -> None:
         failures.append(exc)
         if server is not None:
             server.should_exit = True
 
-    app = create_app(
-        options, partial(load_engine, options), model_name=model_name, on_load_error=on_load_error
-    )
+    app = create_app(options, partial(load_engine, options, metrics), model_name=model_name,
+                     on_load_error=on_load_error, metrics=metrics)
     config = uvicorn.Config(
-        app, host=options.host, port=options.port, log_level=options.log_level.lower()
+        app, host=options.host, port=options.port, log_level=options.log_level.lower(),
+        timeout_graceful_shutdown=5,  # after the drain: clients that stopped reading
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app, options.drain_timeout)
     log.info("serving %s as '%s' on http://%s:%d (loading…)", options.model_dir, model_name,
              options.host, options.port)
     server.run()

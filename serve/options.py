@@ -25,9 +25,22 @@ class ServeOptions:
         max_batch: KV slots, i.e. sequences decoded together.
         prefill_chunk: prompt tokens per prefill call, so a long prompt does not stall
             the other streams.
-        api_key: when set, `/v1/*` requires `Authorization: Bearer <api_key>`.
+        api_key: when set, `/v1/*`, `/tokenize` and `/detokenize` require
+            `Authorization: Bearer <api_key>`.
         log_level: Python / uvicorn log level name.
         max_body_bytes: larger request bodies are refused with 413.
+        max_queue: the most requests that may wait for a slot; past it, 429 + Retry-After.
+        queue_timeout: seconds a request may wait for a slot before it gets 503 (None: no limit).
+        prefix_cache_size: the most tokens idle slots keep as a prefix cache (LRU eviction;
+            None: all they hold; 0: off). KV memory is preallocated per slot, so this bounds
+            the reusable (and the reported in-use) KV, not the allocation.
+        cors_origins: origins allowed by CORS (`*` for any); empty: CORS off.
+        log_prompts: log each request's prompt text (never logged otherwise).
+        drain_timeout: after SIGTERM/SIGINT, seconds running requests get to finish before
+            they end with an error; new requests get 503 meanwhile.
+        batch_invariant: decode a lone sequence as a batch of two (a padding row), so greedy
+            text never depends on what else runs (int4 CPU kernels round one row differently);
+            costs about a third of single-stream speed on int4.
     """
 
     model_dir: Path
@@ -42,9 +55,25 @@ class ServeOptions:
     api_key: str | None = None
     log_level: str = "info"
     max_body_bytes: int = 8 * 1024 * 1024
+    max_queue: int = 256
+    queue_timeout: float | None = None
+    prefix_cache_size: int | None = None
+    cors_origins: tuple[str, ...] = ()
+    log_prompts: bool = False
+    drain_timeout: float = 15.0
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.queue_timeout is not None and self.queue_timeout <= 0:
+            raise ValueError(f"queue_timeout must be > 0, got {self.queue_timeout}")
+        if self.prefix_cache_size is not None and self.prefix_cache_size < 0:
+            raise ValueError(f"prefix_cache_size must be >= 0, got {self.prefix_cache_size}")
+        if self.drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.prefill_chunk < 1:
@@ -70,6 +99,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                         help=f"larger request bodies get 413 (default: {d.max_body_bytes})")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help=f"requests that may wait for a slot; more get 429 (default: {d.max_queue})")
+    parser.add_argument("--queue-timeout", type=float, default=None,
+                        help="seconds a request may wait for a slot before it gets 503 (default: no limit)")
+    parser.add_argument("--prefix-cache-size", type=int, default=None,
+                        help="tokens idle slots keep for reuse by prompts with the same prefix, "
+                        "LRU (default: all they hold; 0: off)")
+    parser.add_argument("--cors-origins", type=_origins, default=(),
+                        help="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
+    parser.add_argument("--log-prompts", action="store_true",
+                        help="log each request's prompt text (off: prompts are never logged)")
+    parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
+                        help="after SIGTERM/SIGINT, seconds running requests get to finish "
+                        f"(default: {d.drain_timeout:g})")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="decode a lone sequence as a batch of two, so its greedy text is the "
+                        "same as in any batch (int4: about a third slower for one stream)")
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in value.split(",") if o.strip())
 
 
 def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions:
@@ -86,4 +136,11 @@ def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions
         api_key=args.api_key,
         log_level=args.log_level,
         max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
+        prefix_cache_size=args.prefix_cache_size,
+        cors_origins=args.cors_origins,
+        log_prompts=args.log_prompts,
+        drain_timeout=args.drain_timeout,
+        batch_invariant=args.batch_invariant,
     )

@@ -321,7 +321,7 @@ class _GrowingKVRuntime(Runtime):
         for i in range(self.info.num_layers):
             feed[self.info.past_key % i] = past[2 * i] if past else self._empty
             feed[self.info.past_value % i] = past[2 * i + 1] if past else self._empty
-        res = dict(zip(self._out_names, self.session.run(self._out_names, feed)))
+        res = dict(zip(self._out_names, self.session.run(self._out_names, feed), strict=False))
         self._past[slot] = [res[(self.info.present_key if j % 2 == 0 else
                                  self.info.present_value) % (j // 2)]
                             for j in range(2 * self.info.num_layers)]
@@ -334,7 +334,7 @@ class _GrowingKVRuntime(Runtime):
         return self._run(slot, ids)
 
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
-        return np.stack([self._run(s, [t]) for s, t in zip(slots, ids)])
+        return np.stack([self._run(s, [t]) for s, t in zip(slots, ids, strict=False)])
 
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         self._past[dst] = None if self._past[src] is None else list(self._past[src])

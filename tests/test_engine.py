@@ -8,6 +8,8 @@ many slots" then checks the scheduling end to end. The tokenizer is a real byte-
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import threading
 import time
 from types import SimpleNamespace
@@ -17,7 +19,14 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from serve.engine import Engine, GenerationRequest
+from serve.engine import (
+    QUEUE_TIMEOUT,
+    SHUTTING_DOWN,
+    Engine,
+    GenerationRequest,
+    QueueFull,
+    ShuttingDown,
+)
 from serve.runtime import ContextFull
 from serve.sampling import SamplingParams
 from serve.tokenizer import Tokenizer
@@ -98,9 +107,9 @@ class FakeRuntime:
         self.calls.append(("truncate", slot, length))
         del self.seqs[slot][length:]
 
-    def copy_slot(self, src, dst):
+    def copy_slot(self, src, dst, length=None):
         self.calls.append(("copy", src, dst))
-        self.seqs[dst] = list(self.seqs[src])
+        self.seqs[dst] = list(self.seqs[src][:length])
 
     def reset(self, slot):
         self.seqs[slot] = []
@@ -331,3 +340,239 @@ def test_stop_ends_waiting_requests(make_engine):
 
     events = run(scenario())
     assert events[-1].final
+
+
+# ------------------------------------------------------- continuous batching, prefix cache
+
+
+class SlowDecode(FakeRuntime):
+    """1 ms a decode step, like a small real model, so requests overlap."""
+
+    def decode(self, slots, ids):
+        time.sleep(0.001)
+        return super().decode(slots, ids)
+
+
+def enc(text: str) -> list[int]:
+    return TOKENIZER.encode(text)
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(make_engine):
+    runtime = SlowDecode(2, max_length=400)
+    engine = make_engine(runtime, prefill_chunk=4)
+
+    async def scenario():
+        a = engine.submit(req("ab", max_tokens=60))
+        await a.__anext__()
+        b = await collect(engine, req("x" * 40, max_tokens=3))
+        rest = [e async for e in a]
+        return b, rest
+
+    (b_texts, _, _), _ = run(scenario())
+    assert b_texts == {0: expected_text(enc("x" * 40), 3)}
+    calls = runtime.calls
+    b_chunks = [i for i, c in enumerate(calls) if c[0] == "prefill" and c[2] == 4]
+    assert len(b_chunks) == 10
+    for i, j in itertools.pairwise(b_chunks):  # the running stream got a token in between
+        assert any(c[0] == "decode" for c in calls[i + 1 : j])
+
+
+def test_random_mix_gives_the_same_text_as_alone(make_engine):
+    """Requests joining and leaving the batch, sharing prefixes (so the cache copies and
+    truncates KV), n > 1, more requests than slots: every text is what it is alone."""
+    rng = random.Random(7)
+    runtime = SlowDecode(4, max_length=120)
+    engine = make_engine(runtime, prefill_chunk=5)
+    stems = ["You are a helpful assistant. ", "System: be brief. ", ""]
+    cases = [(rng.choice(stems) + rng.choice(["hi", "hello there", "abc", "what?"]) * rng.randint(1, 3),
+              rng.randint(1, 25), rng.choice([1, 1, 2])) for _ in range(14)]
+
+    async def one(prompt, max_tokens, n, delay):
+        await asyncio.sleep(delay)
+        return await collect(engine, req(prompt, max_tokens=max_tokens, n=n, ignore_eos=True))
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(*case, rng.random() * 0.05) for case in cases))
+
+    for (prompt, max_tokens, n), (texts, finish, events) in zip(cases, run(all_of_them()), strict=True):
+        assert texts == {i: expected_text(enc(prompt), max_tokens) for i in range(n)}
+        assert finish == {i: "length" for i in range(n)}
+        usage = events[-1].usage
+        assert usage.prompt_tokens == len(enc(prompt)) and usage.completion_tokens == n * max_tokens
+        assert 0 <= usage.cached_tokens <= max(len(enc(prompt)) - 2, 0)
+    assert engine.slots_in_use == 0 and engine.num_requests == 0
+    assert any(c[0] == "truncate" for c in runtime.calls) or any(c[0] == "copy" for c in runtime.calls)
+
+
+def test_prefix_cache_reuses_a_finished_sequence(make_engine):
+    runtime = FakeRuntime(2, max_length=200)
+    engine = make_engine(runtime, prefill_chunk=8)
+    system = "You are a helpful assistant. "
+    first = run(collect(engine, req(system + "Hi", max_tokens=5)))
+    assert first[2][-1].usage.cached_tokens == 0
+    runtime.calls.clear()
+    texts, _, events = run(collect(engine, req(system + "Bye", max_tokens=5)))
+    assert texts == {0: expected_text(enc(system + "Bye"), 5)}
+    assert events[-1].usage.cached_tokens == len(enc(system))
+    assert sum(c[2] for c in runtime.calls if c[0] == "prefill") == 3  # "Bye" only
+    # an empty slot was free: the prefix was copied there, the first sequence is intact
+    assert ("copy", 0, 1) in runtime.calls
+    again = run(collect(engine, req(system + "Hi", max_tokens=5)))
+    assert again[0] == first[0] and again[2][-1].usage.cached_tokens == len(enc(system + "Hi")) - 2
+    # a chat that grows: the previous answer's tokens are reused too (all but the last one,
+    # which was sampled but never fed)
+    turn2 = system + "Hi" + first[0][0] + " and then?"
+    texts, _, events = run(collect(engine, req(turn2, max_tokens=4)))
+    assert texts == {0: expected_text(enc(turn2), 4)}
+    assert events[-1].usage.cached_tokens == len(enc(system + "Hi")) + 4
+    assert engine.slots_in_use == 0
+
+
+def test_prefix_from_a_running_sequence(make_engine):
+    runtime = SlowDecode(2, max_length=400)
+    engine = make_engine(runtime)
+    system = "Shared system prompt. "
+
+    async def scenario():
+        a = engine.submit(req(system + "first", max_tokens=300))
+        await a.__anext__()
+        b = await collect(engine, req(system + "second", max_tokens=3))
+        a.cancel()
+        return b
+
+    texts, _, events = run(scenario())
+    assert texts == {0: expected_text(enc(system + "second"), 3)}
+    assert events[-1].usage.cached_tokens == len(enc(system))
+    assert ("copy", 0, 1) in runtime.calls
+
+
+def test_prefix_cache_off(make_engine):
+    runtime = FakeRuntime(1)
+    engine = make_engine(runtime, prefix_cache_tokens=0)
+    run(collect(engine, req("hello world", max_tokens=2)))
+    _, _, events = run(collect(engine, req("hello world", max_tokens=2)))
+    assert events[-1].usage.cached_tokens == 0
+    assert [c[2] for c in runtime.calls if c[0] == "prefill"] == [11, 11]
+
+
+def test_prefix_cache_token_budget(make_engine):
+    runtime = FakeRuntime(2, max_length=100)
+    engine = make_engine(runtime, prefix_cache_tokens=12)
+    run(collect(engine, req("abcdefghij", max_tokens=5)))  # 14 tokens held: kept 12
+    assert engine.cached_prefix_tokens == 12 and sorted(map(len, runtime.seqs)) == [0, 12]
+    _, _, events = run(collect(engine, req("abcdefghijkl", max_tokens=1)))
+    assert events[-1].usage.cached_tokens == 10
+
+
+# ------------------------------------------------------------ queue, timeout, drain
+
+
+class RecordingObserver:
+    def __init__(self):
+        self.ttfts, self.gaps, self.stats = [], [], []
+
+    def first_token(self, ttft):
+        self.ttfts.append(ttft)
+
+    def tokens(self, gaps):
+        self.gaps.extend(gaps)
+
+    def request_done(self, stats):
+        self.stats.append(stats)
+
+
+async def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.002)
+
+
+def test_max_queue(make_engine):
+    engine = make_engine(SlowDecode(1, max_length=10_000), max_queue=1)
+
+    async def scenario():
+        a = engine.submit(req(max_tokens=5000))
+        await wait_until(lambda: engine.slots_in_use == 1)
+        b = engine.submit(req("bb", max_tokens=2))
+        with pytest.raises(QueueFull):
+            engine.submit(req("cc", max_tokens=2))
+        assert engine.num_waiting == 1 and engine.num_running == 1
+        a.cancel()
+        return [e async for e in b]
+
+    events = run(scenario())
+    assert events[-1].usage.completion_tokens == 2
+    assert engine.num_waiting == 0 and engine.num_requests == 0
+
+
+def test_queue_timeout(make_engine):
+    observer = RecordingObserver()
+    engine = make_engine(SlowDecode(1, max_length=10_000), queue_timeout=0.05, observer=observer)
+
+    async def scenario():
+        a = engine.submit(req(max_tokens=5000))
+        await a.__anext__()
+        events = [e async for e in engine.submit(req("late", max_tokens=2))]
+        a.cancel()
+        await wait_until(lambda: engine.num_requests == 0)
+        return events
+
+    [event] = run(scenario())
+    assert event.error and event.error_code == QUEUE_TIMEOUT
+    late = next(s for s in observer.stats if s.outcome == QUEUE_TIMEOUT)
+    assert late.queued >= 0.05 and late.ttft is None and not late.admitted
+    assert engine.num_requests == 0 and engine.num_waiting == 0
+
+
+@pytest.mark.parametrize("timeout", [0.1, 5.0])
+def test_drain(make_engine, timeout):
+    engine = make_engine(SlowDecode(1, max_length=10_000))
+
+    async def scenario():
+        a = engine.submit(req("a", max_tokens=2000 if timeout < 1 else 50))
+        await a.__anext__()
+        b = engine.submit(req("b", max_tokens=2))
+        engine.drain(timeout)
+        with pytest.raises(ShuttingDown):
+            engine.submit(req("c", max_tokens=2))
+        return [e async for e in a], [e async for e in b]
+
+    a_events, [b_event] = run(scenario())
+    assert b_event.error_code == SHUTTING_DOWN
+    if timeout < 1:  # cut at the deadline
+        assert a_events[-1].error_code == SHUTTING_DOWN
+    else:  # finished in time
+        assert a_events[-1].usage.completion_tokens == 50
+    assert engine.num_requests == 0 and engine.slots_in_use == 0
+
+
+def test_observer_and_stats(make_engine):
+    observer = RecordingObserver()
+    engine = make_engine(SlowDecode(2), observer=observer)
+    run(collect(engine, req("hello", max_tokens=6, n=2)))
+    [stats] = observer.stats
+    assert stats.outcome == "ok" and stats.prompt_tokens == 5 and stats.completion_tokens == 12
+    assert stats.finish_reasons == ("length", "length") and stats.admitted
+    assert 0 <= stats.queued <= stats.ttft <= stats.duration
+    assert stats.tokens_per_second > 0
+    assert len(observer.ttfts) == 1 and len(observer.gaps) == 10  # 5 decode steps x 2 choices
+
+
+def test_batch_invariant_pads_a_lone_sequence(make_engine):
+    runtime = FakeRuntime(2)
+    engine = make_engine(runtime, batch_invariant=True)
+    run(collect(engine, req("held", max_tokens=2)))  # slot 0 keeps 5 tokens as cache
+    runtime.calls.clear()
+    texts, _, _ = run(collect(engine, req("zz", max_tokens=4)))
+    assert texts == {0: expected_text(enc("zz"), 4)}
+    decodes = [c[1] for c in runtime.calls if c[0] == "decode"]
+    assert decodes == [(1, 0)] * 3  # the idle slot rides along ...
+    assert runtime.seqs[0] == [*enc("held"), ord(expected_text(enc("held"), 1))]  # ... untouched
+
+
+def test_no_one_token_last_prefill_chunk(make_engine):
+    runtime = FakeRuntime()
+    engine = make_engine(runtime, prefill_chunk=4)
+    run(collect(engine, req("abcdefghi", max_tokens=1)))  # 9 = 4 + 3 + 2, not 4 + 4 + 1
+    assert [c[2] for c in runtime.calls if c[0] == "prefill"] == [4, 3, 2]

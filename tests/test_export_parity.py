@@ -24,7 +24,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from export.api import export_model
-from export.config import ExportError, LlamaConfig
+from export.config import LlamaConfig
 from export.verify import onnx_logits
 from serve.runtime import Runtime
 

@@ -1,0 +1,68 @@
+"""llorch in-process: `serve.engine.Engine` over `serve.runtime.Runtime`, no HTTP.
+
+The same scheduler thread, sampler, detokenizer and stop matcher a request meets behind
+`llorch serve`; only the Starlette/SSE layer is left out (`llorch_http` adds it back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from bench.peers.base import StreamRun, config_of, prompts_of, single_stream
+
+
+class EnginePeer:
+    def __init__(self, model_dir: Path, *, threads: int, max_length: int) -> None:
+        from serve.engine import Engine
+        from serve.runtime import Runtime
+        from serve.tokenizer import Tokenizer
+
+        runtime = Runtime(model_dir, threads=threads, max_batch=1, max_length=max_length)
+        self.engine = Engine(runtime, Tokenizer.from_dir(model_dir))
+        self.engine.start()
+        self.loop = asyncio.new_event_loop()
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.loop.close()
+
+    def generate(self, ids: list[int], new_tokens: int) -> StreamRun:
+        return self.loop.run_until_complete(self._generate(ids, new_tokens))
+
+    async def _generate(self, ids: list[int], new_tokens: int) -> StreamRun:
+        t0 = time.perf_counter()
+        times, out = [], []
+        async for token in self._tokens(ids, new_tokens):
+            times.append(time.perf_counter() - t0)
+            out.append(token)
+        return StreamRun(times, len(out), out)
+
+    async def _tokens(self, ids: list[int], new_tokens: int) -> AsyncIterator[int]:
+        from serve.engine import GenerationRequest
+        from serve.sampling import SamplingParams
+
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        async for event in self.engine.submit(GenerationRequest(tuple(ids), params)):
+            if event.error:
+                raise RuntimeError(f"engine error: {event.error}")
+            for choice in event.choices:
+                for token in choice.token_ids:
+                    yield token
+
+
+def run(job: dict) -> dict:
+    cfg = config_of(job)
+    t0 = time.perf_counter()
+    peer = EnginePeer(Path(job["args"]["model_dir"]), threads=cfg.threads,
+                      max_length=cfg.max_context)
+    load_s = time.perf_counter() - t0
+    try:
+        result = single_stream(peer, cfg, prompts_of(job))
+    finally:
+        peer.close()
+    from importlib import metadata
+
+    return {**result, "load_s": load_s, "version": metadata.version("llorch")}

@@ -1,0 +1,76 @@
+"""What a run contains: one `Entry` per engine configuration, grouped for `--only`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the results.
+
+    Attributes:
+        key: results key and row id.
+        label: what the table calls it.
+        peer: module under `bench.peers` that runs it.
+        group: name `--only` selects it by (its key works too).
+        model: which prepared input it runs on: int4, fp32, hf, gguf, builder-int4, optimum-fp32.
+        baseline: the llorch entry its ratios are taken against (same precision), or None.
+        args: extra job arguments for the peer.
+    """
+
+    key: str
+    label: str
+    peer: str
+    group: str
+    model: str
+    baseline: str | None = "llorch-int4"
+    args: dict = field(default_factory=dict)
+
+
+ENTRIES: tuple[Entry, ...] = (
+    Entry("llorch-int4", "llorch engine int4 (in-process)", "llorch_engine", "llorch", "int4", None),
+    Entry("llorch-fp32", "llorch engine fp32 (in-process)", "llorch_engine", "llorch", "fp32", None),
+    Entry("llorch-http-int4", "llorch HTTP int4 (openai client, SSE)", "llorch_http", "http", "int4",
+          "llorch-int4", {"mode": "single"}),
+    Entry("llorch-http-fp32", "llorch HTTP fp32 (openai client, SSE)", "llorch_http", "http", "fp32",
+          "llorch-fp32", {"mode": "single"}),
+    Entry("genai-int4", "ORT GenAI on llorch's int4 export", "genai", "genai", "int4"),
+    Entry("genai-fp32", "ORT GenAI on llorch's fp32 export", "genai", "genai", "fp32", "llorch-fp32"),
+    Entry("genai-builder-int4", "ORT GenAI int4 (its model builder)", "genai", "genai",
+          "builder-int4"),
+    Entry("llamacpp-q4_1", "llama.cpp Q4_1 GGUF (llama-cpp-python)", "llamacpp", "llamacpp", "gguf"),
+    Entry("transformers-fp32", "transformers fp32 (torch CPU)", "torch_hf", "transformers", "hf",
+          "llorch-fp32"),
+    Entry("optimum-fp32", "optimum ORTModelForCausalLM fp32", "optimum_ort", "optimum",
+          "optimum-fp32", "llorch-fp32"),
+    Entry("llorch-concurrency", "llorch HTTP int4, N concurrent streams", "llorch_http",
+          "concurrency", "int4", None, {"mode": "concurrency"}),
+    Entry("llorch-server-rss", "llorch serve int4, 8 slots x 4096 tokens", "llorch_http", "rss",
+          "int4", None, {"mode": "rss"}),
+)
+
+# not peers: run by the parent process
+EXTRA_GROUPS = ("export",)
+
+
+def groups() -> list[str]:
+    return list(dict.fromkeys([e.group for e in ENTRIES] + list(EXTRA_GROUPS)))
+
+
+def select(only: Sequence[str] | None) -> tuple[list[Entry], bool]:
+    """Entries named by `--only` (groups or keys; None = all) and whether to run the export.
+
+    Raises:
+        ValueError: a name that is neither a group nor a key.
+    """
+    if not only:
+        return list(ENTRIES), True
+    known = set(groups()) | {e.key for e in ENTRIES}
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        raise ValueError(f"unknown --only name(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(groups())} or an entry key ({', '.join(e.key for e in ENTRIES)})")
+    wanted = set(only)
+    return [e for e in ENTRIES if e.group in wanted or e.key in wanted], "export" in wanted

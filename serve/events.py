@@ -1,0 +1,185 @@
+"""What crosses between the routes and the engine thread: requests in, events out, the
+errors `Engine.submit` raises, and the per-request statistics the engine reports.
+
+`RequestStream` is the route's end of one request. `serve.engine` re-exports all of it;
+nothing here knows HTTP, JSON or ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from serve.sampling import SamplingParams
+
+# Event.error_code values the routes answer with 503 (other errors are 500s).
+QUEUE_TIMEOUT = "queue_timeout"
+SHUTTING_DOWN = "shutting_down"
+
+
+class QueueFull(Exception):
+    """More requests wait for a slot than the engine's `max_queue` allows."""
+
+
+class ShuttingDown(Exception):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the engine runs: token ids in, `params.n` choices out.
+
+    `prompt_logprobs=k` also reports every prompt token's logprob (+ top k) on the first
+    event (completions `echo` + `logprobs`); it prefills one token per call to get them.
+    """
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    prompt_logprobs: int | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceOutput:
+    """What one choice produced in one step: new text (possibly empty while the detokenizer or
+    the stop matcher holds text back), the token(s) and their logprobs, and why it ended."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of one request. The last event has `usage` (done) or `error` (failed);
+    `error_code` says why when the client should retry elsewhere or later."""
+
+    choices: tuple[ChoiceOutput, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    error_code: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.usage is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """How one request went, reported once when it ends however it ends.
+
+    `outcome` is "ok", "cancelled", "error", QUEUE_TIMEOUT or SHUTTING_DOWN. Times are
+    seconds since `submit`: `queued` until the first slot (or the end, if it never got one),
+    `ttft` until the first token (None without one), `duration` until the end.
+    """
+
+    request_id: str
+    outcome: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    queued: float
+    ttft: float | None
+    duration: float
+    finish_reasons: tuple[str, ...] = ()
+    admitted: bool = True  # got a slot (and so looked up the prefix cache)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Decode speed after the first token."""
+        if self.ttft is None or self.completion_tokens < 2 or self.duration <= self.ttft:
+            return None
+        return (self.completion_tokens - 1) / (self.duration - self.ttft)
+
+    def __str__(self) -> str:
+        """The request's log line (never its text)."""
+        tps = self.tokens_per_second
+        return (f"request {self.request_id or '?'} {self.outcome}: {self.prompt_tokens} prompt "
+                f"tokens ({self.cached_tokens} cached), {self.completion_tokens} completion tokens, "
+                f"queued {self.queued:.3f} s, "
+                f"TTFT {'-' if self.ttft is None else f'{self.ttft:.3f} s'}, "
+                f"{'-' if tps is None else f'{tps:.1f}'} tok/s, "
+                f"finish {','.join(self.finish_reasons) or '-'}")
+
+
+class EngineObserver:
+    """Hooks the engine thread calls; no-ops here (`serve.metrics.Metrics` implements them).
+    They must be quick and thread-safe: they run between decode steps."""
+
+    def first_token(self, ttft: float) -> None:
+        """A request produced its first token `ttft` seconds after it was submitted."""
+
+    def tokens(self, gaps: Sequence[float]) -> None:
+        """One decode step gave a token to each running choice; `gaps` are the seconds since
+        each one's previous token (inter-token latency)."""
+
+    def request_done(self, stats: RequestStats) -> None:
+        """A request ended (complete, cancelled, failed, timed out or shut down)."""
+
+
+_CANCELLED = Event(error="cancelled")
+
+
+class RequestStream:
+    """The route's end of a request: async-iterate its events; `cancel()` frees its slots.
+
+    Args:
+        job: the engine's record of the request (`cancel` sets its `cancelled` flag).
+        events: what the engine thread sends (`stream_sender`).
+        wake: tells the engine thread to look at its requests again.
+    """
+
+    def __init__(self, job: Any, events: asyncio.Queue[Event], *, wake: Callable[[], None]) -> None:
+        self._job, self._events, self._wake = job, events, wake
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._events.get()
+        if event is _CANCELLED:
+            raise StopAsyncIteration
+        self._done = event.final
+        return event
+
+    def cancel(self) -> None:
+        """Idempotent; a no-op once the request has ended. Call from the event loop."""
+        if not self._done:
+            self._done = True
+            self._job.cancelled = True
+            self._wake()
+            self._events.put_nowait(_CANCELLED)  # wakes a pending __anext__
+
+
+def stream_sender(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event]) -> Callable[[Event], None]:
+    """The engine thread's way to put events on a request's queue in the event loop."""
+
+    def send(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    return send

@@ -1,0 +1,137 @@
+"""A request inside the engine thread (`Job`) and its choices (`Choice`): what each sampled
+token goes through (Sampler → IncrementalDetokenizer → StopMatcher) and when a choice ends.
+
+Only the engine thread touches these (but `Job.cancelled`, a flag the event loop sets).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+
+import numpy as np
+
+from serve.detokenizer import IncrementalDetokenizer
+from serve.events import ChoiceOutput, Event, GenerationRequest, RequestStats, TokenLogprob
+from serve.prefix_cache import as_ids
+from serve.sampling import Sample, Sampler
+from serve.stops import StopMatcher
+
+
+class Job:
+    """One request: its prompt, its choices and where they stand, its timings."""
+
+    def __init__(self, request: GenerationRequest, send: Callable[[Event], None], max_tokens: int):
+        self.request = request
+        self.prompt = list(request.prompt_ids)
+        self.prompt_arr = as_ids(self.prompt)
+        self.send = send
+        self.max_tokens = max_tokens
+        self.pending = deque(range(request.params.n))  # choices not yet on a slot
+        self.slotted: list[Choice] = []  # every choice given a slot (freed ones have slot -1)
+        self.running: list[Choice] = []  # choices past prefill
+        self.group: list[Choice] = []  # choices whose prompt is being prefilled
+        self.fed = 0  # prompt tokens in group[0].slot's KV
+        self.prompt_logits: np.ndarray | None = None  # kept while choices are pending
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.prompt_logprobs_sent = False
+        self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens its first placement reused
+        self.finished = 0
+        self.finish_reasons: list[str] = []
+        self.cancelled = False  # set from the event loop
+        self.admitted = False  # has had a slot
+        self.ended = False
+        self.t_submit = time.monotonic()
+        self.t_admit: float | None = None
+        self.t_first: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished == self.request.params.n
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.request.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    def stats(self, outcome: str) -> RequestStats:
+        now = time.monotonic()
+        t0 = self.t_submit
+        return RequestStats(
+            request_id=self.request.request_id, outcome=outcome, prompt_tokens=len(self.prompt),
+            cached_tokens=self.cached_tokens, completion_tokens=self.completion_tokens,
+            queued=(self.t_admit or now) - t0, ttft=None if self.t_first is None else self.t_first - t0,
+            duration=now - t0, finish_reasons=tuple(self.finish_reasons), admitted=self.admitted)
+
+
+class Choice:
+    """One sequence: a choice of a request, on one KV slot (-1 before and after)."""
+
+    __slots__ = ("job", "index", "slot", "sampler", "detok", "stops", "generated", "next_token",
+                 "t_last")
+
+    def __init__(self, job: Job, index: int, tokenizer) -> None:
+        params = job.request.params
+        self.job, self.index, self.slot = job, index, -1
+        self.sampler = Sampler(params, prompt_ids=job.prompt, seed_offset=index)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=job.prompt)
+        self.stops = StopMatcher(params.stop)
+        self.generated: list[int] = []
+        self.next_token = -1  # sampled, not yet fed to the model
+        self.t_last = 0.0  # when its latest token came
+
+    def held_ids(self, length: int) -> np.ndarray:
+        """The first `length` ids of its sequence (prompt, then generated): what its KV holds."""
+        prompt = self.job.prompt_arr
+        if length <= len(prompt):
+            return prompt[:length]
+        return np.concatenate([prompt, as_ids(self.generated[: length - len(prompt)])])
+
+    def accept(self, sample: Sample, *, eos_ids: Collection[int], max_length: int) -> ChoiceOutput:
+        """Record a sampled token; the output has a finish_reason when the choice has ended."""
+        job, params, token = self.job, self.job.request.params, int(sample.token)
+        self.generated.append(token)
+        self.next_token = token
+        job.completion_tokens += 1
+        logprobs = None
+        if params.logprobs is not None and sample.logprob is not None:
+            top = tuple((int(i), float(p)) for i, p in (sample.top or ()))
+            logprobs = (TokenLogprob(token, float(sample.logprob), top),)
+        eos = token in eos_ids and not params.ignore_eos
+        text, stopped = self.stops.feed("" if eos else self.detok.add(token))
+        finish = None
+        if stopped or eos:
+            finish = "stop"
+        elif len(self.generated) >= job.max_tokens or len(job.prompt) + len(self.generated) >= max_length:
+            finish = "length"
+        if finish is None:
+            return ChoiceOutput(self.index, text, (token,), logprobs)
+        out = self.end(finish, text, stopped=stopped)
+        return ChoiceOutput(self.index, out.text, (token,), logprobs, out.finish_reason)
+
+    def end(self, reason: str, text: str = "", *, stopped: bool = False) -> ChoiceOutput:
+        """The choice ends: release the text held back (it may still complete a stop string)."""
+        if not stopped:
+            tail, stopped = self.stops.feed(self.detok.flush())
+            text += tail
+            if stopped:
+                reason = "stop"
+            else:
+                text += self.stops.flush()
+        self.job.finished += 1
+        self.job.finish_reasons.append(reason)
+        return ChoiceOutput(self.index, text, finish_reason=reason)
+
+
+def prompt_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """Log-softmax of the raw logits at `token` (+ the top k), for prompt tokens."""
+    logits = logits.astype(np.float64, copy=False)
+    peak = logits.max()
+    lse = peak + np.log(np.exp(logits - peak).sum())
+    top: tuple[tuple[int, float], ...] = ()
+    if k:
+        idx = np.argpartition(-logits, k - 1)[:k]
+        idx = idx[np.argsort(-logits[idx], kind="stable")]
+        top = tuple((int(i), float(logits[i] - lse)) for i in idx)
+    return TokenLogprob(int(token), float(logits[token] - lse), top)
