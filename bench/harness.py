@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = json.loads(args.update.read_text())
         cfg = BenchConfig.from_dict(results["config"])
         results.setdefault("reruns", []).append(
-            {"date": now, "entries": [e.key for e in entries], "export": with_export})
+            {"date": now, "entries": [e.key for e in entries], "export": with_export,
+             "rounds": args.rounds, "code": code_state(REPO)})
         args.out = args.update.parent
     else:
         cfg = BenchConfig.quick_config() if args.quick else BenchConfig()
@@ -205,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = replace(cfg, threads=args.threads)
         results = {"date": now, "machine": machine_info(), "config": cfg.to_dict(),
-                   "load": {"start": load_average()}, "entries": {}, "rounds": args.rounds}
-    results.setdefault("code", code_state(REPO))
+                   "load": {"start": load_average()}, "entries": {}, "rounds": args.rounds,
+                   "code": code_state(REPO)}
     CACHE.mkdir(parents=True, exist_ok=True)
     log_dir = CACHE / "logs"
     log_dir.mkdir(exist_ok=True)

@@ -212,6 +212,7 @@ def render_markdown(results: dict) -> str:
         *([_code_warning(results), ""] if _code_warning(results) else []),
         *(["Reran later (same counts; marked † below): " + "; ".join(
             f"{', '.join(r['entries']) + (' + export' if r.get('export') else '')} at {r['date']}"
+            + (f" ({r['rounds']} rounds)" if r.get("rounds", 1) > 1 else "")
             for r in results["reruns"]) + ".", ""] if results.get("reruns") else []),
         "## Single stream",
         "",
@@ -246,7 +247,7 @@ def _code_warning(results: dict) -> str:
             if e.get("peer") in LLORCH_PEERS and e.get("code")}
     if len(shas) < 2:
         return ""
-    return (f"**Note:** llorch's sources changed during this run ({len(shas)} different "
+    return (f"**Note:** llorch's sources changed during this run (at least {len(shas)} different "
             "versions of export/, serve/, llorch/ ran: see each entry's `code` in the JSON).")
 
 
