@@ -136,16 +136,10 @@ def _default_model_dir() -> Path:
 
 
 def _run_serve(args) -> int:
-    from serve.errors import StartupError
-    from serve.main import run
+    from serve.main import run_cli
     from serve.options import options_from_args
 
-    try:
-        run(options_from_args(args.model or _default_model_dir(), args))
-    except StartupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(options_from_args(args.model or _default_model_dir(), args))
 
 
 if __name__ == "__main__":

@@ -132,17 +132,22 @@ def run(options: ServeOptions) -> None:
         raise StartupError(f"could not load {options.model_dir}: {failures[0]}")
 
 
+def run_cli(options: ServeOptions) -> int:
+    """`run` for command lines: a StartupError is printed, exit status 2."""
+    try:
+        run(options)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve.main", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        run(options_from_args(args.model_dir, args))
-    except StartupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(options_from_args(args.model_dir, args))
 
 
 if __name__ == "__main__":
