@@ -258,11 +258,22 @@ class Runtime:
         if not 0 <= n <= self._lengths[src]:
             raise ValueError(f"cannot copy {n} tokens of slot {src} of length {self._lengths[src]}")
         rs, rd = self._row[src], self._row[dst]
-        if rs != rd:
-            for bufs in (self._k, self._v):
-                for buf in bufs:
-                    buf[rd, :, :n] = buf[rs, :, :n]
+        if rs != rd and n:
+            self._copy_row(rs, rd, n)
         self._lengths[dst] = n
+
+    def _copy_row(self, src_row: int, dst_row: int, n: int) -> None:
+        """The first ``n`` KV positions of one row into another (every layer, K and V)."""
+        for bufs in (self._k, self._v):
+            for buf in bufs:
+                buf[dst_row, :, :n] = buf[src_row, :, :n]
+
+    def _swap_rows(self, a: int, b: int, n: int) -> None:
+        for bufs in (self._k, self._v):
+            for buf in bufs:
+                tmp = buf[a, :, :n].copy()
+                buf[a, :, :n] = buf[b, :, :n]
+                buf[b, :, :n] = tmp
 
     def _gather_rows(self, slots: Sequence[int]) -> None:
         """Swap sequences between rows so ``slots[j]`` lives in row ``j``."""
@@ -274,11 +285,7 @@ class Runtime:
             other = owner[j]
             n = max(self._lengths[s], self._lengths[other])
             if n:
-                for bufs in (self._k, self._v):
-                    for buf in bufs:
-                        tmp = buf[j, :, :n].copy()
-                        buf[j, :, :n] = buf[r, :, :n]
-                        buf[r, :, :n] = tmp
+                self._swap_rows(j, r, n)
             self._row[s], self._row[other] = j, r
             owner[j], owner[r] = s, other
 

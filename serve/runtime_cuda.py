@@ -313,25 +313,9 @@ class CudaRuntime(Runtime):
                  for src, dst in pairs for t in "kv" for i in range(self.info.num_layers)]
         self._copier.copy(addrs, self._row_elems)
 
-    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
-        n = self._lengths[src] if length is None else length
-        if not 0 <= n <= self._lengths[src]:
-            raise ValueError(f"cannot copy {n} tokens of slot {src} of length "
-                             f"{self._lengths[src]}")
-        rs, rd = self._row[src], self._row[dst]
-        if rs != rd and n:
-            self._copy_rows([(rs, rd)])
-        self._lengths[dst] = n
+    def _copy_row(self, src_row: int, dst_row: int, n: int) -> None:
+        self._copy_rows([(src_row, dst_row)])
 
-    def _gather_rows(self, slots: Sequence[int]) -> None:
-        """Swap sequences between rows (through the scratch row) so slots[j] sits in row j."""
-        owner = {r: s for s, r in enumerate(self._row)}
-        for j, s in enumerate(slots):
-            r = self._row[s]
-            if r == j:
-                continue
-            other = owner[j]
-            if self._lengths[s] or self._lengths[other]:
-                self._copy_rows([(j, self._scratch), (r, j), (self._scratch, r)])
-            self._row[s], self._row[other] = j, r
-            owner[j], owner[r] = s, other
+    def _swap_rows(self, a: int, b: int, n: int) -> None:
+        """Through the scratch row: device buffers have no cheap temporary."""
+        self._copy_rows([(a, self._scratch), (b, a), (self._scratch, b)])
