@@ -189,7 +189,7 @@ class CudaRuntime(Runtime):
         self._row = list(range(self.n_slots))  # slot -> physical row
         self._scratch = self.n_slots
         self._bindings: dict[tuple, ort.IOBinding] = {}
-        self._host_logits: dict[tuple, np.ndarray] = {}
+        self._logit_bufs: dict[tuple, np.ndarray] = {}
         self._dev_io: dict[int, tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]] = {}
         # the copier binds new addresses every run: never a captured graph
         copier_providers = [(p, cuda_provider_options(device_id=self._device_id))
@@ -228,7 +228,7 @@ class CudaRuntime(Runtime):
         elif self._has_keep:
             out = np.empty((rows, 1, self.info.vocab_size), np.float32)
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
-            self._host_logits[key] = out
+            self._logit_bufs[key] = out
         else:
             io.bind_output("logits")
         self._bindings[key] = io
@@ -245,10 +245,7 @@ class CudaRuntime(Runtime):
     def _logits(self, io: ort.IOBinding, key: tuple) -> np.ndarray:
         if key[2] and self._cuda_graph:
             return self._dev_io[key[1]][2].numpy()[:, 0].copy()
-        if self._has_keep:
-            return self._host_logits[key][:, 0].copy()
-        out = io.get_outputs()[-1].numpy()
-        return np.ascontiguousarray(out[:, -1], dtype=np.float32)
+        return self._logits_out(io, key)
 
     # -- calls -------------------------------------------------------------------------------
     def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
