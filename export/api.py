@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ from export.graph_coreml import DEFAULT_CHUNK, DEFAULT_MAX_LENGTH, StaticGraphs
 from export.onnx_builder import GraphBuilder
 from export.quant import dequantize_blocks
 from export.sources import GGUFSource, HFSource, open_source, validate
+
+W8A8_FILE = "model_w8a8.onnx"  # the int8-GEMM companion graph (export.graph.w8a8_linear)
 
 
 @dataclass(frozen=True)
@@ -148,12 +150,15 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                  accuracy_level: int | None = None, verify: bool = False, force: bool = False,
                  progress: bool = True, lm_head_bits: int = 8,
                  down_proj_accuracy_level: int | None = 0,
-                 prefill_chunk: int = DEFAULT_CHUNK) -> ExportSummary:
+                 prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool | None = None
+                 ) -> ExportSummary:
     """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
 
     ``target`` cpu/cuda: one GroupQueryAttention graph (fp16 I/O on cuda). ``target`` coreml:
     the static decode + prefill graphs of export/graph_coreml.py, ``prefill_chunk`` tokens a
     prefill call, max_length by default min(context, 2048).
+    ``w8a8_graph`` (None = on for cpu int4): also write ``model_w8a8.onnx``, the same decoder
+    with int8 GEMMs for the runs of many rows (graph.w8a8_linear), sharing the data file.
 
     Raises ExportError (naming the file/field) on bad input; nothing is left at ``out`` then.
     """
@@ -166,6 +171,10 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     validate(source)
     if accuracy_level is None:
         accuracy_level = 4 if target == "cpu" else 0
+    if w8a8_graph is None:
+        w8a8_graph = target == "cpu" and precision == "int4"
+    if w8a8_graph and target != "cpu":
+        raise ExportError(f"--w8a8-graph is for --target cpu (int8 GEMMs), not {target}")
     if max_length is None and target == "coreml":
         max_length = min(cfg.max_position_embeddings, DEFAULT_MAX_LENGTH)
     max_length = int(max_length or cfg.max_position_embeddings)
@@ -185,7 +194,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
         for name, data in tok.items():
             (tmp / name).write_bytes(data)
         tok_json = {k: json.loads(v) for k, v in tok.items() if k.endswith(".json")}
-        static = _build(tmp, cfg, source, spec, progress, prefill_chunk)
+        static = _build(tmp, cfg, source, spec, progress, prefill_chunk, w8a8_graph)
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         (tmp / "genai_config.json").write_text(json.dumps(
             genai_config(cfg, max_length, tok_json, shared_kv=gqa, static=static), indent=2))
@@ -224,6 +233,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                                              if precision == "int4" else None),
                 "lm_head_bits": spec.lm_head_bits if precision == "int4" else None,
                 "gguf_blocks": source.kind == "gguf" and precision == "int4",
+                "w8a8": W8A8_FILE if w8a8_graph else None,
             },
             "max_length": max_length,
             "params": cfg.num_params(),
@@ -246,14 +256,15 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
 
 
 def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: GraphSpec,
-           progress: bool, prefill_chunk: int = DEFAULT_CHUNK) -> StaticGraphs | None:
+           progress: bool, prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool = False
+           ) -> StaticGraphs | None:
     """The graph file(s); CoreML's static pair returns its description, the others None."""
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.num_hidden_layers, desc="layers", unit="layer", file=sys.stderr,
-                   leave=False)
+        bar = tqdm(total=cfg.num_hidden_layers * (1 + w8a8_graph), desc="layers", unit="layer",
+                   file=sys.stderr, leave=False)
     if spec.target == "coreml":
         from export.graph_coreml import write_static_graphs
 
@@ -263,13 +274,18 @@ def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: Gra
         finally:
             if bar is not None:
                 bar.close()
-    g = GraphBuilder(tmp / "model.onnx.data")
+    graphs = [("model.onnx", spec)] + ([(W8A8_FILE, replace(spec, w8a8=True))] if w8a8_graph else [])
+    g = None
     try:
-        build_decoder(g, cfg, source, spec, on_layer=lambda i: bar.update(1) if bar else None)
+        for filename, graph_spec in graphs:
+            g = GraphBuilder(tmp / "model.onnx.data", share_with=g)
+            try:
+                build_decoder(g, cfg, source, graph_spec,
+                              on_layer=lambda i: bar.update(1) if bar else None)
+            finally:
+                g.close()
+            onnx.save_model(g.model("llorch-llama"), str(tmp / filename))
     finally:
-        g.close()
         if bar is not None:
             bar.close()
-    model = g.model("llorch-llama")
-    onnx.save_model(model, str(tmp / "model.onnx"))
     return None

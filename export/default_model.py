@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -153,7 +154,12 @@ def _ensure_hf(root: Path, gguf_path: Path, progress: bool) -> Path:
 def _ensure_export(root: Path, hf_dir: Path, variant: str, progress: bool) -> Path:
     out = root / f"{DEFAULT_NAME}-{variant}"
     if (out / "llorch.json").is_file() and (out / "model.onnx").is_file():
-        return out
+        try:  # exports older than the W8A8 graph (no graph.w8a8 entry) are made again
+            current = "w8a8" in json.loads((out / "llorch.json").read_text()).get("graph", {})
+        except (OSError, ValueError):
+            current = False
+        if current:
+            return out
     from export.api import export_model  # lazy: the graph builder is only needed here
 
     _log(progress, f"exporting {hf_dir.name} -> {out} ({variant})")

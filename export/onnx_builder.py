@@ -6,6 +6,7 @@ moment it is added, so exporting holds one tensor at a time in memory.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,9 +20,23 @@ _INLINE_LIMIT = 1024
 
 
 class GraphBuilder:
-    def __init__(self, data_path: Path):
+    """Builds one graph. ``share_with`` (a closed builder of the same directory) makes this
+    one append to that builder's data file and point at the tensors it already wrote under
+    the same name and bytes instead of writing them again: two graphs, one copy of the
+    shared weights on disk, and one in memory where ONNX Runtime maps the file."""
+
+    def __init__(self, data_path: Path, *, share_with: GraphBuilder | None = None):
         self.data_path = Path(data_path)
-        self._data: BinaryIO = open(self.data_path, "wb")
+        self._written: dict[str, tuple[TensorProto, bytes]] = {}
+        if share_with is None:
+            self._data: BinaryIO = open(self.data_path, "wb")
+        else:
+            if share_with.data_path != self.data_path:
+                raise ValueError("share_with must write the same data file")
+            share_with.close()
+            self._data = open(self.data_path, "r+b")
+            self._data.seek(0, 2)
+            self._written = dict(share_with._written)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -51,6 +66,11 @@ class GraphBuilder:
         if array.nbytes < _INLINE_LIMIT:
             self.initializers.append(numpy_helper.from_array(array, name))
             return name
+        digest = hashlib.blake2b(array.reshape(-1).view(np.uint8), digest_size=16).digest()
+        known = self._written.get(name)
+        if known is not None and known[1] == digest:
+            self.initializers.append(known[0])  # already in the data file: point at it
+            return name
         offset = self._data.tell()
         pad = (-offset) % _ALIGN
         if pad:
@@ -67,6 +87,7 @@ class GraphBuilder:
             e = t.external_data.add()
             e.key, e.value = k, v
         self.initializers.append(t)
+        self._written[name] = (t, digest)
         self.weight_bytes += array.nbytes
         return name
 

@@ -69,8 +69,9 @@ def reference_logits(cfg: LlamaConfig, load: Loader, ids: list[int]) -> np.ndarr
 
 
 def onnx_logits(model_dir: Path, cfg: LlamaConfig, ids: list[int], prefill: int,
-                cache_len: int = 0) -> np.ndarray:
-    """Run the export: a prefill of ``ids[:prefill]`` then one decode step per remaining id.
+                cache_len: int = 0, graph: str = "model.onnx") -> np.ndarray:
+    """Run the export's ``graph``: a prefill of ``ids[:prefill]`` then one decode step per
+    remaining id.
 
     Returns logits [len(ids), vocab], gathered from every step.
     """
@@ -78,7 +79,7 @@ def onnx_logits(model_dir: Path, cfg: LlamaConfig, ids: list[int], prefill: int,
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), so,
+    sess = ort.InferenceSession(str(Path(model_dir) / graph), so,
                                 providers=["CPUExecutionProvider"])
     growing = "position_ids" in {i.name for i in sess.get_inputs()}
     cache_len = 0 if growing else (cache_len or len(ids) + 8)

@@ -42,6 +42,10 @@ def _export_parser(sub) -> None:
                    "(default: 8)")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="coreml: tokens per call of the static prefill graph (default: 64)")
+    p.add_argument("--w8a8-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="cpu: also write model_w8a8.onnx, the decoder with int8 GEMMs (int8 "
+                   "weights per channel, int8 activations per token) that `llorch serve` uses "
+                   "for prefill and batched decode (default: on for cpu int4, else off)")
     p.add_argument("--verify", action="store_true",
                    help="compare the export with a NumPy reference forward pass; fail loudly")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -106,7 +110,7 @@ def _run_export(args) -> int:
             accuracy_level=args.accuracy_level, verify=args.verify, force=args.force,
             progress=not args.quiet, lm_head_bits=args.lm_head_bits,
             down_proj_accuracy_level=args.down_proj_accuracy_level,
-            prefill_chunk=args.prefill_chunk,
+            prefill_chunk=args.prefill_chunk, w8a8_graph=args.w8a8_graph,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -51,6 +51,7 @@ def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine
         threads=options.threads,
         max_batch=options.max_batch,
         max_length=options.max_length,
+        w8a8=options.w8a8,
     )
     tokenizer = Tokenizer.from_dir(options.model_dir)
     engine = Engine(runtime, tokenizer, prefill_chunk=options.prefill_chunk,
@@ -62,6 +63,9 @@ def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine
              runtime.n_slots, runtime.info.max_length, kv / 2**20, kv / runtime.n_slots / 2**20,
              "off" if options.prefix_cache_size == 0 else
              f"up to {engine.slots.cache.capacity} tokens in idle slots")
+    if getattr(runtime, "batch_session", None) is not None:
+        log.info("W8A8 graph %s: prefill chunks and batched decode steps run on int8 GEMMs",
+                 runtime.info.w8a8_file.name)
     engine.start()
     return engine
 

@@ -37,6 +37,8 @@ class ModelInfo:
     source: str = "llorch"  # llorch | genai | optimum
     logits_to_keep: bool = False  # graph has the overridable `num_logits_to_keep` initializer
     shared_kv: bool = True  # past and present share one buffer (GroupQueryAttention graphs)
+    # The export's W8A8 companion graph (int8 GEMMs, same inputs/outputs/KV), or None.
+    w8a8_file: Path | None = None
 
 
 def _read_json(path: Path) -> dict:
@@ -50,6 +52,15 @@ def _ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+
+
+def _companion(model_dir: Path, manifest: Path, filename) -> Path | None:
+    if not filename:
+        return None
+    path = model_dir / str(filename)
+    if not path.is_file():
+        raise ModelDirError(f"{manifest}: graph.w8a8 names {filename}, which is missing")
+    return path
 
 
 def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelInfo:
@@ -86,6 +97,7 @@ def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelI
                 source="llorch" if manifest.is_file() else "genai",
                 logits_to_keep=bool(meta.get("graph", {}).get("logits_to_keep", False)),
                 shared_kv=bool(cfg.get("search", {}).get("past_present_share_buffer", True)),
+                w8a8_file=_companion(model_dir, manifest, meta.get("graph", {}).get("w8a8")),
             )
         except KeyError as e:
             raise ModelDirError(f"{genai}: missing field {e}") from None

@@ -41,6 +41,9 @@ class ServeOptions:
         batch_invariant: decode a lone sequence as a batch of two (a padding row), so greedy
             text never depends on what else runs (int4 CPU kernels round one row differently);
             costs about a third of single-stream speed on int4.
+        w8a8: run prefill chunks and batched decode steps on the export's W8A8 graph (int8
+            weights and per-token int8 activations: AMX/VNNI GEMMs) when it has one; a lone
+            sequence's decode steps stay on the main (int4) graph.
     """
 
     model_dir: Path
@@ -62,6 +65,7 @@ class ServeOptions:
     log_prompts: bool = False
     drain_timeout: float = 15.0
     batch_invariant: bool = False
+    w8a8: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -116,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-invariant", action="store_true",
                         help="decode a lone sequence as a batch of two, so its greedy text is the "
                         "same as in any batch (int4: about a third slower for one stream)")
+    parser.add_argument("--no-w8a8", dest="w8a8", action="store_false",
+                        help="don't use the export's W8A8 graph (int8 GEMMs) for prefill and "
+                        "batched decode; everything runs on the main graph")
 
 
 def _origins(value: str) -> tuple[str, ...]:
@@ -143,4 +150,5 @@ def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions
         log_prompts=args.log_prompts,
         drain_timeout=args.drain_timeout,
         batch_invariant=args.batch_invariant,
+        w8a8=args.w8a8,
     )

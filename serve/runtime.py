@@ -109,8 +109,12 @@ class Runtime:
                 return super().__new__(CudaRuntime)
         return super().__new__(cls)
 
+    # Runs of at least this many rows (prefill tokens, decode sequences) take the W8A8 graph.
+    w8a8_min_rows = 2
+
     def __init__(self, model_dir: Path, *, provider: str = "cpu", threads: int | None = None,
-                 max_batch: int = 1, max_length: int | None = None, name: str | None = None):
+                 max_batch: int = 1, max_length: int | None = None, name: str | None = None,
+                 w8a8: bool = True):
         info = load_model_info(model_dir, name=name)
         if max_length is not None:
             if max_length > info.max_length:
@@ -130,6 +134,13 @@ class Runtime:
             self._keep_ov = self._keep_value()
             so.add_initializer("num_logits_to_keep", self._keep_ov)
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=self.providers)
+        # The export's W8A8 graph (int8 GEMMs) for prefill chunks and batched decode: same
+        # inputs, outputs and KV buffers, so the two sessions take turns on one cache.
+        self.batch_session = None
+        if (w8a8 and info.w8a8_file is not None
+                and self.providers[0] == "CPUExecutionProvider"):
+            self.batch_session = ort.InferenceSession(str(info.w8a8_file), so,
+                                                      providers=self.providers)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._input_names = set(inputs)
         self.kv_dtype = _ORT_TYPES.get(inputs[info.past_key % 0].type, np.float32)
@@ -184,12 +195,21 @@ class Runtime:
         self._bindings: dict[tuple, ort.IOBinding] = {}
         self._logit_bufs: dict[tuple, np.ndarray] = {}
 
-    def _binding(self, first_row: int, rows: int) -> ort.IOBinding:
-        """IO binding with the KV rows [first_row, first_row + rows) bound in place."""
-        key = (first_row, rows)
+    def _session_for(self, rows: int) -> ort.InferenceSession:
+        """The W8A8 graph for runs of many rows (where int8 GEMMs win), else the main one."""
+        if self.batch_session is not None and rows >= self.w8a8_min_rows:
+            return self.batch_session
+        return self.session
+
+    def _binding(self, first_row: int, rows: int, session: ort.InferenceSession | None = None
+                 ) -> tuple[ort.IOBinding, tuple]:
+        """IO binding of ``session`` with the KV rows [first_row, first_row + rows) bound in
+        place, and its cache key."""
+        session = session or self.session
+        key = (first_row, rows, session is self.session)
         io = self._bindings.get(key)
         if io is None:
-            io = self.session.io_binding()
+            io = session.io_binding()
             sl = slice(first_row, first_row + rows)
             for i in range(self.info.num_layers):
                 for buf, pname, oname in ((self._k[i], self.info.past_key, self.info.present_key),
@@ -205,7 +225,7 @@ class Runtime:
             else:
                 io.bind_output("logits")
             self._bindings[key] = io
-        return io
+        return io, key
 
     def _logits_out(self, io: ort.IOBinding, key: tuple) -> np.ndarray:
         if self._has_keep:
@@ -220,14 +240,15 @@ class Runtime:
             raise ValueError("prefill needs at least one token")
         self._check_room(slot, n)
         past = self._lengths[slot]
-        io = self._binding(self._row[slot], 1)
+        session = self._session_for(n)
+        io, key = self._binding(self._row[slot], 1, session)
         if not self._has_keep:
             io.bind_output("logits")  # ORT sizes it: [1, n, vocab]
         io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
         io.bind_cpu_input("attention_mask", np.ones((1, past + n), np.int64))
-        self.session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         self._lengths[slot] = past + n
-        return self._logits_out(io, (self._row[slot], 1))[0]
+        return self._logits_out(io, key)[0]
 
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
         """One token per slot in a single ORT call; float32 logits [len(slots), vocab]."""
@@ -242,15 +263,16 @@ class Runtime:
         mask = np.zeros((b, width), np.int64)
         for j, n in enumerate(lengths):
             mask[j, : n + 1] = 1
-        io = self._binding(0, b)
+        session = self._session_for(b)
+        io, key = self._binding(0, b, session)
         if not self._has_keep:
             io.bind_output("logits")
         io.bind_cpu_input("input_ids", np.asarray(ids, np.int64).reshape(b, 1))
         io.bind_cpu_input("attention_mask", mask)
-        self.session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         for s in slots:
             self._lengths[s] += 1
-        return self._logits_out(io, (0, b))
+        return self._logits_out(io, key)
 
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         """dst gets src's KV: all of it, or its first `length` tokens (a shared prefix)."""

@@ -140,7 +140,8 @@ class StaticRuntime(Runtime):
 
     def __init__(self, model_dir: Path, *, provider: str = "cpu", threads: int | None = None,
                  max_batch: int = 1, max_length: int | None = None, name: str | None = None,
-                 coreml_cache_dir: Path | None = None):
+                 coreml_cache_dir: Path | None = None, w8a8: bool = False):
+        # w8a8: accepted for a uniform constructor; static exports have no int8-GEMM graph.
         model_dir = Path(model_dir)
         graph = static_graph(model_dir)
         if graph is None:
