@@ -78,8 +78,8 @@ def _load(e: dict) -> str:
     return "–" if f is None else f"{f:.2f}"
 
 
-def concurrency_table(results: dict) -> str:
-    e = ok_entries(results).get("llorch-concurrency")
+def concurrency_table(results: dict, key: str = "llorch-concurrency") -> str:
+    e = ok_entries(results).get(key)
     if not e:
         return ""
     conc = e["concurrency"]
@@ -229,6 +229,9 @@ def render_markdown(results: dict) -> str:
                   f"Each stream: a distinct {cfg['stream_prompt']}-token prompt, "
                   f"{cfg['stream_tokens']} new tokens; all streams start together. ITL = gaps "
                   "between a stream's chunks, pooled over streams and rounds.", "", conc]
+    ablation = concurrency_table(results, "llorch-concurrency-no-w8a8")
+    if ablation:
+        parts += ["", "### The same with `--no-w8a8` (every run on the int4 graph)", "", ablation]
     mem = memory_table(results)
     if mem:
         parts += ["", "## Memory and export", "", mem]

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,12 +35,12 @@ class Server:
     """A `llorch serve` child process; `pid`, `url`, `model` once ready."""
 
     def __init__(self, model_dir: Path, *, max_batch: int, max_length: int, threads: int,
-                 log: Path) -> None:
+                 log: Path, extra_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "llorch", "serve", str(model_dir), "--port", str(self.port),
                "--max-batch", str(max_batch), "--max-length", str(max_length),
-               "--threads", str(threads), "--log-level", "warning"]
+               "--threads", str(threads), "--log-level", "warning", *extra_args]
         self._log = open(log, "ab")  # noqa: SIM115 (closed in stop)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
@@ -119,7 +120,8 @@ class HTTPPeer:
 def _single(job: dict, log_dir: Path) -> dict:
     cfg = config_of(job)
     with serving(Path(job["args"]["model_dir"]), max_batch=1, max_length=cfg.max_context,
-                 threads=cfg.threads, log=log_dir / f"{job['key']}-server.log") as server:
+                 threads=cfg.threads, log=log_dir / f"{job['key']}-server.log",
+                 extra_args=job["args"].get("serve_args", ())) as server:
         result = single_stream(HTTPPeer(server), cfg, prompts_of(job))
         mem = server.memory()
     return {**result, "load_s": server.load_s, "peak_rss_mb": mem["peak_rss_mb"]}
@@ -182,7 +184,8 @@ def _concurrency(job: dict, log_dir: Path) -> dict:
     for n in cfg.concurrency:
         with serving(Path(job["args"]["model_dir"]), max_batch=n,
                      max_length=cfg.stream_prompt + cfg.stream_tokens + 16, threads=cfg.threads,
-                     log=log_dir / f"{job['key']}-{n}-server.log") as server:
+                     log=log_dir / f"{job['key']}-{n}-server.log",
+                     extra_args=job["args"].get("serve_args", ())) as server:
             for prompts in rounds_prompts[: cfg.warmup]:
                 asyncio.run(_round(server, prompts[:n], cfg.stream_tokens))
             rounds = [asyncio.run(_round(server, prompts[:n], cfg.stream_tokens))
