@@ -27,6 +27,7 @@ from export.quant import dequantize_blocks
 from export.sources import GGUFSource, HFSource, open_source, validate
 
 W8A8_FILE = "model_w8a8.onnx"  # the int8-GEMM companion graph (export.graph.w8a8_linear)
+CUDA_GRAPH_FILE = "model_decode_static.onnx"  # --target cuda: the capturable decode graph
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                 "lm_head_bits": spec.lm_head_bits if precision == "int4" else None,
                 "gguf_blocks": source.kind == "gguf" and precision == "int4",
                 "w8a8": W8A8_FILE if w8a8_graph else None,
+                "cuda_graph": CUDA_GRAPH_FILE if target == "cuda" else None,
             },
             "max_length": max_length,
             "params": cfg.num_params(),
@@ -263,7 +265,8 @@ def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: Gra
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.num_hidden_layers * (1 + w8a8_graph), desc="layers", unit="layer",
+        n_graphs = 1 + w8a8_graph + (spec.target == "cuda")
+        bar = tqdm(total=cfg.num_hidden_layers * n_graphs, desc="layers", unit="layer",
                    file=sys.stderr, leave=False)
     if spec.target == "coreml":
         from export.graph_coreml import write_static_graphs
@@ -274,7 +277,11 @@ def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: Gra
         finally:
             if bar is not None:
                 bar.close()
-    graphs = [("model.onnx", spec)] + ([(W8A8_FILE, replace(spec, w8a8=True))] if w8a8_graph else [])
+    graphs = [("model.onnx", spec)]
+    if w8a8_graph:
+        graphs.append((W8A8_FILE, replace(spec, w8a8=True)))
+    if spec.target == "cuda":
+        graphs.append((CUDA_GRAPH_FILE, replace(spec, static_decode=True)))
     g = None
     try:
         for filename, graph_spec in graphs:

@@ -59,6 +59,10 @@ class GraphSpec:
     # channel, activations quantized per token, for the runs with many rows (prefill chunks,
     # batched decode) where int8 GEMMs (AMX/VNNI) beat MatMulNBits and fp32 several times.
     w8a8: bool = False
+    # The CUDA-graph decode graph (--target cuda): one token per sequence, attention_mask
+    # [batch, max_length], total_sequence_length a constant, no logits slice, so that every
+    # node runs on the GPU and ONNX Runtime can capture a step (enable_cuda_graph).
+    static_decode: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -332,11 +336,13 @@ def mlp(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
 
 
 def lm_head(g: GraphBuilder, h: str, cfg: LlamaConfig, w: Weights, spec: GraphSpec,
-            keep: str) -> str:
-    """Logits for the last ``keep`` positions (0 = every position, HF's logits_to_keep)."""
-    start = g.op("Neg", [keep], name="/lm_head/Neg")
-    h = g.op("Slice", [h, start, g.const("/lm_head/ends", [INT64_MAX]),
-                       g.const("/lm_head/axes", [1])], name="/lm_head/Slice")
+            keep: str | None) -> str:
+    """Logits for the last ``keep`` positions (0 = every position, HF's logits_to_keep);
+    ``keep`` None: every position, no slice."""
+    if keep is not None:
+        start = g.op("Neg", [keep], name="/lm_head/Neg")
+        h = g.op("Slice", [h, start, g.const("/lm_head/ends", [INT64_MAX]),
+                           g.const("/lm_head/axes", [1])], name="/lm_head/Slice")
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     bits = (spec.lm_head_bits if spec.precision == "int4" else 0)
     # W8A8 graph: kept as the main graph's (per-token int8 here measured +1.4% perplexity).
@@ -361,10 +367,14 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
     if spec.target == "cuda" and not gqa:
         raise ExportError(f"--target cuda needs GroupQueryAttention, which does not take "
                           f"head_dim {cfg.head_dim} (a multiple of 16 is required)")
+    if spec.static_decode and not (gqa and spec.target == "cuda"):
+        raise ExportError("the CUDA-graph decode graph is built for --target cuda only")
     kv_len = "max_sequence_length" if gqa else "past_sequence_length"
     kv_shape = ["batch_size", cfg.num_key_value_heads, kv_len, cfg.head_dim]
-    input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
-    mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    seq = 1 if spec.static_decode else "sequence_length"
+    input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", seq])
+    mask = g.input("attention_mask", TensorProto.INT64,
+                   ["batch_size", kv_len if spec.static_decode else "total_sequence_length"])
     if not gqa:
         position_ids = g.input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     for i in range(cfg.num_hidden_layers):
@@ -372,8 +382,10 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
         g.input(f"past_key_values.{i}.value", spec.io_type, kv_shape)
     # Overridable input (an initializer default of 0 = logits for every position): the server
     # feeds 1 so a prefill chunk pays the lm_head for its last position only.
-    keep = g.input("num_logits_to_keep", TensorProto.INT64, [1])
-    g.const("num_logits_to_keep", [0])
+    keep = None
+    if not spec.static_decode:
+        keep = g.input("num_logits_to_keep", TensorProto.INT64, [1])
+        g.const("num_logits_to_keep", [0])
 
     if not gqa:
         att = attention_inputs(g, cfg, spec.max_length, input_ids, mask, position_ids)
@@ -382,7 +394,7 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
     _decoder_body(g, cfg, w, spec, input_ids, keep, att, on_layer)
     present_shape = kv_shape if gqa else ["batch_size", cfg.num_key_value_heads,
                                           "total_sequence_length", cfg.head_dim]
-    g.output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+    g.output("logits", TensorProto.FLOAT, ["batch_size", seq, cfg.vocab_size])
     for i in range(cfg.num_hidden_layers):
         g.output(f"present.{i}.key", spec.io_type, present_shape)
         g.output(f"present.{i}.value", spec.io_type, present_shape)
@@ -391,6 +403,19 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
 def _gqa_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, mask: str
                 ) -> AttentionInputs:
     # seqlens_k = tokens per sequence - 1, total = mask width (what GQA wants as int32)
+    cos, sin = cos_sin_cache(cfg, spec.max_length)
+    cos = g.initializer("cos_cache", cos.astype(spec.io_dtype))
+    sin = g.initializer("sin_cache", sin.astype(spec.io_dtype))
+    if spec.static_decode:
+        # int32 math on the GPU; the mask spans the KV buffer, whose length (the runtime's
+        # max length, fixed for a session) comes in as total_sequence_length, a host scalar
+        m32 = g.op("Cast", [mask], name="/model/attn_mask/Cast", to=TensorProto.INT32)
+        total = g.op("ReduceSum", [m32, g.const("/model/attn_mask/axes", [1])],
+                     name="/model/attn_mask/ReduceSum", keepdims=0)
+        seqlens = g.op("Sub", [total, g.const("/model/attn_mask/one", 1, np.int32)],
+                       name="/model/attn_mask/Sub")
+        width = g.input("total_sequence_length", TensorProto.INT32, [])
+        return AttentionInputs(seqlens, width, cos, sin)
     total = g.op("ReduceSum", [mask, g.const("/model/attn_mask/axes", [1])],
                  name="/model/attn_mask/ReduceSum", keepdims=0)
     last = g.op("Sub", [total, g.const("/model/attn_mask/one", 1)], name="/model/attn_mask/Sub")
@@ -398,13 +423,12 @@ def _gqa_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, mask: str
     width = g.op("Shape", [mask], name="/model/attn_mask/Shape", start=1, end=2)
     width = g.op("Squeeze", [width], name="/model/attn_mask/Squeeze")
     width = g.op("Cast", [width], name="/model/attn_mask/total_seq_len/Cast", to=TensorProto.INT32)
-    cos, sin = cos_sin_cache(cfg, spec.max_length)
-    return AttentionInputs(seqlens, width, g.initializer("cos_cache", cos.astype(spec.io_dtype)),
-                           g.initializer("sin_cache", sin.astype(spec.io_dtype)))
+    return AttentionInputs(seqlens, width, cos, sin)
 
 
 def _decoder_body(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec,
-                  input_ids: str, keep: str, att, on_layer: Callable[[int], None]) -> None:
+                  input_ids: str, keep: str | None, att, on_layer: Callable[[int], None]
+                  ) -> None:
     x = embed_tokens(g, input_ids, w, spec)
     residual, mlp_out = x, None
     for i in range(cfg.num_hidden_layers):

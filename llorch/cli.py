@@ -140,10 +140,9 @@ def _default_model_dir() -> Path:
 
 
 def _run_serve(args) -> int:
-    from serve.main import run_cli
-    from serve.options import options_from_args
+    from serve.main import serve_args
 
-    return run_cli(options_from_args(args.model or _default_model_dir(), args))
+    return serve_args(args.model or _default_model_dir(), args)
 
 
 if __name__ == "__main__":

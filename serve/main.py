@@ -52,6 +52,7 @@ def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine
         max_batch=options.max_batch,
         max_length=options.max_length,
         w8a8=options.w8a8,
+        **({"cuda_graph": True} if options.cuda_graph else {}),
     )
     tokenizer = Tokenizer.from_dir(options.model_dir)
     engine = Engine(runtime, tokenizer, prefill_chunk=options.prefill_chunk,
@@ -146,12 +147,22 @@ def run_cli(options: ServeOptions) -> int:
     return 0
 
 
+def serve_args(model_dir: Path, args: argparse.Namespace) -> int:
+    """`run_cli` on parsed flags; flags that contradict each other are an error, exit 2."""
+    try:
+        options = options_from_args(model_dir, args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_cli(options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve.main", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_cli(options_from_args(args.model_dir, args))
+    return serve_args(args.model_dir, args)
 
 
 if __name__ == "__main__":

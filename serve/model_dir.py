@@ -39,6 +39,8 @@ class ModelInfo:
     shared_kv: bool = True  # past and present share one buffer (GroupQueryAttention graphs)
     # The export's W8A8 companion graph (int8 GEMMs, same inputs/outputs/KV), or None.
     w8a8_file: Path | None = None
+    # --target cuda: the decode graph ONNX Runtime can capture as a CUDA graph, or None.
+    cuda_graph_file: Path | None = None
 
 
 def _read_json(path: Path) -> dict:
@@ -54,12 +56,14 @@ def _ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
 
 
-def _companion(model_dir: Path, manifest: Path, filename) -> Path | None:
+def _companion(model_dir: Path, manifest: Path, key: str, meta: dict) -> Path | None:
+    """The extra graph file llorch.json's ``graph.<key>`` names, if any."""
+    filename = meta.get("graph", {}).get(key)
     if not filename:
         return None
     path = model_dir / str(filename)
     if not path.is_file():
-        raise ModelDirError(f"{manifest}: graph.w8a8 names {filename}, which is missing")
+        raise ModelDirError(f"{manifest}: graph.{key} names {filename}, which is missing")
     return path
 
 
@@ -97,7 +101,8 @@ def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelI
                 source="llorch" if manifest.is_file() else "genai",
                 logits_to_keep=bool(meta.get("graph", {}).get("logits_to_keep", False)),
                 shared_kv=bool(cfg.get("search", {}).get("past_present_share_buffer", True)),
-                w8a8_file=_companion(model_dir, manifest, meta.get("graph", {}).get("w8a8")),
+                w8a8_file=_companion(model_dir, manifest, "w8a8", meta),
+                cuda_graph_file=_companion(model_dir, manifest, "cuda_graph", meta),
             )
         except KeyError as e:
             raise ModelDirError(f"{genai}: missing field {e}") from None

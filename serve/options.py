@@ -44,6 +44,8 @@ class ServeOptions:
         w8a8: run prefill chunks and batched decode steps on the export's W8A8 graph (int8
             weights and per-token int8 activations: AMX/VNNI GEMMs) when it has one; a lone
             sequence's decode steps stay on the main (int4) graph.
+        cuda_graph: --provider cuda: decode steps on the export's static decode graph,
+            captured as a CUDA graph once per batch size (ORT's enable_cuda_graph).
     """
 
     model_dir: Path
@@ -66,6 +68,7 @@ class ServeOptions:
     drain_timeout: float = 15.0
     batch_invariant: bool = False
     w8a8: bool = True
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -82,6 +85,8 @@ class ServeOptions:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
+            raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-invariant", action="store_true",
                         help="decode a lone sequence as a batch of two, so its greedy text is the "
                         "same as in any batch (int4: about a third slower for one stream)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="--provider cuda: capture decode steps as CUDA graphs (one per batch "
+                        "size) on the export's static decode graph")
     parser.add_argument("--no-w8a8", dest="w8a8", action="store_false",
                         help="don't use the export's W8A8 graph (int8 GEMMs) for prefill and "
                         "batched decode; everything runs on the main graph")
@@ -151,4 +159,5 @@ def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions
         drain_timeout=args.drain_timeout,
         batch_invariant=args.batch_invariant,
         w8a8=args.w8a8,
+        cuda_graph=args.cuda_graph,
     )

@@ -15,8 +15,10 @@ and ``copy_slot`` are device-to-device copies through a tiny Identity graph (``D
 CUDA graph capture (``cuda_graph=True``, ORT's ``enable_cuda_graph``) needs fixed shapes and
 addresses: decode masks then span the whole buffer (GroupQueryAttention reads each row's
 length from the mask's sum, the width only sizes the buffer), ids, mask and logits live in
-fixed device buffers per batch size, and each batch size is captured once (``gpu_graph_id``);
-prefill always runs uncaptured.
+fixed device buffers per batch size, and each batch size is captured once (``gpu_graph_id``).
+Decode steps then run on the export's static decode graph (``model_decode_static.onnx``: no
+shape arithmetic or logits slice, which ORT would place on the CPU and so refuse to capture)
+in a second session; prefill runs uncaptured on the main graph, over the same KV buffers.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serve.runtime import Runtime
+from serve.runtime import Runtime, resolve_providers, session_options
 
 log = logging.getLogger("llorch.runtime")
 
@@ -169,9 +171,20 @@ class CudaRuntime(Runtime):
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"CUDAExecutionProvider did not load (session providers: "
                                f"{self.session.get_providers()}); check the CUDA/cuDNN libraries")
+        # Decode steps run on the export's static decode graph, captured once per batch size
+        # (every node on the GPU, fixed shapes: the mask spans the whole cache).
+        self.decode_session = self.session
+        if cuda_graph:
+            graph_file = self.info.cuda_graph_file
+            if graph_file is None:
+                raise ValueError(f"{model_dir}: no CUDA-graph decode graph (llorch.json "
+                                 "graph.cuda_graph); re-export with --target cuda")
+            providers = self._with_options(resolve_providers(provider), cuda_graph=True)
+            self.decode_session = ort.InferenceSession(
+                str(graph_file), session_options(threads), providers=providers)
 
-    def _with_options(self, providers: list) -> list:
-        return [(p, cuda_provider_options(device_id=self._device_id, cuda_graph=self._cuda_graph))
+    def _with_options(self, providers: list, *, cuda_graph: bool = False) -> list:
+        return [(p, cuda_provider_options(device_id=self._device_id, cuda_graph=cuda_graph))
                 if p == "CUDAExecutionProvider" else p for p in providers]
 
     # -- buffers -----------------------------------------------------------------------------
@@ -199,9 +212,9 @@ class CudaRuntime(Runtime):
                             for p in (x[0] if isinstance(x, tuple) else x for x in self.providers)]
         self._copier = DeviceCopier(2 * info.num_layers, self.kv_dtype, copier_providers,
                                     self._device, self._device_id)
-        self._uncaptured = ort.RunOptions()
-        self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
         self._run_opts: dict[int, ort.RunOptions] = {}
+        # the static decode graph's total_sequence_length: the mask width, fixed per session
+        self._total_len = ort.OrtValue.ortvalue_from_numpy(np.array(info.max_length, np.int32))
 
     def _ptr(self, buffer: str, row: int) -> int:
         t, i = buffer.split(".")
@@ -213,8 +226,8 @@ class CudaRuntime(Runtime):
         io = self._bindings.get(key)
         if io is not None:
             return io
-        io = self.session.io_binding()
         device_io = decode and self._cuda_graph
+        io = (self.decode_session if device_io else self.session).io_binding()
         plan = binding_plan(self.info, self.kv_dtype, first_row, rows, seq=1,
                             mask_width=self.info.max_length, device_io=device_io)
         for b in plan:
@@ -227,6 +240,7 @@ class CudaRuntime(Runtime):
             io.bind_ortvalue_input("input_ids", ids)
             io.bind_ortvalue_input("attention_mask", mask)
             io.bind_ortvalue_output("logits", logits)
+            io.bind_ortvalue_input("total_sequence_length", self._total_len)
         elif self._has_keep:
             out = np.empty((rows, 1, self.info.vocab_size), np.float32)
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
@@ -262,7 +276,7 @@ class CudaRuntime(Runtime):
             io.bind_output("logits")
         io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
         io.bind_cpu_input("attention_mask", np.ones((1, past + n), np.int64))
-        self.session.run_with_iobinding(io, self._uncaptured if self._cuda_graph else None)
+        self.session.run_with_iobinding(io)
         self._lengths[slot] = past + n
         return self._logits(io, key)[0]
 
@@ -286,7 +300,7 @@ class CudaRuntime(Runtime):
             dev_ids, dev_mask, _ = self._device_inputs(b)
             dev_ids.update_inplace(tokens)
             dev_mask.update_inplace(mask)
-            self.session.run_with_iobinding(io, self._graph_opts(b))
+            self.decode_session.run_with_iobinding(io, self._graph_opts(b))
         else:
             if not self._has_keep:
                 io.bind_output("logits")

@@ -7,6 +7,7 @@ the GPU run itself is bench/gpu/ (results in bench/results/).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -216,3 +217,29 @@ def test_cuda_provider_missing_is_a_clear_error(cuda_dirs):
         Runtime(cuda_dirs["fp16"], provider="cuda")
 
 
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int4"])
+def test_static_decode_graph_has_nothing_ort_would_put_on_the_cpu(cuda_dirs, precision):
+    """CUDA graph capture needs every node on the GPU: the decode graph has no shape
+    arithmetic (Shape/Squeeze → total_sequence_length is an input), no logits slice
+    (Neg/Slice of num_logits_to_keep), fixed shapes, and shares the main graph's data file."""
+    d = cuda_dirs[precision]
+    assert json.loads((d / "llorch.json").read_text())["graph"]["cuda_graph"] == \
+        "model_decode_static.onnx"
+    m = onnx.load(d / "model_decode_static.onnx", load_external_data=False)
+    ops = Counter(n.op_type for n in m.graph.node)
+    assert not {"Shape", "Squeeze", "Neg", "Slice"} & set(ops), ops
+    assert ops["GroupQueryAttention"] == LlamaConfig.from_hf(
+        json.loads((d / "config.json").read_text())).num_hidden_layers
+    inputs = {i.name for i in m.graph.input}
+    assert "num_logits_to_keep" not in inputs
+    assert _io(m, "input_ids")[1] == ["batch_size", 1]
+    # the mask spans the KV buffer; its length is the runtime's, passed as a host scalar
+    assert _io(m, "attention_mask")[1] == ["batch_size", "max_sequence_length"]
+    assert _io(m, "total_sequence_length") == (onnx.TensorProto.INT32, [])
+    assert _io(m, "logits")[1][1] == 1
+    locations = {e.value for t in m.graph.initializer for e in t.external_data
+                 if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+    assert not (d / "model_decode_static.onnx.data").exists()
