@@ -2,10 +2,12 @@
 
     python -m bench.ort_profile [MODEL_DIR] [--prompt 128] [--steps 64] [--threads 2]
 
-Runs `serve.runtime.Runtime` (the server's own session and IO binding) with ORT's profiler
+Runs `serve.runtime.Runtime` (the server's own sessions and IO binding) with ORT's profiler
 on, prefills one prompt, decodes `--steps` tokens at batch 1, and prints, per op type, the
 time per prefill and per decode step, plus the gap between the whole `model_run` and the
-sum of its nodes (ORT's own per-run overhead). Pair with py-spy for the Python side:
+sum of its nodes (ORT's own per-run overhead). With a W8A8 graph the prefill is that
+session's (as in the server), the decode the main graph's; `--no-w8a8` profiles the main
+graph for both. Pair with py-spy for the Python side:
 `py-spy record --native -- python -m bench …`.
 """
 
@@ -55,7 +57,10 @@ def format_breakdown(summary: dict, first: int, last: int, title: str) -> str:
     return "\n".join(lines)
 
 
-def profile(model_dir: Path, prompt: int, steps: int, threads: int) -> dict:
+def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: bool = True
+            ) -> tuple[dict, dict]:
+    """(prefill summary, decode summary): runs [warm-up, measured] of the session that
+    prefilled, and [warm-up prefill, measured prefill, decode steps…] of the main one."""
     from tokenizers import Tokenizer
 
     import serve.runtime as rt
@@ -75,7 +80,7 @@ def profile(model_dir: Path, prompt: int, steps: int, threads: int) -> dict:
         rt.session_options = profiled
         try:
             runtime = rt.Runtime(model_dir, threads=threads, max_batch=1,
-                                 max_length=prompt + steps + 8)
+                                 max_length=prompt + steps + 8, w8a8=w8a8)
         finally:
             rt.session_options = base
         runtime.prefill(0, ids)  # warm-up: first-run allocations and kernel packing
@@ -84,9 +89,11 @@ def profile(model_dir: Path, prompt: int, steps: int, threads: int) -> dict:
         token = int(logits.argmax())
         for _ in range(steps):
             token = int(runtime.decode([0], [token])[0].argmax())
-        trace = runtime.session.end_profiling()
-        events = json.loads(Path(trace).read_text())
-    return summarize_trace(events)
+        main = summarize_trace(json.loads(Path(runtime.session.end_profiling()).read_text()))
+        batch = runtime.batch_session
+        if batch is None or prompt < runtime.w8a8_min_rows:
+            return main, main
+        return summarize_trace(json.loads(Path(batch.end_profiling()).read_text())), main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,17 +103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--steps", type=int, default=64, help="decode steps (default 64)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-w8a8", dest="w8a8", action="store_false",
+                   help="prefill on the main graph too (as `llorch serve --no-w8a8`)")
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
         from bench.prepare import default_model_paths
 
         model_dir = default_model_paths()["int4"]
-    s = profile(model_dir, args.prompt, args.steps, args.threads)
-    print(format_breakdown(s, 1, 2, f"prefill of {args.prompt} tokens (after a warm-up one)"))
+    pre, dec = profile(model_dir, args.prompt, args.steps, args.threads, args.w8a8)
+    print(format_breakdown(pre, 1, 2, f"prefill of {args.prompt} tokens (after a warm-up one)"))
     print()
-    # skip the first few decode steps (allocation, caches warming)
-    print(format_breakdown(s, 2 + min(4, args.steps // 4), len(s["runs"]), "decode step, batch 1"))
+    # the main session's runs: [prefill, prefill,] decode steps; skip the first few steps
+    first = len(dec["runs"]) - args.steps + min(4, args.steps // 4)
+    print(format_breakdown(dec, first, len(dec["runs"]), "decode step, batch 1"))
     return 0
 
 
