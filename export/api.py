@@ -158,8 +158,10 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     ``target`` cpu/cuda: one GroupQueryAttention graph (fp16 I/O on cuda). ``target`` coreml:
     the static decode + prefill graphs of export/graph_coreml.py, ``prefill_chunk`` tokens a
     prefill call, max_length by default min(context, 2048).
-    ``w8a8_graph`` (None = on for cpu int4): also write ``model_w8a8.onnx``, the same decoder
-    with int8 GEMMs for the runs of many rows (graph.w8a8_linear), sharing the data file.
+    ``w8a8_graph`` (None = on for cpu int4 GroupQueryAttention graphs): also write
+    ``model_w8a8.onnx``, the same decoder with int8 GEMMs for the runs of many rows
+    (graph.w8a8_linear), sharing the data file. ``target`` cuda also writes
+    ``model_decode_static.onnx``, the decode graph CUDA graphs capture.
 
     Raises ExportError (naming the file/field) on bad input; nothing is left at ``out`` then.
     """
@@ -172,8 +174,6 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     validate(source)
     if accuracy_level is None:
         accuracy_level = 4 if target == "cpu" else 0
-    if w8a8_graph is None:
-        w8a8_graph = target == "cpu" and precision == "int4"
     if w8a8_graph and target != "cpu":
         raise ExportError(f"--w8a8-graph is for --target cpu (int8 GEMMs), not {target}")
     if max_length is None and target == "coreml":
@@ -187,6 +187,8 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                      lm_head_bits=lm_head_bits)
 
     gqa = uses_gqa(cfg, spec) and target != "coreml"
+    if w8a8_graph is None:  # the server runs it over shared KV buffers: GQA graphs only
+        w8a8_graph = target == "cpu" and precision == "int4" and gqa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns() % 10**6}"
     tmp.mkdir()

@@ -45,6 +45,7 @@ from serve.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    RateLimitError,
     ServerError,
     ServiceUnavailableError,
 )
@@ -63,13 +64,6 @@ from serve.streaming import respond
 log = logging.getLogger("serve.app")
 
 RETRY_AFTER_S = 1  # what a 429 tells clients to wait
-
-
-class RateLimitError(APIError):
-    """429: the request queue is full (OpenAI's rate-limit shape, so SDKs back off and retry)."""
-
-    status_code = 429
-    type = "requests"
 
 
 class EngineLike(Protocol):

@@ -82,6 +82,13 @@ class PayloadTooLargeError(APIError):
     type = "invalid_request_error"
 
 
+class RateLimitError(APIError):
+    """429: the request queue is full (OpenAI's rate-limit shape, so SDKs back off and retry)."""
+
+    status_code = 429
+    type = "requests"
+
+
 class ServerError(APIError):
     status_code = 500
     type = "server_error"

@@ -137,7 +137,7 @@ class Runtime:
         # The export's W8A8 graph (int8 GEMMs) for prefill chunks and batched decode: same
         # inputs, outputs and KV buffers, so the two sessions take turns on one cache.
         self.batch_session = None
-        if (w8a8 and info.w8a8_file is not None
+        if (w8a8 and info.w8a8_file is not None and info.shared_kv
                 and self.providers[0] == "CPUExecutionProvider"):
             self.batch_session = ort.InferenceSession(str(info.w8a8_file), so,
                                                       providers=self.providers)
@@ -179,6 +179,14 @@ class Runtime:
     def _kv_token_bytes(self) -> int:
         return (2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim
                 * np.dtype(self.kv_dtype).itemsize)
+
+    def _begin_prefill(self, slot: int, ids: Sequence[int]) -> tuple[int, int]:
+        """Checks a prefill of ``ids`` into ``slot``; returns (tokens, tokens already held)."""
+        n = len(ids)
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        self._check_room(slot, n)
+        return n, self._lengths[slot]
 
     def _check_room(self, slot: int, n: int) -> None:
         if self._lengths[slot] + n > self.info.max_length:
@@ -235,11 +243,7 @@ class Runtime:
 
     def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
         """Append ``ids`` to ``slot``'s sequence; float32 logits [vocab] after the last one."""
-        n = len(ids)
-        if n == 0:
-            raise ValueError("prefill needs at least one token")
-        self._check_room(slot, n)
-        past = self._lengths[slot]
+        n, past = self._begin_prefill(slot, ids)
         session = self._session_for(n)
         io, key = self._binding(self._row[slot], 1, session)
         if not self._has_keep:

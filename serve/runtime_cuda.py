@@ -265,11 +265,7 @@ class CudaRuntime(Runtime):
 
     # -- calls -------------------------------------------------------------------------------
     def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
-        n = len(ids)
-        if n == 0:
-            raise ValueError("prefill needs at least one token")
-        self._check_room(slot, n)
-        past = self._lengths[slot]
+        n, past = self._begin_prefill(slot, ids)
         key = (self._row[slot], 1, False)
         io = self._binding(*key[:2], decode=False)
         if not self._has_keep:

@@ -110,3 +110,17 @@ def test_default_model_answers_through_the_w8a8_graph(default_model_dir):
         out.append(tokens[0])
         tokens = [int(t) for t in rt.decode([0, 1], tokens).argmax(-1)]
     assert "Paris" in tok.decode(out)
+
+
+def test_no_w8a8_graph_for_growing_kv_exports(tmp_path, default_hf_dir):
+    """Head sizes CPU GroupQueryAttention rejects get the standard-op graph with a growing
+    cache, which the server runs one sequence at a time: no W8A8 companion by default."""
+    from conftest import TINY_CONFIG, write_random_llama
+
+    cfg = {**TINY_CONFIG, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "head_dim": 24}
+    hf = write_random_llama(tmp_path / "hf", cfg, default_hf_dir)
+    out = export_model(hf, tmp_path / "int4", precision="int4", progress=False).out
+    graph = json.loads((out / "llorch.json").read_text())["graph"]
+    assert graph["variant"] == "standard-growing-kv" and graph["w8a8"] is None
+    assert not (out / "model_w8a8.onnx").exists()
