@@ -24,13 +24,13 @@ import platform
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from greedy import chat_ids, greedy  # noqa: E402
+from staging import run_stage  # noqa: E402
 
 FP16_REL_TOL = 0.02  # |Δ first logits| / max |logit| against the fp32 export
 
@@ -40,16 +40,7 @@ class Report:
         self.path, self.data = path, {}
 
     def stage(self, name: str, fn, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            out = self.data[name] = fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - recorded with its traceback, the run goes on
-            out = None
-            self.data[name] = {"error": f"{type(e).__name__}: {e}"[:1000],
-                               "traceback": traceback.format_exc()[-2000:]}
-        print(f"[{name}] {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        self.save()
-        return out
+        return run_stage(self, name, fn, *args, **kwargs)
 
     def save(self) -> None:
         if self.path:

@@ -53,6 +53,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from staging import run_stage  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 PARIS_Q = [{"role": "user", "content": "What is the capital of France?"}]
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -111,16 +114,7 @@ class Report:
         return details
 
     def stage(self, name: str, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            out = self.data[name] = fn(*args)
-        except Exception as e:  # noqa: BLE001 - recorded with its traceback
-            out = None
-            self.data[name] = {"error": f"{type(e).__name__}: {e}"[:1000],
-                               "traceback": traceback.format_exc()[-2000:]}
-        print(f"[{name}] {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        self.save()
-        return out
+        return run_stage(self, name, fn, *args)
 
 
 def _short(x, n: int = 300) -> str:
