@@ -5,9 +5,8 @@
 Runs `serve.runtime.Runtime` (the server's own sessions and IO binding) with ORT's profiler
 on, prefills one prompt, decodes `--steps` tokens at batch 1, and prints, per op type, the
 time per prefill and per decode step, plus the gap between the whole `model_run` and the
-sum of its nodes (ORT's own per-run overhead). With a W8A8 graph the prefill is that
-session's (as in the server), the decode the main graph's; `--no-w8a8` profiles the main
-graph for both. Pair with py-spy for the Python side:
+sum of its nodes (ORT's own per-run overhead). `--w8a8`: the prefill on the export's W8A8
+graph (as `llorch serve --w8a8` runs it), the decode on the main graph. Pair with py-spy for the Python side:
 `py-spy record --native -- python -m bench …`.
 """
 
@@ -57,7 +56,7 @@ def format_breakdown(summary: dict, first: int, last: int, title: str) -> str:
     return "\n".join(lines)
 
 
-def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: bool = True
+def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: bool = False
             ) -> tuple[dict, dict]:
     """(prefill summary, decode summary): runs [warm-up, measured] of the session that
     prefilled, and [warm-up prefill, measured prefill, decode steps…] of the main one."""
@@ -103,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--steps", type=int, default=64, help="decode steps (default 64)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-w8a8", dest="w8a8", action="store_false",
-                   help="prefill on the main graph too (as `llorch serve --no-w8a8`)")
+    p.add_argument("--w8a8", action="store_true",
+                   help="prefill on the W8A8 graph (as `llorch serve --w8a8`)")
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:

@@ -229,9 +229,10 @@ def render_markdown(results: dict) -> str:
                   f"Each stream: a distinct {cfg['stream_prompt']}-token prompt, "
                   f"{cfg['stream_tokens']} new tokens; all streams start together. ITL = gaps "
                   "between a stream's chunks, pooled over streams and rounds.", "", conc]
-    ablation = concurrency_table(results, "llorch-concurrency-no-w8a8")
-    if ablation:
-        parts += ["", "### The same with `--no-w8a8` (every run on the int4 graph)", "", ablation]
+    opt_in = concurrency_table(results, "llorch-concurrency-w8a8")
+    if opt_in:
+        parts += ["", "### The same with `--w8a8` (prefill and batched decode on int8 GEMMs)",
+                  "", opt_in]
     mem = memory_table(results)
     if mem:
         parts += ["", "## Memory and export", "", mem]

@@ -47,12 +47,12 @@ ENTRIES: tuple[Entry, ...] = (
           "optimum-fp32", "llorch-fp32"),
     Entry("llorch-concurrency", "llorch HTTP int4, N concurrent streams", "llorch_http",
           "concurrency", "int4", None, {"mode": "concurrency"}),
-    # ablation: the int4 graph alone (before the W8A8 graph took prefill and batched decode)
-    Entry("llorch-int4-no-w8a8", "llorch engine int4, --no-w8a8 (int4 graph only)",
-          "llorch_engine", "ablation", "int4", "llorch-int4", {"w8a8": False}),
-    Entry("llorch-concurrency-no-w8a8", "llorch HTTP int4 --no-w8a8, N concurrent streams",
-          "llorch_http", "ablation", "int4", None,
-          {"mode": "concurrency", "serve_args": ["--no-w8a8"]}),
+    # opt-in speed for quality: prefill and batched decode on the W8A8 graph (serve --w8a8)
+    Entry("llorch-int4-w8a8", "llorch engine int4 --w8a8 (int8 GEMMs for prefill)",
+          "llorch_engine", "w8a8", "int4", "llorch-int4", {"w8a8": True}),
+    Entry("llorch-concurrency-w8a8", "llorch HTTP int4 --w8a8, N concurrent streams",
+          "llorch_http", "w8a8", "int4", None,
+          {"mode": "concurrency", "serve_args": ["--w8a8"]}),
     Entry("llorch-server-rss", "llorch serve int4, 8 slots x 4096 tokens", "llorch_http", "rss",
           "int4", None, {"mode": "rss"}),
 )

@@ -114,7 +114,7 @@ class Runtime:
 
     def __init__(self, model_dir: Path, *, provider: str = "cpu", threads: int | None = None,
                  max_batch: int = 1, max_length: int | None = None, name: str | None = None,
-                 w8a8: bool = True):
+                 w8a8: bool = False):
         info = load_model_info(model_dir, name=name)
         if max_length is not None:
             if max_length > info.max_length:
@@ -134,8 +134,8 @@ class Runtime:
             self._keep_ov = self._keep_value()
             so.add_initializer("num_logits_to_keep", self._keep_ov)
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=self.providers)
-        # The export's W8A8 graph (int8 GEMMs) for prefill chunks and batched decode: same
-        # inputs, outputs and KV buffers, so the two sessions take turns on one cache.
+        # Opt-in: the export's W8A8 graph (int8 GEMMs) for prefill chunks and batched decode:
+        # same inputs, outputs and KV buffers, so the two sessions take turns on one cache.
         self.batch_session = None
         if (w8a8 and info.w8a8_file is not None and info.shared_kv
                 and self.providers[0] == "CPUExecutionProvider"):

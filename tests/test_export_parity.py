@@ -328,13 +328,13 @@ def test_w8a8_graph_matches_transformers(tiny, name):
     assert np.abs(q - ref).max() <= 0.10 * np.abs(ref).max()
     assert (q.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
 
-    rt = Runtime(out, max_batch=2)
+    rt = Runtime(out, max_batch=2, w8a8=True)
     a, b = seq[:12], _ids(9, seed=8)
     rt.prefill(0, a)
     rt.prefill(1, b)
     both = rt.decode([0, 1], [5, 6])
     for j, (p, t) in enumerate(((a, 5), (b, 6))):
-        alone = Runtime(out, max_batch=2)
+        alone = Runtime(out, max_batch=2, w8a8=True)
         alone.prefill(0, p)
         # a lone row decodes on the int4 graph: pad it with a second row to stay on W8A8
         alone.prefill(1, [3, 4])

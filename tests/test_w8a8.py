@@ -60,7 +60,7 @@ def test_flags_and_targets(tiny_hf_dir, tmp_path):
                        progress=False).out
     assert not (off / "model_w8a8.onnx").exists()
     assert json.loads((off / "llorch.json").read_text())["graph"]["w8a8"] is None
-    assert Runtime(off).batch_session is None
+    assert Runtime(off, w8a8=True).batch_session is None
     fp32 = export_model(tiny_hf_dir, tmp_path / "fp32", precision="fp32", progress=False).out
     assert not (fp32 / "model_w8a8.onnx").exists()  # opt-in for float exports
     with pytest.raises(ExportError, match="--w8a8-graph is for --target cpu"):
@@ -70,11 +70,12 @@ def test_flags_and_targets(tiny_hf_dir, tmp_path):
 
 
 def test_runtime_routes_many_row_runs_to_the_w8a8_graph(tiny_int4):
-    rt = Runtime(tiny_int4, max_batch=2)
+    """Opt-in (`llorch serve --w8a8`): off by default, since it trades quality for speed."""
+    assert Runtime(tiny_int4, max_batch=2).batch_session is None
+    rt = Runtime(tiny_int4, max_batch=2, w8a8=True)
     assert rt.batch_session is not None
     assert rt._session_for(1) is rt.session
     assert rt._session_for(2) is rt.batch_session and rt._session_for(512) is rt.batch_session
-    assert Runtime(tiny_int4, w8a8=False).batch_session is None
 
 
 def test_w8a8_rows_do_not_depend_on_their_batch_mates(tiny_int4):
@@ -84,7 +85,7 @@ def test_w8a8_rows_do_not_depend_on_their_batch_mates(tiny_int4):
     prompts = [[int(t) for t in rng.integers(3, 1000, n)] for n in (5, 9, 7)]
     got = []
     for rows in (2, 3):
-        rt = Runtime(tiny_int4, max_batch=3)
+        rt = Runtime(tiny_int4, max_batch=3, w8a8=True)
         for j in range(rows):
             rt.prefill(j, prompts[j])
         steps = [rt.decode(list(range(rows)), [11 + j for j in range(rows)]) for _ in range(3)]
@@ -99,8 +100,8 @@ def test_default_model_answers_through_the_w8a8_graph(default_model_dir):
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True)
     ids = tok.encode(text)
-    rt = Runtime(default_model_dir, max_batch=2)
-    ref = Runtime(default_model_dir, max_batch=2, w8a8=False)
+    rt = Runtime(default_model_dir, max_batch=2, w8a8=True)
+    ref = Runtime(default_model_dir, max_batch=2)
     a, b = rt.prefill(0, ids), ref.prefill(0, ids)
     cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert cos > 0.99 and int(a.argmax()) == int(b.argmax())
@@ -124,3 +125,15 @@ def test_no_w8a8_graph_for_growing_kv_exports(tmp_path, default_hf_dir):
     graph = json.loads((out / "llorch.json").read_text())["graph"]
     assert graph["variant"] == "standard-growing-kv" and graph["w8a8"] is None
     assert not (out / "model_w8a8.onnx").exists()
+
+
+def test_serve_flag_is_opt_in():
+    import argparse
+    from pathlib import Path
+
+    from serve.options import add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert options_from_args(Path("m"), p.parse_args([])).w8a8 is False
+    assert options_from_args(Path("m"), p.parse_args(["--w8a8"])).w8a8 is True

@@ -16,7 +16,7 @@ from bench.peers.base import StreamRun, config_of, prompts_of, single_stream
 
 class EnginePeer:
     def __init__(self, model_dir: Path, *, threads: int, max_length: int,
-                 w8a8: bool = True) -> None:
+                 w8a8: bool = False) -> None:
         from serve.engine import Engine
         from serve.runtime import Runtime
         from serve.tokenizer import Tokenizer
@@ -59,7 +59,7 @@ def run(job: dict) -> dict:
     cfg = config_of(job)
     t0 = time.perf_counter()
     peer = EnginePeer(Path(job["args"]["model_dir"]), threads=cfg.threads,
-                      max_length=cfg.max_context, w8a8=job["args"].get("w8a8", True))
+                      max_length=cfg.max_context, w8a8=job["args"].get("w8a8", False))
     load_s = time.perf_counter() - t0
     try:
         result = single_stream(peer, cfg, prompts_of(job))
