@@ -6,7 +6,6 @@ moment it is added, so exporting holds one tensor at a time in memory.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,7 +26,7 @@ class GraphBuilder:
 
     def __init__(self, data_path: Path, *, share_with: GraphBuilder | None = None):
         self.data_path = Path(data_path)
-        self._written: dict[str, tuple[TensorProto, bytes]] = {}
+        self._written: dict[str, TensorProto] = {}
         if share_with is None:
             self._data: BinaryIO = open(self.data_path, "wb")
         else:
@@ -66,10 +65,9 @@ class GraphBuilder:
         if array.nbytes < _INLINE_LIMIT:
             self.initializers.append(numpy_helper.from_array(array, name))
             return name
-        digest = hashlib.blake2b(array.reshape(-1).view(np.uint8), digest_size=16).digest()
         known = self._written.get(name)
-        if known is not None and known[1] == digest:
-            self.initializers.append(known[0])  # already in the data file: point at it
+        if known is not None and self._holds(known, array):
+            self.initializers.append(known)  # already in the data file: point at it
             return name
         offset = self._data.tell()
         pad = (-offset) % _ALIGN
@@ -87,9 +85,20 @@ class GraphBuilder:
             e = t.external_data.add()
             e.key, e.value = k, v
         self.initializers.append(t)
-        self._written[name] = (t, digest)
+        self._written[name] = t
         self.weight_bytes += array.nbytes
         return name
+
+    def _holds(self, t: TensorProto, array: np.ndarray) -> bool:
+        """Whether the data file already holds ``array`` where ``t`` points (only a name that
+        an earlier graph wrote is read back: the first graph pays nothing for sharing)."""
+        if (t.data_type != helper.np_dtype_to_tensor_dtype(array.dtype)
+                or tuple(t.dims) != array.shape):
+            return False
+        where = {e.key: int(e.value) for e in t.external_data if e.key in ("offset", "length")}
+        self._data.flush()
+        stored = np.memmap(self.data_path, np.uint8, "r", where["offset"], (where["length"],))
+        return bool(np.array_equal(stored, array.reshape(-1).view(np.uint8)))
 
     def const(self, name: str, value, dtype=np.int64) -> str:
         return self.initializer(name, np.asarray(value, dtype=dtype))
