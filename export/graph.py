@@ -60,8 +60,8 @@ class GraphSpec:
     # batched decode) where int8 GEMMs (AMX/VNNI) beat MatMulNBits and fp32 several times.
     w8a8: bool = False
     # The CUDA-graph decode graph (--target cuda): one token per sequence, attention_mask
-    # [batch, max_length], total_sequence_length a constant, no logits slice, so that every
-    # node runs on the GPU and ONNX Runtime can capture a step (enable_cuda_graph).
+    # spanning the KV buffer, total_sequence_length a host input fixed per session, no logits
+    # slice, so that every node runs on the GPU and ONNX Runtime can capture a step.
     static_decode: bool = False
 
     def __post_init__(self):

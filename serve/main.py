@@ -64,7 +64,7 @@ def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine
              runtime.n_slots, runtime.info.max_length, kv / 2**20, kv / runtime.n_slots / 2**20,
              "off" if options.prefix_cache_size == 0 else
              f"up to {engine.slots.cache.capacity} tokens in idle slots")
-    if getattr(runtime, "batch_session", None) is not None:
+    if runtime.batch_session is not None:
         log.info("W8A8 graph %s: prefill chunks and batched decode steps run on int8 GEMMs",
                  runtime.info.w8a8_file.name)
     engine.start()

@@ -71,6 +71,10 @@ def _on_cuda(provider: str) -> bool:
         return False  # __init__ raises it with the full message
 
 
+def w8a8_unused(reason: str) -> None:
+    log.warning("--w8a8 has no effect here: %s; every run uses the main graph", reason)
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -137,10 +141,17 @@ class Runtime:
         # Opt-in: the export's W8A8 graph (int8 GEMMs) for prefill chunks and batched decode:
         # same inputs, outputs and KV buffers, so the two sessions take turns on one cache.
         self.batch_session = None
-        if (w8a8 and info.w8a8_file is not None and info.shared_kv
-                and self.providers[0] == "CPUExecutionProvider"):
-            self.batch_session = ort.InferenceSession(str(info.w8a8_file), so,
-                                                      providers=self.providers)
+        if w8a8:
+            unusable = (
+                "the export has no W8A8 graph (llorch.json graph.w8a8)" if info.w8a8_file is None
+                else "its cache grows per step (not shared KV buffers)" if not info.shared_kv
+                else f"it is a CPU graph, not one for {self.providers[0]}"
+                if self.providers[0] != "CPUExecutionProvider" else None)
+            if unusable is None:
+                self.batch_session = ort.InferenceSession(str(info.w8a8_file), so,
+                                                          providers=self.providers)
+            else:
+                w8a8_unused(unusable)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._input_names = set(inputs)
         self.kv_dtype = _ORT_TYPES.get(inputs[info.past_key % 0].type, np.float32)

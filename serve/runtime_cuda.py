@@ -164,10 +164,9 @@ class CudaRuntime(Runtime):
                  max_batch: int = 1, max_length: int | None = None, name: str | None = None,
                  cuda_graph: bool = False, device_id: int = 0, device: str = "cuda",
                  w8a8: bool = False):
-        # w8a8: accepted for a uniform constructor; the int8-GEMM graph is a CPU one.
         self._cuda_graph, self._device_id, self._device = cuda_graph, device_id, device
         super().__init__(model_dir, provider=provider, threads=threads, max_batch=max_batch,
-                         max_length=max_length, name=name, w8a8=False)
+                         max_length=max_length, name=name, w8a8=w8a8)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"CUDAExecutionProvider did not load (session providers: "
                                f"{self.session.get_providers()}); check the CUDA/cuDNN libraries")

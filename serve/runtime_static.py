@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.model_dir import ModelDirError, ModelInfo, load_model_info
-from serve.runtime import Runtime, resolve_providers, session_options
+from serve.runtime import Runtime, resolve_providers, session_options, w8a8_unused
 
 VARIANT = "static-kv-host"
 
@@ -141,7 +141,9 @@ class StaticRuntime(Runtime):
     def __init__(self, model_dir: Path, *, provider: str = "cpu", threads: int | None = None,
                  max_batch: int = 1, max_length: int | None = None, name: str | None = None,
                  coreml_cache_dir: Path | None = None, w8a8: bool = False):
-        # w8a8: accepted for a uniform constructor; static exports have no int8-GEMM graph.
+        self.batch_session = None  # no W8A8 graph for static exports
+        if w8a8:
+            w8a8_unused("static (--target coreml) exports have no W8A8 graph")
         model_dir = Path(model_dir)
         graph = static_graph(model_dir)
         if graph is None:
@@ -179,9 +181,7 @@ class StaticRuntime(Runtime):
     # -- public interface (length/reset/truncate/kv_bytes come from Runtime) ---------------
     def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
         """Append ``ids`` in chunks; float32 logits [vocab] after the last one."""
-        if len(ids) == 0:
-            raise ValueError("prefill needs at least one token")
-        self._check_room(slot, len(ids))
+        self._begin_prefill(slot, ids)
         logits = None
         for start in range(0, len(ids), self.chunk):
             logits = self._step(slot, ids[start:start + self.chunk])

@@ -137,3 +137,12 @@ def test_serve_flag_is_opt_in():
     add_arguments(p)
     assert options_from_args(Path("m"), p.parse_args([])).w8a8 is False
     assert options_from_args(Path("m"), p.parse_args(["--w8a8"])).w8a8 is True
+
+
+def test_w8a8_that_cannot_apply_says_so(tiny_hf_dir, tmp_path, caplog):
+    """--w8a8 on an export without the graph is not silently ignored."""
+    off = export_model(tiny_hf_dir, tmp_path / "off", precision="int4", w8a8_graph=False,
+                       progress=False).out
+    with caplog.at_level("WARNING", logger="llorch.runtime"):
+        assert Runtime(off, w8a8=True).batch_session is None
+    assert "--w8a8 has no effect here: the export has no W8A8 graph" in caplog.text
