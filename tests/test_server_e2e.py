@@ -575,3 +575,19 @@ def test_default_model_streams_whole_characters(default_client):
     assert any(ord(ch) > 0xFFFF or 0x3040 <= ord(ch) <= 0x9FFF for ch in full), full  # emoji or CJK
     if "\ufffd" not in full:
         assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.slow
+def test_default_model_with_w8a8(default_model_dir, tmp_path):
+    """`llorch serve --w8a8`: the prompt prefilled on the W8A8 graph and n=2 choices decoded
+    together on it still answer the question; the server says which graph it runs."""
+    log = tmp_path / "server.log"
+    with running_server(default_model_dir, "--max-batch", "2", "--w8a8", log_path=log) as base, \
+            OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        model = client.models.list().data[0].id
+        r = client.chat.completions.create(model=model, messages=FRANCE, temperature=0,
+                                           max_tokens=24, n=2)
+        answers = [c.message.content for c in r.choices]
+        assert len(answers) == 2 and all("Paris" in a for a in answers), answers
+        assert answers[0] == answers[1]  # rows of one batch never depend on each other
+    assert "W8A8 graph model_w8a8.onnx" in log.read_text()
