@@ -5,8 +5,9 @@
 Runs `serve.runtime.Runtime` (the server's own sessions and IO binding) with ORT's profiler
 on, prefills one prompt, decodes `--steps` tokens at batch 1, and prints, per op type, the
 time per prefill and per decode step, plus the gap between the whole `model_run` and the
-sum of its nodes (ORT's own per-run overhead). `--w8a8`: the prefill on the export's W8A8
-graph (as `llorch serve --w8a8` runs it), the decode on the main graph. Pair with py-spy for the Python side:
+sum of its nodes (ORT's own per-run overhead). `--w8a8` as `llorch serve` takes it (default
+auto: the prefill on the export's W8A8 graph, the batch-1 decode on the main graph; off: both
+on the main graph). Pair with py-spy for the Python side:
 `py-spy record --native -- python -m bench …`.
 """
 
@@ -18,6 +19,8 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+
+from serve.options import W8A8_MODES
 
 
 def summarize_trace(events: list[dict]) -> dict:
@@ -56,7 +59,7 @@ def format_breakdown(summary: dict, first: int, last: int, title: str) -> str:
     return "\n".join(lines)
 
 
-def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: bool = False
+def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: str = "auto"
             ) -> tuple[dict, dict]:
     """(prefill summary, decode summary): runs [warm-up, measured] of the session that
     prefilled, and [warm-up prefill, measured prefill, decode steps…] of the main one."""
@@ -90,7 +93,7 @@ def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: bool =
             token = int(runtime.decode([0], [token])[0].argmax())
         main = summarize_trace(json.loads(Path(runtime.session.end_profiling()).read_text()))
         batch = runtime.batch_session
-        if batch is None or prompt < runtime.w8a8_min_rows:
+        if batch is None:
             return main, main
         return summarize_trace(json.loads(Path(batch.end_profiling()).read_text())), main
 
@@ -102,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--steps", type=int, default=64, help="decode steps (default 64)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--w8a8", action="store_true",
-                   help="prefill on the W8A8 graph (as `llorch serve --w8a8`)")
+    p.add_argument("--w8a8", default="auto", choices=W8A8_MODES,
+                   help="as `llorch serve --w8a8` (default auto: prefill on the W8A8 graph)")
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:

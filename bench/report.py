@@ -229,10 +229,10 @@ def render_markdown(results: dict) -> str:
                   f"Each stream: a distinct {cfg['stream_prompt']}-token prompt, "
                   f"{cfg['stream_tokens']} new tokens; all streams start together. ITL = gaps "
                   "between a stream's chunks, pooled over streams and rounds.", "", conc]
-    opt_in = concurrency_table(results, "llorch-concurrency-w8a8")
-    if opt_in:
-        parts += ["", "### The same with `--w8a8` (prefill and batched decode on int8 GEMMs)",
-                  "", opt_in]
+    int4_only = concurrency_table(results, "llorch-concurrency-w8a8-off")
+    if int4_only:
+        parts += ["", "### The same with `--w8a8 off` (every run on the int4 graph)",
+                  "", int4_only]
     mem = memory_table(results)
     if mem:
         parts += ["", "## Memory and export", "", mem]

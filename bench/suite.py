@@ -47,12 +47,13 @@ ENTRIES: tuple[Entry, ...] = (
           "optimum-fp32", "llorch-fp32"),
     Entry("llorch-concurrency", "llorch HTTP int4, N concurrent streams", "llorch_http",
           "concurrency", "int4", None, {"mode": "concurrency"}),
-    # opt-in speed for quality: prefill and batched decode on the W8A8 graph (serve --w8a8)
-    Entry("llorch-int4-w8a8", "llorch engine int4 --w8a8 (int8 GEMMs for prefill)",
-          "llorch_engine", "w8a8", "int4", "llorch-int4", {"w8a8": True}),
-    Entry("llorch-concurrency-w8a8", "llorch HTTP int4 --w8a8, N concurrent streams",
+    # the defaults run prefill and batched decode on the W8A8 graph (serve --w8a8 auto);
+    # these rows are the int4 graph alone (serve --w8a8 off)
+    Entry("llorch-int4-w8a8-off", "llorch engine int4 --w8a8 off (int4 graph only)",
+          "llorch_engine", "w8a8", "int4", "llorch-int4", {"w8a8": "off"}),
+    Entry("llorch-concurrency-w8a8-off", "llorch HTTP int4 --w8a8 off, N concurrent streams",
           "llorch_http", "w8a8", "int4", None,
-          {"mode": "concurrency", "serve_args": ["--w8a8"]}),
+          {"mode": "concurrency", "serve_args": ["--w8a8", "off"]}),
     Entry("llorch-server-rss", "llorch serve int4, 8 slots x 4096 tokens", "llorch_http", "rss",
           "int4", None, {"mode": "rss"}),
 )

@@ -19,8 +19,9 @@ import numpy as np
 import onnx
 
 from export import __version__
+from export.calibrate import CALIBRATION_TOKENS, activation_means, calibration_ids
 from export.config import ExportError, LlamaConfig
-from export.graph import GraphSpec, build_decoder, quantized_linear, uses_gqa
+from export.graph import SMOOTH_ALPHA, GraphSpec, build_decoder, quantized_linear, uses_gqa
 from export.graph_coreml import DEFAULT_CHUNK, DEFAULT_MAX_LENGTH, StaticGraphs
 from export.onnx_builder import GraphBuilder
 from export.quant import dequantize_blocks
@@ -237,6 +238,9 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                 "lm_head_bits": spec.lm_head_bits if precision == "int4" else None,
                 "gguf_blocks": source.kind == "gguf" and precision == "int4",
                 "w8a8": W8A8_FILE if w8a8_graph else None,
+                "w8a8_smoothing": {"alpha": SMOOTH_ALPHA, "statistic": "mean |x|",
+                                   "calibration_tokens": CALIBRATION_TOKENS}
+                if w8a8_graph else None,
                 "cuda_graph": CUDA_GRAPH_FILE if target == "cuda" else None,
             },
             "max_length": max_length,
@@ -287,6 +291,10 @@ def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: Gra
     g = None
     try:
         for filename, graph_spec in graphs:
+            if graph_spec.w8a8:  # smoothed with ranges measured on the main graph just written
+                act_mean = activation_means(tmp, "model.onnx", g.linear_inputs, cfg,
+                                            calibration_ids(tmp, cfg.vocab_size))
+                graph_spec = replace(graph_spec, act_mean=act_mean)
             g = GraphBuilder(tmp / "model.onnx.data", share_with=g)
             try:
                 build_decoder(g, cfg, source, graph_spec,

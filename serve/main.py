@@ -65,8 +65,8 @@ def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine
              "off" if options.prefix_cache_size == 0 else
              f"up to {engine.slots.cache.capacity} tokens in idle slots")
     if runtime.batch_session is not None:
-        log.info("W8A8 graph %s: prefill chunks and batched decode steps run on int8 GEMMs",
-                 runtime.info.w8a8_file.name)
+        log.info("W8A8 graph %s: %s run on int8 GEMMs", runtime.info.w8a8_file.name,
+                 "prefill and batched decode steps" if runtime.w8a8 == "all" else "prefill")
     engine.start()
     return engine
 

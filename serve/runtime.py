@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.model_dir import ModelInfo, load_model_info
+from serve.options import W8A8_MODES
 
 log = logging.getLogger("llorch.runtime")
 
@@ -71,8 +72,19 @@ def _on_cuda(provider: str) -> bool:
         return False  # __init__ raises it with the full message
 
 
-def w8a8_unused(reason: str) -> None:
-    log.warning("--w8a8 has no effect here: %s; every run uses the main graph", reason)
+def w8a8_mode(value: str | bool | None) -> str:
+    """Runtime's ``w8a8`` argument as one of W8A8_MODES (True = all, False/None = off)."""
+    mode = "all" if value is True else "off" if value in (False, None) else value
+    if mode not in W8A8_MODES:
+        raise ValueError(f"w8a8 must be one of {W8A8_MODES}, got {value!r}")
+    return mode
+
+
+def w8a8_unused(mode: str, reason: str) -> None:
+    """An explicit --w8a8 that cannot apply says why; auto stays quiet."""
+    if mode != "auto":
+        log.warning("--w8a8 %s has no effect here: %s; every run uses the main graph",
+                    mode, reason)
 
 
 def default_threads() -> int:
@@ -113,12 +125,13 @@ class Runtime:
                 return super().__new__(CudaRuntime)
         return super().__new__(cls)
 
-    # Runs of at least this many rows (prefill tokens, decode sequences) take the W8A8 graph.
+    # With w8a8 "all", decode steps of at least this many sequences take the W8A8 graph
+    # (one row: MatMulNBits reads 4-bit weights, faster than int8 GEMMs at M=1).
     w8a8_min_rows = 2
 
     def __init__(self, model_dir: Path, *, provider: str = "cpu", threads: int | None = None,
                  max_batch: int = 1, max_length: int | None = None, name: str | None = None,
-                 w8a8: bool = False):
+                 w8a8: str | bool | None = "off"):
         info = load_model_info(model_dir, name=name)
         if max_length is not None:
             if max_length > info.max_length:
@@ -138,10 +151,11 @@ class Runtime:
             self._keep_ov = self._keep_value()
             so.add_initializer("num_logits_to_keep", self._keep_ov)
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=self.providers)
-        # Opt-in: the export's W8A8 graph (int8 GEMMs) for prefill chunks and batched decode:
-        # same inputs, outputs and KV buffers, so the two sessions take turns on one cache.
+        # The export's W8A8 graph (int8 GEMMs) for prefill and (all) batched decode: same
+        # inputs, outputs and KV buffers, so the two sessions take turns on one cache.
+        self.w8a8 = w8a8_mode(w8a8)
         self.batch_session = None
-        if w8a8:
+        if self.w8a8 != "off":
             unusable = (
                 "the export has no W8A8 graph (llorch.json graph.w8a8)" if info.w8a8_file is None
                 else "its cache grows per step (not shared KV buffers)" if not info.shared_kv
@@ -150,8 +164,11 @@ class Runtime:
             if unusable is None:
                 self.batch_session = ort.InferenceSession(str(info.w8a8_file), so,
                                                           providers=self.providers)
+                if self.w8a8 == "auto":
+                    self.w8a8 = "all"
             else:
-                w8a8_unused(unusable)
+                w8a8_unused(self.w8a8, unusable)
+                self.w8a8 = "off"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._input_names = set(inputs)
         self.kv_dtype = _ORT_TYPES.get(inputs[info.past_key % 0].type, np.float32)
@@ -214,9 +231,12 @@ class Runtime:
         self._bindings: dict[tuple, ort.IOBinding] = {}
         self._logit_bufs: dict[tuple, np.ndarray] = {}
 
-    def _session_for(self, rows: int) -> ort.InferenceSession:
-        """The W8A8 graph for runs of many rows (where int8 GEMMs win), else the main one."""
-        if self.batch_session is not None and rows >= self.w8a8_min_rows:
+    def _session_for(self, rows: int, prefill: bool = False) -> ort.InferenceSession:
+        """The W8A8 graph for every prefill (a prompt's KV is then the same whether a prefix
+        cache hit leaves one token or a hundred to prefill) and, with w8a8 "all", for decode
+        steps of many sequences (where int8 GEMMs win); else the main one."""
+        if self.batch_session is not None and (
+                prefill or self.w8a8 == "all" and rows >= self.w8a8_min_rows):
             return self.batch_session
         return self.session
 
@@ -255,7 +275,7 @@ class Runtime:
     def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
         """Append ``ids`` to ``slot``'s sequence; float32 logits [vocab] after the last one."""
         n, past = self._begin_prefill(slot, ids)
-        session = self._session_for(n)
+        session = self._session_for(n, prefill=True)
         io, key = self._binding(self._row[slot], 1, session)
         if not self._has_keep:
             io.bind_output("logits")  # ORT sizes it: [1, n, vocab]

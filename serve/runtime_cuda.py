@@ -163,7 +163,7 @@ class CudaRuntime(Runtime):
     def __init__(self, model_dir: Path, *, provider: str = "cuda", threads: int | None = None,
                  max_batch: int = 1, max_length: int | None = None, name: str | None = None,
                  cuda_graph: bool = False, device_id: int = 0, device: str = "cuda",
-                 w8a8: bool = False):
+                 w8a8: str | bool | None = "off"):
         self._cuda_graph, self._device_id, self._device = cuda_graph, device_id, device
         super().__init__(model_dir, provider=provider, threads=threads, max_batch=max_batch,
                          max_length=max_length, name=name, w8a8=w8a8)

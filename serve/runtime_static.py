@@ -28,7 +28,13 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.model_dir import ModelDirError, ModelInfo, load_model_info
-from serve.runtime import Runtime, resolve_providers, session_options, w8a8_unused
+from serve.runtime import (
+    Runtime,
+    resolve_providers,
+    session_options,
+    w8a8_mode,
+    w8a8_unused,
+)
 
 VARIANT = "static-kv-host"
 
@@ -140,10 +146,11 @@ class StaticRuntime(Runtime):
 
     def __init__(self, model_dir: Path, *, provider: str = "cpu", threads: int | None = None,
                  max_batch: int = 1, max_length: int | None = None, name: str | None = None,
-                 coreml_cache_dir: Path | None = None, w8a8: bool = False):
+                 coreml_cache_dir: Path | None = None, w8a8: str | bool | None = "off"):
         self.batch_session = None  # no W8A8 graph for static exports
-        if w8a8:
-            w8a8_unused("static (--target coreml) exports have no W8A8 graph")
+        if w8a8_mode(w8a8) != "off":
+            w8a8_unused(w8a8_mode(w8a8), "static (--target coreml) exports have no W8A8 graph")
+        self.w8a8 = "off"
         model_dir = Path(model_dir)
         graph = static_graph(model_dir)
         if graph is None:

@@ -111,10 +111,11 @@ def test_perplexity_int4_close_to_fp32(default_model_paths, gguf_exact_int4):
 
 def test_perplexity_w8a8_graph_close_to_int4(default_model_paths):
     """The W8A8 graph (int8 GEMMs; what prefill and batched decode run on) scored on every
-    position, i.e. as if every token went through it: measured 15.17 against int4's 14.72."""
+    position, i.e. as if every token went through it: measured 14.77 against int4's 14.72
+    (15.17 before its activations were smoothed)."""
     tok = Tokenizer.from_dir(default_model_paths["fp32"])
     ids = _ppl_text_ids(tok)
     int4 = perplexity(default_model_paths["int4"], ids)
     w8a8 = perplexity(default_model_paths["int4"], ids, graph="model_w8a8.onnx")
     print(f"perplexity int4 {int4:.3f} w8a8 graph {w8a8:.3f}")
-    assert w8a8 <= int4 * 1.05
+    assert w8a8 <= int4 * 1.015

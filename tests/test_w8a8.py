@@ -1,5 +1,6 @@
 """The W8A8 companion graph (`model_w8a8.onnx`): int8 weights per output channel, int8
-activations per token, the main graph's data file, and how the Runtime routes runs to it.
+activations per token smoothed with ranges calibrated on the main graph, the main graph's
+data file, and how the Runtime routes runs to it.
 
 Quality on the real model: test_default_model.py (perplexity); here: the answer to a real
 question and top-1 agreement with the int4 graph, row independence inside a batch, the export
@@ -16,6 +17,7 @@ import pytest
 
 from export.api import export_model
 from export.config import ExportError
+from export.graph import SMOOTH_ALPHA
 from serve.runtime import Runtime
 from serve.tokenizer import Tokenizer
 
@@ -37,6 +39,7 @@ def test_int4_cpu_export_writes_the_w8a8_graph_into_the_same_data_file(tiny_int4
     assert "model_w8a8.onnx" in files and "model_w8a8.onnx.data" not in files
     graph = json.loads((tiny_int4 / "llorch.json").read_text())["graph"]
     assert graph["w8a8"] == "model_w8a8.onnx"
+    assert graph["w8a8_smoothing"]["alpha"] == SMOOTH_ALPHA
     main = onnx.load(tiny_int4 / "model.onnx", load_external_data=False)
     w8 = onnx.load(tiny_int4 / "model_w8a8.onnx", load_external_data=False)
     main_ext, w8_ext = _external(main), _external(w8)
@@ -51,6 +54,9 @@ def test_int4_cpu_export_writes_the_w8a8_graph_into_the_same_data_file(tiny_int4
     # the int8 weights are new tensors, appended after the main graph's
     int8 = [n for n in w8_ext if n.endswith(".weight_int8")]
     assert len(int8) == 3 * 2  # qkv, o, gate_up per layer
+    smooth = [n for n in w8.graph.node if n.name.endswith("/w8a8/Smooth")]
+    assert len(smooth) == len(int8)  # every int8 GEMM's input is smoothed first
+    assert not any(n.name.startswith(".calibrate") for n in tiny_int4.iterdir())
     end_of_main = max(int(e["offset"]) + int(e["length"]) for e in main_ext.values())
     assert all(int(w8_ext[n]["offset"]) >= end_of_main for n in int8)
 
@@ -69,13 +75,51 @@ def test_flags_and_targets(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "cuda").exists()
 
 
-def test_runtime_routes_many_row_runs_to_the_w8a8_graph(tiny_int4):
-    """Opt-in (`llorch serve --w8a8`): off by default, since it trades quality for speed."""
+def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4):
+    """Runtime's own default is off (parity tests compare the main graph); `llorch serve`
+    defaults to auto. all/auto: every prefill and decode steps of 2+ sequences; prefill:
+    prefill only (one token too, so a prefix-cache hit sees the KV a full prefill makes)."""
     assert Runtime(tiny_int4, max_batch=2).batch_session is None
-    rt = Runtime(tiny_int4, max_batch=2, w8a8=True)
-    assert rt.batch_session is not None
-    assert rt._session_for(1) is rt.session
-    assert rt._session_for(2) is rt.batch_session and rt._session_for(512) is rt.batch_session
+    for mode in (True, "all", "auto"):
+        rt = Runtime(tiny_int4, max_batch=2, w8a8=mode)
+        assert rt.w8a8 == "all" and rt.batch_session is not None
+        assert rt._session_for(1) is rt.session
+        assert rt._session_for(1, prefill=True) is rt.batch_session
+        assert rt._session_for(2) is rt.batch_session and rt._session_for(512) is rt.batch_session
+    rt = Runtime(tiny_int4, max_batch=2, w8a8="prefill")
+    assert rt._session_for(1, prefill=True) is rt.batch_session
+    assert rt._session_for(2) is rt.session and rt._session_for(16) is rt.session
+    with pytest.raises(ValueError, match="w8a8 must be one of"):
+        Runtime(tiny_int4, w8a8="yes")
+
+
+def test_smoothing_changes_the_quantization_not_the_math(tiny_int4):
+    """x/s @ (s·W) = x @ W: smoothing only moves the activations' outliers into the weights,
+    and calibration measured every linear's input, one mean |x| per input channel."""
+    from export.calibrate import activation_means, calibration_ids
+    from export.graph import smoothing_scales
+
+    cfg = json.loads((tiny_int4 / "config.json").read_text())
+    from export.config import LlamaConfig
+
+    cfg = LlamaConfig.from_hf(cfg)
+    main = onnx.load(tiny_int4 / "model.onnx", load_external_data=False)
+    inputs = {n.name.rsplit("/", 1)[0]: n.input[0] for n in main.graph.node
+              if n.op_type == "MatMulNBits" and "/lm_head" not in n.name}
+    ids = calibration_ids(tiny_int4, cfg.vocab_size, n=32)
+    assert len(ids) == 32 and max(ids) < cfg.vocab_size
+    means = activation_means(tiny_int4, "model.onnx", inputs, cfg, ids)
+    assert set(means) == set(inputs) and len(means) == 4 * cfg.num_hidden_layers
+    qkv = means["/model/layers.0/self_attn/qkv_proj"]
+    assert qkv.shape == (cfg.hidden_size,) and (qkv > 0).all()
+    rng = np.random.default_rng(1)
+    act = np.abs(rng.standard_normal(64)) * np.where(np.arange(64) % 9 == 0, 50, 1)
+    wt = rng.standard_normal((64, 16)).astype(np.float32)
+    s = smoothing_scales(act, wt)
+    x = rng.standard_normal((3, 64)).astype(np.float32) * act
+    np.testing.assert_allclose((x / s) @ (wt * s[:, None]), x @ wt, rtol=1e-4, atol=1e-4)
+    # the outlier channels shrink relative to the others
+    assert (x / s)[:, ::9].std() / (x / s).std() < x[:, ::9].std() / x.std()
 
 
 def test_w8a8_rows_do_not_depend_on_their_batch_mates(tiny_int4):
@@ -127,7 +171,7 @@ def test_no_w8a8_graph_for_growing_kv_exports(tmp_path, default_hf_dir):
     assert not (out / "model_w8a8.onnx").exists()
 
 
-def test_serve_flag_is_opt_in():
+def test_serve_flag():
     import argparse
     from pathlib import Path
 
@@ -135,8 +179,14 @@ def test_serve_flag_is_opt_in():
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    assert options_from_args(Path("m"), p.parse_args([])).w8a8 is False
-    assert options_from_args(Path("m"), p.parse_args(["--w8a8"])).w8a8 is True
+
+    def mode(*argv):
+        return options_from_args(Path("m"), p.parse_args(list(argv))).w8a8
+
+    assert mode() == "auto" and mode("--w8a8") == "all"
+    assert mode("--w8a8", "off") == "off" and mode("--w8a8", "prefill") == "prefill"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--w8a8", "sometimes"])
 
 
 def test_w8a8_that_cannot_apply_says_so(tiny_hf_dir, tmp_path, caplog):
@@ -144,5 +194,7 @@ def test_w8a8_that_cannot_apply_says_so(tiny_hf_dir, tmp_path, caplog):
     off = export_model(tiny_hf_dir, tmp_path / "off", precision="int4", w8a8_graph=False,
                        progress=False).out
     with caplog.at_level("WARNING", logger="llorch.runtime"):
+        assert Runtime(off, w8a8="auto").batch_session is None
+        assert not caplog.text  # the default stays quiet where it cannot apply
         assert Runtime(off, w8a8=True).batch_session is None
-    assert "--w8a8 has no effect here: the export has no W8A8 graph" in caplog.text
+    assert "--w8a8 all has no effect here: the export has no W8A8 graph" in caplog.text

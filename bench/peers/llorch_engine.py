@@ -1,7 +1,8 @@
 """llorch in-process: `serve.engine.Engine` over `serve.runtime.Runtime`, no HTTP.
 
 The same scheduler thread, sampler, detokenizer and stop matcher a request meets behind
-`llorch serve`; only the Starlette/SSE layer is left out (`llorch_http` adds it back).
+`llorch serve`, with its default `--w8a8 auto`; only the Starlette/SSE layer is left out
+(`llorch_http` adds it back).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from bench.peers.base import StreamRun, config_of, prompts_of, single_stream
 
 class EnginePeer:
     def __init__(self, model_dir: Path, *, threads: int, max_length: int,
-                 w8a8: bool = False) -> None:
+                 w8a8: str = "auto") -> None:
         from serve.engine import Engine
         from serve.runtime import Runtime
         from serve.tokenizer import Tokenizer
@@ -59,7 +60,7 @@ def run(job: dict) -> dict:
     cfg = config_of(job)
     t0 = time.perf_counter()
     peer = EnginePeer(Path(job["args"]["model_dir"]), threads=cfg.threads,
-                      max_length=cfg.max_context, w8a8=job["args"].get("w8a8", False))
+                      max_length=cfg.max_context, w8a8=job["args"].get("w8a8", "auto"))
     load_s = time.perf_counter() - t0
     try:
         result = single_stream(peer, cfg, prompts_of(job))
