@@ -72,6 +72,9 @@ __all__ = [  # the cross-thread types live in serve.events; routes import them f
 
 log = logging.getLogger("serve.engine")
 
+# Prompt tokens per prefill call on CPU (serve.options.ServeOptions.prefill_chunk says why).
+CPU_PREFILL_CHUNK = 256
+
 _SERVER_ERROR = "The server had an error while processing your request."
 _SHUTDOWN_MESSAGE = "The server is shutting down; retry on another instance."
 _WAKE = object()
@@ -98,7 +101,7 @@ class Engine:
             costs a third of single-stream speed there).
     """
 
-    def __init__(self, runtime, tokenizer, *, prefill_chunk: int = 512, max_queue: int | None = None,
+    def __init__(self, runtime, tokenizer, *, prefill_chunk: int = CPU_PREFILL_CHUNK, max_queue: int | None = None,
                  queue_timeout: float | None = None, prefix_cache_tokens: int | None = None,
                  observer: EngineObserver | None = None, batch_invariant: bool = False) -> None:
         self.runtime = runtime
