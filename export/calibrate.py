@@ -2,7 +2,8 @@
 
 Smoothing needs, for every linear layer, how large each input channel's activations run.
 The outlier channels belong to the model, not to the text (on the default model, 64 or 268
-tokens of this text, or 512 of it repeated, smoothed equally well: KL to fp32 0.0100 ±0.0002),
+tokens of this text, or 512 of it repeated, smoothed equally well: KL to fp32 0.0100 ±0.0002
+in a torch simulation of the graph),
 so a short built-in text is enough. It goes through the exported tokenizer; exports without a
 tokenizer.json use fixed pseudo-random ids.
 """
@@ -54,8 +55,8 @@ def calibration_ids(model_dir: Path, vocab_size: int, n: int = CALIBRATION_TOKEN
 
         ids = Tokenizer.from_file(str(path)).encode(CALIBRATION_TEXT, add_special_tokens=False).ids
         ids = [i for i in ids if i < vocab_size]
-        if len(ids) >= 16:
-            return (ids * (n // len(ids) + 1))[:n] if len(ids) < n else ids[:n]
+        if len(ids) >= 16:  # repeated up to n tokens if short
+            return (ids * (n // len(ids) + 1))[:n]
     return np.random.default_rng(0).integers(0, vocab_size, n).tolist()
 
 

@@ -44,9 +44,9 @@ def _export_parser(sub) -> None:
                    help="coreml: tokens per call of the static prefill graph (default: 64)")
     p.add_argument("--w8a8-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="cpu: also write model_w8a8.onnx, the decoder with int8 GEMMs (int8 "
-                   "weights per channel, int8 activations per token) that `llorch serve --w8a8` "
-                   "uses for prefill and batched decode (default: on for cpu int4 "
-                   "GroupQueryAttention exports, else off)")
+                   "weights per channel, smoothed int8 activations per token, calibrated on the "
+                   "int4 graph) that `llorch serve` uses for prefill and batched decode "
+                   "(default: on for cpu int4 GroupQueryAttention exports, else off)")
     p.add_argument("--verify", action="store_true",
                    help="compare the export with a NumPy reference forward pass; fail loudly")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")

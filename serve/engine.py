@@ -72,8 +72,10 @@ __all__ = [  # the cross-thread types live in serve.events; routes import them f
 
 log = logging.getLogger("serve.engine")
 
-# Prompt tokens per prefill call on CPU (serve.options.ServeOptions.prefill_chunk says why).
+# Prompt tokens per prefill call on CPU and on GPUs (serve.options.ServeOptions.prefill_chunk
+# says why).
 CPU_PREFILL_CHUNK = 256
+GPU_PREFILL_CHUNK = 512
 
 _SERVER_ERROR = "The server had an error while processing your request."
 _SHUTDOWN_MESSAGE = "The server is shutting down; retry on another instance."

@@ -25,7 +25,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from serve.app import create_app, drain
-from serve.engine import CPU_PREFILL_CHUNK, Engine
+from serve.engine import CPU_PREFILL_CHUNK, GPU_PREFILL_CHUNK, Engine
 from serve.errors import StartupError
 from serve.metrics import Metrics
 from serve.model_dir import ModelDirError, load_model_info
@@ -56,7 +56,8 @@ def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine
     )
     tokenizer = Tokenizer.from_dir(options.model_dir)
     chunk = options.prefill_chunk or (
-        CPU_PREFILL_CHUNK if runtime.providers[0] == "CPUExecutionProvider" else 512)
+        CPU_PREFILL_CHUNK if runtime.providers[0] == "CPUExecutionProvider"
+        else GPU_PREFILL_CHUNK)
     engine = Engine(runtime, tokenizer, prefill_chunk=chunk,
                     max_queue=options.max_queue, queue_timeout=options.queue_timeout,
                     prefix_cache_tokens=options.prefix_cache_size, observer=metrics,

@@ -148,8 +148,8 @@ class StaticRuntime(Runtime):
                  max_batch: int = 1, max_length: int | None = None, name: str | None = None,
                  coreml_cache_dir: Path | None = None, w8a8: str | bool | None = "off"):
         self.batch_session = None  # no W8A8 graph for static exports
-        if w8a8_mode(w8a8) != "off":
-            w8a8_unused(w8a8_mode(w8a8), "static (--target coreml) exports have no W8A8 graph")
+        if (mode := w8a8_mode(w8a8)) != "off":
+            w8a8_unused(mode, "static (--target coreml) exports have no W8A8 graph")
         self.w8a8 = "off"
         model_dir = Path(model_dir)
         graph = static_graph(model_dir)

@@ -111,7 +111,7 @@ def test_perplexity_int4_close_to_fp32(default_model_paths, gguf_exact_int4):
 
 def test_perplexity_w8a8_graph_close_to_int4(default_model_paths):
     """The W8A8 graph (int8 GEMMs; what prefill and batched decode run on) scored on every
-    position, i.e. as if every token went through it: measured 14.77 against int4's 14.72
+    position, i.e. as if every token went through it: measured 14.85 against int4's 14.72
     (15.17 before its activations were smoothed)."""
     tok = Tokenizer.from_dir(default_model_paths["fp32"])
     ids = _ppl_text_ids(tok)
