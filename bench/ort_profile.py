@@ -2,7 +2,7 @@
 
     python -m bench.ort_profile [MODEL_DIR] [--prompt 128] [--steps 64] [--threads 2]
 
-Runs `serve.runtime.Runtime` (the server's own sessions and IO binding) with ORT's profiler
+Runs `serve.runtime.open_runtime` (the server's own sessions and IO binding) with ORT's profiler
 on, prefills one prompt, decodes `--steps` tokens at batch 1, and prints, per op type, the
 time per prefill and per decode step, plus the gap between the whole `model_run` and the
 sum of its nodes (ORT's own per-run overhead). `--w8a8` as `llorch serve` takes it (default
@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from serve.options import W8A8_MODES
+from serve.runtime import W8A8_MODES
 
 
 def summarize_trace(events: list[dict]) -> dict:
@@ -65,8 +65,9 @@ def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: str = 
     prefilled, and [warm-up prefill, measured prefill, decode steps…] of the main one."""
     from tokenizers import Tokenizer
 
-    import serve.runtime as rt
+    import serve.runtime.shared_kv as rt
     from bench.prompts import build_prompt, corpus_ids
+    from serve.runtime import RuntimeOptions, open_runtime
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     ids = build_prompt(corpus_ids(lambda t: tok.encode(t, add_special_tokens=False).ids), prompt)
@@ -81,8 +82,8 @@ def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: str = 
 
         rt.session_options = profiled
         try:
-            runtime = rt.Runtime(model_dir, threads=threads, max_batch=1,
-                                 max_length=prompt + steps + 8, w8a8=w8a8)
+            runtime = open_runtime(model_dir, RuntimeOptions(
+                threads=threads, max_length=prompt + steps + 8, w8a8=w8a8))
         finally:
             rt.session_options = base
         runtime.prefill(0, ids)  # warm-up: first-run allocations and kernel packing
@@ -92,7 +93,7 @@ def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: str = 
         for _ in range(steps):
             token = int(runtime.decode([0], [token])[0].argmax())
         main = summarize_trace(json.loads(Path(runtime.session.end_profiling()).read_text()))
-        batch = runtime.batch_session
+        batch = runtime.w8a8_session
         if batch is None:
             return main, main
         return summarize_trace(json.loads(Path(batch.end_profiling()).read_text())), main

@@ -7,7 +7,7 @@ dimension above 16384. So the export holds two graphs with the same weights:
     decode.onnx    S = 1           one token per call
     prefill.onnx   S = chunk (64)  a prompt chunk, right-padded by the host
 
-and the host (``serve/runtime_static.py``) keeps the KV cache:
+and the host (``serve/runtime/static.py``) keeps the KV cache:
 
     inputs   inputs_embeds  io [1, S, hidden]   rows of embed_tokens.npy (vocab > 16384), or
              input_ids      int64 [1, S]        (vocab ≤ 16384: the table stays in the graph)

@@ -2,7 +2,7 @@
 NumPy reference of ``export.verify``.
 
 The exporter may not import ``serve``, so this holds its own minimal host: a cache per layer,
-prefill in padded chunks, then one decode call per token. serve/runtime_static.py is the real
+prefill in padded chunks, then one decode call per token. serve/runtime/static.py is the real
 one; tests check the two agree.
 """
 

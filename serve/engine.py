@@ -88,7 +88,7 @@ class Engine:
     """Owns a `Runtime` and a `Tokenizer` (both built by the caller) on a thread of its own.
 
     Args:
-        runtime: KV-slot runtime (`serve.runtime.Runtime` or a stand-in with its interface).
+        runtime: KV slots (the `serve.runtime.Runtime` protocol, from `open_runtime`).
         tokenizer: `serve.tokenizer.Tokenizer`.
         prefill_chunk: prompt tokens per prefill call (one call per step).
         max_queue: the most requests that may wait for a slot; `submit` raises `QueueFull`
@@ -175,10 +175,10 @@ class Engine:
         return self.slots.cache.tokens
 
     def kv_bytes(self) -> int:
-        return getattr(self.runtime, "kv_bytes", lambda: 0)()
+        return self.runtime.kv_bytes()
 
     def kv_bytes_in_use(self) -> int:
-        return getattr(self.runtime, "kv_bytes_in_use", lambda: 0)()
+        return self.runtime.kv_bytes_in_use()
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; call from the event loop. The route has validated it already.

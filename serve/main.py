@@ -30,7 +30,8 @@ from serve.errors import StartupError
 from serve.metrics import Metrics
 from serve.model_dir import ModelDirError, load_model_info
 from serve.options import ServeOptions, add_arguments, options_from_args
-from serve.runtime import ProviderError, Runtime, resolve_providers
+from serve.runtime import ProviderError, RuntimeOptions, open_runtime
+from serve.runtime.session import resolve_providers
 from serve.tokenizer import Tokenizer
 
 log = logging.getLogger("serve.main")
@@ -44,16 +45,10 @@ def check_provider(provider: str) -> None:
 
 
 def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine:
-    """Build the Runtime and Tokenizer and start the engine thread (slow: runs off the loop)."""
-    runtime = Runtime(
-        options.model_dir,
-        provider=options.provider,
-        threads=options.threads,
-        max_batch=options.max_batch,
-        max_length=options.max_length,
-        w8a8=options.w8a8,
-        **({"cuda_graph": True} if options.cuda_graph else {}),
-    )
+    """Open the runtime and tokenizer and start the engine thread (slow: runs off the loop)."""
+    runtime = open_runtime(options.model_dir, RuntimeOptions(
+        provider=options.provider, threads=options.threads, max_batch=options.max_batch,
+        max_length=options.max_length, w8a8=options.w8a8, cuda_graph=options.cuda_graph))
     tokenizer = Tokenizer.from_dir(options.model_dir)
     chunk = options.prefill_chunk or (
         CPU_PREFILL_CHUNK if runtime.providers[0] == "CPUExecutionProvider"
@@ -67,9 +62,6 @@ def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine
              runtime.n_slots, runtime.info.max_length, kv / 2**20, kv / runtime.n_slots / 2**20,
              "off" if options.prefix_cache_size == 0 else
              f"up to {engine.slots.cache.capacity} tokens in idle slots")
-    if runtime.batch_session is not None:
-        log.info("W8A8 graph %s: %s run on int8 GEMMs", runtime.info.w8a8_file.name,
-                 "prefill and batched decode steps" if runtime.w8a8 == "all" else "prefill")
     engine.start()
     return engine
 

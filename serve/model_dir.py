@@ -7,7 +7,7 @@ described by genai_config.json), and optimum-cli decoders (config.json + model.o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -41,6 +41,8 @@ class ModelInfo:
     w8a8_file: Path | None = None
     # --target cuda: the decode graph ONNX Runtime can capture as a CUDA graph, or None.
     cuda_graph_file: Path | None = None
+    # llorch.json's "graph" section (what the export built: variant, dtypes, file names), or {}.
+    graph: dict = field(default_factory=dict, compare=False)
 
 
 def _read_json(path: Path) -> dict:
@@ -68,6 +70,21 @@ def _companion(model_dir: Path, manifest: Path, key: str, meta: dict) -> Path | 
 
 
 def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelInfo:
+    """Read a model directory's JSON files (never its graphs) into a `ModelInfo`.
+
+    Args:
+        model_dir: a llorch export, ONNX Runtime GenAI builder output, or an optimum-cli
+            decoder directory.
+        name: the served model id; default: the directory's name without a ``-int4`` /
+            ``-fp32`` suffix.
+    Returns:
+        The model's shapes (layers, KV heads, head size, vocabulary), token ids, graph file
+        names, KV input/output name patterns and ``max_length`` (tokens, from genai_config's
+        ``search.max_length``, else the context length).
+    Raises:
+        ModelDirError: the directory, a JSON file or a required field is missing or invalid,
+            or llorch.json names a graph file that is not there.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelDirError(f"{model_dir}: model directory not found")
@@ -103,6 +120,7 @@ def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelI
                 shared_kv=bool(cfg.get("search", {}).get("past_present_share_buffer", True)),
                 w8a8_file=_companion(model_dir, manifest, "w8a8", meta),
                 cuda_graph_file=_companion(model_dir, manifest, "cuda_graph", meta),
+                graph=dict(meta.get("graph") or {}),
             )
         except KeyError as e:
             raise ModelDirError(f"{genai}: missing field {e}") from None

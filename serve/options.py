@@ -6,10 +6,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.runtime.interface import W8A8_MODES
+
 PROVIDERS = ("cpu", "cuda", "coreml", "auto")
-# Which runs take the export's W8A8 graph (int8 GEMMs): none; every prefill; every prefill and
-# every decode step of 2+ sequences; auto = all where the export has a usable one, silently.
-W8A8_MODES = ("off", "prefill", "all", "auto")
 
 
 @dataclass(frozen=True)

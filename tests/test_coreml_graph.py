@@ -20,8 +20,8 @@ import pytest
 from export.api import export_model
 from export.config import ExportError
 from export.graph_coreml import COREML_MLPROGRAM_OPS, MAX_DIM, coreml_violations
-from serve.runtime import ContextFull, ProviderError, Runtime
-from serve.runtime_static import StaticRuntime, static_providers
+from serve.runtime import ContextFull, ProviderError, RuntimeOptions, open_runtime
+from serve.runtime.static import StaticRuntime, static_providers
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "coreml_ops.md"
 
@@ -135,12 +135,12 @@ def test_small_vocab_keeps_the_embedding_in_the_graph(tmp_path):
 def test_logits_match_the_cpu_fp32_export(coreml_dirs, tiny_model_dir):
     """Prefill over three chunks (150 tokens), then decode steps, against the GQA export."""
     prompt, steps = _ids(150, seed=1), _ids(6, seed=2)
-    want_rt, got_rt = Runtime(tiny_model_dir), Runtime(coreml_dirs["fp32"])
+    want_rt, got_rt = open_runtime(tiny_model_dir), open_runtime(coreml_dirs["fp32"])
     assert isinstance(got_rt, StaticRuntime)
     want = [want_rt.prefill(0, prompt)] + [want_rt.decode([0], [t])[0] for t in steps]
     got = [got_rt.prefill(0, prompt)] + [got_rt.decode([0], [t])[0] for t in steps]
     assert np.abs(np.stack(got) - np.stack(want)).max() < 1e-4
-    half = Runtime(coreml_dirs["fp16"])
+    half = open_runtime(coreml_dirs["fp16"])
     got16 = np.stack([half.prefill(0, prompt)] + [half.decode([0], [t])[0] for t in steps])
     scale = np.abs(np.stack(want)).max()
     assert np.abs(got16 - np.stack(want)).max() / scale < 1e-2
@@ -150,11 +150,11 @@ def test_logits_match_the_cpu_fp32_export(coreml_dirs, tiny_model_dir):
 def test_static_runtime_slots_batch_truncate_copy(coreml_dirs):
     d = coreml_dirs["fp32"]
     prompts = [_ids(n, seed=n) for n in (3, 70, 12)]
-    rt = Runtime(d, max_batch=3)
+    rt = open_runtime(d, RuntimeOptions(max_batch=3))
     first = [rt.prefill(j, p) for j, p in enumerate(prompts)]
     batched = rt.decode([2, 0, 1], [5, 6, 7])
     for j, (p, t) in enumerate(zip(prompts, (6, 7, 5), strict=False)):
-        alone = Runtime(d)
+        alone = open_runtime(d)
         np.testing.assert_allclose(alone.prefill(0, p), first[j], atol=1e-5)
         np.testing.assert_allclose(alone.decode([0], [t])[0], batched[[1, 2, 0][j]], atol=1e-5)
     # a shared prefix: copy 40 tokens of slot 1 into slot 0, continue both the same way
@@ -170,13 +170,13 @@ def test_static_runtime_slots_batch_truncate_copy(coreml_dirs):
 
 def test_static_runtime_limits(coreml_dirs):
     d = coreml_dirs["fp32"]
-    rt = Runtime(d, max_length=80)
+    rt = open_runtime(d, RuntimeOptions(max_length=80))
     rt.prefill(0, _ids(79, seed=4))
     rt.decode([0], [3])
     with pytest.raises(ContextFull):
         rt.decode([0], [3])
     with pytest.raises(ValueError, match="exceeds the export's max_length 512"):
-        Runtime(d, max_length=513)
+        open_runtime(d, RuntimeOptions(max_length=513))
     with pytest.raises(ValueError, match="at least one token"):
         rt.prefill(0, [])
 
@@ -200,8 +200,8 @@ def test_default_model_greedy_tokens_match_the_cpu_fp32_export(tmp_path, default
             logits = rt.decode([0], [out_ids[-1]])[0]
         return out_ids
 
-    want = greedy(Runtime(default_fp32_dir, max_length=512))
-    got = greedy(Runtime(out))
+    want = greedy(open_runtime(default_fp32_dir, RuntimeOptions(max_length=512)))
+    got = greedy(open_runtime(out))
     assert got == want
     assert "Paris" in tok.decode(got)
 
@@ -215,11 +215,11 @@ def test_coreml_provider_is_a_clear_error_where_ort_lacks_it(coreml_dirs):
     if "CoreMLExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has the CoreML provider")
     with pytest.raises(ProviderError, match="CoreMLExecutionProvider is not available"):
-        Runtime(coreml_dirs["fp32"], provider="coreml")
+        open_runtime(coreml_dirs["fp32"], RuntimeOptions(provider="coreml"))
 
 
 def test_coreml_provider_options(monkeypatch, tmp_path):
-    import serve.runtime_static as rs
+    import serve.runtime.static as rs
 
     monkeypatch.setattr(rs, "resolve_providers",
                         lambda p: ["CoreMLExecutionProvider", "CPUExecutionProvider"])

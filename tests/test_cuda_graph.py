@@ -19,8 +19,9 @@ from export.api import export_model
 from export.config import ExportError, LlamaConfig
 from export.sources import open_source
 from export.verify import reference_logits
-from serve.runtime import ProviderError, Runtime
-from serve.runtime_cuda import (
+from serve.model_dir import load_model_info
+from serve.runtime import ProviderError, RuntimeOptions, open_runtime
+from serve.runtime.cuda import (
     CudaRuntime,
     DeviceCopier,
     binding_plan,
@@ -131,7 +132,7 @@ def test_fp16_graph_logits_close_to_the_reference(cuda_dirs, tiny_hf_dir):
     cfg = LlamaConfig.from_dir(tiny_hf_dir)
     ids = _ids(20, seed=7)
     ref = reference_logits(cfg, src.load, ids)
-    rt = Runtime(cuda_dirs["fp16"])
+    rt = open_runtime(cuda_dirs["fp16"])
     assert rt.kv_dtype == np.float16
     got = [rt.prefill(0, ids[:12])] + [rt.decode([0], [t])[0] for t in ids[12:]]
     err = np.abs(np.stack(got) - ref[11:]).max() / np.abs(ref).max()
@@ -142,7 +143,7 @@ def test_fp16_graph_logits_close_to_the_reference(cuda_dirs, tiny_hf_dir):
 
 
 def test_binding_plan_keeps_kv_on_device_and_shares_past_present(cuda_dirs):
-    rt = Runtime(cuda_dirs["fp16"])  # only for its ModelInfo
+    rt = open_runtime(cuda_dirs["fp16"])  # only for its ModelInfo
     plan = binding_plan(rt.info, np.float16, first_row=2, rows=3, seq=1, mask_width=40,
                         device_io=False)
     host = [(b.kind, b.name) for b in plan if b.device == "host"]
@@ -200,9 +201,10 @@ def test_pointer_bound_runtime_equals_runtime(cuda_dirs, precision, cuda_graph):
         out.extend(rt.decode([1, 0, 2], [8, 8, 8]))
         return np.stack(out)
 
-    want = script(Runtime(d, max_batch=3))
-    rt = CudaRuntime(d, provider="cpu", device="cpu", max_batch=3, cuda_graph=cuda_graph)
-    assert rt.kv_bytes() == Runtime(d, max_batch=3).kv_bytes()
+    want = script(open_runtime(d, RuntimeOptions(max_batch=3)))
+    rt = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=3, cuda_graph=cuda_graph),
+                     device="cpu")
+    assert rt.kv_bytes() == open_runtime(d, RuntimeOptions(max_batch=3)).kv_bytes()
     # fp16 logits: the CUDA runtime computes the lm_head over every prefill position (no pinned
     # num_logits_to_keep on CUDA), a different kernel shape: one fp16 ulp apart at most.
     np.testing.assert_allclose(script(rt), want, atol=2e-3)
@@ -214,7 +216,7 @@ def test_cuda_provider_missing_is_a_clear_error(cuda_dirs):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider")
     with pytest.raises(ProviderError, match="CUDAExecutionProvider is not available"):
-        Runtime(cuda_dirs["fp16"], provider="cuda")
+        open_runtime(cuda_dirs["fp16"], RuntimeOptions(provider="cuda"))
 
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from export.config import LlamaConfig
 from export.verify import onnx_logits
-from serve.runtime import Runtime
+from serve.runtime import RuntimeOptions, open_runtime
 from serve.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def greedy(model_dir, prompt_ids, max_new=30):
-    rt = Runtime(model_dir, max_batch=1, max_length=512)
+    rt = open_runtime(model_dir, RuntimeOptions(max_batch=1, max_length=512))
     tok = Tokenizer.from_dir(model_dir)
     logits = rt.prefill(0, prompt_ids)
     out = []
@@ -56,7 +56,7 @@ def test_genai_loads_our_export_and_agrees(default_model_dir):
         gen.generate_next_token()
         theirs.append(int(gen.get_next_tokens()[0]))
 
-    rt = Runtime(default_model_dir, max_length=512)
+    rt = open_runtime(default_model_dir, RuntimeOptions(max_length=512))
     logits, ours = rt.prefill(0, ids), []
     for _ in range(len(theirs)):
         ours.append(int(np.argmax(logits)))

@@ -83,6 +83,12 @@ class FakeRuntime:
     def length(self, slot: int) -> int:
         return len(self.seqs[slot])
 
+    def kv_bytes(self) -> int:
+        return 0
+
+    def kv_bytes_in_use(self) -> int:
+        return 0
+
     def _room(self, slot: int, n: int) -> None:
         if len(self.seqs[slot]) + n > self.limit:
             raise ContextFull(f"slot {slot}")

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from export.api import export_model
 from export.config import LlamaConfig
 from export.verify import onnx_logits
-from serve.runtime import Runtime
+from serve.runtime import RuntimeOptions, open_runtime
 
 VOCAB = 512
 FP32_TOL = 1e-3  # max |Δlogits|, prefill and decode steps alike
@@ -191,7 +191,7 @@ def test_fp32_prefill_and_decode_match_transformers(tiny, name):
 def test_fp32_runtime_two_slots_decoding_together(tiny, name):
     """Two sequences of different lengths in one Runtime, decoded in the same ORT calls."""
     _, ref_model = tiny.hf(name)
-    rt = Runtime(tiny.export(name), max_batch=2)
+    rt = open_runtime(tiny.export(name), RuntimeOptions(max_batch=2))
     n = CASES[name].seq_len
     a, b = _ids(n, seed=2), _ids(n - 5, seed=3)
     ref_a, ref_b = _ref_logits(ref_model, a), _ref_logits(ref_model, b)
@@ -287,7 +287,7 @@ def test_int4_greedy_matches_transformers(tiny, name):
     prompt = _ids(8, seed=6)
     want = _greedy_ref(ref_model, prompt, 8)
 
-    rt = Runtime(out)
+    rt = open_runtime(out)
     logits, got = rt.prefill(0, prompt), []
     for _ in range(8):
         got.append(int(logits.argmax()))
@@ -328,13 +328,13 @@ def test_w8a8_graph_matches_transformers(tiny, name):
     assert np.abs(q - ref).max() <= 0.10 * np.abs(ref).max()
     assert (q.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
 
-    rt = Runtime(out, max_batch=2, w8a8=True)
+    rt = open_runtime(out, RuntimeOptions(max_batch=2, w8a8=True))
     a, b = seq[:12], _ids(9, seed=8)
     rt.prefill(0, a)
     rt.prefill(1, b)
     both = rt.decode([0, 1], [5, 6])
     for j, (p, t) in enumerate(((a, 5), (b, 6))):
-        alone = Runtime(out, max_batch=2, w8a8=True)
+        alone = open_runtime(out, RuntimeOptions(max_batch=2, w8a8=True))
         alone.prefill(0, p)
         # a lone row decodes on the int4 graph: pad it with a second row to stay on W8A8
         alone.prefill(1, [3, 4])

@@ -64,9 +64,9 @@ def test_capacity_zero_keeps_nothing():
 
 def test_runtime_copy_slot_prefix_and_kv_bytes(tiny_model_dir):
     """copy_slot(src, dst, n) + prefill of the rest equals prefilling it all."""
-    from serve.runtime import Runtime
+    from serve.runtime import RuntimeOptions, open_runtime
 
-    rt = Runtime(tiny_model_dir, max_batch=3, threads=1)
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=3, threads=1))
     prompt = list(range(300, 340))
     whole = rt.prefill(0, prompt)
     rt.prefill(1, prompt[:25] + [7, 7, 7])

@@ -1,4 +1,4 @@
-"""serve.runtime.Runtime: KV slots, batching, row swaps, chunked prefill, limits — and
+"""serve.runtime (open_runtime): KV slots, batching, row swaps, chunked prefill, limits — and
 optimum-cli exports (growing KV) against transformers.
 
 The shared-buffer tests compare the Runtime with itself (one slot alone vs several slots in
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.runtime import ContextFull, ProviderError, Runtime
+from serve.runtime import ContextFull, ProviderError, RuntimeOptions, open_runtime
 
 TOL = 1e-5
 
@@ -26,7 +26,7 @@ def _ids(n: int, seed: int, vocab: int = 49152) -> list[int]:
 
 def _alone(model_dir: Path, prompt: list[int], tokens: list[int]) -> np.ndarray:
     """Logits after the prompt and after each of ``tokens``, one sequence in its own Runtime."""
-    rt = Runtime(model_dir)
+    rt = open_runtime(model_dir)
     out = [rt.prefill(0, prompt)]
     out += [rt.decode([0], [t])[0] for t in tokens]
     return np.stack(out)
@@ -38,7 +38,7 @@ def _alone(model_dir: Path, prompt: list[int], tokens: list[int]) -> np.ndarray:
 def test_batched_decode_equals_decoding_alone(tiny_model_dir):
     prompts = [_ids(n, seed=n) for n in (3, 7, 12)]
     steps = [_ids(5, seed=100 + j) for j in range(3)]
-    rt = Runtime(tiny_model_dir, max_batch=3)
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=3))
     got = [[rt.prefill(j, p)] for j, p in enumerate(prompts)]
     for k in range(5):
         logits = rt.decode([0, 1, 2], [steps[j][k] for j in range(3)])
@@ -58,7 +58,7 @@ def test_shuffled_and_partial_decode_order(tiny_model_dir):
     prompts = [_ids(n, seed=10 + n) for n in (2, 9, 5, 14)]
     orders = [[0, 1, 2, 3], [3, 1, 0, 2], [2, 0], [1, 3, 2], [0, 3, 1, 2], [3], [2, 1, 0, 3]]
     streams = {j: _ids(len(orders), seed=200 + j) for j in range(n_slots)}
-    rt = Runtime(tiny_model_dir, max_batch=n_slots)
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=n_slots))
     got = {j: [rt.prefill(j, p)] for j, p in enumerate(prompts)}
     fed = {j: [] for j in range(n_slots)}
     for order in orders:
@@ -76,7 +76,7 @@ def test_shuffled_and_partial_decode_order(tiny_model_dir):
 def test_copy_slot_then_divergent_continuations(tiny_model_dir):
     prompt = _ids(11, seed=3)
     a, b = _ids(4, seed=4), _ids(4, seed=5)
-    rt = Runtime(tiny_model_dir, max_batch=3)
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=3))
     rt.prefill(2, _ids(6, seed=6))  # an unrelated sequence that must not be disturbed
     first = rt.prefill(0, prompt)
     rt.copy_slot(0, 1)
@@ -98,7 +98,7 @@ def test_copy_slot_then_divergent_continuations(tiny_model_dir):
 
 def test_copy_slot_over_a_longer_sequence(tiny_model_dir):
     """dst held more tokens than src: its stale tail must not leak into attention."""
-    rt = Runtime(tiny_model_dir, max_batch=2)
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=2))
     rt.prefill(1, _ids(30, seed=8))
     prompt = _ids(5, seed=9)
     rt.prefill(0, prompt)
@@ -111,7 +111,7 @@ def test_copy_slot_over_a_longer_sequence(tiny_model_dir):
 
 def test_truncate_then_prefill_equals_fresh(tiny_model_dir):
     p, q = _ids(20, seed=11), _ids(5, seed=12)
-    rt = Runtime(tiny_model_dir)
+    rt = open_runtime(tiny_model_dir)
     rt.prefill(0, p)
     rt.decode([0], [7])
     rt.truncate(0, 10)
@@ -127,7 +127,7 @@ def test_truncate_then_prefill_equals_fresh(tiny_model_dir):
 
 
 def test_reset_then_prefill_equals_fresh(tiny_model_dir):
-    rt = Runtime(tiny_model_dir)
+    rt = open_runtime(tiny_model_dir)
     rt.prefill(0, _ids(25, seed=13))
     rt.reset(0)
     assert rt.length(0) == 0
@@ -138,7 +138,7 @@ def test_reset_then_prefill_equals_fresh(tiny_model_dir):
 def test_chunked_prefill_equals_one_prefill(tiny_model_dir):
     ids = _ids(23, seed=15)
     t = _ids(3, seed=16)
-    rt = Runtime(tiny_model_dir)
+    rt = open_runtime(tiny_model_dir)
     rt.prefill(0, ids[:8])
     rt.prefill(0, ids[8:9])
     last = rt.prefill(0, ids[9:])
@@ -148,7 +148,7 @@ def test_chunked_prefill_equals_one_prefill(tiny_model_dir):
 
 
 def test_context_full(tiny_model_dir):
-    rt = Runtime(tiny_model_dir, max_batch=2, max_length=16)
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=2, max_length=16))
     assert rt.info.max_length == 16
     with pytest.raises(ContextFull, match="slot 0: 0 \\+ 17 tokens exceed the context length 16"):
         rt.prefill(0, _ids(17, seed=17))
@@ -168,20 +168,20 @@ def test_context_full(tiny_model_dir):
 
 def test_max_length_beyond_the_export_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="exceeds the export's max_length 512"):
-        Runtime(tiny_model_dir, max_length=513)
+        open_runtime(tiny_model_dir, RuntimeOptions(max_length=513))
 
 
 def test_kv_bytes(tiny_model_dir):
-    info = Runtime(tiny_model_dir).info
+    info = open_runtime(tiny_model_dir).info
     assert (info.num_layers, info.num_kv_heads, info.head_dim, info.max_length) == (2, 2, 16, 512)
     per_slot_token = 2 * 2 * 2 * 16 * 4  # (k, v) x layers x kv heads x head_dim x fp32
-    assert Runtime(tiny_model_dir).kv_bytes() == per_slot_token * 512
-    assert Runtime(tiny_model_dir, max_batch=3, max_length=64).kv_bytes() == \
+    assert open_runtime(tiny_model_dir).kv_bytes() == per_slot_token * 512
+    assert open_runtime(tiny_model_dir, RuntimeOptions(max_batch=3, max_length=64)).kv_bytes() == \
         per_slot_token * 64 * 3
 
 
 def test_bad_calls(tiny_model_dir):
-    rt = Runtime(tiny_model_dir, max_batch=2)
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=2))
     with pytest.raises(ValueError):
         rt.prefill(0, [])
     with pytest.raises(ValueError):
@@ -198,9 +198,9 @@ def test_cuda_provider_on_a_cpu_build_is_refused(tiny_model_dir):
         pytest.skip("this onnxruntime build has CUDA")
     with pytest.raises(ProviderError, match=r"--provider cuda: CUDAExecutionProvider is not "
                                             r"available .*install onnxruntime-gpu"):
-        Runtime(tiny_model_dir, provider="cuda")
+        open_runtime(tiny_model_dir, RuntimeOptions(provider="cuda"))
     with pytest.raises(ProviderError, match="unknown provider 'tpu'"):
-        Runtime(tiny_model_dir, provider="tpu")
+        open_runtime(tiny_model_dir, RuntimeOptions(provider="tpu"))
 
 
 # -- optimum-cli exports (growing KV, position_ids) --------------------------------------------
@@ -258,7 +258,7 @@ def _torch_logits(model, ids: list[int]) -> np.ndarray:
 @pytest.mark.slow  # the fixture's torch export: ~4 s cold
 def test_optimum_export_matches_transformers(optimum_model):
     out, model = optimum_model
-    rt = Runtime(out, max_batch=2)
+    rt = open_runtime(out, RuntimeOptions(max_batch=2))
     assert rt.info.source == "optimum" and rt.kv_bytes() == 0
     prompt = _ids(10, seed=20, vocab=512)
     # greedy: prefill, then decode the argmax each step
@@ -290,7 +290,7 @@ def test_optimum_export_matches_transformers(optimum_model):
 @pytest.mark.slow
 def test_optimum_context_full(optimum_model):
     out, _ = optimum_model
-    rt = Runtime(out, max_length=8)
+    rt = open_runtime(out, RuntimeOptions(max_length=8))
     rt.prefill(0, list(range(3, 11)))
     with pytest.raises(ContextFull):
         rt.decode([0], [3])

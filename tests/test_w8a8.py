@@ -18,7 +18,7 @@ import pytest
 from export.api import export_model
 from export.config import ExportError
 from export.graph import SMOOTH_ALPHA
-from serve.runtime import Runtime
+from serve.runtime import RuntimeOptions, open_runtime
 from serve.tokenizer import Tokenizer
 
 
@@ -66,7 +66,7 @@ def test_flags_and_targets(tiny_hf_dir, tmp_path):
                        progress=False).out
     assert not (off / "model_w8a8.onnx").exists()
     assert json.loads((off / "llorch.json").read_text())["graph"]["w8a8"] is None
-    assert Runtime(off, w8a8=True).batch_session is None
+    assert open_runtime(off, RuntimeOptions(w8a8=True)).w8a8_session is None
     fp32 = export_model(tiny_hf_dir, tmp_path / "fp32", precision="fp32", progress=False).out
     assert not (fp32 / "model_w8a8.onnx").exists()  # opt-in for float exports
     with pytest.raises(ExportError, match="--w8a8-graph is for --target cpu"):
@@ -79,18 +79,18 @@ def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4):
     """Runtime's own default is off (parity tests compare the main graph); `llorch serve`
     defaults to auto. all/auto: every prefill and decode steps of 2+ sequences; prefill:
     prefill only (one token too, so a prefix-cache hit sees the KV a full prefill makes)."""
-    assert Runtime(tiny_int4, max_batch=2).batch_session is None
+    assert open_runtime(tiny_int4, RuntimeOptions(max_batch=2)).w8a8_session is None
     for mode in (True, "all", "auto"):
-        rt = Runtime(tiny_int4, max_batch=2, w8a8=mode)
-        assert rt.w8a8 == "all" and rt.batch_session is not None
+        rt = open_runtime(tiny_int4, RuntimeOptions(max_batch=2, w8a8=mode))
+        assert rt.w8a8 == "all" and rt.w8a8_session is not None
         assert rt._session_for(1) is rt.session
-        assert rt._session_for(1, prefill=True) is rt.batch_session
-        assert rt._session_for(2) is rt.batch_session and rt._session_for(512) is rt.batch_session
-    rt = Runtime(tiny_int4, max_batch=2, w8a8="prefill")
-    assert rt._session_for(1, prefill=True) is rt.batch_session
+        assert rt._session_for(1, prefill=True) is rt.w8a8_session
+        assert rt._session_for(2) is rt.w8a8_session and rt._session_for(512) is rt.w8a8_session
+    rt = open_runtime(tiny_int4, RuntimeOptions(max_batch=2, w8a8="prefill"))
+    assert rt._session_for(1, prefill=True) is rt.w8a8_session
     assert rt._session_for(2) is rt.session and rt._session_for(16) is rt.session
     with pytest.raises(ValueError, match="w8a8 must be one of"):
-        Runtime(tiny_int4, w8a8="yes")
+        open_runtime(tiny_int4, RuntimeOptions(w8a8="yes"))
 
 
 def test_smoothing_changes_the_quantization_not_the_math(tiny_int4):
@@ -129,7 +129,7 @@ def test_w8a8_rows_do_not_depend_on_their_batch_mates(tiny_int4):
     prompts = [[int(t) for t in rng.integers(3, 1000, n)] for n in (5, 9, 7)]
     got = []
     for rows in (2, 3):
-        rt = Runtime(tiny_int4, max_batch=3, w8a8=True)
+        rt = open_runtime(tiny_int4, RuntimeOptions(max_batch=3, w8a8=True))
         for j in range(rows):
             rt.prefill(j, prompts[j])
         steps = [rt.decode(list(range(rows)), [11 + j for j in range(rows)]) for _ in range(3)]
@@ -144,8 +144,8 @@ def test_default_model_answers_through_the_w8a8_graph(default_model_dir):
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True)
     ids = tok.encode(text)
-    rt = Runtime(default_model_dir, max_batch=2, w8a8=True)
-    ref = Runtime(default_model_dir, max_batch=2)
+    rt = open_runtime(default_model_dir, RuntimeOptions(max_batch=2, w8a8=True))
+    ref = open_runtime(default_model_dir, RuntimeOptions(max_batch=2))
     a, b = rt.prefill(0, ids), ref.prefill(0, ids)
     cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert cos > 0.99 and int(a.argmax()) == int(b.argmax())
@@ -194,7 +194,7 @@ def test_w8a8_that_cannot_apply_says_so(tiny_hf_dir, tmp_path, caplog):
     off = export_model(tiny_hf_dir, tmp_path / "off", precision="int4", w8a8_graph=False,
                        progress=False).out
     with caplog.at_level("WARNING", logger="llorch.runtime"):
-        assert Runtime(off, w8a8="auto").batch_session is None
+        assert open_runtime(off, RuntimeOptions(w8a8="auto")).w8a8_session is None
         assert not caplog.text  # the default stays quiet where it cannot apply
-        assert Runtime(off, w8a8=True).batch_session is None
+        assert open_runtime(off, RuntimeOptions(w8a8=True)).w8a8_session is None
     assert "--w8a8 all has no effect here: the export has no W8A8 graph" in caplog.text

@@ -74,9 +74,9 @@ def exports(gguf: Path, work: Path) -> dict:
 
 
 def reference(work: Path, n_tokens: int) -> dict:
-    from serve.runtime import Runtime
+    from serve.runtime import RuntimeOptions, open_runtime
 
-    rt = Runtime(work / "cpu-fp32", provider="cpu", max_length=1024)
+    rt = open_runtime(work / "cpu-fp32", RuntimeOptions(provider="cpu", max_length=1024))
     ids = chat_ids(work / "cpu-fp32")
     res = [greedy(rt, p, n_tokens, set(rt.info.eos_token_ids)) for p in ids]
     np.save(work / "ref-logits0.npy", np.stack([r[1] for r in res]))
@@ -84,9 +84,12 @@ def reference(work: Path, n_tokens: int) -> dict:
 
 
 def runtime(model: Path, args, **kw):
-    from serve.runtime_cuda import CudaRuntime
+    from serve.model_dir import load_model_info
+    from serve.runtime import RuntimeOptions
+    from serve.runtime.cuda import CudaRuntime
 
-    return CudaRuntime(model, provider=args.provider, device=args.device, **kw)
+    return CudaRuntime(load_model_info(model), RuntimeOptions(provider=args.provider, **kw),
+                       device=args.device)
 
 
 def parity(model: Path, ref: dict, work: Path, args, n_tokens: int) -> dict:

@@ -52,9 +52,9 @@ def main() -> None:
     ap.add_argument("--provider", default="cpu")
     ap.add_argument("--tokens", type=int, default=48)
     args = ap.parse_args()
-    from serve.runtime import Runtime
+    from serve.runtime import RuntimeOptions, open_runtime
 
-    rt = Runtime(args.model, provider=args.provider, max_length=1024)
+    rt = open_runtime(args.model, RuntimeOptions(provider=args.provider, max_length=1024))
     eos = set(rt.info.eos_token_ids)
     ids = chat_ids(args.model)
     t0 = time.perf_counter()

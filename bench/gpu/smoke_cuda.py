@@ -75,8 +75,9 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - LD_LIBRARY_PATH may still provide them
             print(f"preload_dlls: {e}", file=sys.stderr)
     from export.api import export_model
-    from serve.runtime import Runtime
-    from serve.runtime_cuda import CudaRuntime
+    from serve.model_dir import load_model_info
+    from serve.runtime import RuntimeOptions, open_runtime
+    from serve.runtime.cuda import CudaRuntime
 
     report = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
     provider = "cuda" if args.device == "cuda" else "cpu"
@@ -90,9 +91,10 @@ def main() -> None:
             try:
                 d = Path(tmp) / precision
                 export_model(hf, d, precision=precision, target="cuda", progress=False)
-                want = run_script(Runtime(d, max_batch=3), prompts, steps)
+                want = run_script(open_runtime(d, RuntimeOptions(max_batch=3)), prompts, steps)
                 t0 = time.perf_counter()
-                got = run_script(CudaRuntime(d, provider=provider, max_batch=3,
+                got = run_script(CudaRuntime(load_model_info(d),
+                                             RuntimeOptions(provider=provider, max_batch=3),
                                              device=args.device), prompts, steps)
                 r["seconds"] = time.perf_counter() - t0
                 diff = max(float(np.abs(a - b).max()) for a, b in zip(want, got, strict=False))
@@ -101,8 +103,9 @@ def main() -> None:
                          argmax_agree=float(np.mean([np.array_equal(a.argmax(-1), b.argmax(-1))
                                                      for a, b in zip(want, got, strict=False)])))
                 try:
-                    graph = run_script(CudaRuntime(d, provider=provider, max_batch=3,
-                                                   device=args.device, cuda_graph=True),
+                    graph = run_script(CudaRuntime(load_model_info(d), RuntimeOptions(
+                                           provider=provider, max_batch=3, cuda_graph=True),
+                                                   device=args.device),
                                        prompts, steps + steps)
                     r["cuda_graph"] = "ran"
                     first = len(prompts) + len(steps)  # same calls as the uncaptured run

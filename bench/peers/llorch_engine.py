@@ -1,4 +1,4 @@
-"""llorch in-process: `serve.engine.Engine` over `serve.runtime.Runtime`, no HTTP.
+"""llorch in-process: `serve.engine.Engine` over `serve.runtime.open_runtime`, no HTTP.
 
 The same scheduler thread, sampler, detokenizer and stop matcher a request meets behind
 `llorch serve`, with its default `--w8a8 auto`; only the Starlette/SSE layer is left out
@@ -19,11 +19,11 @@ class EnginePeer:
     def __init__(self, model_dir: Path, *, threads: int, max_length: int,
                  w8a8: str = "auto") -> None:
         from serve.engine import Engine
-        from serve.runtime import Runtime
+        from serve.runtime import RuntimeOptions, open_runtime
         from serve.tokenizer import Tokenizer
 
-        runtime = Runtime(model_dir, threads=threads, max_batch=1, max_length=max_length,
-                          w8a8=w8a8)
+        runtime = open_runtime(model_dir, RuntimeOptions(threads=threads, max_length=max_length,
+                                                          w8a8=w8a8))
         self.engine = Engine(runtime, Tokenizer.from_dir(model_dir))
         self.engine.start()
         self.loop = asyncio.new_event_loop()

@@ -9,8 +9,9 @@ only the last position's fp32 logits come down::
     host ── input_ids [b, 1], attention_mask [b, L] ──►  GPU: graph, KV rows 0..b-1 in place
     host ◄──────────── logits [b, 1, vocab] (fp32) ─────  GPU
 
-Decoded sequences are moved so slot ``slots[j]`` sits in row ``j`` (as in ``Runtime``); moves
-and ``copy_slot`` are device-to-device copies through a tiny Identity graph (``DeviceCopier``).
+Decoded sequences are moved so slot ``slots[j]`` sits in row ``j`` (as in every
+``SharedKVRuntime``); moves and ``copy_slot`` are device-to-device copies through a tiny
+Identity graph (``DeviceCopier``).
 
 CUDA graph capture (``cuda_graph=True``, ORT's ``enable_cuda_graph``) needs fixed shapes and
 addresses: decode masks then span the whole buffer (GroupQueryAttention reads each row's
@@ -23,17 +24,16 @@ in a second session; prefill runs uncaptured on the main graph, over the same KV
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from serve.runtime import Runtime, resolve_providers, session_options
-
-log = logging.getLogger("llorch.runtime")
+from serve.model_dir import ModelInfo
+from serve.runtime.interface import RuntimeOptions
+from serve.runtime.session import resolve_providers, session_options
+from serve.runtime.shared_kv import Call, SharedKVRuntime
 
 _ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}
 
@@ -151,36 +151,52 @@ class DeviceCopier:
 # -- the runtime -------------------------------------------------------------------------------
 
 
-class CudaRuntime(Runtime):
-    """``Runtime`` with device-resident KV (module docstring). ``device`` "cpu" runs the same
-    pointer-bound plan on host memory, which is how CI tests it without a GPU."""
+class CudaRuntime(SharedKVRuntime):
+    """KV rows on the device, bound by pointer (module docstring). ``device`` "cpu" runs the
+    same pointer-bound plan on host memory, which is how CI tests it without a GPU.
 
-    # ORT drops a CPU-side session-options initializer for a tensor it plans on the GPU, and
-    # refuses a device-side one ("Buffer containing the initializer must be owned by the user",
-    # onnxruntime-gpu 1.31.1 on the H100): CUDA sessions take every position's logits.
-    pin_logits_to_keep = False
+    Raises:
+        ProviderError: this onnxruntime build lacks ``options.provider``.
+        RuntimeError: the CUDA provider is listed but did not load (missing libraries).
+        ValueError: ``options.cuda_graph`` on an export without the static decode graph.
+    """
 
-    def __init__(self, model_dir: Path, *, provider: str = "cuda", threads: int | None = None,
-                 max_batch: int = 1, max_length: int | None = None, name: str | None = None,
-                 cuda_graph: bool = False, device_id: int = 0, device: str = "cuda",
-                 w8a8: str | bool | None = "off"):
-        self._cuda_graph, self._device_id, self._device = cuda_graph, device_id, device
-        super().__init__(model_dir, provider=provider, threads=threads, max_batch=max_batch,
-                         max_length=max_length, name=name, w8a8=w8a8)
+    def __init__(self, info: ModelInfo, options: RuntimeOptions, *, device: str = "cuda",
+                 device_id: int = 0) -> None:
+        self._device, self._device_id = device, device_id
+        # ORT drops a CPU-side session-options initializer for a tensor it plans on the GPU,
+        # and refuses a device-side one ("Buffer containing the initializer must be owned by
+        # the user", onnxruntime-gpu 1.31.1 on the H100): CUDA sessions take every position's
+        # logits.
+        super().__init__(info, options, self._with_options(resolve_providers(options.provider)),
+                         pin_logits=False)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"CUDAExecutionProvider did not load (session providers: "
                                f"{self.session.get_providers()}); check the CUDA/cuDNN libraries")
         # Decode steps run on the export's static decode graph, captured once per batch size
         # (every node on the GPU, fixed shapes: the mask spans the whole cache).
+        self._cuda_graph = self._full_mask = options.cuda_graph
         self.decode_session = self.session
-        if cuda_graph:
-            graph_file = self.info.cuda_graph_file
-            if graph_file is None:
-                raise ValueError(f"{model_dir}: no CUDA-graph decode graph (llorch.json "
+        if options.cuda_graph:
+            if info.cuda_graph_file is None:
+                raise ValueError(f"{info.path}: no CUDA-graph decode graph (llorch.json "
                                  "graph.cuda_graph); re-export with --target cuda")
-            providers = self._with_options(resolve_providers(provider), cuda_graph=True)
+            providers = self._with_options(resolve_providers(options.provider), cuda_graph=True)
             self.decode_session = ort.InferenceSession(
-                str(graph_file), session_options(threads), providers=providers)
+                str(info.cuda_graph_file), session_options(options.threads), providers=providers)
+        shape = (self.n_slots + 1, info.num_kv_heads, self.info.max_length, info.head_dim)
+        self._k = [self._alloc(shape, self.kv_dtype) for _ in range(info.num_layers)]
+        self._v = [self._alloc(shape, self.kv_dtype) for _ in range(info.num_layers)]
+        self._row_elems = int(np.prod(shape[1:]))
+        self._row_bytes = self._row_elems * np.dtype(self.kv_dtype).itemsize
+        self._scratch = self.n_slots  # the extra row
+        self._dev_io: dict[int, tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]] = {}
+        # the copier binds new addresses every run: never a captured graph
+        self._copier = DeviceCopier(2 * info.num_layers, self.kv_dtype, self.providers,
+                                    self._device, self._device_id)
+        # the static decode graph's total_sequence_length: the mask width, fixed per session
+        self._total_len = ort.OrtValue.ortvalue_from_numpy(
+            np.array(self.info.max_length, np.int32))
 
     def _with_options(self, providers: list, *, cuda_graph: bool = False) -> list:
         return [(p, cuda_provider_options(device_id=self._device_id, cuda_graph=cuda_graph))
@@ -193,61 +209,9 @@ class CudaRuntime(Runtime):
         ov.update_inplace(np.zeros(shape, dtype))  # device memory starts as garbage
         return ov
 
-    def _setup(self) -> None:
-        info = self.info
-        shape = (self.n_slots + 1, info.num_kv_heads, info.max_length, info.head_dim)
-        self._k = [self._alloc(shape, self.kv_dtype) for _ in range(info.num_layers)]
-        self._v = [self._alloc(shape, self.kv_dtype) for _ in range(info.num_layers)]
-        self._row_elems = int(np.prod(shape[1:]))
-        self._row_bytes = self._row_elems * np.dtype(self.kv_dtype).itemsize
-        self._row = list(range(self.n_slots))  # slot -> physical row
-        self._scratch = self.n_slots
-        self._bindings: dict[tuple, ort.IOBinding] = {}
-        self._logit_bufs: dict[tuple, np.ndarray] = {}
-        self._dev_io: dict[int, tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]] = {}
-        # the copier binds new addresses every run: never a captured graph
-        copier_providers = [(p, cuda_provider_options(device_id=self._device_id))
-                            if p == "CUDAExecutionProvider" else p
-                            for p in (x[0] if isinstance(x, tuple) else x for x in self.providers)]
-        self._copier = DeviceCopier(2 * info.num_layers, self.kv_dtype, copier_providers,
-                                    self._device, self._device_id)
-        self._run_opts: dict[int, ort.RunOptions] = {}
-        # the static decode graph's total_sequence_length: the mask width, fixed per session
-        self._total_len = ort.OrtValue.ortvalue_from_numpy(np.array(info.max_length, np.int32))
-
     def _ptr(self, buffer: str, row: int) -> int:
         t, i = buffer.split(".")
         return (self._k if t == "k" else self._v)[int(i)].data_ptr() + row * self._row_bytes
-
-    def _binding(self, first_row: int, rows: int, *, decode: bool) -> ort.IOBinding:
-        """Past/present rows bound by pointer once per (first_row, rows, decode)."""
-        key = (first_row, rows, decode)
-        io = self._bindings.get(key)
-        if io is not None:
-            return io
-        device_io = decode and self._cuda_graph
-        io = (self.decode_session if device_io else self.session).io_binding()
-        plan = binding_plan(self.info, self.kv_dtype, first_row, rows, seq=1,
-                            mask_width=self.info.max_length, device_io=device_io)
-        for b in plan:
-            if b.buffer.startswith(("k.", "v.")):
-                bind = io.bind_input if b.kind == "input" else io.bind_output
-                bind(b.name, self._device, self._device_id, self.kv_dtype, list(b.shape),
-                     self._ptr(b.buffer, b.first_row))
-        if device_io:
-            ids, mask, logits = self._device_inputs(rows)
-            io.bind_ortvalue_input("input_ids", ids)
-            io.bind_ortvalue_input("attention_mask", mask)
-            io.bind_ortvalue_output("logits", logits)
-            io.bind_ortvalue_input("total_sequence_length", self._total_len)
-        elif self._has_keep:
-            out = np.empty((rows, 1, self.info.vocab_size), np.float32)
-            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
-            self._logit_bufs[key] = out
-        else:
-            io.bind_output("logits")
-        self._bindings[key] = io
-        return io
 
     def _device_inputs(self, rows: int) -> tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]:
         if rows not in self._dev_io:
@@ -257,62 +221,45 @@ class CudaRuntime(Runtime):
                 self._alloc((rows, 1, self.info.vocab_size), np.float32))
         return self._dev_io[rows]
 
-    def _logits(self, io: ort.IOBinding, key: tuple) -> np.ndarray:
-        if key[2] and self._cuda_graph:
-            return self._dev_io[key[1]][2].numpy()[:, 0].copy()
-        return self._logits_out(io, key)
-
-    # -- calls -------------------------------------------------------------------------------
-    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
-        n, past = self._begin_prefill(slot, ids)
-        key = (self._row[slot], 1, False)
-        io = self._binding(*key[:2], decode=False)
-        if not self._has_keep:
+    # -- the SharedKVRuntime hooks -----------------------------------------------------------
+    def _bind(self, first_row: int, rows: int, decode: bool) -> Call:
+        """Past/present rows bound by pointer; captured decode steps also bind fixed device
+        buffers for ids, mask and logits."""
+        device_io = decode and self._cuda_graph
+        session = self.decode_session if device_io else self.session
+        io = session.io_binding()
+        plan = binding_plan(self.info, self.kv_dtype, first_row, rows, seq=1,
+                            mask_width=self.info.max_length, device_io=device_io)
+        for b in plan:
+            if b.buffer.startswith(("k.", "v.")):
+                bind = io.bind_input if b.kind == "input" else io.bind_output
+                bind(b.name, self._device, self._device_id, self.kv_dtype, list(b.shape),
+                     self._ptr(b.buffer, b.first_row))
+        if not device_io:
             io.bind_output("logits")
-        io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, past + n), np.int64))
-        self.session.run_with_iobinding(io)
-        self._lengths[slot] = past + n
-        return self._logits(io, key)[0]
+            return Call(io, session)
+        ids, mask, logits = self._device_inputs(rows)
+        io.bind_ortvalue_input("input_ids", ids)
+        io.bind_ortvalue_input("attention_mask", mask)
+        io.bind_ortvalue_output("logits", logits)
+        io.bind_ortvalue_input("total_sequence_length", self._total_len)
+        opts = ort.RunOptions()
+        opts.add_run_config_entry("gpu_graph_id", str(rows))  # one capture per batch size
+        return Call(io, session, device=(ids, mask, logits), run_options=opts)
 
-    def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
-        b = len(slots)
-        if b != len(ids):
-            raise ValueError("decode needs one token id per slot")
-        for s in slots:
-            self._check_room(s, 1)
-        self._gather_rows(slots)
-        # captured graphs need one shape per batch size: the mask spans the whole buffer then
-        lengths = [self._lengths[s] for s in slots]
-        width = self.info.max_length if self._cuda_graph else max(lengths) + 1
-        mask = np.zeros((b, width), np.int64)
-        for j, n in enumerate(lengths):
-            mask[j, : n + 1] = 1
-        tokens = np.asarray(ids, np.int64).reshape(b, 1)
-        key = (0, b, True)
-        io = self._binding(0, b, decode=True)
-        if self._cuda_graph:
-            dev_ids, dev_mask, _ = self._device_inputs(b)
-            dev_ids.update_inplace(tokens)
-            dev_mask.update_inplace(mask)
-            self.decode_session.run_with_iobinding(io, self._graph_opts(b))
-        else:
-            if not self._has_keep:
-                io.bind_output("logits")
-            io.bind_cpu_input("input_ids", tokens)
-            io.bind_cpu_input("attention_mask", mask)
-            self.session.run_with_iobinding(io)
-        for s in slots:
-            self._lengths[s] += 1
-        return self._logits(io, key)
+    def _run(self, call: Call, ids: np.ndarray, mask: np.ndarray) -> None:
+        if call.device is None:
+            super()._run(call, ids, mask)
+            return
+        dev_ids, dev_mask, _ = call.device
+        dev_ids.update_inplace(ids)
+        dev_mask.update_inplace(mask)
+        call.session.run_with_iobinding(call.io, call.run_options)
 
-    def _graph_opts(self, rows: int) -> ort.RunOptions:
-        opts = self._run_opts.get(rows)
-        if opts is None:
-            opts = ort.RunOptions()
-            opts.add_run_config_entry("gpu_graph_id", str(rows))  # one capture per batch size
-            self._run_opts[rows] = opts
-        return opts
+    def _logits(self, call: Call) -> np.ndarray:
+        if call.device is None:
+            return super()._logits(call)
+        return call.device[2].numpy()[:, 0].copy()
 
     # -- moving rows on the device ------------------------------------------------------------
     def _copy_rows(self, pairs: Sequence[tuple[int, int]]) -> None:

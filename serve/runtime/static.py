@@ -10,7 +10,8 @@ token, ``prefill`` a chunk of ``chunk`` tokens padded on the right. Per call the
   * writes the chunk's new K/V (outputs ``present.{i}.key/value`` ``[1, kv_heads, S, hd]``)
     into the cache at ``length .. length + n - 1``.
 
-Sequences run one at a time (the graphs have batch 1); the interface is ``Runtime``'s.
+Sequences run one at a time (the graphs have batch 1); the interface is
+``serve.runtime.Runtime``'s.
 ``--provider cpu`` runs these graphs on ONNX Runtime's CPU provider (how CI tests them);
 ``--provider coreml`` asks for the CoreML provider in ML Program format with a model cache.
 """
@@ -18,37 +19,19 @@ Sequences run one at a time (the graphs have batch 1); the interface is ``Runtim
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from serve.model_dir import ModelDirError, ModelInfo, load_model_info
-from serve.runtime import (
-    Runtime,
-    resolve_providers,
-    session_options,
-    w8a8_mode,
-    w8a8_unused,
-)
+from serve.model_dir import ModelDirError, ModelInfo
+from serve.runtime.interface import RuntimeOptions
+from serve.runtime.session import resolve_providers, session_options, w8a8_unused
+from serve.runtime.slots import SlotRuntime, with_max_length
 
 VARIANT = "static-kv-host"
-
-
-def static_graph(model_dir: Path | str) -> dict | None:
-    """llorch.json's ``graph`` section when the export is a static (CoreML) one, else None."""
-    path = Path(model_dir) / "llorch.json"
-    if not path.is_file():
-        return None
-    try:
-        graph = json.loads(path.read_text()).get("graph") or {}
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
-    return graph if graph.get("variant") == VARIANT else None
 
 
 def coreml_cache_dir(model_dir: Path) -> Path:
@@ -141,43 +124,36 @@ class _Graph:
         return io
 
 
-class StaticRuntime(Runtime):
-    """Static decode/prefill graphs with the KV cache in host memory (module docstring)."""
+class StaticRuntime(SlotRuntime):
+    """Static decode/prefill graphs with the KV cache in host memory (module docstring).
 
-    def __init__(self, model_dir: Path, *, provider: str = "cpu", threads: int | None = None,
-                 max_batch: int = 1, max_length: int | None = None, name: str | None = None,
-                 coreml_cache_dir: Path | None = None, w8a8: str | bool | None = "off"):
-        self.batch_session = None  # no W8A8 graph for static exports
-        if (mode := w8a8_mode(w8a8)) != "off":
-            w8a8_unused(mode, "static (--target coreml) exports have no W8A8 graph")
-        self.w8a8 = "off"
-        model_dir = Path(model_dir)
-        graph = static_graph(model_dir)
-        if graph is None:
-            raise ModelDirError(f"{model_dir}: not a static (--target coreml) export")
-        info = load_model_info(model_dir, name=name)
-        decode_file, prefill_file = model_dir / graph["decode"], model_dir / graph["prefill"]
+    Raises:
+        ModelDirError: a graph file llorch.json names is missing.
+        ProviderError: this onnxruntime build lacks ``options.provider``.
+        ValueError: ``options.max_length`` exceeds the graphs' fixed cache length.
+    """
+
+    def __init__(self, info: ModelInfo, options: RuntimeOptions) -> None:
+        if options.w8a8 != "off":
+            w8a8_unused(options.w8a8, "static (--target coreml) exports have no W8A8 graph")
+        graph = info.graph
+        decode_file, prefill_file = info.path / graph["decode"], info.path / graph["prefill"]
         for f in (decode_file, prefill_file):
             if not f.is_file():
                 raise ModelDirError(f"{f}: graph file named in llorch.json is missing")
-        self.providers = static_providers(provider, model_dir, coreml_cache_dir)
-        so = session_options(threads)
+        self.providers = static_providers(options.provider, info.path, options.coreml_cache_dir)
+        so = session_options(options.threads)
         decode = ort.InferenceSession(str(decode_file), so, providers=self.providers)
         prefill = ort.InferenceSession(str(prefill_file), so, providers=self.providers)
         past = {i.name: i for i in decode.get_inputs()}[info.past_key % 0]
         buffer_len = int(past.shape[2])  # the graphs' fixed cache length
-        if max_length is not None and max_length > buffer_len:
-            raise ValueError(f"--max-length {max_length} exceeds the export's max_length "
-                             f"{buffer_len} (re-export with a larger --max-length)")
-        self.info = replace(info, max_length=max_length or buffer_len)
-        self.n_slots = max_batch
-        self.kv_dtype = np.dtype(graph["io_dtype"]).type
+        super().__init__(with_max_length(info, options.max_length, buffer_len),
+                         options.max_batch, np.dtype(graph["io_dtype"]).type)
         self.chunk = int(graph["chunk"])
         self._mask_value = float(graph["mask_value"])
         self._len = buffer_len
-        self._lengths = [0] * self.n_slots
         dtype = np.dtype(self.kv_dtype)
-        self._embed = (np.load(model_dir / graph["embed_file"], mmap_mode="r")
+        self._embed = (np.load(info.path / graph["embed_file"], mmap_mode="r")
                        if graph["host_embedding"] else None)
         shape = (self.n_slots, info.num_kv_heads, buffer_len, info.head_dim)
         self._k = [np.zeros(shape, dtype) for _ in range(info.num_layers)]
@@ -185,7 +161,7 @@ class StaticRuntime(Runtime):
         self._decode = _Graph(decode, 1, self.info, graph, dtype, buffer_len)
         self._prefill = _Graph(prefill, self.chunk, self.info, graph, dtype, buffer_len)
 
-    # -- public interface (length/reset/truncate/kv_bytes come from Runtime) ---------------
+    # -- the rest of the interface (length/reset/truncate/kv_bytes: SlotRuntime) ----------
     def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
         """Append ``ids`` in chunks; float32 logits [vocab] after the last one."""
         self._begin_prefill(slot, ids)
@@ -204,10 +180,7 @@ class StaticRuntime(Runtime):
 
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         """dst gets src's KV: all of it, or its first ``length`` tokens (a shared prefix)."""
-        n = self._lengths[src] if length is None else length
-        if not 0 <= n <= self._lengths[src]:
-            raise ValueError(f"cannot copy {n} tokens of slot {src} of length "
-                             f"{self._lengths[src]}")
+        n = self._copied_length(src, length)
         if src != dst:
             for buf in (*self._k, *self._v):
                 buf[dst, :, :n] = buf[src, :, :n]

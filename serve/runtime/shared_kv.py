@@ -1,0 +1,202 @@
+"""Runtimes for GroupQueryAttention graphs (llorch exports, ONNX Runtime GenAI's builder).
+
+Every layer has one preallocated KV buffer ``[rows, kv_heads, max_length, head_dim]`` bound as
+both past and present through IO binding, so ORT writes new positions in place and nothing is
+reallocated per step. A decode step over ``b`` sequences binds the first ``b`` rows: sequences
+are moved so that the ones being decoded sit in rows ``0..b-1`` (slot ids stay stable for
+callers; rows move).
+
+`SharedKVRuntime` states prefill and decode once, over three hooks a subclass fills in:
+
+    _bind(first_row, rows, decode) -> Call   an IO binding with those KV rows bound in place
+    _run(call, ids, mask)                    feed ids [rows, seq] and mask [rows, width], run
+    _logits(call) -> [rows, vocab] float32   the logits after each row's last token
+
+`HostRuntime` keeps the KV in host memory (numpy); `serve.runtime.cuda.CudaRuntime` on the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from serve.model_dir import ModelInfo
+from serve.runtime.interface import RuntimeOptions
+from serve.runtime.session import kv_dtype, open_w8a8_session, resolve_providers, session_options
+from serve.runtime.slots import SlotRuntime, with_max_length
+
+
+@dataclass
+class Call:
+    """One cached IO binding: the session it runs and where its logits land.
+
+    ``logits`` is a host buffer ``[rows, 1, vocab]`` when the graph's ``num_logits_to_keep``
+    is pinned to 1, else None (ORT allocates ``[rows, seq, vocab]`` each run). ``device``
+    holds the fixed (ids, mask, logits) device buffers of a captured CUDA graph.
+    """
+
+    io: ort.IOBinding
+    session: ort.InferenceSession
+    logits: np.ndarray | None = None
+    device: tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue] | None = None
+    run_options: ort.RunOptions | None = None
+
+
+class SharedKVRuntime(SlotRuntime):
+    """The main ORT session (and the W8A8 one), slot → row bookkeeping, prefill and decode over
+    the `_bind` / `_run` / `_logits` hooks (module docstring)."""
+
+    # With w8a8 "all", decode steps of at least this many sequences take the W8A8 graph
+    # (one row: MatMulNBits reads 4-bit weights, faster than int8 GEMMs at M=1).
+    w8a8_min_rows = 2
+
+    def __init__(self, info: ModelInfo, options: RuntimeOptions, providers: list, *,
+                 pin_logits: bool) -> None:
+        self.providers = providers
+        so = session_options(options.threads)
+        # llorch exports have an overridable `num_logits_to_keep` (default 0 = every position);
+        # pinning it to 1 makes prefill pay the lm_head for its last position only.
+        self._pin_logits = pin_logits
+        if pin_logits:
+            self._keep = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+            so.add_initializer("num_logits_to_keep", self._keep)
+        self.session = ort.InferenceSession(str(info.onnx_file), so, providers=providers)
+        self.w8a8, self.w8a8_session = open_w8a8_session(info, options.w8a8, so, providers)
+        super().__init__(with_max_length(info, options.max_length, info.max_length),
+                         options.max_batch, kv_dtype(self.session, info))
+        self._row = list(range(self.n_slots))  # slot -> physical row
+        self._calls: dict[tuple[int, int, bool], Call] = {}
+        self._full_mask = False  # decode masks span the whole cache (captured CUDA graphs)
+
+    # -- the hooks ---------------------------------------------------------------------------
+    def _bind(self, first_row: int, rows: int, decode: bool) -> Call:
+        raise NotImplementedError
+
+    def _run(self, call: Call, ids: np.ndarray, mask: np.ndarray) -> None:
+        if call.logits is None:
+            call.io.bind_output("logits")  # ORT sizes it: [rows, seq, vocab]
+        call.io.bind_cpu_input("input_ids", ids)
+        call.io.bind_cpu_input("attention_mask", mask)
+        call.session.run_with_iobinding(call.io)
+
+    def _logits(self, call: Call) -> np.ndarray:
+        if call.logits is not None:
+            return call.logits[:, 0].copy()
+        out = call.io.get_outputs()[-1].numpy()  # [rows, seq, vocab]
+        return np.ascontiguousarray(out[:, -1], dtype=np.float32)
+
+    # -- prefill and decode ------------------------------------------------------------------
+    def _call(self, first_row: int, rows: int, decode: bool) -> Call:
+        key = (first_row, rows, decode)
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = self._bind(first_row, rows, decode)
+        return call
+
+    def _session_for(self, rows: int, prefill: bool = False) -> ort.InferenceSession:
+        """The W8A8 graph for every prefill (a prompt's KV is then the same whether a prefix
+        cache hit leaves one token or a hundred to prefill) and, with w8a8 "all", for decode
+        steps of many sequences (where int8 GEMMs win); else the main one."""
+        if self.w8a8_session is not None and (
+                prefill or self.w8a8 == "all" and rows >= self.w8a8_min_rows):
+            return self.w8a8_session
+        return self.session
+
+    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Append ``ids`` to ``slot``'s sequence; float32 logits [vocab] after the last one."""
+        n, past = self._begin_prefill(slot, ids)
+        call = self._call(self._row[slot], 1, decode=False)
+        self._run(call, np.asarray([ids], np.int64), np.ones((1, past + n), np.int64))
+        self._lengths[slot] = past + n
+        return self._logits(call)[0]
+
+    def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
+        """One token per slot in a single ORT call; float32 logits [len(slots), vocab]."""
+        b = len(slots)
+        if b != len(ids):
+            raise ValueError("decode needs one token id per slot")
+        for s in slots:
+            self._check_room(s, 1)
+        self._gather_rows(slots)
+        lengths = [self._lengths[s] for s in slots]
+        width = self.info.max_length if self._full_mask else max(lengths) + 1
+        mask = np.zeros((b, width), np.int64)
+        for j, n in enumerate(lengths):
+            mask[j, : n + 1] = 1
+        call = self._call(0, b, decode=True)
+        self._run(call, np.asarray(ids, np.int64).reshape(b, 1), mask)
+        for s in slots:
+            self._lengths[s] += 1
+        return self._logits(call)
+
+    # -- moving rows -------------------------------------------------------------------------
+    def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """dst gets src's KV: all of it, or its first `length` tokens (a shared prefix)."""
+        n = self._copied_length(src, length)
+        rs, rd = self._row[src], self._row[dst]
+        if rs != rd and n:
+            self._copy_row(rs, rd, n)
+        self._lengths[dst] = n
+
+    def _copy_row(self, src_row: int, dst_row: int, n: int) -> None:
+        """The first ``n`` KV positions of one row into another (every layer, K and V)."""
+        raise NotImplementedError
+
+    def _swap_rows(self, a: int, b: int, n: int) -> None:
+        """Exchange the first ``n`` KV positions of two rows (every layer, K and V)."""
+        raise NotImplementedError
+
+    def _gather_rows(self, slots: Sequence[int]) -> None:
+        """Swap sequences between rows so ``slots[j]`` lives in row ``j``."""
+        owner = {r: s for s, r in enumerate(self._row)}
+        for j, s in enumerate(slots):
+            r = self._row[s]
+            if r == j:
+                continue
+            other = owner[j]
+            n = max(self._lengths[s], self._lengths[other])
+            if n:
+                self._swap_rows(j, r, n)
+            self._row[s], self._row[other] = j, r
+            owner[j], owner[r] = s, other
+
+
+class HostRuntime(SharedKVRuntime):
+    """KV buffers ``[n_slots, kv_heads, max_length, head_dim]`` per layer in host memory,
+    bound to the graph in place as numpy-backed OrtValues (CPU and CoreML providers)."""
+
+    def __init__(self, info: ModelInfo, options: RuntimeOptions) -> None:
+        super().__init__(info, options, resolve_providers(options.provider),
+                         pin_logits=info.logits_to_keep)
+        shape = (self.n_slots, info.num_kv_heads, self.info.max_length, info.head_dim)
+        self._k = [np.zeros(shape, self.kv_dtype) for _ in range(info.num_layers)]
+        self._v = [np.zeros(shape, self.kv_dtype) for _ in range(info.num_layers)]
+
+    def _bind(self, first_row: int, rows: int, decode: bool) -> Call:
+        session = self._session_for(rows, prefill=not decode)
+        io = session.io_binding()
+        sl = slice(first_row, first_row + rows)
+        for i in range(self.info.num_layers):
+            for buf, pname, oname in ((self._k[i], self.info.past_key, self.info.present_key),
+                                      (self._v[i], self.info.past_value, self.info.present_value)):
+                ov = ort.OrtValue.ortvalue_from_numpy(buf[sl])
+                io.bind_ortvalue_input(pname % i, ov)
+                io.bind_ortvalue_output(oname % i, ov)
+        logits = None
+        if self._pin_logits:
+            logits = np.empty((rows, 1, self.info.vocab_size), np.float32)
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        return Call(io, session, logits)
+
+    def _copy_row(self, src_row: int, dst_row: int, n: int) -> None:
+        for buf in (*self._k, *self._v):
+            buf[dst_row, :, :n] = buf[src_row, :, :n]
+
+    def _swap_rows(self, a: int, b: int, n: int) -> None:
+        for buf in (*self._k, *self._v):
+            tmp = buf[a, :, :n].copy()
+            buf[a, :, :n] = buf[b, :, :n]
+            buf[b, :, :n] = tmp
