@@ -19,15 +19,17 @@ import numpy as np
 import onnx
 
 from export import __version__
-from export.calibrate import CALIBRATION_TOKENS, activation_means, calibration_ids
+from export.calibrate import CALIBRATION_TOKENS, activation_means, calibration_ids, linear_inputs
 from export.config import ExportError, LlamaConfig
-from export.graph import SMOOTH_ALPHA, GraphSpec, build_decoder, quantized_linear, uses_gqa
+from export.graph import build_decoder, uses_gqa
 from export.graph_coreml import DEFAULT_CHUNK, DEFAULT_MAX_LENGTH, StaticGraphs
+from export.linear import SMOOTH_ALPHA, quantized_linear
 from export.onnx_builder import GraphBuilder
 from export.quant import dequantize_blocks
 from export.sources import GGUFSource, HFSource, open_source, validate
+from export.spec import GraphSpec
 
-W8A8_FILE = "model_w8a8.onnx"  # the int8-GEMM companion graph (export.graph.w8a8_linear)
+W8A8_FILE = "model_w8a8.onnx"  # the int8-GEMM companion graph (export.linear.w8a8_linear)
 CUDA_GRAPH_FILE = "model_decode_static.onnx"  # --target cuda: the capturable decode graph
 
 
@@ -161,7 +163,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     prefill call, max_length by default min(context, 2048).
     ``w8a8_graph`` (None = on for cpu int4 GroupQueryAttention graphs): also write
     ``model_w8a8.onnx``, the same decoder with int8 GEMMs for the runs of many rows
-    (graph.w8a8_linear), sharing the data file. ``target`` cuda also writes
+    (linear.w8a8_linear), sharing the data file. ``target`` cuda also writes
     ``model_decode_static.onnx``, the decode graph CUDA graphs capture.
 
     Raises ExportError (naming the file/field) on bad input; nothing is left at ``out`` then.
@@ -292,7 +294,8 @@ def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: Gra
     try:
         for filename, graph_spec in graphs:
             if graph_spec.w8a8:  # smoothed with ranges measured on the main graph just written
-                act_mean = activation_means(tmp, "model.onnx", g.linear_inputs, cfg,
+                main = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+                act_mean = activation_means(tmp, "model.onnx", linear_inputs(main), cfg,
                                             calibration_ids(tmp, cfg.vocab_size))
                 graph_spec = replace(graph_spec, act_mean=act_mean)
             g = GraphBuilder(tmp / "model.onnx.data", share_with=g)

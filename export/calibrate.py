@@ -60,6 +60,26 @@ def calibration_ids(model_dir: Path, vocab_size: int, n: int = CALIBRATION_TOKEN
     return np.random.default_rng(0).integers(0, vocab_size, n).tolist()
 
 
+def linear_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Each linear layer of a graph written by export.linear, keyed by its initializer prefix
+    (``model.layers.0.self_attn.qkv_proj``), and the tensor it multiplies: the first input of
+    every MatMulNBits (weights ``{prefix}.qweight``) and every MatMul whose weights are
+    ``{prefix}.weight`` (through a Cast where fp16 weights are widened)."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "MatMulNBits"):
+            continue
+        weight = n.input[1]
+        src = made_by.get(weight)
+        if src is not None and src.op_type == "Cast":
+            weight = src.input[0]
+        suffix = ".qweight" if n.op_type == "MatMulNBits" else ".weight"
+        if weight.endswith(suffix) and weight not in made_by:
+            out[weight.removesuffix(suffix)] = n.input[0]
+    return out
+
+
 def activation_means(model_dir: Path, graph: str, inputs: Mapping[str, str],
                       cfg: LlamaConfig, ids: list[int]) -> dict[str, np.ndarray]:
     """Run ``graph`` (a GroupQueryAttention decoder in ``model_dir``, fp32 I/O) on ``ids`` in

@@ -68,15 +68,31 @@ def attention_inputs(g: GraphBuilder, cfg: LlamaConfig, max_length: int, input_i
     return StandardAttentionInputs(tables[0], tables[1], add)
 
 
-def _rotate(g: GraphBuilder, x: str, att: StandardAttentionInputs, hd: int, node: str) -> str:
-    """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+def rotary(g: GraphBuilder, x: str, cos: str, sin: str, hd: int, *, node: str,
+           signed_sin: bool = False) -> str:
+    """HF's rotate-half rotary: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+
+    Args:
+        x: ``[B, heads, S, hd]``; cos, sin: ``[B, 1, S, hd]`` rows for the positions.
+        signed_sin: ``sin`` holds ``[-sin, sin]``, so ``[x2, x1]`` needs no Neg (the CoreML
+            target's op set has none).
+    Returns:
+        The rotated ``x``, same shape and dtype.
+    """
     half = g.const(f"{node}/split", [hd // 2, hd // 2])
     x1, x2 = g.node("Split", [x, half], 2, name=f"{node}/Split", axis=-1)
-    neg = g.op("Neg", [x2], name=f"{node}/Neg")
-    rot = g.op("Concat", [neg, x1], name=f"{node}/Concat", axis=-1)
-    a = g.op("Mul", [x, att.cos], name=f"{node}/Mul_cos")
-    b = g.op("Mul", [rot, att.sin], name=f"{node}/Mul_sin")
+    first = x2 if signed_sin else g.op("Neg", [x2], name=f"{node}/Neg")
+    rot = g.op("Concat", [first, x1], name=f"{node}/Concat", axis=-1)
+    a = g.op("Mul", [x, cos], name=f"{node}/Mul_cos")
+    b = g.op("Mul", [rot, sin], name=f"{node}/Mul_sin")
     return g.op("Add", [a, b], name=f"{node}/Add")
+
+
+def split_heads(g: GraphBuilder, x: str, shape: list[int], *, node: str) -> str:
+    """``[B, S, heads·hd]`` ─► Reshape(``shape`` = [B, S, heads, hd]) ─► ``[B, heads, S, hd]``
+    (0 in ``shape`` keeps that dimension of ``x``)."""
+    x = g.op("Reshape", [x, g.const(f"{node}/shape", shape)], name=f"{node}/Reshape")
+    return g.op("Transpose", [x], name=f"{node}/Transpose", perm=[0, 2, 1, 3])
 
 
 def standard_attention(g: GraphBuilder, qkv: str, layer: int, cfg: LlamaConfig,
@@ -94,18 +110,17 @@ def standard_attention(g: GraphBuilder, qkv: str, layer: int, cfg: LlamaConfig,
                      3, name=f"{n}/qkv/Split", axis=-1)
 
     def heads(x: str, count: int, tag: str) -> str:
-        x = g.op("Reshape", [x, g.const(f"{n}/{tag}/shape", [0, 0, count, hd])],
-                 name=f"{n}/{tag}/Reshape")
-        return g.op("Transpose", [x], name=f"{n}/{tag}/Transpose", perm=[0, 2, 1, 3])
+        return split_heads(g, x, [0, 0, count, hd], node=f"{n}/{tag}")
 
-    q = _rotate(g, heads(q, nh, "q"), att, hd, f"{n}/q_rotary")
-    k = _rotate(g, heads(k, kvh, "k"), att, hd, f"{n}/k_rotary")
+    q = rotary(g, heads(q, nh, "q"), att.cos, att.sin, hd, node=f"{n}/q_rotary")
+    k = rotary(g, heads(k, kvh, "k"), att.cos, att.sin, hd, node=f"{n}/k_rotary")
     v = heads(v, kvh, "v")
     present_k = g.op("Concat", [f"past_key_values.{layer}.key", k], name=f"{n}/k/Concat", axis=2)
     present_v = g.op("Concat", [f"past_key_values.{layer}.value", v], name=f"{n}/v/Concat",
                      axis=2)
-    g.nodes.append(_identity(present_k, f"present.{layer}.key", f"{n}/present_key"))
-    g.nodes.append(_identity(present_v, f"present.{layer}.value", f"{n}/present_value"))
+    g.node("Identity", [present_k], [f"present.{layer}.key"], name=f"{n}/present_key/Identity")
+    g.node("Identity", [present_v], [f"present.{layer}.value"],
+           name=f"{n}/present_value/Identity")
 
     # group the query heads under their kv head: [B, kvh, rep, S, hd] against [B, kvh, 1, T, hd]
     q5 = g.op("Reshape", [q, g.const(f"{n}/q5_shape", [0, kvh, rep, -1, hd])],
@@ -125,9 +140,3 @@ def standard_attention(g: GraphBuilder, qkv: str, layer: int, cfg: LlamaConfig,
     out = g.op("Reshape", [out, g.const(f"{n}/out_shape", [0, 0, nh * hd])],
                name=f"{n}/out/Reshape")
     return out, f"present.{layer}.key", f"present.{layer}.value"
-
-
-def _identity(src: str, dst: str, name: str):
-    from onnx import helper
-
-    return helper.make_node("Identity", [src], [dst], name=f"{name}/Identity")

@@ -34,8 +34,11 @@ import onnx
 from onnx import TensorProto
 
 from export.config import ExportError, LlamaConfig, cos_sin_cache
-from export.graph import GraphSpec, Weights
+from export.graph import mlp
+from export.graph_attention import rotary, split_heads
+from export.linear import linear
 from export.onnx_builder import GraphBuilder
+from export.spec import GraphContext, GraphSpec, Weights
 
 OPSET = 17  # ≤ 20, which the CoreML EP takes; ReduceMean keeps `axes` as an attribute here
 MAX_DIM = 16384  # CoreML fails to load a model with any larger input dimension
@@ -108,38 +111,30 @@ def logits_parts(vocab: int) -> tuple[int, ...]:
     return tuple(min(MAX_DIM, vocab - j * MAX_DIM) for j in range(n))
 
 
-# -- builders, one per HF module -------------------------------------------------------------
+# -- builders, one per HF module (the MLP is graph.py's; rotary and head reshapes are shared
+# -- with graph_attention.py) --------------------------------------------------------------
 
 
-def linear(g: GraphBuilder, x: str, w: Weights, name: str, *, node: str, spec: GraphSpec,
-           bias: str | None = None) -> str:
-    """x @ W.T (+ b) with W stored transposed, [in, out], in the graph's float type."""
-    y = g.op("MatMul", [x, g.initializer(name, w.load(name).T.astype(spec.io_dtype))],
-             name=f"{node}/MatMul")
-    if bias is not None:
-        y = g.op("Add", [y, g.initializer(bias, w.load(bias).astype(spec.io_dtype))],
-                 name=f"{node}/Add")
-    return y
-
-
-def rms_norm(g: GraphBuilder, x: str, weight: str, cfg: LlamaConfig, w: Weights,
-             spec: GraphSpec, *, node: str) -> str:
+def rms_norm(ctx: GraphContext, x: str, module: str) -> str:
     """
       x ─► [Cast fp32] ─► Mul(x, x) ─► ReduceMean ─► Add(eps) ─► Sqrt ─┐
           └──────────────────────────────────────────────────────► Div ─► [Cast] ─► Mul(γ)
     fp16 graphs normalise in fp32, as HF's LlamaRMSNorm does: x² overflows fp16 past |x| 256.
+    Standard ops, since CoreML takes no SimplifiedLayerNormalization.
     """
+    g, spec, node = ctx.g, ctx.spec, f"{ctx.node}/{module}"
     h = x
     if spec.io_dtype == np.float16:
         h = g.op("Cast", [x], name=f"{node}/Cast", to=TensorProto.FLOAT)
     sq = g.op("Mul", [h, h], name=f"{node}/Mul")
     ms = g.op("ReduceMean", [sq], name=f"{node}/ReduceMean", axes=[-1], keepdims=1)
-    ms = g.op("Add", [ms, g.const(f"{node}/eps", cfg.rms_norm_eps, np.float32)],
+    ms = g.op("Add", [ms, g.const(f"{node}/eps", ctx.cfg.rms_norm_eps, np.float32)],
               name=f"{node}/Add")
     y = g.op("Div", [h, g.op("Sqrt", [ms], name=f"{node}/Sqrt")], name=f"{node}/Div")
     if spec.io_dtype == np.float16:
         y = g.op("Cast", [y], name=f"{node}/Cast_1", to=TensorProto.FLOAT16)
-    gamma = g.initializer(weight, w.load(weight).astype(spec.io_dtype))
+    weight = f"{ctx.hf}.{module}.weight"
+    gamma = g.initializer(weight, ctx.w.load(weight).astype(spec.io_dtype))
     return g.op("Mul", [y, gamma], name=f"{node}/Mul_1")
 
 
@@ -148,7 +143,7 @@ class StepInputs:
     """Tensors every layer shares within one call."""
 
     cos: str  # [1, 1, S, head_dim]
-    sin: str  # [1, 1, S, head_dim], first half negated (see rotary)
+    sin: str  # [1, 1, S, head_dim], first half negated (rotary's signed_sin)
     mask: str  # [1, 1, rep * S, L + S]: the additive mask tiled over a kv head's query heads
     seq: int
 
@@ -179,48 +174,40 @@ def step_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, seq: int) ->
     return StepInputs(rows["cos"], rows["sin"], mask, seq)
 
 
-def rotary(g: GraphBuilder, x: str, att: StepInputs, hd: int, *, node: str) -> str:
-    """x * cos + [x2, x1] * [-sin, sin]  (HF's rotate-half rotary)."""
-    half = g.const(f"{node}/split", [hd // 2, hd // 2])
-    x1, x2 = g.node("Split", [x, half], 2, name=f"{node}/Split", axis=-1)
-    swapped = g.op("Concat", [x2, x1], name=f"{node}/Concat", axis=-1)
-    a = g.op("Mul", [x, att.cos], name=f"{node}/Mul")
-    b = g.op("Mul", [swapped, att.sin], name=f"{node}/Mul_1")
-    return g.op("Add", [a, b], name=f"{node}/Add")
-
-
-def self_attn(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
-              spec: GraphSpec, att: StepInputs) -> str:
+def self_attn(ctx: GraphContext, h: str, att: StepInputs) -> str:
     """
       h ─► q_proj ─► heads ─► rotary ─► ×scale ─► [1, kv, rep·S, hd] ─┐
       h ─► k_proj ─► heads ─► rotary ─► present.k ─► Concat(past_k) ─► Kᵀ ─► MatMul ─► + mask
       h ─► v_proj ─► heads ─────────► present.v ─► Concat(past_v) ─┐        Softmax ◄─┘
                                                                    └─ MatMul ◄─┘ ─► o_proj
     Query heads are grouped under their kv head by a reshape (head h = g·rep + r uses kv head
-    g), so K/V are never repeated and every tensor stays rank 4.
+    g), so K/V are never repeated and every tensor stays rank 4. q, k and v stay separate
+    projections: a packed one could pass CoreML's 16384 dimension limit.
     """
-    p = f"model.layers.{layer}.self_attn"
-    n = f"/model/layers.{layer}/self_attn"
+    g, cfg, layer = ctx.g, ctx.cfg, ctx.layer
+    p, n = f"{ctx.hf}.self_attn", f"{ctx.node}/self_attn"
     nh, kvh, hd, s = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, att.seq
     rep = nh // kvh
 
     def proj(t: str) -> str:
-        return linear(g, h, w, f"{p}.{t}_proj.weight", node=f"{n}/{t}_proj", spec=spec,
-                      bias=f"{p}.{t}_proj.bias" if cfg.attention_bias else None)
+        return linear(ctx, h, [f"{p}.{t}_proj.weight"], node=f"{n}/{t}_proj",
+                      init=f"{p}.{t}_proj",
+                      bias=[f"{p}.{t}_proj.bias"] if cfg.attention_bias else ())
 
     def heads(x: str, count: int, tag: str) -> str:
-        x = g.op("Reshape", [x, g.const(f"{n}/{tag}/shape", [1, s, count, hd])],
-                 name=f"{n}/{tag}/Reshape")
-        return g.op("Transpose", [x], name=f"{n}/{tag}/Transpose", perm=[0, 2, 1, 3])
+        return split_heads(g, x, [1, s, count, hd], node=f"{n}/{tag}")
 
-    q = rotary(g, heads(proj("q"), nh, "q"), att, hd, node=f"{n}/q_rotary")
-    q = g.op("Mul", [q, g.const(f"{n}/scale", hd**-0.5, spec.io_dtype)], name=f"{n}/q/Mul")
+    q = rotary(g, heads(proj("q"), nh, "q"), att.cos, att.sin, hd, node=f"{n}/q_rotary",
+               signed_sin=True)
+    q = g.op("Mul", [q, g.const(f"{n}/scale", hd**-0.5, ctx.spec.io_dtype)],
+             name=f"{n}/q/Mul")
     q = g.op("Reshape", [q, g.const(f"{n}/q/group_shape", [1, kvh, rep * s, hd])],
              name=f"{n}/q/Reshape_1")
-    k = rotary(g, heads(proj("k"), kvh, "k"), att, hd, node=f"{n}/k_rotary")
-    g.nodes.append(_identity(k, f"present.{layer}.key", f"{n}/present_key"))
+    k = rotary(g, heads(proj("k"), kvh, "k"), att.cos, att.sin, hd, node=f"{n}/k_rotary",
+               signed_sin=True)
+    g.node("Identity", [k], [f"present.{layer}.key"], name=f"{n}/present_key/Identity")
     v = heads(proj("v"), kvh, "v")
-    g.nodes.append(_identity(v, f"present.{layer}.value", f"{n}/present_value"))
+    g.node("Identity", [v], [f"present.{layer}.value"], name=f"{n}/present_value/Identity")
     keys = g.op("Concat", [f"past_key_values.{layer}.key", k], name=f"{n}/k/Concat", axis=2)
     values = g.op("Concat", [f"past_key_values.{layer}.value", v], name=f"{n}/v/Concat", axis=2)
     kt = g.op("Transpose", [keys], name=f"{n}/k/Transpose_1", perm=[0, 1, 3, 2])
@@ -233,37 +220,25 @@ def self_attn(g: GraphBuilder, h: str, layer: int, cfg: LlamaConfig, w: Weights,
     out = g.op("Transpose", [out], name=f"{n}/out/Transpose", perm=[0, 2, 1, 3])
     out = g.op("Reshape", [out, g.const(f"{n}/out/shape", [1, s, nh * hd])],
                name=f"{n}/out/Reshape_1")
-    return linear(g, out, w, f"{p}.o_proj.weight", node=f"{n}/o_proj", spec=spec)
+    return linear(ctx, out, [f"{p}.o_proj.weight"], node=f"{n}/o_proj", init=f"{p}.o_proj")
 
 
-def mlp(g: GraphBuilder, h: str, layer: int, w: Weights, spec: GraphSpec) -> str:
-    """h ─► gate_proj ─► SiLU (Sigmoid·Mul) ─► Mul(up_proj(h)) ─► down_proj."""
-    p = f"model.layers.{layer}.mlp"
-    n = f"/model/layers.{layer}/mlp"
-    gate = linear(g, h, w, f"{p}.gate_proj.weight", node=f"{n}/gate_proj", spec=spec)
-    up = linear(g, h, w, f"{p}.up_proj.weight", node=f"{n}/up_proj", spec=spec)
-    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{n}/act_fn/Sigmoid")],
-               name=f"{n}/act_fn/Mul")
-    prod = g.op("Mul", [act, up], name=f"{n}/Mul")
-    return linear(g, prod, w, f"{p}.down_proj.weight", node=f"{n}/down_proj", spec=spec)
-
-
-def embed_tokens(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec, seq: int,
-                 host: bool) -> str:
+def embed_tokens(ctx: GraphContext, seq: int, host: bool) -> str:
     """[1, S, hidden]: an input (the host gathers rows) or a GatherND over the table."""
+    g, spec = ctx.g, ctx.spec
     if host:
-        return g.input("inputs_embeds", spec.io_type, [1, seq, cfg.hidden_size])
+        return g.input("inputs_embeds", spec.io_type, [1, seq, ctx.cfg.hidden_size])
     ids = g.input("input_ids", TensorProto.INT64, [1, seq])
     n = "/model/embed_tokens"
     idx = g.op("Unsqueeze", [ids, g.const(f"{n}/axes", [-1])], name=f"{n}/Unsqueeze")
-    table = w.load("model.embed_tokens.weight").astype(spec.io_dtype)
+    table = ctx.w.load("model.embed_tokens.weight").astype(spec.io_dtype)
     return g.op("GatherND", [g.initializer("model.embed_tokens.weight", table), idx],
                 name=f"{n}/GatherND")
 
 
-def lm_head(g: GraphBuilder, h: str, cfg: LlamaConfig, w: Weights, spec: GraphSpec, seq: int
-            ) -> list[str]:
+def lm_head(ctx: GraphContext, h: str, seq: int) -> list[str]:
     """Logits of one row ([1, 1, vocab] in blocks of ≤ 16384 columns), cast to fp32."""
+    g, cfg, spec = ctx.g, ctx.cfg, ctx.spec
     if seq > 1:  # prefill: only the row the host asks for (its last real token)
         index = g.input("logits_index", TensorProto.INT64, [1, 1])
         rows = g.op("Reshape", [h, g.const("/lm_head/rows_shape", [seq, cfg.hidden_size])],
@@ -272,7 +247,7 @@ def lm_head(g: GraphBuilder, h: str, cfg: LlamaConfig, w: Weights, spec: GraphSp
         h = g.op("Reshape", [h, g.const("/lm_head/row_shape", [1, 1, cfg.hidden_size])],
                  name="/lm_head/Reshape_1")
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    table = w.load(name)
+    table = ctx.w.load(name)
     parts = logits_parts(cfg.vocab_size)
     outs, start = [], 0
     for j, cols in enumerate(parts):
@@ -291,51 +266,29 @@ def build_static_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: Gr
                          seq: int, host_embedding: bool,
                          on_layer: Callable[[int], None] = lambda i: None) -> None:
     """One static graph (S = ``seq``): decode with seq 1, prefill with the chunk size."""
+    ctx = GraphContext(g, cfg, w, spec)
     kv_shape = [1, cfg.num_key_value_heads, spec.max_length, cfg.head_dim]
     new_shape = [1, cfg.num_key_value_heads, seq, cfg.head_dim]
-    x = embed_tokens(g, cfg, w, spec, seq, host_embedding)
+    x = embed_tokens(ctx, seq, host_embedding)
     att = step_inputs(g, cfg, spec, seq)
     for i in range(cfg.num_hidden_layers):
         g.input(f"past_key_values.{i}.key", spec.io_type, kv_shape)
         g.input(f"past_key_values.{i}.value", spec.io_type, kv_shape)
     for i in range(cfg.num_hidden_layers):
-        p, n = f"model.layers.{i}", f"/model/layers.{i}"
-        h = rms_norm(g, x, f"{p}.input_layernorm.weight", cfg, w, spec,
-                     node=f"{n}/input_layernorm")
-        x = g.op("Add", [x, self_attn(g, h, i, cfg, w, spec, att)], name=f"{n}/residual/Add")
-        h = rms_norm(g, x, f"{p}.post_attention_layernorm.weight", cfg, w, spec,
-                     node=f"{n}/post_attention_layernorm")
-        x = g.op("Add", [x, mlp(g, h, i, w, spec)], name=f"{n}/residual/Add_1")
+        layer = ctx.at(i)
+        h = rms_norm(layer, x, "input_layernorm")
+        x = g.op("Add", [x, self_attn(layer, h, att)], name=f"{layer.node}/residual/Add")
+        h = rms_norm(layer, x, "post_attention_layernorm")
+        x = g.op("Add", [x, mlp(layer, h)], name=f"{layer.node}/residual/Add_1")
         on_layer(i)
-    h = rms_norm(g, x, "model.norm.weight", cfg, w, spec, node="/model/norm")
-    lm_head(g, h, cfg, w, spec, seq)
+    h = rms_norm(ctx, x, "norm")
+    lm_head(ctx, h, seq)
     for i in range(cfg.num_hidden_layers):
         g.output(f"present.{i}.key", spec.io_type, new_shape)
         g.output(f"present.{i}.value", spec.io_type, new_shape)
 
 
-def _identity(src: str, dst: str, name: str):
-    return onnx.helper.make_node("Identity", [src], [dst], name=f"{name}/Identity")
-
-
 # -- the model directory's graph files ---------------------------------------------------------
-
-
-class _ReusingBuilder(GraphBuilder):
-    """A builder that points at weights another builder already wrote, so the prefill graph
-    shares the decode graph's copy of every tensor in the external data file."""
-
-    def __init__(self, data_path: Path, written: dict[str, TensorProto]):
-        super().__init__(data_path)
-        self._written = written
-
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        t = self._written.get(name)
-        if t is None or t.data_location != TensorProto.EXTERNAL:
-            return super().initializer(name, array)
-        self._names.add(name)
-        self.initializers.append(t)
-        return name
 
 
 def write_static_graphs(out: Path, cfg: LlamaConfig, w: Weights, spec: GraphSpec, *,
@@ -343,26 +296,24 @@ def write_static_graphs(out: Path, cfg: LlamaConfig, w: Weights, spec: GraphSpec
                         on_layer: Callable[[int], None] = lambda i: None) -> StaticGraphs:
     """decode.onnx + prefill.onnx (+ embed_tokens.npy) into ``out``.
 
-    Weights are written once, to ``decode.onnx.data``, which the prefill graph points into;
-    when they total under 2 GB each graph takes its own inline copy instead and the data files
-    go away.
+    Weights are written once, to ``decode.onnx.data``, which the prefill graph points into
+    (``GraphBuilder(share_with=)``); when they total under 2 GB each graph takes its own
+    inline copy instead and the data file goes away.
     """
     check_static_limits(cfg, spec.max_length, chunk)
     host = cfg.vocab_size > MAX_DIM
     if host:
         np.save(out / EMBED_FILE, w.load("model.embed_tokens.weight").astype(spec.io_dtype))
     graphs: dict[str, onnx.ModelProto] = {}
-    written: dict[str, TensorProto] = {}
-    total = 0
+    data = out / "decode.onnx.data"
+    g, total = None, 0
     for fname, seq in (("decode.onnx", 1), ("prefill.onnx", chunk)):
-        data = out / f"{fname}.data"
-        g = _ReusingBuilder(data, written) if written else GraphBuilder(data)
+        g = GraphBuilder(data, share_with=g)  # prefill points at decode's copy of each weight
         try:
             build_static_decoder(g, cfg, w, spec, seq=seq, host_embedding=host,
                                  on_layer=on_layer if seq == 1 else lambda i: None)
         finally:
             g.close()
-        written.update({t.name: t for t in g.initializers})
         total = max(total, g.weight_bytes)
         graphs[fname] = g.model("llorch-llama-coreml", opset=OPSET)
     inline = total < INLINE_LIMIT
@@ -371,10 +322,8 @@ def write_static_graphs(out: Path, cfg: LlamaConfig, w: Weights, spec: GraphSpec
         if inline:
             onnx.load_external_data_for_model(model, str(out))
         onnx.save_model(model, str(out / fname))
-    for fname in graphs:  # prefill's own file holds only what decode lacks: usually nothing
-        data = out / f"{fname}.data"
-        if inline or data.stat().st_size == 0:
-            data.unlink()
+    if inline:
+        data.unlink()
     return StaticGraphs("decode.onnx", "prefill.onnx", chunk, spec.max_length, host,
                         logits_parts(cfg.vocab_size), np.dtype(spec.io_dtype).name, inline)
 

@@ -42,8 +42,6 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
         self.weight_bytes = 0
-        # linear layer (initializer prefix) → the tensor it multiplies (export.calibrate)
-        self.linear_inputs: dict[str, str] = {}
 
     def close(self) -> None:
         if not self._data.closed:

@@ -251,10 +251,10 @@ def test_failure_mid_export_leaves_nothing(src, tmp_path, monkeypatch, exc, exis
     """A builder raising at layer 1 (after layer 0's weights were written to the temp dir)."""
     real_mlp = export.graph.mlp
 
-    def failing_mlp(g, h, layer, *args, **kw):
-        if layer == 1:
+    def failing_mlp(ctx, h):
+        if ctx.layer == 1:
             raise exc("boom")
-        return real_mlp(g, h, layer, *args, **kw)
+        return real_mlp(ctx, h)
 
     monkeypatch.setattr(export.graph, "mlp", failing_mlp)
     out = tmp_path / "out"

@@ -17,7 +17,7 @@ import pytest
 
 from export.api import export_model
 from export.config import ExportError
-from export.graph import SMOOTH_ALPHA
+from export.linear import SMOOTH_ALPHA
 from serve.runtime import RuntimeOptions, open_runtime
 from serve.tokenizer import Tokenizer
 
@@ -97,7 +97,7 @@ def test_smoothing_changes_the_quantization_not_the_math(tiny_int4):
     """x/s @ (s·W) = x @ W: smoothing only moves the activations' outliers into the weights,
     and calibration measured every linear's input, one mean |x| per input channel."""
     from export.calibrate import activation_means, calibration_ids
-    from export.graph import smoothing_scales
+    from export.linear import smoothing_scales
 
     cfg = json.loads((tiny_int4 / "config.json").read_text())
     from export.config import LlamaConfig
