@@ -1,7 +1,9 @@
 """``export_model``: a checkpoint in, a model directory (DESIGN.md's contract) out.
 
-The directory is written to a temporary sibling and renamed at the end, so a failure at any
-point leaves no half-written model behind.
+One pipeline of named steps: ``plan_export`` (open, validate, settle defaults) →
+``write_tokenizer_files`` → ``write_graphs`` → ``write_configs`` → ``verify_written``
+(--verify) → ``write_manifest`` → ``replace_dir``. The directory is written to a temporary
+sibling and renamed at the end, so a failure at any point leaves no half-written model behind.
 """
 
 from __future__ import annotations
@@ -149,27 +151,43 @@ def _reference_loader(source, spec: GraphSpec):
     return load
 
 
-def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", target: str = "cpu",
-                 max_length: int | None = None, block_size: int = 32,
-                 accuracy_level: int | None = None, verify: bool = False, force: bool = False,
-                 progress: bool = True, lm_head_bits: int = 8,
-                 down_proj_accuracy_level: int | None = 0,
-                 prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool | None = None
-                 ) -> ExportSummary:
-    """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
+@dataclass(frozen=True)
+class ExportPlan:
+    """What one export will write, decided and validated before anything is.
 
-    ``target`` cpu/cuda: one GroupQueryAttention graph (fp16 I/O on cuda). ``target`` coreml:
-    the static decode + prefill graphs of export/graph_coreml.py, ``prefill_chunk`` tokens a
-    prefill call, max_length by default min(context, 2048).
-    ``w8a8_graph`` (None = on for cpu int4 GroupQueryAttention graphs): also write
-    ``model_w8a8.onnx``, the same decoder with int8 GEMMs for the runs of many rows
-    (linear.w8a8_linear), sharing the data file. ``target`` cuda also writes
-    ``model_decode_static.onnx``, the decode graph CUDA graphs capture.
-
-    Raises ExportError (naming the file/field) on bad input; nothing is left at ``out`` then.
+    Attributes:
+        src, out: the checkpoint (HF directory or .gguf) and the model directory to write.
+        source: the opened checkpoint (config, tensors, tokenizer files).
+        spec: the graphs' target, precision and knobs (``spec.max_length``: tokens a KV
+            buffer holds, the rotary table's length).
+        gqa: GroupQueryAttention with shared KV buffers (else a growing cache; CoreML: False).
+        w8a8_graph: also write ``model_w8a8.onnx``.
+        prefill_chunk: CoreML: tokens a prefill graph call takes.
     """
-    t0 = time.perf_counter()
-    src, out = Path(src), Path(out)
+
+    src: Path
+    out: Path
+    source: HFSource | GGUFSource
+    spec: GraphSpec
+    gqa: bool
+    w8a8_graph: bool
+    prefill_chunk: int
+
+    @property
+    def cfg(self) -> LlamaConfig:
+        return self.source.config
+
+
+def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length: int | None,
+                block_size: int, accuracy_level: int | None, force: bool, lm_head_bits: int,
+                down_proj_accuracy_level: int | None, prefill_chunk: int,
+                w8a8_graph: bool | None) -> ExportPlan:
+    """Open and validate the source and settle every default (``export_model``'s arguments).
+
+    Raises:
+        ExportError: ``out`` exists without ``force``, the source is unusable, or the
+            options contradict each other or the model.
+    """
     if out.exists() and not force:
         raise ExportError(f"{out}: output directory exists (pass --force to replace it)")
     source = open_source(src)
@@ -188,105 +206,178 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                      block_size=block_size, accuracy_level=accuracy_level,
                      down_proj_accuracy_level=down_proj_accuracy_level,
                      lm_head_bits=lm_head_bits)
-
     gqa = uses_gqa(cfg, spec) and target != "coreml"
     if w8a8_graph is None:  # the server runs it over shared KV buffers: GQA graphs only
         w8a8_graph = target == "cpu" and precision == "int4" and gqa
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns() % 10**6}"
-    tmp.mkdir()
+    return ExportPlan(src, out, source, spec, gqa, w8a8_graph, prefill_chunk)
+
+
+def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", target: str = "cpu",
+                 max_length: int | None = None, block_size: int = 32,
+                 accuracy_level: int | None = None, verify: bool = False, force: bool = False,
+                 progress: bool = True, lm_head_bits: int = 8,
+                 down_proj_accuracy_level: int | None = 0,
+                 prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool | None = None
+                 ) -> ExportSummary:
+    """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
+
+    Args:
+        precision: fp32, fp16 or int4 (MatMulNBits, ``block_size`` values a block along K,
+            ``accuracy_level`` 0-4; None: 4 on cpu, else 0; ``down_proj_accuracy_level`` for
+            down_proj, None: the same; ``lm_head_bits`` 8, 4 or 0 = float).
+        target: cpu/cuda: one GroupQueryAttention graph (fp16 I/O on cuda; cuda also writes
+            ``model_decode_static.onnx``, the decode graph CUDA graphs capture). coreml: the
+            static decode + prefill graphs of export/graph_coreml.py, ``prefill_chunk``
+            tokens a prefill call.
+        max_length: tokens the KV buffers hold (None: the model's context; coreml:
+            min(context, 2048)).
+        verify: compare the written graphs' logits with a NumPy reference (in the summary).
+        force: replace an existing ``out``.
+        progress: a progress bar on stderr.
+        w8a8_graph: also write ``model_w8a8.onnx``, the same decoder with int8 GEMMs for
+            the runs of many rows (linear.w8a8_linear), sharing the data file (None: on for
+            cpu int4 GroupQueryAttention graphs).
+    Returns:
+        What was written: sizes, parameters, seconds, the verify report.
+    Raises:
+        ExportError: bad input (the message names the file/field); nothing is left at
+            ``out`` then — the directory is written to a temporary sibling and renamed at the
+            end, so a failure at any point leaves no half-written model behind.
+    """
+    t0 = time.perf_counter()
+    plan = plan_export(Path(src), Path(out), precision=precision, target=target,
+                       max_length=max_length, block_size=block_size,
+                       accuracy_level=accuracy_level, force=force, lm_head_bits=lm_head_bits,
+                       down_proj_accuracy_level=down_proj_accuracy_level,
+                       prefill_chunk=prefill_chunk, w8a8_graph=w8a8_graph)
+    tmp = _staging_dir(plan.out)
     try:
-        tok = source.tokenizer_files()
-        for name, data in tok.items():
-            (tmp / name).write_bytes(data)
-        tok_json = {k: json.loads(v) for k, v in tok.items() if k.endswith(".json")}
-        static = _build(tmp, cfg, source, spec, progress, prefill_chunk, w8a8_graph)
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-        (tmp / "genai_config.json").write_text(json.dumps(
-            genai_config(cfg, max_length, tok_json, shared_kv=gqa, static=static), indent=2))
-        report = None
-        if verify and static is not None:
-            from export.verify_static import verify_static_export
-
-            report = verify_static_export(tmp, cfg, source.load, static.manifest(),
-                                          half=spec.io_dtype == np.float16)
-        elif verify:
-            from export.verify import verify_export
-
-            report = verify_export(tmp, cfg, _reference_loader(source, spec),
-                                   quantized=precision == "int4")
-        manifest = {
-            "format": 1,
-            "exporter": f"llorch {__version__}",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": {
-                "kind": source.kind,
-                "path": str(src.resolve()),
-                "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)}
-                          for f in source.files],
-            },
-            "precision": precision,
-            "target": target,
-            "graph": static.manifest() if static else {
-                "variant": "gqa-shared-kv" if gqa else "standard-growing-kv",
-                "logits_to_keep": True,
-                "io_dtype": np.dtype(spec.io_dtype).name,
-                "kv_dtype": np.dtype(spec.io_dtype).name,
-                "logits_dtype": "float32",
-                "block_size": block_size if precision == "int4" else None,
-                "accuracy_level": accuracy_level if precision == "int4" else None,
-                "down_proj_accuracy_level": (spec.down_proj_accuracy_level
-                                             if precision == "int4" else None),
-                "lm_head_bits": spec.lm_head_bits if precision == "int4" else None,
-                "gguf_blocks": source.kind == "gguf" and precision == "int4",
-                "w8a8": W8A8_FILE if w8a8_graph else None,
-                "w8a8_smoothing": {"alpha": SMOOTH_ALPHA, "statistic": "mean |x|",
-                                   "calibration_tokens": CALIBRATION_TOKENS}
-                if w8a8_graph else None,
-                "cuda_graph": CUDA_GRAPH_FILE if target == "cuda" else None,
-            },
-            "max_length": max_length,
-            "params": cfg.num_params(),
-            "verify": None if report is None else report.__dict__,
-        }
-        (tmp / "llorch.json").write_text(json.dumps(manifest, indent=2))
+        tok = write_tokenizer_files(tmp, plan.source)  # first: calibration tokenizes with them
+        static = write_graphs(tmp, plan, progress)
+        write_configs(tmp, plan, tok, static)
+        report = verify_written(tmp, plan, static) if verify else None
+        write_manifest(tmp, plan, static, report)
         size = sum(f.stat().st_size for f in tmp.iterdir())
-        if out.exists():  # --force: swap in the new directory, then drop the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, plan.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportSummary(out, src, precision, target, cfg.num_params(),
-                         time.perf_counter() - t0, size, max_length, report)
+    return ExportSummary(plan.out, plan.src, precision, target, plan.cfg.num_params(),
+                         time.perf_counter() - t0, size, plan.spec.max_length, report)
 
 
-def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: GraphSpec,
-           progress: bool, prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool = False
-           ) -> StaticGraphs | None:
+# -- the steps ---------------------------------------------------------------------------------
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh temporary sibling of ``out`` to write into."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns() % 10**6}"
+    tmp.mkdir()
+    return tmp
+
+
+def write_tokenizer_files(tmp: Path, source: HFSource | GGUFSource) -> dict:
+    """The source's tokenizer files into ``tmp``; returns the JSON ones parsed, by name."""
+    tok = source.tokenizer_files()
+    for name, data in tok.items():
+        (tmp / name).write_bytes(data)
+    return {k: json.loads(v) for k, v in tok.items() if k.endswith(".json")}
+
+
+def write_configs(tmp: Path, plan: ExportPlan, tok: dict, static: StaticGraphs | None) -> None:
+    """config.json (the HF config) and genai_config.json (DESIGN.md's model directory)."""
+    (tmp / "config.json").write_text(json.dumps(plan.cfg.to_hf(), indent=2))
+    (tmp / "genai_config.json").write_text(json.dumps(
+        genai_config(plan.cfg, plan.spec.max_length, tok, shared_kv=plan.gqa, static=static),
+        indent=2))
+
+
+def verify_written(tmp: Path, plan: ExportPlan, static: StaticGraphs | None):
+    """--verify: the written graphs against the NumPy reference; raises ExportError past
+    tolerance, else returns the report (export.verify / export.verify_static)."""
+    if static is not None:
+        from export.verify_static import verify_static_export
+
+        return verify_static_export(tmp, plan.cfg, plan.source.load, static.manifest(),
+                                    half=plan.spec.io_dtype == np.float16)
+    from export.verify import verify_export
+
+    return verify_export(tmp, plan.cfg, _reference_loader(plan.source, plan.spec),
+                         quantized=plan.spec.precision == "int4")
+
+
+def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, report) -> None:
+    """llorch.json: the source (files and hashes), what the graphs are, the verify report."""
+    spec, int4 = plan.spec, plan.spec.precision == "int4"
+    manifest = {
+        "format": 1,
+        "exporter": f"llorch {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "kind": plan.source.kind,
+            "path": str(plan.src.resolve()),
+            "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)}
+                      for f in plan.source.files],
+        },
+        "precision": spec.precision,
+        "target": spec.target,
+        "graph": static.manifest() if static else {
+            "variant": "gqa-shared-kv" if plan.gqa else "standard-growing-kv",
+            "logits_to_keep": True,
+            "io_dtype": np.dtype(spec.io_dtype).name,
+            "kv_dtype": np.dtype(spec.io_dtype).name,
+            "logits_dtype": "float32",
+            "block_size": spec.block_size if int4 else None,
+            "accuracy_level": spec.accuracy_level if int4 else None,
+            "down_proj_accuracy_level": spec.down_proj_accuracy_level if int4 else None,
+            "lm_head_bits": spec.lm_head_bits if int4 else None,
+            "gguf_blocks": plan.source.kind == "gguf" and int4,
+            "w8a8": W8A8_FILE if plan.w8a8_graph else None,
+            "w8a8_smoothing": {"alpha": SMOOTH_ALPHA, "statistic": "mean |x|",
+                               "calibration_tokens": CALIBRATION_TOKENS}
+            if plan.w8a8_graph else None,
+            "cuda_graph": CUDA_GRAPH_FILE if spec.target == "cuda" else None,
+        },
+        "max_length": spec.max_length,
+        "params": plan.cfg.num_params(),
+        "verify": None if report is None else report.__dict__,
+    }
+    (tmp / "llorch.json").write_text(json.dumps(manifest, indent=2))
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; an existing ``out`` (--force) is swapped out, then dropped."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | None:
     """The graph file(s); CoreML's static pair returns its description, the others None."""
+    cfg, spec = plan.cfg, plan.spec
     bar = None
     if progress:
         from tqdm import tqdm
 
-        n_graphs = 1 + w8a8_graph + (spec.target == "cuda")
+        n_graphs = 1 + plan.w8a8_graph + (spec.target == "cuda")
         bar = tqdm(total=cfg.num_hidden_layers * n_graphs, desc="layers", unit="layer",
                    file=sys.stderr, leave=False)
     if spec.target == "coreml":
         from export.graph_coreml import write_static_graphs
 
         try:
-            return write_static_graphs(tmp, cfg, source, spec, chunk=prefill_chunk,
+            return write_static_graphs(tmp, cfg, plan.source, spec, chunk=plan.prefill_chunk,
                                        on_layer=lambda i: bar.update(1) if bar else None)
         finally:
             if bar is not None:
                 bar.close()
     graphs = [("model.onnx", spec)]
-    if w8a8_graph:
+    if plan.w8a8_graph:
         graphs.append((W8A8_FILE, replace(spec, w8a8=True)))
     if spec.target == "cuda":
         graphs.append((CUDA_GRAPH_FILE, replace(spec, static_decode=True)))
@@ -300,7 +391,7 @@ def _build(tmp: Path, cfg: LlamaConfig, source: HFSource | GGUFSource, spec: Gra
                 graph_spec = replace(graph_spec, act_mean=act_mean)
             g = GraphBuilder(tmp / "model.onnx.data", share_with=g)
             try:
-                build_decoder(g, cfg, source, graph_spec,
+                build_decoder(g, cfg, plan.source, graph_spec,
                               on_layer=lambda i: bar.update(1) if bar else None)
             finally:
                 g.close()

@@ -49,6 +49,9 @@ def merge(a, b):
 
 
 def calibration_ids(model_dir: Path, vocab_size: int, n: int = CALIBRATION_TOKENS) -> list[int]:
+    """``n`` token ids of CALIBRATION_TEXT (repeated as needed) through ``model_dir``'s
+    tokenizer.json, ids ≥ ``vocab_size`` dropped; seeded pseudo-random ids when there is no
+    tokenizer.json or it yields fewer than 16."""
     path = Path(model_dir) / "tokenizer.json"
     if path.is_file():
         from tokenizers import Tokenizer
@@ -83,8 +86,16 @@ def linear_inputs(model: onnx.ModelProto) -> dict[str, str]:
 def activation_means(model_dir: Path, graph: str, inputs: Mapping[str, str],
                       cfg: LlamaConfig, ids: list[int]) -> dict[str, np.ndarray]:
     """Run ``graph`` (a GroupQueryAttention decoder in ``model_dir``, fp32 I/O) on ``ids`` in
-    one prefill and return, for each linear (key of ``inputs``, its input tensor the value),
-    the mean over positions of |input| per channel."""
+    one prefill on ONNX Runtime's CPU provider.
+
+    Args:
+        inputs: linear layer name → the tensor it multiplies (`linear_inputs`).
+        cfg: the model's config (layers, KV heads, head size for the empty past).
+        ids: token ids (`calibration_ids`).
+    Returns:
+        For each key of ``inputs``: float32 ``[K]``, the mean over positions of |input| per
+        input channel.
+    """
     import onnxruntime as ort
 
     model_dir = Path(model_dir)

@@ -100,6 +100,63 @@ def _has_decoder(node: Any, kind: str) -> bool:
     return False
 
 
+def _special_tokens(config: Mapping[str, Any]) -> dict[str, str]:
+    """bos/eos/unk/pad token strings that tokenizer_config.json names."""
+    tokens = {}
+    for key in _SPECIAL_TOKEN_KEYS:
+        content = _token_content(config.get(key))
+        if content is not None:
+            tokens[key] = content
+    return tokens
+
+
+def _find_bos(tk: HFTokenizer, bos_token: str | None, vocab_size: int,
+              id_sources: Sequence[Any]) -> tuple[int | None, str | None]:
+    """(BOS id, BOS token): tokenizer_config's ``bos_token`` if the vocabulary has it, else
+    the first in-vocabulary ``bos_token_id`` of ``id_sources`` (generation_config.json, then
+    genai_config.json); (None, None) when neither gives one."""
+    bos_id = tk.token_to_id(bos_token) if bos_token is not None else None
+    if bos_id is not None:
+        return bos_id, bos_token
+    for source in id_sources:
+        ids = _id_list(source)
+        if ids and 0 <= ids[0] < vocab_size:
+            return ids[0], tk.id_to_token(ids[0])
+    return None, None
+
+
+def _find_eos(tk: HFTokenizer, eos_token: str | None, id_sources: Sequence[Any]
+              ) -> tuple[frozenset[int], str | None]:
+    """(every id that ends generation, the EOS token string).
+
+    The ids: each ``eos_token_id`` of ``id_sources`` (int or list; generation_config.json,
+    genai_config.json) ∪ tokenizer_config's ``eos_token`` if the vocabulary has it. The string:
+    that ``eos_token``, or (when the vocabulary lacks it) the token of the smallest id.
+    """
+    eos_ids = {i for source in id_sources for i in _id_list(source)}
+    if eos_token is not None and tk.token_to_id(eos_token) is not None:
+        eos_ids.add(tk.token_to_id(eos_token))
+    elif eos_ids:
+        eos_token = tk.id_to_token(min(eos_ids))
+    return frozenset(eos_ids), eos_token
+
+
+def _post_processor_adds(tk: HFTokenizer, bos_id: int) -> bool:
+    """Whether tokenizer.json's post-processor puts ``bos_id`` in front by itself."""
+    with_special = tk.encode("a", add_special_tokens=True).ids
+    without = tk.encode("a", add_special_tokens=False).ids
+    return with_special[:1] == [bos_id] and without[:1] != [bos_id]
+
+
+def _byte_fallback_ids(tk: HFTokenizer) -> frozenset[int]:
+    """Ids of ``<0xXX>`` tokens when the decoder has ByteFallback (SentencePiece-style);
+    empty for byte-level BPE."""
+    if not _has_decoder(json.loads(tk.to_str()).get("decoder"), "ByteFallback"):
+        return frozenset()
+    return frozenset(i for t, i in tk.get_vocab(with_added_tokens=False).items()
+                     if _BYTE_TOKEN.fullmatch(t))
+
+
 class Tokenizer:
     """Encode/decode plus everything the server needs to know about special tokens.
 
@@ -130,44 +187,25 @@ class Tokenizer:
         genai_model = (genai_config or {}).get("model") or {}
         self._tk = tokenizer
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_tokens: dict[str, str] = _special_tokens(config)
 
-        self.special_tokens: dict[str, str] = {}
-        for key in _SPECIAL_TOKEN_KEYS:
-            content = _token_content(config.get(key))
-            if content is not None:
-                self.special_tokens[key] = content
-
-        bos_token = self.special_tokens.get("bos_token")
-        bos_id = tokenizer.token_to_id(bos_token) if bos_token is not None else None
-        if bos_id is None:
-            for source in (generation_config.get("bos_token_id"), genai_model.get("bos_token_id")):
-                ids = _id_list(source)
-                if ids and 0 <= ids[0] < self.vocab_size:
-                    bos_id = ids[0]
-                    bos_token = tokenizer.id_to_token(bos_id)
-                    break
-        self.bos_id: int | None = bos_id
-        self.bos_token: str | None = bos_token if bos_id is not None else None
+        self.bos_id: int | None
+        self.bos_token: str | None
+        self.bos_id, self.bos_token = _find_bos(
+            tokenizer, self.special_tokens.get("bos_token"), self.vocab_size,
+            (generation_config.get("bos_token_id"), genai_model.get("bos_token_id")))
         if self.bos_token is not None:
             self.special_tokens.setdefault("bos_token", self.bos_token)
-
-        eos_ids = set(_id_list(generation_config.get("eos_token_id")))
-        eos_ids.update(_id_list(genai_model.get("eos_token_id")))
-        eos_token = self.special_tokens.get("eos_token")
-        if eos_token is not None and tokenizer.token_to_id(eos_token) is not None:
-            eos_ids.add(tokenizer.token_to_id(eos_token))
-        elif eos_ids:
-            eos_token = tokenizer.id_to_token(min(eos_ids))
-            self.special_tokens["eos_token"] = eos_token
-        self.eos_ids: frozenset[int] = frozenset(eos_ids)
-        self.eos_token: str | None = eos_token
-
+        self.eos_ids: frozenset[int]
+        self.eos_token: str | None
+        self.eos_ids, self.eos_token = _find_eos(
+            tokenizer, self.special_tokens.get("eos_token"),
+            (generation_config.get("eos_token_id"), genai_model.get("eos_token_id")))
+        if self.eos_token is not None:
+            self.special_tokens["eos_token"] = self.eos_token
         # Whether tokenizer.json's post-processor puts BOS in front by itself.
-        self._post_adds_bos = False
-        if self.bos_id is not None:
-            with_special = tokenizer.encode("a", add_special_tokens=True).ids
-            without = tokenizer.encode("a", add_special_tokens=False).ids
-            self._post_adds_bos = with_special[:1] == [self.bos_id] and without[:1] != [self.bos_id]
+        self._post_adds_bos = self.bos_id is not None and _post_processor_adds(tokenizer,
+                                                                                self.bos_id)
         add_bos = config.get("add_bos_token")
         # tokenizer_config.json's add_bos_token rules when present (transformers' Llama
         # tokenizers rebuild their post-processor from it); otherwise tokenizer.json decides.
@@ -178,16 +216,7 @@ class Tokenizer:
         self.special_ids: frozenset[int] = frozenset(
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
         )
-        decoder = json.loads(tokenizer.to_str()).get("decoder")
-        if _has_decoder(decoder, "ByteFallback"):
-            self.byte_fallback_ids: frozenset[int] = frozenset(
-                i
-                for t, i in tokenizer.get_vocab(with_added_tokens=False).items()
-                if _BYTE_TOKEN.fullmatch(t)
-            )
-        else:
-            self.byte_fallback_ids = frozenset()
-
+        self.byte_fallback_ids: frozenset[int] = _byte_fallback_ids(tokenizer)
         self.has_chat_template: bool = chat_template is not None
         self.chat_template: str = chat_template if chat_template is not None else CHATML_TEMPLATE
 
