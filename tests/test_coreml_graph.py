@@ -20,7 +20,7 @@ import pytest
 from export.api import export_model
 from export.config import ExportError
 from export.graph_coreml import COREML_MLPROGRAM_OPS, MAX_DIM, coreml_violations
-from serve.runtime import ContextFull, ProviderError, RuntimeOptions, open_runtime
+from serve.runtime import ContextFull, ProviderError, Runtime, RuntimeOptions, open_runtime
 from serve.runtime.static import StaticRuntime, static_providers
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "coreml_ops.md"
@@ -136,7 +136,7 @@ def test_logits_match_the_cpu_fp32_export(coreml_dirs, tiny_model_dir):
     """Prefill over three chunks (150 tokens), then decode steps, against the GQA export."""
     prompt, steps = _ids(150, seed=1), _ids(6, seed=2)
     want_rt, got_rt = open_runtime(tiny_model_dir), open_runtime(coreml_dirs["fp32"])
-    assert isinstance(got_rt, StaticRuntime)
+    assert isinstance(got_rt, StaticRuntime) and isinstance(got_rt, Runtime)
     want = [want_rt.prefill(0, prompt)] + [want_rt.decode([0], [t])[0] for t in steps]
     got = [got_rt.prefill(0, prompt)] + [got_rt.decode([0], [t])[0] for t in steps]
     assert np.abs(np.stack(got) - np.stack(want)).max() < 1e-4

@@ -20,7 +20,7 @@ from export.config import ExportError, LlamaConfig
 from export.sources import open_source
 from export.verify import reference_logits
 from serve.model_dir import load_model_info
-from serve.runtime import ProviderError, RuntimeOptions, open_runtime
+from serve.runtime import ProviderError, Runtime, RuntimeOptions, open_runtime
 from serve.runtime.cuda import (
     CudaRuntime,
     DeviceCopier,
@@ -204,6 +204,7 @@ def test_pointer_bound_runtime_equals_runtime(cuda_dirs, precision, cuda_graph):
     want = script(open_runtime(d, RuntimeOptions(max_batch=3)))
     rt = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=3, cuda_graph=cuda_graph),
                      device="cpu")
+    assert isinstance(rt, Runtime)
     assert rt.kv_bytes() == open_runtime(d, RuntimeOptions(max_batch=3)).kv_bytes()
     # fp16 logits: the CUDA runtime computes the lm_head over every prefill position (no pinned
     # num_logits_to_keep on CUDA), a different kernel shape: one fp16 ulp apart at most.

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.runtime import ContextFull, ProviderError, RuntimeOptions, open_runtime
+from serve.runtime import ContextFull, ProviderError, Runtime, RuntimeOptions, open_runtime
+from serve.runtime.growing import GrowingKVRuntime
+from serve.runtime.shared_kv import HostRuntime
 
 TOL = 1e-5
 
@@ -171,6 +173,13 @@ def test_max_length_beyond_the_export_is_refused(tiny_model_dir):
         open_runtime(tiny_model_dir, RuntimeOptions(max_length=513))
 
 
+def test_open_runtime_picks_a_class_with_the_interface(tiny_model_dir):
+    rt = open_runtime(tiny_model_dir)
+    assert type(rt) is HostRuntime and isinstance(rt, Runtime)
+    with pytest.raises(ValueError, match="cuda_graph needs --provider cuda"):
+        open_runtime(tiny_model_dir, RuntimeOptions(cuda_graph=True))
+
+
 def test_kv_bytes(tiny_model_dir):
     info = open_runtime(tiny_model_dir).info
     assert (info.num_layers, info.num_kv_heads, info.head_dim, info.max_length) == (2, 2, 16, 512)
@@ -260,6 +269,7 @@ def test_optimum_export_matches_transformers(optimum_model):
     out, model = optimum_model
     rt = open_runtime(out, RuntimeOptions(max_batch=2))
     assert rt.info.source == "optimum" and rt.kv_bytes() == 0
+    assert type(rt) is GrowingKVRuntime and isinstance(rt, Runtime)
     prompt = _ids(10, seed=20, vocab=512)
     # greedy: prefill, then decode the argmax each step
     seq, got = list(prompt), [rt.prefill(0, prompt)]

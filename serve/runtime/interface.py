@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class RuntimeOptions:
         object.__setattr__(self, "w8a8", mode)
 
 
+@runtime_checkable
 class Runtime(Protocol):
     """KV slots over one model: what the engine and the prefix cache call.
 
