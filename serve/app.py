@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serve.body import ClientGone, read_json
 from serve.chat_template import ChatTemplateError
 from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
@@ -44,7 +44,6 @@ from serve.errors import (
     AuthenticationError,
     InvalidRequestError,
     NotFoundError,
-    PayloadTooLargeError,
     RateLimitError,
     ServerError,
     ServiceUnavailableError,
@@ -129,6 +128,7 @@ def create_app(
     if options.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
                                      allow_methods=["*"], allow_headers=["*"]))
+    middleware.append(Middleware(_StripTrailingSlash))
     app = Starlette(
         routes=[
             route("/health", health, "GET"),
@@ -184,6 +184,11 @@ def _endpoint(handler: Handler, path: str) -> Callable[[Request], Awaitable[Resp
         except APIError as exc:
             status = exc.status_code
             raise
+        except ClientGone:
+            # The client hung up mid-body: its event, not a server error (nginx's 499).
+            status = 499
+            log.info("client disconnected while sending %s %s", request.method, request.url.path)
+            return Response(status_code=499)
         except Exception:
             log.exception("error in %s %s", request.method, request.url.path)
             raise ServerError(GENERIC_SERVER_ERROR) from None
@@ -230,7 +235,7 @@ async def tokenize(request: Request, state: _State) -> Response:
     """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...],
     "add_generation_prompt"?: true}` → `{"tokens", "count", "max_model_len"}` (vLLM)."""
     _authorize(request, state)
-    data = await _read_json(request, state.options.max_body_bytes)
+    data = await read_json(request, state.options.max_body_bytes)
     _check_model(data.get("model"), state)
     engine = _engine(state)
     tokenizer = engine.tokenizer
@@ -255,9 +260,9 @@ async def tokenize(request: Request, state: _State) -> Response:
 
 
 async def detokenize(request: Request, state: _State) -> Response:
-    """`{"tokens": [int, ...]}` → `{"prompt": text}` (vLLM)."""
+    """`{"tokens": [int, ...]}` → `{"content": text, "prompt": text}` (llama-server, vLLM)."""
     _authorize(request, state)
-    data = await _read_json(request, state.options.max_body_bytes)
+    data = await read_json(request, state.options.max_body_bytes)
     _check_model(data.get("model"), state)
     engine = _engine(state)
     tokens = data.get("tokens")
@@ -266,7 +271,8 @@ async def detokenize(request: Request, state: _State) -> Response:
         raise InvalidRequestError("'tokens' must be a list of token ids.", param="tokens")
     check_token_ids(tokens, engine.vocab_size, param="tokens")
     text = await run_in_threadpool(engine.tokenizer.decode, tokens, skip_special_tokens=False)
-    return JSONResponse({"prompt": text})
+    # llama-server's key is "content", vLLM's "prompt": both, so either client works.
+    return JSONResponse({"content": text, "prompt": text})
 
 
 def _flag(data: dict[str, Any], name: str, default: bool) -> bool:
@@ -334,24 +340,20 @@ def _submit(engine: EngineLike, requests: list[GenerationRequest]) -> list[Reque
     return streams
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"The request body is {declared} bytes; the limit is {limit} bytes.")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(
-            f"We could not parse the JSON body of your request ({exc}). The body must be a JSON object."
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    return data
+class _StripTrailingSlash:
+    """`/v1/chat/completions/` is `/v1/chat/completions`: answered, not redirected (a 307
+    makes some clients drop the POST body or the Authorization header)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+            if scope.get("raw_path"):
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
 
 
 # ------------------------------------------------------------------ generation routes
@@ -359,7 +361,7 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
 
 async def chat_completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
-    req = parse_request(ChatCompletionRequest, await _read_json(request, state.options.max_body_bytes))
+    req = parse_request(ChatCompletionRequest, await read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
     text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req)
@@ -397,7 +399,7 @@ def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[str, list[
 
 async def completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
-    req = parse_request(CompletionRequest, await _read_json(request, state.options.max_body_bytes))
+    req = parse_request(CompletionRequest, await read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
     prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req)

@@ -496,7 +496,8 @@ def test_api_key(tiny_model_dir, tmp_path):
         with OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0) as bad:
             with pytest.raises(openai.AuthenticationError) as info:
                 bad.models.list()
-            assert info.value.body["type"] == "authentication_error"
+            assert info.value.body["type"] == "invalid_request_error"  # OpenAI's type for a 401
+            assert info.value.body["code"] == "invalid_api_key"
             with pytest.raises(openai.AuthenticationError):
                 bad.chat.completions.create(model=tiny_model_dir.name, messages=MSG)
         r = httpx.post(f"{base}/v1/chat/completions", json={"messages": MSG})
