@@ -48,6 +48,7 @@ from serve.errors import (
     ServerError,
     ServiceUnavailableError,
 )
+from serve.fingerprint import system_fingerprint
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.options import ServeOptions
 from serve.protocol import (
@@ -86,6 +87,7 @@ class _State:
         self.engine: EngineLike | None = None
         self.load_error: str | None = None
         self.draining = False
+        self.fingerprint = system_fingerprint(options)
 
 
 def create_app(
@@ -376,11 +378,19 @@ async def chat_completions(request: Request, state: _State) -> Response:
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     out = ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
-                      logprobs=bool(req.logprobs), include_usage=include_usage)
+                      logprobs=bool(req.logprobs), include_usage=include_usage,
+                      **_output_extras(engine, state))
     if state.options.log_prompts:
         log.info("request %s prompt: %r", out.id, text)
     streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id)])
     return await respond(request, streams, out, streaming=bool(req.stream))
+
+
+def _output_extras(engine: EngineLike, state: _State) -> dict[str, Any]:
+    """What every response carries besides the choices: token bytes for logprobs, and the
+    system fingerprint."""
+    return {"token_bytes": getattr(engine.tokenizer, "token_bytes", None),
+            "fingerprint": state.fingerprint}
 
 
 def _chat_template(tokenizer: Any, req: ChatCompletionRequest, *, add_generation_prompt: bool) -> str:
@@ -414,7 +424,7 @@ async def completions(request: Request, state: _State) -> Response:
     out = CompletionOutput(new_id("cmpl"), state.model_name, params.n, engine.tokenizer.token_text,
                             logprobs=req.logprobs is not None, include_usage=include_usage,
                             echo=[(t, ids) for t, ids in prompts] if req.echo else None,
-                            n_prompts=len(prompts))
+                            n_prompts=len(prompts), **_output_extras(engine, state))
     if state.options.log_prompts:
         for k, (text, ids) in enumerate(prompts):
             log.info("request %s prompt %d: %r", out.id, k,

@@ -32,6 +32,7 @@ from serve.chat_template import (
     normalize_messages,
     render_chat_template,
 )
+from serve.token_bytes import TokenBytes
 
 __all__ = ["Tokenizer", "ChatTemplateError"]
 
@@ -197,6 +198,7 @@ class Tokenizer:
         self._ctx_id: int | None = ctx[-1] if ctx else None
         self._ctx_text = tokenizer.decode([self._ctx_id]) if ctx else ""
         self._token_text: dict[int, str] = {}
+        self.token_bytes = TokenBytes(tokenizer, self._decoded_text)
 
     @classmethod
     def from_dir(cls, model_dir: Path | str) -> Tokenizer:
@@ -250,12 +252,16 @@ class Tokenizer:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        """Decoded text of one token, with its leading space, for logprobs.
+        """One token as text, with its leading space, for logprobs (``token``).
 
-        A byte-level token holding part of a multi-byte UTF-8 character (or a lone
-        ``<0xXX>`` byte-fallback token) comes out as U+FFFD: one token alone has no text.
-        Special tokens give their content (``<|im_end|>``).
+        Its raw bytes (``token_bytes``) as text; a token holding part of a multi-byte UTF-8
+        character (or a lone ``<0xXX>`` byte token) is spelled ``bytes:\xf0\x9f`` as
+        OpenAI does. Special tokens give their content (``<|im_end|>``).
         """
+        return self.token_bytes.string(token_id)
+
+    def _decoded_text(self, token_id: int) -> str:
+        """What the decoder makes of one token (U+FFFD for part of a character)."""
         text = self._token_text.get(token_id)
         if text is None:
             if self._ctx_id is None:

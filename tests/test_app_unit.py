@@ -435,7 +435,8 @@ def test_completions_echo_and_logprobs(client, engine):
     assert choice["logprobs"] == {
         "tokens": ["a", "b", "H", "e"],
         "token_logprobs": [None, -1.0, -0.5, -0.5],
-        "top_logprobs": [None, {}, {"H": -0.5}, {"e": -0.5}],
+        # the token itself is always among its top_logprobs (OpenAI: up to logprobs + 1)
+        "top_logprobs": [None, {"b": -1.0}, {"H": -0.5}, {"e": -0.5}],
         "text_offset": [0, 1, 2, 3],
     }
     assert engine.requests[0].prompt_logprobs == 1
