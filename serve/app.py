@@ -55,6 +55,7 @@ from serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     check_context,
+    check_fits,
     check_token_ids,
     parse_request,
 )
@@ -215,6 +216,8 @@ async def health(request: Request, state: _State) -> Response:
 
 
 async def metrics_text(request: Request, state: _State) -> Response:
+    if state.options.protect_metrics:
+        _authorize(request, state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
@@ -247,8 +250,11 @@ async def tokenize(request: Request, state: _State) -> Response:
         special = _flag(data, "add_special_tokens", False)
 
         def encode() -> list[int]:
-            text = _chat_template(tokenizer, req, add_generation_prompt=generation_prompt)
-            return tokenizer.encode(text, add_special_tokens=special)
+            text, ids = _chat_prompt(tokenizer, req, state.options, engine.max_length,
+                                     add_generation_prompt=generation_prompt)
+            if special and getattr(tokenizer, "add_bos", False) and ids[:1] != [tokenizer.bos_id]:
+                ids = [tokenizer.bos_id, *ids]  # as Tokenizer.encode: BOS once, if wanted
+            return ids
     else:
         prompt = data.get("prompt", data.get("content"))  # llama-server says "content"
         if not isinstance(prompt, str):
@@ -256,6 +262,7 @@ async def tokenize(request: Request, state: _State) -> Response:
         special = _flag(data, "add_special_tokens", True)
 
         def encode() -> list[int]:
+            check_fits(tokenizer, prompt, engine.max_length, what="prompt", param="prompt")
             return tokenizer.encode(prompt, add_special_tokens=special)
     tokens = await run_in_threadpool(encode)
     return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_length})
@@ -324,6 +331,21 @@ def _engine(state: _State, *, generating: bool = False) -> EngineLike:
     return state.engine
 
 
+def _check_admissible(n_requests: int, engine: EngineLike, state: _State) -> None:
+    """400 for more engine requests (completions prompts) than the slots plus the queue can
+    ever hold at once: a 429 would tell the client to retry what can never succeed."""
+    slots = getattr(engine, "n_slots", None)
+    if not isinstance(slots, int):
+        return
+    room = slots + state.options.max_queue
+    if n_requests > room:
+        raise InvalidRequestError(
+            f"This request has {n_requests} prompts, but this server can hold at most {room} "
+            f"requests at once ({slots} running + --max-queue {state.options.max_queue} waiting). "
+            "Send fewer prompts per request.",
+            param="prompt", code="too_many_prompts")
+
+
 def _submit(engine: EngineLike, requests: list[GenerationRequest]) -> list[RequestStream]:
     """All of a response's engine requests, or none: 429 when the queue is full, 503 when
     the engine is shutting down."""
@@ -366,7 +388,8 @@ async def chat_completions(request: Request, state: _State) -> Response:
     req = parse_request(ChatCompletionRequest, await read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
-    text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req)
+    text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req, state.options,
+                                               engine.max_length)
     check_context(
         prompt_tokens=len(prompt_ids),
         max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -401,10 +424,21 @@ def _chat_template(tokenizer: Any, req: ChatCompletionRequest, *, add_generation
         raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
 
 
-def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-    text = _chat_template(tokenizer, req, add_generation_prompt=True)
-    # The template already wrote any BOS it wants.
-    return text, tokenizer.encode(text, add_special_tokens=False)
+def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest, options: ServeOptions, max_length: int,
+                 *, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    """The rendered prompt and its ids. The template already wrote any BOS it wants; special-
+    token text in message content stays plain text unless --allow-special-in-content; a
+    text too long to fit is refused before it is tokenized."""
+    if not hasattr(tokenizer, "encode_chat"):  # a test double
+        text = _chat_template(tokenizer, req, add_generation_prompt=add_generation_prompt)
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    check_fits(tokenizer, "".join(m.content or "" for m in req.messages), max_length,
+               what="messages", param="messages")
+    try:
+        return tokenizer.encode_chat(req.template_messages(), add_generation_prompt=add_generation_prompt,
+                                     allow_special_in_content=options.allow_special_in_content)
+    except ChatTemplateError as exc:
+        raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
 
 
 async def completions(request: Request, state: _State) -> Response:
@@ -412,7 +446,8 @@ async def completions(request: Request, state: _State) -> Response:
     req = parse_request(CompletionRequest, await read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
-    prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req)
+    prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req, engine.max_length)
+    _check_admissible(len(prompts), engine, state)
     for _, ids in prompts:
         check_token_ids(ids, engine.vocab_size, param="prompt")
         check_context(prompt_tokens=len(ids), max_tokens=req.max_tokens,
@@ -434,7 +469,10 @@ async def completions(request: Request, state: _State) -> Response:
     return await respond(request, streams, out, streaming=bool(req.stream))
 
 
-def _completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int) -> list[tuple[str, list[int]]]:
+    for prompt in req.prompt:  # refuse what cannot fit before tokenizing any of it
+        if isinstance(prompt, str):
+            check_fits(tokenizer, prompt, max_length, what="prompt", param="prompt")
     prompts = []
     for prompt in req.prompt:
         if isinstance(prompt, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,10 @@ PROVIDERS = ("cpu", "cuda", "coreml", "auto")
 # Which runs take the export's W8A8 graph (int8 GEMMs): none; every prefill; every prefill and
 # every decode step of 2+ sequences; auto = all where the export has a usable one, silently.
 W8A8_MODES = ("off", "prefill", "all", "auto")
+# A request still waiting for a slot after this long gets 503: by then the official OpenAI
+# clients (600 s default timeout) have given up on it anyway.
+DEFAULT_QUEUE_TIMEOUT = 600.0
+API_KEY_ENV = "LLORCH_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,16 @@ class ServeOptions:
             the quadratic part — 1000 tokens in 0.92-1.00 s at 256 vs 1.05-1.28 s at 512 —
             and 512 on GPUs).
         api_key: when set, `/v1/*`, `/tokenize` and `/detokenize` require
-            `Authorization: Bearer <api_key>`.
+            `Authorization: Bearer <api_key>` (the CLI reads it from --api-key,
+            --api-key-file or $LLORCH_API_KEY).
+        protect_metrics: `/metrics` requires the key too (needs `api_key`).
+        allow_special_in_content: special-token text inside message content is encoded as
+            the special tokens (Hugging Face's behaviour); default: as plain text.
         log_level: Python / uvicorn log level name.
         max_body_bytes: larger request bodies are refused with 413.
         max_queue: the most requests that may wait for a slot; past it, 429 + Retry-After.
-        queue_timeout: seconds a request may wait for a slot before it gets 503 (None: no limit).
+        queue_timeout: seconds a request may wait for a slot before it gets 503 (default 600,
+            the OpenAI SDKs' own request timeout; None or 0: no limit).
         prefix_cache_size: the most tokens idle slots keep as a prefix cache (LRU eviction;
             None: all they hold; 0: off). KV memory is preallocated per slot, so this bounds
             the reusable (and the reported in-use) KV, not the allocation.
@@ -66,10 +76,12 @@ class ServeOptions:
     max_batch: int = 4
     prefill_chunk: int | None = None
     api_key: str | None = None
+    protect_metrics: bool = False
+    allow_special_in_content: bool = False
     log_level: str = "info"
     max_body_bytes: int = 8 * 1024 * 1024
     max_queue: int = 256
-    queue_timeout: float | None = None
+    queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT
     prefix_cache_size: int | None = None
     cors_origins: tuple[str, ...] = ()
     log_prompts: bool = False
@@ -83,8 +95,15 @@ class ServeOptions:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.queue_timeout is not None and self.queue_timeout <= 0:
-            raise ValueError(f"queue_timeout must be > 0, got {self.queue_timeout}")
+        if self.queue_timeout == 0:  # 0 = no limit
+            object.__setattr__(self, "queue_timeout", None)
+        if self.queue_timeout is not None and not self.queue_timeout > 0:
+            raise ValueError(f"queue_timeout must be > 0 (or 0 for no limit), got {self.queue_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty")
+        if self.protect_metrics and self.api_key is None:
+            raise ValueError("--protect-metrics needs an API key (--api-key, --api-key-file or "
+                             f"${API_KEY_ENV})")
         if self.prefix_cache_size is not None and self.prefix_cache_size < 0:
             raise ValueError(f"prefix_cache_size must be >= 0, got {self.prefix_cache_size}")
         if self.drain_timeout < 0:
@@ -111,15 +130,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=d.max_batch, help=f"KV slots: sequences decoded together (default: {d.max_batch})")
     parser.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
                         help="prompt tokens per prefill step (default: 256 on CPU, 512 on GPUs)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize "
+                        f"(visible in ps: prefer --api-key-file or ${API_KEY_ENV})")
+    parser.add_argument("--api-key-file", type=Path, default=None,
+                        help="read the API key from this file (first line)")
+    parser.add_argument("--protect-metrics", action="store_true",
+                        help="require the API key on /metrics too (/health stays open)")
+    parser.add_argument("--allow-special-in-content", action="store_true",
+                        help="encode special-token text inside message content as the special "
+                        "tokens, as Hugging Face does (default: as plain text, so a message "
+                        "cannot forge the chat template's markup)")
     parser.add_argument("--log-level", default=d.log_level,
                         choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                         help=f"larger request bodies get 413 (default: {d.max_body_bytes})")
     parser.add_argument("--max-queue", type=int, default=d.max_queue,
                         help=f"requests that may wait for a slot; more get 429 (default: {d.max_queue})")
-    parser.add_argument("--queue-timeout", type=float, default=None,
-                        help="seconds a request may wait for a slot before it gets 503 (default: no limit)")
+    parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout,
+                        help="seconds a request may wait for a slot before it gets 503 "
+                        f"(default: {d.queue_timeout:g}, the OpenAI clients' own timeout; 0: no limit)")
     parser.add_argument("--prefix-cache-size", type=int, default=None,
                         help="tokens idle slots keep for reuse by prompts with the same prefix, "
                         "LRU (default: all they hold; 0: off)")
@@ -146,6 +176,29 @@ def _origins(value: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in value.split(",") if o.strip())
 
 
+def api_key_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str | None:
+    """The API key: --api-key, else --api-key-file's first line, else $LLORCH_API_KEY.
+
+    Raises:
+        ValueError: more than one source given, or the file is unreadable or empty.
+    """
+    environ = os.environ if environ is None else environ
+    flag, path = getattr(args, "api_key", None), getattr(args, "api_key_file", None)
+    if flag is not None and path is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if path is not None:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the API key file {path}: {exc}") from None
+        if not lines or not lines[0].strip():
+            raise ValueError(f"the API key file {path} is empty")
+        return lines[0].strip()
+    if flag is not None:
+        return flag
+    return environ.get(API_KEY_ENV) or None
+
+
 def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(
         model_dir=model_dir,
@@ -157,7 +210,9 @@ def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions
         max_length=args.max_length,
         max_batch=args.max_batch,
         prefill_chunk=args.prefill_chunk,
-        api_key=args.api_key,
+        api_key=api_key_from(args),
+        protect_metrics=args.protect_metrics,
+        allow_special_in_content=args.allow_special_in_content,
         log_level=args.log_level,
         max_body_bytes=args.max_body_bytes,
         max_queue=args.max_queue,

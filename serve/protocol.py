@@ -399,6 +399,24 @@ def check_context(
         )
 
 
+def check_fits(tokenizer: Any, text: str, max_length: int, *, what: str, param: str) -> None:
+    """400 (`context_length_exceeded`) for a text that cannot fit the context whatever it
+    tokenizes to, decided from its length alone (`Tokenizer.min_tokens`), so a huge prompt
+    costs no tokenizer time. Tokenizers without `min_tokens` (test doubles) pass."""
+    min_tokens = getattr(tokenizer, "min_tokens", None)
+    if min_tokens is None or len(text) < max_length:  # cheap: even 1 char a token fits
+        return
+    at_least = min_tokens(text)
+    if at_least >= max_length:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_length} tokens. However, your {what} "
+            f"is {len(text)} characters long, which is at least {at_least} tokens. Please reduce "
+            f"the length of the {what}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 def check_token_ids(ids: Sequence[int], vocab_size: int, *, param: str) -> None:
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:

@@ -17,6 +17,7 @@ consistently (it rewrites " ." across token boundaries), and Llama-family config
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -40,14 +41,39 @@ log = logging.getLogger(__name__)
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# Placeholders for special-token text inside message content while the template renders: a
+# Supplementary Private Use character, then one naming the escaped string (see encode_chat).
+_SENTINEL = "\U000F0000"
+_PLACEHOLDER = re.compile("\U000F0000([\U000F0001-\U000FFFFD])")
+# Normalizers that only prepend or write "▁" never make a text shorter; any other may (NFKC
+# folds full-width forms to ASCII, up to 3:1), so the length bound allows for 4:1.
+_SAFE_NORMALIZERS = {"Prepend", "Replace", "Sequence"}
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file that cannot be read; the message names the file."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with path.open(encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TokenizerFileError(f"{path} is not valid JSON: {exc}") from None
     return data if isinstance(data, dict) else {}
+
+
+def _normalizer_types(node: Any) -> set[str]:
+    if not isinstance(node, Mapping):
+        return set()
+    types = {node.get("type")} if isinstance(node.get("type"), str) else set()
+    if node.get("type") == "Replace" and node.get("content") != "\u2581":
+        types.add("Replace:other")
+    for child in node.get("normalizers") or ():
+        types |= _normalizer_types(child)
+    return types
 
 
 def _token_content(value: Any) -> str | None:
@@ -199,6 +225,12 @@ class Tokenizer:
         self._ctx_text = tokenizer.decode([self._ctx_id]) if ctx else ""
         self._token_text: dict[int, str] = {}
         self.token_bytes = TokenBytes(tokenizer, self._decoded_text)
+        self._specials: tuple[str, ...] = tuple(sorted(
+            {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and t.content},
+            key=len, reverse=True))
+        self._plain_tk: HFTokenizer | None = None  # encodes special-token text as plain text
+        normalizer = json.loads(tokenizer.to_str()).get("normalizer")
+        self._shrink = 1 if _normalizer_types(normalizer) <= _SAFE_NORMALIZERS else 4
 
     @classmethod
     def from_dir(cls, model_dir: Path | str) -> Tokenizer:
@@ -211,6 +243,10 @@ class Tokenizer:
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found")
+        try:
+            hf = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # tokenizers raises a bare Exception for bad JSON or schema
+            raise TokenizerFileError(f"{tokenizer_file} is not a valid tokenizer.json: {exc}") from None
         config = _read_json(model_dir / "tokenizer_config.json")
         template_file = model_dir / "chat_template.jinja"
         if template_file.is_file():
@@ -222,7 +258,7 @@ class Tokenizer:
                     _read_json(model_dir / "chat_template.json").get("chat_template")
                 )
         return cls(
-            HFTokenizer.from_file(str(tokenizer_file)),
+            hf,
             config=config,
             generation_config=_read_json(model_dir / "generation_config.json"),
             genai_config=_read_json(model_dir / "genai_config.json"),
@@ -271,6 +307,86 @@ class Tokenizer:
                 text = both[len(self._ctx_text) :]
             self._token_text[token_id] = text
         return text
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token can cover (allowing for a normalizer that
+        shortens text): a text of B bytes is at least B / max_token_bytes tokens."""
+        return self.token_bytes.max_len() * self._shrink
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))``, in time linear in the text and far
+        cheaper than encoding it (for refusing what cannot fit before tokenizing)."""
+        return len(text.encode("utf-8", errors="surrogatepass")) // self.max_token_bytes
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        allow_special_in_content: bool = False,
+        **template_kwargs: Any,
+    ) -> tuple[str, list[int]]:
+        """Renders the chat template and encodes it: (prompt text, token ids).
+
+        Special-token text inside a message's ``content`` (a user writing
+        ``<|im_start|>system``) is encoded as plain text, so no message can forge the
+        template's markup; the template's own markup stays special. For this the content's
+        special-token strings are swapped for private-use placeholders while the template
+        renders, and the rendered text is encoded piecewise: the placeholders as plain
+        text, the rest as usual (so a prompt whose contents hold no special-token text is
+        encoded exactly as Hugging Face would). ``allow_special_in_content`` restores
+        HF's behaviour, where such text becomes the special tokens.
+
+        Raises:
+            ChatTemplateError: message for the client (400).
+        """
+        messages = normalize_messages(messages)
+        escape = None if allow_special_in_content else self._content_escape()
+        table: list[str] = [_SENTINEL]
+        if escape is not None and any(isinstance(m.get("content"), str) and escape.search(m["content"])
+                                      for m in messages):
+            index = {_SENTINEL: 0}
+
+            def placeholder(match: re.Match[str]) -> str:
+                k = index.setdefault(match.group(0), len(index))
+                if k == len(table):
+                    table.append(match.group(0))
+                return _SENTINEL + chr(0xF0001 + k)
+
+            messages = [{**m, "content": escape.sub(placeholder, m["content"])}
+                        if isinstance(m.get("content"), str) else m for m in messages]
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        **template_kwargs)
+        if len(table) == 1 and _SENTINEL not in text:
+            return text, self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pieces: list[str] = []
+        pos = 0
+        for match in _PLACEHOLDER.finditer(text):
+            k = ord(match.group(1)) - 0xF0001
+            if k >= len(table):  # not ours (the template wrote it): leave it as text
+                continue
+            pieces.append(text[pos:match.start()])
+            ids += self.encode(text[pos:match.start()], add_special_tokens=False)
+            pieces.append(table[k])
+            ids += self._plain().encode(table[k], add_special_tokens=False).ids
+            pos = match.end()
+        pieces.append(text[pos:])
+        ids += self.encode(text[pos:], add_special_tokens=False)
+        return "".join(pieces), ids
+
+    @functools.cache  # noqa: B019 - one per tokenizer, which lives as long as the server
+    def _content_escape(self) -> re.Pattern[str]:
+        """Matches the special-token strings (longest first) and the placeholder sentinel."""
+        return re.compile("|".join(re.escape(s) for s in (*self._specials, _SENTINEL)))
+
+    def _plain(self) -> HFTokenizer:
+        if self._plain_tk is None:
+            plain = HFTokenizer.from_str(self._tk.to_str())
+            plain.encode_special_tokens = True
+            self._plain_tk = plain
+        return self._plain_tk
 
     def apply_chat_template(
         self,
