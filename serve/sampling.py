@@ -203,7 +203,8 @@ class Sampler:
             x = x[ids]
         # Temperature only rescales; top-k's choice does not depend on it, so it runs on
         # the (few) candidates only.
-        w = x - x.max()  # a fresh array: the in-place steps below touch no caller data
+        with np.errstate(over="ignore"):  # -huge - huge → -inf → exp 0: harmless
+            w = x - x.max()  # a fresh array: the in-place steps below touch no caller data
         if params.temperature != 1.0:
             with np.errstate(over="ignore"):  # -huge / small temperature → -inf → exp 0
                 w *= np.float32(1.0 / params.temperature)
@@ -314,7 +315,8 @@ def _logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[i
     """Chosen token's logprob and the top ``k`` (token, logprob), from the raw logits
     (finite; see ``_finite``); each at least ``LOGPROB_FLOOR``."""
     m = raw.max()
-    shifted = raw - m
+    with np.errstate(over="ignore"):  # -huge - huge → -inf → exp 0: harmless
+        shifted = raw - m
     # float32 sums are pairwise: accurate to ~1e-7 here, and twice as fast as float64.
     lse = float(m) + float(np.log(np.exp(shifted, out=shifted).sum()))
     chosen = _logprob(float(raw[token]) - lse)
