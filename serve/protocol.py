@@ -24,9 +24,6 @@ MAX_N = 16
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20  # chat
 MAX_COMPLETION_LOGPROBS = 5  # completions
-# HF semantics (logits divided or multiplied by it); 1 = off. Above 2 every seen token is all
-# but banned; the sampler stays finite for any value in (0, 2] (see serve.sampling).
-MAX_REPETITION_PENALTY = 2.0
 
 
 class _Request(BaseModel):
@@ -193,10 +190,12 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: float | None = Field(None, ge=0, le=1)
     user: str | None = None
-    # extras (vLLM / llama.cpp names)
+    # extras (vLLM / llama.cpp names). repetition_penalty: any value > 0, as in vLLM; values
+    # that over- or underflow float32 (1e-40, 1e300) are handled by the sampler (non-finite
+    # scores, see serve.sampling), so they cannot produce a NaN
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
 
     @model_validator(mode="after")
@@ -267,7 +266,7 @@ class CompletionRequest(_Sampling):
     # extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
 
     @field_validator("prompt", mode="before")
