@@ -311,7 +311,10 @@ def _authorize(request: Request, state: _State) -> None:
         )
 
 
-def _check_model(model: str | None, state: _State) -> None:
+def _check_model(model: Any, state: _State) -> None:
+    if model is not None and not isinstance(model, str):  # /tokenize, /detokenize read it raw
+        raise InvalidRequestError("Invalid type for 'model': expected a string.", param="model",
+                                  code="invalid_type")
     if model is not None and model != state.model_name:
         raise NotFoundError(
             f"The model `{model}` does not exist; this server serves `{state.model_name}`.",

@@ -341,7 +341,8 @@ def test_8_loose_types_are_refused_naming_the_field(base, field, value):
     ("/v1/completions", "max_tokens", "3"), ("/v1/completions", "prompt", [1, True]),
     ("/v1/completions", "best_of", "1"), ("/tokenize", "add_special_tokens", "no"),
     ("/tokenize", "prompt", 5), ("/detokenize", "tokens", [1, True]), ("/detokenize", "tokens", [1.0]),
-    ("/tokenize", "messages", [{"role": "user", "content": 5}]),
+    ("/tokenize", "messages", [{"role": "user", "content": 5}]), ("/tokenize", "model", 5),
+    ("/detokenize", "model", ["tiny"]),
 ])
 def test_8_loose_types_on_the_other_routes(base, path, field, value):
     err = error(post(base, path, {**VALID[path], field: value}), 400)
@@ -365,6 +366,8 @@ def test_9_trailing_slash_is_answered_not_redirected(base):
     for path in ("/v1/models/", f"/v1/models/{MODEL}/", "/health/"):
         r = httpx.get(f"{base}{path}", follow_redirects=False)
         assert r.status_code == 200, (path, r.status_code)
+    for path in ("/v1/models/%ED%A0%BD", "/v1/models/%FF", "/v1/models/x%00"):  # odd ids: 404s
+        error(httpx.get(f"{base}{path}"), 404, code="model_not_found")
 
 
 # ------------------------------------------------------------ 10. system_fingerprint
