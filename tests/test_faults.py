@@ -608,3 +608,25 @@ def test_20_cli_help_and_version():
     for args in ((), ("export",), ("serve",), ("models", "fetch")):
         text = llorch(*args, "--help").stdout
         assert text and "`" not in text, args
+
+
+@pytest.mark.parametrize("text", ["héllo wörld 😀 日本", "hello  world", "\U0001F999 x"])
+def test_4_token_bytes_sentencepiece_byte_fallback(tmp_path, text):
+    """Llama-style SentencePiece: `▁` is a space, `<0xXX>` byte tokens are that byte."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _gguf_tiny import write_gguf
+
+    from export.gguf_reader import GGUFCheckpoint
+    from export.gguf_tokenizer import build_tokenizer
+    from serve.token_bytes import TokenBytes
+
+    hf = build_tokenizer(GGUFCheckpoint(write_gguf(tmp_path / "spm.gguf", tokenizer="llama")))
+    tb = TokenBytes(hf, lambda i: hf.decode([i]))
+    ids = hf.encode(text, add_special_tokens=False).ids
+    pieces = [hf.id_to_token(i) for i in ids]
+    # the decoder strips the sequence's leading space; the bytes keep every one
+    assert b"".join(tb(i) for i in ids).decode() == " " + text
+    assert all(len(tb(i)) == 1 for i, p in zip(ids, pieces, strict=True) if p.startswith("<0x"))
+    if not text.isascii():  # byte fallback is exercised
+        assert any(p.startswith("<0x") for p in pieces), pieces
+        assert any(tb.string(i).startswith("bytes:") for i in ids)
