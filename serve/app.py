@@ -449,8 +449,8 @@ async def completions(request: Request, state: _State) -> Response:
     req = parse_request(CompletionRequest, await read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
+    _check_admissible(len(req.prompt), engine, state)
     prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req, engine.max_length)
-    _check_admissible(len(prompts), engine, state)
     for _, ids in prompts:
         check_token_ids(ids, engine.vocab_size, param="prompt")
         check_context(prompt_tokens=len(ids), max_tokens=req.max_tokens,
@@ -480,6 +480,9 @@ def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int)
     for prompt in req.prompt:
         if isinstance(prompt, str):
             prompts.append((prompt, tokenizer.encode(prompt)))
+            # stop at the first prompt that does not fit: tokenizing the rest is wasted work
+            check_context(prompt_tokens=len(prompts[-1][1]), max_tokens=req.max_tokens,
+                          max_length=max_length, what="prompt", param="prompt")
         else:
             text = tokenizer.decode(prompt, skip_special_tokens=False) if req.echo else ""
             prompts.append((text, list(prompt)))
