@@ -399,13 +399,14 @@ def check_context(
 
 
 def check_fits(tokenizer: Any, text: str, max_length: int, *, what: str, param: str) -> None:
-    """400 (`context_length_exceeded`) for a text that cannot fit the context whatever it
-    tokenizes to, decided from its length alone (`Tokenizer.min_tokens`), so a huge prompt
-    costs no tokenizer time. Tokenizers without `min_tokens` (test doubles) pass."""
+    """400 (`context_length_exceeded`) for a text that cannot fit the context, decided
+    from a lower bound on its token count (`Tokenizer.min_tokens`: its length, then pieces
+    encoded only until the count passes the context), so a huge prompt costs little tokenizer
+    time. Tokenizers without `min_tokens` (test doubles) pass."""
     min_tokens = getattr(tokenizer, "min_tokens", None)
     if min_tokens is None or len(text) < max_length:  # cheap: even 1 char a token fits
         return
-    at_least = min_tokens(text)
+    at_least = min_tokens(text, max_length)
     if at_least >= max_length:
         raise InvalidRequestError(
             f"This model's maximum context length is {max_length} tokens. However, your {what} "

@@ -48,6 +48,8 @@ _PLACEHOLDER = re.compile("\U000F0000([\U000F0001-\U000FFFFD])")
 # Normalizers that only prepend or write "▁" never make a text shorter; any other may (NFKC
 # folds full-width forms to ASCII, up to 3:1), so the length bound allows for 4:1.
 _SAFE_NORMALIZERS = {"Prepend", "Replace", "Sequence"}
+# Pieces long texts are counted in by min_tokens (characters): 5-70 ms each to encode.
+_CHUNK = 16 * 1024
 
 
 class TokenizerFileError(ValueError):
@@ -314,10 +316,32 @@ class Tokenizer:
         shortens text): a text of B bytes is at least B / max_token_bytes tokens."""
         return self.token_bytes.max_len() * self._shrink
 
-    def min_tokens(self, text: str) -> int:
-        """A lower bound on ``len(encode(text))``, in time linear in the text and far
-        cheaper than encoding it (for refusing what cannot fit before tokenizing)."""
-        return len(text.encode("utf-8", errors="surrogatepass")) // self.max_token_bytes
+    def min_tokens(self, text: str, limit: int | None = None) -> int:
+        """A lower bound on ``len(encode(text))`` that costs far less than encoding a text
+        longer than ``limit`` tokens (for refusing what cannot fit before tokenizing it all).
+
+        First its UTF-8 length over ``max_token_bytes`` (free). When that is not above
+        ``limit`` and the text is long, the text is encoded in ``_CHUNK``-character pieces,
+        stopping once the count passes ``limit``. Pieces are cut before a space that follows
+        a non-space, a pre-tokenizer boundary (byte-level BPE and SentencePiece alike), where
+        a cut adds at most the one ``▁`` SentencePiece prepends; a piece with no such space
+        is cut anyway and allowed ``max_token_bytes`` tokens of error.
+        """
+        bound = len(text.encode("utf-8", errors="surrogatepass")) // self.max_token_bytes
+        if limit is None or bound > limit or len(text) <= _CHUNK:
+            return bound
+        count = slack = pos = 0
+        while pos < len(text) and count - slack <= limit:
+            end = min(pos + _CHUNK, len(text))
+            if end < len(text):
+                cut = text.rfind(" ", pos + _CHUNK // 2, end)
+                if cut > pos and not text[cut - 1].isspace():
+                    end, slack = cut, slack + 2
+                else:
+                    slack += self.max_token_bytes
+            count += len(self._tk.encode(text[pos:end], add_special_tokens=False).ids)
+            pos = end
+        return max(bound, count - slack)
 
     def encode_chat(
         self,

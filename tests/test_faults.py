@@ -406,8 +406,16 @@ def test_11_detokenize_answers_content(base, tok):
 
 
 def test_12_huge_prompts_are_refused_before_tokenizing(base, tok):
-    huge = "ab" * 3_500_000  # 7 MB of one word: the tokenizer's slowest case
+    huge = "1" * 7_000_000  # 7 MB of digits, one token each: the tokenizer's slowest case (~30 s)
     cases = [("/v1/completions", {"prompt": huge}, "prompt"),
+             ("/v1/completions", {"prompt": "ab" * 3_500_000}, "prompt"),
+             # under the length bound (its bytes / the longest token), over the context: found
+             # by encoding pieces until the count passes it
+             ("/v1/completions", {"prompt": huge[:600_000]}, "prompt"),
+             ("/tokenize", {"prompt": "1 " * 300_000}, "prompt"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge[:600_000]}]}, "messages"),
+             ("/v1/completions", {"prompt": huge[:30_000]}, "prompt"),  # under the length bound
+             ("/tokenize", {"prompt": "1 " * 15_000}, "prompt"),
              ("/v1/completions", {"prompt": ["ok", huge]}, "prompt"),
              ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}, "messages"),
              ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge[:4_000_000]},
@@ -417,11 +425,35 @@ def test_12_huge_prompts_are_refused_before_tokenizing(base, tok):
     for path, body, param in cases:
         t0 = time.monotonic()
         error(post(base, path, body), 400, param=param, code="context_length_exceeded")
-        assert time.monotonic() - t0 < 5, path  # tokenizing 7 MB took 30-40 s
-    # the bound is a true lower bound: a text just under it is tokenized, and at least as long
-    text = "ab" * 1000
-    assert len(tok.encode(text, add_special_tokens=False)) >= tok.min_tokens(text)
+        assert time.monotonic() - t0 < 3, path  # tokenizing 7 MB of digits took 30-40 s
+    # a lower bound, whatever the text
+    for text in ("ab" * 30_000, "1" * 40_000, " " * 50_000, "hello world " * 9000, "a\n" * 30_000,
+                 "<|im_start|>" * 3000, "😀 中文 " * 9000, "x" * 20_000 + " y" * 9000):
+        assert len(tok.encode(text, add_special_tokens=False)) >= tok.min_tokens(text, 2048), text[:20]
     healthy(base)
+
+
+def test_12_long_texts_are_counted_only_until_they_pass_the_context(tok):
+    class Counting:  # the real tokenizer, counting the characters it is asked to encode
+        def __init__(self, inner):
+            self.inner, self.chars = inner, 0
+
+        def encode(self, text, **kw):
+            self.chars += len(text)
+            return self.inner.encode(text, **kw)
+
+    real = tok._tk
+    tok._tk = counting = Counting(real)
+    try:
+        text = "1" * 600_000  # under the length bound (8192 x the longest token, 81 bytes)
+        assert len(text) < 8192 * tok.max_token_bytes
+        assert tok.min_tokens(text, 8192) > 8192
+        assert counting.chars <= 20_000  # one piece, not 600,000 characters
+        words = "hello world " * 50_000
+        counting.chars = 0
+        assert tok.min_tokens(words, 8192) > 8192 and counting.chars < 100_000
+    finally:
+        tok._tk = real
 
 
 # ---------------------------------------------------------- 13. never admissible
