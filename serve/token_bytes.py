@@ -57,12 +57,15 @@ class TokenBytes:
         tokenizer: the loaded tokenizer.json pipeline.
         fallback: text of a token for decoders this module does not know (WordPiece, …);
             its UTF-8 is used as the bytes.
+        decoder: tokenizer.json's ``decoder`` object, if the caller has parsed it already.
     """
 
-    def __init__(self, tokenizer: HFTokenizer, fallback: Any) -> None:
+    def __init__(self, tokenizer: HFTokenizer, fallback: Any, *, decoder: Any = None) -> None:
         self._tk = tokenizer
         self._fallback = fallback
-        types = _decoder_types(json.loads(tokenizer.to_str()).get("decoder"))
+        if decoder is None:
+            decoder = json.loads(tokenizer.to_str()).get("decoder")
+        types = _decoder_types(decoder)
         self._byte_level = "ByteLevel" in types
         self._spm = not self._byte_level and ("Metaspace" in types or "Replace" in types)
         self._byte_fallback = "ByteFallback" in types

@@ -143,6 +143,8 @@ class Tokenizer:
             (empty for byte-level BPE); the detokenizer holds runs of them back.
         chat_template: the Jinja source used by ``apply_chat_template`` (ChatML if the
             model ships none; ``has_chat_template`` tells which).
+        token_bytes: ``token_bytes(id)`` → the token's raw bytes (``serve.token_bytes``),
+            for logprobs' ``bytes``.
     """
 
     def __init__(
@@ -207,7 +209,8 @@ class Tokenizer:
         self.special_ids: frozenset[int] = frozenset(
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
         )
-        decoder = json.loads(tokenizer.to_str()).get("decoder")
+        spec = json.loads(tokenizer.to_str())
+        decoder = spec.get("decoder")
         if _has_decoder(decoder, "ByteFallback"):
             self.byte_fallback_ids: frozenset[int] = frozenset(
                 i
@@ -226,13 +229,12 @@ class Tokenizer:
         self._ctx_id: int | None = ctx[-1] if ctx else None
         self._ctx_text = tokenizer.decode([self._ctx_id]) if ctx else ""
         self._token_text: dict[int, str] = {}
-        self.token_bytes = TokenBytes(tokenizer, self._decoded_text)
+        self.token_bytes = TokenBytes(tokenizer, self._decoded_text, decoder=decoder)
         self._specials: tuple[str, ...] = tuple(sorted(
             {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and t.content},
             key=len, reverse=True))
         self._plain_tk: HFTokenizer | None = None  # encodes special-token text as plain text
-        normalizer = json.loads(tokenizer.to_str()).get("normalizer")
-        self._shrink = 1 if _normalizer_types(normalizer) <= _SAFE_NORMALIZERS else 4
+        self._shrink = 1 if _normalizer_types(spec.get("normalizer")) <= _SAFE_NORMALIZERS else 4
 
     @classmethod
     def from_dir(cls, model_dir: Path | str) -> Tokenizer:
@@ -240,6 +242,8 @@ class Tokenizer:
 
         Raises:
             FileNotFoundError: there is no tokenizer.json.
+            TokenizerFileError: tokenizer.json (or a JSON file beside it) cannot be read;
+                the message names the file.
         """
         model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
