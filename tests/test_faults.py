@@ -662,3 +662,11 @@ def test_4_token_bytes_sentencepiece_byte_fallback(tmp_path, text):
     if not text.isascii():  # byte fallback is exercised
         assert any(p.startswith("<0x") for p in pieces), pieces
         assert any(tb.string(i).startswith("bytes:") for i in ids)
+
+
+def test_20_export_progress_bar_says_what_it_counts(tiny_hf_dir, tmp_path, capfd):
+    from export.api import export_model
+
+    export_model(tiny_hf_dir, tmp_path / "cuda", precision="fp16", target="cuda", progress=True)
+    err = capfd.readouterr().err
+    assert "layers (2 graphs x 2)" in err and "/4" in err  # 2 layers in each of 2 graphs
