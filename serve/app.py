@@ -1,14 +1,18 @@
 """The Starlette app: OpenAI routes, SSE streaming, auth, body limits, readiness, metrics.
 
 ```
-POST /v1/chat/completions ─┐ auth → body (≤ max_body_bytes) → pydantic → prompt ids (thread pool)
-POST /v1/completions ──────┘ → context check → Engine.submit → events → one JSON body | SSE chunks
+POST /v1/chat/completions ─┐ auth → body (serve.body: JSON only, ≤ max_body_bytes, depth, text)
+POST /v1/completions ──────┘ → pydantic (strict) → length bound → prompt ids (thread pool)
+                             → context check → Engine.submit → events → one JSON body | SSE chunks
                              (429 + Retry-After when the queue is full; see serve.streaming)
 POST /tokenize, /detokenize  token counting (vLLM's shapes)
 GET  /v1/models, /v1/models/{id}
 GET  /health                 503 while loading and while draining
-GET  /metrics                Prometheus text format (serve.metrics)
+GET  /metrics                Prometheus text format (serve.metrics); --protect-metrics: keyed
 ```
+
+A trailing slash is answered like the path without it. Every response carries the
+`system_fingerprint` (serve.fingerprint) and, with logprobs, each token's raw bytes.
 
 `drain(app, timeout)` is the graceful shutdown `serve.main` runs on SIGTERM/SIGINT: new
 requests get 503, queued ones end with 503, running ones get `timeout` seconds to finish.
@@ -258,7 +262,8 @@ async def tokenize(request: Request, state: _State) -> Response:
     else:
         prompt = data.get("prompt", data.get("content"))  # llama-server says "content"
         if not isinstance(prompt, str):
-            raise InvalidRequestError("'prompt' must be a string (or send 'messages').", param="prompt")
+            raise InvalidRequestError("'prompt' must be a string (or send 'messages').", param="prompt",
+                                      code="invalid_type")
         special = _flag(data, "add_special_tokens", True)
 
         def encode() -> list[int]:
@@ -277,7 +282,8 @@ async def detokenize(request: Request, state: _State) -> Response:
     tokens = data.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                for t in tokens):
-        raise InvalidRequestError("'tokens' must be a list of token ids.", param="tokens")
+        raise InvalidRequestError("'tokens' must be a list of token ids.", param="tokens",
+                                  code="invalid_type")
     check_token_ids(tokens, engine.vocab_size, param="tokens")
     text = await run_in_threadpool(engine.tokenizer.decode, tokens, skip_special_tokens=False)
     # llama-server's key is "content", vLLM's "prompt": both, so either client works.
@@ -287,7 +293,7 @@ async def detokenize(request: Request, state: _State) -> Response:
 def _flag(data: dict[str, Any], name: str, default: bool) -> bool:
     value = data.get(name, default)
     if not isinstance(value, bool):
-        raise InvalidRequestError(f"'{name}' must be a boolean.", param=name)
+        raise InvalidRequestError(f"'{name}' must be a boolean.", param=name, code="invalid_type")
     return value
 
 
