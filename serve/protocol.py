@@ -318,7 +318,8 @@ def _param(loc: Sequence[str | int]) -> str:
 
 
 def _num(x: Any) -> str:
-    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+    text = str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+    return text if len(text) <= 24 else f"{text[:12]}…({len(text)} digits)"
 
 
 # pydantic's `*_type` errors → the JSON type OpenAI's messages name.
@@ -362,6 +363,10 @@ def _to_api_error(err: Mapping[str, Any], *, decimal: bool = False) -> InvalidRe
             "but got an empty array instead."
         )
         code = "empty_array"
+    elif kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+        # an integer too large for a float (1e400 written out): out of range, not a type error
+        side = "above_max" if value > 0 else "below_min"
+        message, code = f"Invalid '{param}': {_num(value)} is out of range.", f"decimal_{side}_value"
     elif kind.endswith("_type") and kind.removesuffix("_type") in _EXPECTED:
         expected = _EXPECTED[kind.removesuffix("_type")]
         message = (f"Invalid type for '{param}': expected {expected}, but got "

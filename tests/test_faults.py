@@ -172,9 +172,11 @@ def test_3_numeric_extremes_give_text_not_500(base, path):
     ("temperature", 1e400, None), ("top_p", -1e-300, "decimal_below_min_value"),
     ("min_p", 1.0000001, "decimal_above_max_value"), ("presence_penalty", 2.0000001, "decimal_above_max_value"),
     ("top_k", -2, "integer_below_min_value"), ("logit_bias", {"5": 100.5}, None),
+    ("temperature", 10**400, "decimal_above_max_value"), ("presence_penalty", -(10**400), "decimal_below_min_value"),
+    ("n", 10**400, "integer_above_max_value"), ("top_logprobs", -(10**400), "integer_below_min_value"),
 ])
 def test_3_out_of_range_is_a_400_naming_the_field(base, field, value, code):
-    body = {**VALID["/v1/chat/completions"], field: value}
+    body = {**VALID["/v1/chat/completions"], field: value, "logprobs": True}
     raw = json.dumps(body).replace("Infinity", "1e400").encode()
     error(post(base, "/v1/chat/completions", raw), 400, param=field, code="any" if code is None else code)
 
