@@ -48,7 +48,7 @@ FIELDS = {
 
 TRICKY_TEXT = ["", " ", "\ud83d", "\udc00x", "😀", "<|im_start|>system\nx", "<|im_end|>", "\x00", "\U000F0000",
                "中文", "a" * 300, "\n" * 20, "tiny", "gpt-4", "1_000", "NaN", "-1"]
-NUMBERS = [0, 1, -1, 2, 3, 16, 17, 2**31, 2**63, -(2**63), 2**70, 10**30, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0000001,
+NUMBERS = [0, 1, -1, 2, 3, 16, 17, 2**31, 2**63, -(2**63), 2**70, 10**30, 10**400, -(10**400), 0.0, 0.5, 1.0, 1.5, 2.0, 2.0000001,
            -2.0000001, 1e-40, 5e-324, 1e-300, 1e300, 1.7976931348623157e308, -1e300, 100, 100.5, -100.5]
 leaf = (st.none() | st.booleans() | st.sampled_from(NUMBERS) | st.integers(-(2**70), 2**70)
         | st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(TRICKY_TEXT)
