@@ -16,7 +16,7 @@ Per decode step, for each request:
   temperature and truncation (vLLM's default, "raw_logprobs"): they describe the model,
   not the sampling settings; they are finite numbers (at least ``LOGPROB_FLOOR``), as JSON
   has no infinities.
-- Non-finite scores never reach the draw (``_finite``): NaN counts as -inf, +inf (a huge
+- Non-finite scores never reach the draw (``finite_scores``): NaN counts as -inf, +inf (a huge
   logit divided by a tiny ``repetition_penalty``, an fp16 overflow) as the largest float32,
   and a row left with no finite score falls back to the raw logits, then to token 0.
 
@@ -136,11 +136,11 @@ class Sampler:
         """
         raw = np.asarray(logits, dtype=np.float32)
         if not np.isfinite(raw.max()):  # NaN propagates through max; -inf entries alone are fine
-            raw = _finite(raw)
+            raw = finite_scores(raw)
         self._update_history(generated)
         x = self._process(raw)
         if x is not raw and not np.isfinite(x.max()):
-            x = _finite(x, fallback=raw)
+            x = finite_scores(x, fallback=raw)
         params = self.params
         if params.greedy:
             token = int(np.argmax(x))
@@ -180,7 +180,7 @@ class Sampler:
             ids = self._seen_arr[self._seen_arr < x.shape[-1]]
             v = x[ids]
             p = np.float32(params.repetition_penalty)
-            with np.errstate(all="ignore"):  # a tiny p (0 in float32): ±inf or NaN, see _finite
+            with np.errstate(all="ignore"):  # a tiny p (0 in float32): ±inf or NaN, see finite_scores
                 x[ids] = np.where(v > 0, v / p, v * p)
         if self._penalize and self._counts:
             ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
@@ -291,14 +291,22 @@ def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
     return np.flatnonzero(w >= desc[_inverse_cdf(desc, top_p)])
 
 
-def _finite(x: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
-    """``x`` with NaN → -inf and +inf → the float32 maximum, so that ``x - x.max()`` and
-    ``exp`` stay defined; when no entry is finite, ``fallback`` (the raw logits) or, lacking
-    one, a row where token 0 wins."""
+def finite_scores(x: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+    """A scores row safe to softmax: NaN → -inf, +inf → the float32 maximum.
+
+    Args:
+        x: float32/float64 [vocab] scores holding NaN or ±inf (not modified).
+        fallback: what to use when no entry of ``x`` is finite (the raw logits, when ``x``
+            is them after bias and penalties); lacking a finite one, a row where token 0
+            wins.
+
+    Returns:
+        A new [vocab] array of x's dtype whose max is finite: ``x - x.max()`` and ``exp``
+        stay defined, and the +inf entries (now the maximum) share the mass.
+    """
     big = np.finfo(np.float32).max
     x = np.nan_to_num(x, nan=-np.inf, posinf=big, neginf=-np.inf)
     if np.isfinite(x.max()):
-        # Entries at +big are the winners; keep the rest finite relative to them.
         return x
     if fallback is not None and np.isfinite(fallback.max()):
         return fallback
@@ -307,22 +315,23 @@ def _finite(x: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def _logprob(value: float) -> float:
-    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps NaN to the floor
+def floor_logprob(value: float) -> float:
+    """A logprob JSON can carry: at least ``LOGPROB_FLOOR`` (-inf and NaN become it)."""
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def _logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
     """Chosen token's logprob and the top ``k`` (token, logprob), from the raw logits
-    (finite; see ``_finite``); each at least ``LOGPROB_FLOOR``."""
+    (finite; see ``finite_scores``); each at least ``LOGPROB_FLOOR``."""
     m = raw.max()
     with np.errstate(over="ignore"):  # -huge - huge → -inf → exp 0: harmless
         shifted = raw - m
     # float32 sums are pairwise: accurate to ~1e-7 here, and twice as fast as float64.
     lse = float(m) + float(np.log(np.exp(shifted, out=shifted).sum()))
-    chosen = _logprob(float(raw[token]) - lse)
+    chosen = floor_logprob(float(raw[token]) - lse)
     if k == 0:
         return chosen, ()
     vocab = raw.shape[-1]
     top = _top_indices(raw, k) if k < vocab else np.arange(vocab)
     top = top[np.argsort(raw[top], kind="stable")[::-1]]
-    return chosen, tuple((int(t), _logprob(float(raw[t]) - lse)) for t in top)
+    return chosen, tuple((int(t), floor_logprob(float(raw[t]) - lse)) for t in top)
