@@ -365,7 +365,10 @@ def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | 
         from tqdm import tqdm
 
         n_graphs = 1 + plan.w8a8_graph + (spec.target == "cuda")
-        bar = tqdm(total=cfg.num_hidden_layers * n_graphs, desc="layers", unit="layer",
+        # Says what it counts: a 30-layer model with two graphs is 60 layer builds.
+        desc = (f"layers ({n_graphs} graphs x {cfg.num_hidden_layers})" if n_graphs > 1
+                else "layers")
+        bar = tqdm(total=cfg.num_hidden_layers * n_graphs, desc=desc, unit="layer",
                    file=sys.stderr, leave=False)
     if spec.target == "coreml":
         from export.graph_coreml import write_static_graphs

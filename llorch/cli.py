@@ -45,7 +45,7 @@ def _export_parser(sub) -> None:
     p.add_argument("--w8a8-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="cpu: also write model_w8a8.onnx, the decoder with int8 GEMMs (int8 "
                    "weights per channel, smoothed int8 activations per token, calibrated on the "
-                   "int4 graph) that `llorch serve` uses for prefill and batched decode "
+                   "int4 graph) that llorch serve uses for prefill and batched decode "
                    "(default: on for cpu int4 GroupQueryAttention exports, else off)")
     p.add_argument("--verify", action="store_true",
                    help="compare the export with a NumPy reference forward pass; fail loudly")
@@ -74,13 +74,24 @@ def _models_parser(sub) -> None:
     f.add_argument("--root", type=Path, default=None, help="models directory")
 
 
+DESCRIPTION = ("llorch: an OpenAI-compatible LLM server on ONNX Runtime, and a torch-free "
+               "exporter of Llama-family checkpoints to ONNX.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llorch", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    """Run one subcommand; no subcommand prints the help (exit 0)."""
+    from llorch import __version__
+
+    parser = argparse.ArgumentParser(prog="llorch", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"llorch {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="{export,serve,models}")
     _export_parser(sub)
     _serve_parser(sub)
     _models_parser(sub)
     args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 0
     if args.cmd == "export":
         return _run_export(args)
     if args.cmd == "models":

@@ -1,14 +1,18 @@
 """The Starlette app: OpenAI routes, SSE streaming, auth, body limits, readiness, metrics.
 
 ```
-POST /v1/chat/completions ─┐ auth → body (≤ max_body_bytes) → pydantic → prompt ids (thread pool)
-POST /v1/completions ──────┘ → context check → Engine.submit → events → one JSON body | SSE chunks
+POST /v1/chat/completions ─┐ auth → body (serve.body: JSON only, ≤ max_body_bytes, depth, text)
+POST /v1/completions ──────┘ → pydantic (strict) → length bound → prompt ids (thread pool)
+                             → context check → Engine.submit → events → one JSON body | SSE chunks
                              (429 + Retry-After when the queue is full; see serve.streaming)
 POST /tokenize, /detokenize  token counting (vLLM's shapes)
 GET  /v1/models, /v1/models/{id}
 GET  /health                 503 while loading and while draining
-GET  /metrics                Prometheus text format (serve.metrics)
+GET  /metrics                Prometheus text format (serve.metrics); --protect-metrics: keyed
 ```
+
+A trailing slash is answered like the path without it. Every response carries the
+`system_fingerprint` (serve.fingerprint) and, with logprobs, each token's raw bytes.
 
 `drain(app, timeout)` is the graceful shutdown `serve.main` runs on SIGTERM/SIGINT: new
 requests get 503, queued ones end with 503, running ones get `timeout` seconds to finish.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import json
 import logging
 import threading
 import time
@@ -35,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serve.body import ClientGone, read_json
 from serve.chat_template import ChatTemplateError
 from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
@@ -44,17 +48,18 @@ from serve.errors import (
     AuthenticationError,
     InvalidRequestError,
     NotFoundError,
-    PayloadTooLargeError,
     RateLimitError,
     ServerError,
     ServiceUnavailableError,
 )
+from serve.fingerprint import system_fingerprint
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.options import ServeOptions
 from serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     check_context,
+    check_fits,
     check_token_ids,
     parse_request,
 )
@@ -87,6 +92,7 @@ class _State:
         self.engine: EngineLike | None = None
         self.load_error: str | None = None
         self.draining = False
+        self.fingerprint = system_fingerprint(options)
 
 
 def create_app(
@@ -129,6 +135,7 @@ def create_app(
     if options.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
                                      allow_methods=["*"], allow_headers=["*"]))
+    middleware.append(Middleware(_StripTrailingSlash))
     app = Starlette(
         routes=[
             route("/health", health, "GET"),
@@ -184,6 +191,11 @@ def _endpoint(handler: Handler, path: str) -> Callable[[Request], Awaitable[Resp
         except APIError as exc:
             status = exc.status_code
             raise
+        except ClientGone:
+            # The client hung up mid-body: its event, not a server error (nginx's 499).
+            status = 499
+            log.info("client disconnected while sending %s %s", request.method, request.url.path)
+            return Response(status_code=499)
         except Exception:
             log.exception("error in %s %s", request.method, request.url.path)
             raise ServerError(GENERIC_SERVER_ERROR) from None
@@ -208,6 +220,8 @@ async def health(request: Request, state: _State) -> Response:
 
 
 async def metrics_text(request: Request, state: _State) -> Response:
+    if state.options.protect_metrics:
+        _authorize(request, state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
@@ -230,7 +244,7 @@ async def tokenize(request: Request, state: _State) -> Response:
     """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...],
     "add_generation_prompt"?: true}` → `{"tokens", "count", "max_model_len"}` (vLLM)."""
     _authorize(request, state)
-    data = await _read_json(request, state.options.max_body_bytes)
+    data = await read_json(request, state.options.max_body_bytes)
     _check_model(data.get("model"), state)
     engine = _engine(state)
     tokenizer = engine.tokenizer
@@ -240,39 +254,46 @@ async def tokenize(request: Request, state: _State) -> Response:
         special = _flag(data, "add_special_tokens", False)
 
         def encode() -> list[int]:
-            text = _chat_template(tokenizer, req, add_generation_prompt=generation_prompt)
-            return tokenizer.encode(text, add_special_tokens=special)
+            text, ids = _chat_prompt(tokenizer, req, state.options, engine.max_length,
+                                     add_generation_prompt=generation_prompt)
+            if special and getattr(tokenizer, "add_bos", False) and ids[:1] != [tokenizer.bos_id]:
+                ids = [tokenizer.bos_id, *ids]  # as Tokenizer.encode: BOS once, if wanted
+            return ids
     else:
         prompt = data.get("prompt", data.get("content"))  # llama-server says "content"
         if not isinstance(prompt, str):
-            raise InvalidRequestError("'prompt' must be a string (or send 'messages').", param="prompt")
+            raise InvalidRequestError("'prompt' must be a string (or send 'messages').", param="prompt",
+                                      code="invalid_type")
         special = _flag(data, "add_special_tokens", True)
 
         def encode() -> list[int]:
+            check_fits(tokenizer, prompt, engine.max_length, what="prompt", param="prompt")
             return tokenizer.encode(prompt, add_special_tokens=special)
     tokens = await run_in_threadpool(encode)
     return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_length})
 
 
 async def detokenize(request: Request, state: _State) -> Response:
-    """`{"tokens": [int, ...]}` → `{"prompt": text}` (vLLM)."""
+    """`{"tokens": [int, ...]}` → `{"content": text, "prompt": text}` (llama-server, vLLM)."""
     _authorize(request, state)
-    data = await _read_json(request, state.options.max_body_bytes)
+    data = await read_json(request, state.options.max_body_bytes)
     _check_model(data.get("model"), state)
     engine = _engine(state)
     tokens = data.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                for t in tokens):
-        raise InvalidRequestError("'tokens' must be a list of token ids.", param="tokens")
+        raise InvalidRequestError("'tokens' must be a list of token ids.", param="tokens",
+                                  code="invalid_type")
     check_token_ids(tokens, engine.vocab_size, param="tokens")
     text = await run_in_threadpool(engine.tokenizer.decode, tokens, skip_special_tokens=False)
-    return JSONResponse({"prompt": text})
+    # llama-server's key is "content", vLLM's "prompt": both, so either client works.
+    return JSONResponse({"content": text, "prompt": text})
 
 
 def _flag(data: dict[str, Any], name: str, default: bool) -> bool:
     value = data.get(name, default)
     if not isinstance(value, bool):
-        raise InvalidRequestError(f"'{name}' must be a boolean.", param=name)
+        raise InvalidRequestError(f"'{name}' must be a boolean.", param=name, code="invalid_type")
     return value
 
 
@@ -296,7 +317,10 @@ def _authorize(request: Request, state: _State) -> None:
         )
 
 
-def _check_model(model: str | None, state: _State) -> None:
+def _check_model(model: Any, state: _State) -> None:
+    if model is not None and not isinstance(model, str):  # /tokenize, /detokenize read it raw
+        raise InvalidRequestError("Invalid type for 'model': expected a string.", param="model",
+                                  code="invalid_type")
     if model is not None and model != state.model_name:
         raise NotFoundError(
             f"The model `{model}` does not exist; this server serves `{state.model_name}`.",
@@ -314,6 +338,21 @@ def _engine(state: _State, *, generating: bool = False) -> EngineLike:
             "The model is still loading; retry when /health answers 200.", code="model_loading"
         )
     return state.engine
+
+
+def _check_admissible(n_requests: int, engine: EngineLike, state: _State) -> None:
+    """400 for more engine requests (completions prompts) than the slots plus the queue can
+    ever hold at once: a 429 would tell the client to retry what can never succeed."""
+    slots = getattr(engine, "n_slots", None)
+    if not isinstance(slots, int):
+        return
+    room = slots + state.options.max_queue
+    if n_requests > room:
+        raise InvalidRequestError(
+            f"This request has {n_requests} prompts, but this server can hold at most {room} "
+            f"requests at once ({slots} running + --max-queue {state.options.max_queue} waiting). "
+            "Send fewer prompts per request.",
+            param="prompt", code="too_many_prompts")
 
 
 def _submit(engine: EngineLike, requests: list[GenerationRequest]) -> list[RequestStream]:
@@ -334,24 +373,20 @@ def _submit(engine: EngineLike, requests: list[GenerationRequest]) -> list[Reque
     return streams
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"The request body is {declared} bytes; the limit is {limit} bytes.")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(
-            f"We could not parse the JSON body of your request ({exc}). The body must be a JSON object."
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    return data
+class _StripTrailingSlash:
+    """`/v1/chat/completions/` is `/v1/chat/completions`: answered, not redirected (a 307
+    makes some clients drop the POST body or the Authorization header)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+            if scope.get("raw_path"):
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
 
 
 # ------------------------------------------------------------------ generation routes
@@ -359,10 +394,11 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
 
 async def chat_completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
-    req = parse_request(ChatCompletionRequest, await _read_json(request, state.options.max_body_bytes))
+    req = parse_request(ChatCompletionRequest, await read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
-    text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req)
+    text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req, state.options,
+                                               engine.max_length)
     check_context(
         prompt_tokens=len(prompt_ids),
         max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -374,11 +410,19 @@ async def chat_completions(request: Request, state: _State) -> Response:
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     out = ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
-                      logprobs=bool(req.logprobs), include_usage=include_usage)
+                      logprobs=bool(req.logprobs), include_usage=include_usage,
+                      **_output_extras(engine, state))
     if state.options.log_prompts:
         log.info("request %s prompt: %r", out.id, text)
     streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id)])
     return await respond(request, streams, out, streaming=bool(req.stream))
+
+
+def _output_extras(engine: EngineLike, state: _State) -> dict[str, Any]:
+    """What every response carries besides the choices: token bytes for logprobs, and the
+    system fingerprint."""
+    return {"token_bytes": getattr(engine.tokenizer, "token_bytes", None),
+            "fingerprint": state.fingerprint}
 
 
 def _chat_template(tokenizer: Any, req: ChatCompletionRequest, *, add_generation_prompt: bool) -> str:
@@ -389,18 +433,30 @@ def _chat_template(tokenizer: Any, req: ChatCompletionRequest, *, add_generation
         raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
 
 
-def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-    text = _chat_template(tokenizer, req, add_generation_prompt=True)
-    # The template already wrote any BOS it wants.
-    return text, tokenizer.encode(text, add_special_tokens=False)
+def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest, options: ServeOptions, max_length: int,
+                 *, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    """The rendered prompt and its ids. The template already wrote any BOS it wants; special-
+    token text in message content stays plain text unless --allow-special-in-content; a
+    text too long to fit is refused before it is tokenized."""
+    if not hasattr(tokenizer, "encode_chat"):  # a test double
+        text = _chat_template(tokenizer, req, add_generation_prompt=add_generation_prompt)
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    check_fits(tokenizer, "".join(m.content or "" for m in req.messages), max_length,
+               what="messages", param="messages")
+    try:
+        return tokenizer.encode_chat(req.template_messages(), add_generation_prompt=add_generation_prompt,
+                                     allow_special_in_content=options.allow_special_in_content)
+    except ChatTemplateError as exc:
+        raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
 
 
 async def completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
-    req = parse_request(CompletionRequest, await _read_json(request, state.options.max_body_bytes))
+    req = parse_request(CompletionRequest, await read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
-    prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req)
+    _check_admissible(len(req.prompt), engine, state)
+    prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req, engine.max_length)
     for _, ids in prompts:
         check_token_ids(ids, engine.vocab_size, param="prompt")
         check_context(prompt_tokens=len(ids), max_tokens=req.max_tokens,
@@ -412,7 +468,7 @@ async def completions(request: Request, state: _State) -> Response:
     out = CompletionOutput(new_id("cmpl"), state.model_name, params.n, engine.tokenizer.token_text,
                             logprobs=req.logprobs is not None, include_usage=include_usage,
                             echo=[(t, ids) for t, ids in prompts] if req.echo else None,
-                            n_prompts=len(prompts))
+                            n_prompts=len(prompts), **_output_extras(engine, state))
     if state.options.log_prompts:
         for k, (text, ids) in enumerate(prompts):
             log.info("request %s prompt %d: %r", out.id, k,
@@ -422,11 +478,17 @@ async def completions(request: Request, state: _State) -> Response:
     return await respond(request, streams, out, streaming=bool(req.stream))
 
 
-def _completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int) -> list[tuple[str, list[int]]]:
+    for prompt in req.prompt:  # refuse what cannot fit before tokenizing any of it
+        if isinstance(prompt, str):
+            check_fits(tokenizer, prompt, max_length, what="prompt", param="prompt")
     prompts = []
     for prompt in req.prompt:
         if isinstance(prompt, str):
             prompts.append((prompt, tokenizer.encode(prompt)))
+            # stop at the first prompt that does not fit: tokenizing the rest is wasted work
+            check_context(prompt_tokens=len(prompts[-1][1]), max_tokens=req.max_tokens,
+                          max_length=max_length, what="prompt", param="prompt")
         else:
             text = tokenizer.decode(prompt, skip_special_tokens=False) if req.echo else ""
             prompts.append((text, list(prompt)))

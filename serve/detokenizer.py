@@ -54,9 +54,8 @@ class IncrementalDetokenizer:
         self._skip = skip_special_tokens
         # Tokens that add no text of their own yet: byte tokens (their run may go on) and,
         # when skipped, special tokens (the decoder never sees them, so they end no run).
-        self._no_text_ids = tokenizer.byte_fallback_ids | (
-            tokenizer.special_ids if skip_special_tokens else frozenset()
-        )
+        self.skipped_ids = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._no_text_ids = tokenizer.byte_fallback_ids | self.skipped_ids
         self._ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT:]) if prompt_ids else []
         self._prefix_offset = 0
         self._read_offset = len(self._ids)

@@ -63,8 +63,11 @@ class InvalidRequestError(APIError):
 
 
 class AuthenticationError(APIError):
+    """401; OpenAI's type for a missing or wrong key is `invalid_request_error` (code
+    `invalid_api_key`)."""
+
     status_code = 401
-    type = "authentication_error"
+    type = "invalid_request_error"
 
 
 class NotFoundError(APIError):
@@ -79,6 +82,11 @@ class MethodNotAllowedError(APIError):
 
 class PayloadTooLargeError(APIError):
     status_code = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status_code = 415
     type = "invalid_request_error"
 
 

@@ -45,11 +45,15 @@ def check_provider(provider: str) -> None:
 
 
 def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine:
-    """Open the runtime and tokenizer and start the engine thread (slow: runs off the loop)."""
-    runtime = open_runtime(options.model_dir, RuntimeOptions(
-        provider=options.provider, threads=options.threads, max_batch=options.max_batch,
-        max_length=options.max_length, w8a8=options.w8a8, cuda_graph=options.cuda_graph))
-    tokenizer = Tokenizer.from_dir(options.model_dir)
+    """Build the Tokenizer and Runtime and start the engine thread (slow: runs off the loop).
+    Errors name the file at fault (a bad tokenizer.json, a truncated weights file)."""
+    tokenizer = Tokenizer.from_dir(options.model_dir)  # first: cheap, and fails fast
+    try:
+        runtime = open_runtime(options.model_dir, RuntimeOptions(
+            provider=options.provider, threads=options.threads, max_batch=options.max_batch,
+            max_length=options.max_length, w8a8=options.w8a8, cuda_graph=options.cuda_graph))
+    except Exception as exc:
+        raise _name_weights_file(options.model_dir, exc) from exc
     chunk = options.prefill_chunk or (
         CPU_PREFILL_CHUNK if runtime.providers[0] == "CPUExecutionProvider"
         else GPU_PREFILL_CHUNK)
@@ -64,6 +68,19 @@ def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine
              f"up to {engine.slots.cache.capacity} tokens in idle slots")
     engine.start()
     return engine
+
+
+def _name_weights_file(model_dir: Path, exc: Exception) -> Exception:
+    """ONNX Runtime reports a short external-data file by the tensor it could not read;
+    say which file it is. Other errors pass through unchanged."""
+    text = str(exc)
+    if "External initializer" not in text and "external data" not in text.lower():
+        return exc
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix == ".data" and p.is_file())
+    named = ", ".join(f"{p} ({p.stat().st_size} bytes)" for p in files) or f"the weights file in {model_dir}"
+    return StartupError(
+        f"{named}: shorter than the graph expects or not this graph's weights (truncated download "
+        f"or copy, or another export's file); export or copy it again. ONNX Runtime said: {text}")
 
 
 class _Server(uvicorn.Server):

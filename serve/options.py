@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,10 @@ from typing import Any
 from serve.runtime.interface import W8A8_MODES
 
 PROVIDERS = ("cpu", "cuda", "coreml", "auto")
+# A request still waiting for a slot after this long gets 503: by then the official OpenAI
+# clients (600 s default timeout) have given up on it anyway.
+DEFAULT_QUEUE_TIMEOUT = 600.0
+API_KEY_ENV = "LLORCH_API_KEY"
 
 
 def _flag(default: Any, help: str, **argparse: Any) -> Any:
@@ -52,7 +57,14 @@ class ServeOptions:
         None, "prompt tokens per prefill step, so a long prompt does not stall the other "
         "streams (default: 256 on CPU, 512 on GPUs)", type=int)
     api_key: str | None = _flag(
-        None, "require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize")
+        None, "require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+        f"(visible in ps: prefer --api-key-file or ${API_KEY_ENV})")
+    protect_metrics: bool = _flag(
+        False, "require the API key on /metrics too (/health stays open)", action="store_true")
+    allow_special_in_content: bool = _flag(
+        False, "encode special-token text inside message content as the special tokens, as "
+        "Hugging Face does (default: as plain text, so a message cannot forge the chat "
+        "template's markup)", action="store_true")
     log_level: str = _flag("info", "Python / uvicorn log level (default: %(default)s)",
                            choices=["critical", "error", "warning", "info", "debug"])
     max_body_bytes: int = _flag(8 * 1024 * 1024,
@@ -61,8 +73,8 @@ class ServeOptions:
         256, "requests that may wait for a slot; more get 429 + Retry-After "
         "(default: %(default)s)", type=int)
     queue_timeout: float | None = _flag(
-        None, "seconds a request may wait for a slot before it gets 503 (default: no limit)",
-        type=float)
+        DEFAULT_QUEUE_TIMEOUT, "seconds a request may wait for a slot before it gets 503 "
+        "(default: %(default)g, the OpenAI clients' own timeout; 0: no limit)", type=float)
     # KV memory is preallocated per slot: this bounds the reusable (and the reported in-use)
     # KV, not the allocation.
     prefix_cache_size: int | None = _flag(
@@ -97,8 +109,15 @@ class ServeOptions:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.queue_timeout is not None and self.queue_timeout <= 0:
-            raise ValueError(f"queue_timeout must be > 0, got {self.queue_timeout}")
+        if self.queue_timeout == 0:  # 0 = no limit
+            object.__setattr__(self, "queue_timeout", None)
+        if self.queue_timeout is not None and not self.queue_timeout > 0:
+            raise ValueError(f"queue_timeout must be > 0 (or 0 for no limit), got {self.queue_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty")
+        if self.protect_metrics and self.api_key is None:
+            raise ValueError("--protect-metrics needs an API key (--api-key, --api-key-file or "
+                             f"${API_KEY_ENV})")
         if self.prefix_cache_size is not None and self.prefix_cache_size < 0:
             raise ValueError(f"prefix_cache_size must be >= 0, got {self.prefix_cache_size}")
         if self.drain_timeout < 0:
@@ -115,6 +134,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The serve flags: one per `ServeOptions` field (model_dir excluded), as the field says."""
     for f in _flags():
         parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, **f.metadata)
+    parser.add_argument("--api-key-file", type=Path, default=None,
+                        help="read the API key from this file (first line)")
+
+
+def api_key_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> str | None:
+    """The API key: --api-key, else --api-key-file's first line, else $LLORCH_API_KEY.
+
+    Raises:
+        ValueError: more than one source given, or the file is unreadable or empty.
+    """
+    environ = os.environ if environ is None else environ
+    flag, path = getattr(args, "api_key", None), getattr(args, "api_key_file", None)
+    if flag is not None and path is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if path is not None:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the API key file {path}: {exc}") from None
+        if not lines or not lines[0].strip():
+            raise ValueError(f"the API key file {path} is empty")
+        return lines[0].strip()
+    if flag is not None:
+        return flag
+    return environ.get(API_KEY_ENV) or None
 
 
 def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions:
@@ -123,8 +167,9 @@ def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions
     Raises:
         ValueError: flags that contradict each other or are out of range.
     """
-    return ServeOptions(model_dir=model_dir,
-                        **{f.name: getattr(args, f.name) for f in _flags()})
+    values = {f.name: getattr(args, f.name) for f in _flags()}
+    values["api_key"] = api_key_from(args)
+    return ServeOptions(model_dir=model_dir, **values)
 
 
 def _flags() -> list[Field]:

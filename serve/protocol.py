@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,7 +27,9 @@ MAX_COMPLETION_LOGPROBS = 5  # completions
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Strict, as OpenAI is: "3" is no integer, true no number, "yes" no boolean (an integer is
+    # still a number: OpenAI takes `temperature: 1`).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
@@ -54,12 +56,10 @@ def _check_logit_bias(value: Any) -> dict[int, float]:
         raise ValueError("must be an object mapping token ids (as strings) to biases")
     bias: dict[int, float] = {}
     for key, b in value.items():
-        try:
-            token = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key!r} is not a token id (keys must be integers as strings)") from None
-        if token < 0:
-            raise ValueError(f"{key!r} is not a token id (must be >= 0)")
+        # Decimal digits only: int() would also take "1_000", " 7", "+7" and "٣".
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12):
+            raise ValueError(f"{key!r} is not a token id (keys must be integers >= 0 as strings)")
+        token = int(key)
         if isinstance(b, bool) or not isinstance(b, int | float) or not -100 <= b <= 100:
             raise ValueError(f"the bias for token {key} must be a number from -100 to 100, got {b!r}")
         bias[token] = float(b)
@@ -190,7 +190,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: float | None = Field(None, ge=0, le=1)
     user: str | None = None
-    # extras (vLLM / llama.cpp names)
+    # extras (vLLM / llama.cpp names). repetition_penalty: any value > 0, as in vLLM; values
+    # that over- or underflow float32 (1e-40, 1e300) are handled by the sampler (non-finite
+    # scores, see serve.sampling), so they cannot produce a NaN
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -304,7 +306,10 @@ def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
     try:
         return model.model_validate(dict(body))
     except ValidationError as exc:
-        raise _to_api_error(exc.errors(include_url=False)[0]) from None
+        err = exc.errors(include_url=False)[0]
+        field = model.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+        decimal = field is not None and float in (field.annotation, *get_args(field.annotation))
+        raise _to_api_error(err, decimal=decimal) from None
 
 
 def _param(loc: Sequence[str | int]) -> str:
@@ -313,35 +318,65 @@ def _param(loc: Sequence[str | int]) -> str:
 
 
 def _num(x: Any) -> str:
-    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+    text = str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+    return text if len(text) <= 24 else f"{text[:12]}…({len(text)} digits)"
 
 
-def _to_api_error(err: Mapping[str, Any]) -> InvalidRequestError:
+# pydantic's `*_type` errors → the JSON type OpenAI's messages name.
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "a boolean", "string": "a string",
+             "list": "an array", "tuple": "an array", "dict": "an object", "model": "an object"}
+
+
+def _json_type(value: Any) -> str:
+    for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                    (list, "an array"), (dict, "an object")):
+        if isinstance(value, t):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+def _to_api_error(err: Mapping[str, Any], *, decimal: bool = False) -> InvalidRequestError:
+    """One pydantic error → OpenAI's message and `code` (`missing_required_parameter`,
+    `invalid_type`, `integer_below_min_value`, `decimal_above_max_value`, `empty_array`,
+    `invalid_value`)."""
     ctx = err.get("ctx") or {}
     cause = ctx.get("error")
     if isinstance(cause, _FieldError):
-        return InvalidRequestError(str(cause), param=cause.param)
+        return InvalidRequestError(str(cause), param=cause.param, code="invalid_value")
     param = _param(err["loc"]) or None
     value = err.get("input")
     kind = err["type"]
+    number = "decimal" if decimal else "integer"
     if kind == "missing":
-        message = f"Missing required parameter: '{param}'."
+        message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
     elif kind in ("greater_than_equal", "greater_than"):
         limit = ctx.get("ge", ctx.get("gt"))
         message = f"Invalid '{param}': {_num(value)} is less than the minimum of {_num(limit)}."
+        code = f"{number}_below_min_value"
     elif kind in ("less_than_equal", "less_than"):
         limit = ctx.get("le", ctx.get("lt"))
         message = f"Invalid '{param}': {_num(value)} is greater than the maximum of {_num(limit)}."
+        code = f"{number}_above_max_value"
     elif kind == "too_short":
         message = (
             f"Invalid '{param}': empty array. Expected an array with minimum length 1, "
             "but got an empty array instead."
         )
+        code = "empty_array"
+    elif kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+        # an integer too large for a float (1e400 written out): out of range, not a type error
+        side = "above_max" if value > 0 else "below_min"
+        message, code = f"Invalid '{param}': {_num(value)} is out of range.", f"decimal_{side}_value"
+    elif kind.endswith("_type") and kind.removesuffix("_type") in _EXPECTED:
+        expected = _EXPECTED[kind.removesuffix("_type")]
+        message = (f"Invalid type for '{param}': expected {expected}, but got "
+                   f"{_json_type(value)} instead.")
+        code = "invalid_type"
     elif cause is not None:
-        message = f"Invalid '{param}': {cause}."
+        message, code = f"Invalid '{param}': {cause}.", "invalid_value"
     else:
-        message = f"Invalid type or value for '{param}': {err['msg']}."
-    return InvalidRequestError(message, param=param)
+        message, code = f"Invalid type or value for '{param}': {err['msg']}.", "invalid_value"
+    return InvalidRequestError(message, param=param, code=code)
 
 
 def check_context(
@@ -356,6 +391,7 @@ def check_context(
             f"resulted in {prompt_tokens} tokens, which leaves no room for a completion. "
             f"Please reduce the length of the {what}.",
             param=param,
+            code="context_length_exceeded",
         )
     if max_tokens is not None and prompt_tokens + max_tokens > max_length:
         raise InvalidRequestError(
@@ -363,6 +399,26 @@ def check_context(
             f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} in "
             f"the completion). Please reduce the length of the {what} or completion.",
             param=param,
+            code="context_length_exceeded",
+        )
+
+
+def check_fits(tokenizer: Any, text: str, max_length: int, *, what: str, param: str) -> None:
+    """400 (`context_length_exceeded`) for a text that cannot fit the context, decided
+    from a lower bound on its token count (`Tokenizer.min_tokens`: its length, then pieces
+    encoded only until the count passes the context), so a huge prompt costs little tokenizer
+    time. Tokenizers without `min_tokens` (test doubles) pass."""
+    min_tokens = getattr(tokenizer, "min_tokens", None)
+    if min_tokens is None or len(text) < max_length:  # cheap: even 1 char a token fits
+        return
+    at_least = min_tokens(text, max_length)
+    if at_least >= max_length:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_length} tokens. However, your {what} "
+            f"is {len(text)} characters long, which is at least {at_least} tokens. Please reduce "
+            f"the length of the {what}.",
+            param=param,
+            code="context_length_exceeded",
         )
 
 

@@ -58,24 +58,28 @@ def add_usage(a: Usage | None, b: Usage) -> Usage:
 
 
 TokenText = Callable[[int], str]
+TokenBytes = Callable[[int], bytes]
 
 
-def _bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+def chat_logprobs_content(lps: Sequence[TokenLogprob], token_text: TokenText,
+                          token_bytes: TokenBytes | None = None) -> list[dict]:
+    """Chat shape: `[{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]`.
 
+    `bytes` are the token's raw bytes (`token_bytes`; the UTF-8 of its text without one), so
+    consecutive tokens' bytes join to the text's UTF-8 even across a split character."""
 
-def chat_logprobs_content(lps: Sequence[TokenLogprob], token_text: TokenText) -> list[dict]:
-    """Chat shape: `[{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]`."""
+    def raw(i: int) -> list[int]:
+        return list(token_bytes(i) if token_bytes is not None else token_text(i).encode("utf-8"))
+
     content = []
     for lp in lps:
-        text = token_text(lp.token_id)
         content.append(
             {
-                "token": text,
+                "token": token_text(lp.token_id),
                 "logprob": lp.logprob,
-                "bytes": _bytes(text),
+                "bytes": raw(lp.token_id),
                 "top_logprobs": [
-                    {"token": (t := token_text(i)), "logprob": p, "bytes": _bytes(t)} for i, p in lp.top
+                    {"token": token_text(i), "logprob": p, "bytes": raw(i)} for i, p in lp.top
                 ],
             }
         )
@@ -84,24 +88,46 @@ def chat_logprobs_content(lps: Sequence[TokenLogprob], token_text: TokenText) ->
 
 class CompletionLogprobs:
     """Completions shape, `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, built
-    incrementally so stream chunks carry consecutive `text_offset`s."""
+    incrementally so stream chunks carry consecutive `text_offset`s.
 
-    def __init__(self, token_text: TokenText, offset: int = 0) -> None:
+    `top_logprobs[i]` always holds the token itself (OpenAI: up to `logprobs` + 1 entries).
+    `text_offset` counts characters: a token that completes a character split over several
+    tokens starts at that character, as do the tokens before it."""
+
+    def __init__(self, token_text: TokenText, offset: int = 0, token_bytes: TokenBytes | None = None) -> None:
         self.token_text = token_text
+        self.token_bytes = token_bytes
         self.offset = offset
+        self._pending = b""  # bytes of a character not yet complete
+
+    def _advance(self, token_id: int) -> None:
+        raw = (self.token_bytes(token_id) if self.token_bytes is not None
+               else self.token_text(token_id).encode("utf-8"))
+        data = self._pending + raw
+        # Hold back an incomplete character at the end (at most 3 bytes); bytes that are no
+        # UTF-8 at all count as the U+FFFD each becomes in the text.
+        text, self._pending = data.decode("utf-8", errors="replace"), b""
+        for cut in range(len(data), max(len(data) - 4, -1), -1):
+            try:
+                text, self._pending = data[:cut].decode("utf-8"), data[cut:]
+                break
+            except UnicodeDecodeError:
+                continue
+        self.offset += len(text)
 
     def block(self, lps: Sequence[TokenLogprob | None], token_ids: Sequence[int]) -> dict:
         """`lps[i]` is None where no logprob exists (the first prompt token with echo)."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, lp in zip(token_ids, lps, strict=True):
-            text = self.token_text(token_id)
-            out["tokens"].append(text)
+            out["tokens"].append(self.token_text(token_id))
             out["token_logprobs"].append(None if lp is None else lp.logprob)
-            out["top_logprobs"].append(
-                None if lp is None else {self.token_text(i): p for i, p in lp.top}
-            )
+            top = None
+            if lp is not None:
+                top = {self.token_text(i): p for i, p in lp.top}
+                top.setdefault(self.token_text(token_id), lp.logprob)
+            out["top_logprobs"].append(top)
             out["text_offset"].append(self.offset)
-            self.offset += len(text)
+            self._advance(token_id)
         return out
 
 
@@ -120,9 +146,12 @@ class Output:
     chunk_object = ""  # of a stream chunk
 
     def __init__(self, id: str, model: str, n: int, token_text: Callable[[int], str], *,
-                 logprobs: bool, include_usage: bool, n_prompts: int = 1) -> None:
+                 logprobs: bool, include_usage: bool, n_prompts: int = 1,
+                 token_bytes: TokenBytes | None = None, fingerprint: str | None = None) -> None:
         self.id, self.model, self.created, self.n = id, model, now(), n
         self.token_text = token_text
+        self.token_bytes = token_bytes
+        self.fingerprint = fingerprint
         self.logprobs = logprobs
         self.include_usage = include_usage
         self.n_choices = n * n_prompts
@@ -138,7 +167,7 @@ class Output:
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+                "system_fingerprint": self.fingerprint}
 
     def _chunk(self, choices: list[dict]) -> bytes:
         chunk = self._base(self.chunk_object)
@@ -199,7 +228,7 @@ class ChatOutput(Output):
             i = k * self.n + c.index
             lp = None
             if self.logprobs and c.logprobs:
-                lp = {"content": chat_logprobs_content(c.logprobs, self.token_text)}
+                lp = {"content": chat_logprobs_content(c.logprobs, self.token_text, self.token_bytes)}
             if c.text or lp:
                 out.append(self._chunk([{"index": i, "delta": {"content": c.text}, "logprobs": lp,
                                          "finish_reason": None}]))
@@ -214,7 +243,7 @@ class ChatOutput(Output):
             i = k * self.n + c.index
             self.texts[i].append(c.text)
             if self.logprobs and c.logprobs:
-                self.content[i].extend(chat_logprobs_content(c.logprobs, self.token_text))
+                self.content[i].extend(chat_logprobs_content(c.logprobs, self.token_text, self.token_bytes))
             if c.finish_reason is not None:
                 self.finish[i] = c.finish_reason
 
@@ -237,7 +266,8 @@ class CompletionOutput(Output):
     def __init__(self, *args: Any, echo: list[tuple[str, list[int]]] | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.echo = echo
-        self.offsets = [CompletionLogprobs(self.token_text) for _ in range(self.n_choices)]
+        self.offsets = [CompletionLogprobs(self.token_text, token_bytes=self.token_bytes)
+                        for _ in range(self.n_choices)]
         self.blocks: list[list[dict]] = [[] for _ in range(self.n_choices)]
         self.started = [False] * (self.n_choices // self.n)
 

@@ -14,7 +14,11 @@ Per decode step, for each request:
   logprobs were asked for.
 - Logprobs are the log-softmax of the raw model logits, before bias, penalties,
   temperature and truncation (vLLM's default, "raw_logprobs"): they describe the model,
-  not the sampling settings, and the chosen token always has a finite logprob.
+  not the sampling settings; they are finite numbers (at least ``LOGPROB_FLOOR``), as JSON
+  has no infinities.
+- Non-finite scores never reach the draw (``finite_scores``): NaN counts as -inf, +inf (a huge
+  logit divided by a tiny ``repetition_penalty``, an fp16 overflow) as the largest float32,
+  and a row left with no finite score falls back to the raw logits, then to token 0.
 
 The vocabulary is ~50k wide and this runs every step, so nothing sorts it: top-k and
 top-p use ``np.argpartition`` and sort only the candidates they keep, and the logits row
@@ -30,6 +34,8 @@ import numpy as np
 
 # Below this temperature sampling is argmax (dividing by ~0 only adds overflow risk).
 _GREEDY_TEMPERATURE = 1e-5
+# The lowest logprob reported (OpenAI's own floor for "impossible" tokens).
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,12 @@ class Sampler:
             ValueError: a logit_bias id outside the logits row.
         """
         raw = np.asarray(logits, dtype=np.float32)
+        if not np.isfinite(raw.max()):  # NaN propagates through max; -inf entries alone are fine
+            raw = finite_scores(raw)
         self._update_history(generated)
         x = self._process(raw)
+        if x is not raw and not np.isfinite(x.max()):
+            x = finite_scores(x, fallback=raw)
         params = self.params
         if params.greedy:
             token = int(np.argmax(x))
@@ -170,7 +180,8 @@ class Sampler:
             ids = self._seen_arr[self._seen_arr < x.shape[-1]]
             v = x[ids]
             p = np.float32(params.repetition_penalty)
-            x[ids] = np.where(v > 0, v / p, v * p)
+            with np.errstate(all="ignore"):  # a tiny p (0 in float32): ±inf or NaN, see finite_scores
+                x[ids] = np.where(v > 0, v / p, v * p)
         if self._penalize and self._counts:
             ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
             counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
@@ -192,9 +203,11 @@ class Sampler:
             x = x[ids]
         # Temperature only rescales; top-k's choice does not depend on it, so it runs on
         # the (few) candidates only.
-        w = x - x.max()  # a fresh array: the in-place steps below touch no caller data
+        with np.errstate(over="ignore"):  # -huge - huge → -inf → exp 0: harmless
+            w = x - x.max()  # a fresh array: the in-place steps below touch no caller data
         if params.temperature != 1.0:
-            w *= np.float32(1.0 / params.temperature)
+            with np.errstate(over="ignore"):  # -huge / small temperature → -inf → exp 0
+                w *= np.float32(1.0 / params.temperature)
         np.exp(w, out=w)
         if params.top_p < 1.0:
             keep = _nucleus(w, params.top_p)
@@ -278,16 +291,47 @@ def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
     return np.flatnonzero(w >= desc[_inverse_cdf(desc, top_p)])
 
 
+def finite_scores(x: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+    """A scores row safe to softmax: NaN → -inf, +inf → the float32 maximum.
+
+    Args:
+        x: float32/float64 [vocab] scores holding NaN or ±inf (not modified).
+        fallback: what to use when no entry of ``x`` is finite (the raw logits, when ``x``
+            is them after bias and penalties); lacking a finite one, a row where token 0
+            wins.
+
+    Returns:
+        A new [vocab] array of x's dtype whose max is finite: ``x - x.max()`` and ``exp``
+        stay defined, and the +inf entries (now the maximum) share the mass.
+    """
+    big = np.finfo(np.float32).max
+    x = np.nan_to_num(x, nan=-np.inf, posinf=big, neginf=-np.inf)
+    if np.isfinite(x.max()):
+        return x
+    if fallback is not None and np.isfinite(fallback.max()):
+        return fallback
+    out = np.full_like(x, -np.inf)
+    out[0] = 0.0
+    return out
+
+
+def floor_logprob(value: float) -> float:
+    """A logprob JSON can carry: at least ``LOGPROB_FLOOR`` (-inf and NaN become it)."""
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def _logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """Chosen token's logprob and the top ``k`` (token, logprob), from the raw logits."""
+    """Chosen token's logprob and the top ``k`` (token, logprob), from the raw logits
+    (finite; see ``finite_scores``); each at least ``LOGPROB_FLOOR``."""
     m = raw.max()
-    shifted = raw - m
+    with np.errstate(over="ignore"):  # -huge - huge → -inf → exp 0: harmless
+        shifted = raw - m
     # float32 sums are pairwise: accurate to ~1e-7 here, and twice as fast as float64.
     lse = float(m) + float(np.log(np.exp(shifted, out=shifted).sum()))
-    chosen = float(raw[token]) - lse
+    chosen = floor_logprob(float(raw[token]) - lse)
     if k == 0:
         return chosen, ()
     vocab = raw.shape[-1]
     top = _top_indices(raw, k) if k < vocab else np.arange(vocab)
     top = top[np.argsort(raw[top], kind="stable")[::-1]]
-    return chosen, tuple((int(t), float(raw[t]) - lse) for t in top)
+    return chosen, tuple((int(t), floor_logprob(float(raw[t]) - lse)) for t in top)

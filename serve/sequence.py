@@ -15,7 +15,7 @@ import numpy as np
 from serve.detokenizer import IncrementalDetokenizer
 from serve.events import ChoiceOutput, Event, GenerationRequest, RequestStats, TokenLogprob
 from serve.prefix_cache import as_ids
-from serve.sampling import Sample, Sampler
+from serve.sampling import Sample, Sampler, finite_scores, floor_logprob
 from serve.stops import StopMatcher
 
 
@@ -69,7 +69,7 @@ class Choice:
     """One sequence: a choice of a request, on one KV slot (-1 before and after)."""
 
     __slots__ = ("job", "index", "slot", "sampler", "detok", "stops", "generated", "next_token",
-                 "t_last")
+                 "t_last", "special_text")
 
     def __init__(self, job: Job, index: int, tokenizer) -> None:
         params = job.request.params
@@ -77,6 +77,8 @@ class Choice:
         self.sampler = Sampler(params, prompt_ids=job.prompt, seed_offset=index)
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=job.prompt)
         self.stops = StopMatcher(params.stop)
+        # Special tokens the detokenizer skips still count for stop strings (hidden text).
+        self.special_text = tokenizer.token_text if params.stop else None
         self.generated: list[int] = []
         self.next_token = -1  # sampled, not yet fed to the model
         self.t_last = 0.0  # when its latest token came
@@ -100,6 +102,9 @@ class Choice:
             logprobs = (TokenLogprob(token, float(sample.logprob), top),)
         eos = token in eos_ids and not params.ignore_eos
         text, stopped = self.stops.feed("" if eos else self.detok.add(token))
+        if not (eos or stopped) and self.special_text is not None and token in self.detok.skipped_ids:
+            hidden, stopped = self.stops.feed(self.special_text(token), visible=False)
+            text += hidden
         finish = None
         if stopped or eos:
             finish = "stop"
@@ -127,11 +132,13 @@ class Choice:
 def prompt_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
     """Log-softmax of the raw logits at `token` (+ the top k), for prompt tokens."""
     logits = logits.astype(np.float64, copy=False)
+    if not np.isfinite(logits.max()):  # NaN / inf from the model: see sampling.finite_scores
+        logits = finite_scores(logits)
     peak = logits.max()
     lse = peak + np.log(np.exp(logits - peak).sum())
     top: tuple[tuple[int, float], ...] = ()
     if k:
         idx = np.argpartition(-logits, k - 1)[:k]
         idx = idx[np.argsort(-logits[idx], kind="stable")]
-        top = tuple((int(i), float(logits[i] - lse)) for i in idx)
-    return TokenLogprob(int(token), float(logits[token] - lse), top)
+        top = tuple((int(i), floor_logprob(float(logits[i] - lse))) for i in idx)
+    return TokenLogprob(int(token), floor_logprob(float(logits[token] - lse)), top)

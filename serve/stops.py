@@ -9,6 +9,10 @@ before it and nothing after (the stop string itself is not returned, as in OpenA
 ends, the longer stop), which is what a generator checking after every character would
 see. It does not depend on how the text was cut into pieces: with stops "c" and "aca",
 "aca" stops after "a" whether it arrives whole or as "ac" + "a".
+
+Hidden pieces (``feed(text, visible=False)``: the text of special tokens that
+``skip_special_tokens`` keeps out of the output) take part in matching but are never
+emitted, so ``stop: ["<|im_start|>"]`` fires on that token while the content never shows it.
 """
 
 from __future__ import annotations
@@ -22,30 +26,49 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(sorted({s for s in stops if s}, key=len))
         self._held = ""
+        self._hidden: list[tuple[int, int]] = []  # [start, end) spans of _held never emitted
         self.stopped = False
 
-    def feed(self, text: str) -> tuple[str, bool]:
+    def feed(self, text: str, *, visible: bool = True) -> tuple[str, bool]:
         """Adds a piece; returns (text safe to emit, whether a stop string matched).
 
-        After a match every call returns ("", True).
+        A piece fed with ``visible=False`` is matched against but never part of the text
+        returned. After a match every call returns ("", True).
         """
         if self.stopped:
             return "", True
         if not self._stops:
-            return text, False
+            return (text if visible else ""), False
+        if not visible and text:
+            self._hidden.append((len(self._held), len(self._held) + len(text)))
         buf = self._held + text
         match = min(((i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0), default=None)
         if match is not None:
             self.stopped = True
-            self._held = ""
-            return buf[: match[1]], True
-        hold = self._partial_match_len(buf)
-        self._held = buf[len(buf) - hold :]
-        return buf[: len(buf) - hold], False
+            out = self._visible(buf, match[1])
+            self._held, self._hidden = "", []
+            return out, True
+        cut = len(buf) - self._partial_match_len(buf)
+        out = self._visible(buf, cut)
+        self._held = buf[cut:]
+        self._hidden = [(max(a - cut, 0), b - cut) for a, b in self._hidden if b > cut]
+        return out, False
+
+    def _visible(self, buf: str, end: int) -> str:
+        """``buf[:end]`` without the hidden spans."""
+        if not self._hidden:
+            return buf[:end]
+        out, pos = [], 0
+        for a, b in self._hidden:
+            out.append(buf[pos:min(a, end)])
+            pos = max(pos, b)
+        out.append(buf[pos:end])
+        return "".join(out)
 
     def flush(self) -> str:
         """Text held back as a possible stop start, once generation ends otherwise."""
-        held, self._held = self._held, ""
+        held = self._visible(self._held, len(self._held))
+        self._held, self._hidden = "", []
         return "" if self.stopped else held
 
     def _partial_match_len(self, buf: str) -> int:

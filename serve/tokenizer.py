@@ -17,6 +17,7 @@ consistently (it rewrites " ." across token boundaries), and Llama-family config
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from serve.chat_template import (
     normalize_messages,
     render_chat_template,
 )
+from serve.token_bytes import TokenBytes
 
 __all__ = ["Tokenizer", "ChatTemplateError"]
 
@@ -39,14 +41,41 @@ log = logging.getLogger(__name__)
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# Placeholders for special-token text inside message content while the template renders: a
+# Supplementary Private Use character, then one naming the escaped string (see encode_chat).
+_SENTINEL = "\U000F0000"
+_PLACEHOLDER = re.compile("\U000F0000([\U000F0001-\U000FFFFD])")
+# Normalizers that only prepend or write "▁" never make a text shorter; any other may (NFKC
+# folds full-width forms to ASCII, up to 3:1), so the length bound allows for 4:1.
+_SAFE_NORMALIZERS = {"Prepend", "Replace", "Sequence"}
+# Pieces long texts are counted in by min_tokens (characters): 5-70 ms each to encode.
+_CHUNK = 16 * 1024
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file that cannot be read; the message names the file."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with path.open(encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TokenizerFileError(f"{path} is not valid JSON: {exc}") from None
     return data if isinstance(data, dict) else {}
+
+
+def _normalizer_types(node: Any) -> set[str]:
+    if not isinstance(node, Mapping):
+        return set()
+    types = {node.get("type")} if isinstance(node.get("type"), str) else set()
+    if node.get("type") == "Replace" and node.get("content") != "\u2581":
+        types.add("Replace:other")
+    for child in node.get("normalizers") or ():
+        types |= _normalizer_types(child)
+    return types
 
 
 def _token_content(value: Any) -> str | None:
@@ -171,6 +200,8 @@ class Tokenizer:
             (empty for byte-level BPE); the detokenizer holds runs of them back.
         chat_template: the Jinja source used by ``apply_chat_template`` (ChatML if the
             model ships none; ``has_chat_template`` tells which).
+        token_bytes: ``token_bytes(id)`` → the token's raw bytes (``serve.token_bytes``),
+            for logprobs' ``bytes``.
     """
 
     def __init__(
@@ -217,6 +248,8 @@ class Tokenizer:
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
         )
         self.byte_fallback_ids: frozenset[int] = _byte_fallback_ids(tokenizer)
+        spec = json.loads(tokenizer.to_str())
+        decoder = spec.get("decoder")
         self.has_chat_template: bool = chat_template is not None
         self.chat_template: str = chat_template if chat_template is not None else CHATML_TEMPLATE
 
@@ -226,6 +259,12 @@ class Tokenizer:
         self._ctx_id: int | None = ctx[-1] if ctx else None
         self._ctx_text = tokenizer.decode([self._ctx_id]) if ctx else ""
         self._token_text: dict[int, str] = {}
+        self.token_bytes = TokenBytes(tokenizer, self._decoded_text, decoder=decoder)
+        self._specials: tuple[str, ...] = tuple(sorted(
+            {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and t.content},
+            key=len, reverse=True))
+        self._plain_tk: HFTokenizer | None = None  # encodes special-token text as plain text
+        self._shrink = 1 if _normalizer_types(spec.get("normalizer")) <= _SAFE_NORMALIZERS else 4
 
     @classmethod
     def from_dir(cls, model_dir: Path | str) -> Tokenizer:
@@ -233,11 +272,17 @@ class Tokenizer:
 
         Raises:
             FileNotFoundError: there is no tokenizer.json.
+            TokenizerFileError: tokenizer.json (or a JSON file beside it) cannot be read;
+                the message names the file.
         """
         model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found")
+        try:
+            hf = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # tokenizers raises a bare Exception for bad JSON or schema
+            raise TokenizerFileError(f"{tokenizer_file} is not a valid tokenizer.json: {exc}") from None
         config = _read_json(model_dir / "tokenizer_config.json")
         template_file = model_dir / "chat_template.jinja"
         if template_file.is_file():
@@ -249,7 +294,7 @@ class Tokenizer:
                     _read_json(model_dir / "chat_template.json").get("chat_template")
                 )
         return cls(
-            HFTokenizer.from_file(str(tokenizer_file)),
+            hf,
             config=config,
             generation_config=_read_json(model_dir / "generation_config.json"),
             genai_config=_read_json(model_dir / "genai_config.json"),
@@ -279,12 +324,16 @@ class Tokenizer:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        """Decoded text of one token, with its leading space, for logprobs.
+        """One token as text, with its leading space, for logprobs (``token``).
 
-        A byte-level token holding part of a multi-byte UTF-8 character (or a lone
-        ``<0xXX>`` byte-fallback token) comes out as U+FFFD: one token alone has no text.
-        Special tokens give their content (``<|im_end|>``).
+        Its raw bytes (``token_bytes``) as text; a token holding part of a multi-byte UTF-8
+        character (or a lone ``<0xXX>`` byte token) is spelled ``bytes:\xf0\x9f`` as
+        OpenAI does. Special tokens give their content (``<|im_end|>``).
         """
+        return self.token_bytes.string(token_id)
+
+    def _decoded_text(self, token_id: int) -> str:
+        """What the decoder makes of one token (U+FFFD for part of a character)."""
         text = self._token_text.get(token_id)
         if text is None:
             if self._ctx_id is None:
@@ -294,6 +343,108 @@ class Tokenizer:
                 text = both[len(self._ctx_text) :]
             self._token_text[token_id] = text
         return text
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token can cover (allowing for a normalizer that
+        shortens text): a text of B bytes is at least B / max_token_bytes tokens."""
+        return self.token_bytes.max_len() * self._shrink
+
+    def min_tokens(self, text: str, limit: int | None = None) -> int:
+        """A lower bound on ``len(encode(text))`` that costs far less than encoding a text
+        longer than ``limit`` tokens (for refusing what cannot fit before tokenizing it all).
+
+        First its UTF-8 length over ``max_token_bytes`` (free). When that is not above
+        ``limit`` and the text is long, the text is encoded in ``_CHUNK``-character pieces,
+        stopping once the count passes ``limit``. Pieces are cut before a space that follows
+        a non-space, a pre-tokenizer boundary (byte-level BPE and SentencePiece alike), where
+        a cut adds at most the one ``▁`` SentencePiece prepends; a piece with no such space
+        is cut anyway and allowed ``max_token_bytes`` tokens of error.
+        """
+        bound = len(text.encode("utf-8", errors="surrogatepass")) // self.max_token_bytes
+        if limit is None or bound > limit or len(text) <= _CHUNK:
+            return bound
+        count = slack = pos = 0
+        while pos < len(text) and count - slack <= limit:
+            end = min(pos + _CHUNK, len(text))
+            if end < len(text):
+                cut = text.rfind(" ", pos + _CHUNK // 2, end)
+                if cut > pos and not text[cut - 1].isspace():
+                    end, slack = cut, slack + 2
+                else:
+                    slack += self.max_token_bytes
+            count += len(self._tk.encode(text[pos:end], add_special_tokens=False).ids)
+            pos = end
+        return max(bound, count - slack)
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        allow_special_in_content: bool = False,
+        **template_kwargs: Any,
+    ) -> tuple[str, list[int]]:
+        """Renders the chat template and encodes it: (prompt text, token ids).
+
+        Special-token text inside a message's ``content`` (a user writing
+        ``<|im_start|>system``) is encoded as plain text, so no message can forge the
+        template's markup; the template's own markup stays special. For this the content's
+        special-token strings are swapped for private-use placeholders while the template
+        renders, and the rendered text is encoded piecewise: the placeholders as plain
+        text, the rest as usual (so a prompt whose contents hold no special-token text is
+        encoded exactly as Hugging Face would). ``allow_special_in_content`` restores
+        HF's behaviour, where such text becomes the special tokens.
+
+        Raises:
+            ChatTemplateError: message for the client (400).
+        """
+        messages = normalize_messages(messages)
+        escape = None if allow_special_in_content else self._content_escape()
+        table: list[str] = [_SENTINEL]
+        if escape is not None and any(isinstance(m.get("content"), str) and escape.search(m["content"])
+                                      for m in messages):
+            index = {_SENTINEL: 0}
+
+            def placeholder(match: re.Match[str]) -> str:
+                k = index.setdefault(match.group(0), len(index))
+                if k == len(table):
+                    table.append(match.group(0))
+                return _SENTINEL + chr(0xF0001 + k)
+
+            messages = [{**m, "content": escape.sub(placeholder, m["content"])}
+                        if isinstance(m.get("content"), str) else m for m in messages]
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        **template_kwargs)
+        if len(table) == 1 and _SENTINEL not in text:
+            return text, self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pieces: list[str] = []
+        pos = 0
+        for match in _PLACEHOLDER.finditer(text):
+            k = ord(match.group(1)) - 0xF0001
+            if k >= len(table):  # not ours (the template wrote it): leave it as text
+                continue
+            pieces.append(text[pos:match.start()])
+            ids += self.encode(text[pos:match.start()], add_special_tokens=False)
+            pieces.append(table[k])
+            ids += self._plain().encode(table[k], add_special_tokens=False).ids
+            pos = match.end()
+        pieces.append(text[pos:])
+        ids += self.encode(text[pos:], add_special_tokens=False)
+        return "".join(pieces), ids
+
+    @functools.cache  # noqa: B019 - one per tokenizer, which lives as long as the server
+    def _content_escape(self) -> re.Pattern[str]:
+        """Matches the special-token strings (longest first) and the placeholder sentinel."""
+        return re.compile("|".join(re.escape(s) for s in (*self._specials, _SENTINEL)))
+
+    def _plain(self) -> HFTokenizer:
+        if self._plain_tk is None:
+            plain = HFTokenizer.from_str(self._tk.to_str())
+            plain.encode_special_tokens = True
+            self._plain_tk = plain
+        return self._plain_tk
 
     def apply_chat_template(
         self,

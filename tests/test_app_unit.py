@@ -247,9 +247,9 @@ def test_api_key():
         assert c.get("/health").status_code == 200  # stays open
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic sk-test"}):
             resp = c.get("/v1/models", headers=headers)
-            assert_error(resp, 401, "authentication_error", code="invalid_api_key")
+            assert_error(resp, 401, "invalid_request_error", code="invalid_api_key")
             assert resp.headers["www-authenticate"] == "Bearer"
-        assert_error(c.post("/v1/chat/completions", json={"messages": MSG}), 401, "authentication_error",
+        assert_error(c.post("/v1/chat/completions", json={"messages": MSG}), 401, "invalid_request_error",
                      code="invalid_api_key")
         ok = {"Authorization": "Bearer sk-test"}
         assert c.get("/v1/models", headers=ok).status_code == 200
@@ -278,37 +278,38 @@ def test_body_too_large():
                 yield b"x" * 100
             yield b'"}]}'
 
-        resp = c.post("/v1/chat/completions", content=chunks())
+        resp = c.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
         assert_error(resp, 413, "invalid_request_error")
 
 
 @pytest.mark.parametrize(
-    "route, body, param",
+    "route, body, param, code",
     [
-        ("/v1/chat/completions", {"messages": MSG, "temperature": 3}, "temperature"),
-        ("/v1/chat/completions", {"messages": MSG, "n": 0}, "n"),
-        ("/v1/chat/completions", {"messages": []}, "messages"),
-        ("/v1/chat/completions", {"messages": MSG, "max_tokens": 0}, "max_tokens"),
-        ("/v1/chat/completions", {"messages": MSG, "top_logprobs": 3}, "top_logprobs"),
-        ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"999": 1}}, "logit_bias"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "RAISE"}]}, "messages"),
-        ("/v1/chat/completions", {"messages": MSG, "max_tokens": 60}, "messages"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 70}]}, "messages"),
-        ("/v1/completions", {"prompt": "x", "logprobs": 9}, "logprobs"),
-        ("/v1/completions", {"prompt": [1, 300]}, "prompt"),
-        ("/v1/completions", {"prompt": ""}, "prompt"),
-        ("/v1/completions", {"prompt": "x" * 10, "max_tokens": 60}, "prompt"),
-        ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/chat/completions", {"messages": MSG, "temperature": 3}, "temperature", "decimal_above_max_value"),
+        ("/v1/chat/completions", {"messages": MSG, "n": 0}, "n", "integer_below_min_value"),
+        ("/v1/chat/completions", {"messages": []}, "messages", "empty_array"),
+        ("/v1/chat/completions", {"messages": MSG, "max_tokens": 0}, "max_tokens", "integer_below_min_value"),
+        ("/v1/chat/completions", {"messages": MSG, "top_logprobs": 3}, "top_logprobs", "invalid_value"),
+        ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"999": 1}}, "logit_bias", None),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "RAISE"}]}, "messages", None),
+        ("/v1/chat/completions", {"messages": MSG, "max_tokens": 60}, "messages", "context_length_exceeded"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 70}]}, "messages",
+         "context_length_exceeded"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 9}, "logprobs", "integer_above_max_value"),
+        ("/v1/completions", {"prompt": [1, 300]}, "prompt", None),
+        ("/v1/completions", {"prompt": ""}, "prompt", None),
+        ("/v1/completions", {"prompt": "x" * 10, "max_tokens": 60}, "prompt", "context_length_exceeded"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix", "invalid_value"),
     ],
 )
-def test_validation_errors(client, route, body, param):
-    assert_error(client.post(route, json=body), 400, "invalid_request_error", param)
+def test_validation_errors(client, route, body, param, code):
+    assert_error(client.post(route, json=body), 400, "invalid_request_error", param, code)
 
 
 def test_context_error_says_the_numbers(client):
     # "<user>hi<assistant>" is 19 fake tokens; the fake model's context is 64
     err = assert_error(client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 50}),
-                       400, "invalid_request_error", "messages")
+                       400, "invalid_request_error", "messages", "context_length_exceeded")
     assert "maximum context length is 64 tokens" in err["message"]
     assert "you requested 69 tokens (19 in the messages, 50 in the completion)" in err["message"]
 
@@ -434,7 +435,8 @@ def test_completions_echo_and_logprobs(client, engine):
     assert choice["logprobs"] == {
         "tokens": ["a", "b", "H", "e"],
         "token_logprobs": [None, -1.0, -0.5, -0.5],
-        "top_logprobs": [None, {}, {"H": -0.5}, {"e": -0.5}],
+        # the token itself is always among its top_logprobs (OpenAI: up to logprobs + 1)
+        "top_logprobs": [None, {"b": -1.0}, {"H": -0.5}, {"e": -0.5}],
         "text_offset": [0, 1, 2, 3],
     }
     assert engine.requests[0].prompt_logprobs == 1

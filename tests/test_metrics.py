@@ -162,7 +162,9 @@ def test_new_flags_map_onto_serve_options():
     assert o.cors_origins == ("http://a.example", "http://b.example")
     d = options_from_args(Path("m"), parser.parse_args([]))
     assert (d.max_queue, d.queue_timeout, d.prefix_cache_size, d.cors_origins, d.log_prompts) == (
-        256, None, None, (), False)
-    for bad in ({"max_queue": -1}, {"queue_timeout": 0}, {"prefix_cache_size": -5}, {"drain_timeout": -1}):
+        256, 600.0, None, (), False)  # a request waits for a slot 600 s at most by default
+    assert ServeOptions(model_dir=Path("m"), queue_timeout=0).queue_timeout is None  # 0: no limit
+    for bad in ({"max_queue": -1}, {"queue_timeout": -1}, {"queue_timeout": float("nan")},
+                {"prefix_cache_size": -5}, {"drain_timeout": -1}):
         with pytest.raises(ValueError):
             ServeOptions(model_dir=Path("m"), **bad)

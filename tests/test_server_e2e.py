@@ -397,13 +397,17 @@ def test_error_statuses(tiny_server, client):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=MSG)
     assert info.value.body["code"] == "model_not_found"
-    r = httpx.post(f"{tiny_server}/v1/chat/completions", content=b"{oops")
+    json_ct = {"content-type": "application/json"}
+    r = httpx.post(f"{tiny_server}/v1/chat/completions", content=b"{oops", headers=json_ct)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{tiny_server}/v1/chat/completions", content=b"{oops")  # no Content-Type
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
     r = httpx.get(f"{tiny_server}/v1/chat/completions")
     assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.get(f"{tiny_server}/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
-    r = httpx.post(f"{tiny_server}/v1/completions", content=b'{"prompt": "' + b"x" * (9 << 20) + b'"}')
+    r = httpx.post(f"{tiny_server}/v1/completions", content=b'{"prompt": "' + b"x" * (9 << 20) + b'"}',
+                   headers=json_ct)
     assert r.status_code == 413 and "error" in r.json()
 
 
@@ -496,7 +500,8 @@ def test_api_key(tiny_model_dir, tmp_path):
         with OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0) as bad:
             with pytest.raises(openai.AuthenticationError) as info:
                 bad.models.list()
-            assert info.value.body["type"] == "authentication_error"
+            assert info.value.body["type"] == "invalid_request_error"  # OpenAI's type for a 401
+            assert info.value.body["code"] == "invalid_api_key"
             with pytest.raises(openai.AuthenticationError):
                 bad.chat.completions.create(model=tiny_model_dir.name, messages=MSG)
         r = httpx.post(f"{base}/v1/chat/completions", json={"messages": MSG})

@@ -1,0 +1,51 @@
+"""`system_fingerprint`: which build of the backend answered, as OpenAI sends it.
+
+A client that fixes `seed` can compare fingerprints to know whether the same request may now
+give other text. So the hash covers everything that changes the numbers: the model files
+(name, size and modification time of each file in the model directory — the weights, graphs
+and tokenizer — plus the content of the small JSON files that describe them, which carry the
+source's sha256 for llorch exports), the llorch version, the execution provider, and the
+flags that pick other kernels (`--w8a8`, `--batch-invariant`, `--cuda-graph`, `--max-batch`,
+`--prefill-chunk`). Not the port, the key or the queue settings: they change no output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+
+from serve.options import ServeOptions
+
+_DESCRIBING = (".json", ".jinja")  # small files hashed by content
+_MAX_HASHED_BYTES = 4 * 1024 * 1024
+
+
+def llorch_version() -> str:
+    """The installed llorch distribution's version ("unknown" when run from a bare tree)."""
+    try:
+        return importlib.metadata.version("llorch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def system_fingerprint(options: ServeOptions) -> str:
+    """`fp_` + 16 hex digits, stable across restarts of the same files and flags."""
+    h = hashlib.sha256()
+
+    def add(*parts: object) -> None:
+        h.update(json.dumps(parts, default=str).encode())
+        h.update(b"\0")
+
+    add("llorch", llorch_version())
+    add("options", options.provider, options.w8a8, options.batch_invariant, options.cuda_graph,
+        options.max_batch, options.prefill_chunk)
+    model_dir = Path(options.model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file()) if model_dir.is_dir() else []
+    for path in files:
+        stat = path.stat()
+        add("file", path.name, stat.st_size, stat.st_mtime_ns)
+        if path.suffix in _DESCRIBING and stat.st_size <= _MAX_HASHED_BYTES:
+            h.update(path.read_bytes())
+    return "fp_" + h.hexdigest()[:16]
