@@ -37,7 +37,7 @@ class ServeOptions:
 
     model_dir: Path
     model_name: str | None = _flag(
-        None, "id in /v1/models and the only accepted `model` (default: the directory's name "
+        None, "id in /v1/models and the only accepted 'model' (default: the directory's name "
         "without a -int4/-fp32 suffix)")
     host: str = _flag("127.0.0.1", "bind address (default: %(default)s)")
     port: int = _flag(8000, "port (default: %(default)s)", type=int)
