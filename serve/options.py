@@ -54,6 +54,8 @@ class ServeOptions:
             14.85 vs 14.72.
         cuda_graph: --provider cuda: decode steps on the export's static decode graph,
             captured as a CUDA graph once per batch size (ORT's enable_cuda_graph).
+        responses_store_size: the most Responses API responses kept in memory for
+            `previous_response_id` and `GET /v1/responses/{id}` (LRU; 0: none), per process.
     """
 
     model_dir: Path
@@ -77,6 +79,7 @@ class ServeOptions:
     batch_invariant: bool = False
     w8a8: str = "auto"
     cuda_graph: bool = False
+    responses_store_size: int = 1000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -93,6 +96,8 @@ class ServeOptions:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        if self.responses_store_size < 0:
+            raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
 
@@ -140,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs on the export's W8A8 graph (int8 GEMMs, smoothed activations): "
                         "all = prefill + decode steps of 2+ sequences, prefill, off; auto = all "
                         "where the export has one (default: %(default)s; bare --w8a8: all)")
+    parser.add_argument("--responses-store-size", type=int, default=d.responses_store_size,
+                        help="Responses API responses kept in memory for previous_response_id and "
+                        f"GET /v1/responses/{{id}}, LRU, per process (default: {d.responses_store_size}; 0: none)")
 
 
 def _origins(value: str) -> tuple[str, ...]:
@@ -169,4 +177,5 @@ def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions
         batch_invariant=args.batch_invariant,
         w8a8=args.w8a8,
         cuda_graph=args.cuda_graph,
+        responses_store_size=args.responses_store_size,
     )

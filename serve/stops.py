@@ -23,6 +23,7 @@ class StopMatcher:
         self._stops = tuple(sorted({s for s in stops if s}, key=len))
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that matched
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Adds a piece; returns (text safe to emit, whether a stop string matched).
@@ -34,9 +35,10 @@ class StopMatcher:
         if not self._stops:
             return text, False
         buf = self._held + text
-        match = min(((i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0), default=None)
+        match = min(((i + len(s), i, s) for s in self._stops if (i := buf.find(s)) >= 0), default=None)
         if match is not None:
             self.stopped = True
+            self.matched = match[2]
             self._held = ""
             return buf[: match[1]], True
         hold = self._partial_match_len(buf)

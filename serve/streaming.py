@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.engine import QUEUE_TIMEOUT, SHUTTING_DOWN, Event, RequestStream
 from serve.errors import GENERIC_SERVER_ERROR, APIError, ServerError, ServiceUnavailableError
-from serve.responses import SSE_DONE, Output
+from serve.responses import Output
 
 log = logging.getLogger("serve.streaming")
 
@@ -136,8 +136,11 @@ async def _sse(out: Output, head: list[bytes], events: _Merged) -> AsyncIterator
     try:
         for chunk in head:
             yield chunk
-        async for k, event in events:
-            for chunk in out.chunks(k, event):
+        async for item in _with_heartbeat(events, out.heartbeat):
+            if item is None:
+                yield out.ping()
+                continue
+            for chunk in out.chunks(*item):
                 yield chunk
         for chunk in out.end():
             yield chunk
@@ -148,6 +151,27 @@ async def _sse(out: Output, head: list[bytes], events: _Merged) -> AsyncIterator
         error = ServerError(GENERIC_SERVER_ERROR)
     finally:
         events.close()  # a no-op when done; frees the slots when the client went away
-    if error is not None:
-        yield error.sse()
-    yield SSE_DONE
+    for chunk in out.fail(error) if error is not None else out.done():
+        yield chunk
+
+
+async def _with_heartbeat(events: _Merged, interval: float | None) -> AsyncIterator[tuple[int, Event] | None]:
+    """The events, with a None after every `interval` seconds without one (None: never)."""
+    if interval is None:
+        async for item in events:
+            yield item
+        return
+    pending: asyncio.Future = asyncio.ensure_future(anext(events, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            item = pending.result()
+            if item is None:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(events, None))
+    finally:
+        pending.cancel()
