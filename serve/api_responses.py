@@ -417,7 +417,8 @@ class ResponsesOutput(Output):
         if self.usage is not None:
             u = self.usage
             usage = {"input_tokens": u.prompt_tokens,
-                     "input_tokens_details": {"cached_tokens": u.cached_tokens},
+                     # no billing cache here: nothing is "written" beyond the KV prefix cache
+                     "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
                      "output_tokens": u.completion_tokens,
                      "output_tokens_details": {"reasoning_tokens": min(self.reasoning_tokens,
                                                                        u.completion_tokens)},
