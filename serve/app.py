@@ -399,6 +399,8 @@ async def generate_chat(request: Request, state: _State, req: ChatCompletionRequ
     the renderer; `param` names the request field a too-long prompt is blamed on."""
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
+    # MERGE(wt11): prepare_chat (tools in the template, grammar, parser) belongs here, so
+    # every wire format gets it; make_output then needs the parser factory.
     text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req)
     check_context(
         prompt_tokens=len(prompt_ids),
@@ -506,6 +508,7 @@ async def create_response(request: Request, state: _State) -> Response:
             state.responses.put(response["id"], StoredResponse(response, (*conversation, *output)))
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int]) -> Output:
+        # MERGE(wt11): pass make_parser= the prepared chat's parser factory
         return ResponsesOutput(api_responses.new_item_id("resp"), state.model_name, engine.tokenizer.token_text,
                                echo=req.echo(), logprobs=req.logprobs, on_done=store)
 
@@ -543,6 +546,7 @@ async def create_message(request: Request, state: _State) -> Response:
     chat = parse_request(ChatCompletionRequest, body)
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int]) -> Output:
+        # MERGE(wt11): pass make_parser= the prepared chat's parser factory
         return MessagesOutput(api_messages.new_message_id(), state.model_name, engine.tokenizer.token_text,
                               prompt_tokens=len(prompt_ids))
 
