@@ -136,6 +136,8 @@ class ResponsesRequest(BaseModel):
             messages.append({"role": "system", "content": self.instructions})
         messages += history
         messages += self.input_messages()
+        if not messages:
+            raise InvalidRequestError("The input is empty: send at least one message.", param="input")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": bool(self.stream)}
         if self.tools:
             body["tools"] = chat_tools(self.tools)

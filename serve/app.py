@@ -502,15 +502,17 @@ async def create_response(request: Request, state: _State) -> Response:
     chat = parse_request(ChatCompletionRequest, body)
     conversation = [*history, *req.input_messages()]
 
+    stored = req.store is not False and state.responses.capacity > 0
+
     def store(response: dict[str, Any]) -> None:
-        if req.store is not False:
+        if stored:
             output = api_responses.output_messages(response["output"])
             state.responses.put(response["id"], StoredResponse(response, (*conversation, *output)))
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int]) -> Output:
         # MERGE(wt11): pass make_parser= the prepared chat's parser factory
         return ResponsesOutput(api_responses.new_item_id("resp"), state.model_name, engine.tokenizer.token_text,
-                               echo=req.echo(), logprobs=req.logprobs, on_done=store)
+                               echo={**req.echo(), "store": stored}, logprobs=req.logprobs, on_done=store)
 
     return await generate_chat(request, state, chat, output, param="input")
 

@@ -258,3 +258,24 @@ def test_heartbeat_between_slow_events():
     assert [x for x in got if x is not None] == [(0, "a"), (0, "b")]
     assert got.count(None) >= 4  # about two per gap
     assert asyncio.run(collect(None)) == [(0, "a"), (0, "b")]
+
+
+def test_route_errors_leave_in_anthropics_shape(caplog):
+    from starlette.requests import Request
+
+    from serve.api_messages import anthropic_errors
+
+    async def refuse(request, state):
+        raise RateLimitError("queue full", headers={"Retry-After": "1"})
+
+    async def crash(request, state):
+        raise RuntimeError("secret detail")
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/messages", "headers": []})
+    limited = asyncio.run(anthropic_errors(refuse)(request, None))
+    assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
+    assert json.loads(limited.body) == {"type": "error", "error": {"type": "rate_limit_error", "message": "queue full"}}
+    crashed = asyncio.run(anthropic_errors(crash)(request, None))
+    body = json.loads(crashed.body)
+    assert crashed.status_code == 500 and body["error"]["type"] == "api_error"
+    assert "secret" not in crashed.body.decode() and "secret detail" in caplog.text  # logged, not sent

@@ -146,6 +146,16 @@ def test_stream_bytes(server, model):
     assert blocks[-1].startswith("event: response.incomplete\n")
 
 
+def test_logprobs_with_the_include(oai, model):
+    r = create(oai, model, input=Q, max_output_tokens=6, top_logprobs=2, include=["message.output_text.logprobs"])
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens == 6
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    assert all(len(lp.top_logprobs) == 2 and lp.top_logprobs[0].logprob >= lp.logprob - 1e-6
+               for lp in part.logprobs)  # greedy: the chosen token is the top one
+    assert r.top_logprobs == 2
+
+
 def test_max_output_tokens_is_incomplete(oai, model):
     r = create(oai, model, input="Tell me a long story about a dragon.", max_output_tokens=5)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
@@ -195,6 +205,7 @@ def test_store_false_and_the_store_bound(oai, model):
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
      "input[0].content[0].type"),
     ({"background": True}, "background"),
+    ({"input": []}, "input"),
     ({"temperature": 3}, "temperature"),
 ])
 def test_unsupported_is_a_400_naming_it(oai, model, kw, param):
