@@ -115,6 +115,7 @@ class MessagesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     top_k: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, ge=0, le=1)
+    ignore_eos: bool | None = None  # extra, as on the chat route
 
     def check(self) -> None:
         """Refuse what this server cannot do (400 naming the field)."""
@@ -145,7 +146,7 @@ class MessagesRequest(BaseModel):
             body.update(chat_tool_choice(self.tool_choice))
         if self.stop_sequences:
             body["stop"] = list(self.stop_sequences)
-        for name in ("temperature", "top_p", "top_k"):
+        for name in ("temperature", "top_p", "top_k", "ignore_eos"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         config = self.output_config or {}

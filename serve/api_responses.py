@@ -93,6 +93,7 @@ class ResponsesRequest(BaseModel):
     seed: int | None = None
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
+    ignore_eos: bool | None = None
 
     def check(self) -> None:
         """Refuse what this server cannot do (400 naming the field)."""
@@ -156,7 +157,7 @@ class ResponsesRequest(BaseModel):
         if self.logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = self.top_logprobs or 0
-        for name in ("temperature", "top_p", "user", "seed", "top_k", "min_p"):
+        for name in ("temperature", "top_p", "user", "seed", "top_k", "min_p", "ignore_eos"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         return body

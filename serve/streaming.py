@@ -2,8 +2,10 @@
 
 A stream only starts once the engine's first event is in, so anything that fails before the
 first token still gets a proper HTTP status (503 for a queue timeout or a shutdown, 500
-otherwise); later failures become a final `data: {"error": …}` event, then `data: [DONE]`.
-A client that disconnects cancels its engine requests, which frees their slots.
+otherwise); later failures become a final `data: {"error": …}` event, then `data: [DONE]`
+(the renderer's `fail` / `done`: other wire formats frame these their own way, and may ask
+for a keep-alive `ping` after `heartbeat` quiet seconds). A client that disconnects cancels
+its engine requests, which frees their slots.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from starlette.requests import Request
@@ -136,12 +138,13 @@ async def _sse(out: Output, head: list[bytes], events: _Merged) -> AsyncIterator
     try:
         for chunk in head:
             yield chunk
-        async for item in _with_heartbeat(events, out.heartbeat):
-            if item is None:
-                yield out.ping()
-                continue
-            for chunk in out.chunks(*item):
-                yield chunk
+        async with aclosing(_with_heartbeat(events, out.heartbeat)) as items:
+            async for item in items:
+                if item is None:
+                    yield out.ping()
+                    continue
+                for chunk in out.chunks(*item):
+                    yield chunk
         for chunk in out.end():
             yield chunk
     except APIError as exc:

@@ -11,6 +11,7 @@ parsers and grammars of the tool/structured-output branch: they skip until
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import anthropic
@@ -283,6 +284,22 @@ def test_messages_stream_bytes(server, model):
     assert kinds == ["message_start", "ping", "content_block_start", *["content_block_delta"] * (len(kinds) - 6),
                      "content_block_stop", "message_delta", "message_stop"]
     assert '"stop_reason":"max_tokens"' in raw
+
+
+def test_disconnected_streams_free_their_slots(server, model):
+    for path, body in (("/v1/messages", {"max_tokens": 2000, "messages": [{"role": "user", "content": Q}]}),
+                       ("/v1/responses", {"input": Q})):
+        body = {"model": model, "stream": True, "temperature": 1.0, "ignore_eos": True, **body}
+        with httpx.stream("POST", f"{server}{path}", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            chunks = r.iter_raw()  # kept: a dropped iterator closes the connection
+            next(chunks)
+            assert httpx.get(f"{server}/health").json()["slots_in_use"] == 1  # ignore_eos: still generating
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server}/health").json()["slots_in_use"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{server}/health").json()["slots_in_use"] == 0
 
 
 def test_stop_sequences_and_max_tokens(claude, model):
