@@ -58,6 +58,7 @@ from serve.errors import (
 )
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.options import ServeOptions
+from serve.parsers import ChoiceParser
 from serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -381,7 +382,8 @@ async def chat_completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
     req = parse_request(ChatCompletionRequest, await _read_json(request, state.options.max_body_bytes))
 
-    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int]) -> Output:
+    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
+               make_parser: Callable[[], ChoiceParser]) -> Output:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
                           logprobs=bool(req.logprobs), include_usage=include_usage)
@@ -389,14 +391,15 @@ async def chat_completions(request: Request, state: _State) -> Response:
     return await generate_chat(request, state, req, output)
 
 
-MakeOutput = Callable[[EngineLike, SamplingParams, list[int]], Output]
+MakeOutput = Callable[[EngineLike, SamplingParams, list[int], Callable[[], ChoiceParser]], Output]
 
 
 async def generate_chat(request: Request, state: _State, req: ChatCompletionRequest, make_output: MakeOutput,
                         *, param: str = "messages") -> Response:
     """The chat path every chat-shaped wire format ends in: prompt (chat template) →
-    checks → `Engine.submit` → `respond`. `make_output(engine, params, prompt_ids)` builds
-    the renderer; `param` names the request field a too-long prompt is blamed on."""
+    checks → `Engine.submit` → `respond`. `make_output(engine, params, prompt_ids,
+    make_parser)` builds the renderer (`make_parser()`: a fresh output parser for a choice);
+    `param` names the request field a too-long prompt is blamed on."""
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
     # MERGE(wt11): prepare_chat (tools in the template, grammar, parser) belongs here, so
@@ -411,7 +414,7 @@ async def generate_chat(request: Request, state: _State, req: ChatCompletionRequ
     )
     params = req.to_sampling_params()
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
-    out = make_output(engine, params, prompt_ids)
+    out = make_output(engine, params, prompt_ids, ChoiceParser)  # MERGE(wt11): prepared.make_parser
     if state.options.log_prompts:
         log.info("request %s prompt: %r", out.id, text)
     streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id)])
@@ -509,10 +512,11 @@ async def create_response(request: Request, state: _State) -> Response:
             output = api_responses.output_messages(response["output"])
             state.responses.put(response["id"], StoredResponse(response, (*conversation, *output)))
 
-    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int]) -> Output:
-        # MERGE(wt11): pass make_parser= the prepared chat's parser factory
+    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
+               make_parser: Callable[[], ChoiceParser]) -> Output:
         return ResponsesOutput(api_responses.new_item_id("resp"), state.model_name, engine.tokenizer.token_text,
-                               echo={**req.echo(), "store": stored}, logprobs=req.logprobs, on_done=store)
+                               echo={**req.echo(), "store": stored}, logprobs=req.logprobs, on_done=store,
+                               make_parser=make_parser)
 
     return await generate_chat(request, state, chat, output, param="input")
 
@@ -547,10 +551,10 @@ async def create_message(request: Request, state: _State) -> Response:
     _refuse_until_tools(body, tools="tools", messages="messages", fmt="output_config.format")  # MERGE(wt11)
     chat = parse_request(ChatCompletionRequest, body)
 
-    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int]) -> Output:
-        # MERGE(wt11): pass make_parser= the prepared chat's parser factory
+    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
+               make_parser: Callable[[], ChoiceParser]) -> Output:
         return MessagesOutput(api_messages.new_message_id(), state.model_name, engine.tokenizer.token_text,
-                              prompt_tokens=len(prompt_ids))
+                              prompt_tokens=len(prompt_ids), make_parser=make_parser)
 
     return await generate_chat(request, state, chat, output)
 

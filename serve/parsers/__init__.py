@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REAL = False  # MERGE(wt11): the real package sets True
+REAL = False  # MERGE(wt11): the real package replaces this module (no REAL: tests treat that as real)
 
 
 @dataclass(frozen=True)
