@@ -10,6 +10,7 @@ parsers and grammars of the tool/structured-output branch: they skip until
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -223,22 +224,26 @@ def test_api_key_is_required(server, model):
         bad.responses.create(model=model, input="Hi")
 
 
-def test_agents_sdk_plain_agent(server, model):
-    from agents import (
-        Agent,
-        ModelSettings,
-        RunConfig,
-        Runner,
-        set_default_openai_api,
-        set_default_openai_client,
-    )
+def run_agent(server: str, agent, prompt: str, **kw):
+    """`Runner.run` on the SDK's default provider and model class (Responses), with a client
+    of its own, opened and closed in the test's own event loop."""
+    from agents import OpenAIProvider, RunConfig, Runner
 
-    set_default_openai_client(openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0),
-                              use_for_tracing=False)
-    set_default_openai_api("responses")
+    async def run():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0) as client:
+            config = RunConfig(model_provider=OpenAIProvider(openai_client=client, use_responses=True),
+                               tracing_disabled=True)
+            return await Runner.run(agent, prompt, run_config=config, **kw)
+
+    return asyncio.run(run())
+
+
+def test_agents_sdk_plain_agent(server, model):
+    from agents import Agent, ModelSettings
+
     agent = Agent(name="geo", instructions="You are a helpful assistant.", model=model,
                   model_settings=ModelSettings(temperature=0, max_tokens=40))
-    result = Runner.run_sync(agent, Q, run_config=RunConfig(tracing_disabled=True))
+    result = run_agent(server, agent, Q)
     assert "Paris" in result.final_output
 
 
@@ -399,15 +404,7 @@ def test_messages_tool_round_trip(claude, model):
 
 @needs_tools
 def test_agents_sdk_with_a_function_tool(server, model):
-    from agents import (
-        Agent,
-        ModelSettings,
-        RunConfig,
-        Runner,
-        function_tool,
-        set_default_openai_api,
-        set_default_openai_client,
-    )
+    from agents import Agent, ModelSettings, function_tool
 
     calls = []
 
@@ -417,11 +414,7 @@ def test_agents_sdk_with_a_function_tool(server, model):
         calls.append(city)
         return "Sunny, 24 C"
 
-    set_default_openai_client(openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0),
-                              use_for_tracing=False)
-    set_default_openai_api("responses")
     agent = Agent(name="weather", instructions="Use the tool to answer.", model=model, tools=[get_weather],
                   model_settings=ModelSettings(temperature=0, tool_choice="required", max_tokens=80))
-    result = Runner.run_sync(agent, "What's the weather in Paris?", run_config=RunConfig(tracing_disabled=True),
-                             max_turns=4)
+    result = run_agent(server, agent, "What's the weather in Paris?", max_turns=4)
     assert calls and result.final_output
