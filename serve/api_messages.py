@@ -153,7 +153,8 @@ class MessagesRequest(BaseModel):
         if config.get("format") is not None:
             body["response_format"] = chat_response_format(config["format"])
         if config.get("effort") is not None:
-            body["reasoning_effort"] = config["effort"]
+            # a template variable (gpt-oss style templates read it; others ignore it)
+            body["chat_template_kwargs"] = {"reasoning_effort": config["effort"]}
         if self.metadata and isinstance(self.metadata.get("user_id"), str):
             body["user"] = self.metadata["user_id"]
         return body

@@ -151,7 +151,8 @@ class ResponsesRequest(BaseModel):
             body["response_format"] = response_format
         effort = (self.reasoning or {}).get("effort")
         if effort is not None:
-            body["reasoning_effort"] = effort
+            # a template variable (gpt-oss style templates read it; others ignore it)
+            body["chat_template_kwargs"] = {"reasoning_effort": effort}
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
         if self.logprobs:

@@ -80,13 +80,14 @@ def test_tools_tool_choice_and_output_format():
     body = request(tools=[{"name": "get_weather", "description": "d", "input_schema": schema,
                            "cache_control": {"type": "ephemeral"}}],
                    tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
-                   output_config={"format": {"type": "json_schema", "schema": schema}}).chat_body()
+                   output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "high"}).chat_body()
     assert body["tools"] == [{"type": "function", "function": {"name": "get_weather", "parameters": schema,
                                                                "description": "d"}}]
     assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert body["parallel_tool_calls"] is False
     assert body["response_format"] == {"type": "json_schema",
                                        "json_schema": {"name": "output", "schema": schema, "strict": True}}
+    assert body["chat_template_kwargs"] == {"reasoning_effort": "high"}
     for kind, chat in (("auto", "auto"), ("any", "required"), ("none", "none")):
         assert request(tool_choice={"type": kind}).chat_body()["tool_choice"] == chat
 

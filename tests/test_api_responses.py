@@ -96,7 +96,7 @@ def test_tools_tool_choice_and_text_format():
         "name": "get_weather", "description": "d", "parameters": tools[0]["parameters"], "strict": True}}]
     assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert body["parallel_tool_calls"] is False
-    assert body["reasoning_effort"] == "low"
+    assert body["chat_template_kwargs"] == {"reasoning_effort": "low"}
     assert body["response_format"] == {"type": "json_schema",
                                        "json_schema": {"name": "A", "schema": schema, "strict": True}}
     assert request(text={"format": {"type": "json_object"}}).chat_body([])["response_format"] == {
