@@ -169,7 +169,8 @@ class ResponsesRequest(BaseModel):
             "instructions": self.instructions,
             "max_output_tokens": self.max_output_tokens,
             "metadata": dict(self.metadata or {}),
-            "parallel_tool_calls": True if self.parallel_tool_calls is None else self.parallel_tool_calls,
+            # several calls per turn only when asked for, as on the chat route (OpenAI's default is true)
+            "parallel_tool_calls": self.parallel_tool_calls is True,
             "previous_response_id": self.previous_response_id,
             "reasoning": {"effort": (self.reasoning or {}).get("effort"),
                           "summary": (self.reasoning or {}).get("summary")},
