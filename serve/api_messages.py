@@ -208,10 +208,9 @@ def chat_messages(message: dict[str, Any], param: str) -> list[dict[str, Any]]:
                                       "by this server (text, tool_use, tool_result; no images or documents).",
                                       param=f"{where}.type")
     out = list(results)
-    if role == "assistant":
-        if texts or tool_calls:
-            out.append({"role": role, "content": "\n".join(texts) if texts else None,
-                        **({"tool_calls": tool_calls} if tool_calls else {})})
+    if role == "assistant":  # kept even when empty (only thinking): the turns stay in order
+        out.append({"role": role, "content": "\n".join(texts) if texts or not tool_calls else None,
+                    **({"tool_calls": tool_calls} if tool_calls else {})})
     elif texts or not results:
         out.append({"role": role, "content": "\n".join(texts)})
     return out

@@ -71,6 +71,8 @@ def test_blocks_become_chat_messages():
         {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
         {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: noon"},
         {"role": "user", "content": "Thanks; and?"}]
+    only_thinking = {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": ""}]}
+    assert chat_messages(only_thinking, "m") == [{"role": "assistant", "content": ""}]
     only_results = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]}
     assert chat_messages(only_results, "m") == [{"role": "tool", "tool_call_id": "t", "content": "x"}]
 
