@@ -5,6 +5,10 @@ POST /v1/chat/completions ─┐ auth → body (serve.body: JSON only, ≤ max_b
 POST /v1/completions ──────┘ → pydantic (strict) → length bound → prompt ids (thread pool)
                              → context check → Engine.submit → events → one JSON body | SSE chunks
                              (429 + Retry-After when the queue is full; see serve.streaming)
+POST /v1/responses ────────┐ adapters: translated into a chat request, then the chat route's
+POST /v1/messages ─────────┘ path (`generate_chat`); serve.api_responses, serve.api_messages
+GET|DELETE /v1/responses/{id}    the Responses store (serve.response_store)
+POST /v1/messages/count_tokens   the Anthropic request's prompt length
 POST /tokenize, /detokenize  token counting (vLLM's shapes)
 GET  /v1/models, /v1/models/{id}
 GET  /health                 503 while loading and while draining
@@ -38,6 +42,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serve import api_messages, api_responses
+from serve.api_messages import CountTokensRequest, MessagesOutput, MessagesRequest, anthropic_errors
+from serve.api_responses import ResponsesOutput, ResponsesRequest
 from serve.body import ClientGone, read_json
 from serve.chat_template import ChatTemplateError
 from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
@@ -55,6 +62,7 @@ from serve.errors import (
 from serve.fingerprint import system_fingerprint
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.options import ServeOptions
+from serve.parsers import ChoiceParser
 from serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,7 +71,9 @@ from serve.protocol import (
     check_token_ids,
     parse_request,
 )
-from serve.responses import ChatOutput, CompletionOutput, new_id, now
+from serve.response_store import ResponseStore, StoredResponse
+from serve.responses import ChatOutput, CompletionOutput, Output, new_id, now
+from serve.sampling import SamplingParams
 from serve.streaming import respond
 
 log = logging.getLogger("serve.app")
@@ -93,6 +103,7 @@ class _State:
         self.load_error: str | None = None
         self.draining = False
         self.fingerprint = system_fingerprint(options)
+        self.responses = ResponseStore(options.responses_store_size)
 
 
 def create_app(
@@ -144,6 +155,11 @@ def create_app(
             route("/v1/models/{model_id:path}", get_model, "GET"),
             route("/v1/chat/completions", chat_completions, "POST"),
             route("/v1/completions", completions, "POST"),
+            route("/v1/responses", create_response, "POST"),
+            route("/v1/responses/{response_id}", get_response, "GET"),
+            route("/v1/responses/{response_id}", delete_response, "DELETE"),
+            route("/v1/messages", anthropic_errors(create_message), "POST"),
+            route("/v1/messages/count_tokens", anthropic_errors(count_message_tokens), "POST"),
             route("/tokenize", tokenize, "POST"),
             route("/detokenize", detokenize, "POST"),
         ],
@@ -300,9 +316,14 @@ def _flag(data: dict[str, Any], name: str, default: bool) -> bool:
 # ----------------------------------------------------------------- shared checks
 
 
-def _authorize(request: Request, state: _State) -> None:
+def _authorize(request: Request, state: _State, *, x_api_key: bool = False) -> None:
+    """`--api-key` as `Authorization: Bearer KEY`, or (Anthropic routes) as `x-api-key: KEY`."""
     key = state.options.api_key
     if key is None:
+        return
+    if x_api_key and "x-api-key" in request.headers:
+        if not hmac.compare_digest(request.headers["x-api-key"].strip().encode(), key.encode()):
+            raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -395,23 +416,42 @@ class _StripTrailingSlash:
 async def chat_completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
     req = parse_request(ChatCompletionRequest, await read_json(request, state.options.max_body_bytes))
+
+    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
+               make_parser: Callable[[], ChoiceParser]) -> Output:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
+                          logprobs=bool(req.logprobs), include_usage=include_usage,
+                          **_output_extras(engine, state))
+
+    return await generate_chat(request, state, req, output)
+
+
+MakeOutput = Callable[[EngineLike, SamplingParams, list[int], Callable[[], ChoiceParser]], Output]
+
+
+async def generate_chat(request: Request, state: _State, req: ChatCompletionRequest, make_output: MakeOutput,
+                        *, param: str = "messages") -> Response:
+    """The chat path every chat-shaped wire format ends in: prompt (chat template) →
+    checks → `Engine.submit` → `respond`. `make_output(engine, params, prompt_ids,
+    make_parser)` builds the renderer (`make_parser()`: a fresh output parser for a choice);
+    `param` names the request field a too-long prompt is blamed on."""
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
+    # MERGE(wt11): prepare_chat (tools in the template, grammar, parser) belongs here, so
+    # every wire format gets it; make_output then needs the parser factory.
     text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req, state.options,
                                                engine.max_length)
     check_context(
         prompt_tokens=len(prompt_ids),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         max_length=engine.max_length,
-        what="messages",
-        param="messages",
+        what=param,
+        param=param,
     )
     params = req.to_sampling_params()
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    out = ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
-                      logprobs=bool(req.logprobs), include_usage=include_usage,
-                      **_output_extras(engine, state))
+    out = make_output(engine, params, prompt_ids, ChoiceParser)  # MERGE(wt11): prepared.make_parser
     if state.options.log_prompts:
         log.info("request %s prompt: %r", out.id, text)
     streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id)])
@@ -493,3 +533,105 @@ def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int)
             text = tokenizer.decode(prompt, skip_special_tokens=False) if req.echo else ""
             prompts.append((text, list(prompt)))
     return prompts
+
+
+# ------------------------------------------------- other wire formats over the chat path
+
+
+def _refuse_until_tools(body: dict[str, Any], *, tools: str, messages: str, fmt: str) -> None:
+    """MERGE(wt11): this branch's chat path has no tools or JSON constraints yet; the lead
+    deletes this function and its calls when the tool/structured-output branch lands."""
+    if body.get("tools") or body.get("tool_choice") not in (None, "auto", "none"):  # MERGE(wt11)
+        raise InvalidRequestError("Tool calling ('tools') is not supported by this build.", param=tools)
+    if any(m["role"] == "tool" or m.get("tool_calls") for m in body["messages"]):  # MERGE(wt11)
+        raise InvalidRequestError("Tool calls and tool results in the conversation need tool calling "
+                                  "('tools'), which this build does not support.", param=messages)
+    if body.get("response_format") is not None:  # MERGE(wt11)
+        raise InvalidRequestError("JSON output formats are not supported by this build.", param=fmt)
+
+
+async def create_response(request: Request, state: _State) -> Response:
+    """`POST /v1/responses` (serve.api_responses)."""
+    _authorize(request, state)
+    req = parse_request(ResponsesRequest, await read_json(request, state.options.max_body_bytes))
+    req.check()
+    history: list[dict[str, Any]] = []
+    if req.previous_response_id is not None:
+        previous = state.responses.get(req.previous_response_id)
+        if previous is None:
+            raise NotFoundError(f"Previous response with id '{req.previous_response_id}' not found.",
+                                param="previous_response_id")
+        history = list(previous.conversation)
+    body = req.chat_body(history)
+    _refuse_until_tools(body, tools="tools", messages="input", fmt="text.format")  # MERGE(wt11)
+    chat = parse_request(ChatCompletionRequest, body)
+    conversation = [*history, *req.input_messages()]
+
+    stored = req.store is not False and state.responses.capacity > 0
+
+    def store(response: dict[str, Any]) -> None:
+        if stored:
+            output = api_responses.output_messages(response["output"])
+            state.responses.put(response["id"], StoredResponse(response, (*conversation, *output)))
+
+    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
+               make_parser: Callable[[], ChoiceParser]) -> Output:
+        return ResponsesOutput(api_responses.new_item_id("resp"), state.model_name, engine.tokenizer.token_text,
+                               echo={**req.echo(), "store": stored}, logprobs=req.logprobs, on_done=store,
+                               make_parser=make_parser,
+                               token_bytes=getattr(engine.tokenizer, "token_bytes", None))
+
+    return await generate_chat(request, state, chat, output, param="input")
+
+
+def _stored_response(request: Request, state: _State) -> tuple[str, StoredResponse | None]:
+    _authorize(request, state)
+    response_id = request.path_params["response_id"]
+    return response_id, state.responses.get(response_id)
+
+
+async def get_response(request: Request, state: _State) -> Response:
+    response_id, stored = _stored_response(request, state)
+    if stored is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    return JSONResponse(stored.body)
+
+
+async def delete_response(request: Request, state: _State) -> Response:
+    _authorize(request, state)
+    response_id = request.path_params["response_id"]
+    if not state.responses.delete(response_id):
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+async def create_message(request: Request, state: _State) -> Response:
+    """`POST /v1/messages` (serve.api_messages); errors in Anthropic's shape."""
+    _authorize(request, state, x_api_key=True)
+    req = parse_request(MessagesRequest, await read_json(request, state.options.max_body_bytes))
+    req.check()
+    body = req.chat_body()
+    _refuse_until_tools(body, tools="tools", messages="messages", fmt="output_config.format")  # MERGE(wt11)
+    chat = parse_request(ChatCompletionRequest, body)
+
+    def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
+               make_parser: Callable[[], ChoiceParser]) -> Output:
+        return MessagesOutput(api_messages.new_message_id(), state.model_name, engine.tokenizer.token_text,
+                              prompt_tokens=len(prompt_ids), make_parser=make_parser)
+
+    return await generate_chat(request, state, chat, output)
+
+
+async def count_message_tokens(request: Request, state: _State) -> Response:
+    """`POST /v1/messages/count_tokens` → `{"input_tokens": n}`: the prompt's length."""
+    _authorize(request, state, x_api_key=True)
+    req = parse_request(CountTokensRequest, await read_json(request, state.options.max_body_bytes))
+    req.check()
+    body = req.chat_body()
+    _refuse_until_tools(body, tools="tools", messages="messages", fmt="output_config.format")  # MERGE(wt11)
+    chat = parse_request(ChatCompletionRequest, body)
+    _check_model(chat.model, state)
+    engine = _engine(state)
+    _, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, chat, state.options,
+                                            engine.max_length)
+    return JSONResponse({"input_tokens": len(prompt_ids)})

@@ -51,13 +51,15 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class ChoiceOutput:
     """What one choice produced in one step: new text (possibly empty while the detokenizer or
-    the stop matcher holds text back), the token(s) and their logprobs, and why it ended."""
+    the stop matcher holds text back), the token(s) and their logprobs, and why it ended
+    (`stop_sequence`: the stop string that ended it, if one did)."""
 
     index: int
     text: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
     finish_reason: str | None = None
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,9 @@ class ServeOptions:
     cuda_graph: bool = _flag(
         False, "--provider cuda: capture decode steps as CUDA graphs (one per batch size) on "
         "the export's static decode graph", action="store_true")
+    responses_store_size: int = _flag(
+        1000, "Responses API responses kept in memory for previous_response_id and "
+        "GET /v1/responses/{id}, LRU, per process (default: %(default)s; 0: none)", type=int)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -126,6 +129,8 @@ class ServeOptions:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        if self.responses_store_size < 0:
+            raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
 

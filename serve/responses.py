@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from serve.engine import Event, TokenLogprob, Usage
-from serve.errors import ServerError
+from serve.errors import APIError, ServerError
 
 
 def new_id(prefix: str) -> str:
@@ -198,6 +198,20 @@ class Output:
         chunk["choices"] = []
         chunk["usage"] = usage_dict(self.usage or Usage(0, 0))
         return [sse(chunk)]
+
+    # The stream's framing: what ends it, what an error after the start becomes, and the
+    # keep-alive sent after `heartbeat` seconds without an event (None: none). Other wire
+    # formats (serve.api_responses, serve.api_messages) override these.
+    heartbeat: float | None = None
+
+    def ping(self) -> bytes:
+        return b": ping\n\n"
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [error.sse(), SSE_DONE]
+
+    def done(self) -> list[bytes]:
+        return [SSE_DONE]
 
     def _response(self, choices: list[dict]) -> dict[str, Any]:
         body = self._base(self.object)

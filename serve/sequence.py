@@ -113,7 +113,7 @@ class Choice:
         if finish is None:
             return ChoiceOutput(self.index, text, (token,), logprobs)
         out = self.end(finish, text, stopped=stopped)
-        return ChoiceOutput(self.index, out.text, (token,), logprobs, out.finish_reason)
+        return ChoiceOutput(self.index, out.text, (token,), logprobs, out.finish_reason, out.stop_sequence)
 
     def end(self, reason: str, text: str = "", *, stopped: bool = False) -> ChoiceOutput:
         """The choice ends: release the text held back (it may still complete a stop string)."""
@@ -126,7 +126,7 @@ class Choice:
                 text += self.stops.flush()
         self.job.finished += 1
         self.job.finish_reasons.append(reason)
-        return ChoiceOutput(self.index, text, finish_reason=reason)
+        return ChoiceOutput(self.index, text, finish_reason=reason, stop_sequence=self.stops.matched)
 
 
 def prompt_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:

@@ -28,6 +28,7 @@ class StopMatcher:
         self._held = ""
         self._hidden: list[tuple[int, int]] = []  # [start, end) spans of _held never emitted
         self.stopped = False
+        self.matched: str | None = None  # the stop string that matched
 
     def feed(self, text: str, *, visible: bool = True) -> tuple[str, bool]:
         """Adds a piece; returns (text safe to emit, whether a stop string matched).
@@ -42,9 +43,10 @@ class StopMatcher:
         if not visible and text:
             self._hidden.append((len(self._held), len(self._held) + len(text)))
         buf = self._held + text
-        match = min(((i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0), default=None)
+        match = min(((i + len(s), i, s) for s in self._stops if (i := buf.find(s)) >= 0), default=None)
         if match is not None:
             self.stopped = True
+            self.matched = match[2]
             out = self._visible(buf, match[1])
             self._held, self._hidden = "", []
             return out, True

@@ -2,8 +2,10 @@
 
 A stream only starts once the engine's first event is in, so anything that fails before the
 first token still gets a proper HTTP status (503 for a queue timeout or a shutdown, 500
-otherwise); later failures become a final `data: {"error": …}` event, then `data: [DONE]`.
-A client that disconnects cancels its engine requests, which frees their slots.
+otherwise); later failures become a final `data: {"error": …}` event, then `data: [DONE]`
+(the renderer's `fail` / `done`: other wire formats frame these their own way, and may ask
+for a keep-alive `ping` after `heartbeat` quiet seconds). A client that disconnects cancels
+its engine requests, which frees their slots.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from starlette.requests import Request
@@ -19,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.engine import QUEUE_TIMEOUT, SHUTTING_DOWN, Event, RequestStream
 from serve.errors import GENERIC_SERVER_ERROR, APIError, ServerError, ServiceUnavailableError
-from serve.responses import SSE_DONE, Output
+from serve.responses import Output
 
 log = logging.getLogger("serve.streaming")
 
@@ -136,9 +138,13 @@ async def _sse(out: Output, head: list[bytes], events: _Merged) -> AsyncIterator
     try:
         for chunk in head:
             yield chunk
-        async for k, event in events:
-            for chunk in out.chunks(k, event):
-                yield chunk
+        async with aclosing(_with_heartbeat(events, out.heartbeat)) as items:
+            async for item in items:
+                if item is None:
+                    yield out.ping()
+                    continue
+                for chunk in out.chunks(*item):
+                    yield chunk
         for chunk in out.end():
             yield chunk
     except APIError as exc:
@@ -148,6 +154,27 @@ async def _sse(out: Output, head: list[bytes], events: _Merged) -> AsyncIterator
         error = ServerError(GENERIC_SERVER_ERROR)
     finally:
         events.close()  # a no-op when done; frees the slots when the client went away
-    if error is not None:
-        yield error.sse()
-    yield SSE_DONE
+    for chunk in out.fail(error) if error is not None else out.done():
+        yield chunk
+
+
+async def _with_heartbeat(events: _Merged, interval: float | None) -> AsyncIterator[tuple[int, Event] | None]:
+    """The events, with a None after every `interval` seconds without one (None: never)."""
+    if interval is None:
+        async for item in events:
+            yield item
+        return
+    pending: asyncio.Future = asyncio.ensure_future(anext(events, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            item = pending.result()
+            if item is None:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(events, None))
+    finally:
+        pending.cancel()

@@ -129,3 +129,15 @@ def test_after_stop_nothing_more() -> None:
 def test_unicode_stops() -> None:
     assert "".join(run(["。"], ["你好", "。再见"])[0]) == "你好"
     assert "".join(run(["👍🏽"], ["ok 👍", "🏽 done"])[0]) == "ok "
+
+
+def test_matched_names_the_stop_that_ended_it() -> None:
+    m = StopMatcher(["bc", "abcd", "zz"])
+    m.feed("ab")
+    assert m.matched is None
+    m.feed("cd")
+    assert m.matched == "bc"
+    never = StopMatcher(["zz"])
+    never.feed("abc")
+    never.flush()
+    assert never.matched is None

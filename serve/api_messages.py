@@ -1,0 +1,458 @@
+"""The Anthropic Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`) as an
+adapter over the chat path.
+
+```
+request JSON ─► MessagesRequest ─► chat_body() ─► ChatCompletionRequest ─► engine
+engine Events ─► ChoiceParser deltas ─► MessagesOutput ─► `message` object | Anthropic SSE events
+```
+
+`system` becomes a system message; `text` blocks message text, assistant `tool_use` blocks
+`tool_calls` (the `input` object as JSON arguments), user `tool_result` blocks
+`role: "tool"` messages; `tools` (`name`, `description`, `input_schema`) chat function
+tools; `tool_choice` auto/any/tool/none chat's auto/required/function/none;
+`stop_sequences` chat's `stop`; `output_config.format` (a JSON schema) chat's
+`response_format`. `temperature`, `top_p` and `top_k` are honoured although the newest
+SDKs no longer send them (pass them in `extra_body`). Errors on these routes use Anthropic's body
+`{"type": "error", "error": {"type", "message"}}` (`anthropic_errors`).
+
+Wire truth: anthropic-sdk-python's `anthropic/types/*.py` (`Message`, `Usage`,
+`RawMessageStreamEvent`, the `*Param` request types) and its stream accumulator
+(`anthropic/lib/streaming/_messages.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from serve.engine import Event
+from serve.errors import GENERIC_SERVER_ERROR, APIError, InvalidRequestError, ServerError
+from serve.parsers import (
+    ChoiceParser,
+    Delta,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallArgs,
+    ToolCallStart,
+)
+from serve.protocol import MAX_STOPS
+from serve.responses import Output, TokenText, dumps
+
+log = logging.getLogger("serve.api_messages")
+
+PING_INTERVAL_S = 10.0  # a `ping` event after this long without another event
+
+# Anthropic's error `type` per HTTP status (https://docs.anthropic.com/en/api/errors).
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+               429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def new_message_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def error_body(exc: APIError) -> dict[str, Any]:
+    """`{"type": "error", "error": {"type", "message"}}` for an `APIError`."""
+    kind = ERROR_TYPES.get(exc.status_code, "api_error" if exc.status_code >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+Handler = Callable[[Request, Any], Awaitable[Response]]
+
+
+def anthropic_errors(handler: Handler) -> Handler:
+    """Wrap a route so its errors leave in Anthropic's shape (same statuses and headers);
+    unexpected exceptions are logged and become a traceback-free 500."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request, state: Any) -> Response:
+        try:
+            return await handler(request, state)
+        except APIError as exc:
+            error = exc
+        except Exception:
+            log.exception("error in %s %s", request.method, request.url.path)
+            error = ServerError(GENERIC_SERVER_ERROR)
+        return JSONResponse(error_body(error), status_code=error.status_code, headers=error.headers or None)
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------- request
+
+
+class MessagesRequest(BaseModel):
+    """`POST /v1/messages` body, in the order of Anthropic's reference. Fields that would
+    change the output but cannot be honoured are refused (400 naming them); unknown
+    fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    mcp_servers: list[Any] | None = None
+    metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = False
+    system: str | list[dict[str, Any]] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    thinking: dict[str, Any] | None = None
+    tool_choice: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, ge=0, le=1)
+    ignore_eos: bool | None = None  # extra, as on the chat route
+
+    def check(self) -> None:
+        """Refuse what this server cannot do (400 naming the field)."""
+        if self.mcp_servers:
+            raise InvalidRequestError("MCP servers are not supported by this server.", param="mcp_servers")
+        if self.thinking is not None and self.thinking.get("type") != "disabled":
+            raise InvalidRequestError(
+                "Extended thinking budgets are not supported by this server; a model that reasons "
+                "by its chat template returns `thinking` blocks without asking.", param="thinking")
+        stops = self.stop_sequences or []
+        if len(stops) > MAX_STOPS or any(s == "" for s in stops):
+            raise InvalidRequestError(f"stop_sequences: at most {MAX_STOPS} non-empty strings are supported.",
+                                      param="stop_sequences")
+
+    def chat_body(self) -> dict[str, Any]:
+        """The equivalent OpenAI chat-completions request body."""
+        messages = []
+        system = _text(self.system, "system") if self.system is not None else ""
+        if system:
+            messages.append({"role": "system", "content": system})
+        for i, message in enumerate(self.messages):
+            messages += chat_messages(message, f"messages.{i}")
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                                "stream": bool(self.stream)}
+        if self.tools:
+            body["tools"] = chat_tools(self.tools)
+        if self.tool_choice is not None:
+            body.update(chat_tool_choice(self.tool_choice))
+        if self.stop_sequences:
+            body["stop"] = list(self.stop_sequences)
+        for name in ("temperature", "top_p", "top_k", "ignore_eos"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        config = self.output_config or {}
+        if config.get("format") is not None:
+            body["response_format"] = chat_response_format(config["format"])
+        if config.get("effort") is not None:
+            # a template variable (gpt-oss style templates read it; others ignore it)
+            body["chat_template_kwargs"] = {"reasoning_effort": config["effort"]}
+        if self.metadata and isinstance(self.metadata.get("user_id"), str):
+            body["user"] = self.metadata["user_id"]
+        return body
+
+
+class CountTokensRequest(MessagesRequest):
+    """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`."""
+
+    max_tokens: int = 1
+
+
+def chat_messages(message: dict[str, Any], param: str) -> list[dict[str, Any]]:
+    """One Anthropic message → chat messages: a user message's `tool_result` blocks become
+    `role: "tool"` messages (before its text), an assistant's `tool_use` blocks its
+    `tool_calls`; `thinking` blocks are dropped (templates do not replay reasoning)."""
+    role = message.get("role")
+    if role not in ("user", "assistant"):
+        raise InvalidRequestError(f"messages: role {role!r} is not one of ['user', 'assistant'].",
+                                  param=f"{param}.role")
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise InvalidRequestError("messages: content must be a string or a list of content blocks.",
+                                  param=f"{param}.content")
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for j, block in enumerate(content):
+        where = f"{param}.content.{j}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise InvalidRequestError("tool_use blocks need a string 'id' and 'name'.", param=where)
+            tool_calls.append({"id": block["id"], "type": "function",
+                               "function": {"name": block["name"],
+                                            "arguments": json.dumps(block.get("input") or {})}})
+        elif kind == "tool_result" and role == "user":
+            if not isinstance(block.get("tool_use_id"), str):
+                raise InvalidRequestError("tool_result blocks need a string 'tool_use_id'.", param=where)
+            text = _text(block.get("content", ""), f"{where}.content")
+            if block.get("is_error"):
+                text = f"Error: {text}"
+            results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            continue
+        else:
+            raise InvalidRequestError(f"Content blocks of type {kind!r} are not supported in {role} messages "
+                                      "by this server (text, tool_use, tool_result; no images or documents).",
+                                      param=f"{where}.type")
+    out = list(results)
+    if role == "assistant":  # kept even when empty (only thinking): the turns stay in order
+        out.append({"role": role, "content": "\n".join(texts) if texts or not tool_calls else None,
+                    **({"tool_calls": tool_calls} if tool_calls else {})})
+    elif texts or not results:
+        out.append({"role": role, "content": "\n".join(texts)})
+    return out
+
+
+def _text(content: Any, param: str) -> str:
+    """A string, or `text` blocks joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError("Expected a string or a list of text blocks.", param=param)
+    texts = []
+    for j, block in enumerate(content):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            kind = block.get("type") if isinstance(block, dict) else None
+            raise InvalidRequestError(f"Blocks of type {kind!r} are not supported here; only 'text'.",
+                                      param=f"{param}.{j}.type")
+        texts.append(block["text"])
+    return "\n".join(texts)
+
+
+def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anthropic client tools → chat function tools; server tools (web search, bash, text
+    editor, computer use …) are a 400 naming their type."""
+    out = []
+    for j, tool in enumerate(tools):
+        kind = tool.get("type", "custom")
+        if kind != "custom":
+            raise InvalidRequestError(f"Tools of type {kind!r} are not supported by this server; only client "
+                                      "tools with 'name', 'description' and 'input_schema'.",
+                                      param=f"tools.{j}.type")
+        if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
+            raise InvalidRequestError("Each tool needs a string 'name' and an 'input_schema' object.",
+                                      param=f"tools.{j}")
+        function = {"name": tool["name"], "parameters": tool["input_schema"]}
+        if tool.get("description") is not None:
+            function["description"] = tool["description"]
+        if tool.get("strict") is not None:
+            function["strict"] = tool["strict"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def chat_response_format(fmt: Any) -> dict[str, Any]:
+    """`output_config.format` (`{"type": "json_schema", "schema"}`) → chat `response_format`."""
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise InvalidRequestError("output_config.format must be {'type': 'json_schema', 'schema': {...}}.",
+                                  param="output_config.format")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
+
+
+def chat_tool_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    """`{"type": auto|any|tool|none, "name"?, "disable_parallel_tool_use"?}` → the chat
+    body's `tool_choice` (and `parallel_tool_calls`)."""
+    kind = choice.get("type")
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise InvalidRequestError("tool_choice of type 'tool' needs a 'name'.", param="tool_choice.name")
+        out: dict[str, Any] = {"tool_choice": {"type": "function", "function": {"name": choice["name"]}}}
+    elif kind in ("auto", "any", "none"):
+        out = {"tool_choice": {"auto": "auto", "any": "required", "none": "none"}[kind]}
+    else:
+        raise InvalidRequestError(f"tool_choice type {kind!r} is not one of 'auto', 'any', 'tool', 'none'.",
+                                  param="tool_choice.type")
+    if choice.get("disable_parallel_tool_use"):
+        out["parallel_tool_calls"] = False
+    return out
+
+
+# -------------------------------------------------------------------------- rendering
+
+
+def _event(kind: str, payload: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {dumps({'type': kind, **payload})}\n\n".encode()
+
+
+class MessagesOutput(Output):
+    """One choice's events → a `message` object, or Anthropic's event stream (a `ping`
+    after `message_start` and after every `heartbeat` seconds without an event).
+
+    Args:
+        id: the message id (`msg_…`).
+        model: the served model id.
+        token_text: token id → its text.
+        prompt_tokens: the prompt's length in tokens (`message_start` reports it).
+        make_parser: a fresh `ChoiceParser` for the choice.
+    """
+
+    heartbeat = PING_INTERVAL_S
+
+    def __init__(self, id: str, model: str, token_text: TokenText, *, prompt_tokens: int,
+                 make_parser: Callable[[], ChoiceParser] = ChoiceParser) -> None:
+        super().__init__(id, model, 1, token_text, logprobs=False, include_usage=False)
+        self.prompt_tokens = prompt_tokens
+        self.parser = make_parser()
+        self.blocks: list[dict[str, Any]] = []
+        self._open: dict[str, Any] | None = None
+        self._calls: dict[int, dict[str, Any]] = {}  # tool-call index → its block
+        self._args: dict[int, str] = {}  # tool-call block index → its JSON text so far
+        self._space = ""  # whitespace-only text held back: it may only separate tool calls
+        self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self._out: list[bytes] | None = None  # None: not streaming
+
+    def _emit(self, kind: str, **payload: Any) -> None:
+        if self._out is not None:
+            self._out.append(_event(kind, payload))
+
+    def _flush(self) -> list[bytes]:
+        out, self._out = self._out or [], []
+        return out
+
+    # ---- framing
+
+    def start(self) -> list[bytes]:
+        self._out = []
+        message = self._message(final=False)
+        self._emit("message_start", message=message)
+        return [*self._flush(), self.ping()]
+
+    def chunks(self, k: int, event: Event) -> list[bytes]:
+        self._process(event)
+        return self._flush()
+
+    def add(self, k: int, event: Event) -> None:
+        self._process(event)
+
+    def end(self) -> list[bytes]:
+        self._emit("message_delta", delta={"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
+                   usage=self._usage())
+        self._emit("message_stop")
+        return self._flush()
+
+    def response(self) -> dict[str, Any]:
+        return self._message(final=True)
+
+    def ping(self) -> bytes:
+        return _event("ping", {})
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [_event("error", {"error": error_body(error)["error"]})]
+
+    def done(self) -> list[bytes]:
+        return []
+
+    # ---- the message object
+
+    @property
+    def stop_reason(self) -> str | None:
+        if self.finish_reason is None:
+            return None
+        if self.finish_reason == "length":
+            return "max_tokens"
+        if self._calls:
+            return "tool_use"
+        return "stop_sequence" if self.stop_sequence is not None else "end_turn"
+
+    def _usage(self) -> dict[str, Any]:
+        u = self.usage
+        if u is None:  # message_start: the prompt, as far as known
+            return {"input_tokens": self.prompt_tokens, "output_tokens": 0, "cache_read_input_tokens": None,
+                    "cache_creation_input_tokens": None}
+        # Anthropic counts cached prompt tokens apart from `input_tokens`.
+        return {"input_tokens": u.prompt_tokens - u.cached_tokens, "output_tokens": u.completion_tokens,
+                "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
+
+    def _message(self, *, final: bool) -> dict[str, Any]:
+        content = [self._final_block(b) for b in self.blocks] if final else []
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": self.stop_reason if final else None,
+                "stop_sequence": self.stop_sequence if final else None, "usage": self._usage()}
+
+    def _final_block(self, block: dict[str, Any]) -> dict[str, Any]:
+        if block["type"] != "tool_use":
+            return block
+        index = self.blocks.index(block)
+        try:
+            arguments = json.loads(self._args.get(index) or "{}")
+        except ValueError:
+            raise ServerError(f"The model's arguments for tool {block['name']!r} are not JSON.") from None
+        return {**block, "input": arguments}
+
+    # ---- deltas → blocks
+
+    def _process(self, event: Event) -> None:
+        self._track(event)  # an error event raises
+        for c in event.choices:
+            deltas = self.parser.feed(c.text)
+            if c.finish_reason is not None:
+                deltas += self.parser.finish()
+            for delta in deltas:
+                self._delta(delta)
+            if c.finish_reason is not None:
+                self.finish_reason = c.finish_reason
+                self.stop_sequence = c.stop_sequence
+                if not self.blocks:  # an empty answer is still a text block
+                    self._text("")
+                self._close()
+
+    def _delta(self, delta: Delta) -> None:
+        if isinstance(delta, TextDelta):
+            if self._open is None or self._open["type"] != "text":
+                if not (self._space + delta.text).strip():
+                    self._space += delta.text
+                    return
+            self._text(delta.text)
+        elif isinstance(delta, ReasoningDelta):
+            if self._open is None or self._open["type"] != "thinking":
+                self._start({"type": "thinking", "thinking": "", "signature": ""})
+            assert self._open is not None
+            self._open["thinking"] += delta.text
+            self._emit("content_block_delta", index=len(self.blocks) - 1,
+                       delta={"type": "thinking_delta", "thinking": delta.text})
+        elif isinstance(delta, ToolCallStart):
+            self._space = ""
+            block = {"type": "tool_use", "id": delta.id, "name": delta.name, "input": {}}
+            self._calls[delta.index] = block
+            self._start(block)
+        elif isinstance(delta, ToolCallArgs):
+            block = self._calls[delta.index]
+            index = self.blocks.index(block)
+            self._args[index] = self._args.get(index, "") + delta.fragment
+            self._emit("content_block_delta", index=index,
+                       delta={"type": "input_json_delta", "partial_json": delta.fragment})
+
+    def _start(self, block: dict[str, Any]) -> None:
+        self._close()
+        self.blocks.append(block)
+        self._open = block
+        self._emit("content_block_start", index=len(self.blocks) - 1, content_block=block)
+
+    def _text(self, text: str) -> None:
+        if self._open is None or self._open["type"] != "text":
+            self._start({"type": "text", "text": ""})
+            text, self._space = self._space + text, ""
+        assert self._open is not None
+        self._open["text"] += text
+        if text:
+            self._emit("content_block_delta", index=len(self.blocks) - 1,
+                       delta={"type": "text_delta", "text": text})
+
+    def _close(self) -> None:
+        block, self._open = self._open, None
+        if block is not None:
+            self._emit("content_block_stop", index=self.blocks.index(block))

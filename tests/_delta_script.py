@@ -1,0 +1,45 @@
+"""Hand-made engine events and a scripted `ChoiceParser` for renderer unit tests: the
+renderers see exactly the delta sequences a tool-call / reasoning parser would produce."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from serve.engine import ChoiceOutput, Event, TokenLogprob, Usage
+from serve.parsers import Delta
+
+
+class ScriptedParser:
+    """`feed` returns the next scripted list of deltas (whatever the text); `finish` the tail."""
+
+    def __init__(self, steps: Sequence[Sequence[Delta]], tail: Sequence[Delta] = ()) -> None:
+        self.steps = [list(s) for s in steps]
+        self.tail = list(tail)
+
+    def feed(self, text: str) -> list[Delta]:
+        return self.steps.pop(0) if self.steps else []
+
+    def finish(self) -> list[Delta]:
+        return list(self.tail)
+
+
+USAGE = Usage(prompt_tokens=10, completion_tokens=0, cached_tokens=4)
+
+
+def events(n: int, finish: str = "stop", *, stop_sequence: str | None = None, logprobs: bool = False,
+           usage: Usage = USAGE) -> list[Event]:
+    """`n` one-token events (token ids 100, 101, …; text "t0", "t1", …), the last one
+    finished with `finish` and carrying usage."""
+    out = []
+    for i in range(n):
+        last = i == n - 1
+        lps = (TokenLogprob(100 + i, -0.5, ((100 + i, -0.5), (7, -1.5))),) if logprobs else None
+        choice = ChoiceOutput(0, f"t{i}", (100 + i,), lps, finish if last else None,
+                              stop_sequence if last else None)
+        u = Usage(usage.prompt_tokens, n, usage.cached_tokens) if last else None
+        out.append(Event(choices=(choice,), usage=u))
+    return out
+
+
+def token_text(token_id: int) -> str:
+    return f"<{token_id}>"
