@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serve.chat_template import ChatTemplateError
+from serve.constraints import check_grammar
 from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
     EXCEPTION_HANDLERS,
@@ -377,7 +378,9 @@ async def chat_completions(request: Request, state: _State) -> Response:
                       logprobs=bool(req.logprobs), include_usage=include_usage)
     if state.options.log_prompts:
         log.info("request %s prompt: %r", out.id, text)
-    streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id)])
+    grammar = await _grammar(req, engine.tokenizer)
+    streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id,
+                                                 grammar=grammar)])
     return await respond(request, streams, out, streaming=bool(req.stream))
 
 
@@ -417,9 +420,27 @@ async def completions(request: Request, state: _State) -> Response:
         for k, (text, ids) in enumerate(prompts):
             log.info("request %s prompt %d: %r", out.id, k,
                      text or engine.tokenizer.decode(ids, skip_special_tokens=False))
-    streams = _submit(engine, [GenerationRequest(tuple(ids), params, echo_logprobs, request_id=out.id)
+    grammar = await _grammar(req, engine.tokenizer)
+    streams = _submit(engine, [GenerationRequest(tuple(ids), params, echo_logprobs, request_id=out.id,
+                                                 grammar=grammar)
                                for _, ids in prompts])
     return await respond(request, streams, out, streaming=bool(req.stream))
+
+
+async def _grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> str | None:
+    """The request's output constraint (response_format, structured_outputs, json_schema or
+    grammar) as an llguidance grammar, validated and compiled in the thread pool so the
+    engine finds it cached; None when the output is free.
+
+    Raises:
+        InvalidRequestError: a malformed or unenforceable constraint, or more than one.
+    """
+    found = req.constraint()
+    if found is None:
+        return None
+    grammar, param = found
+    await check_grammar(grammar, tokenizer, param=param)
+    return grammar
 
 
 def _completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[tuple[str, list[int]]]:

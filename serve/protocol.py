@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve.constraints import request_grammar
 from serve.errors import InvalidRequestError
 from serve.sampling import SamplingParams
 
@@ -117,6 +118,27 @@ def _sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
         raise InvalidRequestError(f"Invalid sampling parameters: {exc}") from None
 
 
+class _Constrained(_Request):
+    """Output constraints, both endpoints (`serve.constraints` turns them into a grammar):
+    OpenAI `response_format`, vLLM `structured_outputs`, llama.cpp `json_schema` / `grammar`
+    (GBNF). Kept as JSON here; `constraint()` validates them."""
+
+    response_format: Any = None
+    structured_outputs: Any = None
+    json_schema: Any = None
+    grammar: Any = None
+
+    def constraint(self) -> tuple[str, str] | None:
+        """`(llguidance grammar, param naming its source)`, or None when unconstrained.
+
+        Raises:
+            InvalidRequestError: a malformed constraint, or more than one.
+        """
+        return request_grammar(response_format=self.response_format,
+                               structured_outputs=self.structured_outputs,
+                               json_schema=self.json_schema, grammar=self.grammar)
+
+
 class _FieldError(ValueError):
     """A cross-field check failing; carries the `param` to name."""
 
@@ -172,7 +194,7 @@ class ChatMessage(_Request):
         return message
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, _Constrained):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -242,7 +264,7 @@ def _check_prompt(value: Any) -> list[str] | list[list[int]]:
     )
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_Sampling, _Constrained):
     model: str | None = None
     prompt: list[str] | list[list[int]]
     best_of: int | None = Field(None, ge=1)

@@ -1,0 +1,397 @@
+"""Structured outputs: a request's constraint as an llguidance grammar, compiled off the engine
+thread, and the per-choice matcher that masks each step's logits.
+
+```
+route:   response_format │ structured_outputs │ json_schema │ grammar    (at most one)
+           └─ request_grammar() ─► llguidance grammar string ─► await check_grammar()
+                                   (GenerationRequest.grammar)     thread pool: validate +
+                                                                   compile, LRU by text
+engine:  Choice.constraint = Constraint.new(grammar) (a copy of the compiled matcher)
+         each step: fill_bitmasks(constrained rows) ─► Constraint.mask(row) ─► Sampler
+                    ─► Constraint.consume(token); the choice stops when the grammar is complete
+```
+
+The currency is llguidance's grammar string (what `LLMatcher.grammar_from_json_schema`,
+`grammar_from_lark` and `grammar_from_regex` return), so tool calling builds its grammars
+the same way and hands them to the same engine field.
+
+JSON schemas compile with llguidance's `lenient` option off: a keyword it cannot enforce
+(`not`, `if`/`then`, `uniqueItems`, `dependentRequired`, unknown `format`s, remote `$ref`s,
+look-around in `pattern`, …) is a 400 naming it, never a silently looser schema. Any
+warning llguidance reports is a 400 too.
+
+Formats: llguidance's grammar syntax and JSON Schema coverage,
+https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md and docs/json_schema.md;
+GBNF (llama.cpp's grammars/README.md) is converted by `llguidance.gbnf_to_lark`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from llguidance import LLExecutor, LLMatcher, LLTokenizer
+from llguidance.gbnf_to_lark import any_to_lark
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
+from starlette.concurrency import run_in_threadpool
+
+from serve.errors import InvalidRequestError
+
+__all__ = [
+    "Constraint", "check_grammar", "compiled", "fill_bitmasks", "grammar_for_choice",
+    "grammar_for_gbnf", "grammar_for_json_schema", "grammar_for_lark", "grammar_for_regex",
+    "grammar_for_response_format", "grammar_for_structured_outputs", "ll_tokenizer",
+    "request_grammar",
+]
+
+log = logging.getLogger("serve.constraints")
+
+# Whitespace between JSON tokens: at most one newline plus a 20-character indent per gap
+# (llama.cpp's json-schema-to-grammar bounds it the same way). Unbounded whitespace lets a
+# small model loop on blank lines until max_tokens; none at all forces unnatural tokens.
+JSON_WHITESPACE = r"[ \t]{0,4}|[ \t]{0,4}\n[ \t]{0,20}"
+_JSON_DEFAULTS = {"whitespace_pattern": JSON_WHITESPACE}
+_JSON_OVERRIDES = {"lenient": False}  # after the schema's own "x-guidance": no opt-in leniency
+
+ANY_JSON_OBJECT = {"type": "object"}
+CACHE_SIZE = 64  # compiled grammars kept (LRU by grammar text)
+
+
+# --------------------------------------------------------------------- request → grammar
+
+
+def grammar_for_json_schema(schema: Any, *, param: str) -> str:
+    """The grammar of JSON documents valid under `schema` (a JSON Schema object, or its
+    JSON text). Only the shape is checked here; `check_grammar` finds unsupported keywords.
+
+    Raises:
+        InvalidRequestError: `schema` is not a JSON object (or `true`).
+    """
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise InvalidRequestError(f"Invalid '{param}': the schema is not valid JSON ({exc}).",
+                                      param=param) from None
+    if schema is True:
+        schema = {}
+    if not isinstance(schema, Mapping):
+        raise InvalidRequestError(f"Invalid '{param}': a JSON schema must be an object.", param=param)
+    return LLMatcher.grammar_from_json_schema(dict(schema), defaults=_JSON_DEFAULTS,
+                                              overrides=_JSON_OVERRIDES)
+
+
+def grammar_for_regex(regex: Any, *, param: str) -> str:
+    """Text matching `regex` in full (Rust `regex` syntax; no look-around or backreferences)."""
+    if not isinstance(regex, str):
+        raise InvalidRequestError(f"Invalid '{param}': a regex must be a string.", param=param)
+    return LLMatcher.grammar_from_regex(regex)
+
+
+def grammar_for_choice(choices: Any, *, param: str) -> str:
+    """Exactly one of the strings in `choices` (vLLM's `choice`)."""
+    if (not isinstance(choices, list) or not choices
+            or not all(isinstance(c, str) and c for c in choices)):
+        raise InvalidRequestError(f"Invalid '{param}': must be a non-empty list of non-empty strings.",
+                                  param=param)
+    return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def grammar_for_lark(text: Any, *, param: str) -> str:
+    """A grammar in llguidance's Lark dialect (its `start` rule generates the output)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequestError(f"Invalid '{param}': a grammar must be a non-empty string.", param=param)
+    return LLMatcher.grammar_from_lark(text)
+
+
+def grammar_for_gbnf(text: Any, *, param: str) -> str:
+    """A grammar in llama.cpp's GBNF (`root ::= ...`), or already in Lark syntax (what vLLM's
+    `grammar` accepts too), converted by llguidance.
+
+    Raises:
+        InvalidRequestError: not a string, or GBNF the converter rejects (with its position).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequestError(f"Invalid '{param}': a grammar must be a non-empty string.", param=param)
+    try:
+        lark = any_to_lark(text)
+    except Exception as exc:  # GbnfToLarkError and the converter's internal errors alike
+        raise InvalidRequestError(f"Invalid '{param}': the GBNF grammar does not parse: {exc}",
+                                  param=param) from None
+    return LLMatcher.grammar_from_lark(lark)
+
+
+def grammar_for_response_format(response_format: Any, *, param: str = "response_format") -> str | None:
+    """OpenAI's `response_format` → a grammar (None for `{"type": "text"}`).
+
+    `{"type": "json_object"}` is any JSON object (llama.cpp's `"schema"` beside it narrows it);
+    `{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}` is
+    the schema, enforced whatever `strict` says (llama.cpp's top-level `"schema"` is read too).
+
+    Raises:
+        InvalidRequestError: another type, or a malformed json_schema (param `response_format`).
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise InvalidRequestError(f"Invalid '{param}': must be an object with a 'type'.", param=param)
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        return grammar_for_json_schema(ANY_JSON_OBJECT if schema is None else schema, param=param)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if spec is None and "schema" in response_format:  # llama.cpp's flat spelling
+            spec = {"schema": response_format["schema"]}
+        if not isinstance(spec, Mapping):
+            raise InvalidRequestError(f"Missing required parameter: '{param}.json_schema'.", param=param)
+        for key in ("name", "description"):
+            if spec.get(key) is not None and not isinstance(spec[key], str):
+                raise InvalidRequestError(f"Invalid '{param}.json_schema.{key}': must be a string.",
+                                          param=param)
+        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+            raise InvalidRequestError(f"Invalid '{param}.json_schema.strict': must be a boolean.",
+                                      param=param)
+        if spec.get("schema") is None:
+            raise InvalidRequestError(f"Missing required parameter: '{param}.json_schema.schema'.",
+                                      param=param)
+        return grammar_for_json_schema(spec["schema"], param=param)
+    raise InvalidRequestError(
+        f"Invalid '{param}.type': {kind!r} is not one of 'text', 'json_object', 'json_schema'.",
+        param=param)
+
+
+# vLLM's StructuredOutputsParams: the constraint keys, and the options we cannot honour.
+_SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_SO_UNSUPPORTED = ("structural_tag", "whitespace_pattern", "disable_any_whitespace",
+                   "disable_additional_properties")
+
+
+def grammar_for_structured_outputs(spec: Any, *, param: str = "structured_outputs") -> str | None:
+    """vLLM's `structured_outputs` object: one of `json` (schema), `regex`, `choice` (list of
+    strings), `grammar` (Lark or GBNF), `json_object: true`.
+
+    Raises:
+        InvalidRequestError: not an object, several kinds at once, an option we do not honour.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise InvalidRequestError(f"Invalid '{param}': must be an object.", param=param)
+    for key in _SO_UNSUPPORTED:
+        if spec.get(key) not in (None, False):
+            raise InvalidRequestError(f"'{param}.{key}' is not supported by this server.",
+                                      param=f"{param}.{key}")
+    kinds = [k for k in _SO_KINDS if spec.get(k) not in (None, False)]
+    if len(kinds) > 1:
+        raise InvalidRequestError(
+            f"Invalid '{param}': give one of {', '.join(_SO_KINDS)}; got {', '.join(kinds)}.", param=param)
+    if not kinds:
+        return None
+    kind, value, where = kinds[0], spec[kinds[0]], f"{param}.{kinds[0]}"
+    if kind == "json":
+        return grammar_for_json_schema(value, param=where)
+    if kind == "json_object":
+        return grammar_for_json_schema(ANY_JSON_OBJECT, param=where)
+    if kind == "regex":
+        return grammar_for_regex(value, param=where)
+    if kind == "choice":
+        return grammar_for_choice(value, param=where)
+    return grammar_for_gbnf(value, param=where)
+
+
+def request_grammar(*, response_format: Any = None, structured_outputs: Any = None,
+                    json_schema: Any = None, grammar: Any = None) -> tuple[str, str] | None:
+    """The one constraint a request carries: `(grammar, param)` or None.
+
+    Sources: OpenAI `response_format`, vLLM `structured_outputs`, llama.cpp top-level
+    `json_schema` (a schema) and `grammar` (GBNF). `param` names the source for errors.
+
+    Raises:
+        InvalidRequestError: more than one constraint, or any source's own error.
+    """
+    found = []
+    g = grammar_for_response_format(response_format)
+    if g is not None:
+        found.append((g, "response_format"))
+    g = grammar_for_structured_outputs(structured_outputs)
+    if g is not None:
+        found.append((g, "structured_outputs"))
+    if json_schema is not None:
+        found.append((grammar_for_json_schema(json_schema, param="json_schema"), "json_schema"))
+    if grammar is not None:
+        found.append((grammar_for_gbnf(grammar, param="grammar"), "grammar"))
+    if len(found) > 1:
+        names = " and ".join(f"'{p}'" for _, p in found)
+        raise InvalidRequestError(f"A request may carry one output constraint; got {names}.",
+                                  param=found[1][1])
+    return found[0] if found else None
+
+
+# --------------------------------------------------------------------- tokenizer, compile
+
+_ll_tokenizers: weakref.WeakKeyDictionary[Any, LLTokenizer] = weakref.WeakKeyDictionary()
+_ll_lock = threading.Lock()
+
+
+def ll_tokenizer(tokenizer) -> LLTokenizer:
+    """llguidance's view of a `serve.tokenizer.Tokenizer` (from its tokenizer.json, with every
+    EOS id), built once per tokenizer (~0.3 s for a 49k vocabulary).
+
+    Its `vocab_size` is the tokenizer's; a model's logits row may be wider (`Constraint.mask`
+    forbids the extra ids).
+    """
+    with _ll_lock:
+        ll = _ll_tokenizers.get(tokenizer)
+        if ll is None:
+            eos = sorted(tokenizer.eos_ids) or None
+            ll = LLTokenizer(tokenizer.to_json(), n_vocab=tokenizer.vocab_size, eos_token=eos)
+            _ll_tokenizers[tokenizer] = ll
+        return ll
+
+
+class _Cache:
+    """Compiled matchers (in their start state) by grammar text, least recently used out;
+    a grammar's error message is cached the same way."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[int, str], LLMatcher | str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, str]) -> LLMatcher | str | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple[int, str], item: LLMatcher | str) -> None:
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+_cache = _Cache(CACHE_SIZE)
+
+
+def _compile(grammar: str, ll: LLTokenizer) -> LLMatcher | str:
+    """A matcher for `grammar`, or the error/warnings llguidance reports (one message)."""
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, ll)
+    if is_error or messages:
+        return "; ".join(m.strip() for m in messages) or "invalid grammar"
+    matcher = LLMatcher(ll, grammar, log_level=0)  # drops the GIL while it builds
+    if matcher.is_error():
+        return matcher.get_error()
+    return matcher
+
+
+def compiled(grammar: str, tokenizer) -> LLMatcher | str:
+    """The compiled start-state matcher of `grammar` (never consume from it: `deep_copy` it),
+    or the error message. Cached; compiles (synchronously) on a miss."""
+    ll = ll_tokenizer(tokenizer)
+    key = (id(ll), grammar)
+    item = _cache.get(key)
+    if item is None:
+        item = _compile(grammar, ll)
+        _cache.put(key, item)
+    return item
+
+
+async def check_grammar(grammar: str, tokenizer, *, param: str) -> None:
+    """Validate and compile `grammar` in the thread pool (never on the engine thread, never on
+    the event loop), so the engine later finds it compiled in the cache.
+
+    Raises:
+        InvalidRequestError: llguidance rejects it or warns about it, naming `param`.
+    """
+    item = await run_in_threadpool(compiled, grammar, tokenizer)
+    if isinstance(item, str):
+        raise InvalidRequestError(f"Invalid '{param}': {_describe(param)} cannot be enforced: {item}",
+                                  param=param)
+
+
+def _describe(param: str) -> str:
+    return "the grammar" if param.endswith(("grammar", "regex", "choice")) else "the JSON schema"
+
+
+# --------------------------------------------------------------------- per-choice matching
+
+
+class Constraint:
+    """One choice's grammar state: which tokens may come next, and what came.
+
+    Args:
+        matcher: its own matcher (a `deep_copy` of the compiled one).
+        vocab: the tokenizer's vocabulary size (the bitmask's width in bits).
+        eos_ids: the ids that end a sequence (allowed only where the grammar accepts).
+        allow_eos: False keeps EOS out while the grammar can go on (`ignore_eos`).
+    """
+
+    __slots__ = ("matcher", "vocab", "eos_ids", "allow_eos")
+
+    def __init__(self, matcher: LLMatcher, vocab: int, eos_ids: Sequence[int], *, allow_eos: bool = True):
+        self.matcher, self.vocab, self.eos_ids, self.allow_eos = matcher, vocab, list(eos_ids), allow_eos
+
+    @classmethod
+    def new(cls, grammar: str, tokenizer, *, allow_eos: bool = True) -> Constraint:
+        """A fresh matcher for a choice (engine thread: cheap when `check_grammar` ran first).
+
+        Raises:
+            ValueError: the grammar does not compile (the route should have refused it).
+        """
+        item = compiled(grammar, tokenizer)
+        if isinstance(item, str):
+            raise ValueError(f"grammar does not compile: {item}")
+        return cls(item.deep_copy(), ll_tokenizer(tokenizer).vocab_size, sorted(tokenizer.eos_ids),
+                   allow_eos=allow_eos)
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete: nothing but EOS may follow (or the matcher failed)."""
+        return self.matcher.is_stopped()
+
+    def mask(self, logits: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """A copy of `logits` (float32 [V], V may exceed `vocab`) with every token the grammar
+        forbids at -inf. `words` is this choice's row of the bitmask (int32 [ceil(vocab/32)],
+        bit j of word i = token 32 i + j allowed)."""
+        n = min(self.vocab, logits.shape[-1])
+        allowed = np.unpackbits(words.view(np.uint8), count=n, bitorder="little").view(bool)
+        if not self.allow_eos and not self.done:
+            allowed[[e for e in self.eos_ids if e < n]] = False
+        out = np.full(logits.shape, -np.inf, dtype=np.float32)
+        np.copyto(out[:n], logits[:n], where=allowed)
+        return out
+
+    def consume(self, token: int) -> None:
+        """Advance past a sampled token.
+
+        Raises:
+            RuntimeError: the grammar refuses it (a token outside the mask: a bug).
+        """
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+
+
+_executor: LLExecutor | None = None
+
+
+def fill_bitmasks(constraints: Sequence[Constraint]) -> np.ndarray:
+    """Every constraint's next-token bitmask, int32 [len, ceil(vocab/32)], computed in
+    parallel by llguidance's thread pool with the GIL released."""
+    global _executor
+    if _executor is None:
+        _executor = LLExecutor()
+    bitmask = allocate_token_bitmask(len(constraints), constraints[0].vocab)
+    fill_next_token_bitmask_par(_executor, [(c.matcher, i) for i, c in enumerate(constraints)], bitmask)
+    return bitmask
