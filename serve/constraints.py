@@ -182,6 +182,12 @@ def grammar_for_structured_outputs(spec: Any, *, param: str = "structured_output
     Raises:
         InvalidRequestError: not an object, several kinds at once, an option we do not honour.
     """
+    found = _structured_outputs(spec, param=param)
+    return None if found is None else found[0]
+
+
+def _structured_outputs(spec: Any, *, param: str) -> tuple[str, str] | None:
+    """`(grammar, param of the kind given)`, e.g. param `structured_outputs.regex`."""
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
@@ -198,14 +204,16 @@ def grammar_for_structured_outputs(spec: Any, *, param: str = "structured_output
         return None
     kind, value, where = kinds[0], spec[kinds[0]], f"{param}.{kinds[0]}"
     if kind == "json":
-        return grammar_for_json_schema(value, param=where)
-    if kind == "json_object":
-        return grammar_for_json_schema(ANY_JSON_OBJECT, param=where)
-    if kind == "regex":
-        return grammar_for_regex(value, param=where)
-    if kind == "choice":
-        return grammar_for_choice(value, param=where)
-    return grammar_for_gbnf(value, param=where)
+        grammar = grammar_for_json_schema(value, param=where)
+    elif kind == "json_object":
+        grammar = grammar_for_json_schema(ANY_JSON_OBJECT, param=where)
+    elif kind == "regex":
+        grammar = grammar_for_regex(value, param=where)
+    elif kind == "choice":
+        grammar = grammar_for_choice(value, param=where)
+    else:
+        grammar = grammar_for_gbnf(value, param=where)
+    return grammar, where
 
 
 def request_grammar(*, response_format: Any = None, structured_outputs: Any = None,
@@ -213,7 +221,8 @@ def request_grammar(*, response_format: Any = None, structured_outputs: Any = No
     """The one constraint a request carries: `(grammar, param)` or None.
 
     Sources: OpenAI `response_format`, vLLM `structured_outputs`, llama.cpp top-level
-    `json_schema` (a schema) and `grammar` (GBNF). `param` names the source for errors.
+    `json_schema` (a schema) and `grammar` (GBNF). `param` names the source for errors
+    (`structured_outputs.regex`, say).
 
     Raises:
         InvalidRequestError: more than one constraint, or any source's own error.
@@ -222,9 +231,9 @@ def request_grammar(*, response_format: Any = None, structured_outputs: Any = No
     g = grammar_for_response_format(response_format)
     if g is not None:
         found.append((g, "response_format"))
-    g = grammar_for_structured_outputs(structured_outputs)
-    if g is not None:
-        found.append((g, "structured_outputs"))
+    so = _structured_outputs(structured_outputs, param="structured_outputs")
+    if so is not None:
+        found.append(so)
     if json_schema is not None:
         found.append((grammar_for_json_schema(json_schema, param="json_schema"), "json_schema"))
     if grammar is not None:
@@ -322,7 +331,8 @@ async def check_grammar(grammar: str, tokenizer, *, param: str) -> None:
 
 
 def _describe(param: str) -> str:
-    return "the grammar" if param.endswith(("grammar", "regex", "choice")) else "the JSON schema"
+    json_params = ("response_format", "json_schema", ".json", ".json_object")
+    return "the JSON schema" if param.endswith(json_params) else "the grammar"
 
 
 # --------------------------------------------------------------------- per-choice matching

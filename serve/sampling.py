@@ -17,8 +17,9 @@ Per decode step, for each request:
   not the sampling settings, and the chosen token always has a finite logprob.
   With a grammar (``serve.constraints``) the engine hands over logits already masked, so,
   as in vLLM (its bitmask is applied before its sampler takes raw logprobs), they are the
-  model's distribution renormalised over the tokens the grammar allows; a forbidden token
-  among the top alternatives reports -9999.0 (vLLM's floor: JSON has no -inf).
+  model's distribution renormalised over the tokens the grammar allows. Forbidden tokens
+  are left out of the top alternatives, which may then be fewer than asked (as OpenAI
+  allows; vLLM lists them at -9999.0).
 
 The vocabulary is ~50k wide and this runs every step, so nothing sorts it: top-k and
 top-p use ``np.argpartition`` and sort only the candidates they keep, and the logits row
@@ -34,8 +35,6 @@ import numpy as np
 
 # Below this temperature sampling is argmax (dividing by ~0 only adds overflow risk).
 _GREEDY_TEMPERATURE = 1e-5
-# The logprob of a token a grammar masked out (-inf), as vLLM reports it.
-_LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
@@ -290,10 +289,10 @@ def _logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[i
     shifted = raw - m
     # float32 sums are pairwise: accurate to ~1e-7 here, and twice as fast as float64.
     lse = float(m) + float(np.log(np.exp(shifted, out=shifted).sum()))
-    chosen = max(float(raw[token]) - lse, _LOGPROB_FLOOR)
+    chosen = float(raw[token]) - lse
     if k == 0:
         return chosen, ()
     vocab = raw.shape[-1]
     top = _top_indices(raw, k) if k < vocab else np.arange(vocab)
     top = top[np.argsort(raw[top], kind="stable")[::-1]]
-    return chosen, tuple((int(t), max(float(raw[t]) - lse, _LOGPROB_FLOOR)) for t in top)
+    return chosen, tuple((int(t), float(raw[t]) - lse) for t in top if raw[t] > -np.inf)
