@@ -9,7 +9,9 @@ OpenAI's API reference, then our extras (`top_k`, `min_p`, `repetition_penalty`,
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -150,20 +152,58 @@ class _FieldError(ValueError):
 # ----------------------------------------------------------------------------- chat
 
 
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+class FunctionCall(_Request):
+    """An assistant turn's call: `arguments` is the JSON text the model wrote."""
+
+    name: str
+    arguments: str = "{}"
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _arguments(cls, value: Any) -> str:
+        if isinstance(value, dict):  # some clients send the object itself
+            return json.dumps(value, ensure_ascii=False)
+        if not isinstance(value, str):
+            raise ValueError("must be a JSON string")
+        try:
+            parsed = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ValueError(f"{value[:40]!r} is not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object")
+        return value
+
+
+class ToolCall(_Request):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        if value != "function":
+            raise ValueError(f"'{value}' is not supported; only 'function'")
+        return value
+
+
 class ChatMessage(_Request):
     role: str
     content: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # legacy assistant call
 
     @field_validator("role")
     @classmethod
     def _role(cls, role: str) -> str:
-        if role in ("tool", "function"):
-            raise ValueError(f"messages with role '{role}' are not supported by this server")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise ValueError(
-                f"'{role}' is not one of ['system', 'developer', 'user', 'assistant']"
-            )
+        roles = ("system", "developer", "user", "assistant", "tool", "function")
+        if role not in roles:
+            raise ValueError(f"'{role}' is not one of {list(roles)}")
         return role
 
     @field_validator("content", mode="before")
@@ -183,15 +223,105 @@ class ChatMessage(_Request):
             texts.append(part["text"])
         return "\n".join(texts)
 
-    def to_template(self) -> dict[str, str]:
-        # `developer` is OpenAI's new name for `system`; chat templates only know the latter.
-        message = {
-            "role": "system" if self.role == "developer" else self.role,
-            "content": self.content or "",
-        }
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise _FieldError("tool_call_id", "Missing required parameter: 'tool_call_id' "
+                              "(messages with role 'tool' must answer a tool call).")
+        if self.role == "function" and not self.name:
+            raise _FieldError("name", "Missing required parameter: 'name' (messages with role "
+                              "'function' must name the function).")
+        if (self.tool_calls or self.function_call) and self.role != "assistant":
+            raise _FieldError("tool_calls", "Only assistant messages may carry 'tool_calls'.")
+        return self
+
+    def calls(self) -> list[ToolCall]:
+        """The assistant's calls, the legacy `function_call` as one call."""
+        if self.tool_calls:
+            return list(self.tool_calls)
+        if self.function_call is not None:
+            return [ToolCall(id=f"call_{self.function_call.name}", function=self.function_call)]
+        return []
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as Hugging Face chat templates take it: `developer` → `system`, a
+        legacy `function` message → `tool`, calls with `arguments` as an object (what
+        `apply_chat_template` documents and templates `tojson`; vLLM passes them so too)."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.content or ""}
         if self.name is not None:
             message["name"] = self.name
+        calls = self.calls()
+        if calls:
+            message["content"] = self.content  # templates test `content` for None here
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name,
+                              "arguments": json.loads(c.function.arguments or "{}")}}
+                for c in calls
+            ]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+        elif self.role == "function":
+            message["tool_call_id"] = f"call_{self.name}"
         return message
+
+
+class FunctionDef(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not TOOL_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} does not match '^[a-zA-Z0-9_-]{{1,64}}$'")
+        return name
+
+    def to_template(self) -> dict[str, Any]:
+        """The JSON-schema dict Hugging Face templates iterate (`{"type": "function",
+        "function": {"name", "description", "parameters"}}`)."""
+        function: dict[str, Any] = {"name": self.name}
+        if self.description is not None:
+            function["description"] = self.description
+        function["parameters"] = self.parameters if self.parameters is not None else {
+            "type": "object", "properties": {}}
+        return {"type": "function", "function": function}
+
+
+class ToolDef(_Request):
+    type: str = "function"
+    function: FunctionDef
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        if value != "function":
+            raise ValueError(f"tools of type '{value}' are not supported; only 'function'")
+        return value
+
+
+def _check_tool_choice(value: Any, *, legacy: bool = False) -> str | dict[str, Any] | None:
+    """`"none" | "auto" | "required" | {"type": "function", "function": {"name"}}` (legacy
+    `function_call`: `"none" | "auto" | {"name"}`) → the mode, or `{"name": …}`."""
+    if value is None:
+        return None
+    modes = ("none", "auto") if legacy else ("none", "auto", "required")
+    if isinstance(value, str):
+        if value not in modes:
+            raise ValueError(f"{value!r} is not one of {list(modes)} or an object naming a function")
+        return value
+    if isinstance(value, dict):
+        name = value.get("name") if legacy else (value.get("function") or {}).get("name") \
+            if isinstance(value.get("function"), dict) else None
+        if not legacy and value.get("type", "function") != "function":
+            raise ValueError("only {'type': 'function', 'function': {'name': ...}} may be named")
+        if isinstance(name, str) and name:
+            return {"name": name}
+    shape = "{'name': ...}" if legacy else "{'type': 'function', 'function': {'name': ...}}"
+    raise ValueError(f"must be one of {list(modes)} or {shape}")
 
 
 class ChatCompletionRequest(_Sampling, _Constrained):
@@ -203,20 +333,36 @@ class ChatCompletionRequest(_Sampling, _Constrained):
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, le=MAX_N)
+    parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
     stop: tuple[str, ...] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: float | None = Field(None, ge=0, le=1)
     user: str | None = None
+    function_call: str | dict[str, Any] | None = None  # deprecated by OpenAI: tool_choice
+    functions: list[FunctionDef] | None = None  # deprecated by OpenAI: tools
     # extras (vLLM / llama.cpp names)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        return _check_tool_choice(value)
+
+    @field_validator("function_call", mode="before")
+    @classmethod
+    def _function_call(cls, value: Any) -> Any:
+        return _check_tool_choice(value, legacy=True)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -226,13 +372,49 @@ class ChatCompletionRequest(_Sampling, _Constrained):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tools(self):
+        # The legacy pair maps onto tools / tool_choice.
+        if self.functions is not None:
+            if self.tools is not None:
+                raise _FieldError("functions", "Send either 'tools' or the deprecated 'functions', not both.")
+            self.tools = [ToolDef(function=f) for f in self.functions]
+        if self.function_call is not None:
+            if self.tool_choice is not None:
+                raise _FieldError("function_call",
+                                  "Send either 'tool_choice' or the deprecated 'function_call', not both.")
+            self.tool_choice = self.function_call
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise _FieldError("tools", f"Invalid 'tools': the function name '{dup}' is used twice.")
+        choice = self.tool_choice
+        if not names and choice not in (None, "none", "auto"):
+            raise _FieldError("tool_choice",
+                              "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                              "'tools' are specified.")
+        if isinstance(choice, dict) and choice["name"] not in names:
+            raise _FieldError("tool_choice", f"Invalid value for 'tool_choice': no function named "
+                              f"'{choice['name']}' in 'tools'.")
+        return self
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """`(mode, name)`: mode "none" (no tools, or tool_choice "none"), "auto",
+        "required", or "named" with the function's name. OpenAI's default is "auto" when
+        tools are given."""
+        if not self.tools or self.tool_choice == "none":
+            return "none", None
+        if isinstance(self.tool_choice, dict):
+            return "named", self.tool_choice["name"]
+        return self.tool_choice or "auto", None
+
     def to_sampling_params(self) -> SamplingParams:
         kwargs = self._sampling_kwargs()
         kwargs["max_tokens"] = self.max_completion_tokens or self.max_tokens
         kwargs["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return _sampling_params(kwargs)
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
 
 
@@ -341,8 +523,9 @@ def _num(x: Any) -> str:
 def _to_api_error(err: Mapping[str, Any]) -> InvalidRequestError:
     ctx = err.get("ctx") or {}
     cause = ctx.get("error")
-    if isinstance(cause, _FieldError):
-        return InvalidRequestError(str(cause), param=cause.param)
+    if isinstance(cause, _FieldError):  # nested (a message's field): prefix its location
+        prefix = _param(err["loc"])
+        return InvalidRequestError(str(cause), param=f"{prefix}.{cause.param}" if prefix else cause.param)
     param = _param(err["loc"]) or None
     value = err.get("input")
     kind = err["type"]

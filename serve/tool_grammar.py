@@ -1,0 +1,153 @@
+"""Tool calls as llguidance grammars (Lark text with inline `%json {schema}` for the
+arguments), in each family's own call syntax, so a constrained call is exactly what the
+family's parser reads back (`serve.parsers`).
+
+```
+tool_choice   grammar                                           what the model may write
+required      start: THINK? calls                               one call (or several, with
+named         start: THINK? call_f                              parallel_tool_calls), nothing else
+auto          start: THINK? (TEXT-then-trigger call)* TEXT      free text; from the family's
+                                                                trigger on, a valid call
+none          no grammar
+```
+
+`auto` uses llguidance's lazy lexemes (`rule[lazy]: TEXT "<tool_call>"`, its syntax.md
+"tool calling" section and `llguidance.StructTag`): text is free until the trigger, then the
+call is constrained. Families whose call starts the output (llama3_json `{`, mistral `[{`,
+pythonic `[`) get "a call list, or text that does not start with the trigger". With a
+reasoning template the constraint starts after `</think>`: `THINK` is the block, free text
+inside. Special-token triggers (`[TOOL_CALLS]`, `<|python_tag|>`) are left out: the
+engine's text skips special tokens and the parsers read calls without them.
+
+Pythonic calls constrain each keyword's value by its property schema (as JSON literals,
+which the pythonic parser reads too) but not which properties are present.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from serve.constraints import JSON_WHITESPACE
+
+# Same whitespace rules and strictness as response_format schemas (serve.constraints).
+_X_GUIDANCE = {"whitespace_pattern": JSON_WHITESPACE, "lenient": False}
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+
+
+def _lit(text: str) -> str:
+    return json.dumps(text)
+
+
+def _json(schema: dict[str, Any] | None) -> str:
+    schema = dict(schema if schema is not None else EMPTY_PARAMETERS)
+    schema["x-guidance"] = {**_X_GUIDANCE, **(schema.get("x-guidance") or {})}
+    return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+def arguments_grammar(schema: dict[str, Any] | None) -> str:
+    """Lark text of one function's arguments object alone (used to check a schema)."""
+    return "start: " + _json(schema) + "\n"
+
+
+def _call(family: str, name: str, schema: dict[str, Any] | None) -> str:
+    """One call of `name`, as the family writes it (the trigger included)."""
+    if family in ("hermes", "generic"):
+        return f'"<tool_call>\\n" {_lit(json.dumps({"name": name})[:-1] + ", ")} ' \
+               f'"\\"arguments\\": " {_json(schema)} "}}\\n</tool_call>"'
+    if family == "llama3_json":
+        return f'{_lit(json.dumps({"name": name})[:-1] + ", ")} "\\"parameters\\": " {_json(schema)} "}}"'
+    if family == "mistral":
+        return f'{_lit(json.dumps({"name": name})[:-1] + ", ")} "\\"arguments\\": " {_json(schema)} "}}"'
+    if family == "pythonic":
+        props = (schema or {}).get("properties") or {}
+        if not props:
+            return _lit(f"{name}()")
+        kws = " | ".join(f"{_lit(k + '=')} {_json(v if isinstance(v, dict) else {})}" for k, v in props.items())
+        return f'{_lit(name + "(")} (({kws}) ("," " "? ({kws}))*)? ")"'
+    raise ValueError(f"no call grammar for tool-call family {family!r}")
+
+
+def _calls(family: str, call_rule: str, parallel: bool) -> str:
+    """The list of calls that follows the trigger: the rule `calls`."""
+    if family in ("hermes", "generic"):
+        more = f' ("\\n" {call_rule})*' if parallel else ""
+        return f"calls: {call_rule}{more}\n"
+    if family == "llama3_json":
+        more = f' ("; " {call_rule})*' if parallel else ""
+        return f"calls: {call_rule}{more}\n"
+    if family == "mistral":
+        more = f' (", " {call_rule})*' if parallel else ""
+        return f'calls: "[" {call_rule}{more} "]"\n'
+    more = f' (", " {call_rule})*' if parallel else ""
+    return f'calls: "[" {call_rule}{more} "]"\n'
+
+
+# Text that does not begin a call, for families whose calls start the output.
+_NOT_A_CALL_START = {
+    "llama3_json": r"\s*([^{\s](.|\n)*)?",
+    "mistral": r"\s*([^\[\s](.|\n)*|\[([^{](.|\n)*)?)?",
+    "pythonic": r"\s*([^\[\s](.|\n)*)?",
+}
+
+
+def tool_grammar(
+    family: str,
+    functions: Sequence[tuple[str, dict[str, Any] | None]],
+    *,
+    mode: str,
+    parallel: bool = True,
+    reasoning: str | None = None,
+) -> str:
+    """Lark text (feed it to `LLMatcher.grammar_from_lark`) constraining a choice's output.
+
+    Args:
+        family: a tool-call family of `serve.parsers.TOOL_PARSERS`.
+        functions: `(name, parameters JSON schema)` of each function the output may call
+            (for a named tool_choice, only that one).
+        mode: "required" (only calls), "named" (one call of `functions[0]`), or "auto"
+            (text, constrained from the trigger on).
+        parallel: allow several calls (`parallel_tool_calls`).
+        reasoning: None, "open" (a `<think>` block may come first), or "inside" (the prompt
+            opened the block; the output starts inside it).
+
+    Returns:
+        Lark text; llguidance reports bad argument schemas when it compiles it.
+    """
+    if mode not in ("required", "named", "auto"):
+        raise ValueError(f"no grammar for tool mode {mode!r}")
+    if mode == "named":
+        functions, parallel = functions[:1], False
+    names = [f"fn_{i}" for i in range(len(functions))]
+    rules = [f"{rule}: {_call(family, name, schema)}" for rule, (name, schema) in zip(names, functions, strict=True)]
+    call = " | ".join(names) if len(names) > 1 else names[0]
+    lines = ["%llguidance {}"]
+    think = ""
+    if reasoning == "inside":
+        lines.append('think: think_end BLANK?')
+        lines.append('think_end[lazy]: THINK_TEXT "</think>"')
+        think = "think "
+    elif reasoning == "open":
+        lines.append('think: "<think>" think_end BLANK?')
+        lines.append('think_end[lazy]: THINK_TEXT "</think>"')
+        think = "think? "
+    if mode != "auto":
+        lines.append(f"start: {think}calls")
+        lines.append(_calls(family, "call", parallel).rstrip())
+    elif family in ("hermes", "generic"):
+        # Free text, then each call after its (lazy) trigger, then free text.
+        lines.append(f"start: {think}text_call{'*' if parallel else '?'} TEXT")
+        lines.append("text_call: trigger call BLANK?")
+        lines.append('trigger[lazy]: TEXT "<tool_call>"')
+        rules = [r.replace('"<tool_call>\\n" ', '"\\n" ', 1) for r in rules]
+    else:
+        lines.append(f"start: {think}(calls | PLAIN)")
+        lines.append(_calls(family, "call", parallel).rstrip())
+        lines.append(f"PLAIN: /{_NOT_A_CALL_START[family]}/")
+    lines.append(f"call: {call}")
+    lines += rules
+    lines.append(r"TEXT: /(.|\n)*/")
+    lines.append(r"THINK_TEXT: /(.|\n)*/")
+    lines.append(r"BLANK: /[ \t\r\n]+/")
+    return "\n".join(lines) + "\n"
