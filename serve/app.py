@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serve.chat_template import ChatTemplateError
+from serve.chat_prep import prepare_chat, render_chat
 from serve.constraints import check_grammar
 from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
@@ -241,7 +241,7 @@ async def tokenize(request: Request, state: _State) -> Response:
         special = _flag(data, "add_special_tokens", False)
 
         def encode() -> list[int]:
-            text = _chat_template(tokenizer, req, add_generation_prompt=generation_prompt)
+            text = render_chat(tokenizer, req, add_generation_prompt=generation_prompt)
             return tokenizer.encode(text, add_special_tokens=special)
     else:
         prompt = data.get("prompt", data.get("content"))  # llama-server says "content"
@@ -363,9 +363,11 @@ async def chat_completions(request: Request, state: _State) -> Response:
     req = parse_request(ChatCompletionRequest, await _read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
-    text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req)
+    # Prompt, grammar (tools or response_format; compiled and cached here, off the engine
+    # thread) and the per-choice output parser.
+    prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, req, state.options)
     check_context(
-        prompt_tokens=len(prompt_ids),
+        prompt_tokens=len(prepared.prompt_ids),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         max_length=engine.max_length,
         what="messages",
@@ -375,27 +377,13 @@ async def chat_completions(request: Request, state: _State) -> Response:
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     out = ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
-                      logprobs=bool(req.logprobs), include_usage=include_usage)
+                      logprobs=bool(req.logprobs), include_usage=include_usage,
+                      make_parser=prepared.make_parser, legacy_functions=req.functions is not None)
     if state.options.log_prompts:
-        log.info("request %s prompt: %r", out.id, text)
-    grammar = await _grammar(req, engine.tokenizer)
-    streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id,
-                                                 grammar=grammar)])
+        log.info("request %s prompt: %r", out.id, prepared.prompt_text)
+    streams = _submit(engine, [GenerationRequest(tuple(prepared.prompt_ids), params, request_id=out.id,
+                                                 grammar=prepared.grammar)])
     return await respond(request, streams, out, streaming=bool(req.stream))
-
-
-def _chat_template(tokenizer: Any, req: ChatCompletionRequest, *, add_generation_prompt: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(req.template_messages(),
-                                             add_generation_prompt=add_generation_prompt)
-    except ChatTemplateError as exc:
-        raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
-
-
-def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-    text = _chat_template(tokenizer, req, add_generation_prompt=True)
-    # The template already wrote any BOS it wants.
-    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 async def completions(request: Request, state: _State) -> Response:

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.parsers import REASONING_PARSERS, TOOL_PARSERS
+
 PROVIDERS = ("cpu", "cuda", "coreml", "auto")
 # Which runs take the export's W8A8 graph (int8 GEMMs): none; every prefill; every prefill and
 # every decode step of 2+ sequences; auto = all where the export has a usable one, silently.
@@ -54,6 +56,10 @@ class ServeOptions:
             14.85 vs 14.72.
         cuda_graph: --provider cuda: decode steps on the export's static decode graph,
             captured as a CUDA graph once per batch size (ORT's enable_cuda_graph).
+        tool_call_parser: the tool-call syntax the model writes (`serve.parsers.TOOL_PARSERS`);
+            "auto" detects it from the chat template (generic for templates without tools).
+        reasoning_parser: "think" splits `<think>…</think>` into `reasoning_content`, "none"
+            never does; "auto" when the chat template mentions `<think>`.
     """
 
     model_dir: Path
@@ -77,6 +83,8 @@ class ServeOptions:
     batch_invariant: bool = False
     w8a8: str = "auto"
     cuda_graph: bool = False
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -93,6 +101,12 @@ class ServeOptions:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        if self.tool_call_parser not in ("auto", *TOOL_PARSERS):
+            raise ValueError(f"tool_call_parser must be auto or one of {', '.join(TOOL_PARSERS)}, "
+                             f"not {self.tool_call_parser!r}")
+        if self.reasoning_parser not in ("auto", "none", *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be auto, none or one of "
+                             f"{', '.join(REASONING_PARSERS)}, not {self.reasoning_parser!r}")
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
 
@@ -140,6 +154,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs on the export's W8A8 graph (int8 GEMMs, smoothed activations): "
                         "all = prefill + decode steps of 2+ sequences, prefill, off; auto = all "
                         "where the export has one (default: %(default)s; bare --w8a8: all)")
+    parser.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=("auto", *TOOL_PARSERS),
+                        help="the tool-call syntax the model writes; auto: detected from the chat "
+                        "template, 'generic' for templates without tool support (default: auto)")
+    parser.add_argument("--reasoning-parser", default=d.reasoning_parser,
+                        choices=("auto", "none", *REASONING_PARSERS),
+                        help="split <think>…</think> into reasoning_content: think, none, or auto "
+                        "(when the chat template mentions <think>; default)")
 
 
 def _origins(value: str) -> tuple[str, ...]:
@@ -169,4 +190,6 @@ def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions
         batch_invariant=args.batch_invariant,
         w8a8=args.w8a8,
         cuda_graph=args.cuda_graph,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )

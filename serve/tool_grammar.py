@@ -137,7 +137,7 @@ def tool_grammar(
         lines.append(_calls(family, "call", parallel).rstrip())
     elif family in ("hermes", "generic"):
         # Free text, then each call after its (lazy) trigger, then free text.
-        lines.append(f"start: {think}text_call{'*' if parallel else '?'} TEXT")
+        lines.append(f"start: {think}text_call* TEXT" if parallel else f"start: {think}(text_call | TEXT)")
         lines.append("text_call: trigger call BLANK?")
         lines.append('trigger[lazy]: TEXT "<tool_call>"')
         rules = [r.replace('"<tool_call>\\n" ', '"\\n" ', 1) for r in rules]
@@ -151,3 +151,38 @@ def tool_grammar(
     lines.append(r"THINK_TEXT: /(.|\n)*/")
     lines.append(r"BLANK: /[ \t\r\n]+/")
     return "\n".join(lines) + "\n"
+
+
+def after_reasoning(grammar: str, reasoning: str) -> str:
+    """`grammar` (any llguidance grammar string: Lark text, or the JSON that
+    `grammar_from_json_schema` / `grammar_from_regex` return) behind a `<think>` block, so
+    a reasoning model thinks freely and the constraint starts after `</think>`.
+
+    Args:
+        reasoning: "open" (the block may come first) or "inside" (the output starts in it).
+
+    Returns:
+        A JSON grammar of two (or more) grammars: the Lark wrapper, which refers to the
+        original by name (`@answer`, llguidance's grammar references).
+    """
+    try:
+        inner = json.loads(grammar)
+    except ValueError:
+        inner = None
+    if isinstance(inner, dict) and isinstance(inner.get("grammars"), list) and inner["grammars"]:
+        parts = [dict(g) for g in inner["grammars"]]
+    else:
+        parts = [{"lark_grammar": grammar}]
+    name = parts[0].setdefault("name", "answer")
+    if reasoning == "inside":
+        head = 'start: think_end BLANK? @' + name
+    else:
+        head = 'start: ("<think>" think_end BLANK?)? @' + name
+    wrapper = "\n".join([
+        "%llguidance {}",
+        head,
+        'think_end[lazy]: THINK_TEXT "</think>"',
+        r"THINK_TEXT: /(.|\n)*/",
+        r"BLANK: /[ \t\r\n]+/",
+    ]) + "\n"
+    return json.dumps({"grammars": [{"name": "reasoning", "lark_grammar": wrapper}, *parts]})

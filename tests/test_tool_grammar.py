@@ -46,6 +46,11 @@ CASES = [
     ("hermes", "auto", True, 'Checking.\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>', True),
     ("hermes", "auto", True, 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>', False),
     ("hermes", "auto", True, "Checking. <tool_call> oops", False),
+    ("hermes", "auto", False, "Just text.", True),
+    ("hermes", "auto", False, 'Checking.\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>', True),
+    ("hermes", "auto", False, 'Checking.\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n'
+                              '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>', False),
+    ("hermes", "auto", False, "Checking. <tool_call> oops", False),
     ("generic", "required", True, '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>', True),
     ("llama3_json", "required", True, '{"name": "get_weather", "parameters": {"city": "Oslo"}}', True),
     ("llama3_json", "required", True, '{"name": "ping", "parameters": {}}; {"name": "ping", "parameters": {}}', True),

@@ -139,3 +139,15 @@ def test_detect_tool_parser(template, renders_tools, family):
 def test_detect_reasoning():
     assert detect_reasoning_parser("{{ '<think>\\n' }}") == "think"
     assert detect_reasoning_parser("{{ messages }}") is None
+
+
+@pytest.mark.parametrize("family,text", [
+    ("hermes", 'Hi <tool_call>\n{"name": "get'),
+    ("llama3_json", '{"name": "ge'),
+    ("mistral", "[TOOL_CALLS]get_wea"),
+    ("pythonic", "[get_weather(city='Par"),
+])
+def test_call_cut_before_its_name_is_dropped(family, text):
+    out = _all_splits_agree(text, family=family)
+    assert all(isinstance(d, TextDelta) for d in out)
+    assert "".join(d.text for d in out) == text[:text.index("<")] if "<" in text else not out

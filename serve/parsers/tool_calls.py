@@ -17,9 +17,9 @@ parsers. The engine decodes with special tokens skipped, so a special-token trig
 triggers cover that case.
 
 Text before a call goes out as `TextDelta`; whitespace after a call is dropped unless more
-text follows. Markup never reaches the text: a trigger is held back until it is complete,
-and text after a trigger that is not a call (prose, broken JSON) goes out as text with its
-trigger. JSON calls stream their arguments while they are written; pythonic calls are
+text follows. Markup never reaches the text: a trigger is held back until it is complete;
+text after a trigger that is not a call (prose, broken JSON) goes out as text with its
+trigger; a call cut short before its name (max_tokens) is dropped. JSON calls stream their arguments while they are written; pythonic calls are
 emitted when the list closes.
 """
 
@@ -86,9 +86,8 @@ class _JsonCall:
         return [d for d in out if not isinstance(d, ToolCallArgs) or d.fragment], used
 
     def finish(self) -> list[Delta]:
-        """The text ended inside the object (e.g. max_tokens)."""
-        if self.index is None:
-            raise NotACall(self.scan.raw)
+        """The text ended inside the object (e.g. max_tokens): a started call keeps what it
+        has; a call cut before its name is dropped (it was markup, not text)."""
         return []
 
 
@@ -167,14 +166,7 @@ class _JsonListBody(_Body):
             return out, s
 
     def finish(self) -> list[Delta]:
-        if self.call is None:
-            return []
-        try:
-            return self.call.finish()
-        except NotACall:
-            if not self.any:
-                raise
-            return []
+        return [] if self.call is None else self.call.finish()
 
 
 class _MistralBody(_Body):
@@ -206,9 +198,8 @@ class _MistralBody(_Body):
         return self.inner.feed(text)
 
     def finish(self) -> list[Delta]:
-        if self.inner is None:
-            raise NotACall(self.head)
-        return self.inner.finish()
+        # Cut inside a name (before "[ARGS]"): markup, dropped.
+        return [] if self.inner is None else self.inner.finish()
 
 
 class _ArgsBody(_Body):
@@ -292,7 +283,9 @@ class _PythonicBody(_Body):
         return out
 
     def finish(self) -> list[Delta]:
-        raise NotACall(self.raw)
+        if re.match(r"\[\s*[A-Za-z_][\w.]*\(", self.raw):
+            return []  # a call list cut short: markup, dropped
+        raise NotACall(self.raw)  # "[1" and the like: text
 
 
 class ToolCallParser:
