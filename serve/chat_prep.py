@@ -112,7 +112,10 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any) -> Pr
 
     text = render_chat(tokenizer, req, native=native, family=family)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    start_inside = reasoning is not None and text.rstrip().endswith("<think>")
+    tail = text.rstrip()
+    if reasoning is not None and tail.endswith("</think>"):
+        reasoning = None  # the template closed the block itself (Qwen3 enable_thinking=False)
+    start_inside = reasoning is not None and tail.endswith("<think>")
     think = None if reasoning is None else ("inside" if start_inside else "open")
 
     grammar = None
