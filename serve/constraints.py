@@ -18,7 +18,10 @@ the same way and hands them to the same engine field.
 JSON schemas compile with llguidance's `lenient` option off: a keyword it cannot enforce
 (`not`, `if`/`then`, `uniqueItems`, `dependentRequired`, unknown `format`s, remote `$ref`s,
 look-around in `pattern`, …) is a 400 naming it, never a silently looser schema. Any
-warning llguidance reports is a 400 too.
+warning llguidance reports is a 400 too. An object schema that lists `properties` and says
+nothing of `additionalProperties` gets no extra keys (llama.cpp's and vLLM/xgrammar's
+default: the output still validates against the schema as sent, and a small model cannot
+run away adding keys); `"additionalProperties": true` allows them.
 
 Formats: llguidance's grammar syntax and JSON Schema coverage,
 https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md and docs/json_schema.md;
@@ -44,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from serve.errors import InvalidRequestError
 
 __all__ = [
-    "Constraint", "check_grammar", "compiled", "fill_bitmasks", "grammar_for_choice",
+    "Constraint", "check_grammar", "close_objects", "compiled", "fill_bitmasks", "grammar_for_choice",
     "grammar_for_gbnf", "grammar_for_json_schema", "grammar_for_lark", "grammar_for_regex",
     "grammar_for_response_format", "grammar_for_structured_outputs", "ll_tokenizer",
     "request_grammar",
@@ -83,8 +86,43 @@ def grammar_for_json_schema(schema: Any, *, param: str) -> str:
         schema = {}
     if not isinstance(schema, Mapping):
         raise InvalidRequestError(f"Invalid '{param}': a JSON schema must be an object.", param=param)
-    return LLMatcher.grammar_from_json_schema(dict(schema), defaults=_JSON_DEFAULTS,
+    return LLMatcher.grammar_from_json_schema(close_objects(schema), defaults=_JSON_DEFAULTS,
                                               overrides=_JSON_OVERRIDES)
+
+
+# Keywords whose value is a subschema, a list of them, or a map of name → subschema, where
+# a closed subschema only narrows what the whole accepts. Left out on purpose: allOf, then,
+# else, dependentSchemas (intersections: closing one part would forbid the others' keys) and
+# not (closing inside it would widen it).
+_SUBSCHEMA = ("additionalProperties", "items", "additionalItems", "contains",
+              "unevaluatedItems", "unevaluatedProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of `schema` where every object schema that lists `properties` and leaves extra
+    keys unsaid (no `additionalProperties`, `patternProperties`, `unevaluatedProperties`,
+    and not merged with `allOf` or a sibling `$ref`) has `"additionalProperties": false`.
+    Stricter, never looser: whatever it accepts the original accepts."""
+    if isinstance(schema, list):  # `items` in its old tuple form
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = close_objects(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: close_objects(s) for name, s in out[key].items()}
+    if isinstance(out.get("properties"), Mapping) and not any(k in out for k in _OPEN_KEYS):
+        out["additionalProperties"] = False
+    return out
 
 
 def grammar_for_regex(regex: Any, *, param: str) -> str:

@@ -21,6 +21,7 @@ from test_engine import TOKENIZER, FakeRuntime, collect, make_engine, req, run  
 from serve.constraints import (
     Constraint,
     check_grammar,
+    close_objects,
     compiled,
     fill_bitmasks,
     grammar_for_choice,
@@ -122,6 +123,39 @@ def test_regex_errors_name_the_grammar():
     err = _error(structured_outputs={"regex": "a(?=b)"})
     assert err.param == "structured_outputs.regex"
     assert "the grammar cannot be enforced" in err.message and "look-around" in err.message
+
+
+def test_objects_listing_properties_get_no_extra_keys_unless_the_schema_allows_them():
+    node = {"type": "object", "properties": {"properties": {"type": "object", "properties": {"a": {}}}}}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"$ref": "#/$defs/node"},
+                       "open": {"type": "object", "properties": {"a": {}}, "additionalProperties": True},
+                       "pat": {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x": {}}},
+                       "any": {"anyOf": [{"type": "object", "properties": {"a": {}}}, {"type": "null"}]},
+                       "list": {"type": "array", "items": {"type": "object", "properties": {"b": {}}}},
+                       "both": {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]},
+                       "free": {"type": "object"}},
+        "$defs": {"node": node},
+    }
+    closed = close_objects(schema)
+    assert closed["additionalProperties"] is False
+    p = closed["properties"]
+    node = closed["$defs"]["node"]
+    # a property named "properties" is a property, not a keyword
+    assert node["additionalProperties"] is False and set(node["properties"]) == {"properties"}
+    assert node["properties"]["properties"]["additionalProperties"] is False
+    assert p["open"]["additionalProperties"] is True and "additionalProperties" not in p["pat"]
+    assert p["any"]["anyOf"][0]["additionalProperties"] is False
+    assert p["list"]["items"]["additionalProperties"] is False
+    assert all("additionalProperties" not in part for part in p["both"]["allOf"])
+    assert "additionalProperties" not in p["free"] and "additionalProperties" not in p["n"]
+    assert "additionalProperties" not in schema  # the caller's schema is not modified
+    doc = {"n": {"properties": {"a": 1}}, "both": {"a": 1, "b": 2}, "open": {"a": 1, "z": 2}}
+    jsonschema.validate(doc, closed)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**doc, "extra": 1}, closed)
+    jsonschema.validate({**doc, "extra": 1}, schema)
 
 
 def test_compiled_grammars_are_cached_by_text():
