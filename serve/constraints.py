@@ -224,23 +224,24 @@ def grammar_for_structured_outputs(spec: Any, *, param: str = "structured_output
     return None if found is None else found[0]
 
 
-def _structured_outputs(spec: Any, *, param: str) -> tuple[str, str] | None:
-    """`(grammar, param of the kind given)`, e.g. param `structured_outputs.regex`."""
+def _structured_outputs(spec: Any, *, param: str, sep: str = ".") -> tuple[str, str] | None:
+    """`(grammar, param of the kind given)`: `structured_outputs.regex`, or with param
+    "guided" and sep "_" vLLM's older `guided_regex`."""
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
         raise InvalidRequestError(f"Invalid '{param}': must be an object.", param=param)
     for key in _SO_UNSUPPORTED:
         if spec.get(key) not in (None, False):
-            raise InvalidRequestError(f"'{param}.{key}' is not supported by this server.",
-                                      param=f"{param}.{key}")
+            raise InvalidRequestError(f"'{param}{sep}{key}' is not supported by this server.",
+                                      param=f"{param}{sep}{key}")
     kinds = [k for k in _SO_KINDS if spec.get(k) not in (None, False)]
     if len(kinds) > 1:
         raise InvalidRequestError(
             f"Invalid '{param}': give one of {', '.join(_SO_KINDS)}; got {', '.join(kinds)}.", param=param)
     if not kinds:
         return None
-    kind, value, where = kinds[0], spec[kinds[0]], f"{param}.{kinds[0]}"
+    kind, value, where = kinds[0], spec[kinds[0]], f"{param}{sep}{kinds[0]}"
     if kind == "json":
         grammar = grammar_for_json_schema(value, param=where)
     elif kind == "json_object":
@@ -255,12 +256,14 @@ def _structured_outputs(spec: Any, *, param: str) -> tuple[str, str] | None:
 
 
 def request_grammar(*, response_format: Any = None, structured_outputs: Any = None,
-                    json_schema: Any = None, grammar: Any = None) -> tuple[str, str] | None:
+                    json_schema: Any = None, grammar: Any = None,
+                    guided: Mapping[str, Any] | None = None) -> tuple[str, str] | None:
     """The one constraint a request carries: `(grammar, param)` or None.
 
     Sources: OpenAI `response_format`, vLLM `structured_outputs`, llama.cpp top-level
-    `json_schema` (a schema) and `grammar` (GBNF). `param` names the source for errors
-    (`structured_outputs.regex`, say).
+    `json_schema` (a schema) and `grammar` (GBNF), and vLLM's older top-level fields given as
+    `guided` (`{"json": …}` for `guided_json`, likewise regex, choice, grammar,
+    whitespace_pattern). `param` names the source for errors (`structured_outputs.regex`).
 
     Raises:
         InvalidRequestError: more than one constraint, or any source's own error.
@@ -276,6 +279,10 @@ def request_grammar(*, response_format: Any = None, structured_outputs: Any = No
         found.append((grammar_for_json_schema(json_schema, param="json_schema"), "json_schema"))
     if grammar is not None:
         found.append((grammar_for_gbnf(grammar, param="grammar"), "grammar"))
+    for kind, value in (guided or {}).items():
+        legacy = _structured_outputs({kind: value}, param="guided", sep="_")
+        if legacy is not None:
+            found.append(legacy)
     if len(found) > 1:
         names = " and ".join(f"'{p}'" for _, p in found)
         raise InvalidRequestError(f"A request may carry one output constraint; got {names}.",

@@ -122,13 +122,19 @@ def _sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
 
 class _Constrained(_Request):
     """Output constraints, both endpoints (`serve.constraints` turns them into a grammar):
-    OpenAI `response_format`, vLLM `structured_outputs`, llama.cpp `json_schema` / `grammar`
-    (GBNF). Kept as JSON here; `constraint()` validates them."""
+    OpenAI `response_format`, vLLM `structured_outputs` (and its older `guided_*` fields),
+    llama.cpp `json_schema` / `grammar` (GBNF). Kept as JSON here; `constraint()` validates
+    them."""
 
     response_format: Any = None
     structured_outputs: Any = None
     json_schema: Any = None
     grammar: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_whitespace_pattern: Any = None
 
     def constraint(self) -> tuple[str, str] | None:
         """`(llguidance grammar, param naming its source)`, or None when unconstrained.
@@ -136,9 +142,11 @@ class _Constrained(_Request):
         Raises:
             InvalidRequestError: a malformed constraint, or more than one.
         """
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar, "whitespace_pattern": self.guided_whitespace_pattern}
         return request_grammar(response_format=self.response_format,
                                structured_outputs=self.structured_outputs,
-                               json_schema=self.json_schema, grammar=self.grammar)
+                               json_schema=self.json_schema, grammar=self.grammar, guided=guided)
 
 
 class _FieldError(ValueError):

@@ -66,6 +66,10 @@ def test_text_and_absent_mean_unconstrained():
     ({"structured_outputs": {"json_object": True}}, "structured_outputs.json_object"),
     ({"json_schema": {"type": "object"}}, "json_schema"),
     ({"grammar": 'root ::= "a" | "b"'}, "grammar"),
+    ({"guided": {"json": {"type": "object"}}}, "guided_json"),
+    ({"guided": {"regex": "[0-9]+", "choice": None}}, "guided_regex"),
+    ({"guided": {"choice": ["a", "b"]}}, "guided_choice"),
+    ({"guided": {"grammar": 'root ::= "a"'}}, "guided_grammar"),
 ])
 def test_every_source_gives_a_grammar_that_compiles(fields, param):
     grammar, where = request_grammar(**fields)
@@ -93,6 +97,8 @@ def test_every_source_gives_a_grammar_that_compiles(fields, param):
     ({"structured_outputs": {"json": "{nope"}}, "structured_outputs.json", "not valid JSON"),
     ({"grammar": "root ::= foo"}, "grammar", "foo"),
     ({"grammar": "   "}, "grammar", "non-empty"),
+    ({"guided": {"regex": "a", "choice": ["a"]}}, "guided_choice", "one output constraint"),
+    ({"guided": {"whitespace_pattern": " "}}, "guided_whitespace_pattern", "not supported"),
 ])
 def test_malformed_constraints_are_400s_naming_the_field(fields, param, words):
     err = _error(**fields)

@@ -252,6 +252,7 @@ def test_sampled_json_objects_parse_whenever_they_end(client):
     ({"structured_outputs": {"grammar": 'root ::= "Color: " ("red" | "green" | "blue")'}},
      r"Color: (red|green|blue)"),
     ({"grammar": 'root ::= "Answer: " [0-9] [0-9]? "."'}, r"Answer: [0-9][0-9]?\."),
+    ({"guided_choice": ["red", "blue"]}, r"red|blue"),  # vLLM's older spelling
     ({"json_schema": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 5,
                                                              "maximum": 9}},
                       "required": ["x"], "additionalProperties": False}}, r"\{\s*\"x\"\s*:\s*[5-9]\s*\}"),
