@@ -50,7 +50,7 @@ __all__ = [
     "Constraint", "check_grammar", "close_objects", "compiled", "fill_bitmasks", "grammar_for_choice",
     "grammar_for_gbnf", "grammar_for_json_schema", "grammar_for_lark", "grammar_for_regex",
     "grammar_for_response_format", "grammar_for_structured_outputs", "ll_tokenizer",
-    "request_grammar",
+    "request_grammar", "require_compiled",
 ]
 
 log = logging.getLogger("serve.constraints")
@@ -362,6 +362,19 @@ def compiled(grammar: str, tokenizer) -> LLMatcher | str:
     return item
 
 
+def require_compiled(grammar: str, tokenizer, *, param: str) -> None:
+    """`check_grammar` for callers already off the event loop (the thread pool): compiles
+    `grammar` into the cache, or raises.
+
+    Raises:
+        InvalidRequestError: llguidance rejects it or warns about it, naming `param`.
+    """
+    item = compiled(grammar, tokenizer)
+    if isinstance(item, str):
+        raise InvalidRequestError(f"Invalid '{param}': {_describe(param)} cannot be enforced: {item}",
+                                  param=param)
+
+
 async def check_grammar(grammar: str, tokenizer, *, param: str) -> None:
     """Validate and compile `grammar` in the thread pool (never on the engine thread, never on
     the event loop), so the engine later finds it compiled in the cache.
@@ -369,14 +382,11 @@ async def check_grammar(grammar: str, tokenizer, *, param: str) -> None:
     Raises:
         InvalidRequestError: llguidance rejects it or warns about it, naming `param`.
     """
-    item = await run_in_threadpool(compiled, grammar, tokenizer)
-    if isinstance(item, str):
-        raise InvalidRequestError(f"Invalid '{param}': {_describe(param)} cannot be enforced: {item}",
-                                  param=param)
+    await run_in_threadpool(require_compiled, grammar, tokenizer, param=param)
 
 
 def _describe(param: str) -> str:
-    json_params = ("response_format", "json_schema", ".json", ".json_object")
+    json_params = ("response_format", "json_schema", ".json", "_json", ".json_object")
     return "the JSON schema" if param.endswith(json_params) else "the grammar"
 
 
