@@ -21,6 +21,9 @@ engine's text skips special tokens and the parsers read calls without them.
 
 Pythonic calls constrain each keyword's value by its property schema (as JSON literals,
 which the pythonic parser reads too) but not which properties are present.
+
+Argument schemas are closed (`closed_objects`): an object that lists `properties` without
+saying `additionalProperties` takes no other keys.
 """
 
 from __future__ import annotations
@@ -40,8 +43,35 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
+def closed_objects(schema: Any) -> Any:
+    """A copy of `schema` where every object schema that lists `properties` but says nothing
+    about `additionalProperties` gets `additionalProperties: false`.
+
+    A call's arguments go to a function with exactly these parameters, so undeclared ones
+    cannot be passed (OpenAI's strict mode requires the same); left open, a small model
+    invents keys until max_tokens. Schemas that set `additionalProperties` or
+    `patternProperties` themselves are kept as they are.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions", "dependentSchemas"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {k: closed_objects(v) for k, v in schema[key].items()}
+    if ("properties" in schema and "additionalProperties" not in schema
+            and "patternProperties" not in schema):
+        out["additionalProperties"] = False
+    return out
+
+
+_SUBSCHEMAS = ("items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "if", "then", "else",
+               "contains", "additionalItems")
+
+
 def _json(schema: dict[str, Any] | None) -> str:
-    schema = dict(schema if schema is not None else EMPTY_PARAMETERS)
+    schema = closed_objects(dict(schema if schema is not None else EMPTY_PARAMETERS))
     schema["x-guidance"] = {**_X_GUIDANCE, **(schema.get("x-guidance") or {})}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
