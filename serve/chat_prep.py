@@ -121,18 +121,18 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any) -> Pr
     grammar = None
     if mode in ("required", "named", "auto"):
         _check_schemas(tokenizer, req)
-        if req.constraint() is not None and mode == "auto":
-            raise InvalidRequestError(
-                "An output format ('response_format', 'structured_outputs', 'json_schema' or "
-                "'grammar') together with tools and tool_choice 'auto' is not supported; send "
-                "tool_choice 'none' (format only) or 'required' (calls only).",
-                param="response_format")
+        # With tools, a response_format shapes the text answer; under "required" or a
+        # named choice there is no text answer, so only "auto" combines the two.
+        found = req.constraint() if mode == "auto" else None
+        if found is not None:
+            _compile(tokenizer, found[0], found[1])
         functions = [(t.function.name, t.function.parameters) for t in req.tools or ()]
         if mode == "named":
             functions = [f for f in functions if f[0] == name]
-        grammar = tool_grammar(family, functions, mode=mode,
-                               parallel=req.parallel_tool_calls is True, reasoning=think)
-        grammar = LLMatcher.grammar_from_lark(grammar)
+        grammar = tool_grammar(family, functions, mode=mode, parallel=req.parallel_tool_calls is True,
+                               reasoning=think, answer=found[0] if found else None)
+        if found is None:
+            grammar = LLMatcher.grammar_from_lark(grammar)
         _compile(tokenizer, grammar, "tools")
     else:
         found = req.constraint()

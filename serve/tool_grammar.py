@@ -8,6 +8,8 @@ required      start: THINK? calls                               one call (or sev
 named         start: THINK? call_f                              parallel_tool_calls), nothing else
 auto          start: THINK? (TEXT-then-trigger call)* TEXT      free text; from the family's
                                                                 trigger on, a valid call
+auto + a      start: THINK? (calls | @answer)                   the calls, or an answer in the
+response_format                                                 format's grammar
 none          no grammar
 ```
 
@@ -31,6 +33,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from typing import Any
+
+from llguidance import LLMatcher
 
 from serve.constraints import JSON_WHITESPACE
 
@@ -70,8 +74,10 @@ _SUBSCHEMAS = ("items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "if", "
                "contains", "additionalItems")
 
 
-def _json(schema: dict[str, Any] | None) -> str:
-    schema = closed_objects(dict(schema if schema is not None else EMPTY_PARAMETERS))
+def _json(schema: dict[str, Any] | None, *, close: bool = True) -> str:
+    schema = dict(schema if schema is not None else EMPTY_PARAMETERS)
+    if close:
+        schema = closed_objects(schema)
     schema["x-guidance"] = {**_X_GUIDANCE, **(schema.get("x-guidance") or {})}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
@@ -129,6 +135,7 @@ def tool_grammar(
     mode: str,
     parallel: bool = True,
     reasoning: str | None = None,
+    answer: str | None = None,
 ) -> str:
     """Lark text (feed it to `LLMatcher.grammar_from_lark`) constraining a choice's output.
 
@@ -141,9 +148,12 @@ def tool_grammar(
         parallel: allow several calls (`parallel_tool_calls`).
         reasoning: None, "open" (a `<think>` block may come first), or "inside" (the prompt
             opened the block; the output starts inside it).
+        answer: with mode "auto", the grammar a text answer must follow (response_format
+            & co.): the output is then the calls alone, or an answer in that grammar.
 
     Returns:
-        Lark text; llguidance reports bad argument schemas when it compiles it.
+        Lark text; with `answer`, an llguidance grammar string (use it as it is).
+        llguidance reports bad argument schemas when it compiles it.
     """
     if mode not in ("required", "named", "auto"):
         raise ValueError(f"no grammar for tool mode {mode!r}")
@@ -162,7 +172,28 @@ def tool_grammar(
         lines.append('think: "<think>" think_end BLANK?')
         lines.append('think_end[lazy]: THINK_TEXT "</think>"')
         think = "think? "
-    if mode != "auto":
+    parts: list[dict[str, Any]] = []
+    if mode == "auto" and answer is not None:
+        parts = _grammar_parts(answer)
+        schema = parts[0].get("json_schema") if len(parts) == 1 else None
+        if family == "llama3_json" and isinstance(schema, dict):
+            # A JSON call and a JSON answer both start with "{", and llguidance cannot
+            # choose between two nested JSON grammars by what follows: one schema, anyOf
+            # the calls (one call, then) and the answer.
+            calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": closed_objects(
+                      p if p is not None else EMPTY_PARAMETERS)},
+                      "required": ["name", "parameters"], "additionalProperties": False}
+                     for n, p in functions]
+            ref, parts = _json({"anyOf": [*calls, schema]}, close=False), []
+            lines.append(f"start: {think}answer")
+        else:
+            ref = "@" + parts[0]["name"]
+            if isinstance(schema, dict):
+                ref, parts = _json(schema, close=False), []
+            lines.append(f"start: {think}(calls | answer)")
+            lines.append(_calls(family, "call", parallel).rstrip())
+        lines.append(f"answer: {ref}")
+    elif mode != "auto":
         lines.append(f"start: {think}calls")
         lines.append(_calls(family, "call", parallel).rstrip())
     elif family in ("hermes", "generic"):
@@ -180,7 +211,27 @@ def tool_grammar(
     lines.append(r"TEXT: /(.|\n)*/")
     lines.append(r"THINK_TEXT: /(.|\n)*/")
     lines.append(r"BLANK: /[ \t\r\n]+/")
-    return "\n".join(lines) + "\n"
+    lark = "\n".join(lines) + "\n"
+    if answer is not None and mode == "auto" and not parts:
+        return LLMatcher.grammar_from_lark(lark)
+    if parts:
+        return json.dumps({"grammars": [{"name": "tools", "lark_grammar": lark}, *parts]})
+    return lark
+
+
+def _grammar_parts(grammar: str) -> list[dict[str, Any]]:
+    """An llguidance grammar string as the list of its grammars, the first one named (so a
+    Lark rule can refer to it as `@name`)."""
+    try:
+        inner = json.loads(grammar)
+    except ValueError:
+        inner = None
+    if isinstance(inner, dict) and isinstance(inner.get("grammars"), list) and inner["grammars"]:
+        parts = [dict(g) for g in inner["grammars"]]
+    else:
+        parts = [{"lark_grammar": grammar}]
+    parts[0].setdefault("name", "answer")
+    return parts
 
 
 def after_reasoning(grammar: str, reasoning: str) -> str:
@@ -195,15 +246,8 @@ def after_reasoning(grammar: str, reasoning: str) -> str:
         A JSON grammar of two (or more) grammars: the Lark wrapper, which refers to the
         original by name (`@answer`, llguidance's grammar references).
     """
-    try:
-        inner = json.loads(grammar)
-    except ValueError:
-        inner = None
-    if isinstance(inner, dict) and isinstance(inner.get("grammars"), list) and inner["grammars"]:
-        parts = [dict(g) for g in inner["grammars"]]
-    else:
-        parts = [{"lark_grammar": grammar}]
-    name = parts[0].setdefault("name", "answer")
+    parts = _grammar_parts(grammar)
+    name = parts[0]["name"]
     if reasoning == "inside":
         head = 'start: think_end BLANK? @' + name
     else:

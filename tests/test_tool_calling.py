@@ -135,6 +135,19 @@ def test_auto_is_text_or_a_valid_call(client, prompt):
         assert choice.finish_reason in ("stop", "length") and message.content
 
 
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_auto_with_response_format_is_a_call_or_a_valid_answer(client, prompt):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 80}},
+              "required": ["answer"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "Answer", "schema": schema, "strict": True}}
+    choice = _chat(client, prompt, tool_choice="auto", response_format=fmt).choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        _check_call(choice.message.tool_calls[0])
+    else:
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
 def test_none_renders_tools_and_calls_nothing(client):
     choice = _chat(client, PROMPTS[0], tool_choice="none").choices[0]
     assert choice.message.tool_calls is None and choice.message.content
@@ -224,7 +237,6 @@ def test_legacy_functions(client):
     ({"tools": [{"type": "retrieval"}]}, "tools.[0].type"),
     ({"tools": TOOLS + TOOLS[:1]}, "tools"),
     ({"tools": TOOLS, "functions": [TOOLS[0]["function"]]}, "functions"),
-    ({"tools": TOOLS, "tool_choice": "auto", "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]},
      "messages.[1].tool_call_id"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [

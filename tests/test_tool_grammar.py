@@ -116,3 +116,24 @@ def test_undeclared_arguments_are_refused(tok):
     ok = '<tool_call>\n{"name": "f", "arguments": {"city": "Oslo"}}\n</tool_call>'
     assert _accepts(tok, lark, ok)
     assert not _accepts(tok, lark, ok.replace('"Oslo"', '"Oslo", "extra": 1'))
+
+
+@pytest.mark.parametrize("family,call", [
+    ("hermes", '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>'),
+    ("llama3_json", '{"name": "ping", "parameters": {}}'),
+])
+def test_auto_with_an_answer_format(tok, family, call):
+    answer = LLMatcher.grammar_from_json_schema(
+        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    grammar = tool_grammar(family, FUNCS, mode="auto", answer=answer)
+    ll = ll_tokenizer(tok)
+    assert LLMatcher.validate_grammar(grammar, ll) == ""
+
+    def accepts(text):
+        m = LLMatcher(ll, grammar, log_level=0)
+        return m.consume_tokens(tok.encode(text, add_special_tokens=False)) and m.is_accepting()
+
+    assert accepts(call)
+    assert accepts('{"n": 3}')
+    assert not accepts("free text")
+    assert not accepts('{"n": "x"}')

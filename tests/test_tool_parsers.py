@@ -81,6 +81,8 @@ GOLDEN = [
      [*_call(0, "get_weather", '{"city": "Paris", "days": 3}'), *_call(1, "ping", "{}")]),
     ("pythonic", "[f(a=[1, 'x)'], b={'k': True})]", _call(0, "f", '{"a": [1, "x)"], "b": {"k": true}}')),
     ("pythonic", "[citation needed] text", [TextDelta("[citation needed] text")]),
+    ("pythonic", '[f(on=true, off=False, x=null, l=[1, {"k": None}])]',
+     _call(0, "f", '{"on": true, "off": false, "x": null, "l": [1, {"k": null}]}')),
     # no tool parser
     (None, "<tool_call>{}</tool_call>", [TextDelta("<tool_call>{}</tool_call>")]),
 ]

@@ -29,6 +29,7 @@ import ast
 import json
 import re
 from collections.abc import Callable
+from typing import Any
 
 from serve.parsers.deltas import Delta, TextDelta, ToolCallArgs, ToolCallStart
 from serve.parsers.json_call import JsonCallScanner, NotACall
@@ -272,7 +273,7 @@ class _PythonicBody(_Body):
                 name = ast.unparse(call.func)
                 if not re.fullmatch(r"[\w.-]+", name):
                     raise NotACall(self.raw)
-                args = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+                args = {kw.arg: _literal(kw.value) for kw in call.keywords if kw.arg}
                 parsed.append((name, json.dumps(args, ensure_ascii=False)))
         except (SyntaxError, ValueError, TypeError, RecursionError):
             raise NotACall(self.raw) from None
@@ -286,6 +287,23 @@ class _PythonicBody(_Body):
         if re.match(r"\[\s*[A-Za-z_][\w.]*\(", self.raw):
             return []  # a call list cut short: markup, dropped
         raise NotACall(self.raw)  # "[1" and the like: text
+
+
+_JSON_NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+
+
+def _literal(node: ast.expr) -> Any:
+    """A Python literal, also spelled the JSON way (`true`, `null`): what pythonic models
+    and llorch's pythonic grammar write. Raises ValueError for anything else."""
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    if isinstance(node, ast.List | ast.Tuple):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise ValueError("** in a dict")
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True)}  # type: ignore[arg-type]
+    return ast.literal_eval(node)
 
 
 class ToolCallParser:
