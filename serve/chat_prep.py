@@ -31,7 +31,7 @@ from typing import Any
 from llguidance import LLMatcher
 
 from serve.chat_template import ChatTemplateError, template_variables
-from serve.constraints import compiled
+from serve.constraints import compiled, require_compiled
 from serve.errors import InvalidRequestError
 from serve.parsers import ChoiceParser, detect_reasoning_parser, detect_tool_parser
 from serve.protocol import ChatCompletionRequest
@@ -154,12 +154,7 @@ def _renders_tools(template: str) -> bool:
 
 
 def _compile(tokenizer: Any, grammar: str, param: str) -> None:
-    """`serve.constraints.check_grammar`'s check, synchronously (we are in the thread pool)."""
-    item = compiled(grammar, tokenizer)
-    if isinstance(item, str):
-        json_params = ("response_format", "json_schema", ".json", ".json_object")
-        what = "the JSON schema" if param.endswith(json_params) else "the grammar"
-        raise InvalidRequestError(f"Invalid '{param}': {what} cannot be enforced: {item}", param=param)
+    require_compiled(grammar, tokenizer, param=param)  # we are in the thread pool already
 
 
 def _check_schemas(tokenizer: Any, req: ChatCompletionRequest) -> None:

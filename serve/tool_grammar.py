@@ -24,7 +24,7 @@ engine's text skips special tokens and the parsers read calls without them.
 Pythonic calls constrain each keyword's value by its property schema (as JSON literals,
 which the pythonic parser reads too) but not which properties are present.
 
-Argument schemas are closed (`closed_objects`): an object that lists `properties` without
+Argument schemas are closed (`serve.constraints.close_objects`): an object that lists `properties` without
 saying `additionalProperties` takes no other keys.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
-from serve.constraints import JSON_WHITESPACE
+from serve.constraints import JSON_WHITESPACE, close_objects
 
 # Same whitespace rules and strictness as response_format schemas (serve.constraints).
 _X_GUIDANCE = {"whitespace_pattern": JSON_WHITESPACE, "lenient": False}
@@ -47,37 +47,10 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
-def closed_objects(schema: Any) -> Any:
-    """A copy of `schema` where every object schema that lists `properties` but says nothing
-    about `additionalProperties` gets `additionalProperties: false`.
-
-    A call's arguments go to a function with exactly these parameters, so undeclared ones
-    cannot be passed (OpenAI's strict mode requires the same); left open, a small model
-    invents keys until max_tokens. Schemas that set `additionalProperties` or
-    `patternProperties` themselves are kept as they are.
-    """
-    if isinstance(schema, list):
-        return [closed_objects(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed_objects(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
-    for key in ("properties", "$defs", "definitions", "dependentSchemas"):
-        if isinstance(schema.get(key), dict):
-            out[key] = {k: closed_objects(v) for k, v in schema[key].items()}
-    if ("properties" in schema and "additionalProperties" not in schema
-            and "patternProperties" not in schema):
-        out["additionalProperties"] = False
-    return out
-
-
-_SUBSCHEMAS = ("items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "if", "then", "else",
-               "contains", "additionalItems")
-
-
 def _json(schema: dict[str, Any] | None, *, close: bool = True) -> str:
     schema = dict(schema if schema is not None else EMPTY_PARAMETERS)
     if close:
-        schema = closed_objects(schema)
+        schema = close_objects(schema)
     schema["x-guidance"] = {**_X_GUIDANCE, **(schema.get("x-guidance") or {})}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 
@@ -180,7 +153,7 @@ def tool_grammar(
             # A JSON call and a JSON answer both start with "{", and llguidance cannot
             # choose between two nested JSON grammars by what follows: one schema, anyOf
             # the calls (one call, then) and the answer.
-            calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": closed_objects(
+            calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": close_objects(
                       p if p is not None else EMPTY_PARAMETERS)},
                       "required": ["name", "parameters"], "additionalProperties": False}
                      for n, p in functions]

@@ -96,20 +96,6 @@ def test_reasoning_prefix(tok):
     assert not _accepts(tok, opened, "<think>\nhmm\n</think>\n\nprose " + call)
 
 
-def test_closed_objects():
-    from serve.tool_grammar import closed_objects
-
-    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}},
-                                               "c": {"type": "array", "items": {"properties": {}}}},
-              "$defs": {"D": {"properties": {"x": {}}, "additionalProperties": True}}}
-    closed = closed_objects(schema)
-    assert closed["additionalProperties"] is False
-    assert closed["properties"]["a"]["additionalProperties"] is False
-    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
-    assert closed["$defs"]["D"]["additionalProperties"] is True  # said so itself
-    assert "additionalProperties" not in schema  # a copy
-
-
 def test_undeclared_arguments_are_refused(tok):
     open_schema = {"type": "object", "properties": {"city": {"type": "string"}}}
     lark = tool_grammar("hermes", [("f", open_schema)], mode="required")
