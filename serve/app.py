@@ -228,7 +228,7 @@ async def get_model(request: Request, state: _State) -> Response:
 
 
 async def tokenize(request: Request, state: _State) -> Response:
-    """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...],
+    """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...], "tools"?: [...],
     "add_generation_prompt"?: true}` → `{"tokens", "count", "max_model_len"}` (vLLM)."""
     _authorize(request, state)
     data = await _read_json(request, state.options.max_body_bytes)
@@ -236,7 +236,8 @@ async def tokenize(request: Request, state: _State) -> Response:
     engine = _engine(state)
     tokenizer = engine.tokenizer
     if "messages" in data:
-        req = parse_request(ChatCompletionRequest, {"messages": data["messages"]})
+        req = parse_request(ChatCompletionRequest, {k: data[k] for k in ("messages", "tools", "chat_template_kwargs")
+                                                    if k in data})
         generation_prompt = _flag(data, "add_generation_prompt", True)
         special = _flag(data, "add_special_tokens", False)
 

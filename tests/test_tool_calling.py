@@ -210,9 +210,11 @@ def test_round_trip(client, base_url):
     assert answer.message.tool_calls is None
     assert answer.message.content and answer.finish_reason in ("stop", "length")
     # the call and the tool result reached the prompt (generic format: a user turn)
-    tokens = httpx.post(f"{base_url}/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
+    tokens = httpx.post(f"{base_url}/tokenize", json={"messages": messages, "tools": TOOLS},
+                        timeout=30).json()["tokens"]
     prompt = httpx.post(f"{base_url}/detokenize", json={"tokens": tokens}, timeout=30).json()["prompt"]
     assert "<tool_response>" in prompt and '"sky": "sunny"' in prompt and '"name": "get_weather"' in prompt
+    assert "# Tools" in prompt and '"description": "Search the web"' in prompt
 
 
 def test_legacy_functions(client):
