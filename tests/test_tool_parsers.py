@@ -60,6 +60,8 @@ GOLDEN = [
      [TextDelta("<tool_call> not json </tool_call> ok")]),
     ("hermes", '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>',
      _call(0, "f", '{"a": 1}')),
+    ("hermes", '<tool_call>[{"name": "a", "arguments": {"x": [1]}}, {"name": "b", "arguments": {}}]</tool_call>',
+     [*_call(0, "a", '{"x": [1]}'), *_call(1, "b", "{}")]),
     ("generic", '<tool_call>{"name": "f", "arguments": {"a": [1, {"b": null}]}}</tool_call>',
      _call(0, "f", '{"a": [1, {"b": null}]}')),
     # llama 3.1-3.3 JSON

@@ -51,7 +51,7 @@ def family_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 def _openai_messages():
     return [
-        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Be brief."},  # OpenAI's new name for system
         {"role": "user", "content": "Weather in Paris for 2 days?"},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": CALL_ID, "type": "function",

@@ -104,19 +104,37 @@ class _Body:
 
 
 class _TaggedJsonBody(_Body):
-    """`{…}</tool_call>` after `<tool_call>`: one object, then the closing tag."""
+    """`{…}</tool_call>` after `<tool_call>`: one object (or a list of them, as SmolLM2 and
+    some Hermes fine-tunes write), then the closing tag."""
 
     def __init__(self, calls: _Calls, end_tag: str) -> None:
-        self.call, self.end_tag = _JsonCall(calls), end_tag
-        self.tail = ""  # text after the object, while it may be the closing tag
+        self.calls, self.end_tag = calls, end_tag
+        self.inner: _JsonCall | _JsonListBody | None = None
+        self.head = ""  # blanks before the first character
+        self.tail: str | None = None  # text after the object, while it may be the closing tag
 
     def feed(self, text: str) -> tuple[list[Delta], str | None]:
         out: list[Delta] = []
-        if not self.call.scan.done:
-            out, used = self.call.feed(text)
-            text = text[used:]
-            if not self.call.scan.done:
+        if self.inner is None:
+            self.head += text
+            text = self.head.lstrip(_WS)
+            if not text:
                 return out, None
+            self.inner = _JsonListBody(self.calls, ",", "]") if text[0] == "[" else _JsonCall(self.calls)
+            if text[0] == "[":
+                text = text[1:]
+        if self.tail is None:
+            if isinstance(self.inner, _JsonCall):
+                out, used = self.inner.feed(text)
+                text = text[used:]
+                if not self.inner.scan.done:
+                    return out, None
+            else:
+                out, rest = self.inner.feed(text)
+                if rest is None:
+                    return out, None
+                text = rest
+            self.tail = ""
         self.tail += text
         stripped = self.tail.lstrip(_WS)
         if stripped.startswith(self.end_tag):
@@ -126,7 +144,7 @@ class _TaggedJsonBody(_Body):
         return out, stripped  # no closing tag: the rest is text
 
     def finish(self) -> list[Delta]:
-        return self.call.finish() if not self.call.scan.done else []
+        return self.inner.finish() if self.inner is not None else []
 
 
 class _JsonListBody(_Body):
