@@ -41,7 +41,11 @@ from typing import Any
 import numpy as np
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
 from llguidance.gbnf_to_lark import any_to_lark
-from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
+from llguidance.numpy import (
+    allocate_token_bitmask,
+    fill_next_token_bitmask,
+    fill_next_token_bitmask_par,
+)
 from starlette.concurrency import run_in_threadpool
 
 from serve.errors import InvalidRequestError
@@ -434,8 +438,9 @@ class Constraint:
         allowed = np.unpackbits(words.view(np.uint8), count=n, bitorder="little").view(bool)
         if not self.allow_eos and not self.done:
             allowed[[e for e in self.eos_ids if e < n]] = False
-        out = np.full(logits.shape, -np.inf, dtype=np.float32)
-        np.copyto(out[:n], logits[:n], where=allowed)
+        out = np.where(allowed, logits[:n], _NEG_INF)  # one pass: 3x faster than fill + copyto
+        if logits.shape[-1] > n:  # ids past the tokenizer's vocabulary: never allowed
+            out = np.concatenate([out, np.full(logits.shape[-1] - n, _NEG_INF, np.float32)])
         return out
 
     def consume(self, token: int) -> None:
@@ -448,15 +453,24 @@ class Constraint:
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
 
 
+_NEG_INF = np.float32(-np.inf)
+# Below this many constrained rows the masks are filled one after the other (each call drops
+# the GIL too): measured on 2 busy vCPUs, llguidance's thread pool took 4.0 ms a step for 8
+# rows where one thread took 1.3 ms. Many rows on many cores is what the pool is for.
+PARALLEL_FILL_ROWS = 16
 _executor: LLExecutor | None = None
 
 
 def fill_bitmasks(constraints: Sequence[Constraint]) -> np.ndarray:
-    """Every constraint's next-token bitmask, int32 [len, ceil(vocab/32)], computed in
-    parallel by llguidance's thread pool with the GIL released."""
+    """Every constraint's next-token bitmask, int32 [len, ceil(vocab/32)]; llguidance computes
+    them with the GIL released (in its thread pool from `PARALLEL_FILL_ROWS` rows on)."""
     global _executor
+    bitmask = allocate_token_bitmask(len(constraints), constraints[0].vocab)
+    if len(constraints) < PARALLEL_FILL_ROWS:
+        for i, c in enumerate(constraints):
+            fill_next_token_bitmask(c.matcher, bitmask, i)
+        return bitmask
     if _executor is None:
         _executor = LLExecutor()
-    bitmask = allocate_token_bitmask(len(constraints), constraints[0].vocab)
     fill_next_token_bitmask_par(_executor, [(c.matcher, i) for i, c in enumerate(constraints)], bitmask)
     return bitmask
