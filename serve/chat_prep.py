@@ -97,8 +97,8 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any) -> Pr
 
     Raises:
         InvalidRequestError: the template rejects the messages (param "messages"), a tool's
-            parameters schema cannot be enforced (`tools.[i].function.parameters`), an
-            unenforceable response_format, or an unsupported combination (named).
+            parameters schema cannot be enforced (`tools.[i].function.parameters`), a
+            malformed or unenforceable response_format (or vLLM / llama.cpp equivalent).
     """
     template = tokenizer.chat_template
     native = _renders_tools(template)
@@ -109,6 +109,7 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any) -> Pr
     reasoning = detect_reasoning_parser(template) if reasoning_opt == "auto" else (
         None if reasoning_opt == "none" else reasoning_opt)
     mode, name = req.tool_mode()
+    found = req.constraint()  # validated whatever the mode (raises on a malformed one)
 
     text = render_chat(tokenizer, req, native=native, family=family)
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -122,8 +123,9 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any) -> Pr
     if mode in ("required", "named", "auto"):
         _check_schemas(tokenizer, req)
         # With tools, a response_format shapes the text answer; under "required" or a
-        # named choice there is no text answer, so only "auto" combines the two.
-        found = req.constraint() if mode == "auto" else None
+        # named choice the call is the whole output, so only "auto" combines the two.
+        if mode != "auto":
+            found = None
         if found is not None:
             _compile(tokenizer, found[0], found[1])
         functions = [(t.function.name, t.function.parameters) for t in req.tools or ()]
@@ -135,7 +137,6 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any) -> Pr
             grammar = LLMatcher.grammar_from_lark(grammar)
         _compile(tokenizer, grammar, "tools")
     else:
-        found = req.constraint()
         if found is not None:
             grammar, param = found
             _compile(tokenizer, grammar, param)  # the unwrapped one names its own errors
