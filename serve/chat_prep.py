@@ -211,6 +211,20 @@ def generic_system_prompt(tools: list[dict[str, Any]], *, mode: str, name: str |
             + GENERIC_MODES[mode].format(name=name))
 
 
+def _calls_text(family: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
+    """Earlier calls written in the syntax the system turn asks for (`GENERIC_CALL_FORMATS`)."""
+    if family == "llama3_json":
+        return "; ".join(json.dumps({"name": n, "parameters": a}, ensure_ascii=False) for n, a in calls)
+    if family == "mistral":
+        return json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=False)
+    if family == "pythonic":
+        return "[" + ", ".join(
+            f"{n}(" + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in a.items()) + ")"
+            for n, a in calls) + "]"
+    return "\n".join("<tool_call>\n" + json.dumps({"name": n, "arguments": a}, ensure_ascii=False)
+                     + "\n</tool_call>" for n, a in calls)
+
+
 def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *,
                      mode: str, name: str | None, family: str = "generic") -> list[dict[str, Any]]:
     """Messages for a template without tool support: the tool block in the system turn,
@@ -219,12 +233,10 @@ def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     for m in messages:
         role = m["role"]
         if role == "assistant" and m.get("tool_calls"):
-            calls = "\n".join(
-                "<tool_call>\n" + json.dumps({"name": c["function"]["name"],
-                                              "arguments": c["function"]["arguments"]},
-                                             ensure_ascii=False) + "\n</tool_call>"
-                for c in m["tool_calls"])
-            out.append({"role": "assistant", "content": (m.get("content") or "") + ("\n" if m.get("content") else "") + calls})
+            calls = _calls_text(family, [(c["function"]["name"], c["function"]["arguments"])
+                                         for c in m["tool_calls"]])
+            text = m.get("content") or ""
+            out.append({"role": "assistant", "content": f"{text}\n{calls}" if text else calls})
         elif role == "tool":
             block = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
             if out and out[-1].get("_tool"):

@@ -155,3 +155,16 @@ def test_call_cut_before_its_name_is_dropped(family, text):
     out = _all_splits_agree(text, family=family)
     assert all(isinstance(d, TextDelta) for d in out)
     assert "".join(d.text for d in out) == text[:text.index("<")] if "<" in text else not out
+
+
+@pytest.mark.parametrize("family", ["generic", "llama3_json", "mistral", "pythonic"])
+def test_generic_history_reads_back_as_the_same_calls(family):
+    """An earlier call rendered into a generic-format prompt is what that family's parser
+    reads as the same call (so the model sees its own syntax)."""
+    from serve.chat_prep import _calls_text
+
+    calls = [("get_weather", {"city": "Paris", "ok": True, "n": None}), ("ping", {})]
+    out = _parse([_calls_text(family, calls)], family=family)
+    names = [d.name for d in out if isinstance(d, ToolCallStart)]
+    args = [json.loads(d.fragment) for d in out if isinstance(d, ToolCallArgs)]
+    assert names == ["get_weather", "ping"] and args == [c[1] for c in calls]
