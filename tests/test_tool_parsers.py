@@ -133,6 +133,8 @@ def test_truncated_call_keeps_the_started_call():
     ("{{ '<tool_call>' }}{{ tools }}", True, "hermes"),
     ("{{ '[TOOL_CALLS]' }}{{ tools }}", True, "mistral"),
     ("{{ '<|python_tag|>' }}{{ tools }}", True, "llama3_json"),
+    ("{{ '\"parameters\": <tool_call>' }}{{ tools }}", True, "hermes"),
+    ("{{ tools }}", True, "hermes"),
     ("[func_name1(params_name1=params_value1)] {{ tools }}", True, "pythonic"),
     ("{{ messages }}", False, "generic"),
 ])

@@ -72,6 +72,8 @@ def detect_tool_parser(template: str, *, renders_tools: bool) -> str:
         return "mistral"
     if "func_name1(" in template or "<|python_start|>" in template:
         return "pythonic"
+    if "<tool_call>" in template:  # before "parameters": Hermes templates spell out schemas
+        return "hermes"
     if "<|python_tag|>" in template or '"parameters"' in template:
         return "llama3_json"
     return "hermes"  # <tool_call>: Hermes, Qwen2.5/3, and the most common default
