@@ -322,8 +322,8 @@ def _check_tool_choice(value: Any, *, legacy: bool = False) -> str | dict[str, A
             raise ValueError(f"{value!r} is not one of {list(modes)} or an object naming a function")
         return value
     if isinstance(value, dict):
-        name = value.get("name") if legacy else (value.get("function") or {}).get("name") \
-            if isinstance(value.get("function"), dict) else None
+        function = value if legacy else value.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if not legacy and value.get("type", "function") != "function":
             raise ValueError("only {'type': 'function', 'function': {'name': ...}} may be named")
         if isinstance(name, str) and name:
