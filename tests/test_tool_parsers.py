@@ -83,6 +83,10 @@ GOLDEN = [
      [*_call(0, "get_weather", '{"city": "Paris", "days": 3}'), *_call(1, "ping", "{}")]),
     ("pythonic", "[f(a=[1, 'x)'], b={'k': True})]", _call(0, "f", '{"a": [1, "x)"], "b": {"k": true}}')),
     ("pythonic", "[citation needed] text", [TextDelta("[citation needed] text")]),
+    ("pythonic", "[f(**kw)]", [TextDelta("[f(**kw)]")]),
+    ("hermes", '<tool_call>{"\\q": 1}</tool_call>', [TextDelta('<tool_call>{"\\q": 1}</tool_call>')]),
+    ("llama3_json", '{"name": "a\\u12"}', [TextDelta('{"name": "a\\u12"}')]),
+    ("mistral", '[TOOL_CALLS]f[ARGS]"x', [*_call(0, "f", "{}"), TextDelta('"x')]),
     ("pythonic", '[f(on=true, off=False, x=null, l=[1, {"k": None}])]',
      _call(0, "f", '{"on": true, "off": false, "x": null, "l": [1, {"k": null}]}')),
     # no tool parser
@@ -170,3 +174,31 @@ def test_generic_history_reads_back_as_the_same_calls(family):
     names = [d.name for d in out if isinstance(d, ToolCallStart)]
     args = [json.loads(d.fragment) for d in out if isinstance(d, ToolCallArgs)]
     assert names == ["get_weather", "ping"] and args == [c[1] for c in calls]
+
+
+PIECES = ["<tool_call>", "</tool_call>", "<think>", "</think>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
+          '{"name": "f", "arguments": ', '{"name": ', '"parameters": ', "{", "}", "[", "]", "(", ")",
+          '"', "\\", "\\q", ",", ";", ":", " ", "\n", "f(a=1)", "true", "null", "x", "é", '"\\u12"',
+          '{"\\q": 1}', '"name": "\\q"', "f(**a)", '"x', "[{"]
+
+
+@pytest.mark.parametrize("family", ["hermes", "llama3_json", "mistral", "pythonic", None])
+def test_fuzzed_outputs_parse_the_same_in_any_split(family):
+    """Arbitrary mixes of markup never raise, and splits never change the parse."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(parts=st.lists(st.sampled_from(PIECES), max_size=14), cuts=st.lists(st.integers(0, 200), max_size=4),
+           reasoning=st.booleans())
+    def check(parts, cuts, reasoning):
+        text = "".join(parts)
+        kw = dict(family=family, reasoning=reasoning)
+        whole = _parse([text], **kw)
+        bounds = sorted({min(c, len(text)) for c in cuts})
+        pieces = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+        assert _parse(pieces, **kw) == whole
+        starts = {d.index for d in whole if isinstance(d, ToolCallStart)}
+        assert {d.index for d in whole if isinstance(d, ToolCallArgs)} <= starts
+
+    check()

@@ -71,7 +71,7 @@ class JsonCallScanner:
             elif ch == '"':
                 self.in_str = False
                 if self.depth == 1 and self.expect == "key":
-                    self.key = json.loads(self.raw[self.value_start:i + 1])
+                    self.key = _string(self.raw[self.value_start:i + 1], self.raw)
                     self.expect = "colon"
                 elif self.depth == 1 and self.expect == "in_value" and self.value_kind == "str":
                     self._end_value(i + 1)
@@ -127,7 +127,7 @@ class JsonCallScanner:
     def _end_value(self, end: int) -> None:
         value = self.raw[self.value_start:end]
         if self.key in self.name_keys and self.value_kind == "str" and self.name is None:
-            self.name = json.loads(value)
+            self.name = _string(value, self.raw)
         if self.key in self.args_keys and self.args_start == self.value_start:
             self.args_end = end
         self.expect = "comma"
@@ -153,3 +153,11 @@ class JsonCallScanner:
         if self.args_kind == "scalar":
             return "{}" if value == "null" else value
         return value
+
+
+def _string(literal: str, raw: str) -> str:
+    """A JSON string literal's value; a bad escape means this is no call."""
+    try:
+        return json.loads(literal)
+    except ValueError:
+        raise NotACall(raw) from None

@@ -233,10 +233,12 @@ class _ArgsBody(_Body):
     def feed(self, text: str) -> tuple[list[Delta], str | None]:
         out: list[Delta] = [] if self.started else [self.start]
         self.started = True
+        before = len(self.scan.raw)
         try:
             used = self.scan.feed(text)
         except NotACall:  # not an object: empty arguments, the rest is text
-            return out + [ToolCallArgs(self.start.index, "{}")], self.scan.raw.lstrip(_WS)
+            rest = self.scan.raw + text[len(self.scan.raw) - before:]
+            return out + [ToolCallArgs(self.start.index, "{}")], rest.lstrip(_WS)
         fragment = text[:used]
         if not self.begun:
             fragment = fragment.lstrip(_WS)
@@ -286,12 +288,12 @@ class _PythonicBody(_Body):
                 raise NotACall(self.raw)
             parsed = []
             for call in tree.elts:
-                if not isinstance(call, ast.Call) or call.args:
-                    raise NotACall(self.raw)
+                if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+                    raise NotACall(self.raw)  # positional or ** arguments: not a call we can name
                 name = ast.unparse(call.func)
                 if not re.fullmatch(r"[\w.-]+", name):
                     raise NotACall(self.raw)
-                args = {kw.arg: _literal(kw.value) for kw in call.keywords if kw.arg}
+                args = {kw.arg: _literal(kw.value) for kw in call.keywords}
                 parsed.append((name, json.dumps(args, ensure_ascii=False)))
         except (SyntaxError, ValueError, TypeError, RecursionError):
             raise NotACall(self.raw) from None
