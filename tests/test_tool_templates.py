@@ -173,3 +173,21 @@ def test_reasoning_content_through_the_server(family_dirs, tmp_path_factory):
                     streamed += (delta.model_extra or {}).get("reasoning_content") or ""
                     content += delta.content or ""
             assert streamed == reasoning and content == (whole.content or "")
+
+
+def test_required_call_after_reasoning(family_server):
+    """Qwen3 with thinking on: a `<think>` block may come first, then the constrained call."""
+    family, client = family_server
+    if family != "qwen3":
+        pytest.skip("a reasoning template only")
+    choice = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather in Rome?"}], tools=TOOLS,
+        tool_choice="required", temperature=0, max_tokens=120).choices[0]
+    reasoning = (choice.message.model_extra or {}).get("reasoning_content") or ""
+    assert "<think>" not in reasoning and "</think>" not in reasoning
+    assert choice.message.content is None or "<tool_call>" not in choice.message.content
+    if choice.finish_reason == "tool_calls":
+        [call] = choice.message.tool_calls
+        assert set(json.loads(call.function.arguments)) == {"city", "days"}
+    else:  # the random model thought until max_tokens: all of it is reasoning
+        assert choice.finish_reason == "length" and reasoning and not choice.message.tool_calls
