@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve.constraints import request_grammar
 from serve.errors import InvalidRequestError
 from serve.sampling import SamplingParams
+from serve.tool_protocol import FunctionCall, FunctionDef, ToolCall, ToolDef, check_tool_choice
 
 log = logging.getLogger("serve.protocol")
 
@@ -160,44 +160,6 @@ class _FieldError(ValueError):
 # ----------------------------------------------------------------------------- chat
 
 
-TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-
-
-class FunctionCall(_Request):
-    """An assistant turn's call: `arguments` is the JSON text the model wrote."""
-
-    name: str
-    arguments: str = "{}"
-
-    @field_validator("arguments", mode="before")
-    @classmethod
-    def _arguments(cls, value: Any) -> str:
-        if isinstance(value, dict):  # some clients send the object itself
-            return json.dumps(value, ensure_ascii=False)
-        if not isinstance(value, str):
-            raise ValueError("must be a JSON string")
-        try:
-            parsed = json.loads(value) if value.strip() else {}
-        except ValueError:
-            raise ValueError(f"{value[:40]!r} is not valid JSON") from None
-        if not isinstance(parsed, dict):
-            raise ValueError("must be a JSON object")
-        return value
-
-
-class ToolCall(_Request):
-    id: str
-    type: str = "function"
-    function: FunctionCall
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, value: str) -> str:
-        if value != "function":
-            raise ValueError(f"'{value}' is not supported; only 'function'")
-        return value
-
-
 class ChatMessage(_Request):
     role: str
     content: str | None = None
@@ -275,63 +237,6 @@ class ChatMessage(_Request):
         return message
 
 
-class FunctionDef(_Request):
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        if not TOOL_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} does not match '^[a-zA-Z0-9_-]{{1,64}}$'")
-        return name
-
-    def to_template(self) -> dict[str, Any]:
-        """The JSON-schema dict Hugging Face templates iterate (`{"type": "function",
-        "function": {"name", "description", "parameters"}}`)."""
-        function: dict[str, Any] = {"name": self.name}
-        if self.description is not None:
-            function["description"] = self.description
-        function["parameters"] = self.parameters if self.parameters is not None else {
-            "type": "object", "properties": {}}
-        return {"type": "function", "function": function}
-
-
-class ToolDef(_Request):
-    type: str = "function"
-    function: FunctionDef
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, value: str) -> str:
-        if value != "function":
-            raise ValueError(f"tools of type '{value}' are not supported; only 'function'")
-        return value
-
-
-def _check_tool_choice(value: Any, *, legacy: bool = False) -> str | dict[str, Any] | None:
-    """`"none" | "auto" | "required" | {"type": "function", "function": {"name"}}` (legacy
-    `function_call`: `"none" | "auto" | {"name"}`) → the mode, or `{"name": …}`."""
-    if value is None:
-        return None
-    modes = ("none", "auto") if legacy else ("none", "auto", "required")
-    if isinstance(value, str):
-        if value not in modes:
-            raise ValueError(f"{value!r} is not one of {list(modes)} or an object naming a function")
-        return value
-    if isinstance(value, dict):
-        function = value if legacy else value.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if not legacy and value.get("type", "function") != "function":
-            raise ValueError("only {'type': 'function', 'function': {'name': ...}} may be named")
-        if isinstance(name, str) and name:
-            return {"name": name}
-    shape = "{'name': ...}" if legacy else "{'type': 'function', 'function': {'name': ...}}"
-    raise ValueError(f"must be one of {list(modes)} or {shape}")
-
-
 class ChatCompletionRequest(_Sampling, _Constrained):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
@@ -365,12 +270,12 @@ class ChatCompletionRequest(_Sampling, _Constrained):
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _tool_choice(cls, value: Any) -> Any:
-        return _check_tool_choice(value)
+        return check_tool_choice(value)
 
     @field_validator("function_call", mode="before")
     @classmethod
     def _function_call(cls, value: Any) -> Any:
-        return _check_tool_choice(value, legacy=True)
+        return check_tool_choice(value, legacy=True)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
