@@ -75,10 +75,12 @@ CACHE_SIZE = 64  # compiled grammars kept (LRU by grammar text)
 
 def grammar_for_json_schema(schema: Any, *, param: str) -> str:
     """The grammar of JSON documents valid under `schema` (a JSON Schema object, or its
-    JSON text). Only the shape is checked here; `check_grammar` finds unsupported keywords.
+    JSON text). Only the shape (and `_check_min_properties`) is checked here; `check_grammar`
+    finds what llguidance does not support.
 
     Raises:
-        InvalidRequestError: `schema` is not a JSON object (or `true`).
+        InvalidRequestError: `schema` is not a JSON object (or `true`), or needs what
+            llguidance would not enforce.
     """
     if isinstance(schema, str):
         try:
@@ -90,8 +92,36 @@ def grammar_for_json_schema(schema: Any, *, param: str) -> str:
         schema = {}
     if not isinstance(schema, Mapping):
         raise InvalidRequestError(f"Invalid '{param}': a JSON schema must be an object.", param=param)
-    return LLMatcher.grammar_from_json_schema(close_objects(schema), defaults=_JSON_DEFAULTS,
+    closed = close_objects(schema)
+    _check_min_properties(closed, param)
+    return LLMatcher.grammar_from_json_schema(closed, defaults=_JSON_DEFAULTS,
                                               overrides=_JSON_OVERRIDES)
+
+
+def _check_min_properties(schema: Any, param: str) -> None:
+    """llguidance may write a key matched by `additionalProperties` or `patternProperties`
+    twice and counts both toward `minProperties`, while a JSON parser keeps one: refuse a
+    `minProperties` that such keys would have to make up (beyond the `required` ones)."""
+    if isinstance(schema, list):
+        for s in schema:
+            _check_min_properties(s, param)
+        return
+    if not isinstance(schema, Mapping):
+        return
+    extra_keys = "patternProperties" in schema or schema.get("additionalProperties", True) is not False
+    if isinstance(schema.get("minProperties"), int) and extra_keys and \
+            schema["minProperties"] > len(set(schema.get("required") or ())):
+        raise InvalidRequestError(
+            f"Invalid '{param}': the JSON schema cannot be enforced: 'minProperties' "
+            f"{schema['minProperties']} over keys outside 'properties' (a generated object may "
+            "repeat such a key, which parsers count once); list the keys in 'properties' and "
+            "set 'additionalProperties': false.", param=param)
+    for key, value in schema.items():  # every subschema, and maps of them (checked alike)
+        if key not in _DATA_KEYWORDS and isinstance(value, Mapping | list):
+            _check_min_properties(value, param)
+
+
+_DATA_KEYWORDS = ("const", "enum", "default", "examples", "required")  # values, not schemas
 
 
 # Keywords whose value is a subschema, a list of them, or a map of name → subschema, where

@@ -125,6 +125,25 @@ def test_unenforceable_schema_features_are_named(schema, keyword):
     assert "cannot be enforced" in err.message and keyword in err.message
 
 
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "minProperties": 2},
+    {"type": "object", "properties": {"a": {}}, "additionalProperties": True, "minProperties": 2},
+    {"type": "array", "items": {"type": "object", "patternProperties": {"^x": {}}, "minProperties": 1}},
+])
+def test_min_properties_over_keys_outside_properties_is_refused(schema):
+    """llguidance may repeat such a key and count it twice; a parser keeps one."""
+    err = _error(json_schema=schema)
+    assert err.param == "json_schema" and "minProperties" in err.message
+
+
+def test_min_properties_with_optional_listed_keys_is_refused_by_llguidance():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+              "minProperties": 2}
+    err = _error(json_schema=schema)
+    assert "min/maxProperties" in err.message
+    assert request_grammar(json_schema={"enum": [{"minProperties": 3}]}) is not None  # data, not a schema
+
+
 def test_regex_errors_name_the_grammar():
     err = _error(structured_outputs={"regex": "a(?=b)"})
     assert err.param == "structured_outputs.regex"
