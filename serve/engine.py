@@ -8,7 +8,7 @@
    ▲                                 3. prefill one chunk of the oldest admitted prompt
    │                                            (then copy its KV to the sibling choices' slots)
    │                                 4. decode  one Runtime.decode over every running slot
-   │                                 5. constrained rows: grammar bitmasks, filled together
+   │                                 5. constrained rows: grammar bitmask → forbidden logits -inf
    │                                 6. per choice: Sampler → detokenizer → StopMatcher
    └── asyncio.Queue per request ◄── Event (call_soon_threadsafe)
 ```
@@ -430,9 +430,9 @@ class Engine:
 
     @staticmethod
     def _constrain(choices: Sequence[Choice], rows: Sequence[np.ndarray | None]) -> Sequence[np.ndarray | None]:
-        """The rows with each constrained choice's forbidden tokens at -inf. The grammar
-        bitmasks of all of them are filled in one call that releases the GIL; choices without
-        a grammar keep their row as it is (and cost nothing)."""
+        """The rows with each constrained choice's forbidden tokens at -inf (copies; a row may
+        be shared by sibling choices). llguidance fills the bitmasks with the GIL released;
+        choices without a grammar keep their row as it is, and cost nothing."""
         todo = [i for i, c in enumerate(choices) if c.constraint is not None and rows[i] is not None]
         if not todo:
             return rows
