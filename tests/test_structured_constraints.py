@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from types import SimpleNamespace
 
 import jsonschema
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from test_engine import TOKENIZER, FakeRuntime, collect, make_engine, req, run  # noqa: F401
 
 from serve.constraints import (
+    PARALLEL_FILL_ROWS,
     Constraint,
     check_grammar,
     close_objects,
@@ -29,7 +31,7 @@ from serve.constraints import (
     ll_tokenizer,
     request_grammar,
 )
-from serve.engine import GenerationRequest
+from serve.engine import Engine, GenerationRequest
 from serve.errors import InvalidRequestError
 from serve.sampling import Sampler, SamplingParams
 from serve.tokenizer import Tokenizer
@@ -219,6 +221,23 @@ def test_eos_only_where_the_grammar_accepts_and_never_with_ignore_eos():
     keep_going = Constraint.new(g, TOKENIZER, allow_eos=False)
     keep_going.consume(ord("1"))
     assert 256 not in _allowed(keep_going, 257)
+
+
+def test_pooled_fill_equals_row_by_row():
+    g = grammar_for_regex("[0-9]{2}[a-c]", param="x")
+    cs = [Constraint.new(g, TOKENIZER) for _ in range(PARALLEL_FILL_ROWS + 1)]
+    for i, c in enumerate(cs):
+        c.consume(ord("0") + i % 10)
+    pooled = fill_bitmasks(cs)
+    for i, c in enumerate(cs):
+        assert np.array_equal(pooled[i], fill_bitmasks([c])[0])
+    assert np.array_equal(pooled[0], pooled[1]) and list(_allowed(cs[0], 257)) == list(range(48, 58))
+
+
+def test_unconstrained_rows_are_passed_through_untouched():
+    free = SimpleNamespace(constraint=None)
+    rows = [np.zeros(4, np.float32), None]
+    assert Engine._constrain([free, free], rows) is rows
 
 
 def test_a_refused_token_is_an_error():
