@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serve.chat_prep import prepare_chat, render_chat
-from serve.constraints import check_grammar
+from serve.constraints import require_compiled
 from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
     EXCEPTION_HANDLERS,
@@ -392,7 +392,9 @@ async def completions(request: Request, state: _State) -> Response:
     req = parse_request(CompletionRequest, await _read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
-    prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req)
+    # Prompt ids and the output constraint's grammar (compiled into the cache) off the loop.
+    prompts, grammar = await run_in_threadpool(
+        lambda: (_completion_prompts(engine.tokenizer, req), _grammar(req, engine.tokenizer)))
     for _, ids in prompts:
         check_token_ids(ids, engine.vocab_size, param="prompt")
         check_context(prompt_tokens=len(ids), max_tokens=req.max_tokens,
@@ -409,17 +411,17 @@ async def completions(request: Request, state: _State) -> Response:
         for k, (text, ids) in enumerate(prompts):
             log.info("request %s prompt %d: %r", out.id, k,
                      text or engine.tokenizer.decode(ids, skip_special_tokens=False))
-    grammar = await _grammar(req, engine.tokenizer)
     streams = _submit(engine, [GenerationRequest(tuple(ids), params, echo_logprobs, request_id=out.id,
                                                  grammar=grammar)
                                for _, ids in prompts])
     return await respond(request, streams, out, streaming=bool(req.stream))
 
 
-async def _grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> str | None:
-    """The request's output constraint (response_format, structured_outputs, json_schema or
-    grammar) as an llguidance grammar, validated and compiled in the thread pool so the
-    engine finds it cached; None when the output is free.
+def _grammar(req: CompletionRequest, tokenizer: Any) -> str | None:
+    """The request's output constraint (response_format, structured_outputs, json_schema,
+    grammar, guided_*) as an llguidance grammar, validated and compiled so the engine finds it
+    cached; None when the output is free. Call it in the thread pool (a large schema takes
+    milliseconds).
 
     Raises:
         InvalidRequestError: a malformed or unenforceable constraint, or more than one.
@@ -428,7 +430,7 @@ async def _grammar(req: ChatCompletionRequest | CompletionRequest, tokenizer: An
     if found is None:
         return None
     grammar, param = found
-    await check_grammar(grammar, tokenizer, param=param)
+    require_compiled(grammar, tokenizer, param=param)
     return grammar
 
 
