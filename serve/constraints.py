@@ -63,7 +63,6 @@ log = logging.getLogger("serve.constraints")
 # (llama.cpp's json-schema-to-grammar bounds it the same way). Unbounded whitespace lets a
 # small model loop on blank lines until max_tokens; none at all forces unnatural tokens.
 JSON_WHITESPACE = r"[ \t]{0,4}|[ \t]{0,4}\n[ \t]{0,20}"
-_JSON_DEFAULTS = {"whitespace_pattern": JSON_WHITESPACE}
 _JSON_OVERRIDES = {"lenient": False}  # after the schema's own "x-guidance": no opt-in leniency
 
 ANY_JSON_OBJECT = {"type": "object"}
@@ -73,10 +72,11 @@ CACHE_SIZE = 64  # compiled grammars kept (LRU by grammar text)
 # --------------------------------------------------------------------- request → grammar
 
 
-def grammar_for_json_schema(schema: Any, *, param: str) -> str:
+def grammar_for_json_schema(schema: Any, *, param: str, whitespace: str | None = JSON_WHITESPACE) -> str:
     """The grammar of JSON documents valid under `schema` (a JSON Schema object, or its
     JSON text). Only the shape (and `_check_min_properties`) is checked here; `check_grammar`
-    finds what llguidance does not support.
+    finds what llguidance does not support. `whitespace` is the regex allowed between JSON
+    tokens (None: none at all, compact JSON).
 
     Raises:
         InvalidRequestError: `schema` is not a JSON object (or `true`), or needs what
@@ -94,8 +94,9 @@ def grammar_for_json_schema(schema: Any, *, param: str) -> str:
         raise InvalidRequestError(f"Invalid '{param}': a JSON schema must be an object.", param=param)
     closed = close_objects(schema)
     _check_min_properties(closed, param)
-    return LLMatcher.grammar_from_json_schema(closed, defaults=_JSON_DEFAULTS,
-                                              overrides=_JSON_OVERRIDES)
+    spacing = ({"whitespace_pattern": whitespace} if whitespace is not None
+               else {"whitespace_flexible": False, "whitespace_pattern": None})
+    return LLMatcher.grammar_from_json_schema(closed, defaults=spacing, overrides=_JSON_OVERRIDES)
 
 
 def _check_min_properties(schema: Any, param: str) -> None:
@@ -243,13 +244,13 @@ def grammar_for_response_format(response_format: Any, *, param: str = "response_
 
 # vLLM's StructuredOutputsParams: the constraint keys, and the options we cannot honour.
 _SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")
-_SO_UNSUPPORTED = ("structural_tag", "whitespace_pattern", "disable_any_whitespace",
-                   "disable_additional_properties")
+_SO_UNSUPPORTED = ("structural_tag", "disable_additional_properties")
 
 
 def grammar_for_structured_outputs(spec: Any, *, param: str = "structured_outputs") -> str | None:
     """vLLM's `structured_outputs` object: one of `json` (schema), `regex`, `choice` (list of
-    strings), `grammar` (Lark or GBNF), `json_object: true`.
+    strings), `grammar` (Lark or GBNF), `json_object: true`; for the JSON kinds
+    `whitespace_pattern` (regex between tokens) or `disable_any_whitespace: true` (none).
 
     Raises:
         InvalidRequestError: not an object, several kinds at once, an option we do not honour.
@@ -271,15 +272,17 @@ def _structured_outputs(spec: Any, *, param: str, sep: str = ".") -> tuple[str, 
                                       param=f"{param}{sep}{key}")
     kinds = [k for k in _SO_KINDS if spec.get(k) not in (None, False)]
     if len(kinds) > 1:
-        raise InvalidRequestError(
-            f"Invalid '{param}': give one of {', '.join(_SO_KINDS)}; got {', '.join(kinds)}.", param=param)
+        names = ", ".join(f"'{param}{sep}{k}'" for k in kinds)
+        raise InvalidRequestError(f"A request may carry one output constraint; got {names}.",
+                                  param=f"{param}{sep}{kinds[1]}")
     if not kinds:
         return None
     kind, value, where = kinds[0], spec[kinds[0]], f"{param}{sep}{kinds[0]}"
+    whitespace = _whitespace(spec, param=param, sep=sep)
     if kind == "json":
-        grammar = grammar_for_json_schema(value, param=where)
+        grammar = grammar_for_json_schema(value, param=where, whitespace=whitespace)
     elif kind == "json_object":
-        grammar = grammar_for_json_schema(ANY_JSON_OBJECT, param=where)
+        grammar = grammar_for_json_schema(ANY_JSON_OBJECT, param=where, whitespace=whitespace)
     elif kind == "regex":
         grammar = grammar_for_regex(value, param=where)
     elif kind == "choice":
@@ -287,6 +290,21 @@ def _structured_outputs(spec: Any, *, param: str, sep: str = ".") -> tuple[str, 
     else:
         grammar = grammar_for_gbnf(value, param=where)
     return grammar, where
+
+
+def _whitespace(spec: Mapping[str, Any], *, param: str, sep: str) -> str | None:
+    """The JSON whitespace regex a vLLM spec asks for (ours by default; None: none)."""
+    pattern = spec.get("whitespace_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        raise InvalidRequestError(f"Invalid '{param}{sep}whitespace_pattern': must be a string.",
+                                  param=f"{param}{sep}whitespace_pattern")
+    if spec.get("disable_any_whitespace"):
+        if pattern:
+            raise InvalidRequestError(
+                f"'{param}{sep}whitespace_pattern' and '{param}{sep}disable_any_whitespace' "
+                "contradict each other.", param=f"{param}{sep}disable_any_whitespace")
+        return None
+    return pattern if pattern is not None else JSON_WHITESPACE
 
 
 def request_grammar(*, response_format: Any = None, structured_outputs: Any = None,
@@ -313,10 +331,9 @@ def request_grammar(*, response_format: Any = None, structured_outputs: Any = No
         found.append((grammar_for_json_schema(json_schema, param="json_schema"), "json_schema"))
     if grammar is not None:
         found.append((grammar_for_gbnf(grammar, param="grammar"), "grammar"))
-    for kind, value in (guided or {}).items():
-        legacy = _structured_outputs({kind: value}, param="guided", sep="_")
-        if legacy is not None:
-            found.append(legacy)
+    legacy = _structured_outputs(guided, param="guided", sep="_")
+    if legacy is not None:
+        found.append(legacy)
     if len(found) > 1:
         names = " and ".join(f"'{p}'" for _, p in found)
         raise InvalidRequestError(f"A request may carry one output constraint; got {names}.",

@@ -92,7 +92,14 @@ def test_every_source_gives_a_grammar_that_compiles(fields, param):
     ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "a"'}, "grammar", "one output constraint"),
     ({"json_schema": {"type": "object"}, "structured_outputs": {"regex": "a"}}, "json_schema",
      "one output constraint"),
-    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "regex, choice"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice",
+     "'structured_outputs.regex', 'structured_outputs.choice'"),
+    ({"structured_outputs": {"json": {}, "whitespace_pattern": 3}}, "structured_outputs.whitespace_pattern",
+     "string"),
+    ({"structured_outputs": {"json": {}, "whitespace_pattern": " ", "disable_any_whitespace": True}},
+     "structured_outputs.disable_any_whitespace", "contradict"),
+    ({"structured_outputs": {"json": {}, "disable_additional_properties": True}},
+     "structured_outputs.disable_additional_properties", "not supported"),
     ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "non-empty"),
     ({"structured_outputs": {"regex": 3}}, "structured_outputs.regex", "string"),
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "not supported"),
@@ -100,7 +107,7 @@ def test_every_source_gives_a_grammar_that_compiles(fields, param):
     ({"grammar": "root ::= foo"}, "grammar", "foo"),
     ({"grammar": "   "}, "grammar", "non-empty"),
     ({"guided": {"regex": "a", "choice": ["a"]}}, "guided_choice", "one output constraint"),
-    ({"guided": {"whitespace_pattern": " "}}, "guided_whitespace_pattern", "not supported"),
+    ({"guided": {"json": {}, "whitespace_pattern": 3}}, "guided_whitespace_pattern", "string"),
 ])
 def test_malformed_constraints_are_400s_naming_the_field(fields, param, words):
     err = _error(**fields)
@@ -144,6 +151,25 @@ def test_min_properties_with_optional_listed_keys_is_refused_by_llguidance():
     err = _error(json_schema=schema)
     assert "min/maxProperties" in err.message
     assert request_grammar(json_schema={"enum": [{"minProperties": 3}]}) is not None  # data, not a schema
+
+
+@pytest.mark.parametrize("options, text, ok", [
+    ({}, '{"a": 1}', True),
+    ({}, '{\n  "a": 1\n}', True),
+    ({}, '{\n\n"a": 1}', False),  # one newline per gap
+    ({"disable_any_whitespace": True}, '{"a":1}', True),
+    ({"disable_any_whitespace": True}, '{"a": 1}', False),
+    ({"whitespace_pattern": "[ ]?"}, '{ "a": 1}', True),
+    ({"whitespace_pattern": "[ ]?"}, '{\n"a": 1}', False),
+])
+def test_json_whitespace(options, text, ok):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    grammar, _ = request_grammar(structured_outputs={"json": schema, **options})
+    guided, _ = request_grammar(guided={"json": schema, **options})
+    for g in (grammar, guided):
+        c = Constraint.new(g, TOKENIZER)
+        accepted = c.matcher.consume_tokens(TOKENIZER.encode(text, add_special_tokens=False))
+        assert (accepted and c.done) is ok
 
 
 def test_regex_errors_name_the_grammar():
