@@ -35,7 +35,13 @@ from serve.constraints import compiled, require_compiled
 from serve.errors import InvalidRequestError
 from serve.parsers import ChoiceParser, detect_reasoning_parser, detect_tool_parser
 from serve.protocol import ChatCompletionRequest
-from serve.tool_grammar import after_reasoning, arguments_grammar, tool_grammar
+from serve.tool_grammar import (
+    PYTHON_TAG,
+    TOOL_CALLS,
+    after_reasoning,
+    arguments_grammar,
+    tool_grammar,
+)
 
 # Template variables a client may not set through chat_template_kwargs.
 _RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
@@ -132,7 +138,8 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any) -> Pr
         if mode == "named":
             functions = [f for f in functions if f[0] == name]
         grammar = tool_grammar(family, functions, mode=mode, parallel=req.parallel_tool_calls is True,
-                               reasoning=think, answer=found[0] if found else None)
+                               reasoning=think, answer=found[0] if found else None,
+                               special=special_markers(tokenizer))
         if found is None:
             grammar = LLMatcher.grammar_from_lark(grammar)
         _compile(tokenizer, grammar, "tools")
@@ -145,6 +152,18 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any) -> Pr
                 _compile(tokenizer, grammar, param)
     return PreparedChat(text, ids, grammar, family if mode != "none" else None,
                         reasoning is not None, start_inside)
+
+
+def special_markers(tokenizer: Any) -> dict[str, int]:
+    """`{marker: id}` for the tool-call markers (`[TOOL_CALLS]`, `<|python_tag|>`) that this
+    tokenizer encodes as one special token."""
+    out = {}
+    special = getattr(tokenizer, "special_ids", frozenset())
+    for marker in (TOOL_CALLS, PYTHON_TAG):
+        ids = tokenizer.encode(marker, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] in special:
+            out[marker] = ids[0]
+    return out
 
 
 def _renders_tools(template: str) -> bool:

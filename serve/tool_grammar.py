@@ -18,8 +18,9 @@ none          no grammar
 call is constrained. Families whose call starts the output (llama3_json `{`, mistral `[{`,
 pythonic `[`) get "a call list, or text that does not start with the trigger". With a
 reasoning template the constraint starts after `</think>`: `THINK` is the block, free text
-inside. Special-token triggers (`[TOOL_CALLS]`, `<|python_tag|>`) are left out: the
-engine's text skips special tokens and the parsers read calls without them.
+inside. Special-token markers (`[TOOL_CALLS]`, `<|python_tag|>`) are grammar tokens where the
+tokenizer has them (`special=`), and absent otherwise; the engine's text skips special tokens,
+so the parsers read calls either way.
 
 Pythonic calls constrain each keyword's value by its property schema (as JSON literals,
 which the pythonic parser reads too) but not which properties are present.
@@ -31,13 +32,14 @@ saying `additionalProperties` takes no other keys.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llguidance import LLMatcher
 
 from serve.constraints import JSON_WHITESPACE, close_objects
 
+TOOL_CALLS, PYTHON_TAG = "[TOOL_CALLS]", "<|python_tag|>"  # special-token markers
 # Same whitespace rules and strictness as response_format schemas (serve.constraints).
 _X_GUIDANCE = {"whitespace_pattern": JSON_WHITESPACE, "lenient": False}
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -78,17 +80,20 @@ def _call(family: str, name: str, schema: dict[str, Any] | None) -> str:
     raise ValueError(f"no call grammar for tool-call family {family!r}")
 
 
-def _calls(family: str, call_rule: str, parallel: bool) -> str:
-    """The list of calls that follows the trigger: the rule `calls`."""
+def _calls(family: str, call_rule: str, parallel: bool, special: Mapping[str, int]) -> str:
+    """The list of calls that follows the trigger: the rule `calls`. A family's special-token
+    marker (`special`: its id in this tokenizer) opens the list as the model writes it."""
     if family in ("hermes", "generic"):
         more = f' ("\\n" {call_rule})*' if parallel else ""
         return f"calls: {call_rule}{more}\n"
     if family == "llama3_json":
         more = f' ("; " {call_rule})*' if parallel else ""
-        return f"calls: {call_rule}{more}\n"
+        tag = f"<[{special[PYTHON_TAG]}]>? " if PYTHON_TAG in special else ""
+        return f"calls: {tag}{call_rule}{more}\n"
     if family == "mistral":
         more = f' (", " {call_rule})*' if parallel else ""
-        return f'calls: "[" {call_rule}{more} "]"\n'
+        tag = f"<[{special[TOOL_CALLS]}]> " if TOOL_CALLS in special else ""
+        return f'calls: {tag}"[" {call_rule}{more} "]"\n'
     more = f' (", " {call_rule})*' if parallel else ""
     return f'calls: "[" {call_rule}{more} "]"\n'
 
@@ -109,6 +114,7 @@ def tool_grammar(
     parallel: bool = True,
     reasoning: str | None = None,
     answer: str | None = None,
+    special: Mapping[str, int] | None = None,
 ) -> str:
     """Lark text (feed it to `LLMatcher.grammar_from_lark`) constraining a choice's output.
 
@@ -123,6 +129,9 @@ def tool_grammar(
             opened the block; the output starts inside it).
         answer: with mode "auto", the grammar a text answer must follow (response_format
             & co.): the output is then the calls alone, or an answer in that grammar.
+        special: `{marker: token id}` for the markers this tokenizer has as special tokens
+            (`TOOL_CALLS`, `PYTHON_TAG`): Mistral's calls then start with `[TOOL_CALLS]`,
+            Llama's may start with `<|python_tag|>`, as the models were trained to write.
 
     Returns:
         Lark text; with `answer`, an llguidance grammar string (use it as it is).
@@ -164,11 +173,11 @@ def tool_grammar(
             if isinstance(schema, dict):
                 ref, parts = _json(schema, close=False), []
             lines.append(f"start: {think}(calls | answer)")
-            lines.append(_calls(family, "call", parallel).rstrip())
+            lines.append(_calls(family, "call", parallel, special or {}).rstrip())
         lines.append(f"answer: {ref}")
     elif mode != "auto":
         lines.append(f"start: {think}calls")
-        lines.append(_calls(family, "call", parallel).rstrip())
+        lines.append(_calls(family, "call", parallel, special or {}).rstrip())
     elif family in ("hermes", "generic"):
         # Free text, then each call after its (lazy) trigger, then free text.
         lines.append(f"start: {think}text_call* TEXT" if parallel else f"start: {think}(text_call | TEXT)")
@@ -177,7 +186,7 @@ def tool_grammar(
         rules = [r.replace('"<tool_call>\\n" ', '"\\n" ', 1) for r in rules]
     else:
         lines.append(f"start: {think}(calls | PLAIN)")
-        lines.append(_calls(family, "call", parallel).rstrip())
+        lines.append(_calls(family, "call", parallel, special or {}).rstrip())
         lines.append(f"PLAIN: /{_NOT_A_CALL_START[family]}/")
     lines.append(f"call: {call}")
     lines += rules

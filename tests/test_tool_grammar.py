@@ -123,3 +123,24 @@ def test_auto_with_an_answer_format(tok, family, call):
     assert accepts('{"n": 3}')
     assert not accepts("free text")
     assert not accepts('{"n": "x"}')
+
+
+def test_special_token_markers(tok):
+    """Where the tokenizer has [TOOL_CALLS] / <|python_tag|> as special tokens, calls start
+    with them (id 3 stands in for the marker here)."""
+    ll = ll_tokenizer(tok)
+    call = tok.encode('[{"name": "ping", "arguments": {}}]', add_special_tokens=False)
+
+    def accepts(lark, ids):
+        m = LLMatcher(ll, LLMatcher.grammar_from_lark(lark), log_level=0)
+        return m.consume_tokens(ids) and m.is_accepting()
+
+    for mode in ("required", "auto"):
+        lark = tool_grammar("mistral", FUNCS, mode=mode, special={"[TOOL_CALLS]": 3})
+        assert accepts(lark, [3, *call])
+        assert not accepts(lark, call)
+    assert accepts(tool_grammar("mistral", FUNCS, mode="auto", special={"[TOOL_CALLS]": 3}),
+                   tok.encode("plain text", add_special_tokens=False))
+    llama = tool_grammar("llama3_json", FUNCS, mode="required", special={"<|python_tag|>": 3})
+    body = tok.encode('{"name": "ping", "parameters": {}}', add_special_tokens=False)
+    assert accepts(llama, [3, *body]) and accepts(llama, body)

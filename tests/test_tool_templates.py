@@ -33,12 +33,23 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 CALL_ID = "abcDEF123"  # 9 alphanumerics: what Mistral's template insists on
 
 
-def _with_template(src: Path, dst: Path, template: str) -> Path:
+def _with_template(src: Path, dst: Path, template: str, special: str | None = None) -> Path:
+    """A copy of the tiny model with `template`; `special` renames the unused special token
+    id 3 (`<repo_name>`), so the tokenizer has that marker as one special token."""
     if not dst.exists():
         shutil.copytree(src, dst)
         config = json.loads((dst / "tokenizer_config.json").read_text())
         config["chat_template"] = template
+        if special is not None:
+            config.get("added_tokens_decoder", {}).get("3", {})["content"] = special
         (dst / "tokenizer_config.json").write_text(json.dumps(config))
+        if special is not None:
+            tok = json.loads((dst / "tokenizer.json").read_text())
+            [entry] = [t for t in tok["added_tokens"] if t["id"] == 3]
+            entry["content"] = special
+            vocab = tok["model"]["vocab"]
+            vocab[special] = vocab.pop("<repo_name>")
+            (dst / "tokenizer.json").write_text(json.dumps(tok))
     return dst
 
 
@@ -46,7 +57,8 @@ def _with_template(src: Path, dst: Path, template: str) -> Path:
 def family_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     templates = {k: t for k, (t, _) in FAMILIES.items()} | {"deepseek_r1": DEEPSEEK_R1}
-    return {k: _with_template(tiny_model_dir, root / k, t) for k, t in templates.items()}
+    specials = {"mistral": "[TOOL_CALLS]"}  # a special token in Mistral's tokenizers
+    return {k: _with_template(tiny_model_dir, root / k, t, specials.get(k)) for k, t in templates.items()}
 
 
 def _openai_messages():
@@ -146,6 +158,11 @@ def test_required_call_round_trip(family_server):
     assert args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 7 and set(args) == {"city", "days"}
     if family == "mistral":
         assert len(call.id) == 9 and call.id.isalnum()
+        # the call opened with the tokenizer's special [TOOL_CALLS] token, which the text skips
+        lp = client.chat.completions.create(messages=messages, tool_choice="required", logprobs=True,
+                                            **kw).choices[0]
+        assert lp.logprobs.content[0].token == "[TOOL_CALLS]"
+        assert lp.message.tool_calls[0].function.arguments == call.function.arguments
     streamed = _reassemble(client.chat.completions.create(messages=messages, tool_choice="required",
                                                           stream=True, **kw))
     assert [(c["name"], c["arguments"]) for c in streamed] == [("get_weather", call.function.arguments)]
