@@ -206,6 +206,14 @@ def render_chat(tokenizer: Any, req: ChatCompletionRequest, *, native: bool | No
     if clash:
         raise InvalidRequestError(f"Invalid 'chat_template_kwargs': '{clash[0]}' is set by the "
                                   "request itself.", param="chat_template_kwargs")
+    for name in ("reasoning_effort", "verbosity"):  # OpenAI fields some templates read (gpt-oss)
+        value = getattr(req, name)
+        if value is None:
+            continue
+        if name not in template_variables(tokenizer.chat_template):
+            raise InvalidRequestError(f"'{name}' is not supported by this model: its chat template "
+                                      f"does not read it.", param=name)
+        extra.setdefault(name, value)
     messages = req.template_messages()
     mode, name = req.tool_mode()
     tools = [t.function.to_template() for t in req.tools or ()] or None

@@ -266,6 +266,27 @@ class ChatCompletionRequest(_Sampling, _Constrained):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables
+    # OpenAI fields that change the output, honoured where the model can (else a 400):
+    modalities: list[str] | None = None  # only ["text"]
+    audio: Any = None  # audio output: refused
+    web_search_options: Any = None  # refused: no search here
+    reasoning_effort: str | None = None  # a template variable, where the template reads it
+    verbosity: str | None = None  # likewise
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(m != "text" for m in value):
+            raise ValueError("only the 'text' modality is supported by this server")
+        return value
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            what = {"audio": "audio output", "web_search_options": "web search"}[info.field_name]
+            raise ValueError(f"{what} is not supported by this server")
+        return value
 
     @field_validator("tool_choice", mode="before")
     @classmethod

@@ -86,3 +86,33 @@ def test_generic_messages():
     assert out[3]["content"] == "<tool_response>\nr1\n</tool_response>\n<tool_response>\nr2\n</tool_response>"
     assert messages[0]["content"] == "Be nice."  # not modified in place
     assert generic_messages(USER, tools, mode="auto", name=None)[0]["role"] == "system"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"web_search_options": {}}, "web_search_options"),
+])
+def test_output_changing_openai_fields_are_refused(body, param):
+    with pytest.raises(InvalidRequestError) as exc:
+        _req(**body)
+    assert exc.value.param == param
+
+
+def test_reasoning_effort_reaches_templates_that_read_it():
+    from serve.chat_prep import render_chat
+
+    class Tok:
+        chat_template = "{{ reasoning_effort }}|{% for m in messages %}{{ m.content }}{% endfor %}"
+
+        def apply_chat_template(self, messages, *, add_generation_prompt, tools, **extra):
+            from serve.chat_template import render_chat_template
+
+            return render_chat_template(self.chat_template, messages, tools=tools, **extra)
+
+    assert render_chat(Tok(), _req(reasoning_effort="low", modalities=["text"])) == "low|hi"
+    Tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    with pytest.raises(InvalidRequestError) as exc:
+        render_chat(Tok(), _req(verbosity="high"))
+    assert exc.value.param == "verbosity"
+
