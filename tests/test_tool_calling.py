@@ -245,6 +245,8 @@ def test_legacy_functions(client):
         {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{not json"}}]}]},
      "messages.[0].tool_calls.[0].function.arguments"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),  # ChatML does not read it
 ])
 def test_bad_requests_name_the_param(client, body, param):
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
