@@ -46,7 +46,8 @@ from serve import api_messages, api_responses
 from serve.api_messages import CountTokensRequest, MessagesOutput, MessagesRequest, anthropic_errors
 from serve.api_responses import ResponsesOutput, ResponsesRequest
 from serve.body import ClientGone, read_json
-from serve.chat_template import ChatTemplateError
+from serve.chat_prep import encode_chat, prepare_chat
+from serve.constraints import require_compiled
 from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
     EXCEPTION_HANDLERS,
@@ -257,7 +258,7 @@ async def get_model(request: Request, state: _State) -> Response:
 
 
 async def tokenize(request: Request, state: _State) -> Response:
-    """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...],
+    """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...], "tools"?: [...],
     "add_generation_prompt"?: true}` → `{"tokens", "count", "max_model_len"}` (vLLM)."""
     _authorize(request, state)
     data = await read_json(request, state.options.max_body_bytes)
@@ -265,13 +266,15 @@ async def tokenize(request: Request, state: _State) -> Response:
     engine = _engine(state)
     tokenizer = engine.tokenizer
     if "messages" in data:
-        req = parse_request(ChatCompletionRequest, {"messages": data["messages"]})
+        req = parse_request(ChatCompletionRequest, {k: data[k] for k in ("messages", "tools", "chat_template_kwargs")
+                                                    if k in data})
         generation_prompt = _flag(data, "add_generation_prompt", True)
         special = _flag(data, "add_special_tokens", False)
 
         def encode() -> list[int]:
-            text, ids = _chat_prompt(tokenizer, req, state.options, engine.max_length,
-                                     add_generation_prompt=generation_prompt)
+            check_fits(tokenizer, "".join(m.content or "" for m in req.messages), engine.max_length,
+                       what="messages", param="messages")
+            text, ids = encode_chat(tokenizer, req, state.options, add_generation_prompt=generation_prompt)
             if special and getattr(tokenizer, "add_bos", False) and ids[:1] != [tokenizer.bos_id]:
                 ids = [tokenizer.bos_id, *ids]  # as Tokenizer.encode: BOS once, if wanted
             return ids
@@ -422,6 +425,7 @@ async def chat_completions(request: Request, state: _State) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
                           logprobs=bool(req.logprobs), include_usage=include_usage,
+                          make_parser=make_parser, legacy_functions=req.functions is not None,
                           **_output_extras(engine, state))
 
     return await generate_chat(request, state, req, output)
@@ -438,12 +442,12 @@ async def generate_chat(request: Request, state: _State, req: ChatCompletionRequ
     `param` names the request field a too-long prompt is blamed on."""
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
-    # MERGE(wt11): prepare_chat (tools in the template, grammar, parser) belongs here, so
-    # every wire format gets it; make_output then needs the parser factory.
-    text, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, req, state.options,
-                                               engine.max_length)
+    # Prompt, grammar (tools or response_format; compiled and cached here, off the engine
+    # thread) and the per-choice output parser.
+    prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, req, state.options,
+                                       engine.max_length)
     check_context(
-        prompt_tokens=len(prompt_ids),
+        prompt_tokens=len(prepared.prompt_ids),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         max_length=engine.max_length,
         what=param,
@@ -451,10 +455,11 @@ async def generate_chat(request: Request, state: _State, req: ChatCompletionRequ
     )
     params = req.to_sampling_params()
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
-    out = make_output(engine, params, prompt_ids, ChoiceParser)  # MERGE(wt11): prepared.make_parser
+    out = make_output(engine, params, prepared.prompt_ids, prepared.make_parser)
     if state.options.log_prompts:
-        log.info("request %s prompt: %r", out.id, text)
-    streams = _submit(engine, [GenerationRequest(tuple(prompt_ids), params, request_id=out.id)])
+        log.info("request %s prompt: %r", out.id, prepared.prompt_text)
+    streams = _submit(engine, [GenerationRequest(tuple(prepared.prompt_ids), params, request_id=out.id,
+                                                 grammar=prepared.grammar)])
     return await respond(request, streams, out, streaming=bool(req.stream))
 
 
@@ -465,38 +470,16 @@ def _output_extras(engine: EngineLike, state: _State) -> dict[str, Any]:
             "fingerprint": state.fingerprint}
 
 
-def _chat_template(tokenizer: Any, req: ChatCompletionRequest, *, add_generation_prompt: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(req.template_messages(),
-                                             add_generation_prompt=add_generation_prompt)
-    except ChatTemplateError as exc:
-        raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
-
-
-def _chat_prompt(tokenizer: Any, req: ChatCompletionRequest, options: ServeOptions, max_length: int,
-                 *, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-    """The rendered prompt and its ids. The template already wrote any BOS it wants; special-
-    token text in message content stays plain text unless --allow-special-in-content; a
-    text too long to fit is refused before it is tokenized."""
-    if not hasattr(tokenizer, "encode_chat"):  # a test double
-        text = _chat_template(tokenizer, req, add_generation_prompt=add_generation_prompt)
-        return text, tokenizer.encode(text, add_special_tokens=False)
-    check_fits(tokenizer, "".join(m.content or "" for m in req.messages), max_length,
-               what="messages", param="messages")
-    try:
-        return tokenizer.encode_chat(req.template_messages(), add_generation_prompt=add_generation_prompt,
-                                     allow_special_in_content=options.allow_special_in_content)
-    except ChatTemplateError as exc:
-        raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
-
-
 async def completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
     req = parse_request(CompletionRequest, await read_json(request, state.options.max_body_bytes))
     _check_model(req.model, state)
     engine = _engine(state, generating=True)
     _check_admissible(len(req.prompt), engine, state)
-    prompts = await run_in_threadpool(_completion_prompts, engine.tokenizer, req, engine.max_length)
+    # Prompt ids and the output constraint's grammar (compiled into the cache) off the loop.
+    prompts, grammar = await run_in_threadpool(
+        lambda: (_completion_prompts(engine.tokenizer, req, engine.max_length),
+                 _grammar(req, engine.tokenizer)))
     for _, ids in prompts:
         check_token_ids(ids, engine.vocab_size, param="prompt")
         check_context(prompt_tokens=len(ids), max_tokens=req.max_tokens,
@@ -513,9 +496,27 @@ async def completions(request: Request, state: _State) -> Response:
         for k, (text, ids) in enumerate(prompts):
             log.info("request %s prompt %d: %r", out.id, k,
                      text or engine.tokenizer.decode(ids, skip_special_tokens=False))
-    streams = _submit(engine, [GenerationRequest(tuple(ids), params, echo_logprobs, request_id=out.id)
+    streams = _submit(engine, [GenerationRequest(tuple(ids), params, echo_logprobs, request_id=out.id,
+                                                 grammar=grammar)
                                for _, ids in prompts])
     return await respond(request, streams, out, streaming=bool(req.stream))
+
+
+def _grammar(req: CompletionRequest, tokenizer: Any) -> str | None:
+    """The request's output constraint (response_format, structured_outputs, json_schema,
+    grammar, guided_*) as an llguidance grammar, validated and compiled so the engine finds it
+    cached; None when the output is free. Call it in the thread pool (a large schema takes
+    milliseconds).
+
+    Raises:
+        InvalidRequestError: a malformed or unenforceable constraint, or more than one.
+    """
+    found = req.constraint()
+    if found is None:
+        return None
+    grammar, param = found
+    require_compiled(grammar, tokenizer, param=param)
+    return grammar
 
 
 def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int) -> list[tuple[str, list[int]]]:
@@ -538,18 +539,6 @@ def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int)
 # ------------------------------------------------- other wire formats over the chat path
 
 
-def _refuse_until_tools(body: dict[str, Any], *, tools: str, messages: str, fmt: str) -> None:
-    """MERGE(wt11): this branch's chat path has no tools or JSON constraints yet; the lead
-    deletes this function and its calls when the tool/structured-output branch lands."""
-    if body.get("tools") or body.get("tool_choice") not in (None, "auto", "none"):  # MERGE(wt11)
-        raise InvalidRequestError("Tool calling ('tools') is not supported by this build.", param=tools)
-    if any(m["role"] == "tool" or m.get("tool_calls") for m in body["messages"]):  # MERGE(wt11)
-        raise InvalidRequestError("Tool calls and tool results in the conversation need tool calling "
-                                  "('tools'), which this build does not support.", param=messages)
-    if body.get("response_format") is not None:  # MERGE(wt11)
-        raise InvalidRequestError("JSON output formats are not supported by this build.", param=fmt)
-
-
 async def create_response(request: Request, state: _State) -> Response:
     """`POST /v1/responses` (serve.api_responses)."""
     _authorize(request, state)
@@ -563,7 +552,6 @@ async def create_response(request: Request, state: _State) -> Response:
                                 param="previous_response_id")
         history = list(previous.conversation)
     body = req.chat_body(history)
-    _refuse_until_tools(body, tools="tools", messages="input", fmt="text.format")  # MERGE(wt11)
     chat = parse_request(ChatCompletionRequest, body)
     conversation = [*history, *req.input_messages()]
 
@@ -611,7 +599,6 @@ async def create_message(request: Request, state: _State) -> Response:
     req = parse_request(MessagesRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
     body = req.chat_body()
-    _refuse_until_tools(body, tools="tools", messages="messages", fmt="output_config.format")  # MERGE(wt11)
     chat = parse_request(ChatCompletionRequest, body)
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
@@ -628,10 +615,9 @@ async def count_message_tokens(request: Request, state: _State) -> Response:
     req = parse_request(CountTokensRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
     body = req.chat_body()
-    _refuse_until_tools(body, tools="tools", messages="messages", fmt="output_config.format")  # MERGE(wt11)
     chat = parse_request(ChatCompletionRequest, body)
     _check_model(chat.model, state)
     engine = _engine(state)
-    _, prompt_ids = await run_in_threadpool(_chat_prompt, engine.tokenizer, chat, state.options,
-                                            engine.max_length)
-    return JSONResponse({"input_tokens": len(prompt_ids)})
+    prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, chat, state.options,
+                                       engine.max_length)
+    return JSONResponse({"input_tokens": len(prepared.prompt_ids)})

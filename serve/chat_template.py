@@ -22,6 +22,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -96,6 +97,21 @@ def compile_template(source: str) -> jinja2.Template:
         raise ChatTemplateError(
             f"invalid chat template (line {exc.lineno}): {exc.message}"
         ) from exc
+
+
+@functools.lru_cache(maxsize=16)
+def template_variables(source: str) -> frozenset[str]:
+    """The variables a template reads from its context (``tools``, ``documents``, …);
+    ``"tools" in template_variables(t)`` tells whether it renders tool definitions.
+
+    Raises:
+        ChatTemplateError: the template is not valid Jinja.
+    """
+    env = compile_template(source).environment
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(env.parse(source)))
+    except jinja2.TemplateSyntaxError as exc:  # compile_template would have raised first
+        raise ChatTemplateError(f"invalid chat template: {exc.message}") from exc
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@
    ▲                                 3. prefill one chunk of the oldest admitted prompt
    │                                            (then copy its KV to the sibling choices' slots)
    │                                 4. decode  one Runtime.decode over every running slot
-   │                                 5. per choice: Sampler → detokenizer → StopMatcher
+   │                                 5. constrained rows: grammar bitmask → forbidden logits -inf
+   │                                 6. per choice: Sampler → detokenizer → StopMatcher
    └── asyncio.Queue per request ◄── Event (call_soon_threadsafe)
 ```
 
@@ -44,6 +45,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from serve.constraints import fill_bitmasks
 from serve.events import (
     QUEUE_TIMEOUT,
     SHUTTING_DOWN,
@@ -373,11 +375,12 @@ class Engine:
             job.t_first = now
             self._observe("first_token", now - job.t_submit)
         outputs = []
-        for c in group:  # (samplers never modify the logits they are given)
+        rows = self._constrain(group, [logits] * len(group))
+        for c, row in zip(group, rows, strict=True):  # (samplers never modify their logits)
             c.t_last = now
             job.running.append(c)
             self._running.append(c)
-            outputs.append(self._accept(c, c.sampler.sample(logits, c.generated)))
+            outputs.append(self._accept(c, c.sampler.sample(row, c.generated)))
         prompt_logprobs = None
         if job.prompt_logprobs is not None and not job.prompt_logprobs_sent:
             prompt_logprobs, job.prompt_logprobs_sent = tuple(job.prompt_logprobs), True
@@ -400,6 +403,11 @@ class Engine:
         now = time.monotonic()
         gaps = []
         outputs: dict[Job, list[ChoiceOutput]] = {}
+        try:
+            rows = self._constrain(batch, rows)
+        except Exception as exc:
+            for job in dict.fromkeys(c.job for c in batch if c.constraint is not None):
+                self._fail(job, exc)
         for c, row in zip(batch, rows, strict=True):
             job = c.job
             if job.cancelled or c.slot < 0:
@@ -419,6 +427,20 @@ class Engine:
         self._observe("tokens", gaps)
         for job, outs in outputs.items():
             self._send(job, outs)
+
+    @staticmethod
+    def _constrain(choices: Sequence[Choice], rows: Sequence[np.ndarray | None]) -> Sequence[np.ndarray | None]:
+        """The rows with each constrained choice's forbidden tokens at -inf (copies; a row may
+        be shared by sibling choices). llguidance fills the bitmasks with the GIL released;
+        choices without a grammar keep their row as it is, and cost nothing."""
+        todo = [i for i, c in enumerate(choices) if c.constraint is not None and rows[i] is not None]
+        if not todo:
+            return rows
+        masks = fill_bitmasks([choices[i].constraint for i in todo])
+        rows = list(rows)
+        for k, i in enumerate(todo):
+            rows[i] = choices[i].constraint.mask(rows[i], masks[k])
+        return rows
 
     def _decode_batch(self, slots: list[int], ids: list[int]) -> list[np.ndarray]:
         """One Runtime.decode; with `batch_invariant` a lone sequence gets an idle slot as a

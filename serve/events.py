@@ -33,12 +33,16 @@ class GenerationRequest:
 
     `prompt_logprobs=k` also reports every prompt token's logprob (+ top k) on the first
     event (completions `echo` + `logprobs`); it prefills one token per call to get them.
+    `grammar` (an llguidance grammar string, `serve.constraints`) constrains every choice's
+    tokens: each gets its own matcher, EOS only where the grammar accepts, and the choice
+    stops when the grammar is complete. Compile it first (`check_grammar`), off this thread.
     """
 
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     prompt_logprobs: int | None = None
     request_id: str = ""
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from serve.parsers import REASONING_PARSERS, TOOL_PARSERS
 from serve.runtime.interface import W8A8_MODES
 
 PROVIDERS = ("cpu", "cuda", "coreml", "auto")
@@ -106,6 +107,13 @@ class ServeOptions:
     responses_store_size: int = _flag(
         1000, "Responses API responses kept in memory for previous_response_id and "
         "GET /v1/responses/{id}, LRU, per process (default: %(default)s; 0: none)", type=int)
+    tool_call_parser: str = _flag(
+        "auto", "the tool-call syntax the model writes; auto: detected from the chat template, "
+        "'generic' for templates without tool support (default: %(default)s)",
+        choices=("auto", *TOOL_PARSERS))
+    reasoning_parser: str = _flag(
+        "auto", "split <think>...</think> into reasoning_content: think, none, or auto (when "
+        "the chat template mentions <think>; default)", choices=("auto", "none", *REASONING_PARSERS))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -131,6 +139,12 @@ class ServeOptions:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
         if self.responses_store_size < 0:
             raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
+        if self.tool_call_parser not in ("auto", *TOOL_PARSERS):
+            raise ValueError(f"tool_call_parser must be auto or one of {', '.join(TOOL_PARSERS)}, "
+                             f"not {self.tool_call_parser!r}")
+        if self.reasoning_parser not in ("auto", "none", *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be auto, none or one of "
+                             f"{', '.join(REASONING_PARSERS)}, not {self.reasoning_parser!r}")
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
 

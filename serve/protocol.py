@@ -9,14 +9,17 @@ OpenAI's API reference, then our extras (`top_k`, `min_p`, `repetition_penalty`,
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve.constraints import request_grammar
 from serve.errors import InvalidRequestError
 from serve.sampling import SamplingParams
+from serve.tool_protocol import FunctionCall, FunctionDef, ToolCall, ToolDef, check_tool_choice
 
 log = logging.getLogger("serve.protocol")
 
@@ -117,6 +120,35 @@ def _sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
         raise InvalidRequestError(f"Invalid sampling parameters: {exc}") from None
 
 
+class _Constrained(_Request):
+    """Output constraints, both endpoints (`serve.constraints` turns them into a grammar):
+    OpenAI `response_format`, vLLM `structured_outputs` (and its older `guided_*` fields),
+    llama.cpp `json_schema` / `grammar` (GBNF). Kept as JSON here; `constraint()` validates
+    them."""
+
+    response_format: Any = None
+    structured_outputs: Any = None
+    json_schema: Any = None
+    grammar: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_whitespace_pattern: Any = None
+
+    def constraint(self) -> tuple[str, str] | None:
+        """`(llguidance grammar, param naming its source)`, or None when unconstrained.
+
+        Raises:
+            InvalidRequestError: a malformed constraint, or more than one.
+        """
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar, "whitespace_pattern": self.guided_whitespace_pattern}
+        return request_grammar(response_format=self.response_format,
+                               structured_outputs=self.structured_outputs,
+                               json_schema=self.json_schema, grammar=self.grammar, guided=guided)
+
+
 class _FieldError(ValueError):
     """A cross-field check failing; carries the `param` to name."""
 
@@ -132,16 +164,16 @@ class ChatMessage(_Request):
     role: str
     content: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # legacy assistant call
 
     @field_validator("role")
     @classmethod
     def _role(cls, role: str) -> str:
-        if role in ("tool", "function"):
-            raise ValueError(f"messages with role '{role}' are not supported by this server")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise ValueError(
-                f"'{role}' is not one of ['system', 'developer', 'user', 'assistant']"
-            )
+        roles = ("system", "developer", "user", "assistant", "tool", "function")
+        if role not in roles:
+            raise ValueError(f"'{role}' is not one of {list(roles)}")
         return role
 
     @field_validator("content", mode="before")
@@ -161,18 +193,51 @@ class ChatMessage(_Request):
             texts.append(part["text"])
         return "\n".join(texts)
 
-    def to_template(self) -> dict[str, str]:
-        # `developer` is OpenAI's new name for `system`; chat templates only know the latter.
-        message = {
-            "role": "system" if self.role == "developer" else self.role,
-            "content": self.content or "",
-        }
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise _FieldError("tool_call_id", "Missing required parameter: 'tool_call_id' "
+                              "(messages with role 'tool' must answer a tool call).")
+        if self.role == "function" and not self.name:
+            raise _FieldError("name", "Missing required parameter: 'name' (messages with role "
+                              "'function' must name the function).")
+        if (self.tool_calls or self.function_call) and self.role != "assistant":
+            raise _FieldError("tool_calls", "Only assistant messages may carry 'tool_calls'.")
+        return self
+
+    def calls(self) -> list[ToolCall]:
+        """The assistant's calls, the legacy `function_call` as one call."""
+        if self.tool_calls:
+            return list(self.tool_calls)
+        if self.function_call is not None:
+            return [ToolCall(id=f"call_{self.function_call.name}", function=self.function_call)]
+        return []
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as Hugging Face chat templates take it: `developer` → `system`, a
+        legacy `function` message → `tool`, calls with `arguments` as an object (what
+        `apply_chat_template` documents and templates `tojson`; vLLM passes them so too)."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        message: dict[str, Any] = {"role": role, "content": self.content or ""}
         if self.name is not None:
             message["name"] = self.name
+        calls = self.calls()
+        if calls:
+            message["content"] = self.content  # templates test `content` for None here
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name,
+                              "arguments": json.loads(c.function.arguments or "{}")}}
+                for c in calls
+            ]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+        elif self.role == "function":
+            message["tool_call_id"] = f"call_{self.name}"
         return message
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, _Constrained):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -181,15 +246,20 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, le=MAX_N)
+    parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
     stop: tuple[str, ...] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: float | None = Field(None, ge=0, le=1)
     user: str | None = None
+    function_call: str | dict[str, Any] | None = None  # deprecated by OpenAI: tool_choice
+    functions: list[FunctionDef] | None = None  # deprecated by OpenAI: tools
     # extras (vLLM / llama.cpp names). repetition_penalty: any value > 0, as in vLLM; values
     # that over- or underflow float32 (1e-40, 1e300) are handled by the sampler (non-finite
     # scores, see serve.sampling), so they cannot produce a NaN
@@ -197,6 +267,38 @@ class ChatCompletionRequest(_Sampling):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables
+    # OpenAI fields that change the output, honoured where the model can (else a 400):
+    modalities: list[str] | None = None  # only ["text"]
+    audio: Any = None  # audio output: refused
+    web_search_options: Any = None  # refused: no search here
+    reasoning_effort: str | None = None  # a template variable, where the template reads it
+    verbosity: str | None = None  # likewise
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(m != "text" for m in value):
+            raise ValueError("only the 'text' modality is supported by this server")
+        return value
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            what = {"audio": "audio output", "web_search_options": "web search"}[info.field_name]
+            raise ValueError(f"{what} is not supported by this server")
+        return value
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        return check_tool_choice(value)
+
+    @field_validator("function_call", mode="before")
+    @classmethod
+    def _function_call(cls, value: Any) -> Any:
+        return check_tool_choice(value, legacy=True)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -206,13 +308,49 @@ class ChatCompletionRequest(_Sampling):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tools(self):
+        # The legacy pair maps onto tools / tool_choice.
+        if self.functions is not None:
+            if self.tools is not None:
+                raise _FieldError("functions", "Send either 'tools' or the deprecated 'functions', not both.")
+            self.tools = [ToolDef(function=f) for f in self.functions]
+        if self.function_call is not None:
+            if self.tool_choice is not None:
+                raise _FieldError("function_call",
+                                  "Send either 'tool_choice' or the deprecated 'function_call', not both.")
+            self.tool_choice = self.function_call
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise _FieldError("tools", f"Invalid 'tools': the function name '{dup}' is used twice.")
+        choice = self.tool_choice
+        if not names and choice not in (None, "none", "auto"):
+            raise _FieldError("tool_choice",
+                              "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                              "'tools' are specified.")
+        if isinstance(choice, dict) and choice["name"] not in names:
+            raise _FieldError("tool_choice", f"Invalid value for 'tool_choice': no function named "
+                              f"'{choice['name']}' in 'tools'.")
+        return self
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """`(mode, name)`: mode "none" (no tools, or tool_choice "none"), "auto",
+        "required", or "named" with the function's name. OpenAI's default is "auto" when
+        tools are given."""
+        if not self.tools or self.tool_choice == "none":
+            return "none", None
+        if isinstance(self.tool_choice, dict):
+            return "named", self.tool_choice["name"]
+        return self.tool_choice or "auto", None
+
     def to_sampling_params(self) -> SamplingParams:
         kwargs = self._sampling_kwargs()
         kwargs["max_tokens"] = self.max_completion_tokens or self.max_tokens
         kwargs["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return _sampling_params(kwargs)
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
 
 
@@ -244,7 +382,7 @@ def _check_prompt(value: Any) -> list[str] | list[list[int]]:
     )
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_Sampling, _Constrained):
     model: str | None = None
     prompt: list[str] | list[list[int]]
     best_of: int | None = Field(None, ge=1)
@@ -341,8 +479,10 @@ def _to_api_error(err: Mapping[str, Any], *, decimal: bool = False) -> InvalidRe
     `invalid_value`)."""
     ctx = err.get("ctx") or {}
     cause = ctx.get("error")
-    if isinstance(cause, _FieldError):
-        return InvalidRequestError(str(cause), param=cause.param, code="invalid_value")
+    if isinstance(cause, _FieldError):  # nested (a message's field): prefix its location
+        prefix = _param(err["loc"])
+        return InvalidRequestError(str(cause), param=f"{prefix}.{cause.param}" if prefix else cause.param,
+                                   code="invalid_value")
     param = _param(err["loc"]) or None
     value = err.get("input")
     kind = err["type"]

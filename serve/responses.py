@@ -17,6 +17,15 @@ from typing import Any
 
 from serve.engine import Event, TokenLogprob, Usage
 from serve.errors import APIError, ServerError
+from serve.parsers import (
+    ChoiceParser,
+    Delta,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallArgs,
+    ToolCallStart,
+    collapse,
+)
 
 
 def new_id(prefix: str) -> str:
@@ -220,13 +229,42 @@ class Output:
         return body
 
 
+def delta_dict(d: Delta, *, legacy: bool = False) -> dict[str, Any] | None:
+    """One parser delta as a chat stream chunk's `delta`: `content`, `reasoning_content`,
+    or `tool_calls` (a call's first delta: index, id, type, name and `arguments: ""`; then
+    argument fragments). `legacy`: the deprecated `function_call` shape, first call only."""
+    if isinstance(d, TextDelta):
+        return {"content": d.text}
+    if isinstance(d, ReasoningDelta):
+        return {"reasoning_content": d.text}
+    if legacy:
+        if d.index != 0:
+            return None
+        if isinstance(d, ToolCallStart):
+            return {"function_call": {"name": d.name, "arguments": ""}}
+        return {"function_call": {"arguments": d.fragment}}
+    if isinstance(d, ToolCallStart):
+        return {"tool_calls": [{"index": d.index, "id": d.id, "type": "function",
+                                "function": {"name": d.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": d.index, "function": {"arguments": d.fragment}}]}
+
+
 class ChatOutput(Output):
+    """Chat responses; each choice's text goes through its own `ChoiceParser` (reasoning,
+    tool calls), so markup never reaches `content` and streamed deltas reassemble into the
+    non-streamed message. A choice that called a tool and stopped ends "tool_calls"
+    ("function_call" for a legacy `functions` request)."""
+
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, make_parser: Callable[[], ChoiceParser] = ChoiceParser,
+                 legacy_functions: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.content: list[list[dict]] = [[] for _ in range(self.n_choices)]
+        self.parsers = [make_parser() for _ in range(self.n_choices)]
+        self.deltas: list[list[Delta]] = [[] for _ in range(self.n_choices)]
+        self.legacy = legacy_functions
 
     def start(self) -> list[bytes]:
         return [
@@ -234,6 +272,15 @@ class ChatOutput(Output):
                           "finish_reason": None}])
             for i in range(self.n_choices)
         ]
+
+    def _parse(self, i: int, text: str, finish_reason: str | None) -> tuple[list[Delta], str | None]:
+        parser = self.parsers[i]
+        deltas = parser.feed(text) if text else []
+        if finish_reason is not None:
+            deltas += parser.finish()
+            if finish_reason == "stop" and parser.num_calls:
+                finish_reason = "function_call" if self.legacy else "tool_calls"
+        return collapse(deltas), finish_reason
 
     def chunks(self, k: int, event: Event) -> list[bytes]:
         self._track(event)
@@ -243,29 +290,55 @@ class ChatOutput(Output):
             lp = None
             if self.logprobs and c.logprobs:
                 lp = {"content": chat_logprobs_content(c.logprobs, self.token_text, self.token_bytes)}
-            if c.text or lp:
-                out.append(self._chunk([{"index": i, "delta": {"content": c.text}, "logprobs": lp,
+            deltas, finish = self._parse(i, c.text, c.finish_reason)
+            bodies = [b for b in (delta_dict(d, legacy=self.legacy) for d in deltas) if b is not None]
+            if lp and not bodies:
+                bodies = [{"content": ""}]
+            for n, body in enumerate(bodies):
+                out.append(self._chunk([{"index": i, "delta": body, "logprobs": lp if n == 0 else None,
                                          "finish_reason": None}]))
-            if c.finish_reason is not None:
+            if finish is not None:
                 out.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
-                                         "finish_reason": c.finish_reason}]))
+                                         "finish_reason": finish}]))
         return out
 
     def add(self, k: int, event: Event) -> None:
         self._track(event)
         for c in event.choices:
             i = k * self.n + c.index
-            self.texts[i].append(c.text)
+            deltas, finish = self._parse(i, c.text, c.finish_reason)
+            self.deltas[i] += deltas
             if self.logprobs and c.logprobs:
                 self.content[i].extend(chat_logprobs_content(c.logprobs, self.token_text, self.token_bytes))
-            if c.finish_reason is not None:
-                self.finish[i] = c.finish_reason
+            if finish is not None:
+                self.finish[i] = finish
+
+    def message(self, i: int) -> dict[str, Any]:
+        """Choice i's whole message from its deltas."""
+        deltas = collapse(self.deltas[i])
+        text = "".join(d.text for d in deltas if isinstance(d, TextDelta))
+        reasoning = "".join(d.text for d in deltas if isinstance(d, ReasoningDelta))
+        calls: dict[int, dict[str, Any]] = {}
+        for d in deltas:
+            if isinstance(d, ToolCallStart):
+                calls[d.index] = {"id": d.id, "type": "function",
+                                  "function": {"name": d.name, "arguments": ""}}
+            elif isinstance(d, ToolCallArgs):
+                calls[d.index]["function"]["arguments"] += d.fragment
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls and self.legacy:
+            message["function_call"] = calls[0]["function"]
+        elif calls:
+            message["tool_calls"] = [calls[j] for j in sorted(calls)]
+        return message
 
     def response(self) -> dict[str, Any]:
         return self._response([
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(self.texts[i])},
+                "message": self.message(i),
                 "logprobs": {"content": self.content[i]} if self.logprobs else None,
                 "finish_reason": self.finish[i],
             }

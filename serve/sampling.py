@@ -19,6 +19,11 @@ Per decode step, for each request:
 - Non-finite scores never reach the draw (``finite_scores``): NaN counts as -inf, +inf (a huge
   logit divided by a tiny ``repetition_penalty``, an fp16 overflow) as the largest float32,
   and a row left with no finite score falls back to the raw logits, then to token 0.
+  With a grammar (``serve.constraints``) the engine hands over logits already masked, so,
+  as in vLLM (its bitmask is applied before its sampler takes raw logprobs), they are the
+  model's distribution renormalised over the tokens the grammar allows. Forbidden tokens
+  are left out of the top alternatives, which may then be fewer than asked (as OpenAI
+  allows; vLLM lists them at -9999.0).
 
 The vocabulary is ~50k wide and this runs every step, so nothing sorts it: top-k and
 top-p use ``np.argpartition`` and sort only the candidates they keep, and the logits row
@@ -334,4 +339,4 @@ def _logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[i
     vocab = raw.shape[-1]
     top = _top_indices(raw, k) if k < vocab else np.arange(vocab)
     top = top[np.argsort(raw[top], kind="stable")[::-1]]
-    return chosen, tuple((int(t), floor_logprob(float(raw[t]) - lse)) for t in top)
+    return chosen, tuple((int(t), floor_logprob(float(raw[t]) - lse)) for t in top if raw[t] > -np.inf)

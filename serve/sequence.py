@@ -1,5 +1,6 @@
 """A request inside the engine thread (`Job`) and its choices (`Choice`): what each sampled
-token goes through (Sampler → IncrementalDetokenizer → StopMatcher) and when a choice ends.
+token goes through ([Constraint mask →] Sampler → [Constraint] → IncrementalDetokenizer →
+StopMatcher) and when a choice ends.
 
 Only the engine thread touches these (but `Job.cancelled`, a flag the event loop sets).
 """
@@ -12,6 +13,7 @@ from collections.abc import Callable, Collection
 
 import numpy as np
 
+from serve.constraints import Constraint
 from serve.detokenizer import IncrementalDetokenizer
 from serve.events import ChoiceOutput, Event, GenerationRequest, RequestStats, TokenLogprob
 from serve.prefix_cache import as_ids
@@ -68,13 +70,16 @@ class Job:
 class Choice:
     """One sequence: a choice of a request, on one KV slot (-1 before and after)."""
 
-    __slots__ = ("job", "index", "slot", "sampler", "detok", "stops", "generated", "next_token",
-                 "t_last", "special_text")
+    __slots__ = ("job", "index", "slot", "sampler", "constraint", "detok", "stops", "generated",
+                 "next_token", "t_last", "special_text")
 
     def __init__(self, job: Job, index: int, tokenizer) -> None:
         params = job.request.params
         self.job, self.index, self.slot = job, index, -1
         self.sampler = Sampler(params, prompt_ids=job.prompt, seed_offset=index)
+        grammar = job.request.grammar
+        self.constraint = (None if grammar is None else
+                           Constraint.new(grammar, tokenizer, allow_eos=not params.ignore_eos))
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=job.prompt)
         self.stops = StopMatcher(params.stop)
         # Special tokens the detokenizer skips still count for stop strings (hidden text).
@@ -101,12 +106,16 @@ class Choice:
             top = tuple((int(i), float(p)) for i, p in (sample.top or ()))
             logprobs = (TokenLogprob(token, float(sample.logprob), top),)
         eos = token in eos_ids and not params.ignore_eos
+        complete = False  # the grammar allows nothing more (an EOS would be all it takes)
+        if self.constraint is not None:
+            self.constraint.consume(token)
+            complete = self.constraint.done
         text, stopped = self.stops.feed("" if eos else self.detok.add(token))
         if not (eos or stopped) and self.special_text is not None and token in self.detok.skipped_ids:
             hidden, stopped = self.stops.feed(self.special_text(token), visible=False)
             text += hidden
         finish = None
-        if stopped or eos:
+        if stopped or eos or complete:
             finish = "stop"
         elif len(self.generated) >= job.max_tokens or len(job.prompt) + len(self.generated) >= max_length:
             finish = "length"

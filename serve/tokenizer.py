@@ -319,6 +319,10 @@ class Tokenizer:
             ids.insert(0, bos)
         return ids
 
+    def to_json(self) -> str:
+        """The tokenizer.json pipeline as JSON text (what llguidance's LLTokenizer reads)."""
+        return self._tk.to_str()
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` as tokenizer.json's decoder writes it."""
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

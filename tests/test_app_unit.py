@@ -27,6 +27,7 @@ class FakeTokenizer:
     """One token per character (ids = code points < 256); 0 is EOS."""
 
     eos_ids = frozenset({0})
+    chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) % 256 for c in text]
@@ -37,7 +38,7 @@ class FakeTokenizer:
     def token_text(self, token_id: int) -> str:
         return chr(token_id)
 
-    def apply_chat_template(self, messages, *, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = True, tools=None) -> str:
         if any(m["content"] == "RAISE" for m in messages):
             raise ChatTemplateError("Only user and assistant roles are supported!")
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"

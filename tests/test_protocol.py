@@ -79,7 +79,7 @@ def test_chat_field_errors_name_the_param(fields, param):
         ("hello", "messages"),
         ([{"content": "x"}], "messages.[0].role"),
         ([{"role": "robot", "content": "x"}], "messages.[0].role"),
-        ([{"role": "tool", "content": "x"}], "messages.[0].role"),
+        ([{"role": "tool", "content": "x"}], "messages.[0].tool_call_id"),
         ([MSG[0], {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages.[1].content"),
         ([{"role": "user", "content": [{"type": "text"}]}], "messages.[0].content"),
         ([{"role": "user", "content": 5}], "messages.[0].content"),

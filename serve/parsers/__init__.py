@@ -1,63 +1,132 @@
-"""Output-side parsers: a choice's generated text → text, reasoning and tool-call deltas.
+"""Output parsers: one choice's generated text → typed deltas (answer text, reasoning,
+tool calls), pure and incremental, so streaming and non-streaming responses (and every
+wire format: chat completions, Responses, Anthropic Messages) render the same parse.
 
-PLACEHOLDER (branch wt12). The real package (tool-call parsers per model family and the
-reasoning parser) is written in branch wt11; the lead replaces this module with it at merge.
-The delta types and `ChoiceParser`'s interface are the agreed contract
-(/work/notes/ISSUE11.md): the Responses and Anthropic Messages renderers
-(`serve.api_responses`, `serve.api_messages`) are written against them.
+```
+text pieces ──► ReasoningSplitter ──► ReasoningDelta …          (`<think>…</think>`)
+                      │ answer text
+                      ▼
+                ToolCallParser(family) ──► TextDelta, ToolCallStart, ToolCallArgs …
+```
 
-`REAL` says whether this is the real parser; tests that need tool calls or reasoning from a
-model skip while it is False.
+Feeding a text in any split and then `finish()` gives deltas that `collapse` to the same
+list as feeding it whole (tested at every character boundary in tests/test_tool_parsers.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+import string
+import uuid
+from collections.abc import Callable
 
-REAL = False  # MERGE(wt11): the real package replaces this module (no REAL: tests treat that as real)
+from serve.parsers.deltas import (
+    Delta,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallArgs,
+    ToolCallStart,
+    collapse,
+)
+from serve.parsers.reasoning import ReasoningSplitter
+from serve.parsers.tool_calls import TOOL_PARSERS, ToolCallParser
 
+__all__ = [
+    "REASONING_PARSERS",
+    "TOOL_PARSERS",
+    "ChoiceParser",
+    "Delta",
+    "ReasoningDelta",
+    "TextDelta",
+    "ToolCallArgs",
+    "ToolCallStart",
+    "collapse",
+    "detect_reasoning_parser",
+    "detect_tool_parser",
+    "new_call_id",
+]
 
-@dataclass(frozen=True)
-class TextDelta:
-    """Plain answer text."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ReasoningDelta:
-    """Text of the model's reasoning (a `<think>` section or its family's equivalent)."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCallStart:
-    """A tool call begins: its index among the choice's calls, its id, the function name."""
-
-    index: int
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class ToolCallArgs:
-    """The next piece of tool call `index`'s JSON arguments text."""
-
-    index: int
-    fragment: str
+REASONING_PARSERS = ("think",)
 
 
-Delta = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgs
+def new_call_id(family: str | None = None) -> str:
+    """A fresh tool call id: `call_` + 24 hex digits (OpenAI's shape), or 9 alphanumerics
+    for Mistral, whose chat templates refuse any other id."""
+    if family == "mistral":
+        alphabet = string.ascii_letters + string.digits
+        return "".join(secrets.choice(alphabet) for _ in range(9))
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def detect_tool_parser(template: str, *, renders_tools: bool) -> str:
+    """The tool-call family a chat template's model writes, from markers in the template.
+
+    Args:
+        template: the Jinja source.
+        renders_tools: the template uses the `tools` variable; otherwise llorch's generic
+            format is rendered and parsed.
+    """
+    if not renders_tools:
+        return "generic"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "func_name1(" in template or "<|python_start|>" in template:
+        return "pythonic"
+    if "<tool_call>" in template:  # before "parameters": Hermes templates spell out schemas
+        return "hermes"
+    if "<|python_tag|>" in template or '"parameters"' in template:
+        return "llama3_json"
+    return "hermes"  # <tool_call>: Hermes, Qwen2.5/3, and the most common default
+
+
+def detect_reasoning_parser(template: str) -> str | None:
+    """"think" when the template knows `<think>` blocks (Qwen3, DeepSeek-R1, SmolLM3)."""
+    return "think" if "</think>" in template or "<think>" in template else None
 
 
 class ChoiceParser:
-    """One choice's incremental parser; this placeholder passes all text through as text."""
+    """Parses one choice's text as it streams.
+
+    Args:
+        tool_parser: a family of `TOOL_PARSERS`, or None to parse no calls (tool_choice
+            "none", or no tools offered).
+        reasoning: split a `<think>` block off first.
+        start_in_reasoning: the prompt already opened the block (it ends with `<think>`).
+        new_id: makes call ids (default `new_call_id(tool_parser)`).
+    """
+
+    def __init__(self, *, tool_parser: str | None = None, reasoning: bool = False,
+                 start_in_reasoning: bool = False,
+                 new_id: Callable[[], str] | None = None) -> None:
+        self.reasoning = ReasoningSplitter(start_inside=start_in_reasoning) if reasoning else None
+        family = tool_parser
+        self.tools = (ToolCallParser(family, new_id or (lambda: new_call_id(family)))
+                      if family is not None else None)
 
     def feed(self, text: str) -> list[Delta]:
-        """The deltas `text` (the choice's next piece of output) completes."""
-        return [TextDelta(text)] if text else []
+        """Deltas for the next piece of text (possibly none while markup is held back)."""
+        out: list[Delta] = []
+        if self.reasoning is not None:
+            out, text = self.reasoning.feed(text)
+        return out + self._answer(text)
 
     def finish(self) -> list[Delta]:
-        """The deltas still held back once the choice has ended."""
-        return []
+        """Deltas for whatever was held back; call once, when the choice ends."""
+        out: list[Delta] = []
+        text = ""
+        if self.reasoning is not None:
+            out, text = self.reasoning.finish()
+        out += self._answer(text)
+        if self.tools is not None:
+            out += self.tools.finish()
+        return out
+
+    def _answer(self, text: str) -> list[Delta]:
+        if self.tools is not None:
+            return self.tools.feed(text) if text else []
+        return [TextDelta(text)] if text else []
+
+    @property
+    def num_calls(self) -> int:
+        """Tool calls started so far."""
+        return self.tools.num_calls if self.tools is not None else 0
