@@ -13,6 +13,7 @@ POST /tokenize, /detokenize  token counting (vLLM's shapes)
 GET  /v1/models, /v1/models/{id}    every served model, with its status (serve.models)
 POST /v1/models/{id}/load, /unload operators (behind --api-key)
 GET  /health                 503 while the default model loads at startup and while draining
+GET  /                       the chat page (serve.webui; --no-webui: off)
 GET  /metrics                Prometheus text format (serve.metrics); --protect-metrics: keyed
 ```
 
@@ -45,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serve import api_messages, api_responses
+from serve import api_messages, api_responses, webui
 from serve.api_messages import CountTokensRequest, MessagesOutput, MessagesRequest, anthropic_errors
 from serve.api_responses import ResponsesOutput, ResponsesRequest
 from serve.body import ClientGone, read_json
@@ -187,6 +188,7 @@ def create_app(
             route("/v1/messages/count_tokens", anthropic_errors(count_message_tokens), "POST"),
             route("/tokenize", tokenize, "POST"),
             route("/detokenize", detokenize, "POST"),
+            *(webui.routes() if options.webui else []),
         ],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,

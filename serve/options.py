@@ -91,6 +91,8 @@ class ServeOptions:
     idle_unload: float | None = _flag(
         None, "stop a model nobody used for this many seconds; its next request loads it "
         "again (default: never)", type=float)
+    webui: bool = _flag(True, "the chat page at / (default: on; --no-webui: off)",
+                        action=argparse.BooleanOptionalAction)
     host: str = _flag("127.0.0.1", "bind address (default: %(default)s)")
     port: int = _flag(8000, "port (default: %(default)s)", type=int)
     provider: str = _flag(

@@ -131,10 +131,10 @@ def parse(*argv: str) -> ServeOptions:
 
 def test_command_line_forms():
     o = parse("m1=first", "--max-loaded-models", "2", "m2", "--memory-budget", "1.5G",
-              "--idle-unload", "30")
+              "--idle-unload", "30", "--no-webui")
     assert (o.model_dir, o.model_name, o.more_models) == (Path("m1"), "first", (ModelSpec(Path("m2")),))
-    assert (o.max_loaded_models, o.memory_budget, o.idle_unload) == (2, 3 * 2**29, 30.0)
-    assert parse("--models-dir", "d").model_dir is None
+    assert (o.max_loaded_models, o.memory_budget, o.idle_unload, o.webui) == (2, 3 * 2**29, 30.0, False)
+    assert parse("m").webui and parse("--models-dir", "d").model_dir is None
     assert parse_size("512M") == 2**29 and parse_size("8GiB") == 8 * 2**30 and parse_size("100") == 100
     for argv, message in [(("m1", "m2", "--model-name", "x"), "--model-name names the only model"),
                           ((), "no model"), (("m", "--max-loaded-models", "0"), "at least 1"),
