@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     _export_parser(sub)
     _serve_parser(sub)
     _models_parser(sub)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "serve" and not any(r.startswith("-") for r in rest):
+        args.models += rest  # `llorch serve A --port 8000 B`: both are models
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd is None:
         parser.print_help()
         return 0

@@ -351,11 +351,13 @@ def build_entries(options: ServeOptions, specs: list[ModelSpec], *, strict: bool
         strict: a directory whose JSON files are unusable is an error (one model); else it is
             served as a model that failed to load, so the others still serve.
     Raises:
-        ModelDirError: strict and a directory is unusable.
+        ModelDirError: a directory does not exist, or strict and one is unusable.
         ValueError: two models with the same id.
     """
     infos: list[tuple[ModelSpec, ModelInfo | None, str | None]] = []
     for spec in specs:
+        if not spec.path.is_dir():  # a typo on the command line: never served as a broken model
+            raise ModelDirError(f"{spec.path}: model directory not found")
         try:
             infos.append((spec, load_model_info(spec.path, name=spec.name), None))
         except ModelDirError as exc:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from serve.errors import ServiceUnavailableError
+from serve.model_dir import ModelDirError
 from serve.models import ModelBusy, ModelEntry, ModelLoadFailed, ModelRegistry, build_entries
 from serve.options import ModelSpec, ServeOptions, add_arguments, options_from_args, parse_size
 
@@ -117,8 +118,14 @@ def test_ids_from_directory_names(default_model_dir, default_fp32_dir, tmp_path)
     with pytest.raises(ValueError, match="two models are named 'x'"):
         build_entries(options, [ModelSpec(default_model_dir, "x"), ModelSpec(default_fp32_dir, "x")],
                       strict=False)
-    [missing] = build_entries(options, [ModelSpec(tmp_path / "gone")], strict=False)
-    assert missing.status == "error" and "model directory not found" in missing.error
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "genai_config.json").write_text("{")
+    [bad] = build_entries(options, [ModelSpec(tmp_path / "bad")], strict=False)  # served, failed
+    assert bad.status == "error" and "genai_config.json: not valid JSON" in bad.error
+    with pytest.raises(ModelDirError, match="genai_config.json: not valid JSON"):
+        build_entries(options, [ModelSpec(tmp_path / "bad")], strict=True)
+    with pytest.raises(ModelDirError, match="gone: model directory not found"):  # a typo: never served
+        build_entries(options, [ModelSpec(default_model_dir), ModelSpec(tmp_path / "gone")], strict=False)
 
 
 def parse(*argv: str) -> ServeOptions:
