@@ -53,16 +53,21 @@ class ModelBusy(APIError):
 
 
 def discover(models_dir: Path) -> list[ModelSpec]:
-    """Every model directory directly beneath ``models_dir`` (one with genai_config.json or
-    config.json), sorted by name.
+    """Every model directory directly beneath ``models_dir``, sorted by name: one with
+    genai_config.json (llorch, ONNX Runtime GenAI), or config.json beside an ONNX decoder
+    (optimum-cli). A Hugging Face checkpoint (config.json, no graph) is a source, not served.
 
     Raises:
         ValueError: ``models_dir`` is not a directory.
     """
     if not models_dir.is_dir():
         raise ValueError(f"--models-dir {models_dir}: not a directory")
-    return [ModelSpec(p) for p in sorted(models_dir.iterdir())
-            if p.is_dir() and ((p / "genai_config.json").is_file() or (p / "config.json").is_file())]
+
+    def servable(p: Path) -> bool:
+        return (p / "genai_config.json").is_file() or ((p / "config.json").is_file() and any(
+            (p / f).is_file() for f in ("model.onnx", "decoder_model_merged.onnx")))
+
+    return [ModelSpec(p) for p in sorted(models_dir.iterdir()) if p.is_dir() and servable(p)]
 
 
 class ModelEntry:

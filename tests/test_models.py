@@ -12,7 +12,14 @@ import pytest
 
 from serve.errors import ServiceUnavailableError
 from serve.model_dir import ModelDirError
-from serve.models import ModelBusy, ModelEntry, ModelLoadFailed, ModelRegistry, build_entries
+from serve.models import (
+    ModelBusy,
+    ModelEntry,
+    ModelLoadFailed,
+    ModelRegistry,
+    build_entries,
+    model_specs,
+)
 from serve.options import ModelSpec, ServeOptions, add_arguments, options_from_args, parse_size
 
 
@@ -152,3 +159,14 @@ def test_command_line_forms():
         parse_size("lots")
     with pytest.raises(SystemExit):  # argparse: "invalid parse_size value: 'lots'"
         parse("m", "--memory-budget", "lots")
+
+
+def test_models_dir_serves_exports_not_checkpoints(default_model_dir, default_hf_dir):
+    """`--models-dir models/`: the int4 and fp32 exports, not the HF checkpoint beside them."""
+    root = default_model_dir.parent
+    assert default_hf_dir.parent == root and (default_hf_dir / "config.json").is_file()
+    specs = model_specs(ServeOptions(model_dir=None, models_dir=root))
+    assert default_model_dir in [s.path for s in specs] and default_hf_dir not in [s.path for s in specs]
+    specs = model_specs(ServeOptions(model_dir=default_model_dir, model_name="x", models_dir=root))
+    assert specs[0] == ModelSpec(default_model_dir, "x")
+    assert [s.path for s in specs].count(default_model_dir) == 1  # named already: not twice
