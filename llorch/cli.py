@@ -59,8 +59,10 @@ def _serve_parser(sub) -> None:
     from serve.options import add_arguments  # dataclass + argparse only: cheap to import
 
     p = sub.add_parser("serve", help="serve a model directory behind an OpenAI-compatible API")
-    p.add_argument("model", nargs="?", type=Path, default=None,
-                   help="model directory (default: prepare and serve SmolLM2-135M-Instruct int4)")
+    p.add_argument("models", nargs="*", metavar="DIR[=alias]",
+                   help="model directories, each optionally renamed (DIR=alias); the first is the "
+                   "default model, for requests without 'model' (default: prepare and serve "
+                   "SmolLM2-135M-Instruct int4, unless --models-dir is given)")
     add_arguments(p)
 
 
@@ -88,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     _export_parser(sub)
     _serve_parser(sub)
     _models_parser(sub)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "serve" and not any(r.startswith("-") for r in rest):
+        args.models += rest  # `llorch serve A --port 8000 B`: both are models
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd is None:
         parser.print_help()
         return 0
@@ -154,7 +160,8 @@ def _default_model_dir() -> Path:
 def _run_serve(args) -> int:
     from serve.main import serve_args
 
-    return serve_args(args.model or _default_model_dir(), args)
+    models = args.models or ([] if args.models_dir is not None else [_default_model_dir()])
+    return serve_args(models, args)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,15 @@ POST /v1/messages ─────────┘ path (`generate_chat`); serve.a
 GET|DELETE /v1/responses/{id}    the Responses store (serve.response_store)
 POST /v1/messages/count_tokens   the Anthropic request's prompt length
 POST /tokenize, /detokenize  token counting (vLLM's shapes)
-GET  /v1/models, /v1/models/{id}
-GET  /health                 503 while loading and while draining
+GET  /v1/models, /v1/models/{id}    every served model, with its status (serve.models)
+POST /v1/models/{id}/load, /unload operators (behind --api-key)
+GET  /health                 503 while the default model loads at startup and while draining
+GET  /                       the chat page (serve.webui; --no-webui: off)
 GET  /metrics                Prometheus text format (serve.metrics); --protect-metrics: keyed
 ```
 
+The request's `model` picks one of the served models (serve.models: loaded on demand, least
+recently used idle ones stopped to make room); without `model`, the first one given.
 A trailing slash is answered like the path without it. Every response carries the
 `system_fingerprint` (serve.fingerprint) and, with logprobs, each token's raw bytes.
 
@@ -42,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serve import api_messages, api_responses
+from serve import api_messages, api_responses, webui
 from serve.api_messages import CountTokensRequest, MessagesOutput, MessagesRequest, anthropic_errors
 from serve.api_responses import ResponsesOutput, ResponsesRequest
 from serve.body import ClientGone, read_json
@@ -60,8 +64,8 @@ from serve.errors import (
     ServerError,
     ServiceUnavailableError,
 )
-from serve.fingerprint import system_fingerprint
 from serve.metrics import CONTENT_TYPE, Metrics
+from serve.models import ERROR, ModelEntry, ModelRegistry
 from serve.options import ServeOptions
 from serve.parsers import ChoiceParser
 from serve.protocol import (
@@ -73,7 +77,7 @@ from serve.protocol import (
     parse_request,
 )
 from serve.response_store import ResponseStore, StoredResponse
-from serve.responses import ChatOutput, CompletionOutput, Output, new_id, now
+from serve.responses import ChatOutput, CompletionOutput, Output, new_id
 from serve.sampling import SamplingParams
 from serve.streaming import respond
 
@@ -84,61 +88,81 @@ RETRY_AFTER_S = 1  # what a 429 tells clients to wait
 
 class EngineLike(Protocol):
     """What the routes need from `serve.engine.Engine` (tests pass a fake). The engine's
-    state gauges (`slots_in_use`, `num_requests`, …) are read where present."""
+    state gauges (`slots_in_use`, `num_requests`, …) are read where present. `model_id` (the
+    served id) and `fingerprint` are set by `create_app` when the engine is loaded."""
 
     tokenizer: Any
     max_length: int
     vocab_size: int
+    model_id: str
+    fingerprint: str
 
     def submit(self, request: GenerationRequest) -> RequestStream: ...
     def stop(self) -> None: ...
 
 
 class _State:
-    def __init__(self, options: ServeOptions, model_name: str, metrics: Metrics) -> None:
+    def __init__(self, options: ServeOptions, models: ModelRegistry, metrics: Metrics) -> None:
         self.options = options
-        self.model_name = model_name
+        self.models = models
         self.metrics = metrics
-        self.created = now()
-        self.engine: EngineLike | None = None
-        self.load_error: str | None = None
+        self.started = False  # the startup load of the default model has finished
         self.draining = False
-        self.fingerprint = system_fingerprint(options)
         self.responses = ResponseStore(options.responses_store_size)
 
 
 def create_app(
     options: ServeOptions,
-    load: Callable[[], EngineLike],
+    load: Callable[..., EngineLike],
     *,
-    model_name: str,
+    model_name: str | None = None,
+    entries: list[ModelEntry] | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
     metrics: Metrics | None = None,
 ) -> Starlette:
-    """The ASGI app. `load()` runs on a background thread at startup and returns a started
-    engine; until it returns, `/health` says 503 and the generation routes answer 503.
-    `model_name` is the only model id served; `metrics` is what `/metrics` reports (the
-    caller hands the same object to the engine as its observer)."""
-    state = _State(options, model_name, metrics or Metrics())
+    """The ASGI app serving `entries` (serve.models; the first is the default model), each
+    loaded by `load(entry)` (returns a started engine; runs on a worker thread). Without
+    `entries`: one model named `model_name`, and `load()` takes no argument (tests pass a
+    fake engine).
+
+    The default model loads on a background thread at startup; until that ends `/health`
+    says 503 and the generation routes answer 503. With one model, a failed startup load is
+    passed to `on_load_error`; the others load on their first request. `metrics` is what
+    `/metrics` reports (the caller hands `metrics.observer(id)` to each engine)."""
+    metrics = metrics or Metrics()
+    if entries is None:
+        if model_name is None:
+            raise ValueError("create_app needs entries or model_name")
+        entries = [ModelEntry(model_name, options, None)]
+        load_one = load
+        load = lambda entry: load_one()  # noqa: E731
+
+    def load_entry(entry: ModelEntry) -> EngineLike:
+        engine = load(entry)
+        engine.model_id, engine.fingerprint = entry.id, entry.fingerprint
+        return engine
+
+    models = ModelRegistry(
+        entries, load_entry, max_loaded=options.max_loaded_models, memory_budget=options.memory_budget,
+        idle_unload=options.idle_unload, wait_timeout=options.queue_timeout,
+        on_loaded=lambda e: metrics.bind(e.engine, e.id), on_unloaded=lambda e: metrics.unbind(e.id))
+    state = _State(options, models, metrics)
 
     def load_in_background() -> None:
         try:
-            engine = load()
-            state.metrics.bind(engine)
-            state.engine = engine
-            log.info("model %s is ready", state.model_name)
+            models.ensure_loaded(models.default)
         except BaseException as exc:
-            log.error("loading the model failed", exc_info=exc)
-            state.load_error = f"{type(exc).__name__}: {exc}"
-            if on_load_error is not None:
-                on_load_error(exc)
+            if on_load_error is not None and len(models.entries) == 1:
+                on_load_error(models.default.exception or exc)
+        finally:
+            state.started = True
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         threading.Thread(target=load_in_background, name="llorch-load", daemon=True).start()
+        models.start_idle_unloader()
         yield
-        if state.engine is not None:
-            await run_in_threadpool(state.engine.stop)
+        await run_in_threadpool(models.stop_all)
 
     def route(path: str, handler: Handler, method: str) -> Route:
         return Route(path, _endpoint(handler, path), methods=[method])
@@ -153,6 +177,8 @@ def create_app(
             route("/health", health, "GET"),
             route("/metrics", metrics_text, "GET"),
             route("/v1/models", list_models, "GET"),
+            route("/v1/models/{model_id:path}/load", load_model, "POST"),
+            route("/v1/models/{model_id:path}/unload", unload_model, "POST"),
             route("/v1/models/{model_id:path}", get_model, "GET"),
             route("/v1/chat/completions", chat_completions, "POST"),
             route("/v1/completions", completions, "POST"),
@@ -163,6 +189,7 @@ def create_app(
             route("/v1/messages/count_tokens", anthropic_errors(count_message_tokens), "POST"),
             route("/tokenize", tokenize, "POST"),
             route("/detokenize", detokenize, "POST"),
+            *(webui.routes() if options.webui else []),
         ],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
@@ -179,14 +206,18 @@ async def drain(app: Starlette, timeout: float) -> None:
     the server, which waits for the responses to be written."""
     state: _State = app.state.llorch
     state.draining = True
-    engine = state.engine
-    if engine is None or not hasattr(engine, "drain"):
+    engines = [e for e in state.models.loaded() if hasattr(e, "drain")]
+
+    def in_flight() -> int:
+        return sum(getattr(e, "num_requests", 0) for e in engines)
+
+    if not engines:
         return
-    log.info("draining: %d requests in flight, up to %g s to finish",
-             getattr(engine, "num_requests", 0), timeout)
-    engine.drain(timeout)
-    deadline = time.monotonic() + timeout + 5.0  # the engine ends them at `timeout`
-    while getattr(engine, "num_requests", 0) and time.monotonic() < deadline:
+    log.info("draining: %d requests in flight, up to %g s to finish", in_flight(), timeout)
+    for engine in engines:
+        engine.drain(timeout)
+    deadline = time.monotonic() + timeout + 5.0  # the engines end them at `timeout`
+    while in_flight() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 
@@ -217,6 +248,8 @@ def _endpoint(handler: Handler, path: str) -> Callable[[Request], Awaitable[Resp
             log.exception("error in %s %s", request.method, request.url.path)
             raise ServerError(GENERIC_SERVER_ERROR) from None
         finally:
+            for entry in request.scope.pop(_LEASES, ()):
+                state.models.release(entry)
             state.metrics.request(path, status)
 
     return endpoint
@@ -226,14 +259,23 @@ def _endpoint(handler: Handler, path: str) -> Callable[[Request], Awaitable[Resp
 
 
 async def health(request: Request, state: _State) -> Response:
+    """503 while draining and during the startup load; then 200 with the KV slots in use
+    (all models) and, with several models, each one's status. One model that failed to
+    load: 503 with the error."""
+    models = state.models
     if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    if state.engine is not None:
-        slots = getattr(state.engine, "slots_in_use", None)
-        return JSONResponse({"status": "ok"} if slots is None else {"status": "ok", "slots_in_use": slots})
-    if state.load_error is not None:
-        return JSONResponse({"status": "error", "message": state.load_error}, status_code=503)
-    return JSONResponse({"status": "loading"}, status_code=503)
+    if len(models.entries) == 1 and models.default.status == ERROR:
+        return JSONResponse({"status": "error", "message": models.default.error}, status_code=503)
+    if not state.started:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    body: dict[str, Any] = {"status": "ok"}
+    slots = [getattr(e, "slots_in_use", None) for e in models.loaded()]
+    if any(n is not None for n in slots):
+        body["slots_in_use"] = sum(n for n in slots if n is not None)
+    if len(models.entries) > 1:
+        body["models"] = {e.id: e.status for e in models.entries.values()}
+    return JSONResponse(body)
 
 
 async def metrics_text(request: Request, state: _State) -> Response:
@@ -242,19 +284,31 @@ async def metrics_text(request: Request, state: _State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _model_card(state: _State) -> dict[str, Any]:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "llorch"}
-
-
 async def list_models(request: Request, state: _State) -> Response:
+    """Every served model, the default first (serve.models.ModelEntry.card)."""
     _authorize(request, state)
-    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+    return JSONResponse({"object": "list", "data": [e.card() for e in state.models.entries.values()]})
 
 
 async def get_model(request: Request, state: _State) -> Response:
     _authorize(request, state)
-    _check_model(request.path_params["model_id"], state)
-    return JSONResponse(_model_card(state))
+    return JSONResponse(state.models.entry(request.path_params["model_id"]).card())
+
+
+async def load_model(request: Request, state: _State) -> Response:
+    """Load a model now (a failed one is tried again) → its card; 500 naming the file."""
+    _authorize(request, state)
+    entry = state.models.entry(request.path_params["model_id"])
+    await run_in_threadpool(functools.partial(state.models.ensure_loaded, entry, retry=True))
+    return JSONResponse(entry.card())
+
+
+async def unload_model(request: Request, state: _State) -> Response:
+    """Stop a model's engine now → its card; 409 while requests use it."""
+    _authorize(request, state)
+    entry = state.models.entry(request.path_params["model_id"])
+    await run_in_threadpool(state.models.unload, entry)
+    return JSONResponse(entry.card())
 
 
 async def tokenize(request: Request, state: _State) -> Response:
@@ -262,8 +316,7 @@ async def tokenize(request: Request, state: _State) -> Response:
     "add_generation_prompt"?: true}` → `{"tokens", "count", "max_model_len"}` (vLLM)."""
     _authorize(request, state)
     data = await read_json(request, state.options.max_body_bytes)
-    _check_model(data.get("model"), state)
-    engine = _engine(state)
+    engine = await _engine(request, state, data.get("model"))
     tokenizer = engine.tokenizer
     if "messages" in data:
         req = parse_request(ChatCompletionRequest, {k: data[k] for k in ("messages", "tools", "chat_template_kwargs")
@@ -296,8 +349,7 @@ async def detokenize(request: Request, state: _State) -> Response:
     """`{"tokens": [int, ...]}` → `{"content": text, "prompt": text}` (llama-server, vLLM)."""
     _authorize(request, state)
     data = await read_json(request, state.options.max_body_bytes)
-    _check_model(data.get("model"), state)
-    engine = _engine(state)
+    engine = await _engine(request, state, data.get("model"))
     tokens = data.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                for t in tokens):
@@ -341,27 +393,32 @@ def _authorize(request: Request, state: _State, *, x_api_key: bool = False) -> N
         )
 
 
-def _check_model(model: Any, state: _State) -> None:
-    if model is not None and not isinstance(model, str):  # /tokenize, /detokenize read it raw
-        raise InvalidRequestError("Invalid type for 'model': expected a string.", param="model",
-                                  code="invalid_type")
-    if model is not None and model != state.model_name:
-        raise NotFoundError(
-            f"The model `{model}` does not exist; this server serves `{state.model_name}`.",
-            param="model",
-            code="model_not_found",
-        )
+_LEASES = "llorch.leases"  # request.scope key: the models a request holds until its route returns
 
 
-def _engine(state: _State, *, generating: bool = False) -> EngineLike:
+async def _engine(request: Request, state: _State, model: Any, *, generating: bool = False) -> EngineLike:
+    """The engine of the model a request names (None: the default), loaded first if need be
+    (the request waits; others keep flowing). The request holds the model until its route
+    returns, so it is not evicted between this lookup and the submission.
+
+    Raises:
+        NotFoundError: no such model (404); InvalidRequestError: `model` not a string.
+        ServiceUnavailableError: draining, the startup load still running, or no room.
+        ModelLoadFailed: the model's files could not be loaded (500 naming the file).
+    """
+    entry = state.models.entry(model)
     if generating and state.draining:
         raise ServiceUnavailableError("The server is shutting down; retry on another instance.",
                                       code="shutting_down")
-    if state.engine is None:
+    if not state.started:
         raise ServiceUnavailableError(
             "The model is still loading; retry when /health answers 200.", code="model_loading"
         )
-    return state.engine
+    engine = state.models.lease(entry)
+    request.scope.setdefault(_LEASES, []).append(entry)
+    if engine is None:
+        engine = await run_in_threadpool(state.models.ensure_loaded, entry)
+    return engine
 
 
 def _check_admissible(n_requests: int, engine: EngineLike, state: _State) -> None:
@@ -423,7 +480,7 @@ async def chat_completions(request: Request, state: _State) -> Response:
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
                make_parser: Callable[[], ChoiceParser]) -> Output:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return ChatOutput(new_id("chatcmpl"), state.model_name, params.n, engine.tokenizer.token_text,
+        return ChatOutput(new_id("chatcmpl"), engine.model_id, params.n, engine.tokenizer.token_text,
                           logprobs=bool(req.logprobs), include_usage=include_usage,
                           make_parser=make_parser, legacy_functions=req.functions is not None,
                           **_output_extras(engine, state))
@@ -440,8 +497,7 @@ async def generate_chat(request: Request, state: _State, req: ChatCompletionRequ
     checks → `Engine.submit` → `respond`. `make_output(engine, params, prompt_ids,
     make_parser)` builds the renderer (`make_parser()`: a fresh output parser for a choice);
     `param` names the request field a too-long prompt is blamed on."""
-    _check_model(req.model, state)
-    engine = _engine(state, generating=True)
+    engine = await _engine(request, state, req.model, generating=True)
     # Prompt, grammar (tools or response_format; compiled and cached here, off the engine
     # thread) and the per-choice output parser.
     prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, req, state.options,
@@ -467,14 +523,13 @@ def _output_extras(engine: EngineLike, state: _State) -> dict[str, Any]:
     """What every response carries besides the choices: token bytes for logprobs, and the
     system fingerprint."""
     return {"token_bytes": getattr(engine.tokenizer, "token_bytes", None),
-            "fingerprint": state.fingerprint}
+            "fingerprint": engine.fingerprint}
 
 
 async def completions(request: Request, state: _State) -> Response:
     _authorize(request, state)
     req = parse_request(CompletionRequest, await read_json(request, state.options.max_body_bytes))
-    _check_model(req.model, state)
-    engine = _engine(state, generating=True)
+    engine = await _engine(request, state, req.model, generating=True)
     _check_admissible(len(req.prompt), engine, state)
     # Prompt ids and the output constraint's grammar (compiled into the cache) off the loop.
     prompts, grammar = await run_in_threadpool(
@@ -488,7 +543,7 @@ async def completions(request: Request, state: _State) -> Response:
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     echo_logprobs = req.logprobs if req.echo else None
-    out = CompletionOutput(new_id("cmpl"), state.model_name, params.n, engine.tokenizer.token_text,
+    out = CompletionOutput(new_id("cmpl"), engine.model_id, params.n, engine.tokenizer.token_text,
                             logprobs=req.logprobs is not None, include_usage=include_usage,
                             echo=[(t, ids) for t, ids in prompts] if req.echo else None,
                             n_prompts=len(prompts), **_output_extras(engine, state))
@@ -564,7 +619,7 @@ async def create_response(request: Request, state: _State) -> Response:
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
                make_parser: Callable[[], ChoiceParser]) -> Output:
-        return ResponsesOutput(api_responses.new_item_id("resp"), state.model_name, engine.tokenizer.token_text,
+        return ResponsesOutput(api_responses.new_item_id("resp"), engine.model_id, engine.tokenizer.token_text,
                                echo={**req.echo(), "store": stored}, logprobs=req.logprobs, on_done=store,
                                make_parser=make_parser,
                                token_bytes=getattr(engine.tokenizer, "token_bytes", None))
@@ -603,7 +658,7 @@ async def create_message(request: Request, state: _State) -> Response:
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
                make_parser: Callable[[], ChoiceParser]) -> Output:
-        return MessagesOutput(api_messages.new_message_id(), state.model_name, engine.tokenizer.token_text,
+        return MessagesOutput(api_messages.new_message_id(), engine.model_id, engine.tokenizer.token_text,
                               prompt_tokens=len(prompt_ids), make_parser=make_parser)
 
     return await generate_chat(request, state, chat, output)
@@ -616,8 +671,7 @@ async def count_message_tokens(request: Request, state: _State) -> Response:
     req.check()
     body = req.chat_body()
     chat = parse_request(ChatCompletionRequest, body)
-    _check_model(chat.model, state)
-    engine = _engine(state)
+    engine = await _engine(request, state, chat.model)
     prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, chat, state.options,
                                        engine.max_length)
     return JSONResponse({"input_tokens": len(prepared.prompt_ids)})

@@ -1,11 +1,13 @@
 """`run(options)`: check the provider, build the app, serve it with uvicorn.
 
-The model loads on a background thread (see `create_app`), so `/health` answers 503 at once
-and 200 when ready; if loading fails the server shuts down and `run` raises `StartupError`.
+The default (first) model loads on a background thread (see `create_app`), so `/health`
+answers 503 at once and 200 when ready; with one model, if loading fails the server shuts down
+and `run` raises `StartupError`; with several, a model that fails answers its requests with the
+error and the others serve (serve.models loads them on demand).
 SIGTERM / SIGINT drain first (`serve.app.drain`: 503 for new requests, running ones get
 `--drain-timeout` seconds), then uvicorn stops and `run` returns; a second signal cuts the
 drain short, a third exits at once.
-`python -m serve.main MODEL_DIR [flags]` runs it without the `llorch` CLI; `add_arguments` /
+`python -m serve.main DIR[=alias] [DIR…] [flags]` runs it without the `llorch` CLI; `add_arguments` /
 `options_from_args` are the flag ↔ `ServeOptions` mapping for CLIs to reuse.
 """
 
@@ -17,7 +19,6 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -27,8 +28,10 @@ from starlette.applications import Starlette
 from serve.app import create_app, drain
 from serve.engine import CPU_PREFILL_CHUNK, GPU_PREFILL_CHUNK, Engine
 from serve.errors import StartupError
+from serve.events import EngineObserver
 from serve.metrics import Metrics
-from serve.model_dir import ModelDirError, load_model_info
+from serve.model_dir import ModelDirError
+from serve.models import ModelEntry, build_entries, model_specs
 from serve.options import ServeOptions, add_arguments, options_from_args
 from serve.runtime import ProviderError, RuntimeOptions, open_runtime
 from serve.runtime.session import resolve_providers
@@ -44,7 +47,7 @@ def check_provider(provider: str) -> None:
         raise StartupError(f"{exc}; pass --provider auto to use the best available one") from None
 
 
-def load_engine(options: ServeOptions, metrics: Metrics | None = None) -> Engine:
+def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) -> Engine:
     """Build the Tokenizer and Runtime and start the engine thread (slow: runs off the loop).
     Errors name the file at fault (a bad tokenizer.json, a truncated weights file)."""
     tokenizer = Tokenizer.from_dir(options.model_dir)  # first: cheap, and fails fast
@@ -119,9 +122,10 @@ class _Server(uvicorn.Server):
 def run(options: ServeOptions) -> None:
     """Serve until interrupted. Raises `StartupError` for problems the user must fix."""
     check_provider(options.provider)
-    try:  # cheap (JSON only): the served name must be known before the model loads
-        model_name = load_model_info(options.model_dir, name=options.model_name).name
-    except ModelDirError as exc:
+    try:  # cheap (JSON only): the served names must be known before the models load
+        specs = model_specs(options)
+        entries = build_entries(options, specs, strict=len(specs) == 1)
+    except (ModelDirError, ValueError) as exc:
         raise StartupError(str(exc)) from None
     logging.basicConfig(
         level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -135,18 +139,22 @@ def run(options: ServeOptions) -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(options, partial(load_engine, options, metrics), model_name=model_name,
-                     on_load_error=on_load_error, metrics=metrics)
+    def load(entry: ModelEntry) -> Engine:
+        return load_engine(entry.options, metrics.observer(entry.id))
+
+    app = create_app(options, load, entries=entries, on_load_error=on_load_error, metrics=metrics)
     config = uvicorn.Config(
         app, host=options.host, port=options.port, log_level=options.log_level.lower(),
         timeout_graceful_shutdown=5,  # after the drain: clients that stopped reading
     )
     server = _Server(config, app, options.drain_timeout)
-    log.info("serving %s as '%s' on http://%s:%d (loading…)", options.model_dir, model_name,
-             options.host, options.port)
+    for entry in entries:
+        log.info("model '%s': %s", entry.id, entry.options.model_dir)
+    log.info("serving %d model(s) on http://%s:%d, default '%s' (loading…)", len(entries),
+             options.host, options.port, entries[0].id)
     server.run()
     if failures:
-        raise StartupError(f"could not load {options.model_dir}: {failures[0]}")
+        raise StartupError(f"could not load {entries[0].options.model_dir}: {failures[0]}")
 
 
 def run_cli(options: ServeOptions) -> int:
@@ -159,10 +167,11 @@ def run_cli(options: ServeOptions) -> int:
     return 0
 
 
-def serve_args(model_dir: Path, args: argparse.Namespace) -> int:
-    """`run_cli` on parsed flags; flags that contradict each other are an error, exit 2."""
+def serve_args(models: Path | list[Path | str], args: argparse.Namespace) -> int:
+    """`run_cli` on model directories (``DIR`` or ``DIR=alias``) and parsed flags; flags that
+    contradict each other are an error, exit 2."""
     try:
-        options = options_from_args(model_dir, args)
+        options = options_from_args(models if isinstance(models, list) else [models], args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -171,10 +180,11 @@ def serve_args(model_dir: Path, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve.main", description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("models", nargs="*", metavar="DIR[=alias]",
+                        help="model directories; the first is the default model")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    return serve_args(args.model_dir, args)
+    args = parser.parse_intermixed_args(argv)  # DIR --flag DIR: both directories
+    return serve_args(args.models, args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Prometheus metrics for `GET /metrics`: HTTP requests, tokens, latencies, engine state.
 
 `Metrics` owns one registry per server (so several apps in one process never clash). The
-routes count requests; the engine thread reports through the `EngineObserver` hooks; the
-gauges read the engine when scraped. Process RSS and CPU come from prometheus-client's
+routes count requests; each model's engine thread reports through its own `EngineObserver`
+(`observer(model)`); the gauges read the loaded engines when scraped. Everything about an
+engine carries a `model` label (the served id); HTTP request counts do not. Process RSS and CPU come from prometheus-client's
 `ProcessCollector` (`process_resident_memory_bytes`; Linux only).
 """
 
@@ -11,17 +12,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from serve.events import EngineObserver, RequestStats
 
@@ -33,85 +35,75 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 THROUGHPUT_WINDOW_S = 10.0
 
 
-class Metrics(EngineObserver):
-    """Every metric of one server. `bind(engine)` once the engine has loaded."""
+class Metrics:
+    """Every metric of one server. `bind(engine, model)` once a model's engine has loaded,
+    `unbind(model)` when it stops; `observer(model)` is what that engine reports to."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self._engine = None
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for the throughput gauge
+        self._engines: dict[str, object] = {}
+        self._recent: dict[str, deque[tuple[float, int]]] = {}  # (time, tokens): throughput
         self._recent_lock = threading.Lock()
+        m = ["model"]
 
         self.requests = Counter("llorch_requests", "HTTP requests by endpoint and status code.",
                                 ["endpoint", "status"], registry=r)
         self.outcomes = Counter("llorch_engine_requests", "Engine requests by how they ended "
                                 "(ok, cancelled, error, queue_timeout, shutting_down).",
-                                ["outcome"], registry=r)
+                                ["model", "outcome"], registry=r)
         self.prompt_tokens = Counter("llorch_prompt_tokens", "Prompt tokens of ended requests.",
-                                     registry=r)
+                                     m, registry=r)
         self.generation_tokens = Counter("llorch_generation_tokens",
-                                         "Tokens generated (all choices) by ended requests.", registry=r)
+                                         "Tokens generated (all choices) by ended requests.", m,
+                                         registry=r)
         self.cache_queries = Counter("llorch_prefix_cache_queries",
-                                     "Prompt tokens looked up in the prefix cache.", registry=r)
+                                     "Prompt tokens looked up in the prefix cache.", m, registry=r)
         self.cache_hits = Counter("llorch_prefix_cache_hits",
                                   "Prompt tokens found in the prefix cache (not prefilled again).",
-                                  registry=r)
+                                  m, registry=r)
         self.cache_hit_requests = Counter("llorch_prefix_cache_hit_requests",
-                                          "Requests that reused cached prompt tokens.", registry=r)
+                                          "Requests that reused cached prompt tokens.", m, registry=r)
         self.ttft = Histogram("llorch_time_to_first_token_seconds",
-                              "Seconds from submission to the first token.", buckets=TTFT_BUCKETS,
+                              "Seconds from submission to the first token.", m, buckets=TTFT_BUCKETS,
                               registry=r)
         self.itl = Histogram("llorch_inter_token_latency_seconds",
-                             "Seconds between consecutive tokens of one choice.", buckets=ITL_BUCKETS,
-                             registry=r)
+                             "Seconds between consecutive tokens of one choice.", m,
+                             buckets=ITL_BUCKETS, registry=r)
         self.request_tps = Histogram("llorch_request_tokens_per_second",
-                                     "Decode speed of each request after its first token.",
+                                     "Decode speed of each request after its first token.", m,
                                      buckets=TPS_BUCKETS, registry=r)
         self.queue_time = Histogram("llorch_request_queue_seconds",
-                                    "Seconds requests waited for a slot.", buckets=DURATION_BUCKETS,
-                                    registry=r)
+                                    "Seconds requests waited for a slot.", m,
+                                    buckets=DURATION_BUCKETS, registry=r)
         self.duration = Histogram("llorch_request_duration_seconds",
-                                  "Seconds from submission to the end of the request.",
+                                  "Seconds from submission to the end of the request.", m,
                                   buckets=DURATION_BUCKETS, registry=r)
-        gauges = {
-            "llorch_generation_tokens_per_second":
-                ("Tokens generated per second, all requests, over the last "
-                 f"{THROUGHPUT_WINDOW_S:g} s.", self._throughput),
-            "llorch_requests_running": ("Requests holding KV slots.", self._read("num_running")),
-            "llorch_requests_waiting": ("Requests waiting for a KV slot.", self._read("num_waiting")),
-            "llorch_slots_in_use": ("KV slots owned by running sequences.", self._read("slots_in_use")),
-            "llorch_slots": ("KV slots (--max-batch).", self._read("n_slots")),
-            "llorch_kv_cache_bytes_in_use": ("Bytes of KV cache holding tokens, idle cached "
-                                             "slots included.", self._read("kv_bytes_in_use")),
-            "llorch_kv_cache_bytes": ("Bytes of KV cache preallocated.", self._read("kv_bytes")),
-            "llorch_prefix_cache_tokens": ("Tokens idle slots keep for reuse.",
-                                           self._read("cached_prefix_tokens")),
-        }
-        for name, (doc, read) in gauges.items():
-            Gauge(name, doc, registry=r).set_function(read)
+        r.register(_EngineGauges(self))
         ProcessCollector(registry=r)
 
-    def bind(self, engine) -> None:
-        """The engine whose state the gauges report."""
-        self._engine = engine
+    def bind(self, engine, model: str) -> None:
+        """The engine whose state the gauges report for `model`."""
+        self._engines[model] = engine
 
-    def _read(self, attr: str):
-        def read() -> float:
-            value = getattr(self._engine, attr, 0) if self._engine is not None else 0
-            return float(value() if callable(value) else value)
+    def unbind(self, model: str) -> None:
+        """`model`'s engine stopped: its gauges go."""
+        self._engines.pop(model, None)
 
-        return read
+    def observer(self, model: str) -> EngineObserver:
+        """The hooks `model`'s engine thread calls."""
+        return _ModelObserver(self, model)
 
-    def _throughput(self) -> float:
+    def throughput(self, model: str) -> float:
         cutoff = time.monotonic() - THROUGHPUT_WINDOW_S
         with self._recent_lock:
-            while self._recent and self._recent[0][0] < cutoff:
-                self._recent.popleft()
-            return sum(n for _, n in self._recent) / THROUGHPUT_WINDOW_S
+            recent = self._recent.get(model, deque())
+            while recent and recent[0][0] < cutoff:
+                recent.popleft()
+            return sum(n for _, n in recent) / THROUGHPUT_WINDOW_S
 
-    def _add_recent(self, n: int) -> None:
+    def _add_recent(self, model: str, n: int) -> None:
         with self._recent_lock:
-            self._recent.append((time.monotonic(), n))
+            self._recent.setdefault(model, deque()).append((time.monotonic(), n))
 
     # -- HTTP side ---------------------------------------------------------------------------
     def request(self, endpoint: str, status: int) -> None:
@@ -120,29 +112,75 @@ class Metrics(EngineObserver):
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # -- engine hooks (engine thread) --------------------------------------------------------
+
+_GAUGES = {  # name: (help, engine attribute)
+    "llorch_requests_running": ("Requests holding KV slots.", "num_running"),
+    "llorch_requests_waiting": ("Requests waiting for a KV slot.", "num_waiting"),
+    "llorch_slots_in_use": ("KV slots owned by running sequences.", "slots_in_use"),
+    "llorch_slots": ("KV slots (--max-batch).", "n_slots"),
+    "llorch_kv_cache_bytes_in_use": ("Bytes of KV cache holding tokens, idle cached slots "
+                                     "included.", "kv_bytes_in_use"),
+    "llorch_kv_cache_bytes": ("Bytes of KV cache preallocated.", "kv_bytes"),
+    "llorch_prefix_cache_tokens": ("Tokens idle slots keep for reuse.", "cached_prefix_tokens"),
+}
+
+
+class _EngineGauges(Collector):
+    """The loaded engines' state, read when scraped, one sample per model."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        engines = dict(self.metrics._engines)
+        tps = GaugeMetricFamily("llorch_generation_tokens_per_second",
+                                "Tokens generated per second, all requests, over the last "
+                                f"{THROUGHPUT_WINDOW_S:g} s.", labels=["model"])
+        for model in engines:
+            tps.add_metric([model], self.metrics.throughput(model))
+        yield tps
+        for name, (doc, attr) in _GAUGES.items():
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for model, engine in engines.items():
+                value = getattr(engine, attr, 0)
+                family.add_metric([model], float(value() if callable(value) else value))
+            yield family
+
+
+class _ModelObserver(EngineObserver):
+    """One model's engine hooks (engine thread): the shared metrics, labelled."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.m, self.model = metrics, model
+        for metric in (metrics.prompt_tokens, metrics.generation_tokens, metrics.cache_queries,
+                       metrics.cache_hits, metrics.cache_hit_requests, metrics.ttft, metrics.itl,
+                       metrics.request_tps, metrics.queue_time, metrics.duration):
+            metric.labels(model)  # a loaded model's series start at 0, not absent
+
     def first_token(self, ttft: float) -> None:
-        self.ttft.observe(ttft)
-        self._add_recent(1)
+        self.m.ttft.labels(self.model).observe(ttft)
+        self.m._add_recent(self.model, 1)
 
     def tokens(self, gaps: Sequence[float]) -> None:
         if not gaps:
             return
+        itl = self.m.itl.labels(self.model)
         for gap in gaps:
-            self.itl.observe(gap)
-        self._add_recent(len(gaps))
+            itl.observe(gap)
+        self.m._add_recent(self.model, len(gaps))
 
     def request_done(self, stats: RequestStats) -> None:
-        self.outcomes.labels(outcome=stats.outcome).inc()
-        self.prompt_tokens.inc(stats.prompt_tokens)
-        self.generation_tokens.inc(stats.completion_tokens)
-        self.queue_time.observe(stats.queued)
-        self.duration.observe(stats.duration)
+        m, model = self.m, self.model
+        m.outcomes.labels(model=model, outcome=stats.outcome).inc()
+        m.prompt_tokens.labels(model).inc(stats.prompt_tokens)
+        m.generation_tokens.labels(model).inc(stats.completion_tokens)
+        m.queue_time.labels(model).observe(stats.queued)
+        m.duration.labels(model).observe(stats.duration)
         if stats.admitted:
-            self.cache_queries.inc(stats.prompt_tokens)
-            self.cache_hits.inc(stats.cached_tokens)
+            m.cache_queries.labels(model).inc(stats.prompt_tokens)
+            m.cache_hits.labels(model).inc(stats.cached_tokens)
             if stats.cached_tokens:
-                self.cache_hit_requests.inc()
+                m.cache_hit_requests.labels(model).inc()
         tps = stats.tokens_per_second
         if tps is not None:
-            self.request_tps.observe(tps)
+            m.request_tps.labels(model).observe(tps)

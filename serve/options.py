@@ -28,18 +28,72 @@ def _origins(value: str) -> tuple[str, ...]:
     return tuple(o.strip() for o in value.split(",") if o.strip())
 
 
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(value: str) -> int:
+    """Bytes from ``123``, ``512M``, ``8G`` or ``8GiB`` (binary units).
+
+    Raises:
+        ValueError: not a size.
+    """
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(text[: len(text) - len(unit)])
+    except ValueError:
+        raise ValueError(f"{value!r} is not a size (e.g. 512M, 8G)") from None
+    if not number > 0:
+        raise ValueError(f"{value!r}: a size must be > 0")
+    return int(number * _SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model directory to serve and its id (None: derived from the directory's name)."""
+
+    path: Path
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | Path) -> ModelSpec:
+        """``DIR`` or ``DIR=alias`` (the command line's form)."""
+        path, sep, name = str(text).partition("=")
+        if sep and not name.strip():
+            raise ValueError(f"{text!r}: empty alias after '='")
+        return cls(Path(path), name.strip() or None)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """Options of one server process, built once at the edge (CLI or tests).
 
-    ``model_dir`` is the exported model directory to serve; every other field is a flag of
-    `llorch serve` (``--max-batch`` for ``max_batch``), documented by its help below.
+    ``model_dir`` is the exported model directory to serve (the default model), ``more_models``
+    the other directories given on the command line (None: only ``--models-dir``'s); every
+    other field is a flag of `llorch serve` (``--max-batch`` for ``max_batch``), documented by
+    its help below.
     """
 
-    model_dir: Path
+    model_dir: Path | None
+    more_models: tuple[ModelSpec, ...] = field(default=(), metadata={"flag": False})
     model_name: str | None = _flag(
-        None, "id in /v1/models and the only accepted 'model' (default: the directory's name "
-        "without a -int4/-fp32 suffix)")
+        None, "with one model directory: its id in /v1/models (default: the directory's name "
+        "without a -int4/-fp32 suffix); with several, write DIR=alias")
+    models_dir: Path | None = _flag(
+        None, "also serve every model directory directly beneath this one (after the DIRs "
+        "given; ids from the directory names)", type=Path)
+    max_loaded_models: int | None = _flag(
+        None, "most models loaded at once; loading another stops the least recently used "
+        "idle one (default: no limit)", type=int)
+    memory_budget: int | None = _flag(
+        None, "bytes the loaded models may take together, their files plus KV cache, e.g. 8G; "
+        "least recently used idle models are stopped to stay under it (default: no limit)",
+        type=parse_size)
+    idle_unload: float | None = _flag(
+        None, "stop a model nobody used for this many seconds; its next request loads it "
+        "again (default: never)", type=float)
+    webui: bool = _flag(True, "the chat page at / (default: on; --no-webui: off)",
+                        action=argparse.BooleanOptionalAction)
     host: str = _flag("127.0.0.1", "bind address (default: %(default)s)")
     port: int = _flag(8000, "port (default: %(default)s)", type=int)
     provider: str = _flag(
@@ -116,7 +170,15 @@ class ServeOptions:
         "the chat template mentions <think>; default)", choices=("auto", "none", *REASONING_PARSERS))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if self.model_dir is not None:
+            object.__setattr__(self, "model_dir", Path(self.model_dir))
+        elif self.models_dir is None:
+            raise ValueError("no model: give a model directory or --models-dir")
+        object.__setattr__(self, "more_models", tuple(self.more_models))
+        if self.max_loaded_models is not None and self.max_loaded_models < 1:
+            raise ValueError(f"max_loaded_models must be at least 1, got {self.max_loaded_models}")
+        if self.idle_unload is not None and not self.idle_unload > 0:
+            raise ValueError(f"idle_unload must be > 0, got {self.idle_unload}")
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
@@ -180,16 +242,25 @@ def api_key_from(args: argparse.Namespace, environ: dict[str, str] | None = None
     return environ.get(API_KEY_ENV) or None
 
 
-def options_from_args(model_dir: Path, args: argparse.Namespace) -> ServeOptions:
-    """`ServeOptions` from flags parsed with `add_arguments`.
+def options_from_args(models: Path | str | list[Path | str], args: argparse.Namespace) -> ServeOptions:
+    """`ServeOptions` from the model directories (``DIR`` or ``DIR=alias``; the first is the
+    default model) and flags parsed with `add_arguments`.
 
     Raises:
         ValueError: flags that contradict each other or are out of range.
     """
+    specs = [ModelSpec.parse(m) for m in (models if isinstance(models, list) else [models])]
     values = {f.name: getattr(args, f.name) for f in _flags()}
     values["api_key"] = api_key_from(args)
-    return ServeOptions(model_dir=model_dir, **values)
+    if len(specs) > 1 and values["model_name"] is not None:
+        raise ValueError("--model-name names the only model; with several, write DIR=alias")
+    if specs and specs[0].name is not None:
+        if values["model_name"] is not None:
+            raise ValueError("give --model-name or DIR=alias, not both")
+        values["model_name"] = specs[0].name
+    return ServeOptions(model_dir=specs[0].path if specs else None, more_models=tuple(specs[1:]),
+                        **values)
 
 
 def _flags() -> list[Field]:
-    return [f for f in fields(ServeOptions) if f.name != "model_dir"]
+    return [f for f in fields(ServeOptions) if f.name != "model_dir" and f.metadata.get("flag", True)]

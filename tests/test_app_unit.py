@@ -512,7 +512,9 @@ def test_client_disconnect_cancels_the_engine_request(streaming, after_first_chu
     """Mid-stream, mid-collection, and while a stream waits for its first token."""
     engine = FakeEngine("x" * 60, delay=delay)
     app = create_app(ServeOptions(model_dir=Path(".")), lambda: engine, model_name=MODEL)
-    app.state.llorch.engine = engine  # as the lifespan's loader would
+    state = app.state.llorch  # as the lifespan's loader would:
+    state.models.ensure_loaded(state.models.default)
+    state.started = True
     sent = asyncio.run(_disconnecting_client(
         app, {"messages": MSG, "stream": streaming}, after_first_chunk=after_first_chunk))
     [stream] = engine.streams

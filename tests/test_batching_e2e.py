@@ -29,6 +29,7 @@ from serve.tokenizer import Tokenizer
 
 CONTEXT = 4096
 MODEL = "tiny"
+M = (("model", MODEL),)  # the engine metrics' labels
 SYSTEM = ("You are the ship's computer of the research vessel Calypso. You answer questions about "
           "navigation, weather, tides and the crew's schedule in short, precise sentences, and you "
           "never invent readings you do not have. ") * 6
@@ -218,7 +219,7 @@ def test_prefix_cache_same_system_prompt(server, nocache_server, tok):
     assert other[1].prompt_tokens_details.cached_tokens == shared > 200
     assert reference[1].prompt_tokens_details.cached_tokens == 0
     after = metrics(base)
-    hits = after[("llorch_prefix_cache_hits_total", ())] - before[("llorch_prefix_cache_hits_total", ())]
+    hits = after[("llorch_prefix_cache_hits_total", M)] - before[("llorch_prefix_cache_hits_total", M)]
     assert hits >= again[1].prompt_tokens_details.cached_tokens + other[1].prompt_tokens_details.cached_tokens
 
 
@@ -252,9 +253,9 @@ def test_killed_streaming_clients_free_their_slots(server):
     run(scenario())
     wait_for(lambda: slots_in_use(base) == 0, timeout=5, what="slots back to zero")
     after = metrics(base)
-    cancelled = ("llorch_engine_requests_total", (("outcome", "cancelled"),))
+    cancelled = ("llorch_engine_requests_total", (("model", MODEL), ("outcome", "cancelled")))
     assert after[cancelled] - before.get(cancelled, 0) >= 8
-    assert after[("llorch_requests_running", ())] == 0 and after[("llorch_requests_waiting", ())] == 0
+    assert after[("llorch_requests_running", M)] == 0 and after[("llorch_requests_waiting", M)] == 0
     with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as client:
         r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=5, extra_body={"ignore_eos": True})
@@ -278,7 +279,7 @@ def test_full_queue_is_429_and_a_long_wait_is_503(long_tiny_dir, tmp_path):
                 stream = running.aiter_raw()
                 await anext(stream)  # the slot is taken
                 queued = asyncio.create_task(client.chat.completions.create(**short))
-                while metrics(base)[("llorch_requests_waiting", ())] < 1:
+                while metrics(base)[("llorch_requests_waiting", M)] < 1:
                     await asyncio.sleep(0.01)
                 with pytest.raises(openai.RateLimitError) as refused:
                     await client.chat.completions.create(**short)
@@ -298,7 +299,7 @@ def test_full_queue_is_429_and_a_long_wait_is_503(long_tiny_dir, tmp_path):
         chat = "/v1/chat/completions"
         assert m[("llorch_requests_total", (("endpoint", chat), ("status", "429")))] == 1
         assert m[("llorch_requests_total", (("endpoint", chat), ("status", "503")))] == 1
-        assert m[("llorch_engine_requests_total", (("outcome", "queue_timeout"),))] == 1
+        assert m[("llorch_engine_requests_total", (("model", MODEL), ("outcome", "queue_timeout")))] == 1
 
 
 # ------------------------------------------------------------------ graceful shutdown
@@ -377,7 +378,7 @@ def test_metrics_move_and_log_lines(server, tok):
     (_, u1), (_, u2) = run(scenario())
     after = metrics(base)
 
-    def moved(name, labels=()):
+    def moved(name, labels=M):
         return after[(name, labels)] - before.get((name, labels), 0)
 
     chat_ok = (("endpoint", "/v1/chat/completions"), ("status", "200"))
@@ -387,12 +388,12 @@ def test_metrics_move_and_log_lines(server, tok):
     assert moved("llorch_time_to_first_token_seconds_count") == 2
     assert moved("llorch_inter_token_latency_seconds_count") == 11 + 6
     assert moved("llorch_request_tokens_per_second_count") == 2
-    assert moved("llorch_engine_requests_total", (("outcome", "ok"),)) == 2
-    assert after[("llorch_slots", ())] == 8 and after[("llorch_slots_in_use", ())] == 0
-    assert after[("llorch_kv_cache_bytes", ())] == 8 * CONTEXT * 2 * 2 * 2 * 16 * 4
-    assert 0 < after[("llorch_kv_cache_bytes_in_use", ())] <= after[("llorch_kv_cache_bytes", ())]
+    assert moved("llorch_engine_requests_total", (("model", MODEL), ("outcome", "ok"))) == 2
+    assert after[("llorch_slots", M)] == 8 and after[("llorch_slots_in_use", M)] == 0
+    assert after[("llorch_kv_cache_bytes", M)] == 8 * CONTEXT * 2 * 2 * 2 * 16 * 4
+    assert 0 < after[("llorch_kv_cache_bytes_in_use", M)] <= after[("llorch_kv_cache_bytes", M)]
     assert after[("process_resident_memory_bytes", ())] > 10 * 2**20
-    assert ("llorch_generation_tokens_per_second", ()) in after
+    assert ("llorch_generation_tokens_per_second", M) in after
     lines = [line for line in log.read_text().splitlines() if "serve.engine" in line and " ok: " in line]
     assert any(f"{u1.prompt_tokens} prompt tokens" in line and "12 completion tokens" in line
                and "TTFT" in line and "tok/s" in line and "finish length" in line for line in lines)

@@ -31,11 +31,12 @@ def client_for(engine, **options) -> TestClient:
 
 def test_metrics_observer_hooks():
     m = Metrics()
-    m.first_token(0.2)
-    m.tokens([0.01, 0.02, 0.03])
-    m.request_done(RequestStats("r1", "ok", prompt_tokens=40, cached_tokens=30, completion_tokens=4,
+    o = m.observer("a")
+    o.first_token(0.2)
+    o.tokens([0.01, 0.02, 0.03])
+    o.request_done(RequestStats("r1", "ok", prompt_tokens=40, cached_tokens=30, completion_tokens=4,
                                 queued=0.1, ttft=0.2, duration=0.5, finish_reasons=("length",)))
-    m.request_done(RequestStats("r2", "queue_timeout", prompt_tokens=9, cached_tokens=0,
+    o.request_done(RequestStats("r2", "queue_timeout", prompt_tokens=9, cached_tokens=0,
                                 completion_tokens=0, queued=2.0, ttft=None, duration=2.0, admitted=False))
     m.request("/v1/completions", 200)
 
@@ -48,24 +49,30 @@ def test_metrics_observer_hooks():
         def kv_bytes_in_use(self):
             return 250
 
-    m.bind(Engine())
+    m.bind(Engine(), "a")
+    m.observer("b").request_done(RequestStats("r3", "ok", prompt_tokens=7, cached_tokens=0,
+                                               completion_tokens=1, queued=0.0, ttft=0.1, duration=0.1))
     s = samples(m.render().decode())
     assert s[("llorch_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] == 1
-    assert s[("llorch_prompt_tokens_total", ())] == 49
-    assert s[("llorch_generation_tokens_total", ())] == 4
-    assert s[("llorch_prefix_cache_queries_total", ())] == 40  # the timed-out one never looked
-    assert s[("llorch_prefix_cache_hits_total", ())] == 30
-    assert s[("llorch_prefix_cache_hit_requests_total", ())] == 1
-    assert s[("llorch_engine_requests_total", (("outcome", "queue_timeout"),))] == 1
-    assert s[("llorch_time_to_first_token_seconds_count", ())] == 1
-    assert s[("llorch_inter_token_latency_seconds_count", ())] == 3
-    assert s[("llorch_inter_token_latency_seconds_sum", ())] == pytest.approx(0.06)
-    assert s[("llorch_request_tokens_per_second_count", ())] == 1  # (4 - 1) / 0.3 s
-    assert s[("llorch_request_tokens_per_second_sum", ())] == pytest.approx(10.0)
-    assert s[("llorch_generation_tokens_per_second", ())] == pytest.approx(0.4)  # 4 tokens / 10 s
-    assert [s[(f"llorch_{g}", ())] for g in ("requests_running", "requests_waiting", "slots_in_use",
+    assert s[("llorch_prompt_tokens_total", (("model", "a"),))] == 49
+    assert s[("llorch_generation_tokens_total", (("model", "a"),))] == 4
+    assert s[("llorch_prefix_cache_queries_total", (("model", "a"),))] == 40  # the timed-out one never looked
+    assert s[("llorch_prefix_cache_hits_total", (("model", "a"),))] == 30
+    assert s[("llorch_prefix_cache_hit_requests_total", (("model", "a"),))] == 1
+    assert s[("llorch_engine_requests_total", (("model", "a"), ("outcome", "queue_timeout")))] == 1
+    assert s[("llorch_time_to_first_token_seconds_count", (("model", "a"),))] == 1
+    assert s[("llorch_inter_token_latency_seconds_count", (("model", "a"),))] == 3
+    assert s[("llorch_inter_token_latency_seconds_sum", (("model", "a"),))] == pytest.approx(0.06)
+    assert s[("llorch_request_tokens_per_second_count", (("model", "a"),))] == 1  # (4 - 1) / 0.3 s
+    assert s[("llorch_request_tokens_per_second_sum", (("model", "a"),))] == pytest.approx(10.0)
+    assert s[("llorch_generation_tokens_per_second", (("model", "a"),))] == pytest.approx(0.4)  # 4 tokens / 10 s
+    assert [s[(f"llorch_{g}", (("model", "a"),))] for g in ("requests_running", "requests_waiting", "slots_in_use",
                                             "slots", "prefix_cache_tokens")] == [1, 2, 3, 4, 5]
-    assert s[("llorch_kv_cache_bytes", ())] == 1000 and s[("llorch_kv_cache_bytes_in_use", ())] == 250
+    assert s[("llorch_kv_cache_bytes", (("model", "a"),))] == 1000 and s[("llorch_kv_cache_bytes_in_use", (("model", "a"),))] == 250
+    assert s[("llorch_prompt_tokens_total", (("model", "b"),))] == 7  # each model its own
+    assert ("llorch_slots", (("model", "b"),)) not in s  # b's engine is not loaded
+    m.unbind("a")
+    assert ("llorch_slots", (("model", "a"),)) not in samples(m.render().decode())
     assert Metrics().render()  # one registry per instance: no duplicate-name errors
 
 
