@@ -63,7 +63,7 @@ class Ingress:
                 self._draining = True
 
     def __serve_build_asgi_app__(self) -> Any:
-        return self._asgi
+        return _ASGI(self._asgi)
 
     async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -156,6 +156,17 @@ class Ingress:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", CONTENT_TYPE.encode())]})
         await send({"type": "http.response.body", "body": text.encode()})
+
+
+class _ASGI:
+    """A coroutine `__call__`, so uvicorn's lifespan code takes it for ASGI 3 (a bound
+    method looks like ASGI 2 to it)."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
 
 
 def merge_metrics(texts: dict[str, str]) -> str:

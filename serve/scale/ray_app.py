@@ -86,8 +86,15 @@ def run(options: ServeOptions, model_name: str) -> None:
     local = options.ray_address is None
     try:
         if local:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING,
-                     num_cpus=len(os.sched_getaffinity(0)))
+            # Ray's own processes share our process group: a Ctrl-C or `timeout` signals the
+            # whole group and would kill them before we drained. They start with both
+            # signals blocked (a mask survives exec), so only this process acts on them.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                ray.init(include_dashboard=False, logging_level=logging.WARNING,
+                         num_cpus=len(os.sched_getaffinity(0)))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         else:
             ray.init(address=options.ray_address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
