@@ -8,7 +8,8 @@ plus the whole body) and the replica answers with a stream of `ResponsePart`s: o
 `routing_text` is the text the prefix-affinity router matches on: what the chat template
 puts first (system prompt, then the turns), so requests sharing a system prompt share a
 routing prefix. `stream_error` frames "the replica died" as the wire format's own final
-error event for a stream that had already started.
+error event for a stream that had already started. `merge_metrics` joins the replicas'
+`/metrics` texts, each sample labelled with its replica.
 """
 
 from __future__ import annotations
@@ -112,3 +113,24 @@ def stream_error(path: str, message: str, code: str) -> bytes:
         return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
     error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+
+
+def merge_metrics(texts: dict[str, str]) -> str:
+    """Prometheus texts of several replicas as one, each sample labelled `replica="id"`;
+    `# HELP`/`# TYPE` lines once per metric family, the family's samples after them."""
+    families: dict[str, tuple[list[str], list[str]]] = {}  # name -> (comments, samples)
+    family = ""
+    for rid in sorted(texts):
+        for line in texts[rid].splitlines():
+            if line.startswith("# "):
+                family = line.split(" ", 3)[2]
+                comments = families.setdefault(family, ([], []))[0]
+                if line not in comments:
+                    comments.append(line)
+            elif line.strip():
+                head, _, value = line.rpartition(" ")
+                name, _, labels = head.rstrip("}").partition("{")
+                labels = f'replica="{rid}"' + (f",{labels}" if labels else "")
+                families.setdefault(family, ([], []))[1].append(f"{name}{{{labels}}} {value}")
+    return "".join(line + "\n" for comments, samples in families.values()
+                   for line in (*comments, *samples))

@@ -30,7 +30,7 @@ from serve.errors import (
 )
 from serve.metrics import CONTENT_TYPE
 from serve.options import ServeOptions
-from serve.scale.forward import ForwardedRequest, routing_text, stream_error
+from serve.scale.forward import ForwardedRequest, merge_metrics, routing_text, stream_error
 
 log = logging.getLogger("serve.scale.ingress")
 
@@ -167,27 +167,6 @@ class _ASGI:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self._app(scope, receive, send)
-
-
-def merge_metrics(texts: dict[str, str]) -> str:
-    """Prometheus texts of several replicas as one, each sample labelled `replica="id"`;
-    `# HELP`/`# TYPE` lines once per metric family, the family's samples after them."""
-    families: dict[str, tuple[list[str], list[str]]] = {}  # name -> (comments, samples)
-    family = ""
-    for rid in sorted(texts):
-        for line in texts[rid].splitlines():
-            if line.startswith("# "):
-                family = line.split(" ", 3)[2]
-                comments = families.setdefault(family, ([], []))[0]
-                if line not in comments:
-                    comments.append(line)
-            elif line.strip():
-                head, _, value = line.rpartition(" ")
-                name, _, labels = head.rstrip("}").partition("{")
-                labels = f'replica="{rid}"' + (f",{labels}" if labels else "")
-                families.setdefault(family, ([], []))[1].append(f"{name}{{{labels}}} {value}")
-    return "".join(line + "\n" for comments, samples in families.values()
-                   for line in (*comments, *samples))
 
 
 def _authorize(scope: dict[str, Any], key: str) -> None:

@@ -110,6 +110,7 @@ def run(options: ServeOptions, model_name: str) -> None:
                       route_prefix="/", blocking=False)
         except Exception as exc:
             raise StartupError(f"the replicas did not start: {exc}") from None
+        log.info("Ray cluster at %s", ray.get_runtime_context().gcs_address)
         log.info("serving %s as '%s' on http://%s:%d with %s", options.model_dir, model_name,
                  options.host, options.port,
                  f"{options.replicas} replicas" if options.replicas else

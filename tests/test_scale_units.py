@@ -1,0 +1,85 @@
+"""Scale-out pieces that need no Ray cluster: the flags, the no-Ray message, the routing text,
+the stream error framing, the merged metrics, and that one process never imports Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from serve import main
+from serve.errors import StartupError
+from serve.options import ServeOptions
+from serve.scale.forward import merge_metrics, routing_text, stream_error
+
+
+def test_the_single_process_path_never_imports_ray():
+    code = ("import sys, serve.main, serve.app, serve.engine, serve.options, serve.scale.forward; "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_replicas_without_ray_say_how_to_install_it(monkeypatch, tiny_model_dir):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(StartupError, match=r"pip install 'llorch\[ray\]'"):
+        main.run(ServeOptions(tiny_model_dir, replicas=2))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"replicas": 0}, "replicas must be at least 1"),
+    ({"replicas": 2, "max_replicas": 3}, "not both"),
+    ({"min_replicas": 1}, "--min-replicas needs --max-replicas"),
+    ({"min_replicas": 3, "max_replicas": 2}, "max_replicas must be"),
+    ({"ray_address": "auto"}, "--ray-address needs --replicas"),
+    ({"gpus_per_replica": 1.0}, "--gpus-per-replica needs --replicas"),
+    ({"replicas": 2, "target_ongoing_requests": 0.0}, "target_ongoing_requests must be > 0"),
+])
+def test_scale_out_flags_that_contradict_each_other(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        ServeOptions(tmp_path, **kwargs)
+
+
+def test_scale_out_is_on_for_replicas_or_autoscaling(tmp_path):
+    assert not ServeOptions(tmp_path).scale_out
+    assert ServeOptions(tmp_path, replicas=1).scale_out
+    assert ServeOptions(tmp_path, min_replicas=0, max_replicas=4).scale_out
+
+
+def test_routing_text_starts_with_the_system_prompt():
+    chat = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+    assert routing_text("/v1/chat/completions", json.dumps(chat).encode()) == "\nsystem:Be brief.\nuser:Hi"
+    anthropic = {"system": [{"type": "text", "text": "S"}], "messages": [{"role": "user", "content": "q"}]}
+    assert routing_text("/v1/messages/", json.dumps(anthropic).encode()) == "S\nuser:q"
+    responses = {"instructions": "I", "input": "x"}
+    assert routing_text("/v1/responses", json.dumps(responses).encode()) == "Ix"
+    assert routing_text("/v1/completions", b'{"prompt": ["a", "b"]}') == "a"
+    assert routing_text("/v1/completions", b'{"prompt": [1, 2]}') == "1 2 "
+    for path, body in [("/v1/completions", b"{not json"), ("/v1/completions", b"[1]"),
+                       ("/tokenize", b'{"prompt": "a"}'), ("/v1/chat/completions", b"")]:
+        assert routing_text(path, body) == ""
+
+
+def test_stream_error_uses_each_wire_formats_framing():
+    openai_tail = stream_error("/v1/chat/completions", "gone", "replica_died").decode()
+    first, done = openai_tail.strip().split("\n\n")
+    assert json.loads(first.removeprefix("data: "))["error"]["code"] == "replica_died"
+    assert done == "data: [DONE]"
+    anthropic = stream_error("/v1/messages", "gone", "replica_died").decode()
+    assert anthropic.startswith("event: error\n")
+    assert json.loads(anthropic.split("data: ", 1)[1])["error"]["type"] == "api_error"
+    responses = stream_error("/v1/responses", "gone", "replica_died").decode()
+    assert json.loads(responses.split("data: ", 1)[1])["type"] == "error"
+
+
+def test_merged_metrics_label_every_sample_with_its_replica():
+    a = '# HELP t_total T.\n# TYPE t_total counter\nt_total{k="x y"} 1.0\ng 2.0\n'
+    b = '# HELP t_total T.\n# TYPE t_total counter\nt_total{k="z"} 3.0\n'
+    lines = merge_metrics({"b": b, "a": a}).splitlines()
+    assert lines == ["# HELP t_total T.", "# TYPE t_total counter", 't_total{replica="a",k="x y"} 1.0',
+                     'g{replica="a"} 2.0', 't_total{replica="b",k="z"} 3.0']
