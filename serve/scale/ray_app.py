@@ -28,7 +28,7 @@ from ray.serve.config import AutoscalingConfig, HTTPOptions, RequestRouterConfig
 from serve.errors import StartupError
 from serve.options import ServeOptions
 from serve.scale.ingress import Ingress
-from serve.scale.registry import Registry
+from serve.scale.registry import BEAT_S, Registry
 from serve.scale.replica import Replica
 
 log = logging.getLogger("serve.scale.ray_app")
@@ -68,7 +68,7 @@ def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
             request_router_class=ROUTERS[options.routing],
             request_router_kwargs={"saturation": options.max_batch}
             if options.routing == "prefix" else {}),
-        graceful_shutdown_timeout_s=5.0, graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=options.drain_timeout + 5.0, graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5.0,
         **scaling)
     ingress = serve.deployment(serve.ingress()(Ingress), name="llorch-ingress").options(
@@ -120,6 +120,7 @@ def run(options: ServeOptions, model_name: str) -> None:
         log.info("draining (%g s for running requests)", options.drain_timeout)
         ray.get(registry.set_draining.remote())
         deadline = time.monotonic() + options.drain_timeout
+        time.sleep(2 * BEAT_S)  # replicas' counts are a beat old: let a just-started one show
         while time.monotonic() < deadline and _requests_in_flight(registry):
             time.sleep(0.2)
         serve.delete(model_name)

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 BEAT_S = 1.0
-STALE_S = 15.0
+STALE_S = 5.0
 
 
 class Registry:
