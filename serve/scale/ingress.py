@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import RequestCancelledError
 
 from serve.errors import (
     GENERIC_SERVER_ERROR,
@@ -127,6 +128,8 @@ class Ingress:
             except asyncio.CancelledError:
                 call.cancel()
                 raise
+            except RequestCancelledError:  # the client went away (upstream): nobody to answer
+                return
             except Exception:
                 log.exception("error forwarding %s %s", request.method, request.path)
                 if started:
