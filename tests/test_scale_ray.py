@@ -141,6 +141,13 @@ def test_greedy_answers_equal_a_single_process(client, single_process_answers):
     assert "Paris" in single_process_answers[QUESTIONS[0]]
 
 
+def test_replicas_hold_disjoint_cores_and_report_in_health(cluster):
+    health = _health(cluster[0])
+    assert health["status"] == "ok" and health["ready_replicas"] == 2
+    cores = [tuple(r["cores"]) for r in health["replicas"].values()]
+    assert len(cores) == 2 and all(len(c) == 1 for c in cores) and cores[0] != cores[1]
+
+
 def test_streams_pass_through_chunk_by_chunk(cluster, client, single_process_answers):
     base = cluster[0]
     body = {"model": MODEL, "max_tokens": 24, "temperature": 0, "stream": True,

@@ -83,3 +83,24 @@ def test_merged_metrics_label_every_sample_with_its_replica():
     lines = merge_metrics({"b": b, "a": a}).splitlines()
     assert lines == ["# HELP t_total T.", "# TYPE t_total counter", 't_total{replica="a",k="x y"} 1.0',
                      'g{replica="a"} 2.0', 't_total{replica="b",k="z"} 3.0']
+
+
+def test_the_ray_application_is_sized_from_the_servers_options(tmp_path):
+    pytest.importorskip("ray", reason="Ray Serve is the optional .[ray] extra")
+    from serve.scale.ray_app import application
+
+    def replica_config(**kwargs):
+        app = application(ServeOptions(tmp_path, max_batch=8, max_queue=10, **kwargs), "m", None)
+        replica = app._bound_deployment.init_args[0]._bound_deployment
+        return replica, replica._deployment_config
+
+    replica, config = replica_config(min_replicas=1, max_replicas=3, threads=2)
+    assert config.max_ongoing_requests == 18  # slots + queue, not Ray's 5
+    assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas,
+            config.autoscaling_config.target_ongoing_requests) == (1, 3, 8)
+    assert replica.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.0}
+    assert config.request_router_config.request_router_class == "serve.scale.router.PrefixAffinityRouter"
+    assert config.request_router_config.request_router_kwargs == {"saturation": 8}
+    replica, config = replica_config(replicas=2, provider="cuda", routing="least-loaded")
+    assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 1.0
+    assert "PowerOfTwo" in str(config.request_router_config.request_router_class)

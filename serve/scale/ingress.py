@@ -21,6 +21,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import RequestCancelledError
 
+from serve.api_messages import error_body
 from serve.errors import (
     GENERIC_SERVER_ERROR,
     APIError,
@@ -87,7 +88,7 @@ class Ingress:
                                               code="shutting_down")
             body = await _read_body(receive, self._options.max_body_bytes)
         except APIError as exc:
-            return await _send_json(send, exc.status_code, exc.body(), exc.headers)
+            return await _send_error(send, path, exc)
         if body is None:
             return  # the client left while sending
         request = ForwardedRequest(
@@ -139,7 +140,7 @@ class Ingress:
                 break
             finally:
                 watcher.cancel()
-        await _send_json(send, error.status_code, error.body(), error.headers)
+        await _send_error(send, request.path, error)
 
     async def _health(self, send: Any) -> None:
         """200 with each replica's health when at least one replica is ready, else 503."""
@@ -200,6 +201,12 @@ async def _read_body(receive: Any, limit: int) -> bytes | None:
 async def _wait_disconnect(receive: Any) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _send_error(send: Any, path: str, exc: APIError) -> None:
+    """The error in the shape of the path's API: Anthropic's for /v1/messages, else OpenAI's."""
+    body = error_body(exc) if path.rstrip("/").startswith("/v1/messages") else exc.body()
+    await _send_json(send, exc.status_code, body, exc.headers)
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any],

@@ -33,18 +33,15 @@ from serve.scale.replica import Replica
 
 log = logging.getLogger("serve.scale.ray_app")
 
-ROUTERS = {
-    "prefix": "serve.scale.router.PrefixAffinityRouter",
-    "least-loaded": "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter",
-}
+PREFIX_ROUTER = "serve.scale.router.PrefixAffinityRouter"
 
 
 def replica_threads(options: ServeOptions, cpus: int) -> int:
     """ORT threads (= Ray CPUs, = pinned cores) per CPU replica: `--threads`, else this
-    machine's CPUs shared evenly by the initial replicas (at least 1)."""
+    machine's CPUs shared evenly by `--replicas` or `--max-replicas` (at least 1)."""
     if options.threads:
         return options.threads
-    return max(1, cpus // (options.replicas or options.min_replicas or 1))
+    return max(1, cpus // (options.replicas or options.max_replicas or 1))
 
 
 def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
@@ -64,10 +61,10 @@ def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
         # Ray's default (5) would throttle a batching engine: slots + its own queue.
         max_ongoing_requests=options.max_batch + options.max_queue,
         ray_actor_options={"num_cpus": threads if cpu else 1, "num_gpus": gpus},
-        request_router_config=RequestRouterConfig(
-            request_router_class=ROUTERS[options.routing],
-            request_router_kwargs={"saturation": options.max_batch}
-            if options.routing == "prefix" else {}),
+        request_router_config=RequestRouterConfig(  # least-loaded: Ray's default router
+            request_router_class=PREFIX_ROUTER,
+            request_router_kwargs={"saturation": options.max_batch},
+        ) if options.routing == "prefix" else RequestRouterConfig(),
         graceful_shutdown_timeout_s=options.drain_timeout + 5.0, graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5.0,
         **scaling)
