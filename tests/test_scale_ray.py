@@ -251,6 +251,8 @@ def test_killing_a_replica_mid_stream_ends_it_with_an_error_and_ray_recovers(clu
     while _ready_replicas(base) != 2 or busy[0] in _health(base)["replicas"]:
         assert time.monotonic() < deadline, f"no replacement replica: {_health(base)}"
         time.sleep(1)
+    cores = [tuple(r["cores"]) for r in _health(base)["replicas"].values()]
+    assert all(len(c) == 1 for c in cores) and cores[0] != cores[1]  # the dead one's core reused
 
 
 def test_sigterm_drains_then_exits(cluster):

@@ -40,6 +40,11 @@ class Registry:
         self._sweep()
         self._replicas.setdefault(replica_id, (time.monotonic(), node_id, {"status": "loading"}, ""))
         held = self._cores.setdefault(node_id, {})
+        # A holder silent for a few beats is dead (killed) even before `STALE_S`: its
+        # replacement, started at once by Ray, gets its cores.
+        silent = time.monotonic() - 3 * BEAT_S
+        for rid in [r for r in held if r != replica_id and self._replicas.get(r, (0.0,))[0] < silent]:
+            del held[rid]
         taken = {c for rid, cores in held.items() if rid != replica_id for c in cores}
         free = [c for c in sorted(cpus) if c not in taken]
         if len(free) < n:
