@@ -95,7 +95,11 @@ def run(options: ServeOptions, model_name: str) -> None:
         else:
             ray.init(address=options.ray_address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise StartupError(f"cannot start or join Ray ({options.ray_address or 'local'}): {exc}") from None
+        hint = "" if local or os.environ.get("RAY_AUTH_MODE") else (
+            "; a cluster with token authentication (ray start's default) also needs "
+            "RAY_AUTH_MODE=token here and its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN")
+        raise StartupError(f"cannot start or join Ray ({options.ray_address or 'local'}): "
+                           f"{exc}{hint}") from None
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
