@@ -104,3 +104,36 @@ def test_the_ray_application_is_sized_from_the_servers_options(tmp_path):
     replica, config = replica_config(replicas=2, provider="cuda", routing="least-loaded")
     assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 1.0
     assert "PowerOfTwo" in str(config.request_router_config.request_router_class)
+
+
+def test_the_router_prefers_the_prefix_holder_until_its_slots_are_busy():
+    pytest.importorskip("ray", reason="Ray Serve is the optional .[ray] extra")
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve.scale.router import BLOCK_CHARS, PrefixAffinityRouter
+
+    router = object.__new__(PrefixAffinityRouter)  # no cluster: only the policy's own state
+    router.initialize_state(saturation=2)
+    lens = {"a": 0, "b": 0}
+    router._replica_queue_len_cache = SimpleNamespace(get=lens.get)
+    a, b = (SimpleNamespace(replica_id=rid, max_ongoing_requests=10) for rid in ("a", "b"))
+
+    def request(text):
+        return SimpleNamespace(args=[SimpleNamespace(prompt=text)])
+
+    def ranks(text):
+        return [[r.replica_id for r in rank] for rank in
+                asyncio.run(router.choose_replicas([a, b], request(text)))]
+
+    system = "You are a careful assistant. " * 20
+    assert ranks(system + "first") == [["a", "b"]]  # nobody holds it: least loaded, then fewest prompts
+    router.on_request_routed(request(system + "first"), "b", None)
+    assert ranks(system + "second") == [["b"], ["a"]]  # b holds the shared prefix
+    assert ranks("Something else entirely. " * 10) == [["a", "b"]]  # new prompts spread to a
+    lens["b"] = 2  # b's two slots are busy: the least-loaded replica instead
+    assert ranks(system + "third") == [["a", "b"]]
+    assert ranks(system[:BLOCK_CHARS - 1]) == [["a", "b"]]  # under one block: no affinity
+    router.seen.pop("b")  # b died: what it held is forgotten
+    lens["b"] = 0
+    assert ranks(system + "fourth") == [["a", "b"]]
