@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import logging
+from functools import partial
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -105,7 +106,7 @@ class Ingress:
         for attempt in (1, 2):  # a second replica when the first died before answering
             call = self._replicas.handle.remote(request)
             watcher = asyncio.create_task(_wait_disconnect(receive))
-            watcher.add_done_callback(lambda t, call=call: t.cancelled() or call.cancel())
+            watcher.add_done_callback(partial(_cancel_if_gone, call))
             try:
                 async for part in call:
                     if part[0] == "start":
@@ -196,6 +197,12 @@ async def _read_body(receive: Any, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _cancel_if_gone(call: Any, watcher: asyncio.Task) -> None:
+    """The watcher's end: a disconnect cancels the replica's call (and frees its slot)."""
+    if not watcher.cancelled() and watcher.exception() is None:
+        call.cancel()
 
 
 async def _wait_disconnect(receive: Any) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve.config import AutoscalingConfig, HTTPOptions, RequestRouterConfig
+from ray.serve.schema import LoggingConfig
 
 from serve.errors import StartupError
 from serve.options import ServeOptions
@@ -51,6 +52,7 @@ def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
     gpus = options.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if options.provider in ("cuda", "CUDAExecutionProvider") else 0.0
+    logs = LoggingConfig(log_level=options.log_level.upper())  # Ray's access log: info
     scaling: dict[str, Any] = {"num_replicas": options.replicas}
     if options.replicas is None:
         scaling = {"autoscaling_config": AutoscalingConfig(
@@ -66,10 +68,11 @@ def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
             request_router_kwargs={"saturation": options.max_batch},
         ) if options.routing == "prefix" else RequestRouterConfig(),
         graceful_shutdown_timeout_s=options.drain_timeout + 5.0, graceful_shutdown_wait_loop_s=0.5,
-        health_check_period_s=5.0,
+        health_check_period_s=5.0, logging_config=logs,
         **scaling)
     ingress = serve.deployment(serve.ingress()(Ingress), name="llorch-ingress").options(
-        num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
+        num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0},
+        logging_config=logs)
     replica_options = replace(options, threads=threads if cpu else options.threads)
     return ingress.bind(replica.bind(replica_options, model_name, registry), registry, options)
 
@@ -88,7 +91,7 @@ def run(options: ServeOptions, model_name: str) -> None:
             # signals blocked (a mask survives exec), so only this process acts on them.
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             try:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING,
+                ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
                          num_cpus=len(os.sched_getaffinity(0)))
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -103,8 +106,12 @@ def run(options: ServeOptions, model_name: str) -> None:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        registry = ray.remote(Registry).options(num_cpus=0, name=f"llorch-registry-{model_name}",
-                                                namespace="llorch").remote()
+        try:
+            registry = ray.remote(Registry).options(
+                num_cpus=0, name=f"llorch-registry-{model_name}", namespace="llorch").remote()
+        except ValueError:  # the name is taken
+            raise StartupError(f"another llorch serve of '{model_name}' runs on this Ray "
+                               "cluster; stop it or pass another --model-name") from None
         serve.start(http_options=HTTPOptions(host=options.host, port=options.port))
         try:
             serve.run(application(options, model_name, registry), name=model_name,

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from serve.app import drain
+from serve.app import create_app, drain
 from serve.main import load_engine
 from serve.metrics import Metrics
 from serve.options import ServeOptions
@@ -48,8 +48,8 @@ class Replica:
     """
 
     async def __init__(self, options: ServeOptions, model_name: str, registry: Any) -> None:
-        from serve.app import create_app  # noqa: PLC0415 - after the affinity is set
-
+        logging.basicConfig(level=options.log_level.upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -142,6 +142,8 @@ class Replica:
     async def __del__(self) -> None:
         """Ray Serve's shutdown hook (after its graceful wait): end what is left, stop the
         engine thread, leave the registry."""
+        if not hasattr(self, "_beats"):
+            return  # the constructor failed before the app started: nothing to stop
         self._beats.cancel()
         await drain(self._app, 0.0)
         await self._lifespan.__aexit__(None, None, None)
