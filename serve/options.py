@@ -112,8 +112,8 @@ class ServeOptions:
         "proxy on --host/--port (needs pip install 'llorch[ray]'; default: one process, no Ray)",
         type=int)
     min_replicas: int | None = _flag(
-        None, "autoscaling on Ray Serve: fewest replicas (default 1; with --max-replicas)",
-        type=int)
+        None, "autoscaling on Ray Serve: fewest replicas (default 1; 0: none while idle; "
+        "with --max-replicas)", type=int)
     max_replicas: int | None = _flag(
         None, "autoscaling on Ray Serve: most replicas (instead of --replicas)", type=int)
     target_ongoing_requests: float | None = _flag(

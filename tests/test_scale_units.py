@@ -101,6 +101,7 @@ def test_the_ray_application_is_sized_from_the_servers_options(tmp_path):
     assert replica.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.0}
     assert config.request_router_config.request_router_class == "serve.scale.router.PrefixAffinityRouter"
     assert config.request_router_config.request_router_kwargs == {"saturation": 8}
+    assert replica_config(min_replicas=0, max_replicas=2)[1].autoscaling_config.min_replicas == 0
     replica, config = replica_config(replicas=2, provider="cuda", routing="least-loaded")
     assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 1.0
     assert "PowerOfTwo" in str(config.request_router_config.request_router_class)

@@ -7,8 +7,8 @@ Starts a local Ray (or joins `--ray-address`), deploys
 behind Ray Serve's HTTP proxy on `--host/--port`, and waits. SIGTERM/SIGINT drain: the
 ingress answers 503 to new requests, running ones get `--drain-timeout` seconds, then the
 application is deleted (each replica ends what is left and stops its engine) and a Ray
-started here is shut down. `application(options, model_name)` is the bound application
-alone, for `serve.run` elsewhere.
+started here is shut down. `application(options, model_name, registry)` is the bound
+application alone, for `serve.run` elsewhere.
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ def replica_threads(options: ServeOptions, cpus: int) -> int:
 
 
 def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
-    """The Ray Serve application: the ingress bound to the replica deployment."""
+    """The Ray Serve application: the ingress bound to the replica deployment.
+
+    Args:
+        options: the server's options; the replicas get them with `threads` resolved.
+        model_name: the served model id.
+        registry: handle of the `Registry` actor (the caller names and owns it).
+    """
     cpu = options.provider == "cpu"
     threads = replica_threads(options, len(os.sched_getaffinity(0)))
     gpus = options.gpus_per_replica
@@ -55,9 +61,10 @@ def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
     logs = LoggingConfig(log_level=options.log_level.upper())  # Ray's access log: info
     scaling: dict[str, Any] = {"num_replicas": options.replicas}
     if options.replicas is None:
+        least = 1 if options.min_replicas is None else options.min_replicas  # 0: scale to zero
         scaling = {"autoscaling_config": AutoscalingConfig(
-            min_replicas=options.min_replicas or 1, max_replicas=options.max_replicas,
-            initial_replicas=options.min_replicas or 1,
+            min_replicas=least, max_replicas=options.max_replicas,
+            initial_replicas=max(1, least),  # ready to answer at startup
             target_ongoing_requests=options.target_ongoing_requests or options.max_batch)}
     replica = serve.deployment(Replica, name="llorch-replica").options(
         # Ray's default (5) would throttle a batching engine: slots + its own queue.
