@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import signal
 import sys
@@ -130,6 +131,11 @@ def run(options: ServeOptions) -> None:
     logging.basicConfig(
         level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if options.scale_out:
+        if len(entries) > 1:
+            raise StartupError("--replicas serves one model per deployment: give one model "
+                               "directory (several models on Ray Serve are not supported yet)")
+        return _run_on_ray(options, entries[0].id)
     failures: list[BaseException] = []
     server: _Server | None = None
     metrics = Metrics()
@@ -155,6 +161,16 @@ def run(options: ServeOptions) -> None:
     server.run()
     if failures:
         raise StartupError(f"could not load {entries[0].options.model_dir}: {failures[0]}")
+
+
+def _run_on_ray(options: ServeOptions, model_name: str) -> None:
+    """`--replicas`/`--max-replicas`: Ray Serve (serve.scale), imported only here."""
+    if importlib.util.find_spec("ray") is None:
+        raise StartupError("--replicas and --max-replicas serve on Ray Serve, which is not "
+                           "installed: pip install 'llorch[ray]' (or pip install 'ray[serve]')")
+    from serve.scale import ray_app  # noqa: PLC0415 - Ray stays out of the single-process path
+
+    ray_app.run(options, model_name)
 
 
 def run_cli(options: ServeOptions) -> int:

@@ -168,6 +168,30 @@ class ServeOptions:
     reasoning_parser: str = _flag(
         "auto", "split <think>...</think> into reasoning_content: think, none, or auto (when "
         "the chat template mentions <think>; default)", choices=("auto", "none", *REASONING_PARSERS))
+    # Scale-out on Ray Serve (serve.scale; needs the .[ray] extra).
+    replicas: int | None = _flag(
+        None, "serve on Ray Serve with this many replicas of this server, behind Ray's HTTP "
+        "proxy on --host/--port (needs pip install 'llorch[ray]'; default: one process, no Ray)",
+        type=int)
+    min_replicas: int | None = _flag(
+        None, "autoscaling on Ray Serve: fewest replicas (default 1; 0: none while idle; "
+        "with --max-replicas)", type=int)
+    max_replicas: int | None = _flag(
+        None, "autoscaling on Ray Serve: most replicas (instead of --replicas)", type=int)
+    target_ongoing_requests: float | None = _flag(
+        None, "autoscaling: requests in flight per replica Ray Serve scales towards "
+        "(default: --max-batch)", type=float)
+    ray_address: str | None = _flag(
+        None, "join this Ray cluster ('auto': the one 'ray start' made on this machine; "
+        "default: start a local Ray for --replicas)")
+    gpus_per_replica: float | None = _flag(
+        None, "GPUs each replica takes, Ray num_gpus (default: 1 with --provider cuda, else 0)",
+        type=float)
+    routing: str = _flag(
+        "prefix", "how Ray Serve picks a replica: prefix = the one that served the same prompt "
+        "prefix (its prefix cache) unless its KV slots are all busy, then the least loaded; "
+        "least-loaded = Ray's power-of-two choices (default: %(default)s)",
+        choices=["prefix", "least-loaded"])
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
@@ -207,8 +231,38 @@ class ServeOptions:
         if self.reasoning_parser not in ("auto", "none", *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be auto, none or one of "
                              f"{', '.join(REASONING_PARSERS)}, not {self.reasoning_parser!r}")
+        self._check_scale_out()
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
+
+
+    @property
+    def scale_out(self) -> bool:
+        """Serve on Ray Serve (`serve.scale`) rather than in this one process."""
+        return self.replicas is not None or self.max_replicas is not None
+
+    def _check_scale_out(self) -> None:
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        if self.replicas is not None and (self.min_replicas or self.max_replicas):
+            raise ValueError("give --replicas or --min-replicas/--max-replicas, not both")
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise ValueError("--min-replicas needs --max-replicas")
+        if self.max_replicas is not None and self.max_replicas < max(1, self.min_replicas or 1):
+            raise ValueError(f"max_replicas must be >= max(1, min_replicas), got {self.max_replicas}")
+        if self.min_replicas is not None and self.min_replicas < 0:
+            raise ValueError(f"min_replicas must be >= 0, got {self.min_replicas}")
+        if self.target_ongoing_requests is not None and not self.target_ongoing_requests > 0:
+            raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
+            raise ValueError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+        if not self.scale_out:
+            given = [flag for flag, value in (
+                ("--target-ongoing-requests", self.target_ongoing_requests),
+                ("--ray-address", self.ray_address),
+                ("--gpus-per-replica", self.gpus_per_replica)) if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} needs --replicas or --max-replicas")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,152 @@
+"""`run(options, model_name)`: serve on Ray Serve, N replicas of the single-process app.
+
+Starts a local Ray (or joins `--ray-address`), deploys
+
+    Ingress (1 replica, no CPU) ─► Replica × N (num_cpus = --threads, num_gpus = --gpus-per-replica)
+
+behind Ray Serve's HTTP proxy on `--host/--port`, and waits. SIGTERM/SIGINT drain: the
+ingress answers 503 to new requests, running ones get `--drain-timeout` seconds, then the
+application is deleted (each replica ends what is left and stops its engine) and a Ray
+started here is shut down. `application(options, model_name, registry)` is the bound
+application alone, for `serve.run` elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import AutoscalingConfig, HTTPOptions, RequestRouterConfig
+from ray.serve.schema import LoggingConfig
+
+from serve.errors import StartupError
+from serve.options import ServeOptions
+from serve.scale.ingress import Ingress
+from serve.scale.registry import BEAT_S, Registry
+from serve.scale.replica import Replica
+
+log = logging.getLogger("serve.scale.ray_app")
+
+PREFIX_ROUTER = "serve.scale.router.PrefixAffinityRouter"
+
+
+def replica_threads(options: ServeOptions, cpus: int) -> int:
+    """ORT threads (= Ray CPUs, = pinned cores) per CPU replica: `--threads`, else this
+    machine's CPUs shared evenly by `--replicas` or `--max-replicas` (at least 1)."""
+    if options.threads:
+        return options.threads
+    return max(1, cpus // (options.replicas or options.max_replicas or 1))
+
+
+def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
+    """The Ray Serve application: the ingress bound to the replica deployment.
+
+    Args:
+        options: the server's options; the replicas get them with `threads` resolved.
+        model_name: the served model id.
+        registry: handle of the `Registry` actor (the caller names and owns it).
+    """
+    cpu = options.provider == "cpu"
+    threads = replica_threads(options, len(os.sched_getaffinity(0)))
+    gpus = options.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if options.provider in ("cuda", "CUDAExecutionProvider") else 0.0
+    logs = LoggingConfig(log_level=options.log_level.upper())  # Ray's access log: info
+    scaling: dict[str, Any] = {"num_replicas": options.replicas}
+    if options.replicas is None:
+        least = 1 if options.min_replicas is None else options.min_replicas  # 0: scale to zero
+        scaling = {"autoscaling_config": AutoscalingConfig(
+            min_replicas=least, max_replicas=options.max_replicas,
+            initial_replicas=max(1, least),  # ready to answer at startup
+            target_ongoing_requests=options.target_ongoing_requests or options.max_batch)}
+    replica = serve.deployment(Replica, name="llorch-replica").options(
+        # Ray's default (5) would throttle a batching engine: slots + its own queue.
+        max_ongoing_requests=options.max_batch + options.max_queue,
+        ray_actor_options={"num_cpus": threads if cpu else 1, "num_gpus": gpus},
+        request_router_config=RequestRouterConfig(  # least-loaded: Ray's default router
+            request_router_class=PREFIX_ROUTER,
+            request_router_kwargs={"saturation": options.max_batch},
+        ) if options.routing == "prefix" else RequestRouterConfig(),
+        graceful_shutdown_timeout_s=options.drain_timeout + 5.0, graceful_shutdown_wait_loop_s=0.5,
+        health_check_period_s=5.0, logging_config=logs,
+        **scaling)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="llorch-ingress").options(
+        num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0},
+        logging_config=logs)
+    replica_options = replace(options, threads=threads if cpu else options.threads)
+    return ingress.bind(replica.bind(replica_options, model_name, registry), registry, options)
+
+
+def run(options: ServeOptions, model_name: str) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (see the module docstring).
+
+    Raises:
+        StartupError: Ray cannot start or be joined, or the replicas fail to start.
+    """
+    local = options.ray_address is None
+    try:
+        if local:
+            # Ray's own processes share our process group: a Ctrl-C or `timeout` signals the
+            # whole group and would kill them before we drained. They start with both
+            # signals blocked (a mask survives exec), so only this process acts on them.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                         num_cpus=len(os.sched_getaffinity(0)))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:
+            ray.init(address=options.ray_address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        hint = "" if local or os.environ.get("RAY_AUTH_MODE") else (
+            "; a cluster with token authentication (ray start's default) also needs "
+            "RAY_AUTH_MODE=token here and its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN")
+        raise StartupError(f"cannot start or join Ray ({options.ray_address or 'local'}): "
+                           f"{exc}{hint}") from None
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            registry = ray.remote(Registry).options(
+                num_cpus=0, name=f"llorch-registry-{model_name}", namespace="llorch").remote()
+        except ValueError:  # the name is taken
+            raise StartupError(f"another llorch serve of '{model_name}' runs on this Ray "
+                               "cluster; stop it or pass another --model-name") from None
+        serve.start(http_options=HTTPOptions(host=options.host, port=options.port))
+        try:
+            serve.run(application(options, model_name, registry), name=model_name,
+                      route_prefix="/", blocking=False)
+        except Exception as exc:
+            raise StartupError(f"the replicas did not start: {exc}") from None
+        log.info("Ray cluster at %s", ray.get_runtime_context().gcs_address)
+        log.info("serving %s as '%s' on http://%s:%d with %s", options.model_dir, model_name,
+                 options.host, options.port,
+                 f"{options.replicas} replicas" if options.replicas else
+                 f"{options.min_replicas or 1}-{options.max_replicas} replicas (autoscaling)")
+        while not stop.wait(0.5):
+            pass
+        log.info("draining (%g s for running requests)", options.drain_timeout)
+        ray.get(registry.set_draining.remote())
+        deadline = time.monotonic() + options.drain_timeout
+        time.sleep(2 * BEAT_S)  # replicas' counts are a beat old: let a just-started one show
+        while time.monotonic() < deadline and _requests_in_flight(registry):
+            time.sleep(0.2)
+        serve.delete(model_name)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _requests_in_flight(registry: Any) -> int:
+    snapshot = ray.get(registry.snapshot.remote())
+    return sum(health.get("requests") or 0 for _, health, _ in snapshot.values())

@@ -1,0 +1,162 @@
+"""`Replica`: one Ray Serve replica = the single-process app (`serve.app.create_app` and its
+engine thread), driven in-process through ASGI.
+
+```
+ingress ─ handle(ForwardedRequest) ─► receive(): the body, then waits for a disconnect
+                                      app(scope, receive, send) ─ send(): start / body parts
+        ◄─ ("start", …), ("body", …) ◄┘ (yielded as they come: a stream stays a stream)
+```
+
+The constructor pins the process to its own cores (CPU replicas with `--threads`), starts
+the app's lifespan and returns only once the model has loaded, so Ray routes nothing to a
+replica that cannot answer. A cancelled `handle` (the client went away, upstream) is the
+app's `http.disconnect`: the app cancels the engine request and frees the slot, as it does
+for a direct client. `check_health` fails once loading failed; Ray then replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import ray
+from ray import serve
+
+from serve.app import create_app, drain
+from serve.main import load_engine
+from serve.metrics import Metrics
+from serve.options import ServeOptions
+from serve.scale.forward import ForwardedRequest, ResponsePart
+from serve.scale.registry import BEAT_S
+
+log = logging.getLogger("serve.scale.replica")
+
+DISCONNECT_GRACE_S = 5.0  # after a disconnect, how long the app gets before its task is cancelled
+
+
+class Replica:
+    """A Ray Serve deployment class (made one by `serve.scale.ray_app`).
+
+    Args:
+        options: the replica's `ServeOptions` (`threads` = its ORT threads and cores).
+        model_name: the served model id.
+        registry: the `serve.scale.registry.Registry` actor handle.
+    """
+
+    async def __init__(self, options: ServeOptions, model_name: str, registry: Any) -> None:
+        logging.basicConfig(level=options.log_level.upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._registry = registry
+        self.cores: list[int] = []
+        if options.provider == "cpu" and options.threads:
+            self.cores = await registry.acquire_cores.remote(
+                self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)))
+            if self.cores:
+                _pin_process(self.cores)
+            else:
+                log.warning("replica %s: fewer than %d free cores on this node; running unpinned",
+                            self.replica_id, options.threads)
+        self._metrics = Metrics()
+        self._app = create_app(options, partial(load_engine, options, self._metrics),
+                               model_name=model_name, metrics=self._metrics)
+        self._state = self._app.state.llorch
+        self._lifespan = self._app.router.lifespan_context(self._app)
+        await self._lifespan.__aenter__()
+        self._beats = asyncio.create_task(self._beat_forever())
+        while self._state.engine is None and self._state.load_error is None:
+            await asyncio.sleep(0.05)
+        if self._state.load_error is not None:
+            raise RuntimeError(f"could not load {options.model_dir}: {self._state.load_error}")
+        log.info("replica %s ready (cores %s)", self.replica_id, self.cores or "unpinned")
+
+    def health(self) -> dict[str, Any]:
+        """The single-process `/health` body of this replica, plus its id, node and cores."""
+        state, engine = self._state, self._state.engine
+        if state.draining:
+            status = "draining"
+        elif engine is not None:
+            status = "ok"
+        else:
+            status = "error" if state.load_error else "loading"
+        body: dict[str, Any] = {"status": status, "node": self.node_id, "cores": self.cores}
+        if engine is not None:
+            body["slots_in_use"] = getattr(engine, "slots_in_use", None)
+            body["requests"] = getattr(engine, "num_requests", None)
+        return body
+
+    async def _beat_forever(self) -> None:
+        while True:
+            try:
+                await self._registry.beat.remote(self.replica_id, self.node_id, self.health(),
+                                                 self._metrics.render().decode())
+            except Exception:  # the registry restarting: the next beat tells it again
+                log.warning("replica %s: heartbeat failed", self.replica_id, exc_info=True)
+            await asyncio.sleep(BEAT_S)
+
+    def check_health(self) -> None:
+        """Ray Serve's health probe: raising makes Ray replace this replica."""
+        if self._state.load_error is not None:
+            raise RuntimeError(self._state.load_error)
+
+    async def handle(self, request: ForwardedRequest) -> AsyncIterator[ResponsePart]:
+        """Run one HTTP request through the app; yield its response as it is sent."""
+        parts: asyncio.Queue[ResponsePart | None] = asyncio.Queue()
+        disconnected = asyncio.Event()
+        body_given = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_given
+            if not body_given:
+                body_given = True
+                return {"type": "http.request", "body": request.body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                parts.put_nowait(("start", message["status"], list(message.get("headers", []))))
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    parts.put_nowait(("body", bytes(message["body"])))
+                if not message.get("more_body", False):
+                    parts.put_nowait(None)
+
+        task = asyncio.create_task(self._app(request.scope(), receive, send))
+        task.add_done_callback(lambda _: parts.put_nowait(None))
+        try:
+            while (part := await parts.get()) is not None:
+                yield part
+            await task  # re-raises what the app raised (it renders its own errors)
+        finally:
+            if not task.done():  # cancelled upstream: the client is gone
+                disconnected.set()
+                asyncio.get_running_loop().call_later(DISCONNECT_GRACE_S, task.cancel)
+
+    async def __del__(self) -> None:
+        """Ray Serve's shutdown hook (after its graceful wait): end what is left, stop the
+        engine thread, leave the registry."""
+        if not hasattr(self, "_beats"):
+            return  # the constructor failed before the app started: nothing to stop
+        self._beats.cancel()
+        await drain(self._app, 0.0)
+        await self._lifespan.__aexit__(None, None, None)
+        try:
+            await self._registry.leave.remote(self.replica_id)
+        except Exception:
+            pass  # the registry went first (serve shutdown): nothing to leave
+
+
+def _pin_process(cores: list[int]) -> None:
+    """Every thread of this process (and the ones it starts later) on `cores` only."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that just ended
+            pass
