@@ -64,27 +64,32 @@ class Replica:
                 log.warning("replica %s: fewer than %d free cores on this node; running unpinned",
                             self.replica_id, options.threads)
         self._metrics = Metrics()
-        self._app = create_app(options, partial(load_engine, options, self._metrics),
+        self._app = create_app(options, partial(load_engine, options, self._metrics.observer(model_name)),
                                model_name=model_name, metrics=self._metrics)
         self._state = self._app.state.llorch
         self._lifespan = self._app.router.lifespan_context(self._app)
         await self._lifespan.__aenter__()
         self._beats = asyncio.create_task(self._beat_forever())
-        while self._state.engine is None and self._state.load_error is None:
+        while self._entry.engine is None and self._entry.error is None:
             await asyncio.sleep(0.05)
-        if self._state.load_error is not None:
-            raise RuntimeError(f"could not load {options.model_dir}: {self._state.load_error}")
+        if self._entry.error is not None:
+            raise RuntimeError(f"could not load {options.model_dir}: {self._entry.error}")
         log.info("replica %s ready (cores %s)", self.replica_id, self.cores or "unpinned")
+
+    @property
+    def _entry(self) -> Any:
+        """The served model's `serve.models.ModelEntry` (engine, load error)."""
+        return self._state.models.default
 
     def health(self) -> dict[str, Any]:
         """The single-process `/health` body of this replica, plus its id, node and cores."""
-        state, engine = self._state, self._state.engine
+        state, engine = self._state, self._entry.engine
         if state.draining:
             status = "draining"
         elif engine is not None:
             status = "ok"
         else:
-            status = "error" if state.load_error else "loading"
+            status = "error" if self._entry.error else "loading"
         body: dict[str, Any] = {"status": status, "node": self.node_id, "cores": self.cores}
         if engine is not None:
             body["slots_in_use"] = getattr(engine, "slots_in_use", None)
@@ -102,8 +107,8 @@ class Replica:
 
     def check_health(self) -> None:
         """Ray Serve's health probe: raising makes Ray replace this replica."""
-        if self._state.load_error is not None:
-            raise RuntimeError(self._state.load_error)
+        if self._entry.error is not None:
+            raise RuntimeError(self._entry.error)
 
     async def handle(self, request: ForwardedRequest) -> AsyncIterator[ResponsePart]:
         """Run one HTTP request through the app; yield its response as it is sent."""
