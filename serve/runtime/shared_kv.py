@@ -50,8 +50,9 @@ class SharedKVRuntime(SlotRuntime):
     """The main ORT session (and the W8A8 one), slot → row bookkeeping, prefill and decode over
     the `_bind` / `_run` / `_logits` hooks (module docstring)."""
 
-    # With w8a8 "all", decode steps of at least this many sequences take the W8A8 graph
-    # (one row: MatMulNBits reads 4-bit weights, faster than int8 GEMMs at M=1).
+    # With w8a8 "all", decode steps of at least this many sequences take the W8A8 graph: 2 on
+    # exports whose W8A8 graph has a one-row kernel of its own (its down_proj at accuracy
+    # level 0, before graph.w8a8_row_invariant), so that a lone sequence stays off it; 1 else.
     w8a8_min_rows = 2
 
     def __init__(self, info: ModelInfo, options: RuntimeOptions, providers: list, *,
@@ -66,6 +67,11 @@ class SharedKVRuntime(SlotRuntime):
             so.add_initializer("num_logits_to_keep", self._keep)
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=providers)
         self.w8a8, self.w8a8_session = open_w8a8_session(info, options.w8a8, so, providers)
+        if self.w8a8 == "all" and info.graph.get("w8a8_row_invariant"):
+            # no op of this W8A8 graph lets a row depend on the others (export.graph.mlp):
+            # every step runs on it, so a sequence's tokens never depend on the batch
+            self.w8a8_min_rows = 1
+            self.batch_invariant = True
         super().__init__(with_max_length(info, options.max_length, info.max_length),
                          options.max_batch, kv_dtype(self.session, info))
         self._row = list(range(self.n_slots))  # slot -> physical row
