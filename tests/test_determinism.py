@@ -140,3 +140,35 @@ def test_lone_decode_equals_a_row_of_a_batch_in_the_runtime(runtime, prompts):
     alone = steps([3])
     for step_alone, step_batched in zip(alone, batched, strict=True):
         assert np.array_equal(step_alone[0], step_batched[3])
+
+
+def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path):
+    """The defaults of `llorch serve`, the official client: each prompt alone, then all 8 at
+    once (greedy and seeded at temperature 0.9) — the same text."""
+    import openai
+    from test_server_e2e import running_server
+
+    messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+                for q in QUESTIONS]
+
+    async def ask(client, m, params):
+        r = await client.chat.completions.create(model="smollm2-135m-instruct", messages=m,
+                                                 max_tokens=NEW_TOKENS, **params)
+        return r.choices[0].message.content
+
+    async def run_all(base):
+        out = {}
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
+                                      timeout=600) as client:
+            for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
+                alone = [await ask(client, m, params) for m in messages]
+                together = await asyncio.gather(*(ask(client, m, params) for m in messages))
+                out[name] = (alone, list(together))
+        return out
+
+    with running_server(default_model_dir, "--threads", "2", "--max-batch", "8",
+                        log_path=tmp_path / "server.log") as base:
+        results = asyncio.run(asyncio.wait_for(run_all(base), 900))
+    for name, (alone, together) in results.items():
+        assert all(alone) and len(set(alone)) > 1, name
+        assert together == alone, name
