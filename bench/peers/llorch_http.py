@@ -217,8 +217,14 @@ def _rss(job: dict, log_dir: Path) -> dict:
         idle = server.memory()
         rd = asyncio.run(_round(server, prompts, cfg.rss_tokens))
         busy = server.memory()
+    # KV memory follows the tokens held (serve.runtime.kv_memory): what the run added to the
+    # idle server, per slot and per 1000 tokens the slots hold at its end
+    held = cfg.rss_slots * (cfg.rss_prompt + cfg.rss_tokens)
+    grown = busy["rss_mb"] - idle["rss_mb"]
     return {
         "server_rss": {
+            "tokens_held": held, "rss_per_slot_mb": grown / cfg.rss_slots,
+            "rss_per_1k_tokens_mb": grown / (held / 1000),
             "slots": cfg.rss_slots, "max_length": cfg.rss_length, "prompt": cfg.rss_prompt,
             "new_tokens": cfg.rss_tokens, "idle_rss_mb": idle["rss_mb"],
             "peak_rss_mb": busy["peak_rss_mb"], "rss_after_mb": busy["rss_mb"],
