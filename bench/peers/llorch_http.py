@@ -203,9 +203,14 @@ def _concurrency(job: dict, log_dir: Path) -> dict:
 
 
 def kv_bytes(model_dir: Path, slots: int, length: int) -> int:
-    """Bytes of the preallocated fp32 KV buffers (`Runtime.kv_bytes`, from genai_config)."""
+    """Bytes of the preallocated KV buffers (`Runtime.kv_bytes`, from genai_config; the element
+    size from llorch.json's graph.kv_dtype, fp32 where it does not say)."""
     d = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    return 2 * d["num_hidden_layers"] * slots * d["num_key_value_heads"] * length * d["head_size"] * 4
+    manifest = model_dir / "llorch.json"
+    graph = json.loads(manifest.read_text()).get("graph") or {} if manifest.is_file() else {}
+    size = {"float16": 2, "int8": 1}.get(graph.get("kv_dtype"), 4)
+    return (2 * d["num_hidden_layers"] * slots * d["num_key_value_heads"] * length
+            * d["head_size"] * size)
 
 
 def _rss(job: dict, log_dir: Path) -> dict:
