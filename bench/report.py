@@ -107,6 +107,10 @@ def memory_table(results: dict) -> str:
         rows.append(["  … idle after load", fmt_mb(rss["idle_rss_mb"])])
         rows.append(["  … KV reserved (virtual, touched on use)", fmt_mb(rss["kv_reserved_mb"])])
         rows.append(["  … KV touched by this run", fmt_mb(rss["kv_touched_mb"])])
+        if "rss_per_slot_mb" in rss:
+            rows.append([f"  … RSS added per slot ({rss['tokens_held']} tokens held in all)",
+                         fmt_mb(rss["rss_per_slot_mb"])])
+            rows.append(["  … RSS added per 1k tokens held", fmt_mb(rss["rss_per_1k_tokens_mb"])])
         rows.append(["  … model.onnx + .data on disk (mmap)", fmt_mb(rss["model_data_mb"])])
     for name, x in results.get("export", {}).items():
         if x.get("status") != "ok":

@@ -25,11 +25,12 @@ from export.calibrate import CALIBRATION_TOKENS, activation_means, calibration_i
 from export.config import ExportError, LlamaConfig
 from export.graph import build_decoder, uses_gqa
 from export.graph_coreml import DEFAULT_CHUNK, DEFAULT_MAX_LENGTH, StaticGraphs
+from export.kv_cache import INT8_MARGIN, KV_DTYPES, int8_scales, kv_ranges, set_kv_dtype
 from export.linear import SMOOTH_ALPHA, quantized_linear
 from export.onnx_builder import GraphBuilder
 from export.quant import dequantize_blocks
 from export.sources import GGUFSource, HFSource, open_source, validate
-from export.spec import GraphSpec
+from export.spec import W8A8_DOWN_PROJ_ACCURACY_LEVEL, GraphSpec
 
 W8A8_FILE = "model_w8a8.onnx"  # the int8-GEMM companion graph (export.linear.w8a8_linear)
 CUDA_GRAPH_FILE = "model_decode_static.onnx"  # --target cuda: the capturable decode graph
@@ -163,6 +164,8 @@ class ExportPlan:
         gqa: GroupQueryAttention with shared KV buffers (else a growing cache; CoreML: False).
         w8a8_graph: also write ``model_w8a8.onnx``.
         prefill_chunk: CoreML: tokens a prefill graph call takes.
+        kv_dtype: the KV cache's element type, fp32/fp16/int8 (export.kv_cache; cuda: the
+            graphs' fp16 whatever this says).
     """
 
     src: Path
@@ -172,6 +175,7 @@ class ExportPlan:
     gqa: bool
     w8a8_graph: bool
     prefill_chunk: int
+    kv_dtype: str = "fp32"
 
     @property
     def cfg(self) -> LlamaConfig:
@@ -181,7 +185,7 @@ class ExportPlan:
 def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length: int | None,
                 block_size: int, accuracy_level: int | None, force: bool, lm_head_bits: int,
                 down_proj_accuracy_level: int | None, prefill_chunk: int,
-                w8a8_graph: bool | None) -> ExportPlan:
+                w8a8_graph: bool | None, kv_dtype: str | None = None) -> ExportPlan:
     """Open and validate the source and settle every default (``export_model``'s arguments).
 
     Raises:
@@ -209,7 +213,14 @@ def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length
     gqa = uses_gqa(cfg, spec) and target != "coreml"
     if w8a8_graph is None:  # the server runs it over shared KV buffers: GQA graphs only
         w8a8_graph = target == "cpu" and precision == "int4" and gqa
-    return ExportPlan(src, out, source, spec, gqa, w8a8_graph, prefill_chunk)
+    if kv_dtype is None:  # int8 where it keeps quality and speed (export.kv_cache)
+        kv_dtype = "int8" if target == "cpu" and precision == "int4" and gqa else "fp32"
+    if kv_dtype not in KV_DTYPES:
+        raise ExportError(f"--kv-dtype {kv_dtype!r}: choose one of {KV_DTYPES}")
+    if kv_dtype != "fp32" and not (target == "cpu" and gqa):
+        raise ExportError(f"--kv-dtype {kv_dtype} is for --target cpu GroupQueryAttention "
+                          f"graphs (target {target})")
+    return ExportPlan(src, out, source, spec, gqa, w8a8_graph, prefill_chunk, kv_dtype)
 
 
 def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", target: str = "cpu",
@@ -217,8 +228,8 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                  accuracy_level: int | None = None, verify: bool = False, force: bool = False,
                  progress: bool = True, lm_head_bits: int = 8,
                  down_proj_accuracy_level: int | None = 0,
-                 prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool | None = None
-                 ) -> ExportSummary:
+                 prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool | None = None,
+                 kv_dtype: str | None = None) -> ExportSummary:
     """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
 
     Args:
@@ -237,6 +248,9 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
         w8a8_graph: also write ``model_w8a8.onnx``, the same decoder with int8 GEMMs for
             the runs of many rows (linear.w8a8_linear), sharing the data file (None: on for
             cpu int4 GroupQueryAttention graphs).
+        kv_dtype: the KV cache's element type on cpu GroupQueryAttention graphs: fp32, fp16
+            or int8 (static per-channel scales calibrated on the written graph; see
+            export.kv_cache for what each costs). None: int8 for cpu int4 exports, else fp32.
     Returns:
         What was written: sizes, parameters, seconds, the verify report.
     Raises:
@@ -249,7 +263,8 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                        max_length=max_length, block_size=block_size,
                        accuracy_level=accuracy_level, force=force, lm_head_bits=lm_head_bits,
                        down_proj_accuracy_level=down_proj_accuracy_level,
-                       prefill_chunk=prefill_chunk, w8a8_graph=w8a8_graph)
+                       prefill_chunk=prefill_chunk, w8a8_graph=w8a8_graph,
+                       kv_dtype=kv_dtype)
     tmp = _staging_dir(plan.out)
     try:
         tok = write_tokenizer_files(tmp, plan.source)  # first: calibration tokenizes with them
@@ -326,7 +341,11 @@ def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, rep
             "variant": "gqa-shared-kv" if plan.gqa else "standard-growing-kv",
             "logits_to_keep": True,
             "io_dtype": np.dtype(spec.io_dtype).name,
-            "kv_dtype": np.dtype(spec.io_dtype).name,
+            "kv_dtype": (np.dtype(spec.io_dtype).name if plan.kv_dtype == "fp32"
+                         else {"fp16": "float16", "int8": "int8"}[plan.kv_dtype]),
+            "kv_cache_scales": {"kind": "per-channel", "statistic": "max |x|",
+                                "margin": INT8_MARGIN, "calibration_tokens": CALIBRATION_TOKENS}
+            if plan.kv_dtype == "int8" else None,
             "logits_dtype": "float32",
             "block_size": spec.block_size if int4 else None,
             "accuracy_level": spec.accuracy_level if int4 else None,
@@ -336,6 +355,13 @@ def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, rep
             "w8a8": W8A8_FILE if plan.w8a8_graph else None,
             "w8a8_smoothing": {"alpha": SMOOTH_ALPHA, "statistic": "mean |x|",
                                "calibration_tokens": CALIBRATION_TOKENS}
+            if plan.w8a8_graph else None,
+            # every op of the W8A8 graph computes a row the same whatever the other rows are
+            # (serve decodes every step on it: batch-invariant by construction)
+            # (measured with its MatMulNBits lm_head at accuracy level 4)
+            "w8a8_row_invariant": plan.w8a8_graph and spec.accuracy_level == 4
+            and spec.lm_head_bits != 0,
+            "w8a8_down_proj_accuracy_level": W8A8_DOWN_PROJ_ACCURACY_LEVEL
             if plan.w8a8_graph else None,
             "cuda_graph": CUDA_GRAPH_FILE if spec.target == "cuda" else None,
         },
@@ -402,4 +428,13 @@ def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | 
     finally:
         if bar is not None:
             bar.close()
+    if plan.kv_dtype != "fp32":  # calibrated on the fp32-KV main graph, then set on each
+        scales = None
+        if plan.kv_dtype == "int8":
+            scales = int8_scales(kv_ranges(tmp, "model.onnx", cfg,
+                                           calibration_ids(tmp, cfg.vocab_size)))
+        for filename, _ in graphs:
+            model = onnx.load(str(tmp / filename), load_external_data=False)
+            set_kv_dtype(model, plan.kv_dtype, scales)
+            onnx.save_model(model, str(tmp / filename))
     return None

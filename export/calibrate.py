@@ -113,7 +113,9 @@ def activation_means(model_dir: Path, graph: str, inputs: Mapping[str, str],
     finally:
         probe.unlink(missing_ok=True)
     s = len(ids)
-    kv = np.zeros((1, cfg.num_key_value_heads, s, cfg.head_dim), np.float32)
+    kv_type = {i.name: i.type for i in sess.get_inputs()}["past_key_values.0.key"]
+    kv = np.zeros((1, cfg.num_key_value_heads, s, cfg.head_dim),
+                  np.int8 if kv_type == "tensor(int8)" else np.float32)  # --kv-dtype int8
     feed = {"input_ids": np.asarray([ids], np.int64),
             "attention_mask": np.ones((1, s), np.int64),
             "num_logits_to_keep": np.asarray([1], np.int64)}

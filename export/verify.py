@@ -84,10 +84,12 @@ def onnx_logits(model_dir: Path, cfg: LlamaConfig, ids: list[int], prefill: int,
     growing = "position_ids" in {i.name for i in sess.get_inputs()}
     cache_len = 0 if growing else (cache_len or len(ids) + 8)
     shape = (1, cfg.num_key_value_heads, cache_len, cfg.head_dim)
+    kv_type = {i.name: i.type for i in sess.get_inputs()}["past_key_values.0.key"]
+    kv_dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(kv_type, np.float32)
     past = {}
     for i in range(cfg.num_hidden_layers):
-        past[f"past_key_values.{i}.key"] = np.zeros(shape, np.float32)
-        past[f"past_key_values.{i}.value"] = np.zeros(shape, np.float32)
+        past[f"past_key_values.{i}.key"] = np.zeros(shape, kv_dtype)
+        past[f"past_key_values.{i}.value"] = np.zeros(shape, kv_dtype)
     out_names = [o.name for o in sess.get_outputs()]
     chunks, pos = [], 0
     steps = [ids[:prefill]] + [[t] for t in ids[prefill:]]

@@ -27,9 +27,11 @@ Cancellation is a flag the thread checks every step; finished, failed and cancel
 give their slot back.
 
 Batched rows are computed independently of each other, so a sequence's logits do not depend
-on what else runs, with one exception: int4 CPU kernels round a one-row call differently.
-Hence prefills never end on a one-token chunk or reuse all but one prompt token, and
-`batch_invariant` pads a lone decode to two rows.
+on what else runs. Where the runtime's graphs have a one-row kernel of their own (int4
+MatMulNBits at accuracy level 0: exports without a batch-invariant W8A8 graph, `--w8a8 off`
+or `prefill`), `runtime.batch_invariant` is False, and `batch_invariant` pads a lone decode
+to two rows. For those graphs, too, prefills never end on a one-token chunk or reuse all but
+one prompt token.
 """
 
 from __future__ import annotations
@@ -446,7 +448,8 @@ class Engine:
         """One Runtime.decode; with `batch_invariant` a lone sequence gets an idle slot as a
         padding row (then cut back), so it runs the same kernels as in a batch."""
         pad = None
-        if self.batch_invariant and len(slots) == 1 and self.slots.n_free:
+        if (self.batch_invariant and len(slots) == 1 and self.slots.n_free
+                and not getattr(self.runtime, "batch_invariant", False)):
             pad = self.slots.cache.victim()
             pad_length = self.runtime.length(pad)
             if pad_length >= self.max_length:

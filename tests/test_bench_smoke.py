@@ -138,6 +138,13 @@ def _results() -> dict:
                                     "stream_decode_tps_median": a / int(n)}
                                 for n, a in (("1", 90.0), ("4", 200.0))},
                 "server_peak_rss_mb": {"1": 300.0, "4": 320.0}},
+            "llorch-server-rss": {
+                "status": "ok", "label": "rss", "peer": "llorch_http", "baseline": None,
+                "server_rss": {"slots": 8, "max_length": 4096, "prompt": 1000, "new_tokens": 64,
+                               "idle_rss_mb": 420.0, "peak_rss_mb": 900.0, "rss_after_mb": 800.0,
+                               "kv_reserved_mb": 1440.0, "kv_touched_mb": 374.0,
+                               "model_data_mb": 300.0, "tokens_held": 8512,
+                               "rss_per_slot_mb": 47.5, "rss_per_1k_tokens_mb": 44.6}},
         },
         "export": {"hf": {"status": "ok", "wall_s": _block(3.5), "peak_rss_mb": _block(410.0)}},
     }
@@ -150,6 +157,8 @@ def test_markdown_report_has_ratios_skips_and_targets():
     assert "`llamacpp-q4_1` **skipped**: llama_cpp is not importable" in md
     assert "| 4 | 200.0 | 2.22× |" in md
     assert "3.50 s" in md and "410 MB" in md
+    assert "RSS added per slot (8512 tokens held in all) | 48 MB" in md
+    assert "RSS added per 1k tokens held | 45 MB" in md
     rows = {t["target"].split(" (")[0]: t for t in report.targets(_results())}
     decode = rows["int4 batch-1 decode"]
     assert decode["measured"] == pytest.approx(1.5) and decode["met"] is True

@@ -203,9 +203,14 @@ def _concurrency(job: dict, log_dir: Path) -> dict:
 
 
 def kv_bytes(model_dir: Path, slots: int, length: int) -> int:
-    """Bytes of the preallocated fp32 KV buffers (`Runtime.kv_bytes`, from genai_config)."""
+    """Bytes of the preallocated KV buffers (`Runtime.kv_bytes`, from genai_config; the element
+    size from llorch.json's graph.kv_dtype, fp32 where it does not say)."""
     d = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    return 2 * d["num_hidden_layers"] * slots * d["num_key_value_heads"] * length * d["head_size"] * 4
+    manifest = model_dir / "llorch.json"
+    graph = json.loads(manifest.read_text()).get("graph") or {} if manifest.is_file() else {}
+    size = {"float16": 2, "int8": 1}.get(graph.get("kv_dtype"), 4)
+    return (2 * d["num_hidden_layers"] * slots * d["num_key_value_heads"] * length
+            * d["head_size"] * size)
 
 
 def _rss(job: dict, log_dir: Path) -> dict:
@@ -217,8 +222,14 @@ def _rss(job: dict, log_dir: Path) -> dict:
         idle = server.memory()
         rd = asyncio.run(_round(server, prompts, cfg.rss_tokens))
         busy = server.memory()
+    # KV memory follows the tokens held (serve.runtime.kv_memory): what the run added to the
+    # idle server, per slot and per 1000 tokens the slots hold at its end
+    held = cfg.rss_slots * (cfg.rss_prompt + cfg.rss_tokens)
+    grown = busy["rss_mb"] - idle["rss_mb"]
     return {
         "server_rss": {
+            "tokens_held": held, "rss_per_slot_mb": grown / cfg.rss_slots,
+            "rss_per_1k_tokens_mb": grown / (held / 1000),
             "slots": cfg.rss_slots, "max_length": cfg.rss_length, "prompt": cfg.rss_prompt,
             "new_tokens": cfg.rss_tokens, "idle_rss_mb": idle["rss_mb"],
             "peak_rss_mb": busy["peak_rss_mb"], "rss_after_mb": busy["rss_mb"],

@@ -72,6 +72,11 @@ class Runtime(Protocol):
     info: ModelInfo  # max_length: the tokens one slot holds (prompt + completion)
     n_slots: int
     providers: list  # ORT providers the sessions use, the one that runs the graph first
+    # True where a sequence's logits are the same bit for bit whatever the batch it decodes
+    # in, the slot it sits in and how its prompt was split into prefill calls (of 2+ tokens);
+    # False where a one-row step takes other kernels (the engine's `batch_invariant` then
+    # pads a lone decode to two rows).
+    batch_invariant: bool
 
     def length(self, slot: int) -> int:
         """Tokens ``slot`` holds."""

@@ -18,7 +18,8 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
 }
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(int8)": np.int8}
 
 
 def resolve_providers(provider: str) -> list[str]:
@@ -80,7 +81,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def kv_dtype(session: ort.InferenceSession, info: ModelInfo) -> type:
-    """The numpy dtype of the graph's KV cache (its first past-key input): float32 or float16."""
+    """The numpy dtype of the graph's KV cache (its first past-key input): float32, float16 or
+    int8 (`llorch export --kv-dtype`)."""
     inputs = {i.name: i for i in session.get_inputs()}
     return _ORT_TYPES.get(inputs[info.past_key % 0].type, np.float32)
 

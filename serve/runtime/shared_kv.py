@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from serve.model_dir import ModelInfo
 from serve.runtime.interface import RuntimeOptions
+from serve.runtime.kv_memory import KVBuffers
 from serve.runtime.session import kv_dtype, open_w8a8_session, resolve_providers, session_options
 from serve.runtime.slots import SlotRuntime, with_max_length
 
@@ -49,8 +50,9 @@ class SharedKVRuntime(SlotRuntime):
     """The main ORT session (and the W8A8 one), slot → row bookkeeping, prefill and decode over
     the `_bind` / `_run` / `_logits` hooks (module docstring)."""
 
-    # With w8a8 "all", decode steps of at least this many sequences take the W8A8 graph
-    # (one row: MatMulNBits reads 4-bit weights, faster than int8 GEMMs at M=1).
+    # With w8a8 "all", decode steps of at least this many sequences take the W8A8 graph: 2 on
+    # exports whose W8A8 graph has a one-row kernel of its own (its down_proj at accuracy
+    # level 0, before graph.w8a8_row_invariant), so that a lone sequence stays off it; 1 else.
     w8a8_min_rows = 2
 
     def __init__(self, info: ModelInfo, options: RuntimeOptions, providers: list, *,
@@ -65,6 +67,11 @@ class SharedKVRuntime(SlotRuntime):
             so.add_initializer("num_logits_to_keep", self._keep)
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=providers)
         self.w8a8, self.w8a8_session = open_w8a8_session(info, options.w8a8, so, providers)
+        if self.w8a8 == "all" and info.graph.get("w8a8_row_invariant"):
+            # no op of this W8A8 graph lets a row depend on the others (export.graph.mlp):
+            # every step runs on it, so a sequence's tokens never depend on the batch
+            self.w8a8_min_rows = 1
+            self.batch_invariant = True
         super().__init__(with_max_length(info, options.max_length, info.max_length),
                          options.max_batch, kv_dtype(self.session, info))
         self._row = list(range(self.n_slots))  # slot -> physical row
@@ -132,7 +139,15 @@ class SharedKVRuntime(SlotRuntime):
             self._lengths[s] += 1
         return self._logits(call)
 
-    # -- moving rows -------------------------------------------------------------------------
+    # -- emptying and moving rows -------------------------------------------------------------
+    def reset(self, slot: int) -> None:
+        super().reset(slot)
+        self._forget(self._row[slot], 0)
+
+    def truncate(self, slot: int, length: int) -> None:
+        super().truncate(slot, length)
+        self._forget(self._row[slot], length)
+
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
         """dst gets src's KV: all of it, or its first `length` tokens (a shared prefix)."""
         n = self._copied_length(src, length)
@@ -140,6 +155,11 @@ class SharedKVRuntime(SlotRuntime):
         if rs != rd and n:
             self._copy_row(rs, rd, n)
         self._lengths[dst] = n
+        self._forget(rd, n)
+
+    def _forget(self, row: int, keep: int) -> None:
+        """Memory of ``row``'s KV past its first ``keep`` tokens may be given back (host
+        buffers do; device ones stay allocated)."""
 
     def _copy_row(self, src_row: int, dst_row: int, n: int) -> None:
         """The first ``n`` KV positions of one row into another (every layer, K and V)."""
@@ -160,20 +180,29 @@ class SharedKVRuntime(SlotRuntime):
             n = max(self._lengths[s], self._lengths[other])
             if n:
                 self._swap_rows(j, r, n)
+                self._forget(j, self._lengths[s])
+                self._forget(r, self._lengths[other])
             self._row[s], self._row[other] = j, r
             owner[j], owner[r] = s, other
 
 
 class HostRuntime(SharedKVRuntime):
     """KV buffers ``[n_slots, kv_heads, max_length, head_dim]`` per layer in host memory,
-    bound to the graph in place as numpy-backed OrtValues (CPU and CoreML providers)."""
+    bound to the graph in place as numpy-backed OrtValues (CPU and CoreML providers).
+
+    The buffers are `KVBuffers`: resident memory follows the tokens the slots hold (a page is
+    resident once written; a reset or cut slot gives its pages back), not ``max_length``.
+    """
 
     def __init__(self, info: ModelInfo, options: RuntimeOptions) -> None:
         super().__init__(info, options, resolve_providers(options.provider),
                          pin_logits=info.logits_to_keep)
         shape = (self.n_slots, info.num_kv_heads, self.info.max_length, info.head_dim)
-        self._k = [np.zeros(shape, self.kv_dtype) for _ in range(info.num_layers)]
-        self._v = [np.zeros(shape, self.kv_dtype) for _ in range(info.num_layers)]
+        self._kv = KVBuffers(info.num_layers, shape, self.kv_dtype)
+        self._k, self._v = self._kv.k, self._kv.v
+
+    def _forget(self, row: int, keep: int) -> None:
+        self._kv.forget(row, keep)
 
     def _bind(self, first_row: int, rows: int, decode: bool) -> Call:
         session = self._session_for(rows, prefill=not decode)

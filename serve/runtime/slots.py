@@ -31,6 +31,10 @@ class SlotRuntime:
     """
 
     providers: list
+    # Whether a sequence's logits are the same bit for bit whatever else is in its decode
+    # step or prefill chunk (`serve.runtime.Runtime.batch_invariant`); runtimes that know
+    # their graphs to be say so.
+    batch_invariant = False
 
     def __init__(self, info: ModelInfo, n_slots: int, kv_dtype: type) -> None:
         self.info = info

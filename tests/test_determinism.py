@@ -1,0 +1,174 @@
+"""The same request gets the same tokens whatever else the server does (issue 15, part 2).
+
+On the default model (int4 with its W8A8 graph, the defaults), 8 different prompts, greedy
+and seeded: alone, all together, after their prefixes were cached, and next to a long prompt
+that prefills in chunks between their decode steps, on engines with different prefill chunk
+sizes — always the same token ids, bit for bit. Then once through the real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from serve.engine import Engine, GenerationRequest
+from serve.runtime import RuntimeOptions, open_runtime
+from serve.sampling import SamplingParams
+from serve.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "Write a haiku about the sea.",
+    "How many legs does a spider have?",
+    "What does a compiler do?",
+    "Give me a synonym for happy.",
+    "Why is the sky blue?",
+    "Translate 'good morning' into Spanish.",
+]
+SYSTEM = "You are a concise assistant. Answer in one short sentence."
+NEW_TOKENS = 10
+GREEDY = {"temperature": 0.0}
+SEEDED = {"temperature": 0.9, "seed": 1234}
+
+
+@pytest.fixture(scope="module")
+def tok(default_model_dir) -> Tokenizer:
+    return Tokenizer.from_dir(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok) -> list[tuple[int, ...]]:
+    return [tuple(tok.encode(tok.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+        add_generation_prompt=True), add_special_tokens=False)) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def runtime(default_model_dir):
+    rt = open_runtime(default_model_dir, RuntimeOptions(max_batch=10, max_length=2048,
+                                                        w8a8="auto"))
+    assert rt.batch_invariant, "the default export's W8A8 graph should be batch-invariant"
+    return rt
+
+
+def _request(ids, params) -> GenerationRequest:
+    return GenerationRequest(tuple(ids), SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True,
+                                                        **params))
+
+
+async def _tokens(engine: Engine, request: GenerationRequest) -> tuple[int, ...]:
+    out: list[int] = []
+    async for event in engine.submit(request):
+        assert event.error is None, event.error
+        for c in event.choices:
+            out.extend(c.token_ids)
+    return tuple(out)
+
+
+def _with_engine(runtime, tok, coro_fn, **kwargs):
+    for s in range(runtime.n_slots):
+        runtime.reset(s)
+    engine = Engine(runtime, tok, **kwargs)
+    engine.start()
+    try:
+        return asyncio.run(asyncio.wait_for(coro_fn(engine), 900))
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_same_tokens_alone_batched_cached_and_beside_a_long_prefill(runtime, tok, prompts,
+                                                                    params):
+    async def alone(engine):
+        return [await _tokens(engine, _request(p, params)) for p in prompts]
+
+    async def together(engine):
+        return list(await asyncio.gather(*(_tokens(engine, _request(p, params))
+                                           for p in prompts)))
+
+    async def cached(engine):
+        # every prompt's own prefix (all but its last 3 tokens) is in an idle slot first,
+        # so each request prefills a few tokens after a prefix-cache hit
+        for p in prompts:
+            await _tokens(engine, GenerationRequest(p[:-3], SamplingParams(temperature=0.0,
+                                                                           max_tokens=1)))
+        return list(await asyncio.gather(*(_tokens(engine, _request(p, params))
+                                           for p in prompts)))
+
+    async def beside_long(engine):
+        long_prompt = tok.encode(" ".join(QUESTIONS) * 12, add_special_tokens=False)[:700]
+        long_task = asyncio.ensure_future(_tokens(engine, _request(long_prompt, GREEDY)))
+        await asyncio.sleep(0)
+        out = list(await asyncio.gather(*(_tokens(engine, _request(p, params))
+                                          for p in prompts)))
+        await long_task
+        return out
+
+    reference = _with_engine(runtime, tok, alone, prefix_cache_tokens=0)
+    assert len(set(reference)) > 1 and all(len(t) == NEW_TOKENS for t in reference)
+    runs = {
+        "alone, 7-token prefill chunks, prefix cache on": _with_engine(
+            runtime, tok, alone, prefill_chunk=7),
+        "all 8 together": _with_engine(runtime, tok, together, prefix_cache_tokens=0),
+        "together after prefix-cache hits": _with_engine(runtime, tok, cached),
+        "beside a 700-token prompt prefilled in 64-token chunks": _with_engine(
+            runtime, tok, beside_long, prefill_chunk=64, prefix_cache_tokens=0),
+    }
+    for name, got in runs.items():
+        assert got == reference, name
+
+
+def test_lone_decode_equals_a_row_of_a_batch_in_the_runtime(runtime, prompts):
+    """The runtime level, bit for bit: logits of each step alone vs as row 3 of 8."""
+    def steps(slots, n=4):
+        logits = [runtime.prefill(s, list(prompts[s])) for s in slots]
+        rows = [logits]
+        for _ in range(n):
+            logits = list(runtime.decode(slots, [int(np.argmax(x)) for x in logits]))
+            rows.append(logits)
+        return rows
+
+    for s in range(runtime.n_slots):
+        runtime.reset(s)
+    batched = steps(list(range(8)))
+    runtime.reset(3)
+    alone = steps([3])
+    for step_alone, step_batched in zip(alone, batched, strict=True):
+        assert np.array_equal(step_alone[0], step_batched[3])
+
+
+def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path):
+    """The defaults of `llorch serve`, the official client: each prompt alone, then all 8 at
+    once (greedy and seeded at temperature 0.9) — the same text."""
+    import openai
+    from test_server_e2e import running_server
+
+    messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+                for q in QUESTIONS]
+
+    async def ask(client, m, params):
+        r = await client.chat.completions.create(model="smollm2-135m-instruct", messages=m,
+                                                 max_tokens=NEW_TOKENS, **params)
+        return r.choices[0].message.content
+
+    async def run_all(base):
+        out = {}
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
+                                      timeout=600) as client:
+            for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
+                alone = [await ask(client, m, params) for m in messages]
+                together = await asyncio.gather(*(ask(client, m, params) for m in messages))
+                out[name] = (alone, list(together))
+        return out
+
+    with running_server(default_model_dir, "--threads", "2", "--max-batch", "8",
+                        log_path=tmp_path / "server.log") as base:
+        results = asyncio.run(asyncio.wait_for(run_all(base), 900))
+    for name, (alone, together) in results.items():
+        assert all(alone) and len(set(alone)) > 1, name
+        assert together == alone, name
