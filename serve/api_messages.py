@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.engine import Event
 from serve.errors import GENERIC_SERVER_ERROR, APIError, InvalidRequestError, ServerError
+from serve.events import Event
 from serve.parsers import (
     ChoiceParser,
     Delta,

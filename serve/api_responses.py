@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.engine import Event
 from serve.errors import APIError, InvalidRequestError
+from serve.events import Event
 from serve.parsers import (
     ChoiceParser,
     Delta,

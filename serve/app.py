@@ -52,7 +52,6 @@ from serve.api_responses import ResponsesOutput, ResponsesRequest
 from serve.body import ClientGone, read_json
 from serve.chat_prep import encode_chat, prepare_chat
 from serve.constraints import require_compiled
-from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
     EXCEPTION_HANDLERS,
     GENERIC_SERVER_ERROR,
@@ -64,6 +63,7 @@ from serve.errors import (
     ServerError,
     ServiceUnavailableError,
 )
+from serve.events import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.models import ERROR, ModelEntry, ModelRegistry
 from serve.options import ServeOptions

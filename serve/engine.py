@@ -54,7 +54,6 @@ from serve.events import (
     Event,
     GenerationRequest,
     QueueFull,
-    RequestStats,  # noqa: F401 (re-exported)
     RequestStream,
     ShuttingDown,
     TokenLogprob,
@@ -65,12 +64,6 @@ from serve.prefix_cache import SlotPool
 from serve.runtime import ContextFull
 from serve.sampling import Sample
 from serve.sequence import Choice, Job, prompt_logprob
-
-__all__ = [  # the cross-thread types live in serve.events; routes import them from here
-    "QUEUE_TIMEOUT", "SHUTTING_DOWN", "ChoiceOutput", "Engine", "EngineObserver", "Event",
-    "GenerationRequest", "QueueFull", "RequestStats", "RequestStream", "ShuttingDown",
-    "TokenLogprob", "Usage",
-]
 
 log = logging.getLogger("serve.engine")
 

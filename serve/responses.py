@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serve.engine import Event, TokenLogprob, Usage
 from serve.errors import APIError, ServerError
+from serve.events import Event, TokenLogprob, Usage
 from serve.parsers import (
     ChoiceParser,
     Delta,

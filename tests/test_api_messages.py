@@ -13,7 +13,6 @@ from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
 from serve.api_messages import MessagesOutput, MessagesRequest, chat_messages, error_body
-from serve.engine import Event
 from serve.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -22,6 +21,7 @@ from serve.errors import (
     ServerError,
     ServiceUnavailableError,
 )
+from serve.events import Event
 from serve.parsers import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallStart
 from serve.protocol import ChatCompletionRequest, parse_request
 from serve.streaming import _with_heartbeat

@@ -299,7 +299,7 @@ def test_error_mid_stream_is_response_failed():
     out.start()
     out.chunks(0, events(2)[0])
     with pytest.raises(ServerError) as err:
-        from serve.engine import Event
+        from serve.events import Event
         out.chunks(0, Event(error="boom"))
     (chunk,) = out.fail(err.value)
     payload = json.loads(chunk.decode().split("data: ", 1)[1])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve.engine import TokenLogprob, Usage
 from serve.errors import InvalidRequestError
+from serve.events import TokenLogprob, Usage
 from serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
