@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from serve.constraints import fill_bitmasks
+from serve.errors import GENERIC_SERVER_ERROR
 from serve.events import (
     QUEUE_TIMEOUT,
     SHUTTING_DOWN,
@@ -72,7 +73,6 @@ log = logging.getLogger("serve.engine")
 CPU_PREFILL_CHUNK = 256
 GPU_PREFILL_CHUNK = 512
 
-_SERVER_ERROR = "The server had an error while processing your request."
 _SHUTDOWN_MESSAGE = "The server is shutting down; retry on another instance."
 _WAKE = object()
 _STOP = object()
@@ -228,7 +228,7 @@ class Engine:
                 self._step()
             except Exception:  # a scheduler bug: end what is in flight, keep serving
                 log.exception("engine step failed")
-                self._fail_all(_SERVER_ERROR)
+                self._fail_all(GENERIC_SERVER_ERROR)
                 self.slots.clear()
 
     def _step(self) -> None:
@@ -511,7 +511,7 @@ class Engine:
         log.error("request %s failed", job.request.request_id or "?", exc_info=exc)
         self._remove(job, keep=False)
         self._end(job, "error")
-        job.send(Event(error=_SERVER_ERROR))
+        job.send(Event(error=GENERIC_SERVER_ERROR))
 
     def _fail_all(self, message: str, code: str | None = None) -> None:
         for job in self._jobs():

@@ -31,10 +31,10 @@ LAYERS = {
     "serve.prefix_cache": ENGINE,
     # runtime: ONNX Runtime sessions and KV slots, and the model directory they read
     "serve.runtime": RUNTIME, "serve.model_dir": RUNTIME,
-    # leaves any layer may use: text utilities and the error types
+    # leaves any layer may use: text utilities, the error types and their SSE framing
     "serve.tokenizer": LEAF, "serve.chat_template": LEAF, "serve.token_bytes": LEAF,
     "serve.detokenizer": LEAF, "serve.stops": LEAF, "serve.parsers": LEAF,
-    "serve.errors": LEAF, "serve.jsonfile": LEAF,
+    "serve.errors": LEAF, "serve.sse": LEAF, "serve.jsonfile": LEAF,
 }
 
 
