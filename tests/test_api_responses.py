@@ -39,7 +39,7 @@ def test_string_input_instructions_and_history():
     assert body["max_completion_tokens"] == 7
     assert (body["temperature"], body["top_p"], body["user"], body["model"]) == (0.5, 0.9, "u", "m")
     chat = parse_request(ChatCompletionRequest, body)  # the chat route accepts it as is
-    assert chat.to_sampling_params().max_tokens == 7
+    assert chat.to_sampling_params(chat.requested_max_tokens()).max_tokens == 7
 
 
 def test_input_items_become_chat_messages():
