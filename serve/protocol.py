@@ -461,7 +461,18 @@ R = TypeVar("R", bound=_Request)
 
 
 def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
-    """Validate a JSON body; the first problem becomes a 400 naming the field."""
+    """Validate a JSON body; the first problem becomes a 400 naming the field.
+
+    Args:
+        model: the request model (`ChatCompletionRequest`, `CompletionRequest`, …).
+        body: the parsed JSON object (`serve.body.read_json`).
+
+    Returns:
+        The validated request.
+
+    Raises:
+        InvalidRequestError: OpenAI's message, `param` and `code` for the first problem.
+    """
     unknown = sorted(set(body) - set(model.model_fields))
     if unknown:
         log.debug("ignoring unknown fields in %s: %s", model.__name__, ", ".join(unknown))
@@ -587,6 +598,7 @@ def check_fits(tokenizer: Any, text: str, max_length: int, *, what: str, param: 
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, *, param: str) -> None:
+    """Raises InvalidRequestError (naming `param`) for an id outside `0 .. vocab_size - 1`."""
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(
