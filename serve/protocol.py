@@ -266,9 +266,14 @@ class ChatMessage(_Request):
         return message
 
 
-class ChatCompletionRequest(_Sampling, _Constrained):
+class _ChatHead(_Request):
+    # Before the sampling fields, so a missing or empty `messages` is the error reported
+    # first (pydantic validates base classes' fields first, then the class's own).
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
+
+
+class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(None, ge=1)
     parallel_tool_calls: bool | None = None
@@ -411,9 +416,13 @@ def _check_prompt(value: Any) -> list[str] | list[list[int]]:
     )
 
 
-class CompletionRequest(_Sampling, _Constrained):
+class _CompletionHead(_Request):
+    # Before the sampling fields, as `_ChatHead`.
     model: str | None = None
     prompt: list[str] | list[list[int]]
+
+
+class CompletionRequest(_Sampling, _CompletionHead, _Constrained):
     best_of: int | None = Field(None, ge=1)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
