@@ -80,7 +80,7 @@ def measure_compile(tokenizer, count: int) -> dict:
 async def _decode_once(engine, prompts: list[list[int]], tokens: int, grammar: str | None
                        ) -> list[tuple[float, list[int]]]:
     """(decode tok/s, token ids) of each of `prompts`, run concurrently."""
-    from serve.engine import GenerationRequest
+    from serve.events import GenerationRequest
     from serve.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)

@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.engine import Event
 from serve.errors import GENERIC_SERVER_ERROR, APIError, InvalidRequestError, ServerError
+from serve.events import Event
 from serve.parsers import (
     ChoiceParser,
     Delta,
@@ -44,7 +44,8 @@ from serve.parsers import (
     ToolCallStart,
 )
 from serve.protocol import MAX_STOPS
-from serve.responses import Output, TokenText, dumps
+from serve.responses import Output, TokenText
+from serve.sse import sse
 
 log = logging.getLogger("serve.api_messages")
 
@@ -284,7 +285,7 @@ def chat_tool_choice(choice: dict[str, Any]) -> dict[str, Any]:
 
 
 def _event(kind: str, payload: dict[str, Any]) -> bytes:
-    return f"event: {kind}\ndata: {dumps({'type': kind, **payload})}\n\n".encode()
+    return sse({"type": kind, **payload}, event=kind)
 
 
 class MessagesOutput(Output):

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.engine import Event
 from serve.errors import APIError, InvalidRequestError
+from serve.events import Event
 from serve.parsers import (
     ChoiceParser,
     Delta,
@@ -38,7 +38,8 @@ from serve.parsers import (
     ToolCallStart,
 )
 from serve.protocol import MAX_TOP_LOGPROBS
-from serve.responses import Output, TokenText, chat_logprobs_content, dumps
+from serve.responses import Output, TokenText, chat_logprobs_content
+from serve.sse import sse
 from serve.token_bytes import TokenBytes
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -381,7 +382,7 @@ class ResponsesOutput(Output):
             return
         payload = {"type": kind, "sequence_number": self._seq, **fields}
         self._seq += 1
-        self._out.append(f"event: {kind}\ndata: {dumps(payload)}\n\n".encode())
+        self._out.append(sse(payload, event=kind))
 
     def _flush(self) -> list[bytes]:
         out, self._out = self._out or [], []

@@ -52,7 +52,6 @@ from serve.api_responses import ResponsesOutput, ResponsesRequest
 from serve.body import ClientGone, read_json
 from serve.chat_prep import encode_chat, prepare_chat
 from serve.constraints import require_compiled
-from serve.engine import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.errors import (
     EXCEPTION_HANDLERS,
     GENERIC_SERVER_ERROR,
@@ -64,6 +63,7 @@ from serve.errors import (
     ServerError,
     ServiceUnavailableError,
 )
+from serve.events import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.models import ERROR, ModelEntry, ModelRegistry
 from serve.options import ServeOptions
@@ -502,20 +502,51 @@ async def generate_chat(request: Request, state: _State, req: ChatCompletionRequ
     # thread) and the per-choice output parser.
     prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, req, state.options,
                                        engine.max_length)
+    max_tokens = req.requested_max_tokens()
     check_context(
         prompt_tokens=len(prepared.prompt_ids),
-        max_tokens=req.max_completion_tokens or req.max_tokens,
+        max_tokens=max_tokens,
         max_length=engine.max_length,
         what=param,
         param=param,
     )
-    params = req.to_sampling_params()
+    return await _generate(
+        request, state, engine, req, max_tokens, [(prepared.prompt_text, prepared.prompt_ids)],
+        lambda params: make_output(engine, params, prepared.prompt_ids, prepared.make_parser),
+        grammar=prepared.grammar)
+
+
+async def _generate(request: Request, state: _State, engine: EngineLike,
+                    req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+                    prompts: list[tuple[str, list[int]]], make_output: Callable[[SamplingParams], Output],
+                    *, grammar: str | None, prompt_logprobs: int | None = None) -> Response:
+    """The tail of both generation routes, after the prompts are tokenized and checked
+    against the context: the request becomes engine types here (`to_sampling_params`), one
+    `GenerationRequest` per prompt goes to `Engine.submit`, and `respond` answers (JSON or SSE).
+
+    Args:
+        req: the validated request; max_tokens: its completion length, decided once by the
+            route (`requested_max_tokens()`).
+        prompts: (prompt text, token ids) per engine request; the text only for the prompt
+            log ("" for token-id prompts, decoded then).
+        make_output: the response renderer for these sampling settings.
+        grammar: the compiled output constraint, or None; prompt_logprobs: completions
+            `echo` + `logprobs`.
+
+    Raises:
+        InvalidRequestError: a `logit_bias` token outside the vocabulary.
+        RateLimitError, ServiceUnavailableError: as `_submit`.
+    """
+    params = req.to_sampling_params(max_tokens)
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
-    out = make_output(engine, params, prepared.prompt_ids, prepared.make_parser)
+    out = make_output(params)
     if state.options.log_prompts:
-        log.info("request %s prompt: %r", out.id, prepared.prompt_text)
-    streams = _submit(engine, [GenerationRequest(tuple(prepared.prompt_ids), params, request_id=out.id,
-                                                 grammar=prepared.grammar)])
+        for k, (text, ids) in enumerate(prompts):
+            log.info("request %s prompt %d: %r", out.id, k,
+                     text or engine.tokenizer.decode(ids, skip_special_tokens=False))
+    streams = _submit(engine, [GenerationRequest(tuple(ids), params, prompt_logprobs, request_id=out.id,
+                                                 grammar=grammar)
+                               for _, ids in prompts])
     return await respond(request, streams, out, streaming=bool(req.stream))
 
 
@@ -531,30 +562,25 @@ async def completions(request: Request, state: _State) -> Response:
     req = parse_request(CompletionRequest, await read_json(request, state.options.max_body_bytes))
     engine = await _engine(request, state, req.model, generating=True)
     _check_admissible(len(req.prompt), engine, state)
+    max_tokens = req.requested_max_tokens()
     # Prompt ids and the output constraint's grammar (compiled into the cache) off the loop.
     prompts, grammar = await run_in_threadpool(
-        lambda: (_completion_prompts(engine.tokenizer, req, engine.max_length),
+        lambda: (_completion_prompts(engine.tokenizer, req, engine.max_length, max_tokens),
                  _grammar(req, engine.tokenizer)))
     for _, ids in prompts:
         check_token_ids(ids, engine.vocab_size, param="prompt")
-        check_context(prompt_tokens=len(ids), max_tokens=req.max_tokens,
+        check_context(prompt_tokens=len(ids), max_tokens=max_tokens,
                       max_length=engine.max_length, what="prompt", param="prompt")
-    params = req.to_sampling_params()
-    check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    echo_logprobs = req.logprobs if req.echo else None
-    out = CompletionOutput(new_id("cmpl"), engine.model_id, params.n, engine.tokenizer.token_text,
-                            logprobs=req.logprobs is not None, include_usage=include_usage,
-                            echo=[(t, ids) for t, ids in prompts] if req.echo else None,
-                            n_prompts=len(prompts), **_output_extras(engine, state))
-    if state.options.log_prompts:
-        for k, (text, ids) in enumerate(prompts):
-            log.info("request %s prompt %d: %r", out.id, k,
-                     text or engine.tokenizer.decode(ids, skip_special_tokens=False))
-    streams = _submit(engine, [GenerationRequest(tuple(ids), params, echo_logprobs, request_id=out.id,
-                                                 grammar=grammar)
-                               for _, ids in prompts])
-    return await respond(request, streams, out, streaming=bool(req.stream))
+
+    def output(params: SamplingParams) -> Output:
+        return CompletionOutput(new_id("cmpl"), engine.model_id, params.n, engine.tokenizer.token_text,
+                                logprobs=req.logprobs is not None, include_usage=include_usage,
+                                echo=[(t, ids) for t, ids in prompts] if req.echo else None,
+                                n_prompts=len(prompts), **_output_extras(engine, state))
+
+    return await _generate(request, state, engine, req, max_tokens, prompts, output, grammar=grammar,
+                           prompt_logprobs=req.logprobs if req.echo else None)
 
 
 def _grammar(req: CompletionRequest, tokenizer: Any) -> str | None:
@@ -574,7 +600,8 @@ def _grammar(req: CompletionRequest, tokenizer: Any) -> str | None:
     return grammar
 
 
-def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int) -> list[tuple[str, list[int]]]:
+def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int,
+                        max_tokens: int | None) -> list[tuple[str, list[int]]]:
     for prompt in req.prompt:  # refuse what cannot fit before tokenizing any of it
         if isinstance(prompt, str):
             check_fits(tokenizer, prompt, max_length, what="prompt", param="prompt")
@@ -583,7 +610,7 @@ def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int)
         if isinstance(prompt, str):
             prompts.append((prompt, tokenizer.encode(prompt)))
             # stop at the first prompt that does not fit: tokenizing the rest is wasted work
-            check_context(prompt_tokens=len(prompts[-1][1]), max_tokens=req.max_tokens,
+            check_context(prompt_tokens=len(prompts[-1][1]), max_tokens=max_tokens,
                           max_length=max_length, what="prompt", param="prompt")
         else:
             text = tokenizer.decode(prompt, skip_special_tokens=False) if req.echo else ""

@@ -37,10 +37,9 @@ class IncrementalDetokenizer:
     Invariant: ``"".join(add(i) for i in ids) + flush() == tokenizer.decode(ids)``, and
     no piece contains U+FFFD unless the full decode has one there.
 
-    With ``prompt_ids`` (an extension of architecture.md's interface), the last few prompt
-    tokens are decoded as context only, so the first generated token keeps the leading
-    space a SentencePiece decoder would drop at the start of a sequence; then the pieces
-    join to ``decode(tail + ids)[len(decode(tail)):]``.
+    With ``prompt_ids``, the last few prompt tokens are decoded as context only, so the
+    first generated token keeps the leading space a SentencePiece decoder would drop at the
+    start of a sequence; then the pieces join to ``decode(tail + ids)[len(decode(tail)):]``.
     """
 
     def __init__(

@@ -48,6 +48,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from serve.constraints import fill_bitmasks
+from serve.errors import GENERIC_SERVER_ERROR
 from serve.events import (
     QUEUE_TIMEOUT,
     SHUTTING_DOWN,
@@ -56,7 +57,6 @@ from serve.events import (
     Event,
     GenerationRequest,
     QueueFull,
-    RequestStats,  # noqa: F401 (re-exported)
     RequestStream,
     ShuttingDown,
     TokenLogprob,
@@ -68,12 +68,6 @@ from serve.runtime import ContextFull
 from serve.sampling import Sample
 from serve.sequence import Choice, Job, prompt_logprob
 
-__all__ = [  # the cross-thread types live in serve.events; routes import them from here
-    "QUEUE_TIMEOUT", "SHUTTING_DOWN", "ChoiceOutput", "Engine", "EngineObserver", "Event",
-    "GenerationRequest", "QueueFull", "RequestStats", "RequestStream", "ShuttingDown",
-    "TokenLogprob", "Usage",
-]
-
 log = logging.getLogger("serve.engine")
 
 # Prompt tokens per prefill call on CPU and on GPUs (serve.options.ServeOptions.prefill_chunk
@@ -81,7 +75,6 @@ log = logging.getLogger("serve.engine")
 CPU_PREFILL_CHUNK = 256
 GPU_PREFILL_CHUNK = 512
 
-_SERVER_ERROR = "The server had an error while processing your request."
 _SHUTDOWN_MESSAGE = "The server is shutting down; retry on another instance."
 _WAKE = object()
 _STOP = object()
@@ -237,7 +230,7 @@ class Engine:
                 self._step()
             except Exception:  # a scheduler bug: end what is in flight, keep serving
                 log.exception("engine step failed")
-                self._fail_all(_SERVER_ERROR)
+                self._fail_all(GENERIC_SERVER_ERROR)
                 self.slots.clear()
 
     def _step(self) -> None:
@@ -521,7 +514,7 @@ class Engine:
         log.error("request %s failed", job.request.request_id or "?", exc_info=exc)
         self._remove(job, keep=False)
         self._end(job, "error")
-        job.send(Event(error=_SERVER_ERROR))
+        job.send(Event(error=GENERIC_SERVER_ERROR))
 
     def _fail_all(self, message: str, code: str | None = None) -> None:
         for job in self._jobs():

@@ -6,13 +6,14 @@ server (unexpected exceptions are logged here and answered with a generic 500).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from serve.sse import sse
 
 log = logging.getLogger("serve.errors")
 
@@ -53,8 +54,7 @@ class APIError(Exception):
 
     def sse(self) -> bytes:
         """The error as a final SSE event, for errors after a stream has started."""
-        payload = json.dumps(self.body(), separators=(",", ":"), ensure_ascii=False)
-        return f"data: {payload}\n\n".encode()
+        return sse(self.body())
 
 
 class InvalidRequestError(APIError):

@@ -1,7 +1,8 @@
 """What crosses between the routes and the engine thread: requests in, events out, the
 errors `Engine.submit` raises, and the per-request statistics the engine reports.
 
-`RequestStream` is the route's end of one request. `serve.engine` re-exports all of it;
+`RequestStream` is the route's end of one request. This module is the contract between the
+api layer and the engine: routes import these types from here, never from `serve.engine`;
 nothing here knows HTTP, JSON or ONNX Runtime.
 """
 

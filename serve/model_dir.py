@@ -6,9 +6,10 @@ described by genai_config.json), and optimum-cli decoders (config.json + model.o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from serve.jsonfile import read_json_object
 
 
 class ModelDirError(Exception):
@@ -26,7 +27,6 @@ class ModelInfo:
     head_dim: int
     max_length: int  # longest sequence (prompt + completion) the KV buffers hold
     context_length: int  # what the model was trained for
-    eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     pad_token_id: int | None
     past_key: str = "past_key_values.%d.key"
@@ -43,19 +43,6 @@ class ModelInfo:
     cuda_graph_file: Path | None = None
     # llorch.json's "graph" section (what the export built: variant, dtypes, file names), or {}.
     graph: dict = field(default_factory=dict, compare=False)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
-
-
-def _ids(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
 
 
 def _companion(model_dir: Path, manifest: Path, key: str, meta: dict) -> Path | None:
@@ -89,26 +76,24 @@ def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelI
     if not model_dir.is_dir():
         raise ModelDirError(f"{model_dir}: model directory not found")
     name = name or model_dir.resolve().name.removesuffix("-int4").removesuffix("-fp32")
-    gen_cfg = model_dir / "generation_config.json"
-    gen = _read_json(gen_cfg) if gen_cfg.is_file() else {}
+    # EOS ids are the tokenizer's (`Tokenizer.eos_ids`); this only refuses a broken file early.
+    read_json_object(model_dir / "generation_config.json", ModelDirError)
     genai = model_dir / "genai_config.json"
     if genai.is_file():
-        cfg = _read_json(genai)
+        cfg = read_json_object(genai, ModelDirError)
         try:
             m = cfg["model"]
             d = m["decoder"]
             onnx_file = model_dir / d["filename"]
             manifest = model_dir / "llorch.json"
-            meta = _read_json(manifest) if manifest.is_file() else {}
+            meta = read_json_object(manifest, ModelDirError)
             precision = meta.get("precision")
-            eos = _ids(m.get("eos_token_id")) + _ids(gen.get("eos_token_id"))
             return ModelInfo(
                 path=model_dir, name=name, onnx_file=onnx_file,
                 vocab_size=int(m["vocab_size"]), num_layers=int(d["num_hidden_layers"]),
                 num_kv_heads=int(d["num_key_value_heads"]), head_dim=int(d["head_size"]),
                 max_length=int(cfg.get("search", {}).get("max_length") or m["context_length"]),
                 context_length=int(m["context_length"]),
-                eos_token_ids=tuple(dict.fromkeys(eos)),
                 bos_token_id=m.get("bos_token_id"), pad_token_id=m.get("pad_token_id"),
                 past_key=d["inputs"].get("past_key_names", "past_key_values.%d.key"),
                 past_value=d["inputs"].get("past_value_names", "past_key_values.%d.value"),
@@ -129,7 +114,7 @@ def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelI
         raise ModelDirError(
             f"{model_dir}: neither genai_config.json nor config.json found (not a model directory "
             "made by llorch export, ONNX Runtime GenAI's builder or optimum-cli)")
-    cfg = _read_json(hf)
+    cfg = read_json_object(hf, ModelDirError)
     onnx_file = next((model_dir / f for f in ("model.onnx", "decoder_model_merged.onnx")
                       if (model_dir / f).is_file()), None)
     if onnx_file is None:
@@ -143,8 +128,6 @@ def load_model_info(model_dir: Path | str, *, name: str | None = None) -> ModelI
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
             max_length=ctx, context_length=ctx,
-            eos_token_ids=tuple(dict.fromkeys(_ids(cfg.get("eos_token_id"))
-                                              + _ids(gen.get("eos_token_id")))),
             bos_token_id=cfg.get("bos_token_id"), pad_token_id=cfg.get("pad_token_id"),
             source="optimum",
             shared_kv=False,

@@ -1,10 +1,12 @@
 """The OpenAI wire protocol, wire-in half: request models (the subset we serve) and their
 validation; `serve.responses` builds what goes back.
 
-Requests are validated here and converted to engine types at the boundary
-(`to_sampling_params()`); the engine never sees pydantic or JSON. Fields follow the order of
-OpenAI's API reference, then our extras (`top_k`, `min_p`, `repetition_penalty`,
-`ignore_eos`). Unknown fields are ignored (logged at debug), like OpenAI-compatible peers.
+Requests are validated here and converted to engine types at the boundary, once the route
+has tokenized the prompt and decided the completion length (`requested_max_tokens()`, then
+`to_sampling_params(max_tokens)`); the engine never sees pydantic or JSON. The sampling
+fields both endpoints share are declared once (`_Sampling`), in the order of OpenAI's API
+reference, then our extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`). Unknown
+fields are ignored (logged at debug), like OpenAI-compatible peers.
 """
 
 from __future__ import annotations
@@ -70,19 +72,45 @@ def _check_logit_bias(value: Any) -> dict[int, float]:
 
 
 class _Sampling(_Request):
-    """Fields shared by both endpoints, in the order OpenAI lists them."""
+    """Fields shared by both endpoints, in the order OpenAI lists them, then our extras
+    (vLLM / llama.cpp names). repetition_penalty: any value > 0, as in vLLM; values that
+    over- or underflow float32 (1e-40, 1e300) are handled by the sampler (non-finite scores,
+    see serve.sampling), so they cannot produce a NaN."""
 
-    @field_validator("stop", mode="before", check_fields=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    user: str | None = None
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = False
+
+    @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, value: Any) -> tuple[str, ...]:
         return _check_stop(value)
 
-    @field_validator("logit_bias", mode="before", check_fields=False)
+    @field_validator("logit_bias", mode="before")
     @classmethod
     def _logit_bias(cls, value: Any) -> dict[int, float]:
         return _check_logit_bias(value)
 
-    def _sampling_kwargs(self) -> dict[str, Any]:
+    def requested_max_tokens(self) -> int | None:
+        """The completion length the client asked for (`max_tokens`), or None: until EOS,
+        a stop or the end of the context. The route reads it once, checks it against the
+        context and passes it to `to_sampling_params` (vLLM's `get_max_tokens`)."""
+        return self.max_tokens
+
+    def _sampling_kwargs(self, max_tokens: int | None) -> dict[str, Any]:
         names = (
             "n",
             "temperature",
@@ -100,13 +128,14 @@ class _Sampling(_Request):
             kwargs["top_k"] = 0
         if kwargs.get("top_p") == 0:  # OpenAI accepts 0: a nucleus of the single best token
             kwargs["top_p"], kwargs["top_k"] = 1.0, 1
-        kwargs["logit_bias"] = dict(getattr(self, "logit_bias", None) or {})
-        kwargs["stop"] = tuple(getattr(self, "stop", None) or ())
+        kwargs["logit_bias"] = dict(self.logit_bias or {})
+        kwargs["stop"] = tuple(self.stop or ())
+        kwargs["max_tokens"] = max_tokens
         return kwargs
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
-        if self.stream_options is not None and not self.stream:  # type: ignore[attr-defined]
+        if self.stream_options is not None and not self.stream:
             raise _FieldError(
                 "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
             )
@@ -237,36 +266,23 @@ class ChatMessage(_Request):
         return message
 
 
-class ChatCompletionRequest(_Sampling, _Constrained):
+class _ChatHead(_Request):
+    # Before the sampling fields, so a missing or empty `messages` is the error reported
+    # first (pydantic validates base classes' fields first, then the class's own).
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[int, float] | None = None
+
+
+class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(1, ge=1, le=MAX_N)
     parallel_tool_calls: bool | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    stop: tuple[str, ...] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
     tool_choice: str | dict[str, Any] | None = None
     tools: list[ToolDef] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    top_p: float | None = Field(None, ge=0, le=1)
-    user: str | None = None
     function_call: str | dict[str, Any] | None = None  # deprecated by OpenAI: tool_choice
     functions: list[FunctionDef] | None = None  # deprecated by OpenAI: tools
-    # extras (vLLM / llama.cpp names). repetition_penalty: any value > 0, as in vLLM; values
-    # that over- or underflow float32 (1e-40, 1e300) are handled by the sampler (non-finite
-    # scores, see serve.sampling), so they cannot produce a NaN
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    ignore_eos: bool | None = False
+    # extras (vLLM / llama.cpp names; the sampling ones are `_Sampling`'s)
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables
     # OpenAI fields that change the output, honoured where the model can (else a 400):
     modalities: list[str] | None = None  # only ["text"]
@@ -344,9 +360,27 @@ class ChatCompletionRequest(_Sampling, _Constrained):
             return "named", self.tool_choice["name"]
         return self.tool_choice or "auto", None
 
-    def to_sampling_params(self) -> SamplingParams:
-        kwargs = self._sampling_kwargs()
-        kwargs["max_tokens"] = self.max_completion_tokens or self.max_tokens
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens`, else the deprecated `max_tokens`, else None."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """The engine's sampling settings for this request (`top_logprobs` per token when
+        `logprobs` is true).
+
+        Args:
+            max_tokens: completion tokens per choice, as the route decided them
+                (`requested_max_tokens()`, checked against the context); None: until EOS,
+                a stop or the end of the context.
+
+        Returns:
+            `serve.sampling.SamplingParams`.
+
+        Raises:
+            InvalidRequestError: a combination `SamplingParams` refuses (a safety net: the
+                field checks are stricter).
+        """
+        kwargs = self._sampling_kwargs(max_tokens)
         kwargs["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return _sampling_params(kwargs)
 
@@ -382,30 +416,17 @@ def _check_prompt(value: Any) -> list[str] | list[list[int]]:
     )
 
 
-class CompletionRequest(_Sampling, _Constrained):
+class _CompletionHead(_Request):
+    # Before the sampling fields, as `_ChatHead`.
     model: str | None = None
     prompt: list[str] | list[list[int]]
+
+
+class CompletionRequest(_Sampling, _CompletionHead, _Constrained):
     best_of: int | None = Field(None, ge=1)
     echo: bool | None = False
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[int, float] | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    stop: tuple[str, ...] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    user: str | None = None
-    # extras
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    ignore_eos: bool | None = False
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -424,9 +445,21 @@ class CompletionRequest(_Sampling, _Constrained):
             raise _FieldError("best_of", "best_of is only supported when it equals n")
         return self
 
-    def to_sampling_params(self) -> SamplingParams:
-        kwargs = self._sampling_kwargs()
-        kwargs["max_tokens"] = self.max_tokens
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """The engine's sampling settings for this request (`logprobs` alternatives per
+        token).
+
+        Args:
+            max_tokens: completion tokens per choice (`requested_max_tokens()`, checked
+                against the context); None: until EOS, a stop or the end of the context.
+
+        Returns:
+            `serve.sampling.SamplingParams`.
+
+        Raises:
+            InvalidRequestError: a combination `SamplingParams` refuses (a safety net).
+        """
+        kwargs = self._sampling_kwargs(max_tokens)
         kwargs["logprobs"] = self.logprobs
         return _sampling_params(kwargs)
 
@@ -437,7 +470,18 @@ R = TypeVar("R", bound=_Request)
 
 
 def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
-    """Validate a JSON body; the first problem becomes a 400 naming the field."""
+    """Validate a JSON body; the first problem becomes a 400 naming the field.
+
+    Args:
+        model: the request model (`ChatCompletionRequest`, `CompletionRequest`, …).
+        body: the parsed JSON object (`serve.body.read_json`).
+
+    Returns:
+        The validated request.
+
+    Raises:
+        InvalidRequestError: OpenAI's message, `param` and `code` for the first problem.
+    """
     unknown = sorted(set(body) - set(model.model_fields))
     if unknown:
         log.debug("ignoring unknown fields in %s: %s", model.__name__, ", ".join(unknown))
@@ -563,6 +607,7 @@ def check_fits(tokenizer: Any, text: str, max_length: int, *, what: str, param: 
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, *, param: str) -> None:
+    """Raises InvalidRequestError (naming `param`) for an id outside `0 .. vocab_size - 1`."""
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(

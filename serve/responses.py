@@ -9,14 +9,13 @@ serialized once, compactly.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serve.engine import Event, TokenLogprob, Usage
 from serve.errors import APIError, ServerError
+from serve.events import Event, TokenLogprob, Usage
 from serve.parsers import (
     ChoiceParser,
     Delta,
@@ -26,6 +25,7 @@ from serve.parsers import (
     ToolCallStart,
     collapse,
 )
+from serve.sse import SSE_DONE, sse
 
 
 def new_id(prefix: str) -> str:
@@ -34,17 +34,6 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def sse(obj: Any) -> bytes:
-    return f"data: {dumps(obj)}\n\n".encode()
-
-
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:

@@ -153,7 +153,7 @@ class Sampler:
             token = self._draw(x)
         if params.logprobs is None:
             return Sample(token)
-        return Sample(token, *_logprobs(raw, token, params.logprobs))
+        return Sample(token, *token_logprobs(raw, token, params.logprobs))
 
     def _update_history(self, generated: Sequence[int]) -> None:
         if not (self._repetition or self._penalize) or len(generated) == self._n_generated:
@@ -325,9 +325,20 @@ def floor_logprob(value: float) -> float:
     return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
-def _logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """Chosen token's logprob and the top ``k`` (token, logprob), from the raw logits
-    (finite; see ``finite_scores``); each at least ``LOGPROB_FLOOR``."""
+def token_logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """Log-softmax of one row of logits at ``token``, and its top ``k``: the one place
+    llorch computes logprobs (sampled tokens here, prompt tokens in ``serve.sequence``).
+
+    Args:
+        raw: float32 or float64 [vocab] logits, finite or -inf (``finite_scores``); summed
+            in their own dtype.
+        token: the chosen token's id.
+        k: how many of the most likely tokens to return (0: none).
+
+    Returns:
+        (the chosen token's logprob, ((token id, logprob), ...) the top ``k`` most likely
+        first, -inf entries left out); every logprob at least ``LOGPROB_FLOOR``.
+    """
     m = raw.max()
     with np.errstate(over="ignore"):  # -huge - huge → -inf → exp 0: harmless
         shifted = raw - m

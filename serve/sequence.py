@@ -17,7 +17,7 @@ from serve.constraints import Constraint
 from serve.detokenizer import IncrementalDetokenizer
 from serve.events import ChoiceOutput, Event, GenerationRequest, RequestStats, TokenLogprob
 from serve.prefix_cache import as_ids
-from serve.sampling import Sample, Sampler, finite_scores, floor_logprob
+from serve.sampling import Sample, Sampler, finite_scores, token_logprobs
 from serve.stops import StopMatcher
 
 
@@ -139,15 +139,9 @@ class Choice:
 
 
 def prompt_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
-    """Log-softmax of the raw logits at `token` (+ the top k), for prompt tokens."""
+    """Log-softmax of the raw logits at `token` (+ the top k), for prompt tokens; computed
+    in float64 (`serve.sampling.token_logprobs`)."""
     logits = logits.astype(np.float64, copy=False)
     if not np.isfinite(logits.max()):  # NaN / inf from the model: see sampling.finite_scores
         logits = finite_scores(logits)
-    peak = logits.max()
-    lse = peak + np.log(np.exp(logits - peak).sum())
-    top: tuple[tuple[int, float], ...] = ()
-    if k:
-        idx = np.argpartition(-logits, k - 1)[:k]
-        idx = idx[np.argsort(-logits[idx], kind="stable")]
-        top = tuple((int(i), floor_logprob(float(logits[i] - lse))) for i in idx)
-    return TokenLogprob(int(token), floor_logprob(float(logits[token] - lse)), top)
+    return TokenLogprob(int(token), *token_logprobs(logits, token, k))

@@ -19,8 +19,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve.engine import QUEUE_TIMEOUT, SHUTTING_DOWN, Event, RequestStream
 from serve.errors import GENERIC_SERVER_ERROR, APIError, ServerError, ServiceUnavailableError
+from serve.events import QUEUE_TIMEOUT, SHUTTING_DOWN, Event, RequestStream
 from serve.responses import Output
 
 log = logging.getLogger("serve.streaming")

@@ -33,6 +33,7 @@ from serve.chat_template import (
     normalize_messages,
     render_chat_template,
 )
+from serve.jsonfile import read_json_object
 from serve.token_bytes import TokenBytes
 
 __all__ = ["Tokenizer", "ChatTemplateError"]
@@ -55,16 +56,6 @@ _CHUNK = 16 * 1024
 class TokenizerFileError(ValueError):
     """A tokenizer file that cannot be read; the message names the file."""
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise TokenizerFileError(f"{path} is not valid JSON: {exc}") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _normalizer_types(node: Any) -> set[str]:
@@ -283,7 +274,7 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # tokenizers raises a bare Exception for bad JSON or schema
             raise TokenizerFileError(f"{tokenizer_file} is not a valid tokenizer.json: {exc}") from None
-        config = _read_json(model_dir / "tokenizer_config.json")
+        config = read_json_object(model_dir / "tokenizer_config.json", TokenizerFileError)
         template_file = model_dir / "chat_template.jinja"
         if template_file.is_file():
             template = template_file.read_text(encoding="utf-8")
@@ -291,13 +282,13 @@ class Tokenizer:
             template = _pick_template(config.get("chat_template"))
             if template is None:  # processor-style chat_template.json
                 template = _pick_template(
-                    _read_json(model_dir / "chat_template.json").get("chat_template")
+                    read_json_object(model_dir / "chat_template.json", TokenizerFileError).get("chat_template")
                 )
         return cls(
             hf,
             config=config,
-            generation_config=_read_json(model_dir / "generation_config.json"),
-            genai_config=_read_json(model_dir / "genai_config.json"),
+            generation_config=read_json_object(model_dir / "generation_config.json", TokenizerFileError),
+            genai_config=read_json_object(model_dir / "genai_config.json", TokenizerFileError),
             chat_template=template,
         )
 

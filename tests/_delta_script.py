@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from serve.engine import ChoiceOutput, Event, TokenLogprob, Usage
+from serve.events import ChoiceOutput, Event, TokenLogprob, Usage
 from serve.parsers import Delta
 
 

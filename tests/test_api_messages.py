@@ -13,7 +13,6 @@ from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
 from serve.api_messages import MessagesOutput, MessagesRequest, chat_messages, error_body
-from serve.engine import Event
 from serve.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -22,6 +21,7 @@ from serve.errors import (
     ServerError,
     ServiceUnavailableError,
 )
+from serve.events import Event
 from serve.parsers import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallStart
 from serve.protocol import ChatCompletionRequest, parse_request
 from serve.streaming import _with_heartbeat
@@ -49,7 +49,8 @@ def test_system_sampling_and_stops():
     assert body["messages"] == [{"role": "system", "content": "a\nb"}, {"role": "user", "content": "hi"}]
     assert (body["max_tokens"], body["temperature"], body["top_p"], body["top_k"], body["stop"], body["user"]) == (
         16, 0.3, 0.8, 5, ["END"], "u1")
-    params = parse_request(ChatCompletionRequest, body).to_sampling_params()
+    chat = parse_request(ChatCompletionRequest, body)
+    params = chat.to_sampling_params(chat.requested_max_tokens())
     assert (params.max_tokens, params.top_k, params.stop) == (16, 5, ("END",))
 
 

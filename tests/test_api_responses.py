@@ -39,7 +39,7 @@ def test_string_input_instructions_and_history():
     assert body["max_completion_tokens"] == 7
     assert (body["temperature"], body["top_p"], body["user"], body["model"]) == (0.5, 0.9, "u", "m")
     chat = parse_request(ChatCompletionRequest, body)  # the chat route accepts it as is
-    assert chat.to_sampling_params().max_tokens == 7
+    assert chat.to_sampling_params(chat.requested_max_tokens()).max_tokens == 7
 
 
 def test_input_items_become_chat_messages():
@@ -299,7 +299,7 @@ def test_error_mid_stream_is_response_failed():
     out.start()
     out.chunks(0, events(2)[0])
     with pytest.raises(ServerError) as err:
-        from serve.engine import Event
+        from serve.events import Event
         out.chunks(0, Event(error="boom"))
     (chunk,) = out.fail(err.value)
     payload = json.loads(chunk.decode().split("data: ", 1)[1])

@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 
 from serve.app import create_app
 from serve.chat_template import ChatTemplateError
-from serve.engine import ChoiceOutput, Event, GenerationRequest, TokenLogprob, Usage
+from serve.events import ChoiceOutput, Event, GenerationRequest, TokenLogprob, Usage
 from serve.options import ServeOptions
 
 MODEL = "fake-model"

@@ -13,7 +13,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve.engine import Engine, GenerationRequest
+from serve.engine import Engine
+from serve.events import GenerationRequest
 from serve.runtime import RuntimeOptions, open_runtime
 from serve.sampling import SamplingParams
 from serve.tokenizer import Tokenizer

@@ -19,14 +19,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from serve.engine import (
-    QUEUE_TIMEOUT,
-    SHUTTING_DOWN,
-    Engine,
-    GenerationRequest,
-    QueueFull,
-    ShuttingDown,
-)
+from serve.engine import Engine
+from serve.events import QUEUE_TIMEOUT, SHUTTING_DOWN, GenerationRequest, QueueFull, ShuttingDown
 from serve.runtime import ContextFull
 from serve.sampling import SamplingParams
 from serve.tokenizer import Tokenizer

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from test_app_unit import MODEL, MSG, FakeEngine, wait_ready
 
 from serve.app import create_app, drain
-from serve.engine import QueueFull, RequestStats, ShuttingDown
+from serve.events import QueueFull, RequestStats, ShuttingDown
 from serve.metrics import Metrics
 from serve.options import ServeOptions, add_arguments, options_from_args
 

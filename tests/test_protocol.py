@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve.engine import TokenLogprob, Usage
 from serve.errors import InvalidRequestError
+from serve.events import TokenLogprob, Usage
 from serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -151,13 +151,18 @@ def test_prompt_forms():
     assert completion(prompt=[[1], [2, 3]]).prompt == [[1], [2, 3]]
 
 
+def params_of(req):
+    """What the routes do: the request's max_tokens, decided once, into its sampling params."""
+    return req.to_sampling_params(req.requested_max_tokens())
+
+
 def test_chat_to_sampling_params():
-    params = chat(
+    params = params_of(chat(
         max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, seed=3,
         presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1,
         logit_bias={"10": -100, "11": 5.5}, stop="END", n=2, logprobs=True, top_logprobs=3,
         ignore_eos=True,
-    ).to_sampling_params()
+    ))
     assert params == SamplingParams(
         max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, seed=3,
         presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1,
@@ -166,20 +171,20 @@ def test_chat_to_sampling_params():
 
 
 def test_chat_defaults_and_spellings():
-    params = chat().to_sampling_params()
+    params = params_of(chat())
     assert params == SamplingParams()  # max_tokens None: the engine fills the rest of the context
-    assert chat(max_tokens=5, max_completion_tokens=9).to_sampling_params().max_tokens == 9
-    assert chat(logprobs=True).to_sampling_params().logprobs == 0
-    assert chat(logprobs=False).to_sampling_params().logprobs is None
-    assert chat(top_k=-1).to_sampling_params().top_k == 0
-    assert chat(top_p=0).to_sampling_params().greedy
-    assert chat(n=None, temperature=None, stop=None).to_sampling_params() == SamplingParams()
+    assert params_of(chat(max_tokens=5, max_completion_tokens=9)).max_tokens == 9
+    assert params_of(chat(logprobs=True)).logprobs == 0
+    assert params_of(chat(logprobs=False)).logprobs is None
+    assert params_of(chat(top_k=-1)).top_k == 0
+    assert params_of(chat(top_p=0)).greedy
+    assert params_of(chat(n=None, temperature=None, stop=None)) == SamplingParams()
 
 
 def test_completion_to_sampling_params():
-    params = completion(logprobs=2, max_tokens=4, stop=["x", "y"], best_of=1).to_sampling_params()
+    params = params_of(completion(logprobs=2, max_tokens=4, stop=["x", "y"], best_of=1))
     assert (params.logprobs, params.max_tokens, params.stop) == (2, 4, ("x", "y"))
-    assert completion().to_sampling_params().logprobs is None
+    assert params_of(completion()).logprobs is None
 
 
 def test_check_context_says_the_numbers():

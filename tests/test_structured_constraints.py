@@ -31,8 +31,9 @@ from serve.constraints import (
     ll_tokenizer,
     request_grammar,
 )
-from serve.engine import Engine, GenerationRequest
+from serve.engine import Engine
 from serve.errors import InvalidRequestError
+from serve.events import GenerationRequest
 from serve.sampling import Sampler, SamplingParams
 from serve.tokenizer import Tokenizer
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from serve.engine import ChoiceOutput, Event, TokenLogprob, Usage
+from serve.events import ChoiceOutput, Event, TokenLogprob, Usage
 from serve.parsers import ChoiceParser
 from serve.responses import ChatOutput
 

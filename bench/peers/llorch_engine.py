@@ -44,7 +44,7 @@ class EnginePeer:
         return StreamRun(times, len(out), out)
 
     async def _tokens(self, ids: list[int], new_tokens: int) -> AsyncIterator[int]:
-        from serve.engine import GenerationRequest
+        from serve.events import GenerationRequest
         from serve.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
