@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from greedy import chat_ids, greedy  # noqa: E402
+from greedy import chat_ids, eos_ids, greedy  # noqa: E402
 from staging import run_stage  # noqa: E402
 
 FP16_REL_TOL = 0.02  # |Δ first logits| / max |logit| against the fp32 export
@@ -78,7 +78,7 @@ def reference(work: Path, n_tokens: int) -> dict:
 
     rt = open_runtime(work / "cpu-fp32", RuntimeOptions(provider="cpu", max_length=1024))
     ids = chat_ids(work / "cpu-fp32")
-    res = [greedy(rt, p, n_tokens, set(rt.info.eos_token_ids)) for p in ids]
+    res = [greedy(rt, p, n_tokens, set(eos_ids(work / "cpu-fp32"))) for p in ids]
     np.save(work / "ref-logits0.npy", np.stack([r[1] for r in res]))
     return {"ids": ids, "tokens": [r[0] for r in res]}
 
@@ -96,7 +96,7 @@ def parity(model: Path, ref: dict, work: Path, args, n_tokens: int) -> dict:
     from serve.tokenizer import Tokenizer
 
     rt = runtime(model, args, max_batch=len(ref["ids"]), max_length=1024)
-    eos = set(rt.info.eos_token_ids)
+    eos = set(eos_ids(model))
     res = [greedy(rt, p, n_tokens, eos, slot=j) for j, p in enumerate(ref["ids"])]
     want0 = np.load(work / "ref-logits0.npy")
     got0 = np.stack([r[1] for r in res])

@@ -31,6 +31,13 @@ def chat_ids(model_dir: Path, prompts=PROMPTS) -> list[list[int]]:
                        add_special_tokens=False) for p in prompts]
 
 
+def eos_ids(model_dir: Path) -> frozenset[int]:
+    """The ids that end generation, as the server reads them (`Tokenizer.eos_ids`)."""
+    from serve.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(model_dir).eos_ids
+
+
 def greedy(rt, ids: list[int], n: int, eos: set[int], slot: int = 0) -> tuple[list[int], np.ndarray]:
     """n greedy tokens after ids (stops at eos); returns (tokens, logits after the prompt)."""
     rt.reset(slot)
@@ -55,7 +62,7 @@ def main() -> None:
     from serve.runtime import RuntimeOptions, open_runtime
 
     rt = open_runtime(args.model, RuntimeOptions(provider=args.provider, max_length=1024))
-    eos = set(rt.info.eos_token_ids)
+    eos = set(eos_ids(args.model))
     ids = chat_ids(args.model)
     t0 = time.perf_counter()
     res = [greedy(rt, p, args.tokens, eos) for p in ids]
