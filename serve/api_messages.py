@@ -140,6 +140,17 @@ class MessagesRequest(BaseModel):
             messages += chat_messages(message, f"messages.{i}")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
                                 "stream": bool(self.stream)}
+        if self.messages[-1].get("role") == "assistant":
+            # prefill: the reply continues the final assistant message (only new text returned)
+            final = messages[-1]
+            if final.get("tool_calls"):
+                raise InvalidRequestError("A final assistant message with tool_use blocks cannot be "
+                                          "continued; answer the calls with tool_result blocks.",
+                                          param=f"messages.{len(self.messages) - 1}.content")
+            if (final.get("content") or "") != (final.get("content") or "").rstrip():
+                raise InvalidRequestError("messages: final assistant content cannot end with trailing "
+                                          "whitespace", param=f"messages.{len(self.messages) - 1}.content")
+            body.update(continue_final_message=True, add_generation_prompt=False)
         if self.tools:
             body["tools"] = chat_tools(self.tools)
         if self.tool_choice is not None:

@@ -313,21 +313,22 @@ async def unload_model(request: Request, state: _State) -> Response:
 
 async def tokenize(request: Request, state: _State) -> Response:
     """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...], "tools"?: [...],
-    "add_generation_prompt"?: true}` → `{"tokens", "count", "max_model_len"}` (vLLM)."""
+    "add_generation_prompt"?: true, "continue_final_message"?: false}` → `{"tokens", "count",
+    "max_model_len"}` (vLLM)."""
     _authorize(request, state)
     data = await read_json(request, state.options.max_body_bytes)
     engine = await _engine(request, state, data.get("model"))
     tokenizer = engine.tokenizer
     if "messages" in data:
-        req = parse_request(ChatCompletionRequest, {k: data[k] for k in ("messages", "tools", "chat_template_kwargs")
-                                                    if k in data})
-        generation_prompt = _flag(data, "add_generation_prompt", True)
+        req = parse_request(ChatCompletionRequest, {k: data[k] for k in (
+            "messages", "tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+            if k in data})
         special = _flag(data, "add_special_tokens", False)
 
         def encode() -> list[int]:
             check_fits(tokenizer, "".join(m.content or "" for m in req.messages), engine.max_length,
                        what="messages", param="messages")
-            text, ids = encode_chat(tokenizer, req, state.options, add_generation_prompt=generation_prompt)
+            text, ids = encode_chat(tokenizer, req, state.options)
             if special and getattr(tokenizer, "add_bos", False) and ids[:1] != [tokenizer.bos_id]:
                 ids = [tokenizer.bos_id, *ids]  # as Tokenizer.encode: BOS once, if wanted
             return ids

@@ -268,6 +268,9 @@ class ChatCompletionRequest(_Sampling, _Constrained):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables
+    # vLLM: render without the assistant header / continue the final assistant message (prefill)
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
     # OpenAI fields that change the output, honoured where the model can (else a 400):
     modalities: list[str] | None = None  # only ["text"]
     audio: Any = None  # audio output: refused
@@ -332,6 +335,21 @@ class ChatCompletionRequest(_Sampling, _Constrained):
         if isinstance(choice, dict) and choice["name"] not in names:
             raise _FieldError("tool_choice", f"Invalid value for 'tool_choice': no function named "
                               f"'{choice['name']}' in 'tools'.")
+        return self
+
+    @model_validator(mode="after")
+    def _continue_final(self):
+        # vLLM's rule: continuing the last message and opening a new turn exclude each other
+        if self.continue_final_message:
+            if self.add_generation_prompt is not False:
+                raise _FieldError("continue_final_message",
+                                  "Cannot set both `continue_final_message` and `add_generation_prompt` "
+                                  "to True (set 'add_generation_prompt': false).")
+            last = self.messages[-1]
+            if last.role != "assistant" or last.calls():
+                raise _FieldError("continue_final_message",
+                                  "Invalid 'continue_final_message': the last message must be an "
+                                  "assistant message with text and no tool calls.")
         return self
 
     def tool_mode(self) -> tuple[str, str | None]:

@@ -347,6 +347,33 @@ def test_anthropic_auth(server, model):
         assert bearer.messages.create(**message_kw(model, max_tokens=2)).usage.output_tokens == 2
 
 
+PREFILL = "The capital of France is"
+
+
+def test_messages_prefill_is_continued(claude, oai, model, server):
+    """A final assistant message is continued (Anthropic prefill); the reply holds only the
+    new text. The chat route's vLLM `continue_final_message` gives the same prompt."""
+    messages = [{"role": "user", "content": Q}, {"role": "assistant", "content": PREFILL}]
+    m = claude.messages.create(**message_kw(model, messages=messages, max_tokens=8))
+    text = m.content[0].text
+    assert "Paris" in text and not text.startswith(PREFILL)
+    flags = {"continue_final_message": True, "add_generation_prompt": False}
+    r = httpx.post(f"{server}/tokenize", json={"messages": messages, **flags},
+                   headers={"Authorization": f"Bearer {KEY}"}).json()
+    prompt = r["tokens"]
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == len(prompt)
+    assert count(server, messages) > len(prompt)  # the closed turn plus a new assistant header
+    c = oai.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, extra_body=flags)
+    assert c.choices[0].message.content == text and c.usage.prompt_tokens == len(prompt)
+    with pytest.raises(openai.BadRequestError) as err:  # both true: refused, as vLLM does
+        oai.chat.completions.create(model=model, messages=messages, max_tokens=2,
+                                    extra_body={"continue_final_message": True})
+    assert err.value.body["param"] == "continue_final_message"
+    with pytest.raises(anthropic.BadRequestError):  # as Anthropic: no trailing whitespace to continue
+        claude.messages.create(**message_kw(model, messages=[messages[0], {"role": "assistant",
+                                                                           "content": PREFILL + " "}]))
+
+
 # ------------------------------------------------ needs the tool/structured-output branch
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
