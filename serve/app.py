@@ -36,10 +36,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -63,10 +64,13 @@ from serve.errors import (
     RateLimitError,
     ServerError,
     ServiceUnavailableError,
+    api_error_handler,
+    http_error,
 )
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.models import ERROR, ModelEntry, ModelRegistry
 from serve.options import ServeOptions
+from serve.param_names import Renamer
 from serve.parsers import ChoiceParser
 from serve.protocol import (
     ChatCompletionRequest,
@@ -192,7 +196,7 @@ def create_app(
             *(webui.routes() if options.webui else []),
         ],
         middleware=middleware,
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={**EXCEPTION_HANDLERS, HTTPException: _http_exception},
         lifespan=lifespan,
     )
     app.state.llorch = state
@@ -222,6 +226,15 @@ async def drain(app: Starlette, timeout: float) -> None:
 
 
 Handler = Callable[[Request, _State], Awaitable[Response]]
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """No route (404) or wrong method (405): in Anthropic's shape under /v1/messages, else OpenAI's."""
+    error = http_error(request, exc)
+    if request.url.path.startswith("/v1/messages"):
+        return JSONResponse(api_messages.error_body(error), status_code=error.status_code,
+                            headers=error.headers or None)
+    return await api_error_handler(request, error)
 
 
 def _endpoint(handler: Handler, path: str) -> Callable[[Request], Awaitable[Response]]:
@@ -383,8 +396,10 @@ def _authorize(request: Request, state: _State, *, x_api_key: bool = False) -> N
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        how = "'x-api-key: YOUR_KEY' (or 'Authorization: Bearer YOUR_KEY')" if x_api_key else \
+            "'Authorization: Bearer YOUR_KEY'"
         raise AuthenticationError(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            f"You didn't provide an API key. Send it as {how}.",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
@@ -608,7 +623,7 @@ async def create_response(request: Request, state: _State) -> Response:
                                 param="previous_response_id")
         history = list(previous.conversation)
     body = req.chat_body(history)
-    chat = parse_request(ChatCompletionRequest, body)
+    chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
     conversation = [*history, *req.input_messages()]
 
     stored = req.store is not False and state.responses.capacity > 0
@@ -625,7 +640,26 @@ async def create_response(request: Request, state: _State) -> Response:
                                make_parser=make_parser,
                                token_bytes=getattr(engine.tokenizer, "token_bytes", None))
 
-    return await generate_chat(request, state, chat, output, param="input")
+    return await _renamed_async(req.renamer, generate_chat(request, state, chat, output, param="input"))
+
+
+T = TypeVar("T")
+
+
+def _renamed(renamer: Renamer, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, its `APIError`s naming the route's own fields (serve.param_names)."""
+    try:
+        return fn(*args)
+    except APIError as exc:
+        raise renamer.rename(exc) from None
+
+
+async def _renamed_async(renamer: Renamer, work: Awaitable[T]) -> T:
+    """`await work`, its `APIError`s (before a response starts) naming the route's own fields."""
+    try:
+        return await work
+    except APIError as exc:
+        raise renamer.rename(exc) from None
 
 
 def _stored_response(request: Request, state: _State) -> tuple[str, StoredResponse | None]:
@@ -655,14 +689,14 @@ async def create_message(request: Request, state: _State) -> Response:
     req = parse_request(MessagesRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
     body = req.chat_body()
-    chat = parse_request(ChatCompletionRequest, body)
+    chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
                make_parser: Callable[[], ChoiceParser]) -> Output:
         return MessagesOutput(api_messages.new_message_id(), engine.model_id, engine.tokenizer.token_text,
                               prompt_tokens=len(prompt_ids), make_parser=make_parser)
 
-    return await generate_chat(request, state, chat, output)
+    return await _renamed_async(req.renamer, generate_chat(request, state, chat, output))
 
 
 async def count_message_tokens(request: Request, state: _State) -> Response:
@@ -671,8 +705,8 @@ async def count_message_tokens(request: Request, state: _State) -> Response:
     req = parse_request(CountTokensRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
     body = req.chat_body()
-    chat = parse_request(ChatCompletionRequest, body)
+    chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
     engine = await _engine(request, state, chat.model)
-    prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, chat, state.options,
-                                       engine.max_length)
+    prepared = await _renamed_async(req.renamer, run_in_threadpool(prepare_chat, engine.tokenizer, chat,
+                                                                   state.options, engine.max_length))
     return JSONResponse({"input_tokens": len(prepared.prompt_ids)})

@@ -374,6 +374,96 @@ def test_messages_prefill_is_continued(claude, oai, model, server):
                                                                            "content": PREFILL + " "}]))
 
 
+BAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+
+
+def test_errors_name_the_routes_own_fields(claude, oai, model):
+    """Errors found after translation name the client's fields, never chat's."""
+    def anthropic_message(**kw):
+        with pytest.raises(anthropic.BadRequestError) as err:
+            claude.messages.create(**message_kw(model, max_tokens=2, **kw))
+        assert err.value.body["type"] == "error"
+        return err.value.body["error"]["message"]
+
+    msg = anthropic_message(tools=[{"name": "f", "input_schema": BAD_SCHEMA}])
+    assert "tools.[0].input_schema" in msg and "function" not in msg
+    msg = anthropic_message(tools=[{"name": "bad name!", "input_schema": {"type": "object"}}])
+    assert "tools.[0].name" in msg
+    msg = anthropic_message(extra_body={"output_config": {"format": {"type": "json_schema", "schema": BAD_SCHEMA}}})
+    assert "output_config.format" in msg and "response_format" not in msg
+    msg = anthropic_message(messages=[{"role": "user", "content": Q}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": "x"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}]}])
+    assert msg.startswith("messages.[1].content.[0].input") and "tool_calls" not in msg
+    msg = anthropic_message(messages=[{"role": "user", "content": [{"type": "text", "text": None}]}])
+    assert msg == "messages.[0].content.[0].text: text must be a string"
+    msg = anthropic_message(system=5)
+    assert ".str" not in msg and "system" in msg
+
+    def responses_param(**kw):
+        with pytest.raises(openai.BadRequestError) as err:
+            create(oai, model, max_output_tokens=2, **kw)
+        return err.value.body["param"]
+
+    assert responses_param(input="x", text={"format": {"type": "json_schema", "name": "x", "schema": BAD_SCHEMA}}) \
+        .startswith("text.format")
+    assert responses_param(input=[{"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c",
+                                                                      "name": "f", "arguments": "{"}]) \
+        == "input[1].arguments"
+    assert responses_param(input="x", tools=[{"type": "function", "name": "bad name!"}]) == "tools[0].name"
+    assert responses_param(input=5) == "input"
+    assert responses_param(input="x", reasoning={"effort": "high"}) == "reasoning.effort"  # ChatML does not read it
+
+
+def test_strict_types_and_what_openai_and_anthropic_refuse(server, model):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    user = [{"role": "user", "content": "Hi"}]
+    for path, body, param in (
+        ("/v1/responses", {"input": "Hi", "temperature": "0.5"}, "temperature"),
+        ("/v1/responses", {"input": "Hi", "stream": "true"}, "stream"),
+        ("/v1/responses", {"input": "Hi", "store": "no"}, "store"),
+        ("/v1/chat/completions", {"messages": user, "metadata": "x"}, "metadata"),
+        ("/v1/chat/completions", {"messages": user, "tools": [{"type": "function", "function": {
+            "name": "f", "strict": "yes"}}]}, "tools.[0].function.strict"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages.[0].content"),
+        ("/v1/messages", {"messages": user, "max_tokens": 2, "temperature": "0.5"}, "temperature"),
+        ("/v1/messages", {"messages": user, "max_tokens": 2, "stream": "true"}, "stream"),
+        ("/v1/messages", {"messages": [{"role": "user", "content": []}], "max_tokens": 2}, "messages.[0].content"),
+        ("/v1/messages", {"messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_x", "content": "r"}]}], "max_tokens": 2},
+         "messages.[0].content.[0].tool_use_id"),
+    ):
+        r = httpx.post(f"{server}{path}", json={"model": model, **body}, headers=auth)
+        assert r.status_code == 400, (path, body, r.text)
+        error = r.json()["error"]
+        if path == "/v1/messages":  # Anthropic's body has no `param`: the message names it
+            assert error["message"].startswith(f"{param}:") or f"'{param}'" in error["message"], error
+        else:
+            assert error["param"] == param, (path, body, error)
+    # OpenAI's types allow an assistant's refusal parts: rendered as its text
+    r = httpx.post(f"{server}/v1/chat/completions", headers=auth, json={
+        "model": model, "max_tokens": 2, "messages": [*user, {"role": "assistant", "content": [
+            {"type": "refusal", "refusal": "I cannot."}]}, {"role": "user", "content": "Why?"}]})
+    assert r.status_code == 200, r.text
+
+
+def test_anthropic_routes_answer_in_anthropics_shape(server):
+    for method, path, status in (("GET", "/v1/messages", 405), ("POST", "/v1/messages/batches", 404),
+                                 ("GET", "/v1/messages/count_tokens", 405)):
+        r = httpx.request(method, f"{server}{path}", headers={"x-api-key": KEY})
+        assert r.status_code == status and r.json()["type"] == "error", (path, r.text)
+        assert r.json()["error"]["type"] == {404: "not_found_error", 405: "invalid_request_error"}[status]
+    r = httpx.post(f"{server}/v1/messages", json={})
+    assert r.status_code == 401 and "x-api-key" in r.json()["error"]["message"]
+
+
+def test_empty_answer_has_no_empty_text_block(claude, model):
+    # stop at once: the answer is empty, and Anthropic refuses empty text blocks sent back
+    prefill = [{"role": "user", "content": Q}, {"role": "assistant", "content": PREFILL}]
+    m = claude.messages.create(**message_kw(model, messages=prefill, stop_sequences=[" ", "Paris", "\n", "."]))
+    assert m.stop_reason == "stop_sequence" and m.content == []
+
+
 # ------------------------------------------------ needs the tool/structured-output branch
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
