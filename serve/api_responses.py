@@ -355,6 +355,54 @@ def chat_response_format(fmt: Any) -> dict[str, Any] | None:
                               "or 'json_schema'.", param="text.format")
 
 
+def input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A request's `input` (already validated by `input_messages`) as the items
+    `GET /v1/responses/{id}/input_items` lists (openai-python's `ResponseItem`): each with an
+    `id` (the client's, else a new one) and `status`; a string or string content becomes
+    `input_text` parts (`output_text` for an assistant)."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco"}[kind]
+        entry = {**item, "id": item.get("id") or new_item_id(prefix), "type": kind}
+        if kind == "message":
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            if isinstance(item["content"], str):
+                entry["content"] = [{"type": part, "text": item["content"]}]
+            if item["role"] == "assistant":
+                entry["content"] = [{"annotations": [], **c} if c.get("type") == "output_text" else c
+                                    for c in entry["content"]]
+        if kind != "reasoning":
+            entry.setdefault("status", "completed")
+        out.append(entry)
+    return out
+
+
+def list_page(items: list[dict[str, Any]], *, order: str, limit: int, after: str | None) -> dict[str, Any]:
+    """OpenAI's cursor page (`{"object": "list", "data", "first_id", "last_id", "has_more"}`)
+    over `items` (oldest first): `order` "asc" or "desc", at most `limit` items, those after
+    the item with id `after`.
+
+    Raises:
+        InvalidRequestError: a bad `order` / `limit`, or `after` names no item.
+    """
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError(f"Invalid 'order': {order!r} is not one of ['asc', 'desc'].", param="order")
+    if not 1 <= limit <= 100:
+        raise InvalidRequestError(f"Invalid 'limit': {limit} is not between 1 and 100.", param="limit")
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise InvalidRequestError(f"Invalid 'after': no input item with id '{after}'.", param="after")
+        ordered = ordered[ids.index(after) + 1:]
+    data = ordered[:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(ordered) > limit}
+
+
 def output_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A response's output items as chat messages (what `previous_response_id` replays)."""
     message: dict[str, Any] | None = None

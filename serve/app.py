@@ -7,7 +7,8 @@ POST /v1/completions ──────┘ → pydantic (strict) → length boun
                              (429 + Retry-After when the queue is full; see serve.streaming)
 POST /v1/responses ────────┐ adapters: translated into a chat request, then the chat route's
 POST /v1/messages ─────────┘ path (`generate_chat`); serve.api_responses, serve.api_messages
-GET|DELETE /v1/responses/{id}    the Responses store (serve.response_store)
+GET|DELETE /v1/responses/{id}    the Responses store (serve.response_store); GET …/input_items,
+                                 POST …/cancel
 POST /v1/messages/count_tokens   the Anthropic request's prompt length
 POST /tokenize, /detokenize  token counting (vLLM's shapes)
 GET  /v1/models, /v1/models/{id}    every served model, with its status (serve.models)
@@ -189,6 +190,8 @@ def create_app(
             route("/v1/responses", create_response, "POST"),
             route("/v1/responses/{response_id}", get_response, "GET"),
             route("/v1/responses/{response_id}", delete_response, "DELETE"),
+            route("/v1/responses/{response_id}/input_items", list_input_items, "GET"),
+            route("/v1/responses/{response_id}/cancel", cancel_response, "POST"),
             route("/v1/messages", anthropic_errors(create_message), "POST"),
             route("/v1/messages/count_tokens", anthropic_errors(count_message_tokens), "POST"),
             route("/tokenize", tokenize, "POST"),
@@ -625,13 +628,14 @@ async def create_response(request: Request, state: _State) -> Response:
     body = req.chat_body(history)
     chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
     conversation = [*history, *req.input_messages()]
+    items = tuple(api_responses.input_items(req.input))
 
     stored = req.store is not False and state.responses.capacity > 0
 
     def store(response: dict[str, Any]) -> None:
         if stored:
             output = api_responses.output_messages(response["output"])
-            state.responses.put(response["id"], StoredResponse(response, (*conversation, *output)))
+            state.responses.put(response["id"], StoredResponse(response, (*conversation, *output), items))
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
                make_parser: Callable[[], ChoiceParser]) -> Output:
@@ -673,6 +677,31 @@ async def get_response(request: Request, state: _State) -> Response:
     if stored is None:
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return JSONResponse(stored.body)
+
+
+async def list_input_items(request: Request, state: _State) -> Response:
+    """`GET /v1/responses/{id}/input_items?order=desc&limit=20&after=ID`: the stored response's
+    `input` items, as OpenAI's cursor page."""
+    response_id, stored = _stored_response(request, state)
+    if stored is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    query = request.query_params
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        raise InvalidRequestError("Invalid 'limit': expected an integer.", param="limit") from None
+    return JSONResponse(api_responses.list_page(list(stored.input_items), order=query.get("order", "desc"),
+                                                limit=limit, after=query.get("after")))
+
+
+async def cancel_response(request: Request, state: _State) -> Response:
+    """`POST /v1/responses/{id}/cancel`: only background responses can be cancelled, and this
+    server makes none (`background` is refused), so a stored response is a 400, others 404."""
+    response_id, stored = _stored_response(request, state)
+    if stored is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    raise InvalidRequestError("Only responses created with 'background': true can be cancelled; this "
+                              "server does not run background responses.", param="response_id")
 
 
 async def delete_response(request: Request, state: _State) -> Response:

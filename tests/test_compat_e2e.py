@@ -168,6 +168,16 @@ def test_max_output_tokens_is_incomplete(oai, model):
         events = list(stream)
     assert events[-1].type == "response.incomplete"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    # the SDK's accumulator only accepts `response.completed` (README says how to read it instead)
+    with oai.responses.stream(model=model, input="Tell me a long story about a dragon.",
+                              max_output_tokens=5, temperature=0) as stream:
+        final = None
+        for event in stream:
+            if event.type in ("response.completed", "response.incomplete", "response.failed"):
+                final = event.response
+        with pytest.raises(RuntimeError, match="response.completed"):
+            stream.get_final_response()
+    assert final.status == "incomplete" and final.output_text == r.output_text
 
 
 def test_retrieve_and_delete(oai, model):
@@ -179,6 +189,35 @@ def test_retrieve_and_delete(oai, model):
         oai.responses.retrieve(r.id)
     with pytest.raises(openai.NotFoundError):
         oai.responses.delete(r.id)
+
+
+def test_input_items_and_cancel(oai, model):
+    items = [{"role": "developer", "content": "Be brief."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": Q}]
+    r = create(oai, model, input=items, max_output_tokens=2)
+    page = oai.responses.input_items.list(r.id)  # newest first, as OpenAI
+    assert [(i.type, i.role) for i in page.data] == [("message", "user"), ("message", "assistant"),
+                                                       ("message", "user"), ("message", "developer")]
+    assert page.data[0].content[0].text == Q and page.data[1].content[0].type == "output_text"
+    assert page.first_id == page.data[0].id and page.last_id == page.data[-1].id and not page.has_more
+    first = oai.responses.input_items.list(r.id, order="asc", limit=2)
+    assert [i.role for i in first.data] == ["developer", "user"] and first.has_more
+    rest = oai.responses.input_items.list(r.id, order="asc", after=first.last_id)
+    assert [i.role for i in rest.data] == ["assistant", "user"] and not rest.has_more
+    assert [i.id for i in oai.responses.input_items.list(r.id, order="asc", limit=1)] == [i.id for i in
+                                                                                           page.data[::-1]]
+    one = oai.responses.input_items.list(create(oai, model, input="Hi", max_output_tokens=1).id)
+    assert [(i.type, i.content[0].text) for i in one.data] == [("message", "Hi")]
+    with pytest.raises(openai.BadRequestError) as err:  # only background responses can be cancelled
+        oai.responses.cancel(r.id)
+    assert "background" in err.value.message
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.cancel("resp_nope")
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.input_items.list("resp_nope")
+    with pytest.raises(openai.BadRequestError):
+        oai.responses.input_items.list(r.id, limit=101)
 
 
 def test_unknown_ids_are_404(oai, model):
