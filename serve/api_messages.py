@@ -29,12 +29,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve.errors import GENERIC_SERVER_ERROR, APIError, InvalidRequestError, ServerError
 from serve.events import Event
+from serve.param_names import CALL_ORIGINS, ORIGIN, Renamer
 from serve.parsers import (
     ChoiceParser,
     Delta,
@@ -67,7 +68,10 @@ def new_message_id() -> str:
 def error_body(exc: APIError) -> dict[str, Any]:
     """`{"type": "error", "error": {"type", "message"}}` for an `APIError`."""
     kind = ERROR_TYPES.get(exc.status_code, "api_error" if exc.status_code >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+    message = exc.message
+    if exc.param and exc.param not in message:  # Anthropic's bodies have no `param`: "where: what"
+        message = f"{exc.param}: {message}"
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 Handler = Callable[[Request, Any], Awaitable[Response]]
@@ -99,7 +103,8 @@ class MessagesRequest(BaseModel):
     change the output but cannot be honoured are refused (400 naming them); unknown
     fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Strict, as the chat route: "0.5" is no number, "true" no boolean.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -117,6 +122,7 @@ class MessagesRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, ge=0, le=1)
     ignore_eos: bool | None = None  # extra, as on the chat route
+    _renamer: Renamer = PrivateAttr(default_factory=Renamer)
 
     def check(self) -> None:
         """Refuse what this server cannot do (400 naming the field)."""
@@ -132,15 +138,38 @@ class MessagesRequest(BaseModel):
                                       param="stop_sequences")
 
     def chat_body(self) -> dict[str, Any]:
-        """The equivalent OpenAI chat-completions request body."""
+        """The equivalent OpenAI chat-completions request body; `renamer` then maps the
+        chat params of later errors back to this route's fields."""
         messages = []
         system = _text(self.system, "system") if self.system is not None else ""
         if system:
-            messages.append({"role": "system", "content": system})
+            messages.append({"role": "system", "content": system, ORIGIN: "system"})
+        last = len(self.messages) - 1
         for i, message in enumerate(self.messages):
-            messages += chat_messages(message, f"messages.{i}")
+            previous = self.messages[i - 1] if i else None
+            messages += chat_messages(message, f"messages.[{i}]", final=i == last,
+                                      tool_use_ids=_tool_use_ids(previous))
+        renamer = Renamer(_RENAMES)
+        renamer.take_origins(messages, fields={"tool_call_id": "tool_use_id"},
+                             calls={"function.arguments": "input", "function.name": "name", "function": ""},
+                             default="messages")
+        for j in range(len(self.tools or ())):
+            renamer.add(f"tools.[{j}].function.parameters", f"tools.[{j}].input_schema")
+            renamer.add(f"tools.[{j}].function", f"tools.[{j}]")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
                                 "stream": bool(self.stream)}
+        if self.messages[-1].get("role") == "assistant":
+            # prefill: the reply continues the final assistant message (only new text returned)
+            final = messages[-1]
+            where = f"messages.[{last}].content"
+            if final.get("tool_calls"):
+                raise InvalidRequestError("A final assistant message with tool_use blocks cannot be "
+                                          "continued; answer the calls with tool_result blocks.", param=where)
+            if (final.get("content") or "") != (final.get("content") or "").rstrip():
+                raise InvalidRequestError("final assistant content cannot end with trailing whitespace",
+                                          param=where)
+            body.update(continue_final_message=True, add_generation_prompt=False)
+            renamer.add("continue_final_message", f"messages.[{last}]")
         if self.tools:
             body["tools"] = chat_tools(self.tools)
         if self.tool_choice is not None:
@@ -154,11 +183,26 @@ class MessagesRequest(BaseModel):
         if config.get("format") is not None:
             body["response_format"] = chat_response_format(config["format"])
         if config.get("effort") is not None:
-            # a template variable (gpt-oss style templates read it; others ignore it)
-            body["chat_template_kwargs"] = {"reasoning_effort": config["effort"]}
+            # chat's `reasoning_effort`: honoured where the chat template reads it, else 400
+            body["reasoning_effort"] = config["effort"]
         if self.metadata and isinstance(self.metadata.get("user_id"), str):
             body["user"] = self.metadata["user_id"]
+        self._renamer = renamer
         return body
+
+    @property
+    def renamer(self) -> Renamer:
+        """Chat params → this route's (after `chat_body`)."""
+        return self._renamer
+
+
+# chat field → Messages field, for errors found after translation (`Renamer`)
+_RENAMES = (
+    ("response_format", "output_config.format"), ("response_format.json_schema", "output_config.format"),
+    ("stop", "stop_sequences"), ("user", "metadata.user_id"), ("reasoning_effort", "output_config.effort"),
+    ("chat_template_kwargs", "output_config.effort"), ("max_completion_tokens", "max_tokens"),
+    ("parallel_tool_calls", "tool_choice.disable_parallel_tool_use"), ("tool_choice.function", "tool_choice"),
+)
 
 
 class CountTokensRequest(MessagesRequest):
@@ -167,41 +211,78 @@ class CountTokensRequest(MessagesRequest):
     max_tokens: int = 1
 
 
-def chat_messages(message: dict[str, Any], param: str) -> list[dict[str, Any]]:
+def _tool_use_ids(message: Any) -> set[str]:
+    """The ids of an assistant message's `tool_use` blocks (those a `tool_result` may answer)."""
+    if not isinstance(message, dict) or message.get("role") != "assistant" or not isinstance(message.get("content"), list):
+        return set()
+    return {b.get("id") for b in message["content"] if isinstance(b, dict) and b.get("type") == "tool_use"}
+
+
+def chat_messages(message: dict[str, Any], param: str, *, final: bool = False,
+                  tool_use_ids: set[str] | None = None) -> list[dict[str, Any]]:
     """One Anthropic message → chat messages: a user message's `tool_result` blocks become
     `role: "tool"` messages (before its text), an assistant's `tool_use` blocks its
-    `tool_calls`; `thinking` blocks are dropped (templates do not replay reasoning)."""
-    role = message.get("role")
+    `tool_calls`; `thinking` blocks are dropped (templates do not replay reasoning). Each
+    carries its origin (`serve.param_names`).
+
+    Args:
+        message: the Anthropic message.
+        param: its location (`messages.[i]`).
+        final: it is the last message (an empty final assistant message is a prefill).
+        tool_use_ids: the ids a `tool_result` may answer (the previous message's `tool_use`s).
+
+    Raises:
+        InvalidRequestError: as Anthropic refuses: empty content (but a final assistant
+            message), a non-string `text`, a `tool_result` for no `tool_use` of the previous
+            message, unsupported block types.
+    """
+    role = message.get("role") if isinstance(message, dict) else None
     if role not in ("user", "assistant"):
         raise InvalidRequestError(f"messages: role {role!r} is not one of ['user', 'assistant'].",
                                   param=f"{param}.role")
     content = message.get("content")
+    if content in ("", []) and not (final and role == "assistant"):
+        raise InvalidRequestError("all messages must have non-empty content except for the optional final "
+                                  "assistant message", param=f"{param}.content")
     if isinstance(content, str):
-        return [{"role": role, "content": content}]
+        return [{"role": role, "content": content, ORIGIN: param}]
     if not isinstance(content, list):
         raise InvalidRequestError("messages: content must be a string or a list of content blocks.",
                                   param=f"{param}.content")
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
+    call_origins: list[str] = []
     results: list[dict[str, Any]] = []
     for j, block in enumerate(content):
-        where = f"{param}.content.{j}"
+        where = f"{param}.content.[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise InvalidRequestError("text must be a string", param=f"{where}.text")
+            if block["text"]:  # Anthropic refuses empty text blocks; a client sending one back loses nothing
+                texts.append(block["text"])
         elif kind == "tool_use" and role == "assistant":
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise InvalidRequestError("tool_use blocks need a string 'id' and 'name'.", param=where)
+            if block.get("input") is not None and not isinstance(block["input"], dict):
+                raise InvalidRequestError("tool_use input must be an object", param=f"{where}.input")
             tool_calls.append({"id": block["id"], "type": "function",
                                "function": {"name": block["name"],
                                             "arguments": json.dumps(block.get("input") or {})}})
+            call_origins.append(where)
         elif kind == "tool_result" and role == "user":
             if not isinstance(block.get("tool_use_id"), str):
-                raise InvalidRequestError("tool_result blocks need a string 'tool_use_id'.", param=where)
+                raise InvalidRequestError("tool_result blocks need a string 'tool_use_id'.",
+                                          param=f"{where}.tool_use_id")
+            if block["tool_use_id"] not in (tool_use_ids or ()):
+                raise InvalidRequestError(
+                    f"unexpected `tool_use_id` found in `tool_result` blocks: {block['tool_use_id']}. Each "
+                    "`tool_result` block must have a corresponding `tool_use` block in the previous message.",
+                    param=f"{where}.tool_use_id")
             text = _text(block.get("content", ""), f"{where}.content")
             if block.get("is_error"):
                 text = f"Error: {text}"
-            results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+            results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text, ORIGIN: where})
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue
         else:
@@ -211,9 +292,9 @@ def chat_messages(message: dict[str, Any], param: str) -> list[dict[str, Any]]:
     out = list(results)
     if role == "assistant":  # kept even when empty (only thinking): the turns stay in order
         out.append({"role": role, "content": "\n".join(texts) if texts or not tool_calls else None,
-                    **({"tool_calls": tool_calls} if tool_calls else {})})
+                    **({"tool_calls": tool_calls} if tool_calls else {}), ORIGIN: param, CALL_ORIGINS: call_origins})
     elif texts or not results:
-        out.append({"role": role, "content": "\n".join(texts)})
+        out.append({"role": role, "content": "\n".join(texts), ORIGIN: param})
     return out
 
 
@@ -225,10 +306,12 @@ def _text(content: Any, param: str) -> str:
         raise InvalidRequestError("Expected a string or a list of text blocks.", param=param)
     texts = []
     for j, block in enumerate(content):
-        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            kind = block.get("type") if isinstance(block, dict) else None
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and not isinstance(block.get("text"), str):
+            raise InvalidRequestError("text must be a string", param=f"{param}.[{j}].text")
+        if kind != "text":
             raise InvalidRequestError(f"Blocks of type {kind!r} are not supported here; only 'text'.",
-                                      param=f"{param}.{j}.type")
+                                      param=f"{param}.[{j}].type")
         texts.append(block["text"])
     return "\n".join(texts)
 
@@ -242,10 +325,10 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind != "custom":
             raise InvalidRequestError(f"Tools of type {kind!r} are not supported by this server; only client "
                                       "tools with 'name', 'description' and 'input_schema'.",
-                                      param=f"tools.{j}.type")
+                                      param=f"tools.[{j}].type")
         if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
             raise InvalidRequestError("Each tool needs a string 'name' and an 'input_schema' object.",
-                                      param=f"tools.{j}")
+                                      param=f"tools.[{j}]")
         function = {"name": tool["name"], "parameters": tool["input_schema"]}
         if tool.get("description") is not None:
             function["description"] = tool["description"]
@@ -407,8 +490,7 @@ class MessagesOutput(Output):
             if c.finish_reason is not None:
                 self.finish_reason = c.finish_reason
                 self.stop_sequence = c.stop_sequence
-                if not self.blocks:  # an empty answer is still a text block
-                    self._text("")
+                # an empty answer has no blocks: Anthropic refuses empty text blocks sent back
                 self._close()
 
     def _delta(self, delta: Delta) -> None:

@@ -25,10 +25,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from serve.errors import APIError, InvalidRequestError
 from serve.events import Event
+from serve.param_names import CALL_ORIGINS, ORIGIN, Renamer
 from serve.parsers import (
     ChoiceParser,
     Delta,
@@ -66,7 +67,8 @@ class ResponsesRequest(BaseModel):
     `check()` (400 naming them); unknown fields are ignored like everywhere else.
     """
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Strict, as the chat route: "0.5" is no number, "true" / "no" no boolean.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: str | None = None
     input: str | list[dict[str, Any]]
@@ -96,6 +98,7 @@ class ResponsesRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     ignore_eos: bool | None = None
+    _renamer: Renamer = PrivateAttr(default_factory=Renamer)
 
     def check(self) -> None:
         """Refuse what this server cannot do (400 naming the field)."""
@@ -131,16 +134,31 @@ class ResponsesRequest(BaseModel):
         """`input` as chat messages (without `instructions`)."""
         return input_messages(self.input)
 
+    @property
+    def renamer(self) -> Renamer:
+        """Chat params → this route's (after `chat_body`)."""
+        return self._renamer
+
     def chat_body(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         """The equivalent chat-completions request body; `history` (chat messages of the
         `previous_response_id` conversation) goes between `instructions` and `input`."""
         messages = []
         if self.instructions:
-            messages.append({"role": "system", "content": self.instructions})
-        messages += history
-        messages += self.input_messages()
+            messages.append({"role": "system", "content": self.instructions, ORIGIN: "instructions"})
+        messages += [{**m, ORIGIN: "previous_response_id"} for m in history]
+        messages += _marked_input_messages(self.input)
         if not messages:
             raise InvalidRequestError("The input is empty: send at least one message.", param="input")
+        renamer = Renamer(_RENAMES)
+        renamer.take_origins(messages, fields={"content": "content", "tool_call_id": "call_id"},
+                             calls={"function.arguments": "arguments", "function.name": "name", "function": "",
+                                    "id": "call_id"}, default="input")
+        for k, m in enumerate(messages):  # a tool result's text is its item's `output`
+            if m["role"] == "tool":
+                renamer.add(f"messages.[{k}].content", renamer(f"messages.[{k}]") + ".output")
+        for j in range(len(self.tools or ())):
+            renamer.add(f"tools.[{j}].function", f"tools[{j}]")  # OpenAI's Responses spelling
+        self._renamer = renamer
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": bool(self.stream)}
         if self.tools:
             body["tools"] = chat_tools(self.tools)
@@ -153,8 +171,8 @@ class ResponsesRequest(BaseModel):
             body["response_format"] = response_format
         effort = (self.reasoning or {}).get("effort")
         if effort is not None:
-            # a template variable (gpt-oss style templates read it; others ignore it)
-            body["chat_template_kwargs"] = {"reasoning_effort": effort}
+            # chat's `reasoning_effort`: honoured where the chat template reads it, else 400
+            body["reasoning_effort"] = effort
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
         if self.logprobs:
@@ -191,7 +209,20 @@ class ResponsesRequest(BaseModel):
 # ------------------------------------------------------------------ request translation
 
 
+# chat field → Responses field, for errors found after translation (`Renamer`)
+_RENAMES = (
+    ("response_format", "text.format"), ("response_format.json_schema", "text.format"),
+    ("max_completion_tokens", "max_output_tokens"), ("reasoning_effort", "reasoning.effort"),
+    ("chat_template_kwargs", "reasoning.effort"), ("logprobs", "include"), ("tool_choice.function", "tool_choice"),
+)
+
+
 def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Responses `input` → OpenAI chat messages (see `_marked_input_messages`)."""
+    return [{k: v for k, v in m.items() if k not in (ORIGIN, CALL_ORIGINS)} for m in _marked_input_messages(items)]
+
+
+def _marked_input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Responses `input` → OpenAI chat messages.
 
     A string is one user message. Items: messages (`type` "message" or absent; roles
@@ -199,6 +230,7 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     parts), `function_call` (→ `tool_calls` on an assistant message, joining the one
     before it), `function_call_output` (→ a `role: "tool"` message), `reasoning` (dropped:
     chat templates do not replay earlier reasoning). Anything else is a 400 naming it.
+    Each message carries its origin (`serve.param_names`: `input[i]`, OpenAI's Responses spelling).
     """
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
@@ -215,11 +247,13 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
+                last.setdefault(CALL_ORIGINS, []).append(param)
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call], ORIGIN: param,
+                                 CALL_ORIGINS: [param]})
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", param),
-                             "content": _text(item.get("output"), f"{param}.output")})
+                             "content": _text(item.get("output"), f"{param}.output"), ORIGIN: param})
         elif kind == "reasoning":
             continue
         elif kind is None:
@@ -237,7 +271,7 @@ def _message(item: dict[str, Any], param: str) -> dict[str, Any]:
     if role not in MESSAGE_ROLES:
         raise InvalidRequestError(f"Invalid value for 'role': {role!r} is not one of {list(MESSAGE_ROLES)}.",
                                   param=f"{param}.role")
-    return {"role": role, "content": _text(item.get("content"), f"{param}.content")}
+    return {"role": role, "content": _text(item.get("content"), f"{param}.content"), ORIGIN: param}
 
 
 def _text(content: Any, param: str) -> str:
@@ -249,10 +283,12 @@ def _text(content: Any, param: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in TEXT_PART_TYPES and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
+        if kind in TEXT_PART_TYPES or kind == "refusal":
+            field = "refusal" if kind == "refusal" else "text"
+            if not isinstance(part.get(field), str):
+                raise InvalidRequestError(f"Invalid '{param}[{j}].{field}': {kind} parts need a string "
+                                          f"'{field}'.", param=f"{param}[{j}].{field}")
+            texts.append(part[field])
         else:
             raise InvalidRequestError(f"Content parts of type {kind!r} are not supported by this server "
                                       "(text only: no images, files or audio).", param=f"{param}[{j}].type")
@@ -318,6 +354,54 @@ def chat_response_format(fmt: Any) -> dict[str, Any] | None:
         return {"type": "json_schema", "json_schema": schema}
     raise InvalidRequestError(f"text.format of type {kind!r} is not supported; use 'text', 'json_object' "
                               "or 'json_schema'.", param="text.format")
+
+
+def input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A request's `input` (already validated by `input_messages`) as the items
+    `GET /v1/responses/{id}/input_items` lists (openai-python's `ResponseItem`): each with an
+    `id` (the client's, else a new one) and `status`; a string or string content becomes
+    `input_text` parts (`output_text` for an assistant)."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco"}[kind]
+        entry = {**item, "id": item.get("id") or new_item_id(prefix), "type": kind}
+        if kind == "message":
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            if isinstance(item["content"], str):
+                entry["content"] = [{"type": part, "text": item["content"]}]
+            if item["role"] == "assistant":
+                entry["content"] = [{"annotations": [], **c} if c.get("type") == "output_text" else c
+                                    for c in entry["content"]]
+        if kind != "reasoning":
+            entry.setdefault("status", "completed")
+        out.append(entry)
+    return out
+
+
+def list_page(items: list[dict[str, Any]], *, order: str, limit: int, after: str | None) -> dict[str, Any]:
+    """OpenAI's cursor page (`{"object": "list", "data", "first_id", "last_id", "has_more"}`)
+    over `items` (oldest first): `order` "asc" or "desc", at most `limit` items, those after
+    the item with id `after`.
+
+    Raises:
+        InvalidRequestError: a bad `order` / `limit`, or `after` names no item.
+    """
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError(f"Invalid 'order': {order!r} is not one of ['asc', 'desc'].", param="order")
+    if not 1 <= limit <= 100:
+        raise InvalidRequestError(f"Invalid 'limit': {limit} is not between 1 and 100.", param="limit")
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise InvalidRequestError(f"Invalid 'after': no input item with id '{after}'.", param="after")
+        ordered = ordered[ids.index(after) + 1:]
+    data = ordered[:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(ordered) > limit}
 
 
 def output_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

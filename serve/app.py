@@ -7,7 +7,8 @@ POST /v1/completions ──────┘ → pydantic (strict) → length boun
                              (429 + Retry-After when the queue is full; see serve.streaming)
 POST /v1/responses ────────┐ adapters: translated into a chat request, then the chat route's
 POST /v1/messages ─────────┘ path (`generate_chat`); serve.api_responses, serve.api_messages
-GET|DELETE /v1/responses/{id}    the Responses store (serve.response_store)
+GET|DELETE /v1/responses/{id}    the Responses store (serve.response_store); GET …/input_items,
+                                 POST …/cancel
 POST /v1/messages/count_tokens   the Anthropic request's prompt length
 POST /tokenize, /detokenize  token counting (vLLM's shapes)
 GET  /v1/models, /v1/models/{id}    every served model, with its status (serve.models)
@@ -36,10 +37,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -62,11 +64,14 @@ from serve.errors import (
     RateLimitError,
     ServerError,
     ServiceUnavailableError,
+    api_error_handler,
+    http_error,
 )
 from serve.events import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.models import ERROR, ModelEntry, ModelRegistry
 from serve.options import ServeOptions
+from serve.param_names import Renamer
 from serve.parsers import ChoiceParser
 from serve.protocol import (
     ChatCompletionRequest,
@@ -185,6 +190,8 @@ def create_app(
             route("/v1/responses", create_response, "POST"),
             route("/v1/responses/{response_id}", get_response, "GET"),
             route("/v1/responses/{response_id}", delete_response, "DELETE"),
+            route("/v1/responses/{response_id}/input_items", list_input_items, "GET"),
+            route("/v1/responses/{response_id}/cancel", cancel_response, "POST"),
             route("/v1/messages", anthropic_errors(create_message), "POST"),
             route("/v1/messages/count_tokens", anthropic_errors(count_message_tokens), "POST"),
             route("/tokenize", tokenize, "POST"),
@@ -192,7 +199,7 @@ def create_app(
             *(webui.routes() if options.webui else []),
         ],
         middleware=middleware,
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={**EXCEPTION_HANDLERS, HTTPException: _http_exception},
         lifespan=lifespan,
     )
     app.state.llorch = state
@@ -222,6 +229,15 @@ async def drain(app: Starlette, timeout: float) -> None:
 
 
 Handler = Callable[[Request, _State], Awaitable[Response]]
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """No route (404) or wrong method (405): in Anthropic's shape under /v1/messages, else OpenAI's."""
+    error = http_error(request, exc)
+    if request.url.path.startswith("/v1/messages"):
+        return JSONResponse(api_messages.error_body(error), status_code=error.status_code,
+                            headers=error.headers or None)
+    return await api_error_handler(request, error)
 
 
 def _endpoint(handler: Handler, path: str) -> Callable[[Request], Awaitable[Response]]:
@@ -313,21 +329,22 @@ async def unload_model(request: Request, state: _State) -> Response:
 
 async def tokenize(request: Request, state: _State) -> Response:
     """`{"prompt": str, "add_special_tokens"?: true}` or `{"messages": [...], "tools"?: [...],
-    "add_generation_prompt"?: true}` → `{"tokens", "count", "max_model_len"}` (vLLM)."""
+    "add_generation_prompt"?: true, "continue_final_message"?: false}` → `{"tokens", "count",
+    "max_model_len"}` (vLLM)."""
     _authorize(request, state)
     data = await read_json(request, state.options.max_body_bytes)
     engine = await _engine(request, state, data.get("model"))
     tokenizer = engine.tokenizer
     if "messages" in data:
-        req = parse_request(ChatCompletionRequest, {k: data[k] for k in ("messages", "tools", "chat_template_kwargs")
-                                                    if k in data})
-        generation_prompt = _flag(data, "add_generation_prompt", True)
+        req = parse_request(ChatCompletionRequest, {k: data[k] for k in (
+            "messages", "tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+            if k in data})
         special = _flag(data, "add_special_tokens", False)
 
         def encode() -> list[int]:
             check_fits(tokenizer, "".join(m.content or "" for m in req.messages), engine.max_length,
                        what="messages", param="messages")
-            text, ids = encode_chat(tokenizer, req, state.options, add_generation_prompt=generation_prompt)
+            text, ids = encode_chat(tokenizer, req, state.options)
             if special and getattr(tokenizer, "add_bos", False) and ids[:1] != [tokenizer.bos_id]:
                 ids = [tokenizer.bos_id, *ids]  # as Tokenizer.encode: BOS once, if wanted
             return ids
@@ -382,8 +399,10 @@ def _authorize(request: Request, state: _State, *, x_api_key: bool = False) -> N
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        how = "'x-api-key: YOUR_KEY' (or 'Authorization: Bearer YOUR_KEY')" if x_api_key else \
+            "'Authorization: Bearer YOUR_KEY'"
         raise AuthenticationError(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            f"You didn't provide an API key. Send it as {how}.",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
@@ -634,15 +653,16 @@ async def create_response(request: Request, state: _State) -> Response:
                                 param="previous_response_id")
         history = list(previous.conversation)
     body = req.chat_body(history)
-    chat = parse_request(ChatCompletionRequest, body)
+    chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
     conversation = [*history, *req.input_messages()]
+    items = tuple(api_responses.input_items(req.input))
 
     stored = req.store is not False and state.responses.capacity > 0
 
     def store(response: dict[str, Any]) -> None:
         if stored:
             output = api_responses.output_messages(response["output"])
-            state.responses.put(response["id"], StoredResponse(response, (*conversation, *output)))
+            state.responses.put(response["id"], StoredResponse(response, (*conversation, *output), items))
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
                make_parser: Callable[[], ChoiceParser]) -> Output:
@@ -651,7 +671,26 @@ async def create_response(request: Request, state: _State) -> Response:
                                make_parser=make_parser,
                                token_bytes=getattr(engine.tokenizer, "token_bytes", None))
 
-    return await generate_chat(request, state, chat, output, param="input")
+    return await _renamed_async(req.renamer, generate_chat(request, state, chat, output, param="input"))
+
+
+T = TypeVar("T")
+
+
+def _renamed(renamer: Renamer, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, its `APIError`s naming the route's own fields (serve.param_names)."""
+    try:
+        return fn(*args)
+    except APIError as exc:
+        raise renamer.rename(exc) from None
+
+
+async def _renamed_async(renamer: Renamer, work: Awaitable[T]) -> T:
+    """`await work`, its `APIError`s (before a response starts) naming the route's own fields."""
+    try:
+        return await work
+    except APIError as exc:
+        raise renamer.rename(exc) from None
 
 
 def _stored_response(request: Request, state: _State) -> tuple[str, StoredResponse | None]:
@@ -665,6 +704,31 @@ async def get_response(request: Request, state: _State) -> Response:
     if stored is None:
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return JSONResponse(stored.body)
+
+
+async def list_input_items(request: Request, state: _State) -> Response:
+    """`GET /v1/responses/{id}/input_items?order=desc&limit=20&after=ID`: the stored response's
+    `input` items, as OpenAI's cursor page."""
+    response_id, stored = _stored_response(request, state)
+    if stored is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    query = request.query_params
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        raise InvalidRequestError("Invalid 'limit': expected an integer.", param="limit") from None
+    return JSONResponse(api_responses.list_page(list(stored.input_items), order=query.get("order", "desc"),
+                                                limit=limit, after=query.get("after")))
+
+
+async def cancel_response(request: Request, state: _State) -> Response:
+    """`POST /v1/responses/{id}/cancel`: only background responses can be cancelled, and this
+    server makes none (`background` is refused), so a stored response is a 400, others 404."""
+    response_id, stored = _stored_response(request, state)
+    if stored is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    raise InvalidRequestError("Only responses created with 'background': true can be cancelled; this "
+                              "server does not run background responses.", param="response_id")
 
 
 async def delete_response(request: Request, state: _State) -> Response:
@@ -681,14 +745,14 @@ async def create_message(request: Request, state: _State) -> Response:
     req = parse_request(MessagesRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
     body = req.chat_body()
-    chat = parse_request(ChatCompletionRequest, body)
+    chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
                make_parser: Callable[[], ChoiceParser]) -> Output:
         return MessagesOutput(api_messages.new_message_id(), engine.model_id, engine.tokenizer.token_text,
                               prompt_tokens=len(prompt_ids), make_parser=make_parser)
 
-    return await generate_chat(request, state, chat, output)
+    return await _renamed_async(req.renamer, generate_chat(request, state, chat, output))
 
 
 async def count_message_tokens(request: Request, state: _State) -> Response:
@@ -697,8 +761,8 @@ async def count_message_tokens(request: Request, state: _State) -> Response:
     req = parse_request(CountTokensRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
     body = req.chat_body()
-    chat = parse_request(ChatCompletionRequest, body)
+    chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
     engine = await _engine(request, state, chat.model)
-    prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, chat, state.options,
-                                       engine.max_length)
+    prepared = await _renamed_async(req.renamer, run_in_threadpool(prepare_chat, engine.tokenizer, chat,
+                                                                   state.options, engine.max_length))
     return JSONResponse({"input_tokens": len(prepared.prompt_ids)})

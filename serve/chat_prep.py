@@ -213,10 +213,13 @@ def render_chat(tokenizer: Any, req: ChatCompletionRequest, *, native: bool | No
 
 
 def encode_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any, *,
-                native: bool | None = None, family: str = "generic",
-                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+                native: bool | None = None, family: str = "generic") -> tuple[str, list[int]]:
     """`render_chat` and its token ids: special-token text inside message content is
     encoded as plain text (`Tokenizer.encode_chat`) unless `options.allow_special_in_content`.
+    The request's `add_generation_prompt` (default true) opens the assistant's turn; its
+    `continue_final_message` ends the prompt right after the final assistant message's text
+    instead (prefill: the model continues that text; grammars and output parsers apply to
+    the new text only).
 
     Returns:
         (prompt text, token ids); the template wrote any BOS it wants.
@@ -224,6 +227,8 @@ def encode_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any, *,
     Raises:
         InvalidRequestError: as `render_chat`.
     """
+    add_generation_prompt = req.add_generation_prompt is not False
+    cont = bool(req.continue_final_message)
     if not hasattr(tokenizer, "encode_chat"):  # a test double
         text = render_chat(tokenizer, req, native=native, family=family,
                            add_generation_prompt=add_generation_prompt)
@@ -231,8 +236,9 @@ def encode_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any, *,
     messages, kwargs = _template_call(tokenizer, req, native=native, family=family)
     try:
         return tokenizer.encode_chat(
-            messages, add_generation_prompt=add_generation_prompt,
-            allow_special_in_content=getattr(options, "allow_special_in_content", False), **kwargs)
+            messages, add_generation_prompt=add_generation_prompt and not cont,
+            allow_special_in_content=getattr(options, "allow_special_in_content", False),
+            continue_final_message=cont, **kwargs)
     except ChatTemplateError as exc:
         raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from None
 

@@ -199,3 +199,39 @@ def render_chat_template(
         RecursionError,
     ) as exc:
         raise ChatTemplateError(f"chat template error: {type(exc).__name__}: {exc}") from exc
+
+
+# Appended to the final message's content when it is continued (a private-use character no
+# tokenizer gives meaning to); the rendered text is cut where it lands.
+CONTINUE_MARKER = "\U0010FFFD"
+
+
+def mark_final_message(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The (normalized) messages with `CONTINUE_MARKER` after the final (assistant) message's text, so
+    `cut_at_marker` can end the rendered prompt right there: the model continues that
+    message (transformers' `continue_final_message`, which cuts at the content's last
+    occurrence instead; a marker also survives templates that trim content).
+
+    Raises:
+        ChatTemplateError: the final message is not an assistant message with text content.
+    """
+    out = [dict(m) for m in messages]
+    final = out[-1] if out else {}
+    if final.get("role") != "assistant" or final.get("tool_calls"):
+        raise ChatTemplateError("only a final assistant message without tool calls can be continued")
+    final["content"] = (final.get("content") or "") + CONTINUE_MARKER  # normalized: a string
+    return out
+
+
+def cut_at_marker(text: str) -> str:
+    """The rendered prompt up to `CONTINUE_MARKER` (dropped), i.e. without the end of the
+    final turn.
+
+    Raises:
+        ChatTemplateError: the template did not render the final message's content.
+    """
+    at = text.rfind(CONTINUE_MARKER)
+    if at < 0 or CONTINUE_MARKER in text[:at]:
+        raise ChatTemplateError("the chat template does not render the final assistant message, "
+                                "so it cannot be continued")
+    return text[:at]

@@ -117,6 +117,11 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own 404 (no route) and 405 (wrong method), in OpenAI's shape."""
+    return await api_error_handler(request, http_error(request, exc))
+
+
+def http_error(request: Request, exc: Exception) -> APIError:
+    """Starlette's `HTTPException` (404 no route, 405 wrong method) as an `APIError`."""
     assert isinstance(exc, HTTPException)
     where = f"{request.method} {request.url.path}"
     error: APIError
@@ -131,7 +136,7 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
         error = APIError(str(exc.detail), headers=exc.headers)
         error.status_code = exc.status_code
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return await api_error_handler(request, error)
+    return error
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:

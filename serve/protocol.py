@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_args
 
@@ -207,23 +208,30 @@ class ChatMessage(_Request):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _content(cls, content: Any) -> Any:
-        # A list of parts becomes one string; only text parts can reach a text-only model.
+    def _content(cls, content: Any, info: Any) -> Any:
+        # A list of parts becomes one string; only text parts can reach a text-only model. An
+        # assistant's `refusal` parts (OpenAI's types allow them) are text it said.
         if not isinstance(content, list):
             return content
+        refusal_ok = info.data.get("role") == "assistant"
         texts = []
         for part in content:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise ValueError("each content part must be an object with a 'type'")
-            if part["type"] != "text":
-                raise ValueError(f"content parts of type '{part['type']}' are not supported; only 'text'")
-            if not isinstance(part.get("text"), str):
-                raise ValueError("a 'text' content part needs a string 'text' field")
-            texts.append(part["text"])
+            field = "refusal" if part["type"] == "refusal" and refusal_ok else "text"
+            if part["type"] != field:
+                raise ValueError(f"content parts of type '{part['type']}' are not supported; only 'text'"
+                                 + (" and 'refusal'" if refusal_ok else ""))
+            if not isinstance(part.get(field), str):
+                raise ValueError(f"a '{field}' content part needs a string '{field}' field")
+            texts.append(part[field])
         return "\n".join(texts)
 
     @model_validator(mode="after")
     def _tool_fields(self):
+        if self.content is None and self.role in ("system", "developer", "user"):
+            raise _FieldError("content", f"Invalid value for 'content': messages with role '{self.role}' "
+                              "need a string or a list of text parts, not null.")
         if self.role == "tool" and not self.tool_call_id:
             raise _FieldError("tool_call_id", "Missing required parameter: 'tool_call_id' "
                               "(messages with role 'tool' must answer a tool call).")
@@ -284,6 +292,10 @@ class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
     functions: list[FunctionDef] | None = None  # deprecated by OpenAI: tools
     # extras (vLLM / llama.cpp names; the sampling ones are `_Sampling`'s)
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables
+    metadata: dict[str, str] | None = None  # no effect on the output; checked as OpenAI does
+    # vLLM: render without the assistant header / continue the final assistant message (prefill)
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
     # OpenAI fields that change the output, honoured where the model can (else a 400):
     modalities: list[str] | None = None  # only ["text"]
     audio: Any = None  # audio output: refused
@@ -348,6 +360,21 @@ class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
         if isinstance(choice, dict) and choice["name"] not in names:
             raise _FieldError("tool_choice", f"Invalid value for 'tool_choice': no function named "
                               f"'{choice['name']}' in 'tools'.")
+        return self
+
+    @model_validator(mode="after")
+    def _continue_final(self):
+        # vLLM's rule: continuing the last message and opening a new turn exclude each other
+        if self.continue_final_message:
+            if self.add_generation_prompt is not False:
+                raise _FieldError("continue_final_message",
+                                  "Cannot set both `continue_final_message` and `add_generation_prompt` "
+                                  "to True (set 'add_generation_prompt': false).")
+            last = self.messages[-1]
+            if last.role != "assistant" or last.calls():
+                raise _FieldError("continue_final_message",
+                                  "Invalid 'continue_final_message': the last message must be an "
+                                  "assistant message with text and no tool calls.")
         return self
 
     def tool_mode(self) -> tuple[str, str | None]:
@@ -488,10 +515,34 @@ def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
     try:
         return model.model_validate(dict(body))
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
+        err = _first_error(exc.errors(include_url=False))
         field = model.model_fields.get(str(err["loc"][0])) if err["loc"] else None
         decimal = field is not None and float in (field.annotation, *get_args(field.annotation))
         raise _to_api_error(err, decimal=decimal) from None
+
+
+# A union's branch in an error location ("str", "list[dict[str,any]]", "function-after[…]", a
+# model class name): no field of ours, so never shown to a client.
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|bytes|list|dict|tuple)|[a-z-]+\[.*\]|[A-Z]\w*", re.S)
+
+
+def _first_error(errors: Sequence[Any]) -> dict[str, Any]:
+    """The first pydantic error, with union branch tags dropped from its location; when every
+    branch of a union refused a value for its type, one "expected X or Y" type error."""
+    def strip(e: Any) -> dict[str, Any]:
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.fullmatch(p)))
+        return {**e, "loc": loc, "branched": loc != tuple(e["loc"])}
+
+    first = strip(errors[0])
+    if not first["branched"]:
+        return first
+    same = [strip(e) for e in errors]
+    same = [e for e in same if e["loc"] == first["loc"]]
+    kinds = [e["type"].removesuffix("_type") for e in same if e["type"].endswith("_type")]
+    if len(kinds) == len(same) > 1 and all(k in _EXPECTED for k in kinds):
+        expected = " or ".join(dict.fromkeys(_EXPECTED[k] for k in kinds))
+        return {**first, "type": "union_type", "expected": expected}
+    return first
 
 
 def _param(loc: Sequence[str | int]) -> str:
@@ -551,8 +602,8 @@ def _to_api_error(err: Mapping[str, Any], *, decimal: bool = False) -> InvalidRe
         # an integer too large for a float (1e400 written out): out of range, not a type error
         side = "above_max" if value > 0 else "below_min"
         message, code = f"Invalid '{param}': {_num(value)} is out of range.", f"decimal_{side}_value"
-    elif kind.endswith("_type") and kind.removesuffix("_type") in _EXPECTED:
-        expected = _EXPECTED[kind.removesuffix("_type")]
+    elif kind == "union_type" or (kind.endswith("_type") and kind.removesuffix("_type") in _EXPECTED):
+        expected = err.get("expected") or _EXPECTED[kind.removesuffix("_type")]
         message = (f"Invalid type for '{param}': expected {expected}, but got "
                    f"{_json_type(value)} instead.")
         code = "invalid_type"

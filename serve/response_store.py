@@ -17,10 +17,12 @@ from typing import Any
 @dataclass(frozen=True)
 class StoredResponse:
     """`body`: the `response` object (JSON-ready dict); `conversation`: chat messages
-    (dicts with `role`, `content`, maybe `tool_calls` / `tool_call_id`), input then output."""
+    (dicts with `role`, `content`, maybe `tool_calls` / `tool_call_id`), input then output;
+    `input_items`: what `GET /v1/responses/{id}/input_items` lists."""
 
     body: dict[str, Any]
     conversation: tuple[dict[str, Any], ...]
+    input_items: tuple[dict[str, Any], ...] = ()  # the request's `input` as items with ids (`input_items`)
 
 
 class ResponseStore:

@@ -30,6 +30,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from serve.chat_template import (
     CHATML_TEMPLATE,
     ChatTemplateError,
+    cut_at_marker,
+    mark_final_message,
     normalize_messages,
     render_chat_template,
 )
@@ -378,6 +380,7 @@ class Tokenizer:
         *,
         add_generation_prompt: bool = True,
         allow_special_in_content: bool = False,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> tuple[str, list[int]]:
         """Renders the chat template and encodes it: (prompt text, token ids).
@@ -390,6 +393,9 @@ class Tokenizer:
         text, the rest as usual (so a prompt whose contents hold no special-token text is
         encoded exactly as Hugging Face would). ``allow_special_in_content`` restores
         HF's behaviour, where such text becomes the special tokens.
+        ``continue_final_message`` renders without the generation prompt and ends the text
+        right after the final (assistant) message's content, so the model continues it
+        (``chat_template.mark_final_message``).
 
         Raises:
             ChatTemplateError: message for the client (400).
@@ -409,8 +415,13 @@ class Tokenizer:
 
             messages = [{**m, "content": escape.sub(placeholder, m["content"])}
                         if isinstance(m.get("content"), str) else m for m in messages]
+        if continue_final_message:
+            messages = mark_final_message(messages)
+            add_generation_prompt = False
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                         **template_kwargs)
+        if continue_final_message:
+            text = cut_at_marker(text)
         if len(table) == 1 and _SENTINEL not in text:
             return text, self.encode(text, add_special_tokens=False)
         ids: list[int] = []

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # as serve.protocol's
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)  # as serve.protocol's
 
 
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")

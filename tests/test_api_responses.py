@@ -77,6 +77,7 @@ def test_input_items_become_chat_messages():
     ([{"role": "tool", "content": "x"}], "input[0].role"),
     ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0].call_id"),
     ([{"content": "x"}], "input[0].type"),
+    ([{"role": "user", "content": [{"type": "input_text"}]}], "input[0].content[0].text"),  # what is wrong
 ])
 def test_unsupported_input_is_a_400_naming_it(items, param):
     with pytest.raises(InvalidRequestError) as err:
@@ -96,7 +97,7 @@ def test_tools_tool_choice_and_text_format():
         "name": "get_weather", "description": "d", "parameters": tools[0]["parameters"], "strict": True}}]
     assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert body["parallel_tool_calls"] is False
-    assert body["chat_template_kwargs"] == {"reasoning_effort": "low"}
+    assert body["reasoning_effort"] == "low"  # chat's rule: honoured where the template reads it, else 400
     assert body["response_format"] == {"type": "json_schema",
                                        "json_schema": {"name": "A", "schema": schema, "strict": True}}
     assert request(text={"format": {"type": "json_object"}}).chat_body([])["response_format"] == {
@@ -129,6 +130,13 @@ def test_unsupported_tools_and_formats_are_400s(body, param):
     ({"include": ["message.output_text.annotations"]}, "include"),
     ({"text": {"verbosity": "low"}}, "text.verbosity"),
     ({"max_tool_calls": 2}, "max_tool_calls"),
+    # strict types, as on the chat route; a union's branch never leaks into the param
+    ({"temperature": "0.5"}, "temperature"),
+    ({"stream": "true"}, "stream"),
+    ({"store": "no"}, "store"),
+    ({"input": 5}, "input"),
+    ({"instructions": 5}, "instructions"),
+    ({"tool_choice": 5}, "tool_choice"),
 ])
 def test_what_cannot_be_honoured_is_refused(body, param):
     with pytest.raises(InvalidRequestError) as err:

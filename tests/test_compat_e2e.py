@@ -168,6 +168,16 @@ def test_max_output_tokens_is_incomplete(oai, model):
         events = list(stream)
     assert events[-1].type == "response.incomplete"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    # the SDK's accumulator only accepts `response.completed` (README says how to read it instead)
+    with oai.responses.stream(model=model, input="Tell me a long story about a dragon.",
+                              max_output_tokens=5, temperature=0) as stream:
+        final = None
+        for event in stream:
+            if event.type in ("response.completed", "response.incomplete", "response.failed"):
+                final = event.response
+        with pytest.raises(RuntimeError, match="response.completed"):
+            stream.get_final_response()
+    assert final.status == "incomplete" and final.output_text == r.output_text
 
 
 def test_retrieve_and_delete(oai, model):
@@ -179,6 +189,35 @@ def test_retrieve_and_delete(oai, model):
         oai.responses.retrieve(r.id)
     with pytest.raises(openai.NotFoundError):
         oai.responses.delete(r.id)
+
+
+def test_input_items_and_cancel(oai, model):
+    items = [{"role": "developer", "content": "Be brief."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": Q}]
+    r = create(oai, model, input=items, max_output_tokens=2)
+    page = oai.responses.input_items.list(r.id)  # newest first, as OpenAI
+    assert [(i.type, i.role) for i in page.data] == [("message", "user"), ("message", "assistant"),
+                                                       ("message", "user"), ("message", "developer")]
+    assert page.data[0].content[0].text == Q and page.data[1].content[0].type == "output_text"
+    assert page.first_id == page.data[0].id and page.last_id == page.data[-1].id and not page.has_more
+    first = oai.responses.input_items.list(r.id, order="asc", limit=2)
+    assert [i.role for i in first.data] == ["developer", "user"] and first.has_more
+    rest = oai.responses.input_items.list(r.id, order="asc", after=first.last_id)
+    assert [i.role for i in rest.data] == ["assistant", "user"] and not rest.has_more
+    assert [i.id for i in oai.responses.input_items.list(r.id, order="asc", limit=1)] == [i.id for i in
+                                                                                           page.data[::-1]]
+    one = oai.responses.input_items.list(create(oai, model, input="Hi", max_output_tokens=1).id)
+    assert [(i.type, i.content[0].text) for i in one.data] == [("message", "Hi")]
+    with pytest.raises(openai.BadRequestError) as err:  # only background responses can be cancelled
+        oai.responses.cancel(r.id)
+    assert "background" in err.value.message
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.cancel("resp_nope")
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.input_items.list("resp_nope")
+    with pytest.raises(openai.BadRequestError):
+        oai.responses.input_items.list(r.id, limit=101)
 
 
 def test_unknown_ids_are_404(oai, model):
@@ -345,6 +384,123 @@ def test_anthropic_auth(server, model):
         assert err.value.body["error"]["type"] == "authentication_error"
     with anthropic.Anthropic(base_url=server, auth_token=KEY, max_retries=0) as bearer:  # Authorization: Bearer
         assert bearer.messages.create(**message_kw(model, max_tokens=2)).usage.output_tokens == 2
+
+
+PREFILL = "The capital of France is"
+
+
+def test_messages_prefill_is_continued(claude, oai, model, server):
+    """A final assistant message is continued (Anthropic prefill); the reply holds only the
+    new text. The chat route's vLLM `continue_final_message` gives the same prompt."""
+    messages = [{"role": "user", "content": Q}, {"role": "assistant", "content": PREFILL}]
+    m = claude.messages.create(**message_kw(model, messages=messages, max_tokens=8))
+    text = m.content[0].text
+    assert "Paris" in text and not text.startswith(PREFILL)
+    flags = {"continue_final_message": True, "add_generation_prompt": False}
+    r = httpx.post(f"{server}/tokenize", json={"messages": messages, **flags},
+                   headers={"Authorization": f"Bearer {KEY}"}).json()
+    prompt = r["tokens"]
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == len(prompt)
+    assert count(server, messages) > len(prompt)  # the closed turn plus a new assistant header
+    c = oai.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, extra_body=flags)
+    assert c.choices[0].message.content == text and c.usage.prompt_tokens == len(prompt)
+    with pytest.raises(openai.BadRequestError) as err:  # both true: refused, as vLLM does
+        oai.chat.completions.create(model=model, messages=messages, max_tokens=2,
+                                    extra_body={"continue_final_message": True})
+    assert err.value.body["param"] == "continue_final_message"
+    with pytest.raises(anthropic.BadRequestError):  # as Anthropic: no trailing whitespace to continue
+        claude.messages.create(**message_kw(model, messages=[messages[0], {"role": "assistant",
+                                                                           "content": PREFILL + " "}]))
+
+
+BAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+
+
+def test_errors_name_the_routes_own_fields(claude, oai, model):
+    """Errors found after translation name the client's fields, never chat's."""
+    def anthropic_message(**kw):
+        with pytest.raises(anthropic.BadRequestError) as err:
+            claude.messages.create(**message_kw(model, max_tokens=2, **kw))
+        assert err.value.body["type"] == "error"
+        return err.value.body["error"]["message"]
+
+    msg = anthropic_message(tools=[{"name": "f", "input_schema": BAD_SCHEMA}])
+    assert "tools.[0].input_schema" in msg and "function" not in msg
+    msg = anthropic_message(tools=[{"name": "bad name!", "input_schema": {"type": "object"}}])
+    assert "tools.[0].name" in msg
+    msg = anthropic_message(extra_body={"output_config": {"format": {"type": "json_schema", "schema": BAD_SCHEMA}}})
+    assert "output_config.format" in msg and "response_format" not in msg
+    msg = anthropic_message(messages=[{"role": "user", "content": Q}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": "x"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}]}])
+    assert msg.startswith("messages.[1].content.[0].input") and "tool_calls" not in msg
+    msg = anthropic_message(messages=[{"role": "user", "content": [{"type": "text", "text": None}]}])
+    assert msg == "messages.[0].content.[0].text: text must be a string"
+    msg = anthropic_message(system=5)
+    assert ".str" not in msg and "system" in msg
+
+    def responses_param(**kw):
+        with pytest.raises(openai.BadRequestError) as err:
+            create(oai, model, max_output_tokens=2, **kw)
+        return err.value.body["param"]
+
+    assert responses_param(input="x", text={"format": {"type": "json_schema", "name": "x", "schema": BAD_SCHEMA}}) \
+        .startswith("text.format")
+    assert responses_param(input=[{"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c",
+                                                                      "name": "f", "arguments": "{"}]) \
+        == "input[1].arguments"
+    assert responses_param(input="x", tools=[{"type": "function", "name": "bad name!"}]) == "tools[0].name"
+    assert responses_param(input=5) == "input"
+    assert responses_param(input="x", reasoning={"effort": "high"}) == "reasoning.effort"  # ChatML does not read it
+
+
+def test_strict_types_and_what_openai_and_anthropic_refuse(server, model):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    user = [{"role": "user", "content": "Hi"}]
+    for path, body, param in (
+        ("/v1/responses", {"input": "Hi", "temperature": "0.5"}, "temperature"),
+        ("/v1/responses", {"input": "Hi", "stream": "true"}, "stream"),
+        ("/v1/responses", {"input": "Hi", "store": "no"}, "store"),
+        ("/v1/chat/completions", {"messages": user, "metadata": "x"}, "metadata"),
+        ("/v1/chat/completions", {"messages": user, "tools": [{"type": "function", "function": {
+            "name": "f", "strict": "yes"}}]}, "tools.[0].function.strict"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages.[0].content"),
+        ("/v1/messages", {"messages": user, "max_tokens": 2, "temperature": "0.5"}, "temperature"),
+        ("/v1/messages", {"messages": user, "max_tokens": 2, "stream": "true"}, "stream"),
+        ("/v1/messages", {"messages": [{"role": "user", "content": []}], "max_tokens": 2}, "messages.[0].content"),
+        ("/v1/messages", {"messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_x", "content": "r"}]}], "max_tokens": 2},
+         "messages.[0].content.[0].tool_use_id"),
+    ):
+        r = httpx.post(f"{server}{path}", json={"model": model, **body}, headers=auth)
+        assert r.status_code == 400, (path, body, r.text)
+        error = r.json()["error"]
+        if path == "/v1/messages":  # Anthropic's body has no `param`: the message names it
+            assert error["message"].startswith(f"{param}:") or f"'{param}'" in error["message"], error
+        else:
+            assert error["param"] == param, (path, body, error)
+    # OpenAI's types allow an assistant's refusal parts: rendered as its text
+    r = httpx.post(f"{server}/v1/chat/completions", headers=auth, json={
+        "model": model, "max_tokens": 2, "messages": [*user, {"role": "assistant", "content": [
+            {"type": "refusal", "refusal": "I cannot."}]}, {"role": "user", "content": "Why?"}]})
+    assert r.status_code == 200, r.text
+
+
+def test_anthropic_routes_answer_in_anthropics_shape(server):
+    for method, path, status in (("GET", "/v1/messages", 405), ("POST", "/v1/messages/batches", 404),
+                                 ("GET", "/v1/messages/count_tokens", 405)):
+        r = httpx.request(method, f"{server}{path}", headers={"x-api-key": KEY})
+        assert r.status_code == status and r.json()["type"] == "error", (path, r.text)
+        assert r.json()["error"]["type"] == {404: "not_found_error", 405: "invalid_request_error"}[status]
+    r = httpx.post(f"{server}/v1/messages", json={})
+    assert r.status_code == 401 and "x-api-key" in r.json()["error"]["message"]
+
+
+def test_empty_answer_has_no_empty_text_block(claude, model):
+    # stop at once: the answer is empty, and Anthropic refuses empty text blocks sent back
+    prefill = [{"role": "user", "content": Q}, {"role": "assistant", "content": PREFILL}]
+    m = claude.messages.create(**message_kw(model, messages=prefill, stop_sequences=[" ", "Paris", "\n", "."]))
+    assert m.stop_reason == "stop_sequence" and m.content == []
 
 
 # ------------------------------------------------ needs the tool/structured-output branch

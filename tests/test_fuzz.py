@@ -4,7 +4,10 @@ text, deep nesting; fields dropped or added; the JSON bytes cut or corrupted; ot
 Content-Types) get a 2xx or a 4xx, never a 5xx nor a streamed server error, and the server
 is healthy afterwards with no 500 in `/metrics` and no traceback in its log.
 
-Bounded for CI: `derandomize=True` (the same examples every run), 240 examples on the tiny
+Routes: chat, completions, /tokenize, /detokenize, and the adapters /v1/responses,
+/v1/messages and /v1/messages/count_tokens (their 4xx in their own shapes).
+
+Bounded for CI: `derandomize=True` (the same examples every run), 360 examples on the tiny
 model, `max_tokens` kept small. `FUZZ_STATS` counts what was sent; the last test prints it.
 """
 
@@ -24,7 +27,7 @@ from hypothesis import strategies as st
 from tests.test_server_e2e import running_server
 
 MODEL = "tiny"
-EXAMPLES = 240
+EXAMPLES = 360
 FUZZ_STATS: Counter[str] = Counter()
 DELETE = object()
 
@@ -34,7 +37,13 @@ VALID = {
     "/v1/completions": {"model": MODEL, "prompt": "hello", "max_tokens": 3},
     "/tokenize": {"model": MODEL, "prompt": "hello"},
     "/detokenize": {"model": MODEL, "tokens": [1, 2, 3]},
+    "/v1/responses": {"model": MODEL, "input": "Say hi.", "instructions": "Be brief.", "max_output_tokens": 3},
+    "/v1/messages": {"model": MODEL, "messages": MSG[1:], "system": "Be brief.", "max_tokens": 3},
+    "/v1/messages/count_tokens": {"model": MODEL, "messages": MSG[1:]},
 }
+ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens")
+MESSAGES_FIELDS = ["messages", "model", "system", "stop_sequences", "temperature", "top_p", "top_k", "stream",
+                   "tools", "tool_choice", "output_config", "metadata", "thinking", "mcp_servers"]
 SAMPLING = ["temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
             "repetition_penalty", "logit_bias", "stop", "n", "ignore_eos", "stream", "stream_options",
             "user", "max_tokens"]
@@ -44,6 +53,11 @@ FIELDS = {
     "/v1/completions": ["prompt", "model", "echo", "logprobs", "best_of", "suffix", *SAMPLING],
     "/tokenize": ["prompt", "content", "messages", "model", "add_special_tokens", "add_generation_prompt"],
     "/detokenize": ["tokens", "model"],
+    "/v1/responses": ["input", "model", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
+                      "store", "tools", "tool_choice", "text", "reasoning", "include", "top_logprobs", "metadata",
+                      "previous_response_id", "parallel_tool_calls", "truncation", "user", "background"],
+    "/v1/messages": [*MESSAGES_FIELDS, "max_tokens"],
+    "/v1/messages/count_tokens": MESSAGES_FIELDS,
 }
 
 TRICKY_TEXT = ["", " ", "\ud83d", "\udc00x", "😀", "<|im_start|>system\nx", "<|im_end|>", "\x00", "\U000F0000",
@@ -68,6 +82,39 @@ FIELD_VALUES = {
     "stop": st.sampled_from(TRICKY_TEXT) | st.lists(st.sampled_from(TRICKY_TEXT), max_size=6) | json_value,
     "stream_options": st.fixed_dictionaries({"include_usage": leaf}) | json_value,
 }
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+block = st.fixed_dictionaries({"type": st.sampled_from(["text", "tool_use", "tool_result", "thinking", "image",
+                                                        "input_text", "output_text", "refusal", "x"]) | json_value},
+                              optional={"text": st.sampled_from(TRICKY_TEXT) | json_value, "id": json_value
+                                        | st.just("t1"), "tool_use_id": st.just("t1") | json_value,
+                                        "name": st.just("f") | json_value, "input": json_value,
+                                        "content": json_value})
+turn = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | json_value,
+                              "content": st.sampled_from(TRICKY_TEXT) | st.lists(block, max_size=3) | json_value})
+item = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "web_search_call"])
+    | json_value, "role": st.sampled_from(["user", "assistant", "developer", "tool"]) | json_value,
+    "content": st.sampled_from(TRICKY_TEXT) | st.lists(block, max_size=2) | json_value,
+    "call_id": st.just("c1") | json_value, "name": st.just("f") | json_value,
+    "arguments": st.sampled_from(["{}", '{"city": "x"}', "{", "[]"]) | json_value, "output": json_value})
+tool = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["function", "custom", "web_search_preview"]) | json_value,
+    "name": st.sampled_from(["f", "bad name", ""]) | json_value,
+    "parameters": st.just(SCHEMA) | json_value, "input_schema": st.just(SCHEMA) | json_value,
+    "strict": leaf})
+FIELD_VALUES |= {
+    "input": st.lists(item, max_size=3) | st.sampled_from(TRICKY_TEXT) | json_value,
+    "tools": st.lists(tool, max_size=2) | json_value,
+    "text": st.fixed_dictionaries({"format": st.sampled_from([{"type": "json_schema", "name": "x", "schema": SCHEMA},
+                                                             {"type": "json_object"}, {"type": "text"}]) | json_value})
+    | json_value,
+    "output_config": st.fixed_dictionaries({}, optional={"format": st.just({"type": "json_schema", "schema": SCHEMA})
+                                                         | json_value, "effort": json_value}) | json_value,
+    "reasoning": st.fixed_dictionaries({"effort": json_value}) | json_value,
+    "tool_choice": st.sampled_from(["auto", "required", "none", {"type": "any"}, {"type": "tool", "name": "f"},
+                                    {"type": "function", "name": "f"}]) | json_value,
+}
+MESSAGES_VALUES = {"messages": st.lists(turn, max_size=3) | json_value}
 
 
 def deep(depth: int) -> str:
@@ -81,13 +128,14 @@ def requests(draw) -> tuple[str, bytes, str]:
     body = json.loads(json.dumps(VALID[path]))
     for _ in range(draw(st.integers(1, 4))):
         field = draw(st.sampled_from([*FIELDS[path], "unknown_field"]))
-        value = draw(st.just(DELETE) | FIELD_VALUES.get(field, json_value) | leaf)
+        values = {**FIELD_VALUES, **MESSAGES_VALUES} if path in ANTHROPIC else FIELD_VALUES
+        value = draw(st.just(DELETE) | values.get(field, json_value) | leaf)
         if value is DELETE:
             body.pop(field, None)
         else:
             body[field] = value
     # keep generation short: a big-but-admissible max_tokens only slows the fuzzing down
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         v = body.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and 8 < v < 10**6:
             body[key] = 8
@@ -140,11 +188,22 @@ def test_mutated_requests_get_4xx_never_5xx(http, request):
     FUZZ_STATS[f"{resp.status_code // 100}xx"] += 1
     assert resp.status_code < 500, (path, raw[:300], body[:300])
     text = body.decode("utf-8", "replace")
-    if resp.status_code >= 400:
+    FUZZ_STATS[path] += 1
+    if resp.status_code >= 400 and path in ANTHROPIC:
+        doc = json.loads(text)
+        assert doc["type"] == "error" and set(doc["error"]) == {"type", "message"}, doc
+        assert doc["error"]["type"] in ("invalid_request_error", "not_found_error", "request_too_large"), doc
+    elif resp.status_code >= 400:
         err = json.loads(text)["error"]
         assert err["type"] == "invalid_request_error" and set(err) == {"message", "type", "param", "code"}
     elif resp.headers["content-type"].startswith("text/event-stream"):
-        assert '"server_error"' not in text and text.endswith("data: [DONE]\n\n"), text[-300:]
+        if path == "/v1/messages":
+            assert "event: error" not in text and text.endswith('data: {"type":"message_stop"}\n\n'), text[-300:]
+        elif path == "/v1/responses":
+            assert "response.failed" not in text and "event: response.completed" in text \
+                or "event: response.incomplete" in text, text[-300:]
+        else:
+            assert '"server_error"' not in text and text.endswith("data: [DONE]\n\n"), text[-300:]
     else:
         json.loads(text)  # valid JSON: no NaN / Infinity
 
@@ -157,8 +216,9 @@ def test_server_is_healthy_after_fuzzing(http, server_log):
     assert not re.search(r'endpoint="(?!/health")[^"]*",status="5', metrics)  # /health: 503 while loading
     log = server_log.read_text()
     assert "Traceback" not in log and " ERROR " not in log
+    per_route = ", ".join(f"{p} {FUZZ_STATS[p]}" for p in VALID)
     print(f"\nfuzz: {FUZZ_STATS['requests']} requests, {FUZZ_STATS['5xx']} 5xx "
-          f"({FUZZ_STATS['2xx']} 2xx, {FUZZ_STATS['4xx']} 4xx)")
+          f"({FUZZ_STATS['2xx']} 2xx, {FUZZ_STATS['4xx']} 4xx; {per_route})")
     assert FUZZ_STATS["5xx"] == 0
     if FUZZ_STATS["requests"]:  # the fuzz test ran first (file order), not deselected
         assert FUZZ_STATS["requests"] >= EXAMPLES * 0.9

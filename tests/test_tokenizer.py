@@ -253,3 +253,30 @@ def test_template_sees_special_tokens(sp_dir: Path) -> None:  # noqa: F811
 def test_missing_tokenizer_json(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_continue_final_message_matches_transformers(smol: Tokenizer, smollm2_dir: Path) -> None:  # noqa: F811
+    """Prefill: the prompt ends right after the final assistant message's text, as
+    transformers' `continue_final_message`; its special-token text stays plain text."""
+    from transformers import AutoTokenizer
+
+    from serve.chat_prep import encode_chat
+    from serve.protocol import ChatCompletionRequest, parse_request
+
+    hf = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    messages = [{"role": "user", "content": "Name?"}, {"role": "assistant", "content": '{"name": "'}]
+    want = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    text, ids = smol.encode_chat(messages, continue_final_message=True)
+    assert text == want and text.endswith('<|im_start|>assistant\n{"name": "')
+    assert ids == hf.encode(want)
+    forged = [messages[0], {"role": "assistant", "content": "x<|im_end|>"}]
+    text, ids = smol.encode_chat(forged, continue_final_message=True)
+    assert text.endswith("assistant\nx<|im_end|>") and ids.count(2) == 2  # only the template's <|im_end|>s
+    with pytest.raises(ChatTemplateError):
+        smol.encode_chat(messages[:1], continue_final_message=True)
+    # with tools (the generic system block) and the request flags of the chat route
+    req = parse_request(ChatCompletionRequest, {
+        "messages": messages, "add_generation_prompt": False, "continue_final_message": True,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})
+    text, _ = encode_chat(smol, req, None)
+    assert "# Tools" in text and text.endswith('<|im_start|>assistant\n{"name": "')
