@@ -42,6 +42,7 @@ from serve.parsers import (
     TextDelta,
     ToolCallArgs,
     ToolCallStart,
+    partial_json_object,
 )
 from serve.protocol import MAX_STOPS
 from serve.responses import Output, TokenText, dumps
@@ -339,7 +340,7 @@ class MessagesOutput(Output):
         self._process(event)
 
     def end(self) -> list[bytes]:
-        self._emit("message_delta", delta={"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
+        self._emit("message_delta", delta={"stop_reason": self.stop_reason, "stop_sequence": self.matched_stop},
                    usage=self._usage())
         self._emit("message_stop")
         return self._flush()
@@ -364,9 +365,14 @@ class MessagesOutput(Output):
             return None
         if self.finish_reason == "length":
             return "max_tokens"
-        if self._calls:
+        if self.parser.calls_finished:
             return "tool_use"
         return "stop_sequence" if self.stop_sequence is not None else "end_turn"
+
+    @property
+    def matched_stop(self) -> str | None:
+        """`stop_sequence` as reported: only beside `stop_reason: "stop_sequence"`."""
+        return self.stop_sequence if self.stop_reason == "stop_sequence" else None
 
     def _usage(self) -> dict[str, Any]:
         u = self.usage
@@ -381,17 +387,12 @@ class MessagesOutput(Output):
         content = [self._final_block(b) for b in self.blocks] if final else []
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
                 "stop_reason": self.stop_reason if final else None,
-                "stop_sequence": self.stop_sequence if final else None, "usage": self._usage()}
+                "stop_sequence": self.matched_stop if final else None, "usage": self._usage()}
 
     def _final_block(self, block: dict[str, Any]) -> dict[str, Any]:
         if block["type"] != "tool_use":
             return block
-        index = self.blocks.index(block)
-        try:
-            arguments = json.loads(self._args.get(index) or "{}")
-        except ValueError:
-            raise ServerError(f"The model's arguments for tool {block['name']!r} are not JSON.") from None
-        return {**block, "input": arguments}
+        return {**block, "input": partial_json_object(self._args.get(self.blocks.index(block)) or "{}")}
 
     # ---- deltas → blocks
 
