@@ -10,7 +10,7 @@ engine Events ─► ChoiceParser deltas ─► MessagesOutput ─► `message` 
 `tool_calls` (the `input` object as JSON arguments), user `tool_result` blocks
 `role: "tool"` messages; `tools` (`name`, `description`, `input_schema`) chat function
 tools; `tool_choice` auto/any/tool/none chat's auto/required/function/none;
-`stop_sequences` chat's `stop`; `output_config.format` (a JSON schema) chat's
+`stop_sequences` chat's `stop`; `output_config.format` (or the older top-level `output_format`; a JSON schema) chat's
 `response_format`. `temperature`, `top_p` and `top_k` are honoured although the newest
 SDKs no longer send them (pass them in `extra_body`). Errors on these routes use Anthropic's body
 `{"type": "error", "error": {"type", "message"}}` (`anthropic_errors`).
@@ -107,6 +107,7 @@ class MessagesRequest(BaseModel):
     mcp_servers: list[Any] | None = None
     metadata: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None
+    output_format: dict[str, Any] | None = None  # the structured-outputs beta's spelling
     stop_sequences: list[str] | None = None
     stream: bool | None = False
     system: str | list[dict[str, Any]] | None = None
@@ -151,8 +152,14 @@ class MessagesRequest(BaseModel):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         config = self.output_config or {}
-        if config.get("format") is not None:
-            body["response_format"] = chat_response_format(config["format"])
+        fmt, where = config.get("format"), "output_config.format"
+        if self.output_format is not None:  # the older beta field: the same format
+            if fmt is not None:
+                raise InvalidRequestError("Give the output format once: 'output_format' or "
+                                          "'output_config.format'.", param="output_format")
+            fmt, where = self.output_format, "output_format"
+        if fmt is not None:
+            body["response_format"] = chat_response_format(fmt, param=where)
         if config.get("effort") is not None:
             # a template variable (gpt-oss style templates read it; others ignore it)
             body["chat_template_kwargs"] = {"reasoning_effort": config["effort"]}
@@ -255,11 +262,12 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def chat_response_format(fmt: Any) -> dict[str, Any]:
-    """`output_config.format` (`{"type": "json_schema", "schema"}`) → chat `response_format`."""
+def chat_response_format(fmt: Any, *, param: str = "output_config.format") -> dict[str, Any]:
+    """`output_config.format` or the older top-level `output_format` (`param`; both
+    `{"type": "json_schema", "schema"}`) → chat `response_format`."""
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-        raise InvalidRequestError("output_config.format must be {'type': 'json_schema', 'schema': {...}}.",
-                                  param="output_config.format")
+        raise InvalidRequestError(f"{param} must be {{'type': 'json_schema', 'schema': {{...}}}}.",
+                                  param=param)
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
 
 
