@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve.chat_template import ChatTemplateError, template_variables
-from serve.constraints import compiled, grammar_for_lark, require_compiled
+from serve.constraints import check_numbers, compiled, grammar_for_lark, require_compiled
 from serve.errors import InvalidRequestError
 from serve.parsers import ChoiceParser, detect_reasoning_parser, detect_tool_parser
 from serve.protocol import ChatCompletionRequest, check_fits
@@ -188,6 +188,11 @@ def _check_schemas(tokenizer: Any, req: ChatCompletionRequest) -> None:
         if params is not None and params.get("type", "object") != "object":
             raise InvalidRequestError(f"Invalid '{param}': the parameters must be a JSON schema "
                                       "of type 'object'.", param=param)
+        try:
+            check_numbers(params, param=param)
+        except RecursionError:
+            raise InvalidRequestError(f"Invalid '{param}': the JSON schema is nested too deeply.",
+                                      param=param) from None
         item = compiled(grammar_for_lark(arguments_grammar(params), param=param), tokenizer)
         if isinstance(item, str):
             raise InvalidRequestError(f"Invalid '{param}': the JSON schema cannot be enforced: {item}",

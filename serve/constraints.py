@@ -51,7 +51,7 @@ from starlette.concurrency import run_in_threadpool
 from serve.errors import InvalidRequestError
 
 __all__ = [
-    "Constraint", "check_grammar", "close_objects", "compiled", "fill_bitmasks", "grammar_for_choice",
+    "Constraint", "check_grammar", "check_numbers", "close_objects", "compiled", "fill_bitmasks", "grammar_for_choice",
     "grammar_for_gbnf", "grammar_for_json_schema", "grammar_for_lark", "grammar_for_regex",
     "grammar_for_response_format", "grammar_for_structured_outputs", "ll_tokenizer",
     "request_grammar", "require_compiled",
@@ -93,6 +93,7 @@ def grammar_for_json_schema(schema: Any, *, param: str, whitespace: str | None =
     if not isinstance(schema, Mapping):
         raise InvalidRequestError(f"Invalid '{param}': a JSON schema must be an object.", param=param)
     try:
+        check_numbers(schema, param=param)
         closed = close_objects(schema)
         _check_min_properties(closed, param)
     except RecursionError:
@@ -120,6 +121,26 @@ def _built(build: Any, *args: Any, param: str, what: str = "the grammar", **kwar
         hint = " (numbers must fit in 64 bits)" if "not JSON serializable" in str(exc) else ""
         raise InvalidRequestError(f"Invalid '{param}': {what} cannot be enforced: {exc}{hint}",
                                   param=param) from None
+
+
+def check_numbers(value: Any, *, param: str) -> None:
+    """Every integer in a JSON schema (bounds, `enum`, `const`, `default`, …) fits in 64 bits,
+    as llguidance reads them: a larger one fails its builder, or inside a Lark `%json` turns
+    into an inexact float, silently another schema.
+
+    Raises:
+        InvalidRequestError: an integer outside [-2**63, 2**64), naming `param`.
+        RecursionError: nested deeper than Python's recursion limit.
+    """
+    if isinstance(value, Mapping):
+        for v in value.values():
+            check_numbers(v, param=param)
+    elif isinstance(value, list):
+        for v in value:
+            check_numbers(v, param=param)
+    elif isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 64:
+        raise InvalidRequestError(f"Invalid '{param}': the JSON schema holds the integer {value}, "
+                                  "beyond 64 bits; this server enforces numbers up to 2**64.", param=param)
 
 
 def _check_min_properties(schema: Any, param: str) -> None:
