@@ -10,7 +10,7 @@ engine Events ─► ChoiceParser deltas ─► MessagesOutput ─► `message` 
 `tool_calls` (the `input` object as JSON arguments), user `tool_result` blocks
 `role: "tool"` messages; `tools` (`name`, `description`, `input_schema`) chat function
 tools; `tool_choice` auto/any/tool/none chat's auto/required/function/none;
-`stop_sequences` chat's `stop`; `output_config.format` (a JSON schema) chat's
+`stop_sequences` chat's `stop`; `output_config.format` (or the older top-level `output_format`; a JSON schema) chat's
 `response_format`. `temperature`, `top_p` and `top_k` are honoured although the newest
 SDKs no longer send them (pass them in `extra_body`). Errors on these routes use Anthropic's body
 `{"type": "error", "error": {"type", "message"}}` (`anthropic_errors`).
@@ -43,6 +43,7 @@ from serve.parsers import (
     TextDelta,
     ToolCallArgs,
     ToolCallStart,
+    partial_json_object,
 )
 from serve.protocol import MAX_STOPS
 from serve.responses import Output, TokenText
@@ -112,6 +113,7 @@ class MessagesRequest(BaseModel):
     mcp_servers: list[Any] | None = None
     metadata: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None
+    output_format: dict[str, Any] | None = None  # the structured-outputs beta's spelling
     stop_sequences: list[str] | None = None
     stream: bool | None = False
     system: str | list[dict[str, Any]] | None = None
@@ -180,8 +182,14 @@ class MessagesRequest(BaseModel):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         config = self.output_config or {}
-        if config.get("format") is not None:
-            body["response_format"] = chat_response_format(config["format"])
+        fmt, where = config.get("format"), "output_config.format"
+        if self.output_format is not None:  # the older beta field: the same format
+            if fmt is not None:
+                raise InvalidRequestError("Give the output format once: 'output_format' or "
+                                          "'output_config.format'.", param="output_format")
+            fmt, where = self.output_format, "output_format"
+        if fmt is not None:
+            body["response_format"] = chat_response_format(fmt, param=where)
         if config.get("effort") is not None:
             # chat's `reasoning_effort`: honoured where the chat template reads it, else 400
             body["reasoning_effort"] = config["effort"]
@@ -338,11 +346,12 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def chat_response_format(fmt: Any) -> dict[str, Any]:
-    """`output_config.format` (`{"type": "json_schema", "schema"}`) → chat `response_format`."""
+def chat_response_format(fmt: Any, *, param: str = "output_config.format") -> dict[str, Any]:
+    """`output_config.format` or the older top-level `output_format` (`param`; both
+    `{"type": "json_schema", "schema"}`) → chat `response_format`."""
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-        raise InvalidRequestError("output_config.format must be {'type': 'json_schema', 'schema': {...}}.",
-                                  param="output_config.format")
+        raise InvalidRequestError(f"{param} must be {{'type': 'json_schema', 'schema': {{...}}}}.",
+                                  param=param)
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
 
 
@@ -423,7 +432,7 @@ class MessagesOutput(Output):
         self._process(event)
 
     def end(self) -> list[bytes]:
-        self._emit("message_delta", delta={"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
+        self._emit("message_delta", delta={"stop_reason": self.stop_reason, "stop_sequence": self.matched_stop},
                    usage=self._usage())
         self._emit("message_stop")
         return self._flush()
@@ -448,9 +457,14 @@ class MessagesOutput(Output):
             return None
         if self.finish_reason == "length":
             return "max_tokens"
-        if self._calls:
+        if self.parser.calls_finished:
             return "tool_use"
         return "stop_sequence" if self.stop_sequence is not None else "end_turn"
+
+    @property
+    def matched_stop(self) -> str | None:
+        """`stop_sequence` as reported: only beside `stop_reason: "stop_sequence"`."""
+        return self.stop_sequence if self.stop_reason == "stop_sequence" else None
 
     def _usage(self) -> dict[str, Any]:
         u = self.usage
@@ -465,17 +479,12 @@ class MessagesOutput(Output):
         content = [self._final_block(b) for b in self.blocks] if final else []
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
                 "stop_reason": self.stop_reason if final else None,
-                "stop_sequence": self.stop_sequence if final else None, "usage": self._usage()}
+                "stop_sequence": self.matched_stop if final else None, "usage": self._usage()}
 
     def _final_block(self, block: dict[str, Any]) -> dict[str, Any]:
         if block["type"] != "tool_use":
             return block
-        index = self.blocks.index(block)
-        try:
-            arguments = json.loads(self._args.get(index) or "{}")
-        except ValueError:
-            raise ServerError(f"The model's arguments for tool {block['name']!r} are not JSON.") from None
-        return {**block, "input": arguments}
+        return {**block, "input": partial_json_object(self._args.get(self.blocks.index(block)) or "{}")}
 
     # ---- deltas → blocks
 

@@ -549,7 +549,8 @@ class ResponsesOutput(Output):
                 self.finish_reason = c.finish_reason
                 if not self.items:  # an empty answer is still a message
                     self._text("")
-                self._close("incomplete" if c.finish_reason == "length" else "completed")
+                cut = c.finish_reason == "length" or self.parser.open_calls > 0
+                self._close("incomplete" if cut else "completed")
 
     def _delta(self, delta: Delta) -> None:
         if isinstance(delta, TextDelta):

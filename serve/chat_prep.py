@@ -28,10 +28,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from llguidance import LLMatcher
-
 from serve.chat_template import ChatTemplateError, template_variables
-from serve.constraints import compiled, require_compiled
+from serve.constraints import check_numbers, compiled, grammar_for_lark, require_compiled
 from serve.errors import InvalidRequestError
 from serve.parsers import ChoiceParser, detect_reasoning_parser, detect_tool_parser
 from serve.protocol import ChatCompletionRequest, check_fits
@@ -146,7 +144,7 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any,
                                reasoning=think, answer=found[0] if found else None,
                                special=special_markers(tokenizer))
         if found is None:
-            grammar = LLMatcher.grammar_from_lark(grammar)
+            grammar = grammar_for_lark(grammar, param="tools")
         _compile(tokenizer, grammar, "tools")
     else:
         if found is not None:
@@ -190,7 +188,12 @@ def _check_schemas(tokenizer: Any, req: ChatCompletionRequest) -> None:
         if params is not None and params.get("type", "object") != "object":
             raise InvalidRequestError(f"Invalid '{param}': the parameters must be a JSON schema "
                                       "of type 'object'.", param=param)
-        item = compiled(LLMatcher.grammar_from_lark(arguments_grammar(params)), tokenizer)
+        try:
+            check_numbers(params, param=param)
+        except RecursionError:
+            raise InvalidRequestError(f"Invalid '{param}': the JSON schema is nested too deeply.",
+                                      param=param) from None
+        item = compiled(grammar_for_lark(arguments_grammar(params), param=param), tokenizer)
         if isinstance(item, str):
             raise InvalidRequestError(f"Invalid '{param}': the JSON schema cannot be enforced: {item}",
                                       param=param)

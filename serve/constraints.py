@@ -51,7 +51,7 @@ from starlette.concurrency import run_in_threadpool
 from serve.errors import InvalidRequestError
 
 __all__ = [
-    "Constraint", "check_grammar", "close_objects", "compiled", "fill_bitmasks", "grammar_for_choice",
+    "Constraint", "check_grammar", "check_numbers", "close_objects", "compiled", "fill_bitmasks", "grammar_for_choice",
     "grammar_for_gbnf", "grammar_for_json_schema", "grammar_for_lark", "grammar_for_regex",
     "grammar_for_response_format", "grammar_for_structured_outputs", "ll_tokenizer",
     "request_grammar", "require_compiled",
@@ -92,11 +92,55 @@ def grammar_for_json_schema(schema: Any, *, param: str, whitespace: str | None =
         schema = {}
     if not isinstance(schema, Mapping):
         raise InvalidRequestError(f"Invalid '{param}': a JSON schema must be an object.", param=param)
-    closed = close_objects(schema)
-    _check_min_properties(closed, param)
+    try:
+        check_numbers(schema, param=param)
+        closed = close_objects(schema)
+        _check_min_properties(closed, param)
+    except RecursionError:
+        raise InvalidRequestError(f"Invalid '{param}': the JSON schema is nested too deeply.",
+                                  param=param) from None
     spacing = ({"whitespace_pattern": whitespace} if whitespace is not None
                else {"whitespace_flexible": False, "whitespace_pattern": None})
-    return LLMatcher.grammar_from_json_schema(closed, defaults=spacing, overrides=_JSON_OVERRIDES)
+    return _built(LLMatcher.grammar_from_json_schema, closed, defaults=spacing, overrides=_JSON_OVERRIDES,
+                  param=param, what="the JSON schema")
+
+
+def _built(build: Any, *args: Any, param: str, what: str = "the grammar", **kwargs: Any) -> str:
+    """`build(*args, **kwargs)` (one of llguidance's `grammar_from_*`), any exception it
+    raises on the client's input (a number beyond 64 bits: "Value is not JSON serializable",
+    a regex it cannot parse, a schema too deep) a 400 naming `param`.
+
+    Raises:
+        InvalidRequestError: the builder failed.
+    """
+    try:
+        return build(*args, **kwargs)
+    except InvalidRequestError:
+        raise
+    except Exception as exc:
+        hint = " (numbers must fit in 64 bits)" if "not JSON serializable" in str(exc) else ""
+        raise InvalidRequestError(f"Invalid '{param}': {what} cannot be enforced: {exc}{hint}",
+                                  param=param) from None
+
+
+def check_numbers(value: Any, *, param: str) -> None:
+    """Every integer in a JSON schema (bounds, `enum`, `const`, `default`, …) fits in 64 bits,
+    as llguidance reads them: a larger one fails its builder, or inside a Lark `%json` turns
+    into an inexact float, silently another schema.
+
+    Raises:
+        InvalidRequestError: an integer outside [-2**63, 2**64), naming `param`.
+        RecursionError: nested deeper than Python's recursion limit.
+    """
+    if isinstance(value, Mapping):
+        for v in value.values():
+            check_numbers(v, param=param)
+    elif isinstance(value, list):
+        for v in value:
+            check_numbers(v, param=param)
+    elif isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 64:
+        raise InvalidRequestError(f"Invalid '{param}': the JSON schema holds the integer {value}, "
+                                  "beyond 64 bits; this server enforces numbers up to 2**64.", param=param)
 
 
 def _check_min_properties(schema: Any, param: str) -> None:
@@ -164,7 +208,7 @@ def grammar_for_regex(regex: Any, *, param: str) -> str:
     """Text matching `regex` in full (Rust `regex` syntax; no look-around or backreferences)."""
     if not isinstance(regex, str):
         raise InvalidRequestError(f"Invalid '{param}': a regex must be a string.", param=param)
-    return LLMatcher.grammar_from_regex(regex)
+    return _built(LLMatcher.grammar_from_regex, regex, param=param, what="the regex")
 
 
 def grammar_for_choice(choices: Any, *, param: str) -> str:
@@ -173,14 +217,15 @@ def grammar_for_choice(choices: Any, *, param: str) -> str:
             or not all(isinstance(c, str) and c for c in choices)):
         raise InvalidRequestError(f"Invalid '{param}': must be a non-empty list of non-empty strings.",
                                   param=param)
-    return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    return _built(LLMatcher.grammar_from_lark, "start: " + " | ".join(json.dumps(c) for c in choices),
+                  param=param)
 
 
 def grammar_for_lark(text: Any, *, param: str) -> str:
     """A grammar in llguidance's Lark dialect (its `start` rule generates the output)."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidRequestError(f"Invalid '{param}': a grammar must be a non-empty string.", param=param)
-    return LLMatcher.grammar_from_lark(text)
+    return _built(LLMatcher.grammar_from_lark, text, param=param)
 
 
 def grammar_for_gbnf(text: Any, *, param: str) -> str:
@@ -197,7 +242,7 @@ def grammar_for_gbnf(text: Any, *, param: str) -> str:
     except Exception as exc:  # GbnfToLarkError and the converter's internal errors alike
         raise InvalidRequestError(f"Invalid '{param}': the GBNF grammar does not parse: {exc}",
                                   param=param) from None
-    return LLMatcher.grammar_from_lark(lark)
+    return _built(LLMatcher.grammar_from_lark, lark, param=param)
 
 
 def grammar_for_response_format(response_format: Any, *, param: str = "response_format") -> str | None:
@@ -245,6 +290,9 @@ def grammar_for_response_format(response_format: Any, *, param: str = "response_
 # vLLM's StructuredOutputsParams: the constraint keys, and the options we cannot honour.
 _SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 _SO_UNSUPPORTED = ("structural_tag", "disable_additional_properties")
+# Options: JSON whitespace, and vLLM's backend fallback (no other backend here).
+_SO_OPTIONS = ("whitespace_pattern", "disable_any_whitespace", "disable_fallback")
+_SO_KEYS = (*_SO_KINDS, *_SO_UNSUPPORTED, *_SO_OPTIONS)
 
 
 def grammar_for_structured_outputs(spec: Any, *, param: str = "structured_outputs") -> str | None:
@@ -253,7 +301,8 @@ def grammar_for_structured_outputs(spec: Any, *, param: str = "structured_output
     `whitespace_pattern` (regex between tokens) or `disable_any_whitespace: true` (none).
 
     Raises:
-        InvalidRequestError: not an object, several kinds at once, an option we do not honour.
+        InvalidRequestError: not an object, an unknown key, no kind or several at once, an
+            option we do not honour.
     """
     found = _structured_outputs(spec, param=param)
     return None if found is None else found[0]
@@ -266,6 +315,12 @@ def _structured_outputs(spec: Any, *, param: str, sep: str = ".") -> tuple[str, 
         return None
     if not isinstance(spec, Mapping):
         raise InvalidRequestError(f"Invalid '{param}': must be an object.", param=param)
+    if sep == ".":  # vLLM's object (the guided_* fields are ours to build): no unknown keys
+        unknown = [k for k in spec if k not in _SO_KEYS]
+        if unknown:
+            raise InvalidRequestError(
+                f"Unknown key '{param}.{unknown[0]}'; '{param}' takes {', '.join(_SO_KEYS)}.",
+                param=f"{param}.{unknown[0]}")
     for key in _SO_UNSUPPORTED:
         if spec.get(key) not in (None, False):
             raise InvalidRequestError(f"'{param}{sep}{key}' is not supported by this server.",
@@ -276,6 +331,8 @@ def _structured_outputs(spec: Any, *, param: str, sep: str = ".") -> tuple[str, 
         raise InvalidRequestError(f"A request may carry one output constraint; got {names}.",
                                   param=f"{param}{sep}{kinds[1]}")
     if not kinds:
+        if sep == ".":
+            raise InvalidRequestError(f"'{param}' must carry one of {', '.join(_SO_KINDS)}.", param=param)
         return None
     kind, value, where = kinds[0], spec[kinds[0]], f"{param}{sep}{kinds[0]}"
     whitespace = _whitespace(spec, param=param, sep=sep)
@@ -391,14 +448,31 @@ _cache = _Cache(CACHE_SIZE)
 
 
 def _compile(grammar: str, ll: LLTokenizer) -> LLMatcher | str:
-    """A matcher for `grammar`, or the error/warnings llguidance reports (one message)."""
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, ll)
-    if is_error or messages:
-        return "; ".join(m.strip() for m in messages) or "invalid grammar"
-    matcher = LLMatcher(ll, grammar, log_level=0)  # drops the GIL while it builds
-    if matcher.is_error():
-        return matcher.get_error()
+    """A matcher for `grammar`, or the error/warnings llguidance reports (one message).
+    A grammar whose start allows no token and is not complete (`[^\\s\\S]`, an empty
+    `enum`) can match nothing: an error too, never an empty "successful" output."""
+    try:
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, ll)
+        if is_error or messages:
+            return "; ".join(m.strip() for m in messages) or "invalid grammar"
+        matcher = LLMatcher(ll, grammar, log_level=0)  # drops the GIL while it builds
+        if matcher.is_error():
+            return matcher.get_error()
+        first = allocate_token_bitmask(1, ll.vocab_size)
+        fill_next_token_bitmask(matcher, first, 0)
+    except Exception as exc:  # llguidance's own failures on odd input: the client's grammar
+        return f"{type(exc).__name__}: {exc}"
+    if matcher.is_error() or (not matcher.is_accepting() and not _any_token(first[0], ll.vocab_size, ll.eos_tokens)):
+        detail = matcher.get_error() if matcher.is_error() else ""
+        return "it can match no output at all" + (f" ({detail.strip()})" if detail.strip() else "")
     return matcher
+
+
+def _any_token(words: np.ndarray, vocab: int, eos: Sequence[int]) -> bool:
+    """Whether a bitmask row (int32 [ceil(vocab/32)]) allows any token but the EOS ids."""
+    bits = np.unpackbits(words.view(np.uint8), count=vocab, bitorder="little")
+    bits[[e for e in eos if e < vocab]] = 0
+    return bool(bits.any())
 
 
 def compiled(grammar: str, tokenizer) -> LLMatcher | str:

@@ -242,7 +242,8 @@ class ChatOutput(Output):
     """Chat responses; each choice's text goes through its own `ChoiceParser` (reasoning,
     tool calls), so markup never reaches `content` and streamed deltas reassemble into the
     non-streamed message. A choice that called a tool and stopped ends "tool_calls"
-    ("function_call" for a legacy `functions` request)."""
+    ("function_call" for a legacy `functions` request); one whose last call was cut (max_tokens,
+    a stop string) keeps the engine's "length"/"stop", the partial call included as written."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
@@ -267,7 +268,7 @@ class ChatOutput(Output):
         deltas = parser.feed(text) if text else []
         if finish_reason is not None:
             deltas += parser.finish()
-            if finish_reason == "stop" and parser.num_calls:
+            if finish_reason == "stop" and parser.calls_finished:
                 finish_reason = "function_call" if self.legacy else "tool_calls"
         return collapse(deltas), finish_reason
 

@@ -43,6 +43,10 @@ TOOL_CALLS, PYTHON_TAG = "[TOOL_CALLS]", "<|python_tag|>"  # special-token marke
 # Same whitespace rules and strictness as response_format schemas (serve.constraints).
 _X_GUIDANCE = {"whitespace_pattern": JSON_WHITESPACE, "lenient": False}
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+# Blanks after `</think>` and after a call: bounded, so that where the grammar lets the output
+# end (the last allowed call written) the engine stops within two more tokens at most,
+# instead of letting a small model write newlines until max_tokens.
+BLANK = r"[ \t\r\n]{1,2}"
 
 
 def _lit(text: str) -> str:
@@ -192,7 +196,7 @@ def tool_grammar(
     lines += rules
     lines.append(r"TEXT: /(.|\n)*/")
     lines.append(r"THINK_TEXT: /(.|\n)*/")
-    lines.append(r"BLANK: /[ \t\r\n]+/")
+    lines.append(f"BLANK: /{BLANK}/")
     lark = "\n".join(lines) + "\n"
     if answer is not None and mode == "auto" and not parts:
         return LLMatcher.grammar_from_lark(lark)
@@ -239,6 +243,6 @@ def after_reasoning(grammar: str, reasoning: str) -> str:
         head,
         'think_end[lazy]: THINK_TEXT "</think>"',
         r"THINK_TEXT: /(.|\n)*/",
-        r"BLANK: /[ \t\r\n]+/",
+        f"BLANK: /{BLANK}/",
     ]) + "\n"
     return json.dumps({"grammars": [{"name": "reasoning", "lark_grammar": wrapper}, *parts]})

@@ -3,24 +3,49 @@ renderers see exactly the delta sequences a tool-call / reasoning parser would p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from serve.events import ChoiceOutput, Event, TokenLogprob, Usage
-from serve.parsers import Delta
+from serve.parsers import Delta, ToolCallArgs, ToolCallStart
 
 
 class ScriptedParser:
-    """`feed` returns the next scripted list of deltas (whatever the text); `finish` the tail."""
+    """`feed` returns the next scripted list of deltas (whatever the text); `finish` the tail.
+    A scripted call is whole when its arguments joined are JSON (`calls_finished`)."""
 
     def __init__(self, steps: Sequence[Sequence[Delta]], tail: Sequence[Delta] = ()) -> None:
         self.steps = [list(s) for s in steps]
         self.tail = list(tail)
+        self.args: dict[int, str] = {}
+
+    def _seen(self, deltas: list[Delta]) -> list[Delta]:
+        for d in deltas:
+            if isinstance(d, ToolCallStart):
+                self.args[d.index] = ""
+            elif isinstance(d, ToolCallArgs):
+                self.args[d.index] += d.fragment
+        return deltas
 
     def feed(self, text: str) -> list[Delta]:
-        return self.steps.pop(0) if self.steps else []
+        return self._seen(self.steps.pop(0) if self.steps else [])
 
     def finish(self) -> list[Delta]:
-        return list(self.tail)
+        return self._seen(list(self.tail))
+
+    @property
+    def open_calls(self) -> int:
+        def whole(args: str) -> bool:
+            try:
+                json.loads(args)
+            except ValueError:
+                return False
+            return True
+        return sum(not whole(a) for a in self.args.values())
+
+    @property
+    def calls_finished(self) -> bool:
+        return bool(self.args) and self.open_calls == 0
 
 
 USAGE = Usage(prompt_tokens=10, completion_tokens=0, cached_tokens=4)

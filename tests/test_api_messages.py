@@ -249,12 +249,24 @@ def test_empty_answer_has_no_blocks():
     assert not [e for e in evs if e["type"].startswith("content_block")]
 
 
-def test_bad_tool_json_is_a_server_error():
-    out = MessagesOutput("msg_1", "m", token_text, prompt_tokens=1,
-                         make_parser=lambda: ScriptedParser([[ToolCallStart(0, "t", "f"), ToolCallArgs(0, "{")]]))
-    out.add(0, events(1)[0])
-    with pytest.raises(ServerError):
-        out.response()
+@pytest.mark.parametrize("finish, stop_sequence, reason", [
+    ("length", None, "max_tokens"), ("stop", "Par", "stop_sequence")])
+@pytest.mark.parametrize("args, value", [('{"city": "', {}), ('{"city": "Paris", "days": [1', {"city": "Paris", "days": [1]})])
+def test_a_cut_tool_call_keeps_the_engine_reason(finish, stop_sequence, reason, args, value):
+    """QA finding 2: a tool_use cut by max_tokens or a stop sequence is never `tool_use` nor a
+    500; its input is what the SDK makes of the streamed partial JSON, on both paths."""
+    steps = [[ToolCallStart(0, "toolu_a", "get_weather"), ToolCallArgs(0, args)]]
+    evs, message, snapshot = render(steps, finish=finish, stop_sequence=stop_sequence)
+    assert message["stop_reason"] == reason and message["stop_sequence"] == stop_sequence
+    assert evs[-2]["delta"] == {"stop_reason": reason, "stop_sequence": stop_sequence}
+    assert message["content"] == [{"type": "tool_use", "id": "toolu_a", "name": "get_weather", "input": value}]
+    assert snapshot.model_dump(exclude_none=True) == Message.model_validate(message).model_dump(exclude_none=True)
+
+
+def test_whole_calls_cut_by_a_stop_sequence_are_tool_use():
+    steps = [[ToolCallStart(0, "toolu_a", "get_weather"), ToolCallArgs(0, '{"city": "Paris"}')]]
+    evs, message, _ = render(steps, stop_sequence="</tool_call>")
+    assert message["stop_reason"] == "tool_use" and message["stop_sequence"] is None
 
 
 def test_error_mid_stream_is_an_error_event():

@@ -276,6 +276,18 @@ def test_max_output_tokens_is_incomplete():
     assert body["output"][0]["status"] == "incomplete"
 
 
+@pytest.mark.parametrize("finish", ["length", "stop"])
+def test_a_cut_function_call_is_an_incomplete_item(finish):
+    """QA findings 3, 5: a call cut by max_output_tokens (or a stop) is left `incomplete`,
+    never presented as a completed call; the whole call before it stays completed."""
+    steps = [[ToolCallStart(0, "call_a", "f"), ToolCallArgs(0, "{}")],
+             [ToolCallStart(1, "call_b", "g"), ToolCallArgs(1, '{"city": "Pa')]]
+    evs, _, body = render(steps, finish=finish)
+    assert [(i["call_id"], i["status"]) for i in body["output"]] == [("call_a", "completed"), ("call_b", "incomplete")]
+    assert body["status"] == ("incomplete" if finish == "length" else "completed")
+    assert same(evs[-1]["response"], body)
+
+
 def test_empty_answer_is_an_empty_message():
     evs, _, body = render([[]], n=1)
     assert body["output"][0]["content"][0]["text"] == ""

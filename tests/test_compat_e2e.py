@@ -574,3 +574,54 @@ def test_agents_sdk_with_a_function_tool(server, model):
                   model_settings=ModelSettings(temperature=0, tool_choice="required", max_tokens=80))
     result = run_agent(server, agent, "What's the weather in Paris?", max_turns=4)
     assert calls and result.final_output
+
+
+@needs_tools
+@pytest.mark.parametrize("cut, reason", [({"stop_sequences": ["Par"]}, "stop_sequence"),
+                                         ({"max_tokens": 14}, "max_tokens")])
+def test_messages_tool_use_cut_short_keeps_the_reason(claude, model, cut, reason):
+    """QA finding 2: a stop sequence or max_tokens inside a forced tool_use is a 200 with the
+    cut's stop_reason, never tool_use nor a 500, the same streamed and not."""
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                      "required": ["city"]}}]
+    kw = message_kw(model, tools=tools, tool_choice={"type": "any"},
+                    messages=[{"role": "user", "content": "Weather in Paris?"}], **{"max_tokens": 60, **cut})
+    m = claude.messages.create(**kw)
+    assert m.stop_reason == reason
+    assert m.stop_sequence == ("Par" if reason == "stop_sequence" else None)
+    with claude.messages.stream(**kw) as stream:
+        streamed = stream.get_final_message()
+    assert (streamed.stop_reason, streamed.stop_sequence) == (m.stop_reason, m.stop_sequence)
+    assert [b.model_dump(exclude={"id"}) for b in streamed.content] == [b.model_dump(exclude={"id"}) for b in m.content]
+    assert all(b.type != "text" or "<tool" not in b.text for b in m.content)
+
+
+@needs_tools
+def test_messages_output_format_is_honoured(claude, model):
+    """QA finding 8: the structured-outputs beta's top-level `output_format` shapes the
+    answer as `output_config.format` does; both at once is a 400."""
+    fmt = {"type": "json_schema", "schema": {"type": "object", "properties": {"capital": {"type": "string",
+                                                                                          "maxLength": 30}},
+                                             "required": ["capital"], "additionalProperties": False}}
+    m = claude.messages.create(**message_kw(model, max_tokens=40, extra_body={"temperature": 0, "output_format": fmt}))
+    assert set(json.loads(m.content[0].text)) == {"capital"}
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(**message_kw(model, extra_body={"output_format": fmt, "output_config": {"format": fmt}}))
+
+
+@needs_tools
+@pytest.mark.parametrize("route", ["messages.input_schema", "messages.output_format", "responses.text.format",
+                                   "responses.tools"])
+def test_huge_numbers_in_schemas_are_400s(claude, oai, model, route):
+    """QA finding 1: an integer beyond 64 bits in any schema is a 400 on every route."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 10 ** 30}}}
+    if route.startswith("messages"):
+        extra = ({"output_format": {"type": "json_schema", "schema": schema}} if route.endswith("output_format")
+                 else {"tools": [{"name": "f", "input_schema": schema}], "tool_choice": {"type": "any"}})
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.create(**message_kw(model, extra_body=extra))
+        return
+    kw = ({"text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}} if route.endswith("format")
+          else {"tools": [{"type": "function", "name": "f", "parameters": schema}], "tool_choice": "required"})
+    with pytest.raises(openai.BadRequestError):
+        create(oai, model, input="hi", **kw)

@@ -52,7 +52,7 @@ def _error(**fields) -> InvalidRequestError:
 def test_text_and_absent_mean_unconstrained():
     assert request_grammar() is None
     assert request_grammar(response_format={"type": "text"}) is None
-    assert request_grammar(structured_outputs={}) is None
+    assert request_grammar(guided={"json": None, "regex": None}) is None
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -109,11 +109,55 @@ def test_every_source_gives_a_grammar_that_compiles(fields, param):
     ({"grammar": "   "}, "grammar", "non-empty"),
     ({"guided": {"regex": "a", "choice": ["a"]}}, "guided_choice", "one output constraint"),
     ({"guided": {"json": {}, "whitespace_pattern": 3}}, "guided_whitespace_pattern", "string"),
+    # QA finding 8: a misspelled key or an empty object is never a silently free output
+    ({"structured_outputs": {"regexp": "a"}}, "structured_outputs.regexp", "Unknown key"),
+    ({"structured_outputs": {"json": {}, "whitespace": " "}}, "structured_outputs.whitespace", "Unknown key"),
+    ({"structured_outputs": {}}, "structured_outputs", "must carry one of"),
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs", "must carry one of"),
+    # QA finding 7: a constraint that can match nothing
+    ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs.regex", "match no output"),
+    ({"grammar": 'root ::= [^\\x00-\\U0010FFFF]'}, "grammar", ""),
 ])
 def test_malformed_constraints_are_400s_naming_the_field(fields, param, words):
     err = _error(**fields)
     assert err.param == param
     assert words in err.message
+
+
+BIG = 10 ** 30  # beyond 64 bits: llguidance's builder raises ValueError ("not JSON serializable")
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "maxItems": BIG}, {"type": "string", "maxLength": BIG}, {"type": "integer", "minimum": BIG},
+    {"type": "number", "multipleOf": BIG}, {"enum": [BIG]}, {"const": BIG}, {"type": "integer", "default": BIG},
+    {"type": "object", "properties": {"a": {"type": "integer", "maximum": -BIG}}},
+])
+@pytest.mark.parametrize("source, param", [
+    ("response_format", "response_format"), ("structured_outputs", "structured_outputs.json"),
+    ("json_schema", "json_schema"), ("guided", "guided_json"),
+])
+def test_huge_numbers_in_a_schema_are_400s(schema, source, param):
+    """QA finding 1: any failure of llguidance's builders on client input is a 400."""
+    value = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+             "structured_outputs": {"json": schema}, "json_schema": schema, "guided": {"json": schema}}[source]
+    err = _error(**{source: value})
+    assert err.param == param
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"regex": "a{99999999999999999999}"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": "start: /(/"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"choice": ["\ud800"]}}, "structured_outputs.choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(?=a)"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "minLength": 1.5}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "maxLength": -1}}}},
+     "response_format"),
+])
+def test_odd_values_are_400s_naming_the_field(fields, param):
+    assert _error(**fields).param == param
 
 
 @pytest.mark.parametrize("schema, keyword", [

@@ -367,3 +367,24 @@ def test_two_constraints_are_a_400(base_url):
         "structured_outputs": {"regex": "[0-9]+"}})
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "structured_outputs.regex"
+
+
+@pytest.mark.parametrize("extra, param", [
+    # QA finding 1: llguidance's builder failing on a huge integer was a 500
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "maxItems": 10 ** 30}}}}, "response_format"),
+    ({"structured_outputs": {"json": {"const": 2 ** 70}}}, "structured_outputs.json"),
+    # QA finding 7: a constraint that can match nothing was a 200 with empty content
+    ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs.regex"),
+    # QA finding 8: a misspelled key and an empty object were silently unconstrained
+    ({"structured_outputs": {"regexp": "a"}}, "structured_outputs.regexp"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+])
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_constraints_that_cannot_be_honoured_are_named_400s(client, extra, param, endpoint):
+    with pytest.raises(openai.BadRequestError) as info:
+        if endpoint == "chat":
+            client.chat.completions.create(model=MODEL, messages=_messages("x"), max_tokens=3, extra_body=extra)
+        else:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=3, extra_body=extra)
+    assert info.value.body["param"] == param, info.value.body

@@ -247,6 +247,14 @@ def test_legacy_functions(client):
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),  # ChatML does not read it
+    # QA finding 1: llguidance's failures on client input are 400s, never 500s
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "array", "maxItems": 10 ** 30}}}}}],
+      "tool_choice": "auto"}, "tools.[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"enum": [10 ** 30]}}}}}]}, "tools.[0].function.parameters"),
+    ({"tools": TOOLS, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer", "minimum": 10 ** 30}}}}, "response_format"),
 ])
 def test_bad_requests_name_the_param(client, body, param):
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
@@ -255,3 +263,77 @@ def test_bad_requests_name_the_param(client, body, param):
         client.chat.completions.create(model=MODEL, extra_body=extra, **body)
     assert exc.value.status_code == 400
     assert exc.value.body["param"] == param, exc.value.body
+
+
+
+# ------------------------------------------------------------ calls cut by max_tokens or a stop
+
+
+def _both(client, prompt, **kw):
+    """(non-streamed choice, (content, calls, finish) reassembled from the stream)."""
+    whole = _chat(client, prompt, **kw).choices[0]
+    return whole, _reassemble(_chat(client, prompt, stream=True, **kw))
+
+
+def _json_ok(text):
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("cut", [{"stop": ["Par"]}, {"max_tokens": 17}])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_call_cut_short_keeps_the_engine_reason(client, cut, tool_choice):
+    """QA finding 3: a stop string or max_tokens that cuts a call reports "stop"/"length",
+    never "tool_calls"; the partial call is kept as written (as OpenAI does for length)."""
+    whole, (content, calls, finish) = _both(client, PROMPTS[0], tool_choice=tool_choice, **cut)
+    reason = "stop" if "stop" in cut else "length"
+    assert whole.finish_reason == finish == reason
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "get_weather" and not _json_ok(call.function.arguments)
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", call.function.arguments)]
+    assert not whole.message.content and not content
+
+
+def test_legacy_function_call_cut_by_a_stop_is_stop(client):
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPTS[0]}],
+        functions=[t["function"] for t in TOOLS], function_call={"name": "get_weather"},
+        temperature=0, max_tokens=60, stop=["Par"])
+    assert resp.choices[0].finish_reason == "stop"
+    assert not _json_ok(resp.choices[0].message.function_call.arguments)
+
+
+def test_max_tokens_between_parallel_calls_leaks_no_markup(client):
+    """QA finding 5: wherever max_tokens cuts after a whole call (in the blank, inside the
+    next "<tool_call>"), content stays empty; whole calls keep valid JSON; finish is length."""
+    prompt = "What's the weather in Paris and the time in Tokyo?"
+    one = _chat(client, prompt, tool_choice="required", parallel_tool_calls=False)
+    assert one.choices[0].finish_reason == "tool_calls"
+    n = one.usage.completion_tokens  # the first call (the grammar then allows only EOS)
+    for max_tokens in range(n, n + 7):
+        whole, (content, calls, finish) = _both(client, prompt, tool_choice="required", parallel_tool_calls=True,
+                                                max_tokens=max_tokens)
+        assert not whole.message.content and not content, max_tokens
+        assert finish == whole.finish_reason
+        if whole.finish_reason == "length":
+            first = whole.message.tool_calls[0]
+            assert first.function.arguments == one.choices[0].message.tool_calls[0].function.arguments
+        assert [c["arguments"] for c in calls] == [c.function.arguments for c in whole.message.tool_calls]
+
+
+def test_auto_with_one_call_ends_after_it(client):
+    """QA finding 4 (its repro): tool_choice auto without parallel_tool_calls ends after the
+    call's closing tag instead of writing newlines until max_tokens."""
+    resp = client.chat.completions.create(
+        model=MODEL, max_tokens=300, seed=0, temperature=0.8,
+        logit_bias={"44": 4, "19324": 6, "79": 6, "4350": 6, "46": 6},
+        messages=[{"role": "system", "content": "You MUST answer by calling a tool using <tool_call>."},
+                  {"role": "user", "content": "Call get_weather for Paris now."}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}])
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert resp.usage.completion_tokens < 60

@@ -144,3 +144,36 @@ def test_special_token_markers(tok):
     llama = tool_grammar("llama3_json", FUNCS, mode="required", special={"<|python_tag|>": 3})
     body = tok.encode('{"name": "ping", "parameters": {}}', add_special_tokens=False)
     assert accepts(llama, [3, *body]) and accepts(llama, body)
+
+
+ONE_CALL = {
+    "hermes": '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>',
+    "generic": '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>',
+    "llama3_json": '{"name": "ping", "parameters": {}}',
+    "mistral": '[{"name": "ping", "arguments": {}}]',
+    "pythonic": "[ping()]",
+}
+
+
+@pytest.mark.parametrize("mode", ["auto", "required", "named"])
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("family", sorted(ONE_CALL))
+def test_output_ends_after_the_last_allowed_call(tok, family, mode, parallel):
+    """QA finding 4: once the last call the grammar allows is written (one call without
+    parallel_tool_calls, or a closed call list), EOS is allowed and at most two blanks may
+    follow: never newlines until max_tokens."""
+    if parallel and family in ("hermes", "generic"):
+        return  # parallel hermes calls are open-ended: another call (or text, in auto) may follow
+    funcs = [("ping", None), ("get_weather", WEATHER)] if mode == "named" else FUNCS
+    lark = tool_grammar(family, funcs, mode=mode, parallel=parallel)
+    ll = ll_tokenizer(tok)
+    m = LLMatcher(ll, LLMatcher.grammar_from_lark(lark), log_level=0)
+    assert m.consume_tokens(tok.encode(ONE_CALL[family], add_special_tokens=False))
+    assert m.is_accepting()
+    newline = tok.encode("\n", add_special_tokens=False)
+    blanks = 0
+    while not m.is_stopped() and m.validate_tokens(newline) == 1:
+        assert m.consume_tokens(newline)
+        blanks += 1
+        assert blanks <= 2, "unbounded blanks after the last call"
+    assert m.is_accepting()  # EOS allowed wherever the blanks end

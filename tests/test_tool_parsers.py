@@ -17,6 +17,7 @@ from serve.parsers import (
     collapse,
     detect_reasoning_parser,
     detect_tool_parser,
+    partial_json_object,
 )
 
 
@@ -202,3 +203,58 @@ def test_fuzzed_outputs_parse_the_same_in_any_split(family):
         assert {d.index for d in whole if isinstance(d, ToolCallArgs)} <= starts
 
     check()
+
+
+def _finished(text, family):
+    p = _parser(family)
+    p.feed(text)
+    p.finish()
+    return p.calls_finished, p.open_calls
+
+
+@pytest.mark.parametrize("family,text,finished,open_calls", [
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {"city": "Pa', False, 1),
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {"city": "Paris"}}\n</tool_call>', True, 0),
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {"city": "Paris"}}\n</tool_', True, 0),
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g", '
+               '"arguments": {"x"', False, 1),
+    ("llama3_json", '{"name": "f", "parameters": {"a": [1, 2', False, 1),
+    ("llama3_json", '{"name": "f", "parameters": {"a": 1}}', True, 0),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": ', False, 1),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1}', True, 0),
+    ("mistral", '[{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {', False, 1),
+    ("pythonic", "[f(a=1), g(b=", False, 0),
+    ("pythonic", "[f(a=1)]", True, 0),
+    ("hermes", "no call at all", False, 0),
+])
+def test_cut_calls_are_not_finished(family, text, finished, open_calls):
+    """QA findings 2, 3, 5: a call cut by max_tokens or a stop string is open, and the
+    renderers then report the engine's reason instead of tool_calls."""
+    assert _finished(text, family) == (finished, open_calls)
+
+
+@pytest.mark.parametrize("family,text,content", [
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_', ""),
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<', ""),
+    ("hermes", "Let me check. <tool_", "Let me check. "),
+    ("hermes", "a <", "a <"),
+    ("llama3_json", "Calling <|python", "Calling "),
+])
+def test_a_cut_trigger_never_reaches_content(family, text, content):
+    """QA finding 5: "<tool_" at the end of a cut output is markup, not text."""
+    out = _all_splits_agree(text, family=family)
+    assert "".join(d.text for d in out if isinstance(d, TextDelta)) == content
+
+
+@pytest.mark.parametrize("text,value", [
+    ('{"city": "Paris"}', {"city": "Paris"}),
+    ('{"city": "Pa', {}),
+    ('{"a": 1, "b": [2, "x', {"a": 1, "b": [2]}),
+    ('{"a": {"b": 1}, "c"', {"a": {"b": 1}}),
+    ('{"a": tr', {}),
+    ('{"a": 12', {"a": 12}),
+    ("", {}),
+    ("[1, 2]", {}),
+])
+def test_partial_json_object(text, value):
+    assert partial_json_object(text) == value

@@ -28,6 +28,7 @@ from serve.parsers.deltas import (
     ToolCallStart,
     collapse,
 )
+from serve.parsers.json_call import partial_json_object
 from serve.parsers.reasoning import ReasoningSplitter
 from serve.parsers.tool_calls import TOOL_PARSERS, ToolCallParser
 
@@ -44,6 +45,7 @@ __all__ = [
     "detect_reasoning_parser",
     "detect_tool_parser",
     "new_call_id",
+    "partial_json_object",
 ]
 
 REASONING_PARSERS = ("think",)
@@ -130,3 +132,16 @@ class ChoiceParser:
     def num_calls(self) -> int:
         """Tool calls started so far."""
         return self.tools.num_calls if self.tools is not None else 0
+
+    @property
+    def calls_finished(self) -> bool:
+        """Some tool call was written and every call started came to its end: the turn
+        ended to call tools. Renderers report `tool_calls`/`tool_use` only when this holds
+        and the engine stopped (not `length`); a call cut by max_tokens or a stop string
+        keeps the engine's reason."""
+        return self.tools is not None and self.tools.num_calls > 0 and self.tools.open_calls == 0
+
+    @property
+    def open_calls(self) -> int:
+        """Calls started whose arguments were cut short."""
+        return self.tools.open_calls if self.tools is not None else 0

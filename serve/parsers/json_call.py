@@ -10,6 +10,7 @@ keys are skipped.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 _WS = " \t\r\n"
 
@@ -161,3 +162,54 @@ def _string(literal: str, raw: str) -> str:
         return json.loads(literal)
     except ValueError:
         raise NotACall(raw) from None
+
+
+def partial_json_object(text: str) -> dict[str, Any]:
+    """The object a (possibly cut) JSON object text holds so far, as Anthropic's SDK reads a
+    streamed `input_json_delta` (jiter's `partial_mode=True`): containers still open are
+    closed, and a member whose key or value is unfinished (an open string, `tr` of `true`)
+    is left out. Text that is no object prefix at all gives `{}`.
+
+    Args:
+        text: a tool call's arguments as written, e.g. `{"city": "Pa` → `{}`,
+            `{"a": 1, "b": [2, "x` → `{"a": 1, "b": [2]}`.
+    """
+    try:
+        value = json.loads(text)
+        return value if isinstance(value, dict) else {}
+    except ValueError:
+        pass
+    # Positions where the text may be cut and closed: after a finished value or an opener,
+    # outside strings; with the closers the open containers need there.
+    stack: list[str] = []
+    in_str = esc = False
+    cuts: list[tuple[int, str]] = []
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+                cuts.append((i + 1, "".join(reversed(stack))))
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+            cuts.append((i + 1, "".join(reversed(stack))))
+        elif ch in "}]":
+            if stack:
+                stack.pop()
+            cuts.append((i + 1, "".join(reversed(stack))))
+        elif ch.isalnum():
+            cuts.append((i + 1, "".join(reversed(stack))))
+    for end, closers in reversed(cuts):
+        try:
+            value = json.loads(text[:end] + closers)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}

@@ -19,7 +19,10 @@ triggers cover that case.
 Text before a call goes out as `TextDelta`; whitespace after a call is dropped unless more
 text follows. Markup never reaches the text: a trigger is held back until it is complete;
 text after a trigger that is not a call (prose, broken JSON) goes out as text with its
-trigger; a call cut short before its name (max_tokens) is dropped. JSON calls stream their arguments while they are written; pythonic calls are
+trigger; a call cut short before its name (max_tokens, a stop string) is dropped, and so is
+a trigger cut short at the end ("<tool_"; a lone "<" stays text unless calls came before).
+A call cut after its name is kept, with the arguments written so far, and counted in
+`open_calls` (the renderers then report the cut, never a finished call). JSON calls stream their arguments while they are written; pythonic calls are
 emitted when the list closes.
 """
 
@@ -43,10 +46,15 @@ class _Calls:
     def __init__(self, new_id: Callable[[], str]) -> None:
         self.new_id = new_id
         self.count = 0
+        self.complete: set[int] = set()  # calls whose arguments were written to the end
 
     def start(self, name: str) -> ToolCallStart:
         self.count += 1
         return ToolCallStart(self.count - 1, self.new_id(), name)
+
+    def close(self, index: int) -> None:
+        """Call `index`'s arguments are whole (a complete JSON value)."""
+        self.complete.add(index)
 
 
 class _JsonCall:
@@ -58,6 +66,7 @@ class _JsonCall:
         self.scan = JsonCallScanner()
         self.index: int | None = None
         self.sent = 0  # argument characters already emitted
+        self.broken = False
 
     def feed(self, text: str) -> tuple[list[Delta], int]:
         """Returns the deltas and how much of `text` belonged to this object (raises
@@ -68,8 +77,8 @@ class _JsonCall:
         except NotACall:
             if self.scan.name is None:
                 raise
-            # Broken JSON after the name: the call ends where the JSON broke.
-            used, self.scan.done = len(self.scan.raw) - before, True
+            # Broken JSON after the name: the call ends where the JSON broke (not whole).
+            used, self.scan.done, self.broken = len(self.scan.raw) - before, True, True
         out: list[Delta] = []
         if self.index is None and self.scan.name is not None:
             start = self.calls.start(self.scan.name)
@@ -82,6 +91,8 @@ class _JsonCall:
                 self.sent = len(args)
             elif self.scan.done:
                 out.append(ToolCallArgs(self.index, self.scan.final_args()))
+            if self.scan.done and not self.broken:
+                self.calls.close(self.index)
         if self.scan.done and self.index is None:
             raise NotACall(self.scan.raw)  # an object without a name
         return [d for d in out if not isinstance(d, ToolCallArgs) or d.fragment], used
@@ -225,6 +236,7 @@ class _ArgsBody(_Body):
     """A known name, then its JSON arguments value (Mistral's `[ARGS]` form)."""
 
     def __init__(self, calls: _Calls, name: str) -> None:
+        self.calls = calls
         self.start = calls.start(name)
         self.scan = JsonCallScanner(name_keys=(), args_keys=())
         self.started = False
@@ -237,6 +249,7 @@ class _ArgsBody(_Body):
         try:
             used = self.scan.feed(text)
         except NotACall:  # not an object: empty arguments, the rest is text
+            self.calls.close(self.start.index)
             rest = self.scan.raw + text[len(self.scan.raw) - before:]
             return out + [ToolCallArgs(self.start.index, "{}")], rest.lstrip(_WS)
         fragment = text[:used]
@@ -245,10 +258,15 @@ class _ArgsBody(_Body):
             self.begun = bool(fragment)
         if fragment:
             out.append(ToolCallArgs(self.start.index, fragment))
+        if self.scan.done:
+            self.calls.close(self.start.index)
         return out, (text[used:] if self.scan.done else None)
 
     def finish(self) -> list[Delta]:
-        return [] if self.started else [self.start, ToolCallArgs(self.start.index, "{}")]
+        if self.started:
+            return []
+        self.calls.close(self.start.index)
+        return [self.start, ToolCallArgs(self.start.index, "{}")]
 
 
 class _PythonicBody(_Body):
@@ -300,6 +318,7 @@ class _PythonicBody(_Body):
         out: list[Delta] = []
         for name, args in parsed:
             start = self.calls.start(name)
+            self.calls.close(start.index)
             out += [start, ToolCallArgs(start.index, args)]
         return out
 
@@ -442,14 +461,23 @@ class ToolCallParser:
             except NotACall:
                 out += self._not_a_call()
                 out += self.feed("")
-        if self.buf and not self.after_call:
-            out.append(TextDelta(self.buf))
+        text = "" if self.after_call else self.buf
+        hold = _partial_suffix(text, self.triggers)
+        if hold >= 2 or (hold and self.calls.count):
+            text = text[:len(text) - hold]  # a trigger cut short (max_tokens, a stop string): markup
+        if text:
+            out.append(TextDelta(text))
         self.buf = ""
         return out
 
     @property
     def num_calls(self) -> int:
         return self.calls.count
+
+    @property
+    def open_calls(self) -> int:
+        """Calls started whose arguments did not come to an end (the output was cut)."""
+        return self.calls.count - len(self.calls.complete)
 
 
 def _partial_suffix(text: str, triggers: tuple[str, ...]) -> int:
