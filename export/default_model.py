@@ -154,9 +154,9 @@ def _ensure_hf(root: Path, gguf_path: Path, progress: bool) -> Path:
 def _ensure_export(root: Path, hf_dir: Path, variant: str, progress: bool) -> Path:
     out = root / f"{DEFAULT_NAME}-{variant}"
     if (out / "llorch.json").is_file() and (out / "model.onnx").is_file():
-        try:  # exports older than the batch-invariant W8A8 graph and the int8 KV cache
+        try:  # exports older than the batch-invariant W8A8 graph, or with another KV type
             graph = json.loads((out / "llorch.json").read_text()).get("graph", {})
-            current = "w8a8_row_invariant" in graph and "kv_cache_scales" in graph
+            current = "w8a8_row_invariant" in graph and graph.get("kv_dtype") == "float32"
         except (OSError, ValueError):
             current = False
         if current:

@@ -44,7 +44,7 @@ def _export_parser(sub) -> None:
                    help="cpu: the KV cache's element type; fp16 halves it but decodes about "
                    "2x slower (ONNX Runtime widens it every step), int8 quarters it at the same "
                    "speed (per-channel scales calibrated at export; perplexity +0.2%% on the "
-                   "default model) (default: int8 for int4 exports, else fp32)")
+                   "default model, but some greedy answers change) (default: fp32)")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="coreml: tokens per call of the static prefill graph (default: 64)")
     p.add_argument("--w8a8-graph", action=argparse.BooleanOptionalAction, default=None,

@@ -126,11 +126,12 @@ def _file_bytes(model_dir: Path) -> int:
 
 
 def _kv_estimate(info: ModelInfo | None, options: ServeOptions) -> int:
-    """K and V for every layer and slot at full length: fp16 graphs keep a 2-byte cache,
-    the others 4 bytes."""
+    """K and V for every layer and slot at full length, in the export's KV element type
+    (llorch.json `graph.kv_dtype`: int8 1 byte, fp16 2; else fp16 graphs 2 bytes, others 4)."""
     if info is None:
         return 0
-    width = 2 if info.precision == "fp16" else 4
+    kv_dtype = (info.graph or {}).get("kv_dtype")
+    width = {"int8": 1, "float16": 2, "float32": 4}.get(kv_dtype, 2 if info.precision == "fp16" else 4)
     length = options.max_length or info.max_length
     return 2 * info.num_layers * info.num_kv_heads * info.head_dim * length * options.max_batch * width
 
