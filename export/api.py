@@ -30,7 +30,7 @@ from export.linear import SMOOTH_ALPHA, quantized_linear
 from export.onnx_builder import GraphBuilder
 from export.quant import dequantize_blocks
 from export.sources import GGUFSource, HFSource, open_source, validate
-from export.spec import W8A8_DOWN_PROJ_ACCURACY_LEVEL, GraphSpec
+from export.spec import GraphSpec
 
 W8A8_FILE = "model_w8a8.onnx"  # the int8-GEMM companion graph (export.linear.w8a8_linear)
 CUDA_GRAPH_FILE = "model_decode_static.onnx"  # --target cuda: the capturable decode graph
@@ -363,8 +363,8 @@ def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, rep
             # (serve decodes every step on it: batch-invariant by construction)
             # (measured with its MatMulNBits lm_head at accuracy level 4)
             "w8a8_row_invariant": plan.w8a8_graph and spec.accuracy_level == 4
-            and spec.lm_head_bits != 0,
-            "w8a8_down_proj_accuracy_level": W8A8_DOWN_PROJ_ACCURACY_LEVEL
+            and spec.lm_head_bits != 0 and spec.down_proj_accuracy_level in (4, None),
+            "w8a8_down_proj_accuracy_level": spec.down_proj_accuracy_level
             if plan.w8a8_graph else None,
             "cuda_graph": CUDA_GRAPH_FILE if spec.target == "cuda" else None,
         },

@@ -156,7 +156,8 @@ def _ensure_export(root: Path, hf_dir: Path, variant: str, progress: bool) -> Pa
     if (out / "llorch.json").is_file() and (out / "model.onnx").is_file():
         try:  # exports older than the batch-invariant W8A8 graph, or with another KV type
             graph = json.loads((out / "llorch.json").read_text()).get("graph", {})
-            current = "w8a8_row_invariant" in graph and graph.get("kv_dtype") == "float32"
+            current = ("w8a8_row_invariant" in graph and graph.get("kv_dtype") == "float32"
+                       and graph.get("w8a8_down_proj_accuracy_level") in (0, None))
         except (OSError, ValueError):
             current = False
         if current:

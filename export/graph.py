@@ -22,7 +22,7 @@ from export.graph_attention import (
 )
 from export.linear import linear
 from export.onnx_builder import GraphBuilder
-from export.spec import W8A8_DOWN_PROJ_ACCURACY_LEVEL, GraphContext, GraphSpec, Weights
+from export.spec import GraphContext, GraphSpec, Weights
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -155,14 +155,14 @@ def mlp(ctx: GraphContext, h: str) -> str:
     prod = g.op("Mul", [act, up], name=f"{n}/Mul")
     # down_proj's input (SiLU(gate) * up) carries the activation outliers that int8
     # quantization (accuracy_level 4) distorts most; it gets its own accuracy level.
-    # The W8A8 graph keeps it as MatMulNBits (per-token int8 is what hurts it most, smoothed
-    # or not: smoothed int8 down_proj doubled the graph's KL to fp32, 0.0055 → 0.0117), at
-    # accuracy level 4 (int8 compute over blocks of 32): level 0 has a one-row kernel whose
-    # rounding differs from the many-row one, the only op of the W8A8 graph whose rows depend
-    # on their batch mates (measured op by op), so with level 4 a sequence's logits are the
-    # same bit for bit alone, in any batch and in any prefill chunk, and the W8A8 graph can
-    # decode every step (perplexity 14.846 → 14.884, default model).
-    level = W8A8_DOWN_PROJ_ACCURACY_LEVEL if ctx.spec.w8a8 else ctx.spec.down_proj_accuracy_level
+    # The W8A8 graph keeps it as MatMulNBits at the main graph's level (per-token int8 is
+    # what hurts it most, smoothed or not: smoothed int8 down_proj doubled the graph's KL to
+    # fp32, 0.0055 → 0.0117). At level 0 a one-row call runs a kernel of its own, the only op
+    # of the W8A8 graph whose rows depend on their batch mates (measured op by op); an export
+    # with --down-proj-accuracy-level 4 is row-invariant (graph.w8a8_row_invariant) but its
+    # W8A8 graph flips answers on the default model ("capital of France" with a system
+    # prompt), so level 0 stays the default.
+    level = ctx.spec.down_proj_accuracy_level
     return linear(ctx, prod, [f"{p}.down_proj.weight"], node=f"{n}/down_proj",
                   init=f"{p}.down_proj", accuracy_level=level, w8a8=False)
 

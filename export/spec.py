@@ -29,11 +29,6 @@ class Weights(Protocol):
         """The tensor already in MatMulNBits form (GGUF blocks), or None."""
 
 
-# The W8A8 graph's down_proj MatMulNBits accuracy level: 4 (int8 compute) has one kernel for
-# any number of rows, so the graph's rows never depend on their batch mates (export.graph.mlp).
-W8A8_DOWN_PROJ_ACCURACY_LEVEL = 4
-
-
 @dataclass(frozen=True)
 class GraphSpec:
     target: str = "cpu"

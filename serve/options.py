@@ -144,13 +144,13 @@ class ServeOptions:
     drain_timeout: float = _flag(
         15.0, "after SIGTERM/SIGINT, seconds running requests get to finish before they end "
         "with an error; new requests get 503 meanwhile (default: %(default)g)", type=float)
-    # Only where the graphs are not batch-invariant by themselves: int4 MatMulNBits at
-    # accuracy level 0 has a one-row kernel of its own (the main graph's down_proj).
+    # Exports with a row-invariant W8A8 graph run every step on it (no padding); older ones
+    # pad a lone decode to two rows (int4 MatMulNBits at level 0 has a one-row kernel).
     batch_invariant: bool = _flag(
-        False, "where a decode step is not batch-invariant by itself (--w8a8 off|prefill, "
-        "exports before graph.w8a8_row_invariant): decode a lone sequence as a batch of two, "
-        "so its text is the same as in any batch (about 12-30%% slower for one stream); "
-        "default int4 exports are invariant without it", action="store_true")
+        False, "the same request gives the same tokens whatever else runs: every step on the "
+        "export's row-invariant W8A8 graph (default int4 exports; lone-stream answers then "
+        "come from the W8A8 graph, KL to fp32 0.0055 vs int4's 0.0030), else a lone decode "
+        "padded to two rows (12-30%% slower for one stream)", action="store_true")
     # Quality on the default model: KL to fp32 0.0055 vs int4's 0.0030, perplexity 14.85 vs
     # 14.72; a lone sequence's decode stays on the int4 graph, faster at one row.
     w8a8: str = _flag(

@@ -427,16 +427,16 @@ def test_tokenize_and_detokenize(server, tok):
 @pytest.fixture(scope="module")
 def default_server(default_model_dir, tmp_path_factory) -> Iterator[str]:
     ctx, _ = _serve(default_model_dir, tmp_path_factory, "default-batch-server", "--max-batch", "8",
-                    "--max-length", "2048")
+                    "--max-length", "2048", "--batch-invariant")
     with ctx as base:
         yield base
 
 
 @pytest.mark.slow
 def test_default_model_batched_greedy_equals_solo(default_server):
-    """By default (no --batch-invariant): every step runs on the export's batch-invariant
-    W8A8 graph; before it, a lone decode ran on the int4 graph, whose one-row MatMulNBits
-    rounds differently, and most of these texts drifted apart after a few dozen tokens."""
+    """With --batch-invariant every step runs on the export's row-invariant W8A8 graph;
+    without it a lone decode runs on the int4 graph, whose one-row MatMulNBits rounds
+    differently, and most of these texts drift apart after a few dozen tokens."""
     topics = ["bees", "the moon", "copper", "jazz", "owls", "bread", "chess", "rain"]
     cases = [([{"role": "user", "content": f"Write a short essay about {t}."}], n)
              for t, n in zip(topics, [40, 24, 40, 16, 40, 32, 40, 8], strict=True)]

@@ -50,10 +50,20 @@ def prompts(tok) -> list[tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def runtime(default_model_dir):
-    rt = open_runtime(default_model_dir, RuntimeOptions(max_batch=10, max_length=2048,
-                                                        w8a8="auto"))
-    assert rt.batch_invariant, "the default export's W8A8 graph should be batch-invariant"
+def invariant_dir(default_hf_dir, tmp_path_factory):
+    """The default model exported with a row-invariant W8A8 graph (--down-proj-accuracy-level 4)."""
+    from export.api import export_model
+
+    out = tmp_path_factory.mktemp("row-invariant") / "smollm2-135m-instruct-int4"
+    export_model(default_hf_dir, out, precision="int4", down_proj_accuracy_level=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runtime(invariant_dir):
+    rt = open_runtime(invariant_dir, RuntimeOptions(max_batch=10, max_length=2048,
+                                                        w8a8="auto", batch_invariant=True))
+    assert rt.batch_invariant, "a --down-proj-accuracy-level 4 export's W8A8 graph should be batch-invariant"
     return rt
 
 
@@ -143,7 +153,7 @@ def test_lone_decode_equals_a_row_of_a_batch_in_the_runtime(runtime, prompts):
         assert np.array_equal(step_alone[0], step_batched[3])
 
 
-def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path):
+def test_same_text_through_the_real_server_alone_and_concurrent(invariant_dir, tmp_path):
     """The defaults of `llorch serve`, the official client: each prompt alone, then all 8 at
     once (greedy and seeded at temperature 0.9) — the same text."""
     import openai
@@ -167,7 +177,7 @@ def test_same_text_through_the_real_server_alone_and_concurrent(default_model_di
                 out[name] = (alone, list(together))
         return out
 
-    with running_server(default_model_dir, "--threads", "2", "--max-batch", "8",
+    with running_server(invariant_dir, "--threads", "2", "--max-batch", "8", "--batch-invariant",
                         log_path=tmp_path / "server.log") as base:
         results = asyncio.run(asyncio.wait_for(run_all(base), 900))
     for name, (alone, together) in results.items():

@@ -131,7 +131,7 @@ def test_lru_eviction_reloads_with_the_same_greedy_text(default_model_dir, defau
 
         # A busy model is never evicted: fp32 waits until int4's stream has ended.
         with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=300, json={
-                "model": INT4, "messages": QUESTION, "max_tokens": 60, "stream": True,
+                "model": INT4, "messages": QUESTION, "max_tokens": 400, "stream": True,
                 "temperature": 0, "ignore_eos": True}) as stream:
             lines = stream.iter_lines()
             next(line for line in lines if line.startswith("data: "))

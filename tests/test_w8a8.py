@@ -76,26 +76,33 @@ def test_flags_and_targets(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "cuda").exists()
 
 
-def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4, tmp_path):
+def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4, tiny_hf_dir, tmp_path):
     """Runtime's own default is off (parity tests compare the main graph); `llorch serve`
-    defaults to auto. all/auto: every prefill and every decode step (the graph's rows never
-    depend on their batch mates: graph.w8a8_row_invariant), on older exports decode steps of
-    2+ sequences only; prefill: prefill only (one token too, so a prefix-cache hit sees the
-    KV a full prefill makes)."""
+    defaults to auto. all/auto: every prefill and decode steps of 2+ sequences; with
+    batch_invariant on an export whose W8A8 graph is row-invariant (--down-proj-accuracy-level
+    4: graph.w8a8_row_invariant) every decode step too; prefill: prefill only (one token too,
+    so a prefix-cache hit sees the KV a full prefill makes)."""
     assert open_runtime(tiny_int4, RuntimeOptions(max_batch=2)).w8a8_session is None
-    assert json.loads((tiny_int4 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
+    assert not json.loads((tiny_int4 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
+    invariant = tmp_path / "row-invariant"
+    export_model(tiny_hf_dir, invariant, precision="int4", down_proj_accuracy_level=4, progress=False)
+    assert json.loads((invariant / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
     for mode in (True, "all", "auto"):
-        rt = open_runtime(tiny_int4, RuntimeOptions(max_batch=2, w8a8=mode))
+        rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8=mode, batch_invariant=True))
         assert rt.w8a8 == "all" and rt.w8a8_session is not None and rt.batch_invariant
         assert rt._session_for(1) is rt.w8a8_session
+        # a level-0 down_proj, or no batch invariance asked: a lone sequence decodes on int4
+        for d, kw in ((tiny_int4, {"batch_invariant": True}), (invariant, {})):
+            rt = open_runtime(d, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
+            assert rt._session_for(1) is rt.session and not rt.batch_invariant
         assert rt._session_for(1, prefill=True) is rt.w8a8_session
         assert rt._session_for(2) is rt.w8a8_session and rt._session_for(512) is rt.w8a8_session
     old = tmp_path / "older-export"  # before graph.w8a8_row_invariant
-    shutil.copytree(tiny_int4, old)
+    shutil.copytree(invariant, old)
     meta = json.loads((old / "llorch.json").read_text())
     del meta["graph"]["w8a8_row_invariant"]
     (old / "llorch.json").write_text(json.dumps(meta))
-    rt = open_runtime(old, RuntimeOptions(max_batch=2, w8a8="auto"))
+    rt = open_runtime(old, RuntimeOptions(max_batch=2, w8a8="auto", batch_invariant=True))
     assert rt._session_for(1) is rt.session and not rt.batch_invariant
     assert rt._session_for(2) is rt.w8a8_session
     rt = open_runtime(tiny_int4, RuntimeOptions(max_batch=2, w8a8="prefill"))

@@ -67,7 +67,8 @@ class SharedKVRuntime(SlotRuntime):
             so.add_initializer("num_logits_to_keep", self._keep)
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=providers)
         self.w8a8, self.w8a8_session = open_w8a8_session(info, options.w8a8, so, providers)
-        if self.w8a8 == "all" and info.graph.get("w8a8_row_invariant"):
+        if (options.batch_invariant and self.w8a8 == "all"
+                and info.graph.get("w8a8_row_invariant")):
             # no op of this W8A8 graph lets a row depend on the others (export.graph.mlp):
             # every step runs on it, so a sequence's tokens never depend on the batch
             self.w8a8_min_rows = 1
