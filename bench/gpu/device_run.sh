@@ -74,7 +74,7 @@ if [ "$mode" != bench ]; then
   elif [ "$mode" = scale ]; then
     python3 bench/gpu/scale_e2e.py --model-dir "$work/cuda-fp16" ${gg[@]+"${gg[@]}"} \
       --provider cuda --out "$OUT/scale.json" "$@" 2>&1 | tee "$OUT/scale_log.txt" | tail -40
-    for f in "$OUT"/server-r*.log; do [ -f "$f" ] && tail -c 4000000 "$f" > "$f.t" && mv "$f.t" "$f"; done
+    for f in "$OUT"/*replicas_*.log; do [ -f "$f" ] && tail -c 4000000 "$f" > "$f.t" && mv "$f.t" "$f"; done
   else
     # bench_cuda.py's cuda-fp16 export when present, else serve_e2e.py exports the GGUF there
     python3 bench/gpu/serve_e2e.py --model-dir "$work/cuda-fp16" ${gg[@]+"${gg[@]}"} \

@@ -6,7 +6,7 @@ aggregate decode tok/s over HTTP at --streams concurrent chat streams (issue #17
 
 For each entry of --replicas (0: the single process without Ray, for reference) the server is
 started as `python -m serve.main MODEL --replicas N --gpus-per-replica 1 --provider cuda
---max-batch 64 …` in a subprocess on a free port (its log: `server-rN.log` beside --out) and
+--max-batch 64 …` in a subprocess on a free port (its log: `OUT-STEM-replicas_N[_ROUTING].log` beside --out) and
 waited for until `/health` reports N ready replicas. Then:
   greedy     one greedy chat "What is the capital of France?" (the answer is recorded)
   warm-up    --streams streams of 8 tokens (every replica meets the batch sizes)
@@ -96,13 +96,13 @@ class GpuSampler:
     def _loop(self):
         while not self._stop.is_set():
             for line in _nvidia_smi("--query-gpu=index,utilization.gpu,memory.used").splitlines():
-                try:
-                    i, u, m = (x.strip() for x in line.split(","))
-                    p = self.peak.setdefault(i, {"util_pct": 0, "mem_mib": 0})
-                    p["util_pct"], p["mem_mib"] = max(p["util_pct"], int(u)), max(p["mem_mib"],
-                                                                                  int(m))
-                except ValueError:
-                    pass
+                try:  # "0, 45 %, 3012 MiB"
+                    i, u, m = (x.strip().split()[0] for x in line.split(","))
+                    u, m = int(u), int(m)
+                except (ValueError, IndexError):
+                    continue
+                p = self.peak.setdefault(i, {"util_pct": 0, "mem_mib": 0})
+                p["util_pct"], p["mem_mib"] = max(p["util_pct"], u), max(p["mem_mib"], m)
             self._stop.wait(0.5)
 
     def __enter__(self):
@@ -150,15 +150,17 @@ def ray_stop() -> str:
     return (p.stdout + p.stderr)[-500:]
 
 
-def one_config(args, n: int, model: str, pool) -> dict:
+def one_config(args, n: int, routing: str | None, key: str, model: str, pool) -> dict:
     flags = ["--provider", args.provider, "--max-batch", str(args.max_batch), "--max-queue",
              "1024", "--max-length", str(args.max_length), "--prefill-chunk", "512",
              "--log-level", "info", *args.server_args.split()]
     if n:
         flags += ["--replicas", str(n), "--gpus-per-replica", str(args.gpus_per_replica)]
-    log = args.out.parent / f"server-r{n}.log"
+    if routing:
+        flags += ["--routing", routing]
+    log = args.out.parent / f"{args.out.stem}-{key}.log"
     server = Server(args.model_dir, flags, log, "plain")
-    out: dict = {"replicas": n, "cmd": server.cmd, "log": str(log)}
+    out: dict = {"replicas": n, "routing": routing, "cmd": server.cmd, "log": str(log)}
     try:
         out.update(wait_replicas(server, n, args.ready_timeout))
         print(f"[r{n}] ready in {out['ready_s']} s", file=sys.stderr, flush=True)
@@ -198,7 +200,9 @@ def main() -> int:
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--provider", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--replicas", default="1,2,0", help="replica counts in order; 0 = no Ray")
+    ap.add_argument("--replicas", default="1,2,0",
+                    help="replica counts in order, each N or N:ROUTING (--routing of the "
+                    "server: prefix, least-loaded); 0 = the single process, no Ray")
     ap.add_argument("--gpus-per-replica", type=float, default=1)
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--clients", type=int, default=4, help="client processes")
@@ -220,17 +224,29 @@ def main() -> int:
     model = load_model_info(args.model_dir).name
     results: dict = {}
     with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
-        for n in (int(x) for x in args.replicas.split(",") if x):
-            results[n] = rep.stage(f"replicas_{n}", one_config, args, n, model, pool)
-    base = (results.get(1) or {}).get("best", {}).get("tok_s")
-    rep.data["scale"] = {
-        f"replicas_{n}": {"tok_s": (r or {}).get("best", {}).get("tok_s"),
-                          "vs_1_replica": round(r["best"]["tok_s"] / base, 2)
-                          if base and r and "best" in r else None}
-        for n, r in results.items()}
+        for x in (x for x in args.replicas.split(",") if x):
+            n, _, routing = x.partition(":")
+            key = f"replicas_{n}" + (f"_{routing}" if routing else "")
+            results[key] = (int(n), routing or None,
+                            rep.stage(key, one_config, args, int(n), routing or None, key, model,
+                                      pool))
+
+    def tok_s(r):
+        return (r or {}).get("best", {}).get("tok_s")
+
+    scale = {}
+    for key, (_n, routing, r) in results.items():
+        # against one replica with the same routing, else any one replica
+        ones = [tok_s(r1) for n1, ro1, r1 in results.values() if n1 == 1 and tok_s(r1)]
+        same = [tok_s(r1) for n1, ro1, r1 in results.values()
+                if n1 == 1 and ro1 == routing and tok_s(r1)]
+        base = (same or ones or [None])[0]
+        scale[key] = {"tok_s": tok_s(r),
+                      "vs_1_replica": round(tok_s(r) / base, 2) if base and tok_s(r) else None}
+    rep.data["scale"] = scale
     rep.save()
     print(json.dumps(rep.data["scale"], indent=1))
-    return 0 if all(r and "best" in r for r in results.values()) else 1
+    return 0 if all(r and "best" in r for _, _, r in results.values()) else 1
 
 
 if __name__ == "__main__":
