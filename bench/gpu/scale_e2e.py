@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -86,10 +87,14 @@ def _client_part(base: str, model: str, idx: list[int], max_tokens: int, start_a
 
 class GpuSampler:
     """nvidia-smi every 0.5 s in a thread: per GPU index the peak utilization (%) and memory
-    used (MiB) while running."""
+    used (MiB) while running; and each process's CPU use (% of one core, mean over
+    the sampling and its peak 0.5 s), the busiest 12 in `cpu_top` (Ray names its processes
+    `ray::ProxyActor`, `ray::ServeReplica:APP:DEPLOYMENT`, so the hop that saturates shows)."""
 
     def __init__(self):
         self.peak: dict[str, dict] = {}
+        self._procs: dict = {}
+        self._cpu: dict[int, dict] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
@@ -103,7 +108,39 @@ class GpuSampler:
                     continue
                 p = self.peak.setdefault(i, {"util_pct": 0, "mem_mib": 0})
                 p["util_pct"], p["mem_mib"] = max(p["util_pct"], u), max(p["mem_mib"], m)
+            self._sample_cpu()
             self._stop.wait(0.5)
+
+    def _sample_cpu(self):
+        """CPU % of one core of every process since the last sample, from /proc/PID/stat."""
+        now, tick = time.monotonic(), os.sysconf("SC_CLK_TCK")
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(f[11]) + int(f[12])) / tick  # utime + stime, seconds
+            except (OSError, IndexError, ValueError):
+                continue
+            pid = int(d.name)
+            last = self._procs.get(pid)
+            self._procs[pid] = (now, cpu)
+            if last is None or now <= last[0]:
+                continue
+            if pid not in self._cpu:
+                try:
+                    name = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    name = "?"
+                self._cpu[pid] = {"name": name.strip()[:90], "samples": []}
+            self._cpu[pid]["samples"].append(100 * (cpu - last[1]) / (now - last[0]))
+
+    def cpu_top(self) -> list[dict]:
+        rows = [{"pid": pid, "name": c["name"],
+                 "mean_pct": round(sum(c["samples"]) / len(c["samples"]), 1),
+                 "peak_pct": round(max(c["samples"]), 1)}
+                for pid, c in self._cpu.items() if c["samples"]]
+        return sorted(rows, key=lambda r: -r["mean_pct"])[:12]
 
     def __enter__(self):
         self._t.start()
@@ -182,7 +219,8 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool) ->
                 print(f"[r{n}] {args.streams} streams: {runs[-1]['tok_s']} tok/s",
                       file=sys.stderr, flush=True)
         best = max(runs, key=lambda x: x["tok_s"])
-        out.update({"best": best, "all_tok_s": [x["tok_s"] for x in runs], "gpus": gpus.peak})
+        out.update({"best": best, "all_tok_s": [x["tok_s"] for x in runs], "gpus": gpus.peak,
+                    "cpu_top": gpus.cpu_top()})
         out["health_after"] = json.loads(http_get(f"{server.base}/health", 5)[1] or "{}")
     finally:
         out["exit_code"] = server.stop()
