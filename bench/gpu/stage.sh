@@ -20,12 +20,13 @@ grep -qxF '/.gpu/' "$ex" 2>/dev/null || echo '/.gpu/' >> "$ex"
 gguf="${GGUF:-models/.cache/SmolLM2-135M-Instruct.Q4_1.gguf}"
 ray=0; [ "${1:-}" = --ray ] && ray=1
 [ -f "$gguf" ] || { echo "missing $gguf: run 'llorch models fetch' first" >&2; exit 1; }
-# the server's and serve_e2e.py's dependencies (openai 3.x talks through httpx2/httpcore2/truststore)
+# the server's and serve_e2e.py's dependencies (openai 3.x talks through httpx2/httpcore2/truststore;
+# llguidance, a manylinux_2_31 wheel, for structured outputs since #11)
 WHEELS="starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 click==8.5.1 anyio==4.16.0 sniffio==1.3.1
   openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 httpx==0.28.1
   httpcore==1.0.9 certifi==2026.10.19.post1 idna==3.20 jiter==0.19.0 pydantic==2.14.4
   pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
-  prometheus-client==0.26.0 jinja2==3.1.6 markupsafe==3.0.4 tqdm==4.70.1"
+  prometheus-client==0.26.0 jinja2==3.1.6 markupsafe==3.0.4 tqdm==4.70.1 llguidance==1.9.1"
 PART_MIB=${PART_MIB:-56}
 rm -rf .gpu && mkdir -p .gpu/build/wheel .gpu/build/wheels .gpu/build/payload .gpu/build/ort
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -33,8 +34,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   -d .gpu/build/wheel onnxruntime-gpu==1.31.1 gguf==0.19.0
 # shellcheck disable=SC2086  # one requirement a word
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform any -d .gpu/build/wheels $WHEELS
+  --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform any -d .gpu/build/wheels $WHEELS
 n=$(ls .gpu/build/wheels/*.whl | wc -l); want=$(echo $WHEELS | wc -w)
 [ "$n" -eq "$want" ] || { echo "got $n wheels for $want requirements" >&2; exit 1; }
 if [ "$ray" = 1 ]; then
