@@ -13,9 +13,12 @@
 #                                             on a warm machine that already has the parts and
 #                                             installs it needs no carry (installs what is
 #                                             whole but missing first, like every call)
+#   bash bench/gpu/device_run.sh scale [ARGS] only scale_e2e.py (`--replicas` on Ray Serve, needs
+#                                             a `stage.sh --ray` staging; ARGS go to it)
 set -uo pipefail
 mode=${1:-all}; [ $# -gt 0 ] && shift
-case "$mode" in all|bench|e2e) ;; *) echo "usage: $0 [all|bench|e2e [serve_e2e args]]" >&2; exit 2;; esac
+case "$mode" in all|bench|e2e|scale) ;;
+  *) echo "usage: $0 [all|bench|e2e [serve_e2e args]|scale [scale_e2e args]]" >&2; exit 2;; esac
 home=${GPU_HOME:-/root}  # GPU_HOME: only to rehearse this script elsewhere
 stage=$home/stage; site=$home/site; work=$home/work
 mkdir -p "$stage"
@@ -33,6 +36,9 @@ if [ ! -f "$site/.wheels.done" ] && ok wheels.tar; then
     && python3 -m pip install -q --no-index --no-deps --target "$site" wheels/*.whl \
     && touch "$site/.wheels.done"
 fi
+if [ ! -d "$site/ray" ] && ok ray.tar.xz; then   # stage.sh --ray: the unpacked ray wheel
+  mkdir -p "$site" && tar xJf ray.tar.xz -C "$site"
+fi
 if [ ! -d "$site/onnxruntime" ] && ok ort.tar.xz; then
   mkdir -p "$site" && tar xJf ort.tar.xz -C "$site" \
     && python3 -m pip install -q --no-index --no-deps --target "$site" gguf-*.whl
@@ -43,7 +49,7 @@ export LD_LIBRARY_PATH="${nv}:${LD_LIBRARY_PATH:-}" PYTHONPATH="$site:$repo" PYT
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 ls -la "$stage"
 gguf_ready() { ok gguf.xz && { [ -f "$stage/model.gguf" ] || xz -dc "$stage/gguf.xz" > "$stage/model.gguf"; }; }
-if [ "$mode" != e2e ]; then
+if [ "$mode" != e2e ] && [ "$mode" != scale ]; then
   if [ -d "$site/onnxruntime" ] && [ ! -f "$stage/smoke.done" ]; then
     python3 bench/gpu/smoke_cuda.py --out "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" | tail -40
     touch "$stage/smoke.done"
@@ -54,15 +60,21 @@ if [ "$mode" != e2e ]; then
   fi
 fi
 if [ "$mode" != bench ]; then
+  script=serve_e2e; [ "$mode" = scale ] && script=scale_e2e
   missing=""
   [ -f "$site/.wheels.done" ] || missing+=" the server's wheels (wheels.tar, part00);"
   [ -d "$site/onnxruntime" ] || missing+=" onnxruntime-gpu (ort.tar.xz);"
+  [ "$mode" != scale ] || [ -d "$site/ray" ] || missing+=" ray (ray.tar.xz: stage.sh --ray);"
   gg=()
   if gguf_ready; then gg=(--gguf "$stage/model.gguf"); fi
   [ -f "$work/cuda-fp16/llorch.json" ] || [ ${#gg[@]} -gt 0 ] \
     || missing+=" a cuda-fp16 export or the GGUF (gguf.xz, the last part);"
   if [ -n "$missing" ]; then
-    echo "serve_e2e.py not run: missing$missing"
+    echo "$script.py not run: missing$missing"
+  elif [ "$mode" = scale ]; then
+    python3 bench/gpu/scale_e2e.py --model-dir "$work/cuda-fp16" ${gg[@]+"${gg[@]}"} \
+      --provider cuda --out "$OUT/scale.json" "$@" 2>&1 | tee "$OUT/scale_log.txt" | tail -40
+    for f in "$OUT"/*replicas_*.log; do [ -f "$f" ] && tail -c 4000000 "$f" > "$f.t" && mv "$f.t" "$f"; done
   else
     # bench_cuda.py's cuda-fp16 export when present, else serve_e2e.py exports the GGUF there
     python3 bench/gpu/serve_e2e.py --model-dir "$work/cuda-fp16" ${gg[@]+"${gg[@]}"} \

@@ -1,0 +1,291 @@
+"""Scale-out on the GPU: `llorch serve MODEL --replicas N --provider cuda` (Ray Serve) for each N,
+aggregate decode tok/s over HTTP at --streams concurrent chat streams (issue #17's proof).
+
+    python bench/gpu/scale_e2e.py --model-dir /root/work/cuda-fp16 \\
+        [--gguf model.gguf] --replicas 1,2,0 --streams 64 --out scale.json
+
+For each entry of --replicas (0: the single process without Ray, for reference) the server is
+started as `python -m serve.main MODEL --replicas N --gpus-per-replica 1 --provider cuda
+--max-batch 64 …` in a subprocess on a free port (its log: `OUT-STEM-replicas_N[_ROUTING].log` beside --out) and
+waited for until `/health` reports N ready replicas. Then:
+  greedy     one greedy chat "What is the capital of France?" (the answer is recorded)
+  warm-up    --streams streams of 8 tokens (every replica meets the batch sizes)
+  load       --repeats timed runs of --streams chat streams (greedy, ignore_eos, --max-tokens
+             each, distinct prompts), driven by --clients client processes (the official openai
+             client; one Python client process tops out near 5k SSE chunks/s), all started at
+             one instant; aggregate tok/s = completion tokens / (last stream's end − first
+             stream's start); the best run and all runs are kept
+  gpus       nvidia-smi sampled every 0.5 s during the timed runs: each GPU's peak utilization
+             and memory, so the JSON shows which GPUs did the work
+then SIGTERM (drain) and, for N > 0, `ray stop --force` so no Ray process holds a GPU for the
+next server. The JSON (rewritten after every stage) ends with `scale`: tok/s per N and the
+ratio of each N to N = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_e2e import (  # noqa: E402
+    PARIS_Q,
+    Report,
+    Server,
+    _ms,
+    _nvidia_smi,
+    _pct,
+    environment,
+    essay,
+    http_get,
+    one_stream,
+    prepare_model,
+)
+
+
+def wait_replicas(server: Server, n: int, timeout: float) -> dict:
+    """Poll `/health` until it reports `n` ready replicas (any 200 for the plain server)."""
+    t0 = time.monotonic()
+    server.wait_ready(timeout)
+    while True:
+        code, body = http_get(f"{server.base}/health", 5)
+        health = json.loads(body) if body.startswith("{") else {"raw": body[:500]}
+        if code == 200 and (n == 0 or health.get("ready_replicas") == n):
+            return {"ready_s": round(time.monotonic() - t0, 1), "health": health}
+        if server.proc.poll() is not None or time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{n} replicas not ready after {time.monotonic() - t0:.0f} s "
+                               f"(last /health {code}: {body[:500]}): {server.log_tail()}")
+        time.sleep(0.5)
+
+
+def _client_part(base: str, model: str, idx: list[int], max_tokens: int, start_at: float
+                 ) -> tuple[list[dict], float]:
+    """One client process: its share of the streams, begun at `start_at` (time.perf_counter,
+    CLOCK_MONOTONIC, one clock for every process on the host); returns the streams and the
+    process's CPU seconds."""
+    from openai import AsyncOpenAI
+
+    async def go():
+        async with AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0,
+                               timeout=300) as client:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+            return await asyncio.gather(*(one_stream(client, model, essay(i), max_tokens)
+                                          for i in idx))
+
+    cpu0 = time.process_time()
+    runs = asyncio.run(go())
+    return runs, time.process_time() - cpu0
+
+
+class GpuSampler:
+    """nvidia-smi every 0.5 s in a thread: per GPU index the peak utilization (%) and memory
+    used (MiB) while running; and each process's CPU use (% of one core, mean over
+    the sampling and its peak 0.5 s), the busiest 12 in `cpu_top` (Ray names its processes
+    `ray::ProxyActor`, `ray::ServeReplica:APP:DEPLOYMENT`, so the hop that saturates shows)."""
+
+    def __init__(self):
+        self.peak: dict[str, dict] = {}
+        self._procs: dict = {}
+        self._cpu: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            for line in _nvidia_smi("--query-gpu=index,utilization.gpu,memory.used").splitlines():
+                try:  # "0, 45 %, 3012 MiB"
+                    i, u, m = (x.strip().split()[0] for x in line.split(","))
+                    u, m = int(u), int(m)
+                except (ValueError, IndexError):
+                    continue
+                p = self.peak.setdefault(i, {"util_pct": 0, "mem_mib": 0})
+                p["util_pct"], p["mem_mib"] = max(p["util_pct"], u), max(p["mem_mib"], m)
+            self._sample_cpu()
+            self._stop.wait(0.5)
+
+    def _sample_cpu(self):
+        """CPU % of one core of every process since the last sample, from /proc/PID/stat."""
+        now, tick = time.monotonic(), os.sysconf("SC_CLK_TCK")
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(f[11]) + int(f[12])) / tick  # utime + stime, seconds
+            except (OSError, IndexError, ValueError):
+                continue
+            pid = int(d.name)
+            last = self._procs.get(pid)
+            self._procs[pid] = (now, cpu)
+            if last is None or now <= last[0]:
+                continue
+            if pid not in self._cpu:
+                try:
+                    name = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    name = "?"
+                self._cpu[pid] = {"name": name.strip()[:90], "samples": []}
+            self._cpu[pid]["samples"].append(100 * (cpu - last[1]) / (now - last[0]))
+
+    def cpu_top(self) -> list[dict]:
+        rows = [{"pid": pid, "name": c["name"],
+                 "mean_pct": round(sum(c["samples"]) / len(c["samples"]), 1),
+                 "peak_pct": round(max(c["samples"]), 1)}
+                for pid, c in self._cpu.items() if c["samples"]]
+        return sorted(rows, key=lambda r: -r["mean_pct"])[:12]
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(5)
+
+
+def load(pool, base: str, model: str, streams: int, clients: int, max_tokens: int,
+         offset: int) -> dict:
+    """One timed run of `streams` streams spread over `clients` processes."""
+    start_at = time.perf_counter() + 1.0
+    shares = [list(range(offset + k, offset + streams, clients)) for k in range(clients)]
+    parts = pool.starmap(_client_part, [(base, model, s, max_tokens, start_at) for s in shares
+                                        if s])
+    runs = [r for rs, _ in parts for r in rs]
+    t0 = min(r["t0"] for r in runs)
+    wall = max(r["end"] for r in runs) - t0
+    tokens = sum(r["tokens"] or 0 for r in runs)
+    gaps = [b - a for r in runs for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
+    ttfts = [r["stamps"][0] - r["t0"] for r in runs if r["stamps"]]
+    last_first = max(r["stamps"][0] for r in runs if r["stamps"])
+    last = max(r["stamps"][-1] for r in runs if r["stamps"])
+    return {
+        "streams": streams, "clients": clients, "completion_tokens": tokens,
+        "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
+        "decode_tok_s": round(sum((r["tokens"] or 0) - 1 for r in runs) / (last - last_first), 1)
+        if last > last_first else None,
+        "per_stream_tok_s": round(tokens / wall / streams, 1),
+        "itl_ms": {"p50": _ms(_pct(gaps, 50)), "p95": _ms(_pct(gaps, 95)),
+                   "p99": _ms(_pct(gaps, 99))},
+        "ttft_ms": {"p50": _ms(_pct(ttfts, 50)), "p95": _ms(_pct(ttfts, 95)),
+                    "max": _ms(max(ttfts) if ttfts else None)},
+        "client_cpu_fraction": [round(c / wall, 3) for _, c in parts],
+        "short_streams": sum((r["tokens"] or 0) < max_tokens for r in runs),
+    }
+
+
+def ray_stop() -> str:
+    p = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                       capture_output=True, text=True, timeout=120)
+    return (p.stdout + p.stderr)[-500:]
+
+
+def one_config(args, n: int, routing: str | None, key: str, model: str, pool) -> dict:
+    flags = ["--provider", args.provider, "--max-batch", str(args.max_batch), "--max-queue",
+             "1024", "--max-length", str(args.max_length), "--prefill-chunk", "512",
+             "--log-level", "info", *args.server_args.split()]
+    if n:
+        flags += ["--replicas", str(n), "--gpus-per-replica", str(args.gpus_per_replica)]
+    if routing:
+        flags += ["--routing", routing]
+    log = args.out.parent / f"{args.out.stem}-{key}.log"
+    server = Server(args.model_dir, flags, log, "plain")
+    out: dict = {"replicas": n, "routing": routing, "cmd": server.cmd, "log": str(log)}
+    try:
+        out.update(wait_replicas(server, n, args.ready_timeout))
+        print(f"[r{n}] ready in {out['ready_s']} s", file=sys.stderr, flush=True)
+        from openai import OpenAI
+
+        with OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0,
+                    timeout=120) as c:
+            r = c.chat.completions.create(model=model, messages=PARIS_Q, temperature=0,
+                                          max_tokens=32)
+            out["greedy"] = r.choices[0].message.content
+        pool.starmap(_client_part, [(server.base, model, list(range(1000 + k, 1000 + args.streams,
+                                                                     args.clients)), 8, 0.0)
+                                    for k in range(args.clients)])
+        runs = []
+        with GpuSampler() as gpus:
+            for k in range(args.repeats):
+                runs.append(load(pool, server.base, model, args.streams, args.clients,
+                                 args.max_tokens, offset=k * args.streams))
+                print(f"[r{n}] {args.streams} streams: {runs[-1]['tok_s']} tok/s",
+                      file=sys.stderr, flush=True)
+        best = max(runs, key=lambda x: x["tok_s"])
+        out.update({"best": best, "all_tok_s": [x["tok_s"] for x in runs], "gpus": gpus.peak,
+                    "cpu_top": gpus.cpu_top()})
+        out["health_after"] = json.loads(http_get(f"{server.base}/health", 5)[1] or "{}")
+    finally:
+        out["exit_code"] = server.stop()
+        if n:
+            out["ray_stop"] = ray_stop()
+        out["gpu_processes_after"] = _nvidia_smi("--query-compute-apps=pid,used_memory")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--gguf", type=Path, default=None)
+    ap.add_argument("--target", default="cuda")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--provider", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--replicas", default="1,2,0",
+                    help="replica counts in order, each N or N:ROUTING (--routing of the "
+                    "server: prefix, least-loaded); 0 = the single process, no Ray")
+    ap.add_argument("--gpus-per-replica", type=float, default=1)
+    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=4, help="client processes")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--ready-timeout", type=float, default=240)
+    ap.add_argument("--server-args", default="", help="extra server flags, space separated")
+    args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rep = Report(args.out)
+    rep.data["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    rep.stage("environment", environment)
+    if rep.stage("model", prepare_model, args) is None:
+        return 1
+    from serve.model_dir import load_model_info
+
+    model = load_model_info(args.model_dir).name
+    results: dict = {}
+    with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
+        for x in (x for x in args.replicas.split(",") if x):
+            n, _, routing = x.partition(":")
+            key = f"replicas_{n}" + (f"_{routing}" if routing else "")
+            results[key] = (int(n), routing or None,
+                            rep.stage(key, one_config, args, int(n), routing or None, key, model,
+                                      pool))
+
+    def tok_s(r):
+        return (r or {}).get("best", {}).get("tok_s")
+
+    scale = {}
+    for key, (_n, routing, r) in results.items():
+        # against one replica with the same routing, else any one replica
+        ones = [tok_s(r1) for n1, ro1, r1 in results.values() if n1 == 1 and tok_s(r1)]
+        same = [tok_s(r1) for n1, ro1, r1 in results.values()
+                if n1 == 1 and ro1 == routing and tok_s(r1)]
+        base = (same or ones or [None])[0]
+        scale[key] = {"tok_s": tok_s(r),
+                      "vs_1_replica": round(tok_s(r) / base, 2) if base and tok_s(r) else None}
+    rep.data["scale"] = scale
+    rep.save()
+    print(json.dumps(rep.data["scale"], indent=1))
+    return 0 if all(r and "best" in r for _, _, r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
