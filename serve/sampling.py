@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve.runtime.interface import MAX_DEVICE_LOGPROBS, RowDraw
+from serve.runtime.interface import MAX_DEVICE_LOGPROBS, RowDraw, RowToken
+
 # Below this temperature sampling is argmax (dividing by ~0 only adds overflow risk).
 _GREEDY_TEMPERATURE = 1e-5
 # The lowest logprob reported (OpenAI's own floor for "impossible" tokens).
@@ -362,6 +363,15 @@ def finite_scores(x: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarr
     out = np.full_like(x, -np.inf)
     out[0] = 0.0
     return out
+
+
+def device_sample(row: RowToken) -> Sample:
+    """A token a runtime picked (`RowToken`) as a `Sample`: logprobs floored, -inf
+    alternatives left out, as `token_logprobs` reports them."""
+    if row.logprob is None:
+        return Sample(row.token)
+    top = tuple((t, floor_logprob(v)) for t, v in row.top or () if v > -np.inf)
+    return Sample(row.token, floor_logprob(row.logprob), top)
 
 
 def floor_logprob(value: float) -> float:

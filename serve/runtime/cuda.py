@@ -9,6 +9,10 @@ only the last position's fp32 logits come down::
     host ── input_ids [b, 1], attention_mask [b, L] ──►  GPU: graph, KV rows 0..b-1 in place
     host ◄──────────── logits [b, 1, vocab] (fp32) ─────  GPU
 
+or, with device sampling (the default here: ``decode_sampled``), the logits stay on the GPU
+for the token-choice graph (``serve.runtime.device_sampling``) and only token ids [b] (and the
+logits of rows the host must sample) come down.
+
 Decoded sequences are moved so slot ``slots[j]`` sits in row ``j`` (as in every
 ``SharedKVRuntime``); moves and ``copy_slot`` are device-to-device copies through a tiny
 Identity graph (``DeviceCopier``).
@@ -153,13 +157,16 @@ class DeviceCopier:
 
 class CudaRuntime(SharedKVRuntime):
     """KV rows on the device, bound by pointer (module docstring). ``device`` "cpu" runs the
-    same pointer-bound plan on host memory, which is how CI tests it without a GPU.
+    same pointer-bound plan on host memory, which is how CI tests it without a GPU. Decode
+    tokens are picked on the device unless ``options.device_sampling`` is False.
 
     Raises:
         ProviderError: this onnxruntime build lacks ``options.provider``.
         RuntimeError: the CUDA provider is listed but did not load (missing libraries).
         ValueError: ``options.cuda_graph`` on an export without the static decode graph.
     """
+
+    samples_on_device = True
 
     def __init__(self, info: ModelInfo, options: RuntimeOptions, *, device: str = "cuda",
                  device_id: int = 0) -> None:
@@ -236,8 +243,10 @@ class CudaRuntime(SharedKVRuntime):
                 bind(b.name, self._device, self._device_id, self.kv_dtype, list(b.shape),
                      self._ptr(b.buffer, b.first_row))
         if not device_io:
-            io.bind_output("logits")
-            return Call(io, session)
+            # picked on the device, decode logits stay there
+            on = (self._device, self._device_id) if decode and self.device_sampling else ("cpu", 0)
+            io.bind_output("logits", *on)
+            return Call(io, session, logits_on=on)
         ids, mask, logits = self._device_inputs(rows)
         io.bind_ortvalue_input("input_ids", ids)
         io.bind_ortvalue_input("attention_mask", mask)
@@ -260,6 +269,9 @@ class CudaRuntime(SharedKVRuntime):
         if call.device is None:
             return super()._logits(call)
         return call.device[2].numpy()[:, 0].copy()
+
+    def _logits_value(self, call: Call) -> ort.OrtValue:
+        return super()._logits_value(call) if call.device is None else call.device[2]
 
     # -- moving rows on the device ------------------------------------------------------------
     def _copy_rows(self, pairs: Sequence[tuple[int, int]]) -> None:
