@@ -467,10 +467,12 @@ class Engine:
             pad_length = self.runtime.length(pad)
             if pad_length >= self.max_length:
                 pad = None
+        on_device = any(d is not None for d in draws)
         if pad is not None:
-            slots, ids, draws = [*slots, pad], [*ids, ids[0]], [*draws, RowDraw(greedy=True)]
+            pad_draw = RowDraw(greedy=True) if on_device else None
+            slots, ids, draws = [*slots, pad], [*ids, ids[0]], [*draws, pad_draw]
         try:
-            if any(d is not None for d in draws):
+            if on_device:
                 rows = self.runtime.decode_sampled(slots, ids, draws)
             else:
                 rows = list(self.runtime.decode(slots, ids))
