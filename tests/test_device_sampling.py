@@ -347,3 +347,39 @@ def test_server_seeded_requests_reproduce(servers) -> None:
     first = asyncio.run(_mix(bases["on"]))
     again = asyncio.run(_mix(bases["on"]))
     assert _texts(first) == _texts(again)
+
+
+def test_engine_batch_invariant_padding_row(tiny_model_dir) -> None:
+    """A lone sequence decoded beside a padding row (`batch_invariant`) on the device path."""
+    from serve.engine import Engine
+    from serve.runtime import RuntimeOptions, open_runtime
+    from serve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_model_dir)
+
+    def tokens(device: bool) -> list[int]:
+        rt = open_runtime(tiny_model_dir, RuntimeOptions(threads=1, max_batch=2,
+                                                         device_sampling=device))
+        engine = Engine(rt, tok, batch_invariant=True)
+        engine.start()
+
+        async def go():
+            await _engine_tokens(engine, (7, 8, 9), SamplingParams(temperature=0, max_tokens=2))
+            return await _engine_tokens(engine, (5, 6), SamplingParams(seed=8, max_tokens=10))
+
+        try:
+            return asyncio.run(go())
+        finally:
+            engine.stop()
+
+    assert tokens(True) == tokens(False)
+
+
+async def _engine_tokens(engine, prompt, params) -> list[int]:
+    from serve.events import GenerationRequest
+
+    out = []
+    async for event in engine.submit(GenerationRequest(prompt, params)):
+        assert event.error is None, event.error
+        out += [t for c in event.choices for t in c.token_ids]
+    return out
