@@ -383,3 +383,21 @@ async def _engine_tokens(engine, prompt, params) -> list[int]:
         assert event.error is None, event.error
         out += [t for c in event.choices for t in c.token_ids]
     return out
+
+
+def test_a_provider_that_cannot_run_the_graph(tiny_model_dir, monkeypatch, caplog) -> None:
+    """By default (auto) a warning and host sampling; asked for, an error at startup."""
+    from serve.model_dir import load_model_info
+    from serve.runtime import RuntimeOptions
+    from serve.runtime.cuda import CudaRuntime
+
+    def broken(self):
+        raise RuntimeError("no kernel for CumSum(double)")
+
+    monkeypatch.setattr(DeviceSampler, "check", broken)
+    info = load_model_info(tiny_model_dir)
+    rt = CudaRuntime(info, RuntimeOptions(threads=1), device="cpu")
+    assert not rt.device_sampling
+    assert "device sampling off" in caplog.text and "CumSum" in caplog.text
+    with pytest.raises(RuntimeError, match="CumSum"):
+        CudaRuntime(info, RuntimeOptions(threads=1, device_sampling=True), device="cpu")

@@ -217,6 +217,20 @@ class DeviceSampler:
             self._sessions[kind] = ort.InferenceSession(model, so, providers=self._providers)
         return self._sessions[kind]
 
+    def check(self) -> None:
+        """Build every graph and run it once on two rows of zero logits.
+
+        Raises:
+            Exception: what onnxruntime raised (a provider that cannot run the graphs).
+            RuntimeError: a graph picked a token other than 0 (the first of equal logits).
+        """
+        zeros = ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 1, self.vocab), np.float32))
+        for draws in ([RowDraw(greedy=True), None], [RowDraw(greedy=False, top_p=0.5), None],
+                      [RowDraw(greedy=True, logprobs=1), None]):
+            got = self.sample(zeros, draws)
+            if got[0].token != 0 or got[1].shape != (self.vocab,):
+                raise RuntimeError(f"the token-choice graph picked {got[0]} from equal logits")
+
     def sample(self, logits: ort.OrtValue, draws: Sequence[RowDraw | None]
                ) -> list[RowToken | np.ndarray]:
         """Row ``j`` of ``logits`` (float32 [b, s, vocab], on any device) → a `RowToken`

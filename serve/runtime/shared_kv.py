@@ -90,16 +90,30 @@ class SharedKVRuntime(SlotRuntime):
         self._full_mask = False  # decode masks span the whole cache (captured CUDA graphs)
         self._sampler = None
         if options.device_sampling if options.device_sampling is not None else self.samples_on_device:
-            from serve.runtime.device_sampling import DeviceSampler  # imports onnx: only here
-
-            self._sampler = DeviceSampler(info.vocab_size, providers, options.threads)
-            self.device_sampling = True
-            log.info("device sampling: decode tokens are picked on %s, after the logits",
-                     self.session.get_providers()[0])
+            self._open_sampler(info, options, providers)
 
     # Where `RuntimeOptions.device_sampling` is None (auto): whether tokens are picked on the
     # device (where the logits would otherwise cross a bus).
     samples_on_device = False
+
+    def _open_sampler(self, info: ModelInfo, options: RuntimeOptions, providers: list) -> None:
+        """The token-choice graphs, built and run once now: a provider that cannot run them
+        fails here, not mid-request. Asked for (``device_sampling`` True) that is an error;
+        by default (auto) a warning, and tokens are picked on the host."""
+        from serve.runtime.device_sampling import DeviceSampler  # imports onnx: only here
+
+        where = self.session.get_providers()[0]
+        try:
+            sampler = DeviceSampler(info.vocab_size, providers, options.threads)
+            sampler.check()
+        except Exception as exc:
+            if options.device_sampling:
+                raise
+            log.warning("device sampling off: the token-choice graph failed on %s (%s); "
+                        "decode tokens are picked on the host", where, exc)
+            return
+        self._sampler, self.device_sampling = sampler, True
+        log.info("device sampling: decode tokens are picked on %s, after the logits", where)
 
     # -- the hooks ---------------------------------------------------------------------------
     def _bind(self, first_row: int, rows: int, decode: bool) -> Call:
