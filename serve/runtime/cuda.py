@@ -20,7 +20,8 @@ Identity graph (``DeviceCopier``).
 CUDA graph capture (``cuda_graph=True``, ORT's ``enable_cuda_graph``) needs fixed shapes and
 addresses: decode masks then span the whole buffer (GroupQueryAttention reads each row's
 length from the mask's sum, the width only sizes the buffer), ids, mask and logits live in
-fixed device buffers per batch size, and each batch size is captured once (``gpu_graph_id``).
+fixed device buffers per batch size, and each batch size is captured once (``gpu_graph_id``):
+1, 2, 4 and multiples of 8 (``graph_sizes``); other batches run padded to the next of those.
 Decode steps then run on the export's static decode graph (``model_decode_static.onnx``: no
 shape arithmetic or logits slice, which ORT would place on the CPU and so refuse to capture)
 in a second session; prefill runs uncaptured on the main graph, over the same KV buffers.
@@ -43,6 +44,13 @@ _ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}
 
 
 # -- the binding plan (pure: what goes where; tested on CPU) -----------------------------------
+
+
+def graph_sizes(n_slots: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, every multiple of 8 and ``n_slots``
+    (vLLM's scheme); a step of b sequences runs at the smallest size >= b, with padding rows,
+    so a scheduler whose batch moves through every size captures a few graphs, not one each."""
+    return sorted({s for s in (1, 2, 4) if s < n_slots} | set(range(8, n_slots, 8)) | {n_slots})
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,7 @@ class CudaRuntime(SharedKVRuntime):
         # Decode steps run on the export's static decode graph, captured once per batch size
         # (every node on the GPU, fixed shapes: the mask spans the whole cache).
         self._cuda_graph = self._full_mask = options.cuda_graph
+        self._graph_sizes = graph_sizes(self.n_slots)
         self.decode_session = self.session
         if options.cuda_graph:
             if info.cuda_graph_file is None:
@@ -208,6 +217,12 @@ class CudaRuntime(SharedKVRuntime):
     def _with_options(self, providers: list, *, cuda_graph: bool = False) -> list:
         return [(p, cuda_provider_options(device_id=self._device_id, cuda_graph=cuda_graph))
                 if p == "CUDAExecutionProvider" else p for p in providers]
+
+    def _step_rows(self, b: int) -> int:
+        """Captured decode steps run at the next captured size (`graph_sizes`)."""
+        if not self._cuda_graph:
+            return b
+        return next(s for s in self._graph_sizes if s >= b)
 
     # -- buffers -----------------------------------------------------------------------------
     def _alloc(self, shape, dtype) -> ort.OrtValue:

@@ -164,7 +164,9 @@ class SharedKVRuntime(SlotRuntime):
 
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
         """One token per slot in a single ORT call; float32 logits [len(slots), vocab]."""
-        return self._logits(self._decode_step(slots, ids))
+        call = self._decode_step(slots, ids)
+        logits = self._logits(call)
+        return logits if len(logits) == len(slots) else logits[: len(slots)]
 
     def decode_sampled(self, slots: Sequence[int], ids: Sequence[int],
                        draws: Sequence[RowDraw | None]) -> list[RowToken | np.ndarray]:
@@ -174,10 +176,17 @@ class SharedKVRuntime(SlotRuntime):
             raise NotImplementedError("device sampling is off (RuntimeOptions.device_sampling)")
         if len(draws) != len(slots):
             raise ValueError("decode_sampled needs one draw (or None) per slot")
-        return self._sampler.sample(self._logits_value(self._decode_step(slots, ids)), draws)
+        logits = self._logits_value(self._decode_step(slots, ids))
+        pad = [RowDraw(greedy=True)] * (logits.shape()[0] - len(slots))  # padding rows
+        return self._sampler.sample(logits, [*draws, *pad])[: len(slots)]
+
+    def _step_rows(self, b: int) -> int:
+        """Rows a decode step of ``b`` sequences runs (`CudaRuntime` pads captured steps)."""
+        return b
 
     def _decode_step(self, slots: Sequence[int], ids: Sequence[int]) -> Call:
-        """One token per slot in a single ORT call; returns the call holding the logits."""
+        """One token per slot in a single ORT call; returns the call holding the logits, one
+        row per slot, then any padding rows (`_step_rows`)."""
         b = len(slots)
         if b != len(ids):
             raise ValueError("decode needs one token id per slot")
@@ -185,12 +194,22 @@ class SharedKVRuntime(SlotRuntime):
             self._check_room(s, 1)
         self._gather_rows(slots)
         lengths = [self._lengths[s] for s in slots]
+        rows = self._step_rows(b)
+        if rows > b:
+            # Padding rows are the next rows' sequences: each writes one position past its
+            # length, which nothing reads (its next prefill or decode writes there first),
+            # and its length stays. A full sequence has no such position: no padding then.
+            owner = {r: s for s, r in enumerate(self._row)}
+            pad = [self._lengths[owner[r]] for r in range(b, rows)]
+            rows, lengths = (b, lengths) if max(pad) >= self.info.max_length else (rows, lengths + pad)
         width = self.info.max_length if self._full_mask else max(lengths) + 1
-        mask = np.zeros((b, width), np.int64)
+        mask = np.zeros((rows, width), np.int64)
         for j, n in enumerate(lengths):
             mask[j, : n + 1] = 1
-        call = self._call(0, b, decode=True)
-        self._run(call, np.asarray(ids, np.int64).reshape(b, 1), mask)
+        tokens = np.zeros((rows, 1), np.int64)
+        tokens[:b, 0] = ids
+        call = self._call(0, rows, decode=True)
+        self._run(call, tokens, mask)
         for s in slots:
             self._lengths[s] += 1
         return call
