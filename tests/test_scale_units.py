@@ -132,6 +132,9 @@ def test_the_prefix_table_prefers_the_holder_until_its_slots_are_busy():
     assert ranks(system + "first") == [["a"], ["b"]]  # nobody holds it: the least loaded
     assert ranks(system + "second") == [["a"], ["b"]]  # remembered at once: a holds it now
     assert ranks("Something else entirely. " * 10) == [["b"], ["a"]]  # new prompts spread out
+    # ... by what each replica holds, not by a request more or less in flight (a router's view
+    # of the load lags): b holds less, so b, though it seems busier.
+    assert ranks("Another new prompt. " * 10, {"a": 0, "b": 1}) == [["b"], ["a"]]
     assert ranks(system + "third", {"a": 2, "b": 0}) == [["b"], ["a"]]  # a's slots busy
     assert ranks(system + "fourth") == [["a"], ["b"]]  # a matched most of it (b: the first blocks)
     assert ranks(system[:BLOCK_CHARS - 1]) == [["a"], ["b"]]  # under one block: least loaded

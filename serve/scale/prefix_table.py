@@ -13,7 +13,12 @@ first k blocks" is k set lookups. For a request:
 best = the replica with the most leading blocks seen (ties: fewer requests in flight)
 best matched ≥ 1 block and has fewer than `saturation` requests (its KV slots)
     → [[best], [everyone else, least loaded first]]
-otherwise
+nobody matched: a new prefix
+    → [[of the replicas below `saturation`, the one holding the fewest blocks], [the rest,
+       least loaded first]]: new prefixes spread by what the replicas cache, so each one's
+       slots hold its share (the load a router sees is a little stale; it only decides once
+       replicas fill up)
+otherwise (best is saturated, or everyone is)
     → [[least loaded (ties: holding the fewest blocks)], [everyone else, same order]]
 ```
 
@@ -73,14 +78,21 @@ class PrefixTable:
         Returns:
             Ranks of replica ids, every candidate once; [] when there is no candidate.
         """
-        by_load = sorted(loads, key=lambda r: (loads[r], len(self.seen.get(r, ()))))
+        def held(r: str) -> int:
+            return len(self.seen.get(r, ()))
+
+        by_load = sorted(loads, key=lambda r: (loads[r], held(r)))
         if not by_load:
             return []
         first = by_load[0]
         if hashes:
             best = max(by_load, key=lambda r: (self.matched(r, hashes), -loads[r]))
-            if self.matched(best, hashes) > 0 and loads[best] < saturation:
-                first = best
+            open_ = [r for r in by_load if loads[r] < saturation]
+            if self.matched(best, hashes) > 0:
+                if loads[best] < saturation:
+                    first = best
+            elif open_:  # a new prefix: to the replica with the least cached, while it has room
+                first = min(open_, key=lambda r: (held(r), loads[r]))
             self.remember(hashes, first)
         return [[first], [r for r in by_load if r != first]]
 

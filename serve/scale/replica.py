@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -37,7 +38,7 @@ from serve.metrics import Metrics
 from serve.options import ServeOptions
 from serve.scale.coalesce import ChunkBuffer, hold_seconds
 from serve.scale.forward import ForwardedRequest, ResponsePart
-from serve.scale.registry import BEAT_S
+from serve.scale.registry import BEAT_S, STALE_S
 
 log = logging.getLogger("serve.scale.replica")
 
@@ -62,8 +63,15 @@ class Replica:
         self._registry = registry
         self.cores: list[int] = []
         if options.provider == "cpu" and options.threads:
-            self.cores = await registry.acquire_cores.remote(
-                self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)))
+            # A replacement for a killed replica can start before the registry has noticed
+            # the death (its last beat is fresh): ask again until the dead one goes stale.
+            deadline = time.monotonic() + STALE_S + BEAT_S
+            while True:
+                self.cores = await registry.acquire_cores.remote(
+                    self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)))
+                if self.cores or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(BEAT_S)
             if self.cores:
                 _pin_process(self.cores)
             else:
