@@ -44,6 +44,7 @@ def test_replicas_without_ray_say_how_to_install_it(monkeypatch, tiny_model_dir)
     ({"replicas": 2, "target_ongoing_requests": 0.0}, "target_ongoing_requests must be > 0"),
     ({"replicas": 2, "ingress_replicas": 0}, "ingress_replicas must be at least 1"),
     ({"ingress_replicas": 2}, "--ingress-replicas needs --replicas"),
+    ({"stream_chunk_rate": 100.0}, "--stream-chunk-rate needs --replicas"),
     ({"replicas": 2, "stream_chunk_rate": -1.0}, "stream_chunk_rate must be >= 0"),
 ])
 def test_scale_out_flags_that_contradict_each_other(kwargs, message, tmp_path):

@@ -242,6 +242,8 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool,
                                                                      args.clients)), 8, 0.0)
                                     for k in range(args.clients)])
         runs = []
+        if n:  # replicas report every second: the warm-up's last counts first
+            time.sleep(2.5)
         counted = ray_counters(server.base) if n else None
         with GpuSampler() as gpus:
             for k in range(args.repeats):

@@ -29,6 +29,7 @@ from ray.serve.schema import LoggingConfig
 
 from serve.errors import StartupError
 from serve.options import ServeOptions
+from serve.scale.coalesce import DEFAULT_CHUNK_RATE
 from serve.scale.ingress import Ingress
 from serve.scale.prefix_table import PrefixTable
 from serve.scale.registry import BEAT_S, Registry
@@ -147,7 +148,8 @@ def run(options: ServeOptions, model_name: str) -> None:
                  f"{options.replicas} replicas" if options.replicas else
                  f"{options.min_replicas or 1}-{options.max_replicas} replicas (autoscaling)")
         log.info("%d ingress replicas; streams coalesced to ~%g chunks/s per replica",
-                 ingress_replicas(options), options.stream_chunk_rate)
+                 ingress_replicas(options), DEFAULT_CHUNK_RATE if options.stream_chunk_rate is None
+                 else options.stream_chunk_rate)
         while not stop.wait(0.5):
             pass
         log.info("draining (%g s for running requests)", options.drain_timeout)

@@ -36,7 +36,7 @@ from serve.app import create_app, drain
 from serve.main import load_engine
 from serve.metrics import Metrics
 from serve.options import ServeOptions
-from serve.scale.coalesce import ChunkBuffer, hold_seconds
+from serve.scale.coalesce import DEFAULT_CHUNK_RATE, ChunkBuffer, hold_seconds
 from serve.scale.forward import ForwardedRequest, ResponsePart
 from serve.scale.registry import BEAT_S, STALE_S
 
@@ -78,7 +78,8 @@ class Replica:
                 log.warning("replica %s: fewer than %d free cores on this node; running unpinned",
                             self.replica_id, options.threads)
         self._metrics = Metrics()
-        self._chunk_rate = options.stream_chunk_rate
+        self._chunk_rate = (DEFAULT_CHUNK_RATE if options.stream_chunk_rate is None
+                            else options.stream_chunk_rate)
         self._in_flight = 0  # handle() calls running: sizes the coalescing window
         self._chunks = Counter("llorch_ray_chunks", "Response chunks this replica sent through "
                                "Ray (each holds one or more of the app's body messages).",
