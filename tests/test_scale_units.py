@@ -136,12 +136,38 @@ def test_the_prefix_table_prefers_the_holder_until_its_slots_are_busy():
     # ... by what each replica holds, not by a request more or less in flight (a router's view
     # of the load lags): b holds less, so b, though it seems busier.
     assert ranks("Another new prompt. " * 10, {"a": 0, "b": 1}) == [["b"], ["a"]]
+    table.started(block_hashes(system + "x"), "a")
+    table.started(block_hashes(system + "y"), "a")
     assert ranks(system + "third", {"a": 2, "b": 0}) == [["b"], ["a"]]  # a's slots busy
+    table.finished("a")
+    table.finished("a")
     assert ranks(system + "fourth") == [["a"], ["b"]]  # a matched most of it (b: the first blocks)
     assert ranks(system[:BLOCK_CHARS - 1]) == [["a"], ["b"]]  # under one block: least loaded
     table.forget("a")  # a died: what it held is forgotten
     assert ranks(system + "fifth", {"a": 0, "b": 1}) == [["b"], ["a"]]  # b held it too
     assert ranks("", {"a": 1, "b": 0}) == [["b"], ["a"]] and table.route([], {}, 2) == []
+
+
+def test_busy_is_what_both_the_router_and_the_table_count():
+    """A router's load view lags completions; the table's count misses other requests: a
+    replica is as busy as the smaller says."""
+    prefix = block_hashes("Shared system prompt. " * 10)
+
+    def a_running(n, finished=0):
+        table = PrefixTable()
+        for _ in range(n):
+            table.started(prefix, "a")
+        for _ in range(finished):
+            table.finished("a")
+        return table
+
+    assert a_running(2).route(prefix, {"a": 2, "b": 0}, saturation=2) == [["b"], ["a"]]  # both: 2
+    assert a_running(2, finished=1).route(prefix, {"a": 2, "b": 0}, saturation=2)[0] == ["a"]
+    assert a_running(2).route(prefix, {"a": 1, "b": 0}, saturation=2)[0] == ["a"]  # table errs
+    table = a_running(1, finished=3)
+    assert table.running == {"a": 0}
+    table.forget("a")
+    assert table.running == {} and table.seen == {}
 
 
 def test_every_ingress_router_sends_a_prefix_to_the_same_replica():
@@ -155,7 +181,7 @@ def test_every_ingress_router_sends_a_prefix_to_the_same_replica():
 
     class ActorLike:  # the table as Ray's actor handle presents it: method.remote() awaitable
         def __init__(self, table):
-            for name in ("route", "remember", "forget"):
+            for name in ("route", "started", "finished", "forget"):
                 setattr(self, name, SimpleNamespace(remote=self._remote(getattr(table, name))))
 
         @staticmethod
@@ -175,12 +201,14 @@ def test_every_ingress_router_sends_a_prefix_to_the_same_replica():
     replicas = [SimpleNamespace(replica_id=replica_id(u), max_ongoing_requests=10) for u in "ab"]
 
     def request(text):
-        return SimpleNamespace(args=[SimpleNamespace(prompt=text)])
+        return SimpleNamespace(args=[SimpleNamespace(prompt=text)],
+                               metadata=SimpleNamespace(internal_request_id=text))
 
     async def route(r, text):
         first = (await r.choose_replicas(replicas, request(text)))[0][0]
         r.on_request_routed(request(text), first.replica_id, None)
-        await asyncio.sleep(0)  # the fire-and-forget `remember` runs
+        r.on_request_completed(first.replica_id, text)
+        await asyncio.sleep(0)  # the fire-and-forget `started`/`finished` run
         return first.replica_id.unique_id
 
     async def scenario(shared_a, shared_b):

@@ -11,7 +11,7 @@ first k blocks" is k set lookups. For a request:
 
 ```
 best = the replica with the most leading blocks seen (ties: fewer requests in flight)
-best matched ≥ 1 block and has fewer than `saturation` requests (its KV slots)
+best matched ≥ 1 block and is busy with fewer than `saturation` requests (its KV slots)
     → [[best], [everyone else, least loaded first]]
 nobody matched: a new prefix
     → [[of the replicas below `saturation`, the one holding the fewest blocks], [the rest,
@@ -23,7 +23,14 @@ otherwise (best is saturated, or everyone is)
 ```
 
 and the first choice is remembered at once as holding the prompt, so the next request with
-that prefix goes there even before the first one was answered. No Ray here (unit-testable).
+that prefix goes there even before the first one was answered.
+
+"Busy" is the smaller of two counts that can each only err high: the load the calling
+router sees (Ray's queue-length cache, which lags completions by a request or two) and the
+requests this table's routers started on the replica and have not seen complete (which
+misses requests without a prompt prefix, and keeps a dead router's requests). With a few
+KV slots a replica, the first alone would make a replica look full after a burst and send
+every new prompt elsewhere. No Ray here (unit-testable).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class PrefixTable:
     def __init__(self, max_blocks: int = MAX_BLOCKS_PER_REPLICA) -> None:
         self.max_blocks = max_blocks
         self.seen: dict[str, OrderedDict[bytes, None]] = {}
+        self.running: dict[str, int] = {}  # started here, not yet finished
 
     def matched(self, replica: str, hashes: list[bytes]) -> int:
         """How many of `hashes`' leading blocks `replica` was sent."""
@@ -81,18 +89,19 @@ class PrefixTable:
         def held(r: str) -> int:
             return len(self.seen.get(r, ()))
 
-        by_load = sorted(loads, key=lambda r: (loads[r], held(r)))
+        busy = {r: min(n, self.running.get(r, 0)) for r, n in loads.items()}
+        by_load = sorted(loads, key=lambda r: (busy[r], loads[r], held(r)))
         if not by_load:
             return []
         first = by_load[0]
         if hashes:
-            best = max(by_load, key=lambda r: (self.matched(r, hashes), -loads[r]))
-            open_ = [r for r in by_load if loads[r] < saturation]
+            best = max(by_load, key=lambda r: (self.matched(r, hashes), -busy[r]))
+            open_ = [r for r in by_load if busy[r] < saturation]
             if self.matched(best, hashes) > 0:
-                if loads[best] < saturation:
+                if busy[best] < saturation:
                     first = best
             elif open_:  # a new prefix: to the replica with the least cached, while it has room
-                first = min(open_, key=lambda r: (held(r), loads[r]))
+                first = min(open_, key=lambda r: (held(r), busy[r]))
             self.remember(hashes, first)
         return [[first], [r for r in by_load if r != first]]
 
@@ -107,6 +116,17 @@ class PrefixTable:
         while len(seen) > self.max_blocks:
             seen.popitem(last=False)
 
+    def started(self, hashes: list[bytes], replica: str) -> None:
+        """A request with these block hashes went to `replica` (Ray's final pick)."""
+        self.remember(hashes, replica)
+        self.running[replica] = self.running.get(replica, 0) + 1
+
+    def finished(self, replica: str) -> None:
+        """A request `started` on `replica` completed (answered, failed or cancelled)."""
+        if self.running.get(replica, 0) > 0:
+            self.running[replica] -= 1
+
     def forget(self, replica: str) -> None:
         """`replica` died or left: what it held is gone with it."""
         self.seen.pop(replica, None)
+        self.running.pop(replica, None)

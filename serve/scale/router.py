@@ -53,6 +53,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._table_name, self._namespace = table, namespace
         self._shared: Any = None
         self._warned = False
+        self._started: dict[str, str] = {}  # internal request id -> replica, until completed
 
     def _table(self) -> Any:
         """The shared table's actor handle, looked up once; None when there is none."""
@@ -116,13 +117,23 @@ class PrefixAffinityRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
-        """Remember the prompt's blocks as held by the replica Ray actually picked."""
+        """Remember the prompt's blocks as held by the replica Ray actually picked, and the
+        request as running there until `on_request_completed`."""
         hashes = block_hashes(self._prompt(pending_request), self.block_chars)
         if not hashes:
             return
-        self.local.remember(hashes, replica_id.unique_id)
+        rid = replica_id.unique_id
+        self._started[pending_request.metadata.internal_request_id] = rid
+        self.local.started(hashes, rid)
         if self._shared is not None:
-            self._shared.remember.remote(hashes, replica_id.unique_id)
+            self._shared.started.remote(hashes, rid)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        rid = self._started.pop(internal_request_id, None)
+        if rid is not None:
+            self.local.finished(rid)
+            if self._shared is not None:
+                self._shared.finished.remote(rid)
 
     def _forget(self, replica_id: ReplicaID) -> None:
         self.local.forget(replica_id.unique_id)
