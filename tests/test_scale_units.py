@@ -21,7 +21,8 @@ from serve.scale.prefix_table import BLOCK_CHARS, PrefixTable, block_hashes
 
 
 def test_the_single_process_path_never_imports_ray():
-    code = ("import sys, serve.main, serve.app, serve.engine, serve.options, serve.scale.forward; "
+    code = ("import sys, serve.main, serve.app, serve.engine, serve.options, serve.scale.forward, "
+            "serve.scale.coalesce, serve.scale.prefix_table; "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
