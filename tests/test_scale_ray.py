@@ -1,10 +1,12 @@
 """`llorch serve --replicas 2` on Ray Serve, end to end on the default model (slow).
 
-Two replicas with one thread each (disjoint cores) behind Ray Serve's HTTP proxy, through the
-official openai client and raw httpx: greedy answers equal a single process's, streams are
-incremental and end with [DONE], a disconnect frees the slot on its replica, `ray.kill` of a
-replica mid-stream ends that stream with an OpenAI-shaped error and Ray brings a replica back,
-prefix-affinity routing beats Ray's plain router on the prefix-cache hit rate, SIGTERM drains.
+Two replicas with one thread each (disjoint cores) and two ingress replicas behind Ray Serve's
+HTTP proxy, through the official openai client and raw httpx: greedy answers equal a single
+process's, streams are incremental and end with [DONE], under load a replica sends fewer Ray
+chunks than SSE events (a lone stream's are never held), a disconnect frees the slot on its
+replica, `ray.kill` of a replica mid-stream ends that stream with an OpenAI-shaped error and Ray
+brings a replica back, prefix-affinity routing (one table for both ingresses) beats Ray's plain
+router on the prefix-cache hit rate, SIGTERM drains every ingress.
 Skipped when Ray is not installed (`pip install 'llorch[ray]'`).
 """
 
