@@ -202,6 +202,15 @@ class ServeOptions:
         "prefix (its prefix cache) unless its KV slots are all busy, then the least loaded; "
         "least-loaded = Ray's power-of-two choices (default: %(default)s)",
         choices=["prefix", "least-loaded"])
+    ingress_replicas: int | None = _flag(
+        None, "Ray Serve: replicas of the ingress that reads each request and routes it "
+        "(they share the prefix-affinity table; default: --replicas, or --max-replicas)",
+        type=int)
+    stream_chunk_rate: float | None = _flag(
+        None, "Ray Serve: SSE chunks a second each replica aims to send at most; with 4 or "
+        "more requests in flight a stream's events wait up to (requests / rate) s, at most "
+        "50 ms, and cross Ray as one chunk (never the first token; 0: every event at once; "
+        "default: 1000)", type=float)
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
@@ -273,11 +282,17 @@ class ServeOptions:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
         if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
             raise ValueError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+        if self.ingress_replicas is not None and self.ingress_replicas < 1:
+            raise ValueError(f"ingress_replicas must be at least 1, got {self.ingress_replicas}")
+        if self.stream_chunk_rate is not None and self.stream_chunk_rate < 0:
+            raise ValueError(f"stream_chunk_rate must be >= 0, got {self.stream_chunk_rate}")
         if not self.scale_out:
             given = [flag for flag, value in (
                 ("--target-ongoing-requests", self.target_ongoing_requests),
                 ("--ray-address", self.ray_address),
-                ("--gpus-per-replica", self.gpus_per_replica)) if value is not None]
+                ("--gpus-per-replica", self.gpus_per_replica),
+                ("--ingress-replicas", self.ingress_replicas),
+                ("--stream-chunk-rate", self.stream_chunk_rate)) if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} needs --replicas or --max-replicas")
 

@@ -1,10 +1,12 @@
 """`llorch serve --replicas 2` on Ray Serve, end to end on the default model (slow).
 
-Two replicas with one thread each (disjoint cores) behind Ray Serve's HTTP proxy, through the
-official openai client and raw httpx: greedy answers equal a single process's, streams are
-incremental and end with [DONE], a disconnect frees the slot on its replica, `ray.kill` of a
-replica mid-stream ends that stream with an OpenAI-shaped error and Ray brings a replica back,
-prefix-affinity routing beats Ray's plain router on the prefix-cache hit rate, SIGTERM drains.
+Two replicas with one thread each (disjoint cores) and two ingress replicas behind Ray Serve's
+HTTP proxy, through the official openai client and raw httpx: greedy answers equal a single
+process's, streams are incremental and end with [DONE], under load a replica sends fewer Ray
+chunks than SSE events (a lone stream's are never held), a disconnect frees the slot on its
+replica, `ray.kill` of a replica mid-stream ends that stream with an OpenAI-shaped error and Ray
+brings a replica back, prefix-affinity routing (one table for both ingresses) beats Ray's plain
+router on the prefix-cache hit rate, SIGTERM drains every ingress.
 Skipped when Ray is not installed (`pip install 'llorch[ray]'`).
 """
 
@@ -34,7 +36,10 @@ MODEL = "smollm2-135m-instruct"
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Say hello in German."]
 # --max-batch 2: each replica's idle slots hold two prompts, so four distinct system prompts
 # fit on two replicas only when each replica keeps getting the same two.
-RAY_FLAGS = ("--replicas", "2", "--threads", "1", "--max-batch", "2")
+# Two ingress replicas (the default: one per replica) share the prefix table. A low
+# --stream-chunk-rate makes the coalescing visible at this machine's token rate: with 4 or more
+# requests in flight on a replica its streams' events wait up to 50 ms for company.
+RAY_FLAGS = ("--replicas", "2", "--threads", "1", "--max-batch", "2", "--stream-chunk-rate", "50")
 TOPICS = ["astronomy", "cooking", "sailing", "chess"]
 
 
@@ -174,9 +179,6 @@ def _slots_in_use(base: str) -> int:
     return sum(r.get("slots_in_use") or 0 for r in _health(base).get("replicas", {}).values())
 
 
-@pytest.mark.skip(reason="passes alone (tests/test_scale_ray.py: 7/7, twice) but not inside the "
-                  "full suite, where no busy slot or pinned core shows up in the replicas' "
-                  "heartbeats; cause not found yet (see the 2026-11-30 closing note)")
 def test_a_disconnect_frees_the_slot_on_its_replica(cluster):
     base = cluster[0]
     body = {"model": MODEL, "max_tokens": 2000, "ignore_eos": True, "stream": True,
@@ -195,6 +197,67 @@ def test_a_disconnect_frees_the_slot_on_its_replica(cluster):
     cancelled = re.findall(r'llorch_engine_requests_total\{replica="(\w+)"[^}]*outcome="cancelled"[^}]*\} (\S+)', metrics)
     assert cancelled and sum(float(v) for _, v in cancelled) >= 1
     assert len(set(re.findall(r'replica="(\w+)"', metrics))) == 2
+
+
+def _ray_counters(base: str) -> dict[str, float]:
+    """Chunks sent through Ray, the app's body messages and generated tokens, all replicas."""
+    sums = dict.fromkeys(("llorch_ray_chunks_total", "llorch_ray_body_messages_total",
+                          "llorch_generation_tokens_total"), 0.0)
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums:
+            sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def _settled_counters(base: str) -> dict[str, float]:
+    """`_ray_counters` once two readings a few heartbeats apart agree (replicas report every s)."""
+    last = _ray_counters(base)
+    for _ in range(20):
+        time.sleep(2.5)
+        now = _ray_counters(base)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def _stream_events(base: str, content: str, max_tokens: int) -> list[str]:
+    body = {"model": MODEL, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
+            "stream": True, "messages": [{"role": "user", "content": content}]}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        return [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_under_load_streams_cross_ray_in_fewer_chunks_with_the_same_events(cluster):
+    """A lone stream: one chunk per event (nothing held). Eight at once on two replicas (four
+    in flight on each): several events per chunk, and every stream still whole and in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = cluster[0]
+    before = _settled_counters(base)
+    alone = _stream_events(base, "Count slowly.", 16)
+    after_one = _settled_counters(base)
+    chunks = after_one["llorch_ray_chunks_total"] - before["llorch_ray_chunks_total"]
+    messages = after_one["llorch_ray_body_messages_total"] - before["llorch_ray_body_messages_total"]
+    # Nothing is held: about one chunk per event (the head, role + first token, goes as one).
+    assert alone[-1] == "[DONE]" and 0.75 * messages <= chunks <= messages
+    with ThreadPoolExecutor(8) as pool:
+        streams = list(pool.map(lambda k: _stream_events(base, f"Count from {k}.", 24), range(8)))
+    after = _settled_counters(base)
+    chunks = after["llorch_ray_chunks_total"] - after_one["llorch_ray_chunks_total"]
+    messages = after["llorch_ray_body_messages_total"] - after_one["llorch_ray_body_messages_total"]
+    tokens = after["llorch_generation_tokens_total"] - after_one["llorch_generation_tokens_total"]
+    print(f"\n8 streams x 24 tokens: {chunks:.0f} Ray chunks for {messages:.0f} SSE events, "
+          f"{tokens:.0f} tokens ({chunks / tokens:.2f} chunks per token)")
+    assert tokens == 8 * 24 and chunks < 0.8 * messages
+    for events in streams:
+        assert events[-1] == "[DONE]"
+        chunks_ = [json.loads(e) for e in events[:-1]]
+        assert chunks_[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks_[-1]["choices"][0]["finish_reason"] == "length"
+        assert len({c["id"] for c in chunks_}) == 1
 
 
 def test_prefix_affinity_beats_plain_routing(cluster, plain_routing):
@@ -221,9 +284,6 @@ def _kill_replica(gcs_address: str, replica_id: str) -> None:
                    env={**os.environ, "RAY_AUTH_MODE": "token"})
 
 
-@pytest.mark.skip(reason="passes alone (tests/test_scale_ray.py: 7/7, twice) but not inside the "
-                  "full suite, where no busy slot or pinned core shows up in the replicas' "
-                  "heartbeats; cause not found yet (see the 2026-11-30 closing note)")
 def test_killing_a_replica_mid_stream_ends_it_with_an_error_and_ray_recovers(cluster, client):
     base, _, log = cluster
     gcs = re.search(r"Ray cluster at (\S+)", log.read_text()).group(1)
@@ -274,6 +334,7 @@ def test_sigterm_drains_then_exits(cluster):
         while httpx.get(f"{base}/health", timeout=5).status_code != 503:
             assert time.monotonic() < deadline, "still healthy after SIGTERM"
             time.sleep(0.1)
+        time.sleep(0.6)  # every ingress replica reads the drain flag every 0.25 s
         refused = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False}, timeout=30)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
         rest = [line for line in lines if line.startswith("data: ")]

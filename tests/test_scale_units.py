@@ -1,8 +1,10 @@
 """Scale-out pieces that need no Ray cluster: the flags, the no-Ray message, the routing text,
-the stream error framing, the merged metrics, and that one process never imports Ray."""
+the stream error framing, the merged metrics, the shared prefix table and the router on it,
+the coalescing of a stream's events, and that one process never imports Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import subprocess
@@ -13,11 +15,14 @@ import pytest
 from serve import main
 from serve.errors import StartupError
 from serve.options import ServeOptions
+from serve.scale.coalesce import MAX_HOLD_S, MIN_STREAMS, ChunkBuffer, hold_seconds
 from serve.scale.forward import merge_metrics, routing_text, stream_error
+from serve.scale.prefix_table import BLOCK_CHARS, PrefixTable, block_hashes
 
 
 def test_the_single_process_path_never_imports_ray():
-    code = ("import sys, serve.main, serve.app, serve.engine, serve.options, serve.scale.forward; "
+    code = ("import sys, serve.main, serve.app, serve.engine, serve.options, serve.scale.forward, "
+            "serve.scale.coalesce, serve.scale.prefix_table; "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -38,6 +43,10 @@ def test_replicas_without_ray_say_how_to_install_it(monkeypatch, tiny_model_dir)
     ({"ray_address": "auto"}, "--ray-address needs --replicas"),
     ({"gpus_per_replica": 1.0}, "--gpus-per-replica needs --replicas"),
     ({"replicas": 2, "target_ongoing_requests": 0.0}, "target_ongoing_requests must be > 0"),
+    ({"replicas": 2, "ingress_replicas": 0}, "ingress_replicas must be at least 1"),
+    ({"ingress_replicas": 2}, "--ingress-replicas needs --replicas"),
+    ({"stream_chunk_rate": 100.0}, "--stream-chunk-rate needs --replicas"),
+    ({"replicas": 2, "stream_chunk_rate": -1.0}, "stream_chunk_rate must be >= 0"),
 ])
 def test_scale_out_flags_that_contradict_each_other(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -94,47 +103,184 @@ def test_the_ray_application_is_sized_from_the_servers_options(tmp_path):
         replica = app._bound_deployment.init_args[0]._bound_deployment
         return replica, replica._deployment_config
 
+    def ingress_count(**kwargs):
+        app = application(ServeOptions(tmp_path, **kwargs), "m", None)
+        return app._bound_deployment._deployment_config.num_replicas
+
+    assert ingress_count(replicas=3) == 3  # one ingress per replica by default
+    assert ingress_count(replicas=3, ingress_replicas=1) == 1
+    assert ingress_count(min_replicas=1, max_replicas=4) == 4
     replica, config = replica_config(min_replicas=1, max_replicas=3, threads=2)
     assert config.max_ongoing_requests == 18  # slots + queue, not Ray's 5
     assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas,
             config.autoscaling_config.target_ongoing_requests) == (1, 3, 8)
     assert replica.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.0}
     assert config.request_router_config.request_router_class == "serve.scale.router.PrefixAffinityRouter"
-    assert config.request_router_config.request_router_kwargs == {"saturation": 8}
+    assert config.request_router_config.request_router_kwargs == {
+        "saturation": 8, "table": None, "namespace": "llorch"}
     assert replica_config(min_replicas=0, max_replicas=2)[1].autoscaling_config.min_replicas == 0
     replica, config = replica_config(replicas=2, provider="cuda", routing="least-loaded")
     assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 1.0
     assert "PowerOfTwo" in str(config.request_router_config.request_router_class)
 
 
-def test_the_router_prefers_the_prefix_holder_until_its_slots_are_busy():
+def test_the_prefix_table_prefers_the_holder_until_its_slots_are_busy():
+    table = PrefixTable()
+    system = "You are a careful assistant. " * 20
+
+    def ranks(text, loads=None):
+        return table.route(block_hashes(text), loads or {"a": 0, "b": 0}, saturation=2)
+
+    assert ranks(system + "first") == [["a"], ["b"]]  # nobody holds it: the least loaded
+    assert ranks(system + "second") == [["a"], ["b"]]  # remembered at once: a holds it now
+    assert ranks("Something else entirely. " * 10) == [["b"], ["a"]]  # new prompts spread out
+    # ... by what each replica holds, not by a request more or less in flight (a router's view
+    # of the load lags): b holds less, so b, though it seems busier.
+    assert ranks("Another new prompt. " * 10, {"a": 0, "b": 1}) == [["b"], ["a"]]
+    table.started(block_hashes(system + "x"), "a")
+    table.started(block_hashes(system + "y"), "a")
+    assert ranks(system + "third", {"a": 2, "b": 0}) == [["b"], ["a"]]  # a's slots busy
+    table.finished("a")
+    table.finished("a")
+    assert ranks(system + "fourth") == [["a"], ["b"]]  # a matched most of it (b: the first blocks)
+    assert ranks(system[:BLOCK_CHARS - 1]) == [["a"], ["b"]]  # under one block: least loaded
+    table.forget("a")  # a died: what it held is forgotten
+    assert ranks(system + "fifth", {"a": 0, "b": 1}) == [["b"], ["a"]]  # b held it too
+    assert ranks("", {"a": 1, "b": 0}) == [["b"], ["a"]] and table.route([], {}, 2) == []
+
+
+def test_busy_is_what_both_the_router_and_the_table_count():
+    """A router's load view lags completions; the table's count misses other requests: a
+    replica is as busy as the smaller says."""
+    prefix = block_hashes("Shared system prompt. " * 10)
+
+    def a_running(n, finished=0):
+        table = PrefixTable()
+        for _ in range(n):
+            table.started(prefix, "a")
+        for _ in range(finished):
+            table.finished("a")
+        return table
+
+    assert a_running(2).route(prefix, {"a": 2, "b": 0}, saturation=2) == [["b"], ["a"]]  # both: 2
+    assert a_running(2, finished=1).route(prefix, {"a": 2, "b": 0}, saturation=2)[0] == ["a"]
+    assert a_running(2).route(prefix, {"a": 1, "b": 0}, saturation=2)[0] == ["a"]  # table errs
+    table = a_running(1, finished=3)
+    assert table.running == {"a": 0}
+    table.forget("a")
+    assert table.running == {} and table.seen == {}
+
+
+def test_every_ingress_router_sends_a_prefix_to_the_same_replica():
+    """Two routers (two ingress replicas) on one shared table: what one learned, the other
+    follows; without the table, the second places the same prefix on another replica."""
     pytest.importorskip("ray", reason="Ray Serve is the optional .[ray] extra")
-    import asyncio
+    from collections import namedtuple
     from types import SimpleNamespace
 
-    from serve.scale.router import BLOCK_CHARS, PrefixAffinityRouter
+    from serve.scale.router import PrefixAffinityRouter
 
-    router = object.__new__(PrefixAffinityRouter)  # no cluster: only the policy's own state
-    router.initialize_state(saturation=2)
-    lens = {"a": 0, "b": 0}
-    router._replica_queue_len_cache = SimpleNamespace(get=lens.get)
-    a, b = (SimpleNamespace(replica_id=rid, max_ongoing_requests=10) for rid in ("a", "b"))
+    class ActorLike:  # the table as Ray's actor handle presents it: method.remote() awaitable
+        def __init__(self, table):
+            for name in ("route", "started", "finished", "forget"):
+                setattr(self, name, SimpleNamespace(remote=self._remote(getattr(table, name))))
+
+        @staticmethod
+        def _remote(method):
+            async def call(*args):
+                return method(*args)
+            return lambda *args: asyncio.ensure_future(call(*args))
+
+    def router(shared):
+        r = object.__new__(PrefixAffinityRouter)  # no cluster: only the policy's own state
+        r.initialize_state(saturation=2)
+        r._shared = shared
+        r._replica_queue_len_cache = SimpleNamespace(get=lambda rid: 0)
+        return r
+
+    replica_id = namedtuple("ReplicaID", "unique_id")  # hashable, as Ray's
+    replicas = [SimpleNamespace(replica_id=replica_id(u), max_ongoing_requests=10) for u in "ab"]
 
     def request(text):
-        return SimpleNamespace(args=[SimpleNamespace(prompt=text)])
+        return SimpleNamespace(args=[SimpleNamespace(prompt=text)],
+                               metadata=SimpleNamespace(internal_request_id=text))
 
-    def ranks(text):
-        return [[r.replica_id for r in rank] for rank in
-                asyncio.run(router.choose_replicas([a, b], request(text)))]
+    async def route(r, text):
+        first = (await r.choose_replicas(replicas, request(text)))[0][0]
+        r.on_request_routed(request(text), first.replica_id, None)
+        r.on_request_completed(first.replica_id, text)
+        await asyncio.sleep(0)  # the fire-and-forget `started`/`finished` run
+        return first.replica_id.unique_id
 
-    system = "You are a careful assistant. " * 20
-    assert ranks(system + "first") == [["a", "b"]]  # nobody holds it: least loaded, then fewest prompts
-    router.on_request_routed(request(system + "first"), "b", None)
-    assert ranks(system + "second") == [["b"], ["a"]]  # b holds the shared prefix
-    assert ranks("Something else entirely. " * 10) == [["a", "b"]]  # new prompts spread to a
-    lens["b"] = 2  # b's two slots are busy: the least-loaded replica instead
-    assert ranks(system + "third") == [["a", "b"]]
-    assert ranks(system[:BLOCK_CHARS - 1]) == [["a", "b"]]  # under one block: no affinity
-    router.seen.pop("b")  # b died: what it held is forgotten
-    lens["b"] = 0
-    assert ranks(system + "fourth") == [["a", "b"]]
+    async def scenario(shared_a, shared_b):
+        one, two = router(shared_a), router(shared_b)
+        placed = [await route(one, "Prompt " + topic * 100) for topic in ("x", "y")]
+        return placed, [await route(two, "Prompt " + topic * 100 + " again") for topic in ("y", "x")]
+
+    table = ActorLike(PrefixTable())
+    placed, followed = asyncio.run(scenario(table, table))
+    assert placed == ["a", "b"] and followed == ["b", "a"]
+    placed, alone = asyncio.run(scenario(None, None))  # each router learns on its own
+    assert alone != followed
+
+
+def test_hold_is_zero_when_idle_and_grows_with_load_to_a_cap():
+    assert hold_seconds(MIN_STREAMS - 1, 1000) == 0.0
+    assert hold_seconds(64, 0) == 0.0  # --stream-chunk-rate 0: off
+    assert hold_seconds(8, 1000) == pytest.approx(0.008)
+    assert hold_seconds(500, 1000) == MAX_HOLD_S
+
+
+def _drive(schedule, hold_s):
+    """Feed a ChunkBuffer parts at (seconds, part) times (part None = the end); returns each
+    chunk with the time it was yielded."""
+    async def main():
+        buffer, out = ChunkBuffer(), []
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def feed():
+            for at, part in schedule:  # parts due together come in one step, as the app sends
+                if at - (loop.time() - t0) > 0:
+                    await asyncio.sleep(at - (loop.time() - t0))
+                buffer.end() if part is None else buffer.put(part)
+
+        feeder = asyncio.create_task(feed())
+        async for chunk in buffer.chunks(lambda: hold_s):
+            out.append((round(loop.time() - t0, 3), chunk))
+        await feeder
+        return out
+    return asyncio.run(main())
+
+
+START = ("start", 200, [(b"content-type", b"text/event-stream")])
+
+
+def test_chunks_carry_the_same_bytes_in_order_and_the_first_token_is_not_held():
+    events = [f"data: {i}\n\n".encode() for i in range(6)]
+    schedule = [(0.0, START), (0.0, ("body", events[0])), (0.1, ("body", events[1])),
+                *[(0.1 + 0.01 * i, ("body", events[i])) for i in range(2, 6)], (0.16, None)]
+    chunks = _drive(schedule, hold_s=0.2)
+    assert chunks[0][0] < 0.05  # the start and the first event at once
+    assert chunks[0][1] == [START, ("body", events[0])]
+    # The rest waited together, and the end cut the wait short (not 0.1 + 0.2 s).
+    assert len(chunks) == 2 and chunks[1][1] == [("body", b"".join(events[1:]))]
+    assert 0.15 <= chunks[1][0] < 0.25
+
+
+def test_without_a_hold_every_event_goes_as_it_comes():
+    schedule = [(0.0, START), (0.0, ("body", b"a")), (0.05, ("body", b"b")),
+                (0.1, ("body", b"c")), (0.1, None)]
+    chunks = [c for _, c in _drive(schedule, hold_s=0.0)]
+    assert chunks == [[START, ("body", b"a")], [("body", b"b")], [("body", b"c")]]
+
+
+def test_a_hold_bounds_the_wait_of_each_event():
+    schedule = [(0.0, START), (0.0, ("body", b"a")),
+                *[(0.02 * i, ("body", bytes([96 + i]))) for i in range(2, 12)], (0.25, None)]
+    chunks = _drive(schedule, hold_s=0.05)
+    assert b"".join(p[1] for _, c in chunks for p in c if p[0] == "body") == b"abcdefghijk"
+    assert 3 <= len(chunks) <= 6  # ~3 events a chunk, not one each
+    yielded = {byte: t for t, c in chunks for p in c if p[0] == "body" for byte in p[1]}
+    for i in range(2, 12):  # no event waited much past the hold (slack: a busy CI machine)
+        assert yielded[96 + i] - 0.02 * i < 0.05 + 0.03

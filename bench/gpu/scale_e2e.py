@@ -17,6 +17,10 @@ waited for until `/health` reports N ready replicas. Then:
              stream's start); the best run and all runs are kept
   gpus       nvidia-smi sampled every 0.5 s during the timed runs: each GPU's peak utilization
              and memory, so the JSON shows which GPUs did the work
+  crossings  the replicas' `/metrics` counters over the timed runs: chunks sent through Ray,
+             the app's body messages (SSE events) and tokens generated, so `chunks_per_token`
+             shows what the coalescing (`--stream-chunk-rate`) saved; N:ROUTING:RATE runs a
+             config with that `--stream-chunk-rate` (0: one chunk per event, as before it)
 then SIGTERM (drain) and, for N > 0, `ray stop --force` so no Ray process holds a GPU for the
 next server. The JSON (rewritten after every stage) ends with `scale`: tok/s per N and the
 ratio of each N to N = 1.
@@ -181,13 +185,37 @@ def load(pool, base: str, model: str, streams: int, clients: int, max_tokens: in
     }
 
 
+def ray_counters(base: str) -> dict:
+    """Sums over replicas of the Ray crossing counters and generated tokens (`/metrics`)."""
+    sums = {"llorch_ray_chunks_total": 0.0, "llorch_ray_body_messages_total": 0.0,
+            "llorch_generation_tokens_total": 0.0}
+    for line in (http_get(f"{base}/metrics", 10)[1] or "").splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums:
+            sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def crossings(before: dict, after: dict) -> dict:
+    """What crossed Ray per token between two `ray_counters` readings."""
+    d = {k: after[k] - before[k] for k in after}
+    tokens = d["llorch_generation_tokens_total"]
+    return {"chunks": d["llorch_ray_chunks_total"], "body_messages": d["llorch_ray_body_messages_total"],
+            "tokens": tokens,
+            "chunks_per_token": round(d["llorch_ray_chunks_total"] / tokens, 3) if tokens else None,
+            "messages_per_chunk": round(d["llorch_ray_body_messages_total"]
+                                        / d["llorch_ray_chunks_total"], 2)
+            if d["llorch_ray_chunks_total"] else None}
+
+
 def ray_stop() -> str:
     p = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
                        capture_output=True, text=True, timeout=120)
     return (p.stdout + p.stderr)[-500:]
 
 
-def one_config(args, n: int, routing: str | None, key: str, model: str, pool) -> dict:
+def one_config(args, n: int, routing: str | None, key: str, model: str, pool,
+               chunk_rate: str | None = None) -> dict:
     flags = ["--provider", args.provider, "--max-batch", str(args.max_batch), "--max-queue",
              "1024", "--max-length", str(args.max_length), "--prefill-chunk", "512",
              "--log-level", "info", *args.server_args.split()]
@@ -195,6 +223,8 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool) ->
         flags += ["--replicas", str(n), "--gpus-per-replica", str(args.gpus_per_replica)]
     if routing:
         flags += ["--routing", routing]
+    if chunk_rate:
+        flags += ["--stream-chunk-rate", chunk_rate]
     log = args.out.parent / f"{args.out.stem}-{key}.log"
     server = Server(args.model_dir, flags, log, "plain")
     out: dict = {"replicas": n, "routing": routing, "cmd": server.cmd, "log": str(log)}
@@ -212,6 +242,9 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool) ->
                                                                      args.clients)), 8, 0.0)
                                     for k in range(args.clients)])
         runs = []
+        if n:  # replicas report every second: the warm-up's last counts first
+            time.sleep(2.5)
+        counted = ray_counters(server.base) if n else None
         with GpuSampler() as gpus:
             for k in range(args.repeats):
                 runs.append(load(pool, server.base, model, args.streams, args.clients,
@@ -221,6 +254,9 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool) ->
         best = max(runs, key=lambda x: x["tok_s"])
         out.update({"best": best, "all_tok_s": [x["tok_s"] for x in runs], "gpus": gpus.peak,
                     "cpu_top": gpus.cpu_top()})
+        if n:  # replicas report every second: let the last timed run's counts arrive
+            time.sleep(2.5)
+            out["crossings"] = crossings(counted, ray_counters(server.base))
         out["health_after"] = json.loads(http_get(f"{server.base}/health", 5)[1] or "{}")
     finally:
         out["exit_code"] = server.stop()
@@ -239,8 +275,9 @@ def main() -> int:
     ap.add_argument("--provider", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--replicas", default="1,2,0",
-                    help="replica counts in order, each N or N:ROUTING (--routing of the "
-                    "server: prefix, least-loaded); 0 = the single process, no Ray")
+                    help="replica counts in order, each N, N:ROUTING (--routing of the "
+                    "server: prefix, least-loaded) or N:ROUTING:RATE (also --stream-chunk-rate "
+                    "RATE); 0 = the single process, no Ray")
     ap.add_argument("--gpus-per-replica", type=float, default=1)
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--clients", type=int, default=4, help="client processes")
@@ -264,10 +301,11 @@ def main() -> int:
     with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
         for x in (x for x in args.replicas.split(",") if x):
             n, _, routing = x.partition(":")
-            key = f"replicas_{n}" + (f"_{routing}" if routing else "")
+            routing, _, rate = routing.partition(":")
+            key = f"replicas_{n}" + (f"_{routing}" if routing else "") + (f"_rate{rate}" if rate else "")
             results[key] = (int(n), routing or None,
                             rep.stage(key, one_config, args, int(n), routing or None, key, model,
-                                      pool))
+                                      pool, rate or None))
 
     def tok_s(r):
         return (r or {}).get("best", {}).get("tok_s")

@@ -1,9 +1,10 @@
 """What the ingress hands a replica and gets back, with no Ray in it (unit-testable).
 
 The ingress turns one HTTP request into a `ForwardedRequest` (the ASGI scope's essentials
-plus the whole body) and the replica answers with a stream of `ResponsePart`s: one
-`("start", status, headers)`, then `("body", bytes)` pieces exactly as the app sent them
-(one SSE event each for a stream), so the proxy passes a stream through chunk by chunk.
+plus the whole body) and the replica answers with a stream of lists of `ResponsePart`s: one
+`("start", status, headers)`, then `("body", bytes)` pieces in the app's order, the bodies
+sent meanwhile joined (`serve.scale.coalesce`), so a stream stays a stream with fewer,
+larger items crossing Ray under load.
 
 `routing_text` is the text the prefix-affinity router matches on: what the chat template
 puts first (system prompt, then the turns), so requests sharing a system prompt share a

@@ -108,14 +108,15 @@ class Ingress:
             watcher = asyncio.create_task(_wait_disconnect(receive))
             watcher.add_done_callback(partial(_cancel_if_gone, call))
             try:
-                async for part in call:
-                    if part[0] == "start":
-                        await send({"type": "http.response.start", "status": part[1],
-                                    "headers": part[2]})
-                        started = True
-                    else:
-                        await send({"type": "http.response.body", "body": part[1],
-                                    "more_body": True})
+                async for chunk in call:  # a list of parts (serve.scale.coalesce)
+                    for part in chunk:
+                        if part[0] == "start":
+                            await send({"type": "http.response.start", "status": part[1],
+                                        "headers": part[2]})
+                            started = True
+                        else:
+                            await send({"type": "http.response.body", "body": part[1],
+                                        "more_body": True})
                 if started:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return

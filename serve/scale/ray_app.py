@@ -2,12 +2,13 @@
 
 Starts a local Ray (or joins `--ray-address`), deploys
 
-    Ingress (1 replica, no CPU) ─► Replica × N (num_cpus = --threads, num_gpus = --gpus-per-replica)
+    Ingress × --ingress-replicas (no CPU) ─► Replica × N (num_cpus = --threads,
+         │  routers share the PrefixTable actor       num_gpus = --gpus-per-replica)
 
 behind Ray Serve's HTTP proxy on `--host/--port`, and waits. SIGTERM/SIGINT drain: the
 ingress answers 503 to new requests, running ones get `--drain-timeout` seconds, then the
 application is deleted (each replica ends what is left and stops its engine) and a Ray
-started here is shut down. `application(options, model_name, registry)` is the bound
+started here is shut down. `application(options, model_name, registry, table)` is the bound
 application alone, for `serve.run` elsewhere.
 """
 
@@ -28,13 +29,16 @@ from ray.serve.schema import LoggingConfig
 
 from serve.errors import StartupError
 from serve.options import ServeOptions
+from serve.scale.coalesce import DEFAULT_CHUNK_RATE
 from serve.scale.ingress import Ingress
+from serve.scale.prefix_table import PrefixTable
 from serve.scale.registry import BEAT_S, Registry
 from serve.scale.replica import Replica
 
 log = logging.getLogger("serve.scale.ray_app")
 
 PREFIX_ROUTER = "serve.scale.router.PrefixAffinityRouter"
+NAMESPACE = "llorch"  # the Registry and PrefixTable actors' Ray namespace
 
 
 def replica_threads(options: ServeOptions, cpus: int) -> int:
@@ -45,13 +49,21 @@ def replica_threads(options: ServeOptions, cpus: int) -> int:
     return max(1, cpus // (options.replicas or options.max_replicas or 1))
 
 
-def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
+def ingress_replicas(options: ServeOptions) -> int:
+    """Ingress replicas: `--ingress-replicas`, else one per (most) engine replica(s)."""
+    return options.ingress_replicas or options.replicas or options.max_replicas or 1
+
+
+def application(options: ServeOptions, model_name: str, registry: Any,
+                table: str | None = None) -> Any:
     """The Ray Serve application: the ingress bound to the replica deployment.
 
     Args:
         options: the server's options; the replicas get them with `threads` resolved.
         model_name: the served model id.
         registry: handle of the `Registry` actor (the caller names and owns it).
+        table: name of the `PrefixTable` actor (in `NAMESPACE`) the ingresses' routers
+            share; None: each router keeps its own.
     """
     cpu = options.provider == "cpu"
     threads = replica_threads(options, len(os.sched_getaffinity(0)))
@@ -72,13 +84,15 @@ def application(options: ServeOptions, model_name: str, registry: Any) -> Any:
         ray_actor_options={"num_cpus": threads if cpu else 1, "num_gpus": gpus},
         request_router_config=RequestRouterConfig(  # least-loaded: Ray's default router
             request_router_class=PREFIX_ROUTER,
-            request_router_kwargs={"saturation": options.max_batch},
+            request_router_kwargs={"saturation": options.max_batch, "table": table,
+                                   "namespace": NAMESPACE},
         ) if options.routing == "prefix" else RequestRouterConfig(),
         graceful_shutdown_timeout_s=options.drain_timeout + 5.0, graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5.0, logging_config=logs,
         **scaling)
     ingress = serve.deployment(serve.ingress()(Ingress), name="llorch-ingress").options(
-        num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0},
+        num_replicas=ingress_replicas(options), max_ongoing_requests=100_000,
+        ray_actor_options={"num_cpus": 0},
         logging_config=logs)
     replica_options = replace(options, threads=threads if cpu else options.threads)
     return ingress.bind(replica.bind(replica_options, model_name, registry), registry, options)
@@ -113,15 +127,18 @@ def run(options: ServeOptions, model_name: str) -> None:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        try:
+        table = f"llorch-prefixes-{model_name}"
+        try:  # both live as long as this driver holds their handles
             registry = ray.remote(Registry).options(
-                num_cpus=0, name=f"llorch-registry-{model_name}", namespace="llorch").remote()
+                num_cpus=0, name=f"llorch-registry-{model_name}", namespace=NAMESPACE).remote()
+            prefixes = ray.remote(PrefixTable).options(
+                num_cpus=0, name=table, namespace=NAMESPACE).remote()
         except ValueError:  # the name is taken
             raise StartupError(f"another llorch serve of '{model_name}' runs on this Ray "
                                "cluster; stop it or pass another --model-name") from None
         serve.start(http_options=HTTPOptions(host=options.host, port=options.port))
         try:
-            serve.run(application(options, model_name, registry), name=model_name,
+            serve.run(application(options, model_name, registry, table), name=model_name,
                       route_prefix="/", blocking=False)
         except Exception as exc:
             raise StartupError(f"the replicas did not start: {exc}") from None
@@ -130,6 +147,9 @@ def run(options: ServeOptions, model_name: str) -> None:
                  options.host, options.port,
                  f"{options.replicas} replicas" if options.replicas else
                  f"{options.min_replicas or 1}-{options.max_replicas} replicas (autoscaling)")
+        log.info("%d ingress replicas; streams coalesced to ~%g chunks/s per replica",
+                 ingress_replicas(options), DEFAULT_CHUNK_RATE if options.stream_chunk_rate is None
+                 else options.stream_chunk_rate)
         while not stop.wait(0.5):
             pass
         log.info("draining (%g s for running requests)", options.drain_timeout)
@@ -139,6 +159,7 @@ def run(options: ServeOptions, model_name: str) -> None:
         while time.monotonic() < deadline and _requests_in_flight(registry):
             time.sleep(0.2)
         serve.delete(model_name)
+        ray.kill(prefixes)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -4,7 +4,8 @@ engine thread), driven in-process through ASGI.
 ```
 ingress ─ handle(ForwardedRequest) ─► receive(): the body, then waits for a disconnect
                                       app(scope, receive, send) ─ send(): start / body parts
-        ◄─ ("start", …), ("body", …) ◄┘ (yielded as they come: a stream stays a stream)
+        ◄─ [("start", …), ("body", …)] ◄ ChunkBuffer (serve.scale.coalesce): what the app
+                                         sent since the last chunk, as one Ray item
 ```
 
 The constructor pins the process to its own cores (CPU replicas with `--threads`), starts
@@ -12,6 +13,9 @@ the app's lifespan and returns only once the model has loaded, so Ray routes not
 replica that cannot answer. A cancelled `handle` (the client went away, upstream) is the
 app's `http.disconnect`: the app cancels the engine request and frees the slot, as it does
 for a direct client. `check_health` fails once loading failed; Ray then replaces the replica.
+Under load (`--stream-chunk-rate`) a stream's events gather for a few milliseconds and cross
+Ray as one chunk; `llorch_ray_chunks_total` / `llorch_ray_body_messages_total` in `/metrics`
+count what crossed against what the app sent.
 """
 
 from __future__ import annotations
@@ -19,19 +23,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
 import ray
+from prometheus_client import Counter
 from ray import serve
 
 from serve.app import create_app, drain
 from serve.main import load_engine
 from serve.metrics import Metrics
 from serve.options import ServeOptions
+from serve.scale.coalesce import DEFAULT_CHUNK_RATE, ChunkBuffer, hold_seconds
 from serve.scale.forward import ForwardedRequest, ResponsePart
-from serve.scale.registry import BEAT_S
+from serve.scale.registry import BEAT_S, STALE_S
 
 log = logging.getLogger("serve.scale.replica")
 
@@ -56,14 +63,29 @@ class Replica:
         self._registry = registry
         self.cores: list[int] = []
         if options.provider == "cpu" and options.threads:
-            self.cores = await registry.acquire_cores.remote(
-                self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)))
+            # A replacement for a killed replica can start before the registry has noticed
+            # the death (its last beat is fresh): ask again until the dead one goes stale.
+            deadline = time.monotonic() + STALE_S + BEAT_S
+            while True:
+                self.cores = await registry.acquire_cores.remote(
+                    self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)))
+                if self.cores or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(BEAT_S)
             if self.cores:
                 _pin_process(self.cores)
             else:
                 log.warning("replica %s: fewer than %d free cores on this node; running unpinned",
                             self.replica_id, options.threads)
         self._metrics = Metrics()
+        self._chunk_rate = (DEFAULT_CHUNK_RATE if options.stream_chunk_rate is None
+                            else options.stream_chunk_rate)
+        self._in_flight = 0  # handle() calls running: sizes the coalescing window
+        self._chunks = Counter("llorch_ray_chunks", "Response chunks this replica sent through "
+                               "Ray (each holds one or more of the app's body messages).",
+                               registry=self._metrics.registry)
+        self._bodies = Counter("llorch_ray_body_messages", "Body messages (an SSE event each, "
+                               "for a stream) the app sent.", registry=self._metrics.registry)
         self._app = create_app(options, partial(load_engine, options, self._metrics.observer(model_name)),
                                model_name=model_name, metrics=self._metrics)
         self._state = self._app.state.llorch
@@ -110,9 +132,10 @@ class Replica:
         if self._entry.error is not None:
             raise RuntimeError(self._entry.error)
 
-    async def handle(self, request: ForwardedRequest) -> AsyncIterator[ResponsePart]:
-        """Run one HTTP request through the app; yield its response as it is sent."""
-        parts: asyncio.Queue[ResponsePart | None] = asyncio.Queue()
+    async def handle(self, request: ForwardedRequest) -> AsyncIterator[list[ResponsePart]]:
+        """Run one HTTP request through the app; yield its response as it is sent, each item
+        a list of parts (`serve.scale.coalesce.ChunkBuffer.chunks`)."""
+        buffer = ChunkBuffer()
         disconnected = asyncio.Event()
         body_given = False
 
@@ -125,21 +148,27 @@ class Replica:
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
+            if buffer.ended:
+                return
             if message["type"] == "http.response.start":
-                parts.put_nowait(("start", message["status"], list(message.get("headers", []))))
+                buffer.put(("start", message["status"], list(message.get("headers", []))))
             elif message["type"] == "http.response.body":
                 if message.get("body"):
-                    parts.put_nowait(("body", bytes(message["body"])))
+                    buffer.put(("body", bytes(message["body"])))
+                    self._bodies.inc()
                 if not message.get("more_body", False):
-                    parts.put_nowait(None)
+                    buffer.end()
 
+        self._in_flight += 1
         task = asyncio.create_task(self._app(request.scope(), receive, send))
-        task.add_done_callback(lambda _: parts.put_nowait(None))
+        task.add_done_callback(lambda _: buffer.end())
         try:
-            while (part := await parts.get()) is not None:
-                yield part
+            async for chunk in buffer.chunks(lambda: hold_seconds(self._in_flight, self._chunk_rate)):
+                self._chunks.inc()
+                yield chunk
             await task  # re-raises what the app raised (it renders its own errors)
         finally:
+            self._in_flight -= 1
             if not task.done():  # cancelled upstream: the client is gone
                 disconnected.set()
                 asyncio.get_running_loop().call_later(DISCONNECT_GRACE_S, task.cancel)

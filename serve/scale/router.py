@@ -1,30 +1,23 @@
 """`PrefixAffinityRouter`: a Ray Serve request router that sends a prompt to the replica
 whose prefix cache most likely holds its beginning, unless that replica is saturated.
 
-Each replica's recent prompts are remembered as chained hashes of fixed-size character
-blocks (block i's hash covers blocks 0..i, as vLLM's KV block hashes do), so "replica R has
-seen this prompt's first k blocks" is k set lookups. For a request:
-
-```
-best = the replica with the most leading blocks seen (ties: fewer requests in flight)
-best matched ≥ 1 block and has fewer than `saturation` requests (its KV slots)
-    → ranks [[best], [everyone else, least loaded first]]
-otherwise
-    → ranks [[everyone, least loaded first, then the one holding the fewest blocks]]
-```
+The policy and its memory are `serve.scale.prefix_table.PrefixTable`, kept in one named
+actor per application and shared by the routers of every ingress replica, so every ingress
+sends a prefix to the same replica. A router that cannot reach that actor (it is gone, or
+the router runs outside llorch's application) decides with a table of its own.
 
 Ray's routing loop takes the ranks in order and, within a rank, the replica with the
 shortest queue that is below `max_ongoing_requests`, so a saturated or full favourite falls
 back to the least-loaded replica, and distinct new prompts spread over idle replicas.
-The state is this router's own (one per ingress replica): a router learns from what it
-routes. A replica that dies or leaves takes its blocks with it.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
+import asyncio
+import logging
+from typing import Any
 
+import ray
 from ray.serve.request_router import (
     PendingRequest,
     ReplicaID,
@@ -33,36 +26,49 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-BLOCK_CHARS = 64  # ~16 tokens of English: finer than any system prompt worth caching
-MAX_BLOCKS_PER_REPLICA = 100_000  # ~6 M characters of prompts remembered per replica
+from serve.scale.prefix_table import BLOCK_CHARS, PrefixTable, block_hashes
 
+log = logging.getLogger("serve.scale.router")
 
-def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[bytes]:
-    """Chained hashes of `text`'s whole blocks: element i identifies `text[:(i+1)*block]`."""
-    hashes, h = [], b""
-    for start in range(0, len(text) - block_chars + 1, block_chars):
-        h = hashlib.blake2b(h + text[start:start + block_chars].encode(), digest_size=12).digest()
-        hashes.append(h)
-    return hashes
+TABLE_TIMEOUT_S = 1.0  # a table slower than this: decide alone for this request
 
 
 class PrefixAffinityRouter(RequestRouter):
     """Prefix-cache affinity with a least-loaded fallback (see the module docstring)."""
 
-    def initialize_state(self, saturation: int = 4, block_chars: int = BLOCK_CHARS,
-                         max_blocks: int = MAX_BLOCKS_PER_REPLICA) -> None:
+    def initialize_state(self, saturation: int = 4, table: str | None = None,
+                         namespace: str = "llorch", block_chars: int = BLOCK_CHARS) -> None:
         """Ray calls this once with `request_router_kwargs`.
 
         Args:
             saturation: requests in flight at which a replica stops attracting its prefixes
                 (its KV slots, `--max-batch`).
+            table: name of the shared `PrefixTable` actor (None: this router's own table).
+            namespace: the actor's Ray namespace.
             block_chars: characters per hashed block.
-            max_blocks: blocks remembered per replica, least recently routed out.
         """
         self.saturation = saturation
         self.block_chars = block_chars
-        self.max_blocks = max_blocks
-        self.seen: dict[ReplicaID, OrderedDict[bytes, None]] = {}
+        self.local = PrefixTable()
+        self._table_name, self._namespace = table, namespace
+        self._shared: Any = None
+        self._warned = False
+        self._started: dict[str, str] = {}  # internal request id -> replica, until completed
+
+    def _table(self) -> Any:
+        """The shared table's actor handle, looked up once; None when there is none."""
+        if self._shared is None and self._table_name:
+            try:
+                self._shared = ray.get_actor(self._table_name, namespace=self._namespace)
+            except ValueError:
+                self._fallback("no actor named %s", self._table_name)
+                self._table_name = None
+        return self._shared
+
+    def _fallback(self, why: str, *args: Any) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("prefix routing with this router's own table: " + why, *args)
 
     def _prompt(self, pending_request: PendingRequest | None) -> str:
         if pending_request is None:
@@ -94,48 +100,55 @@ class PrefixAffinityRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         lens = await self._queue_lens(candidate_replicas)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = {rid: lens.get(r.replica_id, 0) for rid, r in by_id.items()}
         hashes = block_hashes(self._prompt(pending_request), self.block_chars)
-
-        def matched(r: RunningReplica) -> int:
-            seen = self.seen.get(r.replica_id)
-            if not seen:
-                return 0
-            n = 0
-            for h in hashes:
-                if h not in seen:
-                    break
-                n += 1
-            return n
-
-        def load(r: RunningReplica) -> tuple[int, int]:
-            return lens.get(r.replica_id, 0), len(self.seen.get(r.replica_id, ()))
-
-        by_load = sorted(candidate_replicas, key=load)
-        if hashes and candidate_replicas:
-            best = max(candidate_replicas, key=lambda r: (matched(r), -load(r)[0]))
-            if matched(best) > 0 and lens.get(best.replica_id, 0) < self.saturation:
-                return [[best], [r for r in by_load if r is not best]]
-        return [by_load]
+        ranks = None
+        table = self._table() if hashes else None
+        if table is not None:
+            try:
+                ranks = await asyncio.wait_for(table.route.remote(hashes, loads, self.saturation),
+                                               TABLE_TIMEOUT_S)
+            except Exception as exc:  # gone or slow: this request is routed without it
+                self._fallback("the shared table failed (%r)", exc)
+        if ranks is None:
+            ranks = self.local.route(hashes, loads, self.saturation)
+        return [[by_id[rid] for rid in rank if rid in by_id] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
-        """Remember the prompt's blocks as held by `replica_id` (most recent last)."""
+        """Remember the prompt's blocks as held by the replica Ray actually picked, and the
+        request as running there until `on_request_completed`."""
         hashes = block_hashes(self._prompt(pending_request), self.block_chars)
         if not hashes:
             return
-        seen = self.seen.setdefault(replica_id, OrderedDict())
-        for h in hashes:
-            seen[h] = None
-            seen.move_to_end(h)
-        while len(seen) > self.max_blocks:
-            seen.popitem(last=False)
+        rid = replica_id.unique_id
+        self._started[pending_request.metadata.internal_request_id] = rid
+        self.local.started(hashes, rid)
+        if self._shared is not None:
+            self._shared.started.remote(hashes, rid)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        rid = self._started.pop(internal_request_id, None)
+        if rid is not None:
+            self.local.finished(rid)
+            if self._shared is not None:
+                self._shared.finished.remote(rid)
+
+    def _forget(self, replica_id: ReplicaID) -> None:
+        self.local.forget(replica_id.unique_id)
+        if self._shared is not None:
+            self._shared.forget.remote(replica_id.unique_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self.seen.pop(replica_id, None)
+        self._forget(replica_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        # Only the ones this router saw go away: a router a step behind the others must
+        # not drop a replica it has not heard of yet from the shared table.
+        before = set(getattr(self, "_known", ()))
+        self._known = {r.replica_id for r in replicas}
         super().update_replicas(replicas)
-        live = {r.replica_id for r in replicas}
-        for rid in [rid for rid in self.seen if rid not in live]:
-            del self.seen[rid]
+        for rid in before - self._known:
+            self._forget(rid)

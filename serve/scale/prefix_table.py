@@ -1,0 +1,132 @@
+"""`PrefixTable`: which replica holds which prompt prefixes, and where a prompt should go.
+
+One table per llorch application, in a named Ray actor (`serve.scale.ray_app`), shared by
+the routers of every ingress replica: a prefix one ingress sent to replica R is routed to R
+by all of them. (Ray Serve keeps one router per caller, so a table inside each router would
+learn each prefix once per ingress and could place it on a different replica each time.)
+
+A prompt is remembered as chained hashes of fixed-size character blocks (block i's hash
+covers blocks 0..i, as vLLM's KV block hashes do), so "replica R has seen this prompt's
+first k blocks" is k set lookups. For a request:
+
+```
+best = the replica with the most leading blocks seen (ties: fewer requests in flight)
+best matched ≥ 1 block and is busy with fewer than `saturation` requests (its KV slots)
+    → [[best], [everyone else, least loaded first]]
+nobody matched: a new prefix
+    → [[of the replicas below `saturation`, the one holding the fewest blocks], [the rest,
+       least loaded first]]: new prefixes spread by what the replicas cache, so each one's
+       slots hold its share (the load a router sees is a little stale; it only decides once
+       replicas fill up)
+otherwise (best is saturated, or everyone is)
+    → [[least loaded (ties: holding the fewest blocks)], [everyone else, same order]]
+```
+
+and the first choice is remembered at once as holding the prompt, so the next request with
+that prefix goes there even before the first one was answered.
+
+"Busy" is the smaller of two counts that can each only err high: the load the calling
+router sees (Ray's queue-length cache, which lags completions by a request or two) and the
+requests this table's routers started on the replica and have not seen complete (which
+misses requests without a prompt prefix, and keeps a dead router's requests). With a few
+KV slots a replica, the first alone would make a replica look full after a burst and send
+every new prompt elsewhere. No Ray here (unit-testable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+BLOCK_CHARS = 64  # ~16 tokens of English: finer than any system prompt worth caching
+MAX_BLOCKS_PER_REPLICA = 100_000  # ~6 M characters of prompts remembered per replica
+
+
+def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[bytes]:
+    """Chained hashes of `text`'s whole blocks: element i identifies `text[:(i+1)*block]`
+    (12-byte BLAKE2b digests)."""
+    hashes, h = [], b""
+    for start in range(0, len(text) - block_chars + 1, block_chars):
+        h = hashlib.blake2b(h + text[start:start + block_chars].encode(), digest_size=12).digest()
+        hashes.append(h)
+    return hashes
+
+
+class PrefixTable:
+    """Replica id → the block hashes it was sent, least recently routed first.
+
+    Args:
+        max_blocks: blocks remembered per replica; the least recently routed go first.
+    """
+
+    def __init__(self, max_blocks: int = MAX_BLOCKS_PER_REPLICA) -> None:
+        self.max_blocks = max_blocks
+        self.seen: dict[str, OrderedDict[bytes, None]] = {}
+        self.running: dict[str, int] = {}  # started here, not yet finished
+
+    def matched(self, replica: str, hashes: list[bytes]) -> int:
+        """How many of `hashes`' leading blocks `replica` was sent."""
+        seen = self.seen.get(replica)
+        n = 0
+        if seen:
+            for h in hashes:
+                if h not in seen:
+                    break
+                n += 1
+        return n
+
+    def route(self, hashes: list[bytes], loads: dict[str, int], saturation: int) -> list[list[str]]:
+        """The replicas to try, in ranks (see the module docstring).
+
+        Args:
+            hashes: the prompt's `block_hashes` ([]: no affinity, least loaded first).
+            loads: requests in flight per candidate replica id (the caller's view).
+            saturation: requests at which a replica stops attracting its prefixes.
+
+        Returns:
+            Ranks of replica ids, every candidate once; [] when there is no candidate.
+        """
+        def held(r: str) -> int:
+            return len(self.seen.get(r, ()))
+
+        busy = {r: min(n, self.running.get(r, 0)) for r, n in loads.items()}
+        by_load = sorted(loads, key=lambda r: (busy[r], loads[r], held(r)))
+        if not by_load:
+            return []
+        first = by_load[0]
+        if hashes:
+            best = max(by_load, key=lambda r: (self.matched(r, hashes), -busy[r]))
+            open_ = [r for r in by_load if busy[r] < saturation]
+            if self.matched(best, hashes) > 0:
+                if busy[best] < saturation:
+                    first = best
+            elif open_:  # a new prefix: to the replica with the least cached, while it has room
+                first = min(open_, key=lambda r: (held(r), busy[r]))
+            self.remember(hashes, first)
+        return [[first], [r for r in by_load if r != first]]
+
+    def remember(self, hashes: list[bytes], replica: str) -> None:
+        """`replica` was sent a prompt with these block hashes (most recent last)."""
+        if not hashes:
+            return
+        seen = self.seen.setdefault(replica, OrderedDict())
+        for h in hashes:
+            seen[h] = None
+            seen.move_to_end(h)
+        while len(seen) > self.max_blocks:
+            seen.popitem(last=False)
+
+    def started(self, hashes: list[bytes], replica: str) -> None:
+        """A request with these block hashes went to `replica` (Ray's final pick)."""
+        self.remember(hashes, replica)
+        self.running[replica] = self.running.get(replica, 0) + 1
+
+    def finished(self, replica: str) -> None:
+        """A request `started` on `replica` completed (answered, failed or cancelled)."""
+        if self.running.get(replica, 0) > 0:
+            self.running[replica] -= 1
+
+    def forget(self, replica: str) -> None:
+        """`replica` died or left: what it held is gone with it."""
+        self.seen.pop(replica, None)
+        self.running.pop(replica, None)
