@@ -8,6 +8,8 @@
    ▲                                 3. prefill one chunk of the oldest admitted prompt
    │                                            (then copy its KV to the sibling choices' slots)
    │                                 4. decode  one Runtime.decode over every running slot
+   │                                            (--speculative: a drafted slot verifies its
+   │                                            drafts in a call of its own, serve.speculative)
    │                                 5. constrained rows: grammar bitmask → forbidden logits -inf
    │                                 6. per choice: Sampler → detokenizer → StopMatcher
    └── asyncio.Queue per request ◄── Event (call_soon_threadsafe)
@@ -67,6 +69,7 @@ from serve.prefix_cache import SlotPool
 from serve.runtime import ContextFull
 from serve.sampling import Sample
 from serve.sequence import Choice, Job, prompt_logprob
+from serve.speculative import SpeculativeConfig, Speculator, verify_choice
 
 log = logging.getLogger("serve.engine")
 
@@ -98,11 +101,16 @@ class Engine:
         batch_invariant: decode a lone sequence with a padding row, so its logits are those it
             would get in a batch bit for bit (int4 MatMulNBits has another kernel for one row;
             costs a third of single-stream speed there).
+        speculative: prompt-lookup speculative decoding (`serve.speculative`); None: off.
+
+    Raises:
+        ValueError: ``speculative`` on a runtime without ``verify``.
     """
 
     def __init__(self, runtime, tokenizer, *, prefill_chunk: int = CPU_PREFILL_CHUNK, max_queue: int | None = None,
                  queue_timeout: float | None = None, prefix_cache_tokens: int | None = None,
-                 observer: EngineObserver | None = None, batch_invariant: bool = False) -> None:
+                 observer: EngineObserver | None = None, batch_invariant: bool = False,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
@@ -114,6 +122,10 @@ class Engine:
         self.vocab_size: int = runtime.info.vocab_size
         self.n_slots: int = runtime.n_slots
         self.slots = SlotPool(runtime, prefix_cache_tokens)
+        if speculative is not None and not callable(getattr(runtime, "verify", None)):
+            raise ValueError(f"speculative decoding needs a runtime with verify (GroupQueryAttention "
+                             f"exports with host KV, e.g. --provider cpu); {type(runtime).__name__} has none")
+        self.speculator = None if speculative is None else Speculator(speculative)
         self._eos = frozenset(tokenizer.eos_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
@@ -382,7 +394,46 @@ class Engine:
         self._send(job, outputs, prompt_logprobs)
 
     def _decode(self) -> None:
+        """One token for every running choice, or more for those that speculate: drafted
+        choices are verified one runtime call each (`serve.speculative`), the rest decode
+        together in one call."""
         batch = list(self._running)
+        drafts = {} if self.speculator is None else self.speculator.drafts(
+            batch, self.runtime.length, self.max_length)
+        outputs: dict[Job, list[ChoiceOutput]] = {}
+        gaps: list[float] = []
+        plain = [c for c in batch if c not in drafts] if drafts else batch
+        if plain:
+            self._decode_plain(plain, outputs, gaps)
+        for c, draft in drafts.items():
+            self._verify(c, draft, outputs, gaps)
+        self._observe("tokens", gaps)
+        for job, outs in outputs.items():
+            self._send(job, outs)
+
+    def _verify(self, c: Choice, draft: list[int], outputs: dict[Job, list[ChoiceOutput]],
+                gaps: list[float]) -> None:
+        job = c.job
+        if job.cancelled or c.slot < 0:  # its job failed in this step's plain decode
+            return
+        try:
+            v = verify_choice(self.runtime, c, draft, eos_ids=self._eos, max_length=self.max_length,
+                              constrain=lambda ch, row: self._constrain([ch], [row])[0])
+        except Exception as exc:
+            outputs.pop(job, None)
+            self._fail(job, exc)
+            return
+        if v.output.finish_reason is not None:
+            self._release(c)
+        now = time.monotonic()
+        gaps += [now - c.t_last] + [0.0] * (len(v.output.token_ids) - 1)
+        c.t_last = now
+        outputs.setdefault(job, []).append(v.output)
+        self._observe("speculated", (v.drafted, v.accepted))
+
+    def _decode_plain(self, batch: list[Choice], outputs: dict[Job, list[ChoiceOutput]],
+                      gaps: list[float]) -> None:
+        """One Runtime.decode over ``batch``; each choice's output into ``outputs``."""
         try:
             try:
                 rows = self._decode_batch([c.slot for c in batch], [c.next_token for c in batch])
@@ -396,8 +447,6 @@ class Engine:
             self.slots.clear()  # rows may have moved half-way: trust no idle KV either
             return
         now = time.monotonic()
-        gaps = []
-        outputs: dict[Job, list[ChoiceOutput]] = {}
         try:
             rows = self._constrain(batch, rows)
         except Exception as exc:
@@ -419,9 +468,6 @@ class Engine:
             except Exception as exc:
                 outputs.pop(job, None)
                 self._fail(job, exc)
-        self._observe("tokens", gaps)
-        for job, outs in outputs.items():
-            self._send(job, outs)
 
     @staticmethod
     def _constrain(choices: Sequence[Choice], rows: Sequence[np.ndarray | None]) -> Sequence[np.ndarray | None]:
