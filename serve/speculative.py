@@ -37,6 +37,7 @@ import numpy as np
 
 from serve.events import ChoiceOutput, TokenLogprob
 from serve.prefix_cache import as_ids
+from serve.sampling import Sample
 from serve.sequence import Choice
 
 SPECULATIVE_METHODS = ("ngram",)
@@ -168,7 +169,7 @@ def verify_choice(runtime, c: Choice, draft: Sequence[int], *,
     outs: list[ChoiceOutput] = []
     accepted = 0
     for i in range(len(draft) + 1):
-        sample = c.sampler.sample(constrain(c, logits[i]), c.generated)
+        sample = draw(c, constrain(c, logits[i]), draft[i] if i < len(draft) else None)
         out = c.accept(sample, eos_ids=eos_ids, max_length=max_length)
         outs.append(out)
         hit = i < len(draft) and sample.token == draft[i]
@@ -177,6 +178,13 @@ def verify_choice(runtime, c: Choice, draft: Sequence[int], *,
             break
     runtime.truncate(c.slot, start + len(outs))
     return Verified(merge_outputs(outs), len(draft), accepted)
+
+
+def draw(c: Choice, row: np.ndarray, proposed: int | None) -> Sample:
+    """The token emitted at one position: the choice's own draw from ``row``, whatever was
+    ``proposed`` there (the module docstring says why that is the rejection rule; the
+    statistical test replaces this function to show that a wrong rule is caught)."""
+    return c.sampler.sample(row, c.generated)
 
 
 def merge_outputs(outs: Sequence[ChoiceOutput]) -> ChoiceOutput:
