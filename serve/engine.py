@@ -418,7 +418,8 @@ class Engine:
             return
         try:
             v = verify_choice(self.runtime, c, draft, eos_ids=self._eos, max_length=self.max_length,
-                              constrain=lambda ch, row: self._constrain([ch], [row])[0])
+                              constrain=lambda ch, row: self._constrain([ch], [row])[0],
+                              batched=self._pads_lone_decode)
         except Exception as exc:
             outputs.pop(job, None)
             self._fail(job, exc)
@@ -483,12 +484,15 @@ class Engine:
             rows[i] = choices[i].constraint.mask(rows[i], masks[k])
         return rows
 
+    @property
+    def _pads_lone_decode(self) -> bool:
+        return self.batch_invariant and not getattr(self.runtime, "batch_invariant", False)
+
     def _decode_batch(self, slots: list[int], ids: list[int]) -> list[np.ndarray]:
         """One Runtime.decode; with `batch_invariant` a lone sequence gets an idle slot as a
         padding row (then cut back), so it runs the same kernels as in a batch."""
         pad = None
-        if (self.batch_invariant and len(slots) == 1 and self.slots.n_free
-                and not getattr(self.runtime, "batch_invariant", False)):
+        if self._pads_lone_decode and len(slots) == 1 and self.slots.n_free:
             pad = self.slots.cache.victim()
             pad_length = self.runtime.length(pad)
             if pad_length >= self.max_length:

@@ -147,7 +147,7 @@ class Verified:
 
 def verify_choice(runtime, c: Choice, draft: Sequence[int], *,
                   constrain: Callable[[Choice, np.ndarray], np.ndarray],
-                  eos_ids: Collection[int], max_length: int) -> Verified:
+                  eos_ids: Collection[int], max_length: int, batched: bool = False) -> Verified:
     """Feed ``c.next_token`` and ``draft`` to ``c``'s slot in one `verify` call, emit tokens as
     the module docstring says, and roll the slot back to what it holds after them.
 
@@ -157,6 +157,7 @@ def verify_choice(runtime, c: Choice, draft: Sequence[int], *,
         draft: the proposed tokens after ``c.next_token``.
         constrain: the choice's grammar mask over one logits row (identity without one).
         eos_ids, max_length: as `Choice.accept` takes them.
+        batched: verify on the graph of a two-row decode step (the engine pads lone decodes).
     Returns:
         `Verified`; the choice may have ended (its output's finish_reason): the caller
         releases its slot.
@@ -165,7 +166,7 @@ def verify_choice(runtime, c: Choice, draft: Sequence[int], *,
         unknown: fail the request).
     """
     start = runtime.length(c.slot)
-    logits = runtime.verify(c.slot, [c.next_token, *draft])
+    logits = runtime.verify(c.slot, [c.next_token, *draft], batched=batched)
     outs: list[ChoiceOutput] = []
     accepted = 0
     for i in range(len(draft) + 1):

@@ -77,7 +77,7 @@ class SharedKVRuntime(SlotRuntime):
                          options.max_batch, kv_dtype(self.session, info))
         self._row = list(range(self.n_slots))  # slot -> physical row
         self._calls: dict[tuple[int, int, bool], Call] = {}
-        self._verify_calls: dict[int, Call] = {}  # row -> its verify binding
+        self._verify_calls: dict[tuple[int, int], Call] = {}  # (row, rows_like) -> binding
         self._full_mask = False  # decode masks span the whole cache (captured CUDA graphs)
 
     # -- the hooks ---------------------------------------------------------------------------
@@ -206,13 +206,14 @@ class HostRuntime(SharedKVRuntime):
     def _forget(self, row: int, keep: int) -> None:
         self._kv.forget(row, keep)
 
-    def verify(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+    def verify(self, slot: int, ids: Sequence[int], *, batched: bool = False) -> np.ndarray:
         """Append ``ids`` to ``slot``'s sequence in one call and return the logits after each
         of them (speculative decoding: ``ids`` are the next token and the drafts after it;
         `truncate` rolls back the rejected tail).
 
-        Runs on the graph a lone sequence decodes on (`_session_for(1)`): the int4 graph, or
-        the row-invariant W8A8 graph under ``batch_invariant``.
+        Runs on the graph a lone sequence decodes on (`_session_for(1)`: the int4 graph, or
+        the row-invariant W8A8 graph under ``batch_invariant``), or with ``batched`` on the one
+        a decode step of two rows takes (the engine pads a lone decode to two rows).
 
         Returns:
             float32 logits ``[len(ids), vocab]``, row ``i`` after ``ids[i]``.
@@ -221,10 +222,10 @@ class HostRuntime(SharedKVRuntime):
             ValueError: ``ids`` is empty.
         """
         n, past = self._begin_prefill(slot, ids)
-        row = self._row[slot]
-        call = self._verify_calls.get(row)
+        key = (self._row[slot], 2 if batched else 1)
+        call = self._verify_calls.get(key)
         if call is None:
-            call = self._verify_calls[row] = self._bind_verify(row)
+            call = self._verify_calls[key] = self._bind_verify(*key)
         self._run(call, np.asarray([ids], np.int64), np.ones((1, past + n), np.int64))
         self._lengths[slot] = past + n
         out = call.io.get_outputs()[-1].numpy()  # [1, n, vocab]
@@ -240,9 +241,10 @@ class HostRuntime(SharedKVRuntime):
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         return Call(io, session, logits)
 
-    def _bind_verify(self, row: int) -> Call:
-        """A binding of one KV row whose logits cover every position (ORT-allocated)."""
-        session = self._session_for(1)
+    def _bind_verify(self, row: int, rows_like: int) -> Call:
+        """A binding of one KV row whose logits cover every position (ORT-allocated), on the
+        graph a decode step of ``rows_like`` rows runs."""
+        session = self._session_for(rows_like)
         io = self._bind_kv(session, row, 1)
         if self._pin_logits:
             io.bind_ortvalue_input("num_logits_to_keep", self._keep[0])
