@@ -305,3 +305,27 @@ def test_server_greedy_equal_on_the_default_fp32_model(default_fp32_dir, tmp_pat
                 accepted = float(re.search(r"^llorch_spec_accepted_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
     assert outs["spec"] == outs["plain"]
     assert accepted > 0.3 * drafted  # input-grounded prompts: most drafts hit
+
+
+def test_server_int4_default_model_answers_with_drafts_accepted(default_model_dir, tmp_path):
+    """The int4 default model (not token-equal to plain decoding, README says why): its answers
+    stay right and input-grounded drafts are mostly accepted."""
+    from bench.spec_prompts import GROUNDED
+
+    with running_server(default_model_dir, "--max-batch", "1", "--threads", "2", "--max-length",
+                        "1024", "--speculative", "ngram", log_path=tmp_path / "spec.log") as base:
+        client = _client(base)
+        model = client.models.list().data[0].id
+        paris = client.chat.completions.create(
+            model=model, max_tokens=40, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in paris.choices[0].message.content
+        rename = dict(GROUNDED)["rename-variable"]
+        code = client.chat.completions.create(
+            model=model, max_tokens=120, temperature=0,
+            messages=[{"role": "user", "content": rename}]).choices[0].message.content
+        assert "def average_order_value(orders):" in code  # the 135M model copies the function
+        text = httpx.get(f"{base}/metrics").text
+        drafted = float(re.search(r"^llorch_spec_draft_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
+        accepted = float(re.search(r"^llorch_spec_accepted_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
+    assert accepted > 0.3 * drafted > 0
