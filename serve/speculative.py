@@ -58,9 +58,9 @@ class SpeculativeConfig:
         ValueError: a value out of range.
     """
 
-    num_speculative_tokens: int = 4
-    prompt_lookup_max: int = 3
-    prompt_lookup_min: int = 1
+    num_speculative_tokens: int = 5
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
     disable_by_batch_size: int = 1
 
     def __post_init__(self) -> None:

@@ -159,7 +159,7 @@ def run(job: dict) -> dict:
             raise Skip(f"no GGUF at {gguf}")
         from serve.tokenizer import Tokenizer
         peer = LlamaCppSpec(gguf, cfg.threads, args["speculative"],
-                            Tokenizer.from_dir(int4).eos_ids[0])
+                            min(Tokenizer.from_dir(int4).eos_ids))
         from importlib import metadata
         version = metadata.version("llama-cpp-python")
     try:
