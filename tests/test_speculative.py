@@ -126,7 +126,7 @@ def test_greedy_equal_and_batching_mix(tiny_model_dir, tiny_prompts):
 def test_max_tokens_and_context_mid_draft_roll_back(tiny_model_dir, tiny_prompts):
     """A draft never runs past max_tokens or the context, and the slot's KV holds exactly the
     tokens fed (its prefix-cache entry is then right)."""
-    spec = engine_for(tiny_model_dir, SpeculativeConfig(num_speculative_tokens=8))
+    spec = engine_for(tiny_model_dir, SpeculativeConfig(num_speculative_tokens=8, prompt_lookup_min=1))
     plain = engine_for(tiny_model_dir, None)
     try:
         for max_tokens in (1, 2, 3, 7, 13):
