@@ -93,7 +93,8 @@ def make_prompts(int4_dir: Path, cfg: BenchConfig) -> dict:
 def run_entry(entry: Entry, cfg: BenchConfig, paths: dict, prepare: dict, prompts: dict,
               work: Path, log_dir: Path, wait_idle: float | None, wait_timeout: float) -> dict:
     model = paths.get(entry.model)
-    args = {**entry.args, "model_dir": str(model) if model else ""}
+    args = {**entry.args, "model_dir": str(model) if model else "",
+            "int4_dir": str(paths.get("int4") or "")}  # its tokenizer, for chat prompts
     reason = prepare.get(entry.model.replace("builder-int4", "genai-builder-int4"), {}).get("reason")
     if model is None:
         args["skip_reason"] = reason or f"{entry.model} input unavailable"

@@ -195,6 +195,30 @@ def skipped_list(results: dict) -> str:
     return "\n".join(lines)
 
 
+SPEC_OURS, SPEC_OFF = "llorch-spec-ngram", "llorch-spec-off"
+
+
+def speculative_table(results: dict) -> str:
+    """Rows of the `speculative` group: decode tok/s per prompt set, and llorch
+    --speculative ngram's advantage over each row (>1× = llorch faster)."""
+    entries = {k: e for k, e in ok_entries(results).items() if e.get("spec_decode_tps")}
+    if not entries:
+        return ""
+    ours = entries.get(SPEC_OURS, {}).get("spec_decode_tps", {})
+    rows = []
+    for key, e in entries.items():
+        cells = [e["label"]]
+        for name in ("grounded", "open"):
+            v = _median(e["spec_decode_tps"], name)
+            r = None if key == SPEC_OURS else advantage(_median(ours, name), v, higher_is_better=True)
+            cells.append(fmt_rate(v) + fmt_ratio(r))
+        acc = e.get("acceptance")
+        cells.append("–" if acc is None else f"{acc:.0%} of {e['drafted']}")
+        rows.append(cells)
+    return _table(["engine", "decode tok/s, input-grounded", "decode tok/s, open-ended",
+                   "drafts accepted"], rows)
+
+
 def render_markdown(results: dict) -> str:
     m = results["machine"]
     load = results.get("load", {})
@@ -237,6 +261,13 @@ def render_markdown(results: dict) -> str:
     if int4_only:
         parts += ["", "### The same with `--w8a8 off` (every run on the int4 graph)",
                   "", int4_only]
+    spec = speculative_table(results)
+    if spec:
+        parts += ["", "## Speculative decoding (batch 1)", "",
+                  "Greedy chat answers to `bench/spec_prompts.py`, up to 160 tokens, stopping "
+                  "at EOS: 6 input-grounded prompts (rewrite, code edit, quote, summarize) and 3 "
+                  "open-ended ones (drafts mostly miss). Ratios: `llorch --speculative ngram`'s "
+                  "advantage over the row.", "", spec]
     mem = memory_table(results)
     if mem:
         parts += ["", "## Memory and export", "", mem]

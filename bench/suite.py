@@ -54,6 +54,16 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("llorch-concurrency-w8a8-off", "llorch HTTP int4 --w8a8 off, N concurrent streams",
           "llorch_http", "w8a8", "int4", None,
           {"mode": "concurrency", "serve_args": ["--w8a8", "off"]}),
+    # batch-1 decode on bench.spec_prompts (chat answers that copy their input, and open-ended
+    # ones), each engine with and without its prompt-lookup speculation (bench.peers.spec)
+    Entry("llorch-spec-off", "llorch engine int4, speculation off", "spec", "speculative",
+          "int4", None, {"engine": "llorch", "speculative": False}),
+    Entry("llorch-spec-ngram", "llorch engine int4 --speculative ngram", "spec", "speculative",
+          "int4", None, {"engine": "llorch", "speculative": True}),
+    Entry("llamacpp-spec-off", "llama.cpp Q4_1, speculation off", "spec", "speculative", "gguf",
+          None, {"engine": "llamacpp", "speculative": False}),
+    Entry("llamacpp-spec-lookup", "llama.cpp Q4_1 + LlamaPromptLookupDecoding", "spec",
+          "speculative", "gguf", None, {"engine": "llamacpp", "speculative": True}),
     Entry("llorch-server-rss", "llorch serve int4, 8 slots x 4096 tokens", "llorch_http", "rss",
           "int4", None, {"mode": "rss"}),
 )

@@ -9,6 +9,8 @@
    │                                            (then copy its KV to the sibling choices' slots)
    │                                 4. decode  one Runtime.decode over every running slot
    │                                            (decode_sampled: tokens picked on the device)
+   │                                            (--speculative: a drafted slot verifies its
+   │                                            drafts in a call of its own, serve.speculative)
    │                                 5. constrained rows: grammar bitmask → forbidden logits -inf
    │                                 6. per choice: Sampler → detokenizer → StopMatcher
    └── asyncio.Queue per request ◄── Event (call_soon_threadsafe)
@@ -74,6 +76,7 @@ from serve.prefix_cache import SlotPool
 from serve.runtime import ContextFull, RowDraw, RowToken
 from serve.sampling import Sample, device_sample
 from serve.sequence import Choice, Job, prompt_logprob
+from serve.speculative import SpeculativeConfig, Speculator, verify_choice
 
 log = logging.getLogger("serve.engine")
 
@@ -105,11 +108,16 @@ class Engine:
         batch_invariant: decode a lone sequence with a padding row, so its logits are those it
             would get in a batch bit for bit (int4 MatMulNBits has another kernel for one row;
             costs a third of single-stream speed there).
+        speculative: prompt-lookup speculative decoding (`serve.speculative`); None: off.
+
+    Raises:
+        ValueError: ``speculative`` on a runtime without ``verify``.
     """
 
     def __init__(self, runtime, tokenizer, *, prefill_chunk: int = CPU_PREFILL_CHUNK, max_queue: int | None = None,
                  queue_timeout: float | None = None, prefix_cache_tokens: int | None = None,
-                 observer: EngineObserver | None = None, batch_invariant: bool = False) -> None:
+                 observer: EngineObserver | None = None, batch_invariant: bool = False,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
@@ -121,6 +129,10 @@ class Engine:
         self.vocab_size: int = runtime.info.vocab_size
         self.n_slots: int = runtime.n_slots
         self.slots = SlotPool(runtime, prefix_cache_tokens)
+        if speculative is not None and not callable(getattr(runtime, "verify", None)):
+            raise ValueError(f"speculative decoding needs a runtime with verify (GroupQueryAttention "
+                             f"exports with host KV, e.g. --provider cpu); {type(runtime).__name__} has none")
+        self.speculator = None if speculative is None else Speculator(speculative)
         self._eos = frozenset(tokenizer.eos_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
@@ -389,7 +401,47 @@ class Engine:
         self._send(job, outputs, prompt_logprobs)
 
     def _decode(self) -> None:
+        """One token for every running choice, or more for those that speculate: drafted
+        choices are verified one runtime call each (`serve.speculative`), the rest decode
+        together in one call."""
         batch = list(self._running)
+        drafts = {} if self.speculator is None else self.speculator.drafts(
+            batch, self.runtime.length, self.max_length)
+        outputs: dict[Job, list[ChoiceOutput]] = {}
+        gaps: list[float] = []
+        plain = [c for c in batch if c not in drafts] if drafts else batch
+        if plain:
+            self._decode_plain(plain, outputs, gaps)
+        for c, draft in drafts.items():
+            self._verify(c, draft, outputs, gaps)
+        self._observe("tokens", gaps)
+        for job, outs in outputs.items():
+            self._send(job, outs)
+
+    def _verify(self, c: Choice, draft: list[int], outputs: dict[Job, list[ChoiceOutput]],
+                gaps: list[float]) -> None:
+        job = c.job
+        if job.cancelled or c.slot < 0:  # its job failed in this step's plain decode
+            return
+        try:
+            v = verify_choice(self.runtime, c, draft, eos_ids=self._eos, max_length=self.max_length,
+                              constrain=lambda ch, row: self._constrain([ch], [row])[0],
+                              batched=self._pads_lone_decode)
+        except Exception as exc:
+            outputs.pop(job, None)
+            self._fail(job, exc)
+            return
+        if v.output.finish_reason is not None:
+            self._release(c)
+        now = time.monotonic()
+        gaps += [now - c.t_last] + [0.0] * (len(v.output.token_ids) - 1)
+        c.t_last = now
+        outputs.setdefault(job, []).append(v.output)
+        self._observe("speculated", (v.drafted, v.accepted))
+
+    def _decode_plain(self, batch: list[Choice], outputs: dict[Job, list[ChoiceOutput]],
+                      gaps: list[float]) -> None:
+        """One Runtime.decode over ``batch``; each choice's output into ``outputs``."""
         draws = self._draws(batch)
         try:
             try:
@@ -405,8 +457,6 @@ class Engine:
             self.slots.clear()  # rows may have moved half-way: trust no idle KV either
             return
         now = time.monotonic()
-        gaps = []
-        outputs: dict[Job, list[ChoiceOutput]] = {}
         try:
             rows = self._constrain(batch, rows)
         except Exception as exc:
@@ -430,9 +480,6 @@ class Engine:
             except Exception as exc:
                 outputs.pop(job, None)
                 self._fail(job, exc)
-        self._observe("tokens", gaps)
-        for job, outs in outputs.items():
-            self._send(job, outs)
 
     def _draws(self, batch: Sequence[Choice]) -> list[RowDraw | None]:
         """Per choice, how the runtime picks its token on the device, or None: its logits come
@@ -455,14 +502,17 @@ class Engine:
             rows[i] = choices[i].constraint.mask(rows[i], masks[k])
         return rows
 
+    @property
+    def _pads_lone_decode(self) -> bool:
+        return self.batch_invariant and not getattr(self.runtime, "batch_invariant", False)
+
     def _decode_batch(self, slots: list[int], ids: list[int], draws: list[RowDraw | None]
                       ) -> list[np.ndarray | RowToken]:
         """One Runtime.decode (decode_sampled where a row is picked on the device); with
         `batch_invariant` a lone sequence gets an idle slot as a padding row (then cut back),
         so it runs the same kernels as in a batch."""
         pad = None
-        if (self.batch_invariant and len(slots) == 1 and self.slots.n_free
-                and not getattr(self.runtime, "batch_invariant", False)):
+        if self._pads_lone_decode and len(slots) == 1 and self.slots.n_free:
             pad = self.slots.cache.victim()
             pad_length = self.runtime.length(pad)
             if pad_length >= self.max_length:

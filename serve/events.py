@@ -142,6 +142,9 @@ class EngineObserver:
     def request_done(self, stats: RequestStats) -> None:
         """A request ended (complete, cancelled, failed, timed out or shut down)."""
 
+    def speculated(self, counts: tuple[int, int]) -> None:
+        """A verify call checked (drafted, accepted) draft tokens (`serve.speculative`)."""
+
 
 _CANCELLED = Event(error="cancelled")
 

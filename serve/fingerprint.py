@@ -41,6 +41,10 @@ def system_fingerprint(options: ServeOptions) -> str:
     add("llorch", llorch_version())
     add("options", options.provider, options.w8a8, options.batch_invariant, options.cuda_graph,
         options.device_sampling, options.max_batch, options.prefill_chunk)
+    if options.speculative is not None:  # verify calls run other kernels than one-token steps
+        add("speculative", options.speculative, options.num_speculative_tokens,
+            options.prompt_lookup_max, options.prompt_lookup_min,
+            options.speculative_disable_by_batch_size)
     model_dir = Path(options.model_dir)
     files = sorted(p for p in model_dir.iterdir() if p.is_file()) if model_dir.is_dir() else []
     for path in files:

@@ -66,7 +66,8 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
     engine = Engine(runtime, tokenizer, prefill_chunk=chunk,
                     max_queue=options.max_queue, queue_timeout=options.queue_timeout,
                     prefix_cache_tokens=options.prefix_cache_size, observer=metrics,
-                    batch_invariant=options.batch_invariant)
+                    batch_invariant=options.batch_invariant,
+                    speculative=options.speculative_config())
     kv = runtime.kv_bytes()
     log.info("KV cache: %d slots x %d tokens = %.1f MiB (%.1f MiB a slot); prefix cache: %s",
              runtime.n_slots, runtime.info.max_length, kv / 2**20, kv / runtime.n_slots / 2**20,

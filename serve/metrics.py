@@ -78,6 +78,11 @@ class Metrics:
         self.duration = Histogram("llorch_request_duration_seconds",
                                   "Seconds from submission to the end of the request.", m,
                                   buckets=DURATION_BUCKETS, registry=r)
+        self.spec_draft = Counter("llorch_spec_draft_tokens", "Draft tokens proposed by "
+                                  "speculative decoding (--speculative) and verified.", m,
+                                  registry=r)
+        self.spec_accepted = Counter("llorch_spec_accepted_tokens", "Draft tokens accepted: "
+                                     "acceptance rate = accepted / draft.", m, registry=r)
         r.register(_EngineGauges(self))
         ProcessCollector(registry=r)
 
@@ -154,7 +159,8 @@ class _ModelObserver(EngineObserver):
         self.m, self.model = metrics, model
         for metric in (metrics.prompt_tokens, metrics.generation_tokens, metrics.cache_queries,
                        metrics.cache_hits, metrics.cache_hit_requests, metrics.ttft, metrics.itl,
-                       metrics.request_tps, metrics.queue_time, metrics.duration):
+                       metrics.request_tps, metrics.queue_time, metrics.duration,
+                       metrics.spec_draft, metrics.spec_accepted):
             metric.labels(model)  # a loaded model's series start at 0, not absent
 
     def first_token(self, ttft: float) -> None:
@@ -168,6 +174,11 @@ class _ModelObserver(EngineObserver):
         for gap in gaps:
             itl.observe(gap)
         self.m._add_recent(self.model, len(gaps))
+
+    def speculated(self, counts: tuple[int, int]) -> None:
+        drafted, accepted = counts
+        self.m.spec_draft.labels(self.model).inc(drafted)
+        self.m.spec_accepted.labels(self.model).inc(accepted)
 
     def request_done(self, stats: RequestStats) -> None:
         m, model = self.m, self.model

@@ -158,6 +158,24 @@ class ServeOptions:
         "prefill + decode steps of 2+ sequences, prefill, off; auto = all where the export has "
         "one (default: %(default)s; bare --w8a8: all)", nargs="?", const="all",
         choices=W8A8_MODES)
+    # Prompt-lookup speculative decoding (serve.speculative); vLLM's speculative-config names.
+    # Defaults from bench/spec_prompts (README "Speculative decoding"): unigram lookups
+    # (min 1) draft twice as often and lose on open-ended answers; K = 5 is where the
+    # grounded prompts' gain levels off.
+    speculative: str | None = _flag(
+        None, "speculative decoding: ngram = drafts looked up in the sequence's own prompt and "
+        "output, verified in one call (faster single-stream decode where the output repeats "
+        "its input: summaries, rewrites, code edits; default: off)", choices=["ngram"])
+    num_speculative_tokens: int = _flag(
+        5, "--speculative: draft tokens verified per call (default: %(default)s)", type=int)
+    prompt_lookup_max: int = _flag(
+        4, "--speculative ngram: longest n-gram looked up, tried first (default: %(default)s)",
+        type=int)
+    prompt_lookup_min: int = _flag(
+        2, "--speculative ngram: shortest n-gram looked up (default: %(default)s)", type=int)
+    speculative_disable_by_batch_size: int = _flag(
+        1, "--speculative: draft only while at most this many sequences decode (each drafting "
+        "sequence costs a verify call of its own; default: %(default)s)", type=int)
     cuda_graph: bool = _flag(
         False, "--provider cuda: capture decode steps as CUDA graphs (one per batch size) on "
         "the export's static decode graph", action="store_true")
@@ -251,11 +269,28 @@ class ServeOptions:
             raise ValueError(f"reasoning_parser must be auto, none or one of "
                              f"{', '.join(REASONING_PARSERS)}, not {self.reasoning_parser!r}")
         self._check_scale_out()
+        if self.speculative is not None:
+            self.speculative_config()  # ValueError on out-of-range values
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
         if self.device_sampling not in ("auto", "on", "off"):
             raise ValueError(f"device_sampling must be auto, on or off, not {self.device_sampling!r}")
 
+
+    def speculative_config(self):
+        """The engine's `serve.speculative.SpeculativeConfig` (None: --speculative off).
+
+        Raises:
+            ValueError: a --num-speculative-tokens / --prompt-lookup-* value out of range.
+        """
+        if self.speculative is None:
+            return None
+        from serve.speculative import SpeculativeConfig  # the engine's modules: not for --help
+
+        return SpeculativeConfig(
+            num_speculative_tokens=self.num_speculative_tokens,
+            prompt_lookup_max=self.prompt_lookup_max, prompt_lookup_min=self.prompt_lookup_min,
+            disable_by_batch_size=self.speculative_disable_by_batch_size)
 
     @property
     def runtime_device_sampling(self) -> bool | None:

@@ -127,6 +127,11 @@ class Runtime(Protocol):
 
     A *slot* holds one sequence's KV cache; slot ids are ``0 .. n_slots - 1``. Token ids are
     ints below ``info.vocab_size``; logits are float32 over the vocabulary.
+
+    Optional: ``verify(slot, ids, *, batched=False) -> float32 [len(ids), vocab]`` appends
+    several tokens to one slot in one call and returns the logits after each (speculative
+    decoding, `serve.speculative`); `HostRuntime` has it, and the engine refuses
+    ``speculative`` on runtimes without it.
     """
 
     info: ModelInfo  # max_length: the tokens one slot holds (prompt + completion)

@@ -43,7 +43,7 @@ class Call:
     """One cached IO binding: the session it runs and where its logits land.
 
     ``logits`` is a host buffer ``[rows, 1, vocab]`` when the graph's ``num_logits_to_keep``
-    is pinned to 1, else None (ORT allocates ``[rows, seq, vocab]`` each run, on
+    is bound to 1, else None (ORT allocates ``[rows, seq, vocab]`` each run, on
     ``logits_on``: (device type, id)). ``device`` holds the fixed (ids, mask, logits) device
     buffers of a captured CUDA graph.
     """
@@ -70,11 +70,11 @@ class SharedKVRuntime(SlotRuntime):
         self.providers = providers
         so = session_options(options.threads)
         # llorch exports have an overridable `num_logits_to_keep` (default 0 = every position);
-        # pinning it to 1 makes prefill pay the lm_head for its last position only.
+        # binding 1 makes prefill and decode pay the lm_head for the last position only, and
+        # `verify` binds 0. (Bound per call rather than pinned with add_initializer, which
+        # would take the input out of the graph: measured no slower, 1 thread, 300-token KV.)
         self._pin_logits = pin_logits
-        if pin_logits:
-            self._keep = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
-            so.add_initializer("num_logits_to_keep", self._keep)
+        self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.full(1, n, np.int64)) for n in (0, 1)}
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=providers)
         self.w8a8, self.w8a8_session = open_w8a8_session(info, options.w8a8, so, providers)
         if (options.batch_invariant and self.w8a8 == "all"
@@ -87,6 +87,7 @@ class SharedKVRuntime(SlotRuntime):
                          options.max_batch, kv_dtype(self.session, info))
         self._row = list(range(self.n_slots))  # slot -> physical row
         self._calls: dict[tuple[int, int, bool], Call] = {}
+        self._verify_calls: dict[tuple[int, int], Call] = {}  # (row, rows_like) -> binding
         self._full_mask = False  # decode masks span the whole cache (captured CUDA graphs)
         self._sampler = None
         if options.device_sampling if options.device_sampling is not None else self.samples_on_device:
@@ -279,8 +280,52 @@ class HostRuntime(SharedKVRuntime):
     def _forget(self, row: int, keep: int) -> None:
         self._kv.forget(row, keep)
 
+    def verify(self, slot: int, ids: Sequence[int], *, batched: bool = False) -> np.ndarray:
+        """Append ``ids`` to ``slot``'s sequence in one call and return the logits after each
+        of them (speculative decoding: ``ids`` are the next token and the drafts after it;
+        `truncate` rolls back the rejected tail).
+
+        Runs on the graph a lone sequence decodes on (`_session_for(1)`: the int4 graph, or
+        the row-invariant W8A8 graph under ``batch_invariant``), or with ``batched`` on the one
+        a decode step of two rows takes (the engine pads a lone decode to two rows).
+
+        Returns:
+            float32 logits ``[len(ids), vocab]``, row ``i`` after ``ids[i]``.
+        Raises:
+            ContextFull: the slot would hold more than ``info.max_length`` tokens.
+            ValueError: ``ids`` is empty.
+        """
+        n, past = self._begin_prefill(slot, ids)
+        key = (self._row[slot], 2 if batched else 1)
+        call = self._verify_calls.get(key)
+        if call is None:
+            call = self._verify_calls[key] = self._bind_verify(*key)
+        self._run(call, np.asarray([ids], np.int64), np.ones((1, past + n), np.int64))
+        self._lengths[slot] = past + n
+        out = call.io.get_outputs()[-1].numpy()  # [1, n, vocab]
+        return np.ascontiguousarray(out[0], dtype=np.float32)
+
     def _bind(self, first_row: int, rows: int, decode: bool) -> Call:
         session = self._session_for(rows, prefill=not decode)
+        io = self._bind_kv(session, first_row, rows)
+        logits = None
+        if self._pin_logits:
+            io.bind_ortvalue_input("num_logits_to_keep", self._keep[1])
+            logits = np.empty((rows, 1, self.info.vocab_size), np.float32)
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        return Call(io, session, logits)
+
+    def _bind_verify(self, row: int, rows_like: int) -> Call:
+        """A binding of one KV row whose logits cover every position (ORT-allocated), on the
+        graph a decode step of ``rows_like`` rows runs."""
+        session = self._session_for(rows_like)
+        io = self._bind_kv(session, row, 1)
+        if self._pin_logits:
+            io.bind_ortvalue_input("num_logits_to_keep", self._keep[0])
+        return Call(io, session)
+
+    def _bind_kv(self, session: ort.InferenceSession, first_row: int, rows: int) -> ort.IOBinding:
+        """A binding with rows ``first_row ..`` of every layer's K and V as past and present."""
         io = session.io_binding()
         sl = slice(first_row, first_row + rows)
         for i in range(self.info.num_layers):
@@ -289,11 +334,7 @@ class HostRuntime(SharedKVRuntime):
                 ov = ort.OrtValue.ortvalue_from_numpy(buf[sl])
                 io.bind_ortvalue_input(pname % i, ov)
                 io.bind_ortvalue_output(oname % i, ov)
-        logits = None
-        if self._pin_logits:
-            logits = np.empty((rows, 1, self.info.vocab_size), np.float32)
-            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        return Call(io, session, logits)
+        return io
 
     def _copy_row(self, src_row: int, dst_row: int, n: int) -> None:
         for buf in (*self._k, *self._v):

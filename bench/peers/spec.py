@@ -1,0 +1,170 @@
+"""Speculative-decoding rows (`--only speculative`): batch-1 greedy decode speed on the chat
+prompts of `bench.spec_prompts`, with and without each engine's prompt-lookup mode.
+
+- llorch: `serve.engine.Engine` in-process (int4, `--w8a8 auto`), `SpeculativeConfig` from
+  the serve defaults (`--speculative ngram`) or none.
+- llama.cpp: `llama-cpp-python` on the Q4_1 GGUF, with `LlamaPromptLookupDecoding` (its
+  prompt-lookup draft model; its defaults, max_ngram_size=2, num_pred_tokens=10) or none.
+
+Every prompt: the same token ids for both (SmolLM2's chat template, rendered by llorch's
+tokenizer), greedy, up to `SPEC_NEW_TOKENS` tokens, stopping at EOS (the answers are the
+point: past EOS the model no longer copies its input). Decode tok/s of a prompt set = its
+tokens after the first / the time from the first token to the last, summed over the set, so
+long answers weigh more; medians of `SPEC_REPEATS` passes over the set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+from bench.config import BenchConfig
+from bench.peers.base import Skip, config_of, require
+from bench.peers.llamacpp import HINT
+from bench.spec_prompts import GROUNDED, OPEN_ENDED, chat_ids
+
+SPEC_NEW_TOKENS = 160
+SPEC_REPEATS = 3
+
+
+def prompt_sets(model_dir: Path, quick: bool) -> dict[str, list[list[int]]]:
+    from serve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model_dir)
+    sets = {"grounded": GROUNDED, "open": OPEN_ENDED}
+    return {name: [chat_ids(tok, msg) for _, msg in (ps[:2] if quick else ps)]
+            for name, ps in sets.items()}
+
+
+class LlorchSpec:
+    def __init__(self, model_dir: Path, threads: int, speculative: bool) -> None:
+        from serve.engine import Engine
+        from serve.events import EngineObserver
+        from serve.options import ServeOptions
+        from serve.runtime import RuntimeOptions, open_runtime
+        from serve.tokenizer import Tokenizer
+
+        class Counts(EngineObserver):
+            drafted = accepted = 0
+
+            def speculated(self, counts: tuple[int, int]) -> None:
+                self.drafted += counts[0]
+                self.accepted += counts[1]
+
+        self.counts = Counts()
+        config = ServeOptions(model_dir=model_dir, speculative="ngram").speculative_config()
+        runtime = open_runtime(model_dir, RuntimeOptions(threads=threads, max_length=2048,
+                                                         w8a8="auto"))
+        tokenizer = Tokenizer.from_dir(model_dir)
+        self.eos = frozenset(tokenizer.eos_ids)
+        self.engine = Engine(runtime, tokenizer, observer=self.counts,
+                             speculative=config if speculative else None)
+        self.engine.start()
+        self.loop = asyncio.new_event_loop()
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.loop.close()
+
+    def times(self, ids: list[int], new_tokens: int) -> list[float]:
+        return self.loop.run_until_complete(self._times(ids, new_tokens))
+
+    async def _times(self, ids: list[int], new_tokens: int) -> list[float]:
+        from serve.events import GenerationRequest
+        from serve.sampling import SamplingParams
+
+        out: list[float] = []
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+        async for event in self.engine.submit(GenerationRequest(tuple(ids), params)):
+            if event.error:
+                raise RuntimeError(f"engine error: {event.error}")
+            now = time.perf_counter()
+            out += [now] * sum(len(c.token_ids) for c in event.choices)
+        return out
+
+    def extra(self) -> dict:
+        c = self.counts
+        return {"drafted": c.drafted, "accepted": c.accepted,
+                "acceptance": c.accepted / c.drafted if c.drafted else None}
+
+
+class LlamaCppSpec:
+    def __init__(self, gguf: Path, threads: int, speculative: bool, eos: int) -> None:
+        llama_cpp = require("llama_cpp", HINT)
+        draft = None
+        if speculative:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding()
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads,
+                                   n_threads_batch=threads, n_batch=512, verbose=False, seed=0,
+                                   draft_model=draft)
+        self.eos = eos
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def times(self, ids: list[int], new_tokens: int) -> list[float]:
+        self.llm.reset()
+        out: list[float] = []
+        for tok in self.llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(time.perf_counter())
+            if tok == self.eos or len(out) == new_tokens:
+                break
+        return out
+
+    def extra(self) -> dict:
+        return {}
+
+
+def measure(peer, sets: dict[str, list[list[int]]], cfg: BenchConfig) -> dict:
+    """Per prompt set: decode tok/s of each pass (summed over its prompts), and the median."""
+    new = 16 if cfg.quick else SPEC_NEW_TOKENS
+    peer.times(sets["grounded"][0], 8)  # warm-up
+    out: dict = {"spec_decode_tps": {}, "spec_tokens": {}}
+    for name, prompts in sets.items():
+        rates, tokens = [], []
+        for _ in range(1 if cfg.quick else SPEC_REPEATS):
+            n = t = 0.0
+            count = 0
+            for ids in prompts:
+                stamps = peer.times(ids, new)
+                count += len(stamps)
+                if len(stamps) > 1:
+                    n += len(stamps) - 1
+                    t += stamps[-1] - stamps[0]
+            rates.append(n / t if t else float("nan"))
+            tokens.append(count)
+        out["spec_decode_tps"][name] = {"median": statistics.median(rates), "runs": rates}
+        out["spec_tokens"][name] = tokens[0]
+    return out
+
+
+def run(job: dict) -> dict:
+    cfg = config_of(job)
+    args = job["args"]
+    if args.get("skip_reason"):
+        raise Skip(args["skip_reason"])
+    int4 = Path(args["int4_dir"])
+    sets = prompt_sets(int4, cfg.quick)
+    if args["engine"] == "llorch":
+        peer = LlorchSpec(Path(args["model_dir"]), cfg.threads, args["speculative"])
+        from importlib import metadata
+        version = metadata.version("llorch")
+    else:
+        gguf = Path(args["model_dir"])
+        if not gguf.is_file():
+            raise Skip(f"no GGUF at {gguf}")
+        from serve.tokenizer import Tokenizer
+        peer = LlamaCppSpec(gguf, cfg.threads, args["speculative"],
+                            min(Tokenizer.from_dir(int4).eos_ids))
+        from importlib import metadata
+        version = metadata.version("llama-cpp-python")
+    try:
+        result = measure(peer, sets, cfg)
+        result.update(peer.extra())
+    finally:
+        peer.close()
+    return {**result, "version": version}

@@ -1,0 +1,202 @@
+"""Speculative decoding by prompt lookup (`--speculative ngram`): drafts from the sequence itself,
+verified in one runtime call, accepted so that the output is the one plain decoding gives.
+
+```
+ sequence so far (prompt + generated)    ... the cat sat on the mat . the cat ▸ ?
+ 1. draft   the last n tokens (n = max .. min) found earlier, most recent match first:
+            "the cat" at 0 → propose the K tokens after it: "sat on the mat"
+ 2. verify  runtime.verify(slot, [next_token, d1 .. dK]) → logits [K+1, vocab], one call
+ 3. accept  for i = 0 .. K: t = sampler.sample(logits[i]); emit t;
+            go on while t == d(i+1) (and the choice has not ended); after dK, t is a bonus
+ 4. roll back  runtime.truncate(slot, start + tokens emitted): the KV holds the emitted
+            tokens but the last, as after plain decode steps
+```
+
+Why step 3 is exact. Each emitted token is drawn by the choice's own `Sampler` from the logits
+after exactly the tokens emitted before it (the drafts it went on with are those tokens), with
+the same bias, penalties, temperature, top-k/top-p/min-p, grammar mask and one random draw per
+token, in order. So greedy output is plain decoding's wherever the logits are the same, and a
+seeded request draws the same numbers. For sampling this is the standard rejection rule of
+speculative sampling (Leviathan et al. 2023, Chen et al. 2023) for a draft distribution q that
+is a point mass on d: accept d with probability min(1, p(d)/q(d)) = p(d), else sample from the
+residual norm(max(0, p - q)) = p with d removed, renormalised. Drawing t ~ p and accepting iff
+t == d does both at once: P(t = d) = p(d), and given t != d, t ~ p(. | t != d).
+
+The logits of a K+1-token verify call are not bit for bit those of K+1 one-token decode
+steps where the graph's kernels depend on the row count (int4 MatMulNBits: measured up to
+0.5 logit apart on the default model, fp32 graph 4e-5): there a greedy text equals the
+plain one until a near-tie flips; README "Speculative decoding" states what is bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve.events import ChoiceOutput, TokenLogprob
+from serve.prefix_cache import as_ids
+from serve.sampling import Sample
+from serve.sequence import Choice
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How to speculate (`ServeOptions` maps its flags onto it; vLLM's names).
+
+    Attributes:
+        num_speculative_tokens: drafts per verify call, K >= 1.
+        prompt_lookup_max: the longest n-gram looked up, tried first.
+        prompt_lookup_min: the shortest n-gram looked up (1 <= min <= max).
+        disable_by_batch_size: draft only in steps where at most this many sequences decode
+            (each drafting sequence costs a verify call of its own).
+
+    Raises:
+        ValueError: a value out of range.
+    """
+
+    num_speculative_tokens: int = 5
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    disable_by_batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
+
+
+def propose_ngram(ids: np.ndarray, k: int, min_n: int, max_n: int) -> np.ndarray:
+    """Prompt-lookup draft: the ``k`` tokens that followed the most recent earlier occurrence
+    of the sequence's last n tokens, for the largest n in ``max_n .. min_n`` that occurs.
+
+    Args:
+        ids: int64 [length] the sequence so far (prompt + generated).
+        k: most tokens to propose.
+        min_n, max_n: n-gram sizes to try.
+    Returns:
+        int64 [<= k] the draft (empty: no n-gram of the tail occurs earlier).
+    """
+    length = ids.shape[0]
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # match[s]: ids[s : s + n] equals the last n tokens, for every s that leaves at least
+        # one token after the window (so never the tail itself)
+        match = ids[: length - n] == ids[length - n]
+        for j in range(1, n):
+            match &= ids[j : length - n + j] == ids[length - n + j]
+        hits = np.flatnonzero(match)
+        if hits.size:
+            s = int(hits[-1]) + n
+            return ids[s : s + k]
+    return ids[:0]
+
+
+@dataclass
+class Speculator:
+    """Picks the drafts of the running choices each step (`verify_choice` checks them)."""
+
+    config: SpeculativeConfig
+
+    def drafts(self, choices: Sequence[Choice], length: Callable[[int], int],
+               max_length: int) -> dict[Choice, list[int]]:
+        """Drafts for the choices that should speculate this step.
+
+        Args:
+            choices: the running choices (slots >= 0).
+            length: tokens a slot holds (`Runtime.length`).
+            max_length: tokens a slot may hold.
+        Returns:
+            choice → its draft (1..K token ids); choices without a draft decode plainly. None
+            past ``disable_by_batch_size`` running choices; a draft never asks for more
+            tokens than the choice may still emit or its slot may hold.
+        """
+        cfg = self.config
+        if len(choices) > cfg.disable_by_batch_size:
+            return {}
+        out: dict[Choice, list[int]] = {}
+        for c in choices:
+            job = c.job
+            room = min(job.max_tokens - len(c.generated) - 1,  # the step emits up to k + 1
+                       max_length - length(c.slot) - 1,  # verify appends k + 1
+                       cfg.num_speculative_tokens)
+            if room < 1 or job.cancelled:
+                continue
+            ids = np.concatenate([job.prompt_arr, as_ids(c.generated)])
+            draft = propose_ngram(ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+            if draft.size:
+                out[c] = draft.tolist()
+        return out
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What one verify call gave a choice: its output for the step (every emitted token) and
+    how many of its drafts it took."""
+
+    output: ChoiceOutput
+    drafted: int
+    accepted: int
+
+
+def verify_choice(runtime, c: Choice, draft: Sequence[int], *,
+                  constrain: Callable[[Choice, np.ndarray], np.ndarray],
+                  eos_ids: Collection[int], max_length: int, batched: bool = False) -> Verified:
+    """Feed ``c.next_token`` and ``draft`` to ``c``'s slot in one `verify` call, emit tokens as
+    the module docstring says, and roll the slot back to what it holds after them.
+
+    Args:
+        runtime: has ``verify(slot, ids)`` (`serve.runtime.shared_kv.HostRuntime`).
+        c: a running choice (slot >= 0, its next token sampled and not yet fed).
+        draft: the proposed tokens after ``c.next_token``.
+        constrain: the choice's grammar mask over one logits row (identity without one).
+        eos_ids, max_length: as `Choice.accept` takes them.
+        batched: verify on the graph of a two-row decode step (the engine pads lone decodes).
+    Returns:
+        `Verified`; the choice may have ended (its output's finish_reason): the caller
+        releases its slot.
+    Raises:
+        whatever the runtime or the choice's constraint raises (the slot's state is then
+        unknown: fail the request).
+    """
+    start = runtime.length(c.slot)
+    logits = runtime.verify(c.slot, [c.next_token, *draft], batched=batched)
+    outs: list[ChoiceOutput] = []
+    accepted = 0
+    for i in range(len(draft) + 1):
+        sample = draw(c, constrain(c, logits[i]), draft[i] if i < len(draft) else None)
+        out = c.accept(sample, eos_ids=eos_ids, max_length=max_length)
+        outs.append(out)
+        hit = i < len(draft) and sample.token == draft[i]
+        accepted += hit
+        if out.finish_reason is not None or not hit:
+            break
+    runtime.truncate(c.slot, start + len(outs))
+    return Verified(merge_outputs(outs), len(draft), accepted)
+
+
+def draw(c: Choice, row: np.ndarray, proposed: int | None) -> Sample:
+    """The token emitted at one position: the choice's own draw from ``row``, whatever was
+    ``proposed`` there (the module docstring says why that is the rejection rule; the
+    statistical test replaces this function to show that a wrong rule is caught)."""
+    return c.sampler.sample(row, c.generated)
+
+
+def merge_outputs(outs: Sequence[ChoiceOutput]) -> ChoiceOutput:
+    """One choice's consecutive outputs as one: texts, tokens and logprobs joined, the last
+    one's ending."""
+    if len(outs) == 1:
+        return outs[0]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    if any(o.logprobs is not None for o in outs):
+        logprobs = tuple(lp for o in outs for lp in (o.logprobs or ()))
+    last = outs[-1]
+    return ChoiceOutput(last.index, "".join(o.text for o in outs),
+                        tuple(t for o in outs for t in o.token_ids), logprobs,
+                        last.finish_reason, last.stop_sequence)
