@@ -10,6 +10,7 @@ would, without a 2.5 GB download. The vocabulary is SmolLM2's (49152 tokens, not
         ├─► llorch export --precision int4       ─► llorch-int4/   (+ model_w8a8.onnx)
         ├─► onnxruntime_genai builder -p int4    ─► genai-int4/
         └─► convert_hf_to_gguf.py --outtype f16  ─► f16.gguf ─► llama_model_quantize ─► q4_0.gguf
+                                                        llorch export q4_0.gguf ─► llorch-int4-q4_0/
 
 Every step runs once (skipped when its output is complete) in a child process, so the
 bench's own memory stays small; `python -m bench.model_1b` builds them all.
@@ -153,8 +154,9 @@ def ensure_1b_models(models: Path, tokenizer_dir: Path, log_dir: Path, threads: 
     """Build (once) the checkpoint and its three exports under `bench_root(models)`.
 
     Returns:
-        paths {"1b-hf", "1b-int4", "1b-genai", "1b-gguf"} (None where a step failed or its
-        tool is missing) and a report {name: {"path", "reason", "build_s"}}.
+        paths {"1b-hf", "1b-int4", "1b-genai", "1b-gguf", "1b-int4-q4_0"} (None or absent
+        where a step failed or its tool is missing) and a report
+        {name: {"path", "reason", "build_s"}}.
     """
     root = bench_root(models)
     root.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,8 @@ def ensure_1b_models(models: Path, tokenizer_dir: Path, log_dir: Path, threads: 
                               str(tokenizer_dir)],
                              hf.with_suffix(".tmp"), hf, log_dir / "1b-checkpoint.log", threads))
     if hf is None:
-        return {**paths, "1b-int4": None, "1b-genai": None, "1b-gguf": None}, report
+        return {**paths, "1b-int4": None, "1b-genai": None, "1b-gguf": None,
+                "1b-int4-q4_0": None}, report
     # --max-length: the KV buffers and rotary caches; the default would be 131072
     out = root / "llorch-int4"
     note("1b-int4", _step(out / "llorch.json",
@@ -203,6 +206,7 @@ def ensure_1b_models(models: Path, tokenizer_dir: Path, log_dir: Path, threads: 
     gguf = root / "q4_0.gguf"
     if gguf.is_file():
         note("1b-gguf", (gguf, None, None))
+        _llorch_from_gguf(root, gguf, note, log_dir, threads)
         return paths, report
     try:
         import llama_cpp  # noqa: F401
@@ -226,7 +230,20 @@ def ensure_1b_models(models: Path, tokenizer_dir: Path, log_dir: Path, threads: 
     if made[0] is not None:
         f16.unlink()  # 2.1 GB, only the quantizer's input
     note("1b-gguf", made)
+    if made[0] is not None:
+        _llorch_from_gguf(root, gguf, note, log_dir, threads)
     return paths, report
+
+
+def _llorch_from_gguf(root: Path, gguf: Path, note, log_dir: Path, threads: int) -> None:
+    """`llorch export` of the Q4_0 GGUF: llama.cpp's own 4-bit blocks (integer zero point 8,
+    no float zero-point correction), so both engines multiply the very same weights."""
+    out = root / "llorch-int4-q4_0"
+    note("1b-int4-q4_0", _step(out / "llorch.json",
+                               [sys.executable, "-m", "llorch", "export", str(gguf), "-o",
+                                str(out.with_suffix(".tmp")), "--precision", "int4",
+                                "--max-length", "2048", "--quiet"], out.with_suffix(".tmp"), out,
+                               log_dir / "1b-llorch-export-q4_0.log", threads))
 
 
 def main() -> int:

@@ -46,7 +46,8 @@ def ok_entries(results: dict, *, one_b: bool = False) -> dict[str, dict]:
 
 
 # single-stream 1B row → the entry holding the same engine's 16-stream figure
-ONE_B_STREAMS = {"llorch-1b-int4": "llorch-1b-concurrency", "genai-1b-int4": "genai-1b-batch"}
+ONE_B_STREAMS = {"llorch-1b-int4": "llorch-1b-concurrency", "genai-1b-int4": "genai-1b-batch",
+                 "llorch-1b-int4-q4_0": "llorch-1b-q4_0-concurrency"}
 
 
 def one_b_rows(results: dict) -> list[dict]:
