@@ -47,7 +47,8 @@ def ok_entries(results: dict, *, one_b: bool = False) -> dict[str, dict]:
 
 # single-stream 1B row → the entry holding the same engine's 16-stream figure
 ONE_B_STREAMS = {"llorch-1b-int4": "llorch-1b-concurrency", "genai-1b-int4": "genai-1b-batch",
-                 "llorch-1b-int4-q4_0": "llorch-1b-q4_0-concurrency"}
+                 "llorch-1b-int4-q4_0": "llorch-1b-q4_0-concurrency",
+                 "llamacpp-1b-q4_0": "llamacpp-1b-batch"}
 
 
 def one_b_rows(results: dict) -> list[dict]:
@@ -114,7 +115,8 @@ def one_b_section(results: dict) -> str:
         "norms in full; KV-cache reads not included. Decode after a 128-token prompt; "
         "aggregate = all streams' tokens ÷ wall time, prefill included (llorch: HTTP, "
         "continuous batching, `--max-batch` = streams; GenAI: one static batch of that many "
-        "prompts, started and finished together).",
+        "prompts, started and finished together; llama.cpp: that many sequences in one "
+        "`llama_batch` per step, unified KV cache).",
         "",
         _table(head, body),
     ]

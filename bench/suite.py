@@ -68,8 +68,12 @@ ENTRIES: tuple[Entry, ...] = (
           "llorch-1b-int4"),
     Entry("llorch-1b-concurrency", "llorch HTTP int4, N concurrent streams", "llorch_http", "1b",
           "1b-int4", None, {"mode": "concurrency"}),
+    Entry("llorch-1b-q4_0-concurrency", "llorch HTTP int4 from the Q4_0 GGUF, N concurrent streams",
+          "llorch_http", "1b", "1b-int4-q4_0", None, {"mode": "concurrency"}),
     Entry("genai-1b-batch", "ORT GenAI int4, one static batch of N", "genai", "1b", "1b-genai",
           None, {"mode": "batch"}),
+    Entry("llamacpp-1b-batch", "llama.cpp Q4_0, N sequences in one llama_batch", "llamacpp", "1b",
+          "1b-gguf", None, {"mode": "batch"}),
 )
 
 ONE_B_GROUPS = ("1b",)
