@@ -66,9 +66,9 @@ class BenchConfig:
             return replace(self, ttft_lengths=(128,), decode_lengths=(128,), new_tokens=8,
                            repeats={128: 1}, concurrency=(4,), stream_prompt=32,
                            stream_tokens=8, stream_rounds=1)
-        return replace(self, ttft_lengths=(1000,), decode_lengths=(128,), new_tokens=64,
-                       repeats={1000: 2, 128: 3}, concurrency=(16,), stream_prompt=128,
-                       stream_tokens=32, stream_rounds=2)
+        return replace(self, ttft_lengths=(1000,), decode_lengths=(128,), new_tokens=32,
+                       repeats={1000: 2, 128: 2}, concurrency=(16,), stream_prompt=128,
+                       stream_tokens=32, stream_rounds=1)
 
     def runs(self, length: int) -> int:
         return self.repeats.get(length, 3)

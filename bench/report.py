@@ -67,13 +67,18 @@ def one_b_rows(results: dict) -> list[dict]:
         limit = bw * 1e9 / wb if bw and wb else None
         dec = _median(e.get("decode_tps"), n_dec)
         streams = entries.get(ONE_B_STREAMS.get(key, ""), {}).get("concurrency", {})
-        n_streams, agg = None, None
+        n_streams, agg, dec_n = None, None, None
         if streams:
             n_streams = max(streams, key=int)
             agg = _median(streams[n_streams], "aggregate_tps")
+            # decode phase only: static batches time it directly; llorch's continuous batch
+            # as streams x the median stream's decode rate (first to last token)
+            dec_n = (_median(streams[n_streams], "decode_only_tps")
+                     or (streams[n_streams].get("stream_decode_tps_median") or 0) * int(n_streams)
+                     or None)
         rows.append({"key": key, "label": e["label"], "weight_bytes": wb, "limit_tps": limit,
                      "decode_tps": dec, "pct_of_limit": 100 * dec / limit if dec and limit else None,
-                     "streams": n_streams, "aggregate_tps": agg,
+                     "streams": n_streams, "aggregate_tps": agg, "streams_decode_tps": dec_n,
                      "ttft_s": _median(e.get("ttft_s"), n_ttft), "ttft_tokens": n_ttft,
                      "peak_rss_mb": e.get("peak_rss_mb"), "foreign_cpus": e.get("foreign_cpus")})
     return rows
@@ -86,12 +91,14 @@ def one_b_section(results: dict) -> str:
     if not rows:
         return ""
     head = ["engine", "weights read / token", "limit tok/s", "decode tok/s, batch 1",
-            "% of limit", "aggregate tok/s (streams)", f"TTFT {rows[0]['ttft_tokens']} tok",
+            "% of limit", "decode tok/s, N streams", "aggregate tok/s incl. prefill",
+            f"TTFT {rows[0]['ttft_tokens']} tok",
             "peak RSS", "other CPU use"]
     body = [[r["label"], fmt_mb(r["weight_bytes"] / 1e6 if r["weight_bytes"] else None),
              fmt_rate(r["limit_tps"]), fmt_rate(r["decode_tps"]),
              "–" if r["pct_of_limit"] is None else f"{r['pct_of_limit']:.0f}%",
-             fmt_rate(r["aggregate_tps"]) + (f" ({r['streams']})" if r["streams"] else ""),
+             fmt_rate(r["streams_decode_tps"]) + (f" ({r['streams']})" if r["streams"] else ""),
+             fmt_rate(r["aggregate_tps"]),
              fmt_seconds(r["ttft_s"]), fmt_mb(r["peak_rss_mb"]),
              "–" if r["foreign_cpus"] is None else f"{r['foreign_cpus']:.2f}"] for r in rows]
     bw_line = (f"Memory bandwidth (STREAM triad, C via ctypes, {bw.get('threads')} threads, 3 × "
@@ -112,8 +119,11 @@ def one_b_section(results: dict) -> str:
         "from each export's own files (`bench.weight_bytes`): every matmul input in full "
         "(packed int4/int8 weights, scales, zero points, zero-point corrections, float "
         "matrices; the tied lm_head in full), one row of lookup tables (embedding, rotary), "
-        "norms in full; KV-cache reads not included. Decode after a 128-token prompt; "
-        "aggregate = all streams' tokens ÷ wall time, prefill included (llorch: HTTP, "
+        "norms in full; KV-cache reads not included. Decode after a 128-token prompt. "
+        "N streams (N in parentheses): decode tok/s = the decode phase's tokens ÷ its time "
+        "(static batches: after the first step; llorch: N × the median stream's rate from its "
+        "first to its last token, which overlaps other streams' prefills); aggregate = all "
+        "streams' tokens ÷ wall time, prefill included (llorch: HTTP, "
         "continuous batching, `--max-batch` = streams; GenAI: one static batch of that many "
         "prompts, started and finished together; llama.cpp: that many sequences in one "
         "`llama_batch` per step, unified KV cache).",
