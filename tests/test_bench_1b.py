@@ -150,3 +150,25 @@ def test_1b_table_divides_bandwidth_by_bytes():
     assert row["pct_of_limit"] == pytest.approx(75.0)
     assert row["aggregate_tps"] == 60.0 and row["streams"] == "16"
     assert "75%" in report.one_b_section(results)
+
+
+def test_static_batch_figures_split_prefill_from_decode():
+    from bench.peers.genai import batch_figures
+
+    # 16 rows x 32 tokens: first step (prefill) at 10 s, the other 31 steps take 5 s more
+    fig = batch_figures([{"wall": 15.0, "first": 10.0, "tokens": 512}], 16)
+    assert fig["aggregate_tps"]["median"] == pytest.approx(512 / 15)
+    assert fig["decode_only_tps"]["median"] == pytest.approx(16 * 31 / 5)
+    assert fig["tokens_per_stream"] == 32
+
+
+def test_prompts_cover_every_entrys_counts(default_model_dir):
+    from bench.harness import make_prompts
+
+    base = BenchConfig.quick_config()
+    prompts = make_prompts(default_model_dir, [base, base.for_1b()])
+    for c in (base, base.for_1b()):
+        for n in (*c.ttft_lengths, *c.decode_lengths):
+            assert len(prompts["prompts"][str(n)]) >= c.warmup + c.runs(n)
+        assert len(prompts["stream_prompts"]) >= c.warmup + c.stream_rounds
+        assert all(len(r) >= max(c.concurrency) for r in prompts["stream_prompts"])
