@@ -86,7 +86,7 @@ def _batch(peer: GenAIPeer, job: dict) -> dict:
         for prompts in rounds_prompts[: cfg.warmup]:
             peer.batch(prompts[:n], cfg.stream_tokens)
         rounds = [peer.batch(prompts[:n], cfg.stream_tokens)
-                  for prompts in rounds_prompts[cfg.warmup :]]
+                  for prompts in rounds_prompts[cfg.warmup : cfg.warmup + cfg.stream_rounds]]
         out["concurrency"][str(n)] = figures = batch_figures(rounds, n)
         print(f"  batch of {n}: {figures['aggregate_tps']['median']:.1f} tok/s", flush=True)
     return out

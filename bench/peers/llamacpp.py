@@ -117,7 +117,7 @@ def _batch(job: dict, gguf: Path) -> dict:
             for prompts in rounds_prompts[: cfg.warmup]:
                 peer.batch_run(prompts[:n], cfg.stream_tokens)
             rounds = [peer.batch_run(prompts[:n], cfg.stream_tokens)
-                      for prompts in rounds_prompts[cfg.warmup :]]
+                      for prompts in rounds_prompts[cfg.warmup : cfg.warmup + cfg.stream_rounds]]
         finally:
             peer.close()
         out["concurrency"][str(n)] = figures = batch_figures(rounds, n)
