@@ -76,7 +76,8 @@ def one_b_rows(results: dict) -> list[dict]:
             dec_n = (_median(streams[n_streams], "decode_only_tps")
                      or (streams[n_streams].get("stream_decode_tps_median") or 0) * int(n_streams)
                      or None)
-        rows.append({"key": key, "label": e["label"], "weight_bytes": wb, "limit_tps": limit,
+        rows.append({"key": key, "label": e["label"] + (" †" if e.get("rerun") else ""),
+                     "weight_bytes": wb, "limit_tps": limit,
                      "decode_tps": dec, "pct_of_limit": 100 * dec / limit if dec and limit else None,
                      "streams": n_streams, "aggregate_tps": agg, "streams_decode_tps": dec_n,
                      "ttft_s": _median(e.get("ttft_s"), n_ttft), "ttft_tokens": n_ttft,
@@ -103,7 +104,8 @@ def one_b_section(results: dict) -> str:
              "–" if r["foreign_cpus"] is None else f"{r['foreign_cpus']:.2f}"] for r in rows]
     bw_line = (f"Memory bandwidth (STREAM triad, C via ctypes, {bw.get('threads')} threads, 3 × "
                f"{bw.get('bytes_per_array', 0) / 1e6:.0f} MB, best of {bw.get('repeats')}): "
-               f"**{bw['triad_gbps']:.1f} GB/s** (read-only sum: {bw['read_gbps']:.1f} GB/s)."
+               f"**{bw['triad_gbps']:.1f} GB/s** (read-only sum: {bw['read_gbps']:.1f} GB/s"
+               + (f"; {bw['note']}" if bw.get("note") else "") + ")."
                if "triad_gbps" in bw else f"Memory bandwidth: not measured ({bw.get('reason')}).")
     parts = [
         "## 1B-class model (Llama-3.2-1B's shapes)",
