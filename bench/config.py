@@ -56,6 +56,20 @@ class BenchConfig:
             peer_timeout=900.0, quick=True,
         )
 
+    def for_1b(self) -> BenchConfig:
+        """The counts of the 1B-class rows (`--only 1b`): a 1000-token TTFT, decode after a
+        128-token prompt, 16 concurrent streams; few runs, since each costs ~10x the default
+        model's. Under `--quick`: a smoke test of the same code paths."""
+        from dataclasses import replace
+
+        if self.quick:
+            return replace(self, ttft_lengths=(128,), decode_lengths=(128,), new_tokens=8,
+                           repeats={128: 1}, concurrency=(4,), stream_prompt=32,
+                           stream_tokens=8, stream_rounds=1)
+        return replace(self, ttft_lengths=(1000,), decode_lengths=(128,), new_tokens=32,
+                       repeats={1000: 2, 128: 2}, concurrency=(16,), stream_prompt=128,
+                       stream_tokens=32, stream_rounds=1)
+
     def runs(self, length: int) -> int:
         return self.repeats.get(length, 3)
 

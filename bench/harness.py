@@ -27,7 +27,7 @@ from bench.merge import merge_rounds
 from bench.prepare import CACHE, default_model_paths, ensure_builder_int4, ensure_optimum_fp32
 from bench.proc import busy_cores, cpu_busy_seconds, run_child, thread_env
 from bench.prompts import PromptPool, corpus_ids
-from bench.suite import ENTRIES, Entry, groups, select
+from bench.suite import ENTRIES, Entry, groups, is_1b, select
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,11 +65,41 @@ def prepare_models(entries: list[Entry], cfg: BenchConfig, log_dir: Path) -> tup
         paths["optimum-fp32"] = path
         prepare["optimum-fp32"] = {"path": str(path) if path else None, "reason": reason,
                                    "build_s": secs}
+    if any(m.startswith("1b-") for m in needed):
+        from bench.model_1b import ensure_1b_models
+        from export.default_model import models_root
+
+        log("building the 1B-class model and its exports (once; see bench.model_1b)…")
+        paths_1b, report_1b = ensure_1b_models(models_root(), paths["hf"], log_dir, cfg.threads)
+        paths.update(paths_1b)
+        prepare.update(report_1b)
     return paths, prepare
 
 
-def make_prompts(int4_dir: Path, cfg: BenchConfig) -> dict:
-    """Every prompt the run needs, disjoint (see `bench.prompts`), the same for every peer.
+def entry_config(entry: Entry, cfg: BenchConfig) -> BenchConfig:
+    """The counts an entry runs with: the 1B-class rows have their own (`for_1b`)."""
+    return cfg.for_1b() if is_1b(entry) else cfg
+
+
+def one_b_figures(entries: list[Entry], paths: dict, cfg: BenchConfig) -> dict:
+    """Memory bandwidth and each 1B export's weight bytes per token (the physical limit)."""
+    from bench.bandwidth import BandwidthError, measure_bandwidth
+    from bench.weight_bytes import weight_bytes
+
+    out: dict = {"weight_bytes": {}}
+    try:
+        out["bandwidth"] = measure_bandwidth(1024, threads=cfg.threads)
+    except BandwidthError as exc:
+        out["bandwidth"] = {"status": "error", "reason": str(exc)}
+    for e in entries:
+        if is_1b(e) and paths.get(e.model) and e.model not in out["weight_bytes"]:
+            out["weight_bytes"][e.model] = weight_bytes(Path(paths[e.model]))
+    return out
+
+
+def make_prompts(int4_dir: Path, cfgs: Sequence[BenchConfig]) -> dict:
+    """Every prompt the run needs, disjoint (see `bench.prompts`), the same for every peer:
+    enough for each of `cfgs` (the run's counts and, with 1B rows, `for_1b`'s).
 
     prompts[n]: one prompt per run (warm-up + measured) of length n; stream_prompts[r][s]:
     stream s of concurrency round r (warm-up rounds first); rss_prompts: one per slot.
@@ -79,11 +109,16 @@ def make_prompts(int4_dir: Path, cfg: BenchConfig) -> dict:
     tok = Tokenizer.from_file(str(int4_dir / "tokenizer.json"))
     ids = corpus_ids(lambda text: tok.encode(text, add_special_tokens=False).ids)
     pool = PromptPool(ids)
-    lengths = sorted({*cfg.ttft_lengths, *cfg.decode_lengths})
+    lengths = sorted({n for c in cfgs for n in (*c.ttft_lengths, *c.decode_lengths)})
+    cfg = cfgs[0]
+    stream_prompt = {c.stream_prompt for c in cfgs}
+    if len(stream_prompt) > 1:
+        raise ValueError(f"configs disagree on the stream prompt length: {stream_prompt}")
     return {
-        "prompts": {str(n): pool.take_many(n, cfg.warmup + cfg.runs(n)) for n in lengths},
-        "stream_prompts": [pool.take_many(cfg.stream_prompt, max(cfg.concurrency))
-                           for _ in range(cfg.warmup + cfg.stream_rounds)],
+        "prompts": {str(n): pool.take_many(n, max(c.warmup + c.runs(n) for c in cfgs))
+                    for n in lengths},
+        "stream_prompts": [pool.take_many(cfg.stream_prompt, max(max(c.concurrency) for c in cfgs))
+                           for _ in range(max(c.warmup + c.stream_rounds for c in cfgs))],
         "rss_prompts": pool.take_many(cfg.rss_prompt, cfg.rss_slots),
         "corpus_tokens": len(ids),
         "prompt_tokens_used": pool.used,
@@ -98,6 +133,7 @@ def run_entry(entry: Entry, cfg: BenchConfig, paths: dict, prepare: dict, prompt
     reason = prepare.get(entry.model.replace("builder-int4", "genai-builder-int4"), {}).get("reason")
     if model is None:
         args["skip_reason"] = reason or f"{entry.model} input unavailable"
+    cfg = entry_config(entry, cfg)
     job = {"key": entry.key, "peer": entry.peer, "args": args, "config": cfg.to_dict(),
            "log_dir": str(log_dir), **prompts}
     job_file, out_file = work / f"{entry.key}.job.json", work / f"{entry.key}.result.json"
@@ -123,6 +159,7 @@ def run_entry(entry: Entry, cfg: BenchConfig, paths: dict, prepare: dict, prompt
     if busy0 is not None and busy1 is not None and res.wall_s > 0:
         foreign = max(0.0, (busy1 - busy0 - res.cpu_s) / res.wall_s)
     result.update(label=entry.label, group=entry.group, peer=entry.peer, baseline=entry.baseline,
+                  model=entry.model,
                   load_before=load_before, load_after=load_average(), busy_before=idle,
                   foreign_cpus=foreign, worker_cpu_s=res.cpu_s, code=code)
     status = result["status"]
@@ -144,13 +181,15 @@ def exit_reason(code: int) -> str:
 
 def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['date'][:10]}-{results['machine']['tag']}" + ("-quick" if results["config"]["quick"] else "")
+    stem = (f"{results['date'][:10]}-{results['machine']['tag']}"
+            + ("-1b" if results.get("only_1b") else "")
+            + ("-quick" if results["config"]["quick"] else ""))
     files = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     tmp = files["json"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(files["json"])
     files["md"].write_text(report.render_markdown(results))
-    png = report.plot(results, out_dir / f"{stem}.png")
+    png = None if results.get("only_1b") else report.plot(results, out_dir / f"{stem}.png")
     if png:
         files["png"] = png
     return files
@@ -216,7 +255,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths, prepare = prepare_models(entries, cfg, log_dir)
     results.setdefault("prepare", {}).update(prepare)
     results["paths"] = {k: str(v) if v else None for k, v in paths.items()}
-    prompts = make_prompts(paths["int4"], cfg)
+    if any(is_1b(e) for e in entries):
+        log("== memory bandwidth and weight bytes per token (1B rows)")
+        figs, one_b = one_b_figures(entries, paths, cfg), results.setdefault("one_b", {})
+        one_b.setdefault("weight_bytes", {}).update(figs["weight_bytes"])
+        # every run's triad kept; the limit uses the best (STREAM's convention: the machine's
+        # bandwidth is what it reaches when others leave it alone)
+        runs = one_b.setdefault("bandwidth_runs", []) + [figs["bandwidth"]]
+        one_b["bandwidth_runs"] = runs
+        one_b["bandwidth"] = max((r for r in runs if "triad_gbps" in r),
+                                 key=lambda r: r["triad_gbps"], default=figs["bandwidth"])
+        results["config_1b"] = cfg.for_1b().to_dict()
+    if not args.update:  # a 1B-only run writes a results file of its own (…-1b.json)
+        results["only_1b"] = bool(entries) and all(is_1b(e) for e in entries)
+    cfgs = {json.dumps(c.to_dict(), sort_keys=True): c
+            for c in [cfg] + [entry_config(e, cfg) for e in entries]}
+    prompts = make_prompts(paths["int4"], list(cfgs.values()))
     results["corpus_tokens"] = prompts.pop("corpus_tokens")
     results["prompt_tokens_used"] = prompts.pop("prompt_tokens_used")
     per_round: dict[str, list[dict]] = {e.key: [] for e in entries}

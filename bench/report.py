@@ -39,8 +39,107 @@ def fmt_ratio(r: float | None) -> str:
     return "" if r is None else f" ({r:.2f}×)"
 
 
-def ok_entries(results: dict) -> dict[str, dict]:
-    return {k: e for k, e in results.get("entries", {}).items() if e.get("status") == "ok"}
+def ok_entries(results: dict, *, one_b: bool = False) -> dict[str, dict]:
+    """The entries that ran, of the default model (or, `one_b`, of the 1B-class model)."""
+    return {k: e for k, e in results.get("entries", {}).items()
+            if e.get("status") == "ok" and (e.get("group") == "1b") == one_b}
+
+
+# single-stream 1B row → the entry holding the same engine's 16-stream figure
+ONE_B_STREAMS = {"llorch-1b-int4": "llorch-1b-concurrency", "genai-1b-int4": "genai-1b-batch",
+                 "llorch-1b-int4-q4_0": "llorch-1b-q4_0-concurrency",
+                 "llamacpp-1b-q4_0": "llamacpp-1b-batch"}
+
+
+def one_b_rows(results: dict) -> list[dict]:
+    """Per engine of the 1B-class model: weight bytes per token, the physical limit at the
+    measured triad bandwidth, decode / TTFT / RSS and the concurrent-stream figure."""
+    one_b = results.get("one_b", {})
+    bw = one_b.get("bandwidth", {}).get("triad_gbps")
+    entries = ok_entries(results, one_b=True)
+    cfg = results.get("config_1b") or results["config"]
+    n_dec, n_ttft = str(cfg["decode_lengths"][0]), str(cfg["ttft_lengths"][-1])
+    rows = []
+    for key, e in entries.items():
+        if not e.get("decode_tps") and not e.get("ttft_s"):
+            continue
+        wb = one_b.get("weight_bytes", {}).get(e.get("model", ""), {}).get("total")
+        limit = bw * 1e9 / wb if bw and wb else None
+        dec = _median(e.get("decode_tps"), n_dec)
+        streams = entries.get(ONE_B_STREAMS.get(key, ""), {}).get("concurrency", {})
+        n_streams, agg, dec_n = None, None, None
+        if streams:
+            n_streams = max(streams, key=int)
+            agg = _median(streams[n_streams], "aggregate_tps")
+            # decode phase only: static batches time it directly; llorch's continuous batch
+            # as streams x the median stream's decode rate (first to last token)
+            dec_n = (_median(streams[n_streams], "decode_only_tps")
+                     or (streams[n_streams].get("stream_decode_tps_median") or 0) * int(n_streams)
+                     or None)
+        rows.append({"key": key, "label": e["label"] + (" †" if e.get("rerun") else ""),
+                     "weight_bytes": wb, "limit_tps": limit,
+                     "decode_tps": dec, "pct_of_limit": 100 * dec / limit if dec and limit else None,
+                     "streams": n_streams, "aggregate_tps": agg, "streams_decode_tps": dec_n,
+                     "ttft_s": _median(e.get("ttft_s"), n_ttft), "ttft_tokens": n_ttft,
+                     "peak_rss_mb": e.get("peak_rss_mb"), "foreign_cpus": e.get("foreign_cpus")})
+    return rows
+
+
+def one_b_section(results: dict) -> str:
+    one_b = results.get("one_b", {})
+    bw = one_b.get("bandwidth", {})
+    rows = one_b_rows(results)
+    if not rows:
+        return ""
+    head = ["engine", "weights read / token", "limit tok/s", "decode tok/s, batch 1",
+            "% of limit", "decode tok/s, N streams", "aggregate tok/s incl. prefill",
+            f"TTFT {rows[0]['ttft_tokens']} tok",
+            "peak RSS", "other CPU use"]
+    body = [[r["label"], fmt_mb(r["weight_bytes"] / 1e6 if r["weight_bytes"] else None),
+             fmt_rate(r["limit_tps"]), fmt_rate(r["decode_tps"]),
+             "–" if r["pct_of_limit"] is None else f"{r['pct_of_limit']:.0f}%",
+             fmt_rate(r["streams_decode_tps"]) + (f" ({r['streams']})" if r["streams"] else ""),
+             fmt_rate(r["aggregate_tps"]),
+             fmt_seconds(r["ttft_s"]), fmt_mb(r["peak_rss_mb"]),
+             "–" if r["foreign_cpus"] is None else f"{r['foreign_cpus']:.2f}"] for r in rows]
+    bw_line = (f"Memory bandwidth (STREAM triad, C via ctypes, {bw.get('threads')} threads, 3 × "
+               f"{bw.get('bytes_per_array', 0) / 1e6:.0f} MB, best of {bw.get('repeats')}): "
+               f"**{bw['triad_gbps']:.1f} GB/s** (read-only sum: {bw['read_gbps']:.1f} GB/s"
+               + (f"; {bw['note']}" if bw.get("note") else "") + ")."
+               if "triad_gbps" in bw else f"Memory bandwidth: not measured ({bw.get('reason')}).")
+    parts = [
+        "## 1B-class model (Llama-3.2-1B's shapes)",
+        "",
+        "A Llama with Llama-3.2-1B's shapes (hidden 2048, 16 layers, 32 heads / 8 KV heads, "
+        "intermediate 8192, rope θ 500000 with llama3 scaling, tied embeddings) and SmolLM2's "
+        "tokenizer and vocabulary (49152), random weights (seed 0, std 0.02; `bench.model_1b`). "
+        "Speed is independent of weight values for a dense model: every weight is read and "
+        "multiplied each token whatever it holds.",
+        "",
+        bw_line,
+        "**Limit** = triad bandwidth ÷ weight bytes one batch-1 decode step reads, counted "
+        "from each export's own files (`bench.weight_bytes`): every matmul input in full "
+        "(packed int4/int8 weights, scales, zero points, zero-point corrections, float "
+        "matrices; the tied lm_head in full), one row of lookup tables (embedding, rotary), "
+        "norms in full; KV-cache reads not included. Decode after a 128-token prompt. "
+        "N streams (N in parentheses): decode tok/s = the decode phase's tokens ÷ its time "
+        "(static batches: after the first step; llorch: N × the median stream's rate from its "
+        "first to its last token, which overlaps other streams' prefills); aggregate = all "
+        "streams' tokens ÷ wall time, prefill included (llorch: HTTP, "
+        "continuous batching, `--max-batch` = streams; GenAI: one static batch of that many "
+        "prompts, started and finished together; llama.cpp: that many sequences in one "
+        "`llama_batch` per step, unified KV cache).",
+        "",
+        _table(head, body),
+    ]
+    wb = one_b.get("weight_bytes", {})
+    if wb:
+        parts += ["", "Weight bytes per token by kind (MB, 10⁶ bytes):", ""]
+        for model, w in wb.items():
+            kinds = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(w.get("by_dtype", {}).items()))
+            parts.append(f"- `{model}` ({Path(w['file']).name}): {w['total'] / 1e6:.1f} = {kinds}; "
+                         f"lookups {w['parts'].get('lookup', 0) / 1e3:.1f} kB")
+    return "\n".join(parts)
 
 
 def single_stream_table(results: dict) -> str:
@@ -220,6 +319,8 @@ def speculative_table(results: dict) -> str:
 
 
 def render_markdown(results: dict) -> str:
+    if results.get("only_1b"):
+        return render_1b_markdown(results)
     m = results["machine"]
     load = results.get("load", {})
     parts = [
@@ -271,7 +372,39 @@ def render_markdown(results: dict) -> str:
     mem = memory_table(results)
     if mem:
         parts += ["", "## Memory and export", "", mem]
+    one_b = one_b_section(results)
+    if one_b:
+        parts += ["", one_b]
     parts += ["", "## Targets (issue 5)", "", targets_table(targets(results))]
+    skipped = skipped_list(results)
+    if skipped:
+        parts += ["", "## Skipped or failed", "", skipped]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    parts += ["", f"Versions: {versions}.", ""]
+    return "\n".join(parts)
+
+
+def render_1b_markdown(results: dict) -> str:
+    """A run of the 1B-class rows alone (`--only 1b`)."""
+    m = results["machine"]
+    load = results.get("load", {})
+    parts = [
+        f"# llorch benchmarks, 1B-class model — {results['date'][:10]}, {m['tag']}",
+        "",
+        f"{m['cpu']}, {m['cpus']} CPUs ({', '.join(m['simd'])}), {m['memory_gb']} GB; "
+        f"{results['config']['threads']} threads for every engine; greedy, EOS ignored; medians "
+        f"after {results['config']['warmup']} warm-up run(s)."
+        + (" **--quick: tiny counts, not a measurement.**" if results["config"].get("quick") else ""),
+        f"Load average (1/5/15 min) at start {_fmt_load(load.get('start'))}, "
+        f"at end {_fmt_load(load.get('end'))}. \"Other CPU use\": CPUs' worth of work done by "
+        "other processes while the row ran; above ~0.1 the row shared the cores and reads slow.",
+        "",
+        *([_code_warning(results), ""] if _code_warning(results) else []),
+        *(["Reran later (same counts; marked † below): " + "; ".join(
+            f"{', '.join(r['entries'])} at {r['date']}" for r in results["reruns"]) + ".", ""]
+          if results.get("reruns") else []),
+        one_b_section(results),
+    ]
     skipped = skipped_list(results)
     if skipped:
         parts += ["", "## Skipped or failed", "", skipped]

@@ -15,7 +15,8 @@ class Entry:
         label: what the table calls it.
         peer: module under `bench.peers` that runs it.
         group: name `--only` selects it by (its key works too).
-        model: which prepared input it runs on: int4, fp32, hf, gguf, builder-int4, optimum-fp32.
+        model: which prepared input it runs on: int4, fp32, hf, gguf, builder-int4, optimum-fp32,
+            or the 1B-class model's 1b-int4, 1b-int4-q4_0, 1b-genai, 1b-gguf (bench.model_1b).
         baseline: the llorch entry its ratios are taken against (same precision), or None.
         args: extra job arguments for the peer.
     """
@@ -66,10 +67,34 @@ ENTRIES: tuple[Entry, ...] = (
           "speculative", "gguf", None, {"engine": "llamacpp", "speculative": True}),
     Entry("llorch-server-rss", "llorch serve int4, 8 slots x 4096 tokens", "llorch_http", "rss",
           "int4", None, {"mode": "rss"}),
+    # the 1B-class model (Llama-3.2-1B's shapes, random weights; bench.model_1b), with
+    # BenchConfig.for_1b's counts
+    Entry("llorch-1b-int4", "llorch engine int4", "llorch_engine", "1b", "1b-int4", None),
+    Entry("llorch-1b-int4-q4_0", "llorch engine int4, exported from the Q4_0 GGUF",
+          "llorch_engine", "1b", "1b-int4-q4_0", "llorch-1b-int4"),
+    Entry("genai-1b-int4", "ORT GenAI int4 (its model builder)", "genai", "1b", "1b-genai",
+          "llorch-1b-int4"),
+    Entry("llamacpp-1b-q4_0", "llama.cpp Q4_0 (llama-cpp-python)", "llamacpp", "1b", "1b-gguf",
+          "llorch-1b-int4"),
+    Entry("llorch-1b-concurrency", "llorch HTTP int4, N concurrent streams", "llorch_http", "1b",
+          "1b-int4", None, {"mode": "concurrency"}),
+    Entry("llorch-1b-q4_0-concurrency", "llorch HTTP int4 from the Q4_0 GGUF, N concurrent streams",
+          "llorch_http", "1b", "1b-int4-q4_0", None, {"mode": "concurrency"}),
+    Entry("genai-1b-batch", "ORT GenAI int4, one static batch of N", "genai", "1b", "1b-genai",
+          None, {"mode": "batch"}),
+    Entry("llamacpp-1b-batch", "llama.cpp Q4_0, N sequences in one llama_batch", "llamacpp", "1b",
+          "1b-gguf", None, {"mode": "batch"}),
 )
+
+ONE_B_GROUPS = ("1b",)
 
 # not peers: run by the parent process
 EXTRA_GROUPS = ("export",)
+
+
+def is_1b(entry: Entry) -> bool:
+    """Whether the entry runs on the 1B-class model (its own counts, table and results file)."""
+    return entry.group in ONE_B_GROUPS
 
 
 def groups() -> list[str]:

@@ -37,6 +37,61 @@ class GenAIPeer:
             yield int(gen.get_next_tokens()[0])
 
 
+    def batch(self, prompts: list[list[int]], new_tokens: int) -> dict:
+        """One static batch: every prompt (all the same length) prefilled together, then
+        `new_tokens` greedy steps for all rows. GenAI has no continuous batching: a batch starts
+        and ends together.
+
+        Returns:
+            {"wall": seconds incl. prefill, "first": seconds to the first step's tokens,
+             "tokens": all rows' tokens}.
+        """
+        import numpy as np
+
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        total = len(prompts[0]) + new_tokens
+        params.set_search_options(do_sample=False, max_length=total, min_length=total,
+                                  batch_size=len(prompts))
+        t0 = time.perf_counter()
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(np.asarray(prompts, dtype=np.int32))
+        first = None
+        for _ in range(new_tokens):
+            gen.generate_next_token()
+            gen.get_next_tokens()
+            first = first or time.perf_counter() - t0
+        return {"wall": time.perf_counter() - t0, "first": first,
+                "tokens": new_tokens * len(prompts)}
+
+
+def batch_figures(rounds: list[dict], streams: int) -> dict:
+    """Aggregate tokens/s of static batches (median over rounds), in the shape of
+    llorch_http.concurrency_figures where it applies: prefill included, like llorch's."""
+    from bench.stats import summarize
+
+    agg = [r["tokens"] / r["wall"] for r in rounds]
+    # after the first step: decode only (every row gets a token per step)
+    step = [(r["tokens"] - streams) / (r["wall"] - r["first"]) for r in rounds]
+    return {"aggregate_tps": summarize(agg), "decode_only_tps": summarize(step),
+            "ttft_p50_s": sorted(r["first"] for r in rounds)[len(rounds) // 2],
+            "tokens_per_stream": rounds[0]["tokens"] // streams}
+
+
+def _batch(peer: GenAIPeer, job: dict) -> dict:
+    cfg = config_of(job)
+    rounds_prompts = job["stream_prompts"]  # [round][stream], warm-up rounds first
+    out: dict = {"concurrency": {}}
+    for n in cfg.concurrency:
+        for prompts in rounds_prompts[: cfg.warmup]:
+            peer.batch(prompts[:n], cfg.stream_tokens)
+        rounds = [peer.batch(prompts[:n], cfg.stream_tokens)
+                  for prompts in rounds_prompts[cfg.warmup : cfg.warmup + cfg.stream_rounds]]
+        out["concurrency"][str(n)] = figures = batch_figures(rounds, n)
+        print(f"  batch of {n}: {figures['aggregate_tps']['median']:.1f} tok/s", flush=True)
+    return out
+
+
 def run(job: dict) -> dict:
     model_dir = Path(job["args"]["model_dir"])
     if job["args"].get("skip_reason"):
@@ -49,5 +104,7 @@ def run(job: dict) -> dict:
     load_s = time.perf_counter() - t0
     from importlib import metadata
 
-    return {**single_stream(peer, cfg, prompts_of(job)), "load_s": load_s,
+    figures = (_batch(peer, job) if job["args"].get("mode") == "batch"
+               else single_stream(peer, cfg, prompts_of(job)))
+    return {**figures, "load_s": load_s,
             "version": metadata.version("onnxruntime-genai")}

@@ -189,7 +189,7 @@ def _concurrency(job: dict, log_dir: Path) -> dict:
             for prompts in rounds_prompts[: cfg.warmup]:
                 asyncio.run(_round(server, prompts[:n], cfg.stream_tokens))
             rounds = [asyncio.run(_round(server, prompts[:n], cfg.stream_tokens))
-                      for prompts in rounds_prompts[cfg.warmup :]]
+                      for prompts in rounds_prompts[cfg.warmup : cfg.warmup + cfg.stream_rounds]]
             out["server_peak_rss_mb"][str(n)] = server.memory()["peak_rss_mb"]
         figures = concurrency_figures(rounds)
         out["concurrency"][str(n)] = figures
