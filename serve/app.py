@@ -84,11 +84,10 @@ from serve.protocol import (
 from serve.response_store import ResponseStore, StoredResponse
 from serve.responses import ChatOutput, CompletionOutput, Output, new_id
 from serve.sampling import SamplingParams
-from serve.streaming import respond
+from serve.streaming import RETRY_AFTER_S, respond
 
 log = logging.getLogger("serve.app")
 
-RETRY_AFTER_S = 1  # what a 429 tells clients to wait
 
 
 class EngineLike(Protocol):
@@ -297,7 +296,8 @@ async def health(request: Request, state: _State) -> Response:
 async def metrics_text(request: Request, state: _State) -> Response:
     if state.options.protect_metrics:
         _authorize(request, state)
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    # a thread: with --api-workers the text comes from the engine process
+    return Response(await run_in_threadpool(state.metrics.render), media_type=CONTENT_TYPE)
 
 
 async def list_models(request: Request, state: _State) -> Response:
