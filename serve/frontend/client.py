@@ -67,7 +67,6 @@ class EngineClient:
     def connect(self) -> EngineClient:
         """Load the tokenizer, connect, wait until the engine has loaded the model (blocking:
         call from a thread). Raises `StartupError` when the engine could not load it."""
-        self.tokenizer = Tokenizer.from_dir(self.model_dir)
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while True:
             try:
@@ -82,12 +81,17 @@ class EngineClient:
         if kind != "ready":
             conn.close()
             raise StartupError(payload)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)  # after: the engine names a bad file
         self._conn, self._info = conn, payload
         for message in self._early_counts:
             self._send_quietly(message)
         self._early_counts.clear()
         threading.Thread(target=self._read, name="llorch-engine-client", daemon=True).start()
         return self
+
+    @property
+    def connected(self) -> bool:
+        return self._info is not None
 
     # ------------------------------------------------------------------ Engine's surface
 

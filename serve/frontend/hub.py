@@ -205,6 +205,9 @@ class EngineHub:
         if not workers:
             return
         counters = self.counters()
+        # the counters first to the workers without events: a client that reads an event and
+        # then asks another worker's /health should find the step's counters there
+        workers.sort(key=lambda w: bool(w.outbox))
         for worker in workers:
             if not worker.outbox and worker.counters == counters:
                 continue

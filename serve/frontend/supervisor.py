@@ -66,9 +66,9 @@ class _Supervisor:
         except SystemExit:  # uvicorn logs the OSError and exits
             raise StartupError(f"cannot listen on {self.options.host}:{self.options.port}") from None
 
-    def _start_worker(self, index: int) -> None:
+    def _start_worker(self, index: int, early: bool = False) -> None:
         proc = self.ctx.Process(target=worker_main, name=f"llorch-worker-{index}",
-                                args=(self.options, self.sock, self.address, self.authkey, index))
+                                args=(self.options, self.sock, self.address, self.authkey, index, early))
         proc.start()
         self.workers[index] = proc
 
@@ -93,7 +93,7 @@ class _Supervisor:
         self.engine.start()
         child.close()
         for i in range(len(self.workers)):
-            self._start_worker(i)
+            self._start_worker(i, early=i == 0)  # worker 0 answers /health 503 while loading
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info("serving '%s' on http://%s:%d with %d HTTP workers and an engine process "
                  "(pids: engine %d, workers %s)", self.entry.id, self.options.host, self.options.port,

@@ -17,6 +17,7 @@ import threading
 import uvicorn
 
 from serve.app import create_app
+from serve.errors import StartupError
 from serve.frontend.client import EngineClient, MetricsProxy
 from serve.main import DrainingServer
 from serve.models import build_entries, model_specs
@@ -28,8 +29,12 @@ EXIT_AFTER_LOST_S = 0.5  # time for the error events to reach the clients before
 
 
 def worker_main(options: ServeOptions, sock: socket.socket, address: str, authkey: bytes,
-                index: int) -> None:
-    """Serve HTTP on `sock` (already bound and listening) until told to stop."""
+                index: int, early: bool) -> None:
+    """Serve HTTP on `sock` (already bound and listening) until told to stop.
+
+    `early`: accept connections while the engine loads (/health: 503 "loading"); one worker
+    does, the others (and restarted ones) accept only once connected, so a client that saw
+    200 never meets a worker still loading."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only; it tells the workers
     logging.basicConfig(level=options.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
@@ -47,7 +52,14 @@ def worker_main(options: ServeOptions, sock: socket.socket, address: str, authke
             server.should_exit = True
 
     client = EngineClient(address, authkey, entries[0].options.model_dir, on_lost=on_lost)
-    app = create_app(options, lambda entry: client.connect(), entries=entries,
+    if not early:
+        try:
+            client.connect()
+        except StartupError as exc:
+            log.error("the engine could not load the model: %s", exc)
+            return
+    app = create_app(options, lambda entry: client if client.connected else client.connect(),
+                     entries=entries,
                      on_load_error=on_load_error, metrics=MetricsProxy(client))
     config = uvicorn.Config(app, log_level=options.log_level.lower(), timeout_graceful_shutdown=5)
     server = DrainingServer(config, app, options.drain_timeout)
