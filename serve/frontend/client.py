@@ -175,8 +175,8 @@ class EngineClient:
             return
         self._send_quietly(("http", endpoint, status))
 
-    def call(self, what: str, timeout: float = 10.0) -> Any:
-        """Ask the engine process (blocking: call from a thread)."""
+    def call(self, what: Any, timeout: float = 10.0) -> Any:
+        """Ask the engine process and wait for the answer (blocking)."""
         call_id = next(self._ids)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._calls[call_id] = future
@@ -251,6 +251,27 @@ class EngineClient:
         streams, self._streams = self._streams, {}
         for queue in streams.values():
             queue.put_nowait(Event(error=ENGINE_LOST))
+
+
+class RemoteResponseStore:
+    """`serve.response_store.ResponseStore` kept in the engine process, so that every worker
+    sees the responses any worker stored (a short blocking call each: the Responses API's
+    store and previous_response_id, not the token path)."""
+
+    def __init__(self, client: EngineClient, capacity: int) -> None:
+        self.client, self.capacity = client, capacity
+
+    def __len__(self) -> int:
+        return self.client.call(("responses", "__len__", ()))
+
+    def put(self, response_id: str, stored: Any) -> None:
+        self.client.call(("responses", "put", (response_id, stored)))
+
+    def get(self, response_id: str) -> Any:
+        return self.client.call(("responses", "get", (response_id,)))
+
+    def delete(self, response_id: str) -> bool:
+        return self.client.call(("responses", "delete", (response_id,)))
 
 
 class MetricsProxy:

@@ -7,6 +7,8 @@ Worker → engine messages (tuples, pickled):
     ("drain", timeout_s)                 `Engine.drain`
     ("http", endpoint, status)           one HTTP request, for /metrics
     ("call", call_id, "metrics")         → ("reply", call_id, Prometheus text bytes)
+    ("call", call_id, ("responses", method, args))  → ("reply", call_id, the result): the
+                                         Responses API's store lives here, shared by the workers
 Engine → worker:
     ("ready", EngineInfo) | ("failed", message)   once, after the worker's ("hello",)
     ("events", [(rid, Event), …], EngineCounters) at most one per engine step and worker
@@ -34,6 +36,7 @@ from serve.events import (
 )
 from serve.metrics import Metrics
 from serve.options import ServeOptions
+from serve.response_store import ResponseStore
 
 log = logging.getLogger("serve.frontend.hub")
 
@@ -83,16 +86,19 @@ class EngineHub:
         listener: where workers connect (`multiprocessing.connection.Listener`).
         metrics: the server's metrics; the engine reports to `metrics.observer(model)`,
             workers send their HTTP request counts here and read /metrics from here.
+        responses: the Responses API's store, one for every worker.
     """
 
-    def __init__(self, listener: Listener, metrics: Metrics) -> None:
+    def __init__(self, listener: Listener, metrics: Metrics, responses: ResponseStore) -> None:
         self.listener = listener
         self.metrics = metrics
+        self.responses = responses
         self.engine: Any = None
         self.failure: str | None = None
         self._settled = threading.Event()  # the engine loaded, or failed to
         self._workers: list[_Worker] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _workers
+        self._store_lock = threading.Lock()
 
     def start(self) -> None:
         threading.Thread(target=self._accept, name="llorch-accept", daemon=True).start()
@@ -156,7 +162,13 @@ class EngineHub:
         elif kind == "http":
             self.metrics.request(message[1], message[2])
         elif kind == "call":
-            worker.send(("reply", message[1], self.metrics.render()))
+            what = message[2]
+            if what == "metrics":
+                result: Any = self.metrics.render()
+            else:  # ("responses", get | put | delete | len, args)
+                with self._store_lock:  # one reader thread per worker
+                    result = getattr(self.responses, what[1])(*what[2])
+            worker.send(("reply", message[1], result))
         else:
             log.error("engine hub: unknown message %r", kind)
 
@@ -236,7 +248,7 @@ def engine_main(options: ServeOptions, model_id: str, address: str, authkey: byt
 
     metrics = Metrics()
     listener = Listener(address, family="AF_UNIX", authkey=authkey)
-    hub = EngineHub(listener, metrics)
+    hub = EngineHub(listener, metrics, ResponseStore(options.responses_store_size))
     hub.start()
     try:
         engine = load_engine(options, metrics.observer(model_id))

@@ -18,7 +18,7 @@ import uvicorn
 
 from serve.app import create_app
 from serve.errors import StartupError
-from serve.frontend.client import EngineClient, MetricsProxy
+from serve.frontend.client import EngineClient, MetricsProxy, RemoteResponseStore
 from serve.main import DrainingServer
 from serve.models import build_entries, model_specs
 from serve.options import ServeOptions
@@ -60,7 +60,8 @@ def worker_main(options: ServeOptions, sock: socket.socket, address: str, authke
             return
     app = create_app(options, lambda entry: client if client.connected else client.connect(),
                      entries=entries,
-                     on_load_error=on_load_error, metrics=MetricsProxy(client))
+                     on_load_error=on_load_error, metrics=MetricsProxy(client),
+                     responses=RemoteResponseStore(client, options.responses_store_size))
     config = uvicorn.Config(app, log_level=options.log_level.lower(), timeout_graceful_shutdown=5)
     server = DrainingServer(config, app, options.drain_timeout)
     server.run(sockets=[sock])
