@@ -152,6 +152,15 @@ def test_metrics_come_from_the_engine_process(servers):
     assert after[("llorch_slots", M)] == 4
 
 
+def test_unload_detaches_one_worker_and_the_next_request_reconnects(servers):
+    _, split, base = servers
+    for _ in range(3):  # whichever worker gets it
+        r = httpx.post(f"{base}/v1/models/{MODEL}/unload", timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == "unloaded"
+        assert split.chat.completions.create(model=MODEL, messages=MSG, max_tokens=3).choices
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
 # ------------------------------------------------------------------ faults
 
 

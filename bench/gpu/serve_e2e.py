@@ -745,7 +745,7 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=180)
     ap.add_argument("--quick", action="store_true",
                     help="CPU dry run sizes: streams 1,4, 16 tokens, TTFT on 200 tokens")
-    ap.add_argument("--streams", default="1,8,32,64")
+    ap.add_argument("--streams", default="1,8,32,64,128")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per throughput stream")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs per concurrency (the median is reported, and the spread)")

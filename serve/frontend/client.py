@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +62,8 @@ class EngineClient:
         self._calls: dict[int, concurrent.futures.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._early_counts: list[tuple] = []  # HTTP counts from before the connection
+        self._outgoing: dict[int, GenerationRequest] = {}  # submitted in this loop pass
+        self._stopping = False
 
     # ------------------------------------------------------------------ connecting
 
@@ -82,7 +85,7 @@ class EngineClient:
             conn.close()
             raise StartupError(payload)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)  # after: the engine names a bad file
-        self._conn, self._info = conn, payload
+        self._conn, self._info, self._stopping = conn, payload, False
         for message in self._early_counts:
             self._send_quietly(message)
         self._early_counts.clear()
@@ -152,20 +155,39 @@ class EngineClient:
         rid = next(self._ids)
         events: asyncio.Queue[Event] = asyncio.Queue()
         self._streams[rid] = events
-        try:
-            self._send(("submit", rid, request))
-        except OSError:
-            self._streams.pop(rid, None)
-            raise ShuttingDown(ENGINE_LOST) from None
+        if not self._outgoing:
+            self._loop.call_soon(self._send_submissions)
+        self._outgoing[rid] = request
         return RequestStream(_Handle(), events, wake=lambda: self._cancel(rid))
+
+    def _send_submissions(self) -> None:
+        """Event loop, once per loop pass with submissions: all of them in one message, so
+        the engine queues a response's requests together (as `Engine.submit` does: its
+        --max-queue check must not see some of them already admitted)."""
+        batch, self._outgoing = list(self._outgoing.items()), {}
+        if not batch:  # cancelled before it went
+            return
+        try:
+            self._send(("submit", batch))
+        except OSError:
+            for rid, _ in batch:
+                queue = self._streams.pop(rid, None)
+                if queue is not None:
+                    queue.put_nowait(Event(error=ENGINE_LOST))
 
     def drain(self, timeout: float) -> None:
         self._send_quietly(("drain", timeout))
 
     def stop(self) -> None:
         """Detach this worker (the engine cancels its requests); the engine keeps running."""
-        if self._conn is not None:
-            self._conn.close()
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            self._stopping, self._info = True, None  # `connect` starts afresh
+            try:  # the reader thread sees EOF and closes it (no close under its recv)
+                with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ metrics
 
@@ -203,11 +225,14 @@ class EngineClient:
             pass
 
     def _cancel(self, rid: int) -> None:
-        if self._streams.pop(rid, None) is not None:
+        if self._streams.pop(rid, None) is None:
+            return
+        if self._outgoing.pop(rid, None) is None:  # else it was never sent
             self._send_quietly(("cancel", rid))
 
     def _read(self) -> None:
         conn = self._conn
+        assert conn is not None
         try:
             while True:
                 message = conn.recv()
@@ -220,10 +245,12 @@ class EngineClient:
                     future = self._calls.get(message[1])
                     if future is not None:
                         future.set_result(message[2])
-        except (EOFError, OSError):
-            pass
-        if conn.closed:  # stop(): this worker is shutting down
-            return
+        except Exception as exc:  # EOF, a broken pipe
+            if self._stopping or conn is not self._conn:  # stop(): this worker is leaving
+                conn.close()
+                return
+            if not isinstance(exc, (EOFError, OSError)):
+                log.exception("reading from the engine process failed")
         log.error("lost the engine process")
         self.lost = True
         for future in list(self._calls.values()):

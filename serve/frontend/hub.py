@@ -2,7 +2,8 @@
 worker, connected by `multiprocessing.connection` (AF_UNIX, authenticated).
 
 Worker → engine messages (tuples, pickled):
-    ("submit", rid, GenerationRequest)   rid: the worker's request number
+    ("submit", [(rid, GenerationRequest), …])  rid: the worker's request number; a loop
+                                         pass's submissions together (a response's prompts)
     ("cancel", rid)                      the client went away: free the slots
     ("drain", timeout_s)                 `Engine.drain`
     ("http", endpoint, status)           one HTTP request, for /metrics
@@ -151,7 +152,9 @@ class EngineHub:
     def _handle(self, worker: _Worker, message: tuple) -> None:
         kind = message[0]
         if kind == "submit":
-            self._submit(worker, message[1], message[2])
+            refused = [r for r in (self._submit(worker, rid, req) for rid, req in message[1]) if r]
+            if refused:
+                worker.send(("events", refused, self.counters()))
         elif kind == "cancel":
             job = worker.jobs.pop(message[1], None)
             if job is not None:
@@ -172,7 +175,8 @@ class EngineHub:
         else:
             log.error("engine hub: unknown message %r", kind)
 
-    def _submit(self, worker: _Worker, rid: int, request: GenerationRequest) -> None:
+    def _submit(self, worker: _Worker, rid: int, request: GenerationRequest) -> tuple[int, Event] | None:
+        """Queue one request; (rid, its error event) when the engine refuses it."""
         outbox = worker.outbox
 
         def send(event: Event) -> None:  # engine thread: collected, flushed after the step
@@ -180,7 +184,7 @@ class EngineHub:
 
         try:
             worker.jobs[rid] = self.engine.enqueue(request, send)
-            return
+            return None
         except QueueFull as exc:
             event = Event(error=str(exc), error_code=QUEUE_FULL)
         except ShuttingDown as exc:
@@ -188,7 +192,7 @@ class EngineHub:
         except ValueError as exc:  # the route checks these first; a mismatch is our bug
             log.error("request %s refused by the engine: %s", request.request_id, exc)
             event = Event(error=f"The engine refused the request: {exc}")
-        worker.send(("events", [(rid, event)], self.counters()))
+        return rid, event
 
     def _drop(self, worker: _Worker) -> None:
         worker.alive = False
