@@ -254,3 +254,20 @@ def test_several_models_are_refused(tiny_model_dir, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2
     assert "--api-workers serves one model" in r.stderr and "--models-dir" in r.stderr
+
+
+def test_pack_round_trips_every_event():
+    from serve.events import ChoiceOutput, Event, TokenLogprob, Usage
+    from serve.frontend.hub import pack, unpack
+
+    events = [
+        Event((ChoiceOutput(0, " hi", (42,)), ChoiceOutput(1, "", (7, 8), finish_reason="stop",
+                                                           stop_sequence="\n"))),
+        Event((ChoiceOutput(0, "x", (1,), finish_reason="length"),), usage=Usage(3, 1, 2)),
+        Event((ChoiceOutput(0, "y", (2,), logprobs=(TokenLogprob(2, -0.5, ((2, -0.5),)),)),)),
+        Event(prompt_logprobs=(None, TokenLogprob(5, -1.0))),
+        Event(error="boom", error_code="queue_full"),
+    ]
+    for rid, event in enumerate(events):
+        assert unpack(pack(rid, event)) == (rid, event)
+    assert len(pack(0, events[0])) == 3 and len(pack(0, events[2])) == 2  # plain tuples, or the event

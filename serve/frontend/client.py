@@ -21,7 +21,7 @@ from typing import Any
 
 from serve.errors import ServiceUnavailableError, StartupError
 from serve.events import Event, GenerationRequest, RequestStream, ShuttingDown
-from serve.frontend.hub import EngineCounters, EngineInfo
+from serve.frontend.hub import EngineCounters, EngineInfo, unpack
 from serve.tokenizer import Tokenizer
 
 log = logging.getLogger("serve.frontend.client")
@@ -263,10 +263,11 @@ class EngineClient:
         if self.on_lost is not None:
             self.on_lost()
 
-    def _dispatch(self, batch: list[tuple[int, Event]]) -> None:
+    def _dispatch(self, batch: list[tuple]) -> None:
         """Event loop: one engine step's events for this worker."""
         streams = self._streams
-        for rid, event in batch:
+        for item in batch:
+            rid, event = unpack(item)
             queue = streams.get(rid)
             if queue is None:  # cancelled meanwhile
                 continue
