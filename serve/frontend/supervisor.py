@@ -123,7 +123,7 @@ class _Supervisor:
                     log.info("model '%s' is ready", self.entry.id)
             if failure is not None or not self.engine.is_alive():
                 self.engine.join(ENGINE_STOP_S)
-                self._wait_workers(grace=5.0)  # they end their requests with an error and exit
+                self._wait_workers(grace=10.0)  # they end their requests with an error and exit
                 if failure is not None:
                     raise StartupError(f"could not load {self.entry.options.model_dir}: {failure}")
                 raise EngineCrashed(f"the engine process died (exit code {self.engine.exitcode}); "
