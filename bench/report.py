@@ -267,6 +267,15 @@ def targets(results: dict) -> list[dict]:
         out.append({"target": f"HTTP streaming decode within 5% of in-process ({n}-token prompt)",
                     "measured": ratio, "goal": 0.95, "met": None if ratio is None else ratio >= 0.95,
                     "detail": f"HTTP {fmt_rate(h)} vs in-process {fmt_rate(mine)} tok/s"})
+    split = entries.get("llorch-http-int4-api-workers")
+    for n in results["config"]["decode_lengths"][:1]:
+        n = str(n)
+        s = _median(split.get("decode_tps"), n) if split else None
+        h = _median(http.get("decode_tps"), n) if http else None
+        ratio = s / h if s and h else None
+        out.append({"target": f"--api-workers 2 costs single-stream HTTP decode ≤ 3% ({n}-token prompt)",
+                    "measured": ratio, "goal": 0.97, "met": None if ratio is None else ratio >= 0.97,
+                    "detail": f"split {fmt_rate(s)} vs one process {fmt_rate(h)} tok/s"})
     rss = entries.get("llorch-server-rss", {}).get("server_rss")
     out.append({"target": "server peak RSS, default model, 8 slots × 4096 tokens: reported",
                 "measured": rss["peak_rss_mb"] if rss else None, "goal": None,

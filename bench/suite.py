@@ -37,6 +37,10 @@ ENTRIES: tuple[Entry, ...] = (
           "llorch-int4", {"mode": "single"}),
     Entry("llorch-http-fp32", "llorch HTTP fp32 (openai client, SSE)", "llorch_http", "http", "fp32",
           "llorch-fp32", {"mode": "single"}),
+    # the engine in a process of its own, two HTTP workers in front (issue 18: costs <= 3 %)
+    Entry("llorch-http-int4-api-workers", "llorch HTTP int4 --api-workers 2 (engine process)",
+          "llorch_http", "api-workers", "int4", "llorch-http-int4",
+          {"mode": "single", "serve_args": ["--api-workers", "2"]}),
     Entry("genai-int4", "ORT GenAI on llorch's int4 export", "genai", "genai", "int4"),
     Entry("genai-fp32", "ORT GenAI on llorch's fp32 export", "genai", "genai", "fp32", "llorch-fp32"),
     Entry("genai-builder-int4", "ORT GenAI int4 (its model builder)", "genai", "genai",

@@ -84,11 +84,10 @@ from serve.protocol import (
 from serve.response_store import ResponseStore, StoredResponse
 from serve.responses import ChatOutput, CompletionOutput, Output, new_id
 from serve.sampling import SamplingParams
-from serve.streaming import respond
+from serve.streaming import RETRY_AFTER_S, respond
 
 log = logging.getLogger("serve.app")
 
-RETRY_AFTER_S = 1  # what a 429 tells clients to wait
 
 
 class EngineLike(Protocol):
@@ -107,13 +106,14 @@ class EngineLike(Protocol):
 
 
 class _State:
-    def __init__(self, options: ServeOptions, models: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, options: ServeOptions, models: ModelRegistry, metrics: Metrics,
+                 responses: ResponseStore | None = None) -> None:
         self.options = options
         self.models = models
         self.metrics = metrics
         self.started = False  # the startup load of the default model has finished
         self.draining = False
-        self.responses = ResponseStore(options.responses_store_size)
+        self.responses = ResponseStore(options.responses_store_size) if responses is None else responses
 
 
 def create_app(
@@ -124,6 +124,7 @@ def create_app(
     entries: list[ModelEntry] | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
     metrics: Metrics | None = None,
+    responses: ResponseStore | None = None,
 ) -> Starlette:
     """The ASGI app serving `entries` (serve.models; the first is the default model), each
     loaded by `load(entry)` (returns a started engine; runs on a worker thread). Without
@@ -133,7 +134,8 @@ def create_app(
     The default model loads on a background thread at startup; until that ends `/health`
     says 503 and the generation routes answer 503. With one model, a failed startup load is
     passed to `on_load_error`; the others load on their first request. `metrics` is what
-    `/metrics` reports (the caller hands `metrics.observer(id)` to each engine)."""
+    `/metrics` reports (the caller hands `metrics.observer(id)` to each engine); `responses`
+    the Responses API's store (default: one of its own, `--responses-store-size`)."""
     metrics = metrics or Metrics()
     if entries is None:
         if model_name is None:
@@ -151,7 +153,7 @@ def create_app(
         entries, load_entry, max_loaded=options.max_loaded_models, memory_budget=options.memory_budget,
         idle_unload=options.idle_unload, wait_timeout=options.queue_timeout,
         on_loaded=lambda e: metrics.bind(e.engine, e.id), on_unloaded=lambda e: metrics.unbind(e.id))
-    state = _State(options, models, metrics)
+    state = _State(options, models, metrics, responses)
 
     def load_in_background() -> None:
         try:
@@ -297,7 +299,8 @@ async def health(request: Request, state: _State) -> Response:
 async def metrics_text(request: Request, state: _State) -> Response:
     if state.options.protect_metrics:
         _authorize(request, state)
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    # a thread: with --api-workers the text comes from the engine process
+    return Response(await run_in_threadpool(state.metrics.render), media_type=CONTENT_TYPE)
 
 
 async def list_models(request: Request, state: _State) -> Response:

@@ -52,7 +52,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -145,6 +145,9 @@ class Engine:
         self._closed = False
         self._drain_deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="llorch-engine", daemon=True)
+        # called on the engine thread after every step (the events of a step are all sent):
+        # serve.frontend flushes a step's events to the HTTP workers in one message
+        self.on_step: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -203,15 +206,30 @@ class Engine:
             QueueFull: `max_queue` requests already wait for a slot.
             ShuttingDown: after `drain` or `stop`.
         """
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job = self.enqueue(request, stream_sender(asyncio.get_running_loop(), events))
+        return RequestStream(job, events, wake=self.wake)
+
+    def wake(self) -> None:
+        """Make the engine thread look at its requests again (after setting `cancelled`)."""
+        self._inbox.put(_WAKE)
+
+    def enqueue(self, request: GenerationRequest, send: Callable[[Event], None]) -> Job:
+        """`submit` without an event loop: the engine thread calls `send(event)` for each of
+        the request's events (from its own thread; it must not block). Cancel by setting the
+        returned job's `cancelled` flag, then `wake()`. Any thread may call it.
+
+        Raises:
+            QueueFull, ShuttingDown: as `submit`.
+            ValueError: an empty prompt, or one that fills the context.
+        """
         if not request.prompt_ids:
             raise ValueError("empty prompt")
         room = self.max_length - len(request.prompt_ids)
         if room < 1:
             raise ValueError(f"prompt of {len(request.prompt_ids)} tokens fills the context")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
         max_tokens = min(request.params.max_tokens or room, room)
-        job = Job(request, stream_sender(loop, events), max_tokens)
+        job = Job(request, send, max_tokens)
         with self._lock:
             if self._closed:
                 raise ShuttingDown(_SHUTDOWN_MESSAGE)
@@ -222,7 +240,7 @@ class Engine:
             self._queued += 1
             self._alive += 1
             self._inbox.put(job)
-        return RequestStream(job, events, wake=lambda: self._inbox.put(_WAKE))
+        return job
 
     # ----------------------------------------------------------------- engine thread
 
@@ -236,6 +254,7 @@ class Engine:
             while True:  # drain everything that arrived
                 if item is _STOP:
                     self._fail_all(_SHUTDOWN_MESSAGE, SHUTTING_DOWN)
+                    self._after_step()
                     return
                 if isinstance(item, Job):
                     self._waiting.append(item)
@@ -251,6 +270,14 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all(GENERIC_SERVER_ERROR)
                 self.slots.clear()
+            self._after_step()
+
+    def _after_step(self) -> None:
+        if self.on_step is not None:
+            try:
+                self.on_step()
+            except Exception:
+                log.exception("on_step hook failed")
 
     def _step(self) -> None:
         self._drop_cancelled()

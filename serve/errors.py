@@ -22,6 +22,10 @@ class StartupError(RuntimeError):
     """The server cannot start (bad provider, missing model directory); the message is for the user."""
 
 
+class EngineCrashed(StartupError):
+    """`--api-workers`: the engine process died while serving; the server exits with status 1."""
+
+
 class APIError(Exception):
     """An error a client sees: HTTP status, OpenAI error type, the offending `param`, a `code`."""
 

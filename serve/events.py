@@ -18,6 +18,9 @@ from serve.sampling import SamplingParams
 # Event.error_code values the routes answer with 503 (other errors are 500s).
 QUEUE_TIMEOUT = "queue_timeout"
 SHUTTING_DOWN = "shutting_down"
+# ... and with 429: the engine's queue was full (`QueueFull`), when the engine runs in another
+# process (serve.frontend) and so answers a submission with an event, not an exception.
+QUEUE_FULL = "queue_full"
 
 
 class QueueFull(Exception):

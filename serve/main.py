@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 
 from serve.app import create_app, drain
 from serve.engine import CPU_PREFILL_CHUNK, GPU_PREFILL_CHUNK, Engine
-from serve.errors import StartupError
+from serve.errors import EngineCrashed, StartupError
 from serve.events import EngineObserver
 from serve.metrics import Metrics
 from serve.model_dir import ModelDirError
@@ -90,7 +90,7 @@ def _name_weights_file(model_dir: Path, exc: Exception) -> Exception:
         f"or copy, or another export's file); export or copy it again. ONNX Runtime said: {text}")
 
 
-class _Server(uvicorn.Server):
+class DrainingServer(uvicorn.Server):
     """uvicorn, but SIGTERM/SIGINT drain the engine before the server stops, and the process
     then exits normally (uvicorn would re-raise the signal, i.e. die by it)."""
 
@@ -139,8 +139,12 @@ def run(options: ServeOptions) -> None:
             raise StartupError("--replicas serves one model per deployment: give one model "
                                "directory (several models on Ray Serve are not supported yet)")
         return _run_on_ray(options, entries[0].id)
+    if options.api_workers > 1:
+        from serve.frontend.supervisor import run_split  # noqa: PLC0415 - it imports this module
+
+        return run_split(options, entries)
     failures: list[BaseException] = []
-    server: _Server | None = None
+    server: DrainingServer | None = None
     metrics = Metrics()
 
     def on_load_error(exc: BaseException) -> None:
@@ -156,7 +160,7 @@ def run(options: ServeOptions) -> None:
         app, host=options.host, port=options.port, log_level=options.log_level.lower(),
         timeout_graceful_shutdown=5,  # after the drain: clients that stopped reading
     )
-    server = _Server(config, app, options.drain_timeout)
+    server = DrainingServer(config, app, options.drain_timeout)
     for entry in entries:
         log.info("model '%s': %s", entry.id, entry.options.model_dir)
     log.info("serving %d model(s) on http://%s:%d, default '%s' (loading…)", len(entries),
@@ -180,6 +184,9 @@ def run_cli(options: ServeOptions) -> int:
     """`run` for command lines: a StartupError is printed, exit status 2."""
     try:
         run(options)
+    except EngineCrashed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

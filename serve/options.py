@@ -146,6 +146,10 @@ class ServeOptions:
         "with an error; new requests get 503 meanwhile (default: %(default)g)", type=float)
     # Exports with a row-invariant W8A8 graph run every step on it (no padding); older ones
     # pad a lone decode to two rows (int4 MatMulNBits at level 0 has a one-row kernel).
+    api_workers: int = _flag(
+        0, "HTTP worker processes in front of an engine process of its own (bodies, chat "
+        "templates, tokenizing, JSON and SSE off the engine's GIL; for many concurrent "
+        "streams on a GPU); 0 or 1: everything in one process (default)", type=int)
     batch_invariant: bool = _flag(
         False, "the same request gives the same tokens whatever else runs: every step on the "
         "export's row-invariant W8A8 graph (default int4 exports; lone-stream answers then "
@@ -256,6 +260,11 @@ class ServeOptions:
             raise ValueError(f"prefix_cache_size must be >= 0, got {self.prefix_cache_size}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.api_workers < 0:
+            raise ValueError(f"api_workers must be >= 0, got {self.api_workers}")
+        if self.api_workers > 1 and self.scale_out:
+            raise ValueError("--api-workers and --replicas/--max-replicas do not go together: "
+                             "each Ray Serve replica is one process")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:

@@ -19,14 +19,21 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve.errors import GENERIC_SERVER_ERROR, APIError, ServerError, ServiceUnavailableError
-from serve.events import QUEUE_TIMEOUT, SHUTTING_DOWN, Event, RequestStream
+from serve.errors import (
+    GENERIC_SERVER_ERROR,
+    APIError,
+    RateLimitError,
+    ServerError,
+    ServiceUnavailableError,
+)
+from serve.events import QUEUE_FULL, QUEUE_TIMEOUT, SHUTTING_DOWN, Event, RequestStream
 from serve.responses import Output
 
 log = logging.getLogger("serve.streaming")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _RETRY_ELSEWHERE = (QUEUE_TIMEOUT, SHUTTING_DOWN)  # error codes answered with 503
+RETRY_AFTER_S = 1  # what a 429 tells clients to wait
 
 
 class _Merged:
@@ -69,9 +76,13 @@ class _Merged:
 
 
 def _checked(event: Event) -> Event:
-    """Errors the client should retry later or elsewhere are 503s, not 500s."""
+    """Errors the client should retry later or elsewhere are 503s (a full queue: 429), not
+    500s."""
     if event.error is not None and event.error_code in _RETRY_ELSEWHERE:
         raise ServiceUnavailableError(event.error, code=event.error_code)
+    if event.error is not None and event.error_code == QUEUE_FULL:
+        raise RateLimitError(event.error, code="rate_limit_exceeded",
+                             headers={"Retry-After": str(RETRY_AFTER_S)})
     return event
 
 

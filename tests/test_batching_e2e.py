@@ -23,7 +23,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
-from test_server_e2e import REPO, _free_port, prompt_ids, running_server
+from test_server_e2e import REPO, _free_port, prompt_ids, running_server, split_mode_args
 
 from serve.tokenizer import Tokenizer
 
@@ -320,6 +320,7 @@ def test_signal_drains_then_exits_0(sig, long_tiny_dir, tmp_path):
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "serve.main", str(long_tiny_dir), "--port", str(port), "--threads", "1",
            "--model-name", MODEL, "--max-batch", "2", "--drain-timeout", "1.5"]
+    cmd += split_mode_args(*cmd[4:])
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -30,7 +30,7 @@ from serve.options import DEFAULT_QUEUE_TIMEOUT, ServeOptions, api_key_from
 from serve.sampling import LOGPROB_FLOOR, Sampler, SamplingParams
 from serve.stops import StopMatcher
 from serve.tokenizer import Tokenizer
-from tests.test_server_e2e import REPO, running_server
+from tests.test_server_e2e import REPO, running_server, split_mode_args
 
 MODEL = "tiny"
 MSG = [{"role": "user", "content": "Tell me a story."}]
@@ -601,7 +601,8 @@ def _env(env: dict[str, str]) -> Iterator[None]:
 
 
 def _serve_exit(model_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve.main", str(model_dir), "--port", "0"], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "serve.main", str(model_dir), "--port", "0",
+                           *split_mode_args()], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

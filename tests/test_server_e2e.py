@@ -40,11 +40,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def split_mode_args(*args: str) -> list[str]:
+    """``--api-workers N`` when $LLORCH_TEST_API_WORKERS=N (N > 1): every e2e server then runs
+    split (serve.frontend), the CI proof that the split serves exactly what one process does.
+    Not for several models (the split mode refuses them) or where the test sets the flag."""
+    workers = os.environ.get("LLORCH_TEST_API_WORKERS", "")
+    if not workers or int(workers) < 2 or "--api-workers" in args or "--models-dir" in args:
+        return []
+    if any(not a.startswith("-") and Path(a.partition("=")[0]).is_dir() for a in args):
+        return []  # a second model directory
+    return ["--api-workers", workers]
+
+
 @contextlib.contextmanager
 def running_server(model_dir: Path, *args: str, log_path: Path, timeout: float = 180) -> Iterator[str]:
     """`python -m serve.main` on a free port; yields the base URL once /health says 200."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "serve.main", str(model_dir), "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "serve.main", str(model_dir), "--port", str(port), *args,
+           *split_mode_args(*args)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -29,7 +29,6 @@ ratio of each N to N = 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing
 import os
@@ -44,13 +43,11 @@ from serve_e2e import (  # noqa: E402
     PARIS_Q,
     Report,
     Server,
-    _ms,
+    _client_part,
     _nvidia_smi,
-    _pct,
     environment,
-    essay,
     http_get,
-    one_stream,
+    load,
     prepare_model,
 )
 
@@ -68,25 +65,6 @@ def wait_replicas(server: Server, n: int, timeout: float) -> dict:
             raise RuntimeError(f"{n} replicas not ready after {time.monotonic() - t0:.0f} s "
                                f"(last /health {code}: {body[:500]}): {server.log_tail()}")
         time.sleep(0.5)
-
-
-def _client_part(base: str, model: str, idx: list[int], max_tokens: int, start_at: float
-                 ) -> tuple[list[dict], float]:
-    """One client process: its share of the streams, begun at `start_at` (time.perf_counter,
-    CLOCK_MONOTONIC, one clock for every process on the host); returns the streams and the
-    process's CPU seconds."""
-    from openai import AsyncOpenAI
-
-    async def go():
-        async with AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0,
-                               timeout=300) as client:
-            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-            return await asyncio.gather(*(one_stream(client, model, essay(i), max_tokens)
-                                          for i in idx))
-
-    cpu0 = time.process_time()
-    runs = asyncio.run(go())
-    return runs, time.process_time() - cpu0
 
 
 class GpuSampler:
@@ -153,36 +131,6 @@ class GpuSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join(5)
-
-
-def load(pool, base: str, model: str, streams: int, clients: int, max_tokens: int,
-         offset: int) -> dict:
-    """One timed run of `streams` streams spread over `clients` processes."""
-    start_at = time.perf_counter() + 1.0
-    shares = [list(range(offset + k, offset + streams, clients)) for k in range(clients)]
-    parts = pool.starmap(_client_part, [(base, model, s, max_tokens, start_at) for s in shares
-                                        if s])
-    runs = [r for rs, _ in parts for r in rs]
-    t0 = min(r["t0"] for r in runs)
-    wall = max(r["end"] for r in runs) - t0
-    tokens = sum(r["tokens"] or 0 for r in runs)
-    gaps = [b - a for r in runs for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
-    ttfts = [r["stamps"][0] - r["t0"] for r in runs if r["stamps"]]
-    last_first = max(r["stamps"][0] for r in runs if r["stamps"])
-    last = max(r["stamps"][-1] for r in runs if r["stamps"])
-    return {
-        "streams": streams, "clients": clients, "completion_tokens": tokens,
-        "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
-        "decode_tok_s": round(sum((r["tokens"] or 0) - 1 for r in runs) / (last - last_first), 1)
-        if last > last_first else None,
-        "per_stream_tok_s": round(tokens / wall / streams, 1),
-        "itl_ms": {"p50": _ms(_pct(gaps, 50)), "p95": _ms(_pct(gaps, 95)),
-                   "p99": _ms(_pct(gaps, 99))},
-        "ttft_ms": {"p50": _ms(_pct(ttfts, 50)), "p95": _ms(_pct(ttfts, 95)),
-                    "max": _ms(max(ttfts) if ttfts else None)},
-        "client_cpu_fraction": [round(c / wall, 3) for _, c in parts],
-        "short_streams": sum((r["tokens"] or 0) < max_tokens for r in runs),
-    }
 
 
 def ray_counters(base: str) -> dict:

@@ -22,8 +22,14 @@ the run (the JSON is rewritten after every check and stage):
   unknown_model_404      a model that is not served: NotFoundError 404
   batched_equals_alone   8 greedy streams at once give the texts each gives alone (soft: fp16
                          kernels may round a batch row differently; recorded, not failed)
-then `throughput` (aggregate completion tok/s, TTFT and inter-token latency percentiles over
-HTTP at each --streams concurrency, ignore_eos, --max-tokens each) and `ttft` (a prompt of
+then `inprocess` (before the server starts, in a child process: the server's own `Engine`,
+built by `serve.main.load_engine` with the server's flags, fed the same chat prompts through
+`Engine.submit` with no HTTP: aggregate completion tok/s at each --streams, --repeats runs),
+`throughput` (the same streams over HTTP, driven by --clients client processes started at one
+instant: aggregate completion tok/s, TTFT and inter-token latency percentiles, --repeats runs;
+`all_tok_s`, `median_tok_s`, `spread` = (max − min) / median), `http_over_inprocess` (per stream
+count: median HTTP tok/s ÷ median in-process tok/s, issue 18's ratio; with
+`--server-args="--api-workers 4"` the split server) and `ttft` (a prompt of
 --ttft-tokens random token ids through /v1/completions, a fresh prompt each run so the prefix
 cache never helps; the first run warms the shapes up).
 
@@ -41,6 +47,7 @@ import asyncio
 import importlib.metadata
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -57,6 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from staging import run_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # serve, export (the in-process stage's child process too)
+    sys.path.append(str(REPO))
 PARIS_Q = [{"role": "user", "content": "What is the capital of France?"}]
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain in two sentences why the sky is blue.",
@@ -482,6 +491,173 @@ async def concurrency(client, model: str, c: int, max_tokens: int, offset: int) 
     }
 
 
+def _client_part(base: str, model: str, idx: list[int], max_tokens: int, start_at: float
+                 ) -> tuple[list[dict], float]:
+    """One client process: its share of the streams (`essay(i)` for i in idx), begun at
+    `start_at` (time.perf_counter: CLOCK_MONOTONIC, one clock for every process on the host);
+    returns the streams and the process's CPU seconds."""
+    from openai import AsyncOpenAI
+
+    async def go():
+        async with AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0,
+                               timeout=300) as client:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+            return await asyncio.gather(*(one_stream(client, model, essay(i), max_tokens)
+                                          for i in idx))
+
+    cpu0 = time.process_time()
+    runs = asyncio.run(go())
+    return runs, time.process_time() - cpu0
+
+
+def aggregate(runs: list[dict], streams: int, max_tokens: int) -> dict:
+    """Figures of one timed run from its streams (`one_stream` dicts)."""
+    t0 = min(r["t0"] for r in runs)
+    wall = max(r["end"] for r in runs) - t0
+    tokens = sum(r["tokens"] or 0 for r in runs)
+    gaps = [b - a for r in runs for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
+    ttfts = [r["stamps"][0] - r["t0"] for r in runs if r["stamps"]]
+    last_first = max(r["stamps"][0] for r in runs if r["stamps"])
+    last = max(r["stamps"][-1] for r in runs if r["stamps"])
+    return {
+        "streams": streams, "completion_tokens": tokens,
+        "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
+        "decode_tok_s": round(sum((r["tokens"] or 0) - 1 for r in runs) / (last - last_first), 1)
+        if last > last_first else None,
+        "per_stream_tok_s": round(tokens / wall / streams, 1),
+        "itl_ms": {"p50": _ms(_pct(gaps, 50)), "p95": _ms(_pct(gaps, 95)),
+                   "p99": _ms(_pct(gaps, 99))},
+        "ttft_ms": {"p50": _ms(_pct(ttfts, 50)), "p95": _ms(_pct(ttfts, 95)),
+                    "max": _ms(max(ttfts) if ttfts else None)},
+        "short_streams": sum((r["tokens"] or 0) < max_tokens for r in runs),
+    }
+
+
+def load(pool, base: str, model: str, streams: int, clients: int, max_tokens: int,
+         offset: int) -> dict:
+    """One timed run of `streams` HTTP streams spread over `clients` processes of `pool`."""
+    start_at = time.perf_counter() + 1.0
+    shares = [list(range(offset + k, offset + streams, clients)) for k in range(clients)]
+    parts = pool.starmap(_client_part, [(base, model, s, max_tokens, start_at) for s in shares
+                                        if s])
+    out = aggregate([r for rs, _ in parts for r in rs], streams, max_tokens)
+    out["clients"] = clients
+    out["client_cpu_fraction"] = [round(c / out["wall_s"], 3) for _, c in parts]
+    return out
+
+
+def repeated(runs: list[dict]) -> dict:
+    """The median run of several, with every run's tok/s and their spread."""
+    tps = [r["tok_s"] for r in runs]
+    median = statistics.median(tps)
+    best = min(runs, key=lambda r: abs(r["tok_s"] - median))
+    return {**best, "all_tok_s": tps, "median_tok_s": median,
+            "spread": round((max(tps) - min(tps)) / median, 3) if median else None}
+
+
+def inprocess_engine(model_dir: str, server_flags: list[str], streams: list[int],
+                     max_tokens: int, repeats: int) -> dict:
+    """The server's engine without HTTP (run in a child process, before the server starts):
+    `serve.main.load_engine` with the server's flags, the throughput stage's chat prompts
+    (chat template applied, greedy, ignore_eos) submitted at once, `repeats` timed runs per
+    stream count; the same figures as over HTTP."""
+    import argparse as _argparse
+
+    from serve.events import GenerationRequest
+    from serve.main import load_engine
+    from serve.options import add_arguments, options_from_args
+    from serve.sampling import SamplingParams
+
+    parser = _argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = [f for f in server_flags if not f.startswith("--api-workers=")]
+    if "--api-workers" in flags:  # the engine is the same; only the server splits
+        i = flags.index("--api-workers")
+        del flags[i:i + 2]
+    options = options_from_args([model_dir], parser.parse_args(flags))
+    engine = load_engine(options)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    def prompt(i: int) -> tuple[int, ...]:
+        return tuple(engine.tokenizer.encode_chat(essay(i))[1])
+
+    async def one(i: int) -> dict:
+        t0 = time.perf_counter()
+        stamps: list[float] = []
+        tokens = 0
+        async for event in engine.submit(GenerationRequest(prompt(i), params)):
+            now = time.perf_counter()
+            for c in event.choices:
+                if c.token_ids:
+                    stamps.extend([now] * len(c.token_ids))
+                    tokens += len(c.token_ids)
+        return {"t0": t0, "stamps": stamps, "end": time.perf_counter(), "tokens": tokens}
+
+    async def run(c: int, offset: int) -> dict:
+        return aggregate(await asyncio.gather(*(one(offset + i) for i in range(c))), c,
+                         max_tokens)
+
+    out: dict = {"note": "serve.engine.Engine in one process, Engine.submit, no HTTP"}
+    try:
+        offset = 0
+        for c in streams:
+            asyncio.run(run(c, 1000))  # warm-up: ORT meets these batch sizes
+            runs = []
+            for _ in range(repeats):
+                runs.append(asyncio.run(run(c, offset)))
+                offset += c
+            out[str(c)] = repeated(runs)
+            print(f"[inprocess] {c} streams: {out[str(c)]['median_tok_s']} tok/s (median)",
+                  file=sys.stderr, flush=True)
+    finally:
+        engine.stop()
+    return out
+
+
+def inprocess(args, flags: list[str]) -> dict:
+    """`inprocess_engine` in a child process (the GPU is free again when it ends)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(inprocess_engine, (str(args.model_dir), flags, args.streams,
+                                             args.max_tokens, args.repeats))
+
+
+def http_over_inprocess(http: dict | None, inproc: dict | None) -> dict:
+    """Per stream count: median HTTP tok/s ÷ median in-process tok/s, with both spreads."""
+    out = {}
+    for key, h in (http or {}).items():
+        i = (inproc or {}).get(key)
+        if not isinstance(h, dict) or not isinstance(i, dict) or "median_tok_s" not in h \
+                or "median_tok_s" not in i:
+            continue
+        out[key] = {"http_tok_s": h["median_tok_s"], "inprocess_tok_s": i["median_tok_s"],
+                    "http_over_inprocess": round(h["median_tok_s"] / i["median_tok_s"], 3),
+                    "http_spread": h["spread"], "inprocess_spread": i["spread"]}
+    return out
+
+
+def throughput_clients(base: str, model: str, args) -> dict:
+    """Each --streams count over HTTP from --clients client processes, --repeats timed runs."""
+    out: dict = {"max_tokens": args.max_tokens, "repeats": args.repeats, "clients": args.clients,
+                 "note": "chat streams, greedy, ignore_eos, distinct prompts, from --clients "
+                 "processes; the median run is kept, all_tok_s lists every run"}
+    offset = 0
+    with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
+        for c in args.streams:
+            try:
+                clients = max(1, min(args.clients, c))
+                load(pool, base, model, c, clients, 8, 1000)  # warm-up at this concurrency
+                runs = []
+                for _ in range(args.repeats):
+                    runs.append(load(pool, base, model, c, clients, args.max_tokens, offset))
+                    offset += c
+                out[str(c)] = repeated(runs)
+                print(f"[throughput] {c} streams: {out[str(c)]['all_tok_s']} tok/s, ITL p50 "
+                      f"{out[str(c)]['itl_ms']['p50']} ms", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 - one concurrency failing keeps the others
+                out[str(c)] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    return out
+
+
 async def throughput(base: str, model: str, args) -> dict:
     from openai import AsyncOpenAI
 
@@ -569,9 +745,15 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=180)
     ap.add_argument("--quick", action="store_true",
                     help="CPU dry run sizes: streams 1,4, 16 tokens, TTFT on 200 tokens")
-    ap.add_argument("--streams", default="1,8,32,64")
+    ap.add_argument("--streams", default="1,8,32,64,128")
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens per throughput stream")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per concurrency (best)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per concurrency (the median is reported, and the spread)")
+    ap.add_argument("--clients", type=int, default=4,
+                    help="client processes for the throughput stage (one Python client tops "
+                    "out near 5k SSE chunks/s)")
+    ap.add_argument("--skip-inprocess", action="store_true",
+                    help="no in-process engine runs (then no http_over_inprocess)")
     ap.add_argument("--batched-streams", type=int, default=8)
     ap.add_argument("--batched-tokens", type=int, default=48)
     ap.add_argument("--answer-tokens", type=int, default=32, help="max_tokens of the checks")
@@ -587,7 +769,7 @@ def main() -> int:
     ap.add_argument("--server-args", default="", help="extra server flags, space separated")
     args = ap.parse_args()
     if args.quick:
-        args.streams, args.max_tokens, args.repeats = "1,4", 16, 1
+        args.streams, args.max_tokens, args.repeats, args.clients = "1,4", 16, 2, 2
         args.batched_streams, args.batched_tokens, args.answer_tokens = 4, 16, 24
         args.ttft_tokens, args.ttft_runs = "200", 2
     args.streams = [int(x) for x in args.streams.split(",") if x]
@@ -614,6 +796,8 @@ def main() -> int:
     if args.threads:
         flags += ["--threads", str(args.threads)]
     flags += args.server_args.split()
+    if not args.skip_throughput and not args.skip_inprocess:
+        rep.stage("inprocess", inprocess, args, flags)
     try:
         server = start_server(args, flags, rep)
     except RuntimeError:
@@ -640,7 +824,12 @@ def main() -> int:
 
             rep.check("batched_equals_alone", batched, hard=False)
         if not args.skip_throughput:
-            rep.stage("throughput", lambda: asyncio.run(throughput(server.base, model, args)))
+            rep.stage("throughput", throughput_clients, server.base, model, args)
+            rep.data["http_over_inprocess"] = http_over_inprocess(rep.data.get("throughput"),
+                                                                  rep.data.get("inprocess"))
+            rep.save()
+            print(json.dumps(rep.data["http_over_inprocess"], indent=1), file=sys.stderr,
+                  flush=True)
             rep.stage("ttft", lambda: asyncio.run(ttft(server.base, model, args,
                                                        info.vocab_size)))
         code, body = http_get(f"{server.base}/metrics", 10)
