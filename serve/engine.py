@@ -8,6 +8,7 @@
    ▲                                 3. prefill one chunk of the oldest admitted prompt
    │                                            (then copy its KV to the sibling choices' slots)
    │                                 4. decode  one Runtime.decode over every running slot
+   │                                            (decode_sampled: tokens picked on the device)
    │                                 5. constrained rows: grammar bitmask → forbidden logits -inf
    │                                 6. per choice: Sampler → detokenizer → StopMatcher
    └── asyncio.Queue per request ◄── Event (call_soon_threadsafe)
@@ -25,6 +26,12 @@ choices that do not fit the free slots wait at the head of the FIFO and later st
 slot holding the whole prompt (a running sibling's, a cached one) or from a fresh prefill.
 Cancellation is a flag the thread checks every step; finished, failed and cancelled choices
 give their slot back.
+
+Where the runtime picks tokens on the device (`runtime.device_sampling`), a decode step asks
+each choice's Sampler for a `RowDraw` (with the uniform number it would have drawn itself, so
+seeds reproduce); choices with a grammar, logit_bias, penalties or more logprobs than the
+device gives get their row's logits back and sample on the host as before, in the same step.
+The first token after a prefill is always sampled on the host.
 
 Batched rows are computed independently of each other, so a sequence's logits do not depend
 on what else runs. Where the runtime's graphs have a one-row kernel of their own (int4
@@ -64,8 +71,8 @@ from serve.events import (
     stream_sender,
 )
 from serve.prefix_cache import SlotPool
-from serve.runtime import ContextFull
-from serve.sampling import Sample
+from serve.runtime import ContextFull, RowDraw, RowToken
+from serve.sampling import Sample, device_sample
 from serve.sequence import Choice, Job, prompt_logprob
 
 log = logging.getLogger("serve.engine")
@@ -410,13 +417,15 @@ class Engine:
 
     def _decode(self) -> None:
         batch = list(self._running)
+        draws = self._draws(batch)
         try:
             try:
-                rows = self._decode_batch([c.slot for c in batch], [c.next_token for c in batch])
+                rows = self._decode_batch([c.slot for c in batch], [c.next_token for c in batch],
+                                          draws)
             except ContextFull:
                 # Our length check should prevent this; if the runtime's limit is tighter,
                 # find the full sequences one by one and end them with "length".
-                rows = [self._decode_alone(c) for c in batch]
+                rows = [self._decode_alone(c, d) for c, d in zip(batch, draws, strict=True)]
         except Exception as exc:  # whose fault is unknowable in a batched call: fail them all
             for job in dict.fromkeys(c.job for c in batch):
                 self._fail(job, exc)
@@ -441,7 +450,9 @@ class Engine:
                 else:
                     gaps.append(now - c.t_last)
                     c.t_last = now
-                    out = self._accept(c, c.sampler.sample(row, c.generated))
+                    sample = (device_sample(row) if isinstance(row, RowToken)
+                              else c.sampler.sample(row, c.generated))
+                    out = self._accept(c, sample)
                 outputs.setdefault(job, []).append(out)
             except Exception as exc:
                 outputs.pop(job, None)
@@ -449,6 +460,13 @@ class Engine:
         self._observe("tokens", gaps)
         for job, outs in outputs.items():
             self._send(job, outs)
+
+    def _draws(self, batch: Sequence[Choice]) -> list[RowDraw | None]:
+        """Per choice, how the runtime picks its token on the device, or None: its logits come
+        back for the host (every row where the runtime cannot pick, or a grammar applies)."""
+        if not getattr(self.runtime, "device_sampling", False):
+            return [None] * len(batch)
+        return [c.sampler.row_draw() if c.constraint is None else None for c in batch]
 
     @staticmethod
     def _constrain(choices: Sequence[Choice], rows: Sequence[np.ndarray | None]) -> Sequence[np.ndarray | None]:
@@ -464,9 +482,11 @@ class Engine:
             rows[i] = choices[i].constraint.mask(rows[i], masks[k])
         return rows
 
-    def _decode_batch(self, slots: list[int], ids: list[int]) -> list[np.ndarray]:
-        """One Runtime.decode; with `batch_invariant` a lone sequence gets an idle slot as a
-        padding row (then cut back), so it runs the same kernels as in a batch."""
+    def _decode_batch(self, slots: list[int], ids: list[int], draws: list[RowDraw | None]
+                      ) -> list[np.ndarray | RowToken]:
+        """One Runtime.decode (decode_sampled where a row is picked on the device); with
+        `batch_invariant` a lone sequence gets an idle slot as a padding row (then cut back),
+        so it runs the same kernels as in a batch."""
         pad = None
         if (self.batch_invariant and len(slots) == 1 and self.slots.n_free
                 and not getattr(self.runtime, "batch_invariant", False)):
@@ -474,15 +494,24 @@ class Engine:
             pad_length = self.runtime.length(pad)
             if pad_length >= self.max_length:
                 pad = None
-        if pad is None:
-            return list(self.runtime.decode(slots, ids))
+        on_device = any(d is not None for d in draws)
+        if pad is not None:
+            pad_draw = RowDraw(greedy=True) if on_device else None
+            slots, ids, draws = [*slots, pad], [*ids, ids[0]], [*draws, pad_draw]
         try:
-            return list(self.runtime.decode([*slots, pad], [*ids, ids[0]])[:1])
+            if on_device:
+                rows = self.runtime.decode_sampled(slots, ids, draws)
+            else:
+                rows = list(self.runtime.decode(slots, ids))
         finally:
-            self.runtime.truncate(pad, pad_length)
+            if pad is not None:
+                self.runtime.truncate(pad, pad_length)
+        return rows[:1] if pad is not None else rows
 
-    def _decode_alone(self, c: Choice) -> np.ndarray | None:
+    def _decode_alone(self, c: Choice, draw: RowDraw | None) -> np.ndarray | RowToken | None:
         try:
+            if draw is not None:
+                return self.runtime.decode_sampled([c.slot], [c.next_token], [draw])[0]
             return self.runtime.decode([c.slot], [c.next_token])[0]
         except ContextFull:
             return None

@@ -40,7 +40,7 @@ def system_fingerprint(options: ServeOptions) -> str:
 
     add("llorch", llorch_version())
     add("options", options.provider, options.w8a8, options.batch_invariant, options.cuda_graph,
-        options.max_batch, options.prefill_chunk)
+        options.device_sampling, options.max_batch, options.prefill_chunk)
     model_dir = Path(options.model_dir)
     files = sorted(p for p in model_dir.iterdir() if p.is_file()) if model_dir.is_dir() else []
     for path in files:

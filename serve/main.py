@@ -56,7 +56,8 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
         runtime = open_runtime(options.model_dir, RuntimeOptions(
             provider=options.provider, threads=options.threads, max_batch=options.max_batch,
             max_length=options.max_length, w8a8=options.w8a8, cuda_graph=options.cuda_graph,
-            batch_invariant=options.batch_invariant))
+            batch_invariant=options.batch_invariant,
+            device_sampling=options.runtime_device_sampling))
     except Exception as exc:
         raise _name_weights_file(options.model_dir, exc) from exc
     chunk = options.prefill_chunk or (

@@ -165,6 +165,13 @@ class ServeOptions:
     cuda_graph: bool = _flag(
         False, "--provider cuda: capture decode steps as CUDA graphs (one per batch size) on "
         "the export's static decode graph", action="store_true")
+    # A step then brings token ids to the host instead of batch x vocab fp32 logits (12.6 MB
+    # at 64 streams); rows with a grammar, logit_bias, penalties or over 20 logprobs still
+    # sample on the host. "on" with the CPU provider is how CI runs that path.
+    device_sampling: str = _flag(
+        "auto", "pick decode tokens on the execution provider, right after the logits: auto = "
+        "with --provider cuda, on = with any provider, off = always on the host (default: "
+        "%(default)s)", choices=("auto", "on", "off"))
     responses_store_size: int = _flag(
         1000, "Responses API responses kept in memory for previous_response_id and "
         "GET /v1/responses/{id}, LRU, per process (default: %(default)s; 0: none)", type=int)
@@ -246,7 +253,14 @@ class ServeOptions:
         self._check_scale_out()
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
+        if self.device_sampling not in ("auto", "on", "off"):
+            raise ValueError(f"device_sampling must be auto, on or off, not {self.device_sampling!r}")
 
+
+    @property
+    def runtime_device_sampling(self) -> bool | None:
+        """``device_sampling`` as `RuntimeOptions.device_sampling` takes it (None: auto)."""
+        return {"auto": None, "on": True, "off": False}[self.device_sampling]
 
     @property
     def scale_out(self) -> bool:

@@ -24,6 +24,12 @@ Per decode step, for each request:
   model's distribution renormalised over the tokens the grammar allows. Forbidden tokens
   are left out of the top alternatives, which may then be fewer than asked (as OpenAI
   allows; vLLM lists them at -9999.0).
+- Truncation keeps ties: top-k keeps every logit >= the k-th largest (as Hugging Face), top-p
+  every probability >= the one at which the descending float64 cumulative sum reaches
+  ``top_p``; the draw walks the kept tokens in vocabulary order with float64 sums. That rule
+  (``serve.runtime.interface.RowDraw``) is also the device's (``serve.runtime.device_sampling``):
+  given the same uniform number, both pick the same token up to float rounding at a boundary,
+  and ``Sampler.row_draw`` hands that number over for a runtime to sample on the device.
 
 The vocabulary is ~50k wide and this runs every step, so nothing sorts it: top-k and
 top-p use ``np.argpartition`` and sort only the candidates they keep, and the logits row
@@ -36,6 +42,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from serve.runtime.interface import MAX_DEVICE_LOGPROBS, RowDraw, RowToken
 
 # Below this temperature sampling is argmax (dividing by ~0 only adds overflow risk).
 _GREEDY_TEMPERATURE = 1e-5
@@ -197,14 +205,16 @@ class Sampler:
         return x
 
     def _draw(self, x: np.ndarray) -> int:
-        """temperature → top_k → top_p → min_p → one draw from the kept candidates."""
+        """temperature → top_k → top_p → min_p → one draw from the kept candidates, in
+        vocabulary order (the rule `serve.runtime.interface.RowDraw` states, which the
+        device graph follows too)."""
         params = self.params
         vocab = x.shape[-1]
-        # `ids` are the candidate token ids (None: the whole vocabulary, in order) and `w`
+        # `ids` are the candidate token ids, ascending (None: the whole vocabulary) and `w`
         # their unnormalised probabilities.
         ids: np.ndarray | None = None
         if 0 < params.top_k < vocab:
-            ids = _top_indices(x, params.top_k)
+            ids = _top_k_ids(x, params.top_k)
             x = x[ids]
         # Temperature only rescales; top-k's choice does not depend on it, so it runs on
         # the (few) candidates only.
@@ -224,6 +234,20 @@ class Sampler:
         i = _inverse_cdf(w, self._rng.random())
         return int(i if ids is None else ids[i])
 
+    def row_draw(self) -> RowDraw | None:
+        """This step's token as a `RowDraw` a runtime can pick on the device, or None where
+        only `sample` can (logit_bias and penalties need the host). A sampled (not greedy)
+        draw takes its uniform number from this sampler's generator now, as `sample` would."""
+        p = self.params
+        if (self._bias_ids.size or self._repetition or self._penalize
+                or (p.logprobs or 0) > MAX_DEVICE_LOGPROBS):
+            return None
+        if p.greedy:
+            return RowDraw(greedy=True, logprobs=p.logprobs)
+        return RowDraw(greedy=False, inv_temperature=float(np.float32(1.0 / p.temperature)),
+                       top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, u=self._rng.random(),
+                       logprobs=p.logprobs)
+
 
 # Candidate sets are found by partitioning, and cumulative sums are taken block-wise: a
 # cumsum (or an argsort) over the whole 50k vocabulary costs more than the rest of a
@@ -232,7 +256,17 @@ _BLOCK = 1024
 
 
 def _top_indices(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest entries of ``x``, in no particular order.
+    """Indices of the ``k`` largest entries of ``x``, in no particular order (ties broken
+    arbitrarily; `_top_k_ids` keeps them)."""
+    cand = _top_candidates(x, k)
+    if cand.size > k:
+        cand = cand[np.argpartition(x[cand], cand.size - k)[cand.size - k :]]
+    return cand
+
+
+def _top_candidates(x: np.ndarray, k: int) -> np.ndarray:
+    """Ascending indices of a few entries of ``x`` that hold its ``k`` largest and every
+    entry equal to the k-th largest (all of them for short rows).
 
     The k-th largest of a strided subsample is a threshold that at least k entries of
     ``x`` pass (the subsample's own top k do), and only ~stride * k do, so the exact
@@ -241,26 +275,33 @@ def _top_indices(x: np.ndarray, k: int) -> np.ndarray:
     n = x.shape[-1]
     stride = min(16, n // (4 * k))
     if stride < 2:
-        return np.argpartition(x, n - k)[n - k :]
+        return np.arange(n)
     sample = x[::stride]
     threshold = np.partition(sample, sample.size - k)[sample.size - k]
-    cand = np.flatnonzero(x >= threshold)
-    if cand.size > k:
-        cand = cand[np.argpartition(x[cand], cand.size - k)[cand.size - k :]]
-    return cand
+    return np.flatnonzero(x >= threshold)
+
+
+def _top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """Ascending ids of every entry of ``x`` >= its k-th largest: the k largest, and ties
+    with the last of them (as Hugging Face's TopKLogitsWarper keeps them)."""
+    cand = _top_candidates(x, k)
+    vals = x[cand]
+    kth = np.partition(vals, vals.size - k)[vals.size - k]
+    return cand[vals >= kth]
 
 
 def _inverse_cdf(w: np.ndarray, u: float) -> int:
-    """Index i where the cumulative sum of ``w`` (>= 0, not all 0) first exceeds
+    """Index i where the float64 cumulative sum of ``w`` (>= 0, not all 0) first exceeds
     ``u * w.sum()``, for u in [0, 1): always an entry with positive weight."""
     n = w.shape[-1]
     base = 0
     if n > 2 * _BLOCK:
         # The total comes from the same block sums that are searched, so the target is
         # always inside the last block's range and lands on a block with positive mass.
-        block_cdf = np.cumsum(np.add.reduceat(w, np.arange(0, n, _BLOCK)), dtype=np.float64)
+        block_cdf = np.cumsum(np.add.reduceat(w, np.arange(0, n, _BLOCK), dtype=np.float64))
         target = u * block_cdf[-1]
         b = int(np.searchsorted(block_cdf, target, side="right"))
+        b = min(b, block_cdf.size - 1)
         if b:
             target -= block_cdf[b - 1]
         base = b * _BLOCK
@@ -276,24 +317,28 @@ def _inverse_cdf(w: np.ndarray, u: float) -> int:
 
 
 def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
-    """Indices of the smallest most-likely set of ``w`` whose mass reaches ``top_p``.
+    """Ascending indices of every ``w`` >= the value, in descending order, at which the
+    float64 cumulative sum first reaches ``top_p`` of the (float64) total: the smallest
+    most-likely set of that mass, and ties with its last value.
 
     Tries the exact top 64, then the top 1024 (most nuclei are small); only a wider
-    nucleus pays for a full sort — of values, not indices, so entries tied with the last
-    kept value are kept too.
+    nucleus pays for a full sort.
     """
     n = w.shape[-1]
-    target = top_p * float(w.sum())
+    target = top_p * float(w.sum(dtype=np.float64))
     for k in (64, _BLOCK):
         if k * 4 > n:
             break
         cand = _top_indices(w, k)
-        if float(w[cand].sum(dtype=np.float64)) >= target:
-            cand = cand[np.argsort(w[cand], kind="stable")[::-1]]
-            cut = int(np.searchsorted(np.cumsum(w[cand], dtype=np.float64), target)) + 1
-            return cand[:cut]
+        desc = np.sort(w[cand])[::-1]
+        j = int(np.searchsorted(np.cumsum(desc, dtype=np.float64), target))
+        if j < k:
+            if desc[j] == desc[-1]:  # ties with it may lie outside the candidates
+                return np.flatnonzero(w >= desc[j])
+            return np.sort(cand[w[cand] >= desc[j]])
     desc = np.sort(w)[::-1]
-    return np.flatnonzero(w >= desc[_inverse_cdf(desc, top_p)])
+    j = min(int(np.searchsorted(np.cumsum(desc, dtype=np.float64), target)), n - 1)
+    return np.flatnonzero(w >= desc[j])
 
 
 def finite_scores(x: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
@@ -318,6 +363,15 @@ def finite_scores(x: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarr
     out = np.full_like(x, -np.inf)
     out[0] = 0.0
     return out
+
+
+def device_sample(row: RowToken) -> Sample:
+    """A token a runtime picked (`RowToken`) as a `Sample`: logprobs floored, -inf
+    alternatives left out, as `token_logprobs` reports them."""
+    if row.logprob is None:
+        return Sample(row.token)
+    top = tuple((t, floor_logprob(v)) for t, v in row.top or () if v > -np.inf)
+    return Sample(row.token, floor_logprob(row.logprob), top)
 
 
 def floor_logprob(value: float) -> float:

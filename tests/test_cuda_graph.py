@@ -20,12 +20,13 @@ from export.config import ExportError, LlamaConfig
 from export.sources import open_source
 from export.verify import reference_logits
 from serve.model_dir import load_model_info
-from serve.runtime import ProviderError, Runtime, RuntimeOptions, open_runtime
+from serve.runtime import ProviderError, RowDraw, Runtime, RuntimeOptions, open_runtime
 from serve.runtime.cuda import (
     CudaRuntime,
     DeviceCopier,
     binding_plan,
     cuda_provider_options,
+    graph_sizes,
     identity_model,
 )
 
@@ -246,3 +247,40 @@ def test_static_decode_graph_has_nothing_ort_would_put_on_the_cpu(cuda_dirs, pre
                  if e.key == "location"}
     assert locations == {"model.onnx.data"}
     assert not (d / "model_decode_static.onnx.data").exists()
+
+
+def test_graph_sizes():
+    assert graph_sizes(1) == [1]
+    assert graph_sizes(5) == [1, 2, 4, 5]
+    assert graph_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graph_sizes(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_captured_steps_pad_to_captured_sizes(cuda_dirs):
+    """3 sequences run as a captured step of 4 (then 2 of 6 as 2, 5 as 8): the padding rows'
+    sequences keep their KV and lengths (their next logits equal an unpadded runtime's), and a
+    full sequence in a padding row turns the padding off for that step."""
+    d = cuda_dirs["fp16"]
+    prompts = [_ids(n, seed=n) for n in (4, 15, 33, 7, 9, 12)]
+
+    def script(rt):
+        out = [rt.prefill(j, p) for j, p in enumerate(prompts)]
+        for k, order in enumerate([[0, 1, 2], [3, 4, 5], [5, 0, 3, 1, 2], [4, 1], [2, 3, 4, 5, 0]]):
+            out.extend(rt.decode(order, [11 + k + j for j in order]))
+        rt.prefill(5, _ids(40 - rt.length(5), seed=1))  # slot 5 is full now
+        out.extend(rt.decode([0, 1, 2], [3, 4, 5]))
+        out.extend(rt.decode([3, 4], [6, 7]))
+        return np.stack(out)
+
+    ref = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=6, max_length=40),
+                      device="cpu")
+    want = script(ref)
+    rt = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=6, max_length=40,
+                                                        cuda_graph=True), device="cpu")
+    assert rt._graph_sizes == [1, 2, 4, 6]
+    got = script(rt)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert sorted(rows for (_, rows, decode) in rt._calls if decode) == [2, 3, 4, 6]
+    # tokens picked on the device from a padded step: one a sequence, padding rows dropped
+    picked = rt.decode_sampled([1, 2, 3], [9, 9, 9], [RowDraw(greedy=True)] * 3)
+    assert [p.token for p in picked] == np.argmax(ref.decode([1, 2, 3], [9, 9, 9]), -1).tolist()

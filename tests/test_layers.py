@@ -33,6 +33,7 @@ LAYERS = {
     "serve.prefix_cache": ENGINE,
     # runtime: ONNX Runtime sessions and KV slots, and the model directory they read
     "serve.runtime": RUNTIME, "serve.model_dir": RUNTIME,
+    "serve.runtime.device_sampling": RUNTIME,  # token choice on the device (an ONNX graph)
     # leaves any layer may use: text utilities, the error types and their SSE framing
     "serve.tokenizer": LEAF, "serve.chat_template": LEAF, "serve.token_bytes": LEAF,
     "serve.detokenizer": LEAF, "serve.stops": LEAF, "serve.parsers": LEAF,

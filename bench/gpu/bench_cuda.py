@@ -9,8 +9,10 @@ Stages (the JSON is rewritten after each, so a late failure keeps the earlier nu
   parity    each cuda export through CudaRuntime: same greedy tokens? logits within tolerance?
             the 4 prompts decoded as one batch give the same tokens as alone?
   speed     batch-1 decode tok/s; TTFT for 1000/4000-token prompts (one prefill call, and in
-            512-token chunks as the server does); aggregate decode tok/s at 1/8/32/64 streams
-            (one Runtime.decode call over all streams per step, host argmax included)
+            512-token chunks as the server does); aggregate decode tok/s at 1/8/32/64/128 streams
+            (one Runtime.decode call over all streams per step, host argmax included), and
+            beside it the token choice on the device (greedy; temperature 0.8 + top-p 0.95
+            against the host Sampler with the same settings)
   graph     the same decode numbers with CUDA graph capture (enable_cuda_graph), or its error
 
 ``--provider cpu --device cpu`` runs every stage on the CPU (a dry run for CI machines).
@@ -81,6 +83,12 @@ def reference(work: Path, n_tokens: int) -> dict:
     res = [greedy(rt, p, n_tokens, set(eos_ids(work / "cpu-fp32"))) for p in ids]
     np.save(work / "ref-logits0.npy", np.stack([r[1] for r in res]))
     return {"ids": ids, "tokens": [r[0] for r in res]}
+
+
+def open_vocab(model: Path) -> int:
+    from serve.model_dir import load_model_info
+
+    return load_model_info(model).vocab_size
 
 
 def runtime(model: Path, args, **kw):
@@ -178,18 +186,54 @@ def speed(model: Path, args, *, cuda_graph: bool = False) -> dict:
     rt = None  # free the KV buffers before the batched runtimes allocate theirs
 
     def aggregate(streams: int) -> dict:
-        rt = runtime(model, args, max_batch=streams, max_length=512, cuda_graph=cuda_graph)
-        slots = list(range(streams))
-        last = [rt.prefill(s, list(map(int, rng.integers(100, 40000, 64)))) for s in slots]
-        toks = [int(np.argmax(x)) for x in last]
-        for _ in range(8):
-            toks = [int(t) for t in np.argmax(rt.decode(slots, toks), axis=-1)]
-        t0 = time.perf_counter()
-        for _ in range(args.agg_steps):
-            toks = [int(t) for t in np.argmax(rt.decode(slots, toks), axis=-1)]
-        dt = time.perf_counter() - t0
-        return {"tok_s": streams * args.agg_steps / dt, "ms_per_step": 1000 * dt / args.agg_steps,
-                "logits_bytes_per_step": streams * rt.info.vocab_size * 4}
+        """Decode steps over ``streams`` slots; the token choice four ways: argmax of the logits
+        on the host (the engine's greedy path without device sampling: the top-level figures),
+        the sampling graph's greedy on the device, the host Sampler (temperature 0.8, top-p
+        0.95) and the same settings on the device (`decode_sampled`, a seeded uniform a row)."""
+        from serve.runtime import RowDraw
+        from serve.sampling import Sampler, SamplingParams
+
+        sampled = SamplingParams(temperature=0.8, top_p=0.95, seed=0)
+        prompts = [list(map(int, rng.integers(100, 40000, 64))) for _ in range(streams)]
+
+        def steps(device: bool, choose) -> dict:
+            rt = runtime(model, args, max_batch=streams, max_length=512, cuda_graph=cuda_graph,
+                         device_sampling=device)
+            slots = list(range(streams))
+            toks = [int(np.argmax(rt.prefill(s, p))) for s, p in zip(slots, prompts, strict=True)]
+            for _ in range(8):  # warm-up (and graph capture)
+                toks = choose(rt, slots, toks)
+            t0 = time.perf_counter()
+            for _ in range(args.agg_steps):
+                toks = choose(rt, slots, toks)
+            dt = time.perf_counter() - t0
+            return {"tok_s": streams * args.agg_steps / dt, "ms_per_step": 1000 * dt / args.agg_steps}
+
+        def host_argmax(rt, slots, toks):
+            return [int(t) for t in np.argmax(rt.decode(slots, toks), axis=-1)]
+
+        def device_greedy(rt, slots, toks):
+            return [r.token for r in rt.decode_sampled(slots, toks, [RowDraw(greedy=True)] * len(slots))]
+
+        samplers = [Sampler(sampled, seed_offset=j) for j in range(streams)]
+
+        def host_sampled(rt, slots, toks):
+            return [s.sample(row).token for s, row in zip(samplers, rt.decode(slots, toks), strict=True)]
+
+        def device_sampled(rt, slots, toks):
+            return [r.token for r in rt.decode_sampled(slots, toks, [s.row_draw() for s in samplers])]
+
+        out = steps(False, host_argmax)
+        out["logits_bytes_per_step"] = streams * 4 * open_vocab(model)
+        for name, device, fn in (("device_greedy", True, device_greedy),
+                                 ("host_sampled", False, host_sampled),
+                                 ("device_sampled", True, device_sampled)):
+            _attempt(out, name, lambda d=device, f=fn: steps(d, f))
+        for name in ("device_greedy", "device_sampled"):
+            base = out if name == "device_greedy" else out.get("host_sampled", {})
+            if "tok_s" in out.get(name, {}) and "tok_s" in base:
+                out[f"{name}_over_host"] = out[name]["tok_s"] / base["tok_s"]
+        return out
 
     agg: dict = {}
     for streams in args.streams:
@@ -209,7 +253,7 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=256)
     ap.add_argument("--agg-steps", type=int, default=128)
     ap.add_argument("--ttft", default="1000,4000")
-    ap.add_argument("--streams", default="1,8,32,64")
+    ap.add_argument("--streams", default="1,8,32,64,128")
     ap.add_argument("--skip-export", action="store_true")
     args = ap.parse_args()
     args.ttft = [int(x) for x in args.ttft.split(",") if x]

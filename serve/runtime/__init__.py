@@ -22,12 +22,14 @@ from serve.runtime.interface import (
     W8A8_MODES,
     ContextFull,
     ProviderError,
+    RowDraw,
+    RowToken,
     Runtime,
     RuntimeOptions,
 )
 
-__all__ = ["W8A8_MODES", "ContextFull", "ProviderError", "Runtime", "RuntimeOptions",
-           "open_runtime"]
+__all__ = ["W8A8_MODES", "ContextFull", "ProviderError", "RowDraw", "RowToken", "Runtime",
+           "RuntimeOptions", "open_runtime"]
 
 
 def open_runtime(model_dir: Path | str, options: RuntimeOptions | None = None) -> Runtime:
@@ -42,8 +44,9 @@ def open_runtime(model_dir: Path | str, options: RuntimeOptions | None = None) -
     Raises:
         ModelDirError: the directory is not a usable model directory.
         ProviderError: this onnxruntime build lacks ``options.provider``.
-        ValueError: ``options.max_length`` exceeds the export's, or ``options.cuda_graph``
-            where decode does not run on CUDA or the export has no static decode graph.
+        ValueError: ``options.max_length`` exceeds the export's, ``options.cuda_graph``
+            where decode does not run on CUDA or the export has no static decode graph, or
+            ``options.device_sampling`` True for an export without shared KV buffers.
     """
     # the classes import onnxruntime: only here, so `serve.options` stays cheap to import
     from serve.runtime.cuda import CudaRuntime
@@ -66,4 +69,7 @@ def open_runtime(model_dir: Path | str, options: RuntimeOptions | None = None) -
         resolve_providers(options.provider)  # an unavailable provider: ProviderError says so
         raise ValueError(f"{model_dir}: cuda_graph needs --provider cuda and a GroupQueryAttention "
                          f"export (provider {options.provider}, {cls.__name__})")
+    if options.device_sampling and cls not in (CudaRuntime, HostRuntime):
+        raise ValueError(f"{model_dir}: device sampling needs a GroupQueryAttention export "
+                         f"({cls.__name__} returns logits)")
     return cls(info, options)

@@ -9,6 +9,10 @@ only the last position's fp32 logits come down::
     host ── input_ids [b, 1], attention_mask [b, L] ──►  GPU: graph, KV rows 0..b-1 in place
     host ◄──────────── logits [b, 1, vocab] (fp32) ─────  GPU
 
+or, with device sampling (the default here: ``decode_sampled``), the logits stay on the GPU
+for the token-choice graph (``serve.runtime.device_sampling``) and only token ids [b] (and the
+logits of rows the host must sample) come down.
+
 Decoded sequences are moved so slot ``slots[j]`` sits in row ``j`` (as in every
 ``SharedKVRuntime``); moves and ``copy_slot`` are device-to-device copies through a tiny
 Identity graph (``DeviceCopier``).
@@ -16,7 +20,8 @@ Identity graph (``DeviceCopier``).
 CUDA graph capture (``cuda_graph=True``, ORT's ``enable_cuda_graph``) needs fixed shapes and
 addresses: decode masks then span the whole buffer (GroupQueryAttention reads each row's
 length from the mask's sum, the width only sizes the buffer), ids, mask and logits live in
-fixed device buffers per batch size, and each batch size is captured once (``gpu_graph_id``).
+fixed device buffers per batch size, and each batch size is captured once (``gpu_graph_id``):
+1, 2, 4 and multiples of 8 (``graph_sizes``); other batches run padded to the next of those.
 Decode steps then run on the export's static decode graph (``model_decode_static.onnx``: no
 shape arithmetic or logits slice, which ORT would place on the CPU and so refuse to capture)
 in a second session; prefill runs uncaptured on the main graph, over the same KV buffers.
@@ -39,6 +44,13 @@ _ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}
 
 
 # -- the binding plan (pure: what goes where; tested on CPU) -----------------------------------
+
+
+def graph_sizes(n_slots: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, every multiple of 8 and ``n_slots``
+    (vLLM's scheme); a step of b sequences runs at the smallest size >= b, with padding rows,
+    so a scheduler whose batch moves through every size captures a few graphs, not one each."""
+    return sorted({s for s in (1, 2, 4) if s < n_slots} | set(range(8, n_slots, 8)) | {n_slots})
 
 
 @dataclass(frozen=True)
@@ -153,13 +165,16 @@ class DeviceCopier:
 
 class CudaRuntime(SharedKVRuntime):
     """KV rows on the device, bound by pointer (module docstring). ``device`` "cpu" runs the
-    same pointer-bound plan on host memory, which is how CI tests it without a GPU.
+    same pointer-bound plan on host memory, which is how CI tests it without a GPU. Decode
+    tokens are picked on the device unless ``options.device_sampling`` is False.
 
     Raises:
         ProviderError: this onnxruntime build lacks ``options.provider``.
         RuntimeError: the CUDA provider is listed but did not load (missing libraries).
         ValueError: ``options.cuda_graph`` on an export without the static decode graph.
     """
+
+    samples_on_device = True
 
     def __init__(self, info: ModelInfo, options: RuntimeOptions, *, device: str = "cuda",
                  device_id: int = 0) -> None:
@@ -176,6 +191,7 @@ class CudaRuntime(SharedKVRuntime):
         # Decode steps run on the export's static decode graph, captured once per batch size
         # (every node on the GPU, fixed shapes: the mask spans the whole cache).
         self._cuda_graph = self._full_mask = options.cuda_graph
+        self._graph_sizes = graph_sizes(self.n_slots)
         self.decode_session = self.session
         if options.cuda_graph:
             if info.cuda_graph_file is None:
@@ -201,6 +217,12 @@ class CudaRuntime(SharedKVRuntime):
     def _with_options(self, providers: list, *, cuda_graph: bool = False) -> list:
         return [(p, cuda_provider_options(device_id=self._device_id, cuda_graph=cuda_graph))
                 if p == "CUDAExecutionProvider" else p for p in providers]
+
+    def _step_rows(self, b: int) -> int:
+        """Captured decode steps run at the next captured size (`graph_sizes`)."""
+        if not self._cuda_graph:
+            return b
+        return next(s for s in self._graph_sizes if s >= b)
 
     # -- buffers -----------------------------------------------------------------------------
     def _alloc(self, shape, dtype) -> ort.OrtValue:
@@ -236,8 +258,10 @@ class CudaRuntime(SharedKVRuntime):
                 bind(b.name, self._device, self._device_id, self.kv_dtype, list(b.shape),
                      self._ptr(b.buffer, b.first_row))
         if not device_io:
-            io.bind_output("logits")
-            return Call(io, session)
+            # picked on the device, decode logits stay there
+            on = (self._device, self._device_id) if decode and self.device_sampling else ("cpu", 0)
+            io.bind_output("logits", *on)
+            return Call(io, session, logits_on=on)
         ids, mask, logits = self._device_inputs(rows)
         io.bind_ortvalue_input("input_ids", ids)
         io.bind_ortvalue_input("attention_mask", mask)
@@ -260,6 +284,9 @@ class CudaRuntime(SharedKVRuntime):
         if call.device is None:
             return super()._logits(call)
         return call.device[2].numpy()[:, 0].copy()
+
+    def _logits_value(self, call: Call) -> ort.OrtValue:
+        return super()._logits_value(call) if call.device is None else call.device[2]
 
     # -- moving rows on the device ------------------------------------------------------------
     def _copy_rows(self, pairs: Sequence[tuple[int, int]]) -> None:

@@ -45,6 +45,9 @@ class RuntimeOptions:
             the int4 graph (better answers: KL to fp32 0.0030 vs 0.0055).
         coreml_cache_dir: static (CoreML) exports: where compiled models are kept (None:
             `~/.cache/llorch/coreml/<export>`).
+        device_sampling: pick decode tokens on the execution provider, after the logits
+            (`Runtime.decode_sampled`, `serve.runtime.device_sampling`): None = where decode
+            runs on CUDA; True also on the CPU provider (how CI runs that path).
 
     Raises:
         ValueError: `w8a8` is not one of `W8A8_MODES`.
@@ -58,12 +61,64 @@ class RuntimeOptions:
     cuda_graph: bool = False
     coreml_cache_dir: Path | None = None
     batch_invariant: bool = False
+    device_sampling: bool | None = None
 
     def __post_init__(self) -> None:
         mode = "all" if self.w8a8 is True else "off" if self.w8a8 in (False, None) else self.w8a8
         if mode not in W8A8_MODES:
             raise ValueError(f"w8a8 must be one of {W8A8_MODES}, got {self.w8a8!r}")
         object.__setattr__(self, "w8a8", mode)
+
+
+# The most top alternatives `RowDraw.logprobs` may ask for (OpenAI chat's top_logprobs limit).
+MAX_DEVICE_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class RowDraw:
+    """How `Runtime.decode_sampled` picks one row's next token in the runtime.
+
+    The rule is the CPU sampler's (`serve.sampling.Sampler`) for a request without logit_bias,
+    penalties or grammar: greedy is the first index of the largest logit; otherwise
+    ``w = exp((x - max x) * inv_temperature)`` over the tokens that survive top-k (every logit
+    >= the k-th largest), top-p (every ``w`` >= the first value, in descending order, at which
+    the float64 cumulative sum reaches ``top_p`` of the total) and min-p (``w >= min_p``), then
+    the first token, in vocabulary order, whose float64 cumulative ``w`` exceeds ``u`` times
+    the kept total. NaN logits count as -inf, +inf as the float32 maximum, and a row with no
+    finite logit picks token 0.
+
+    Attributes:
+        greedy: argmax; the other fields but ``logprobs`` are ignored.
+        inv_temperature: float32 ``1 / temperature``.
+        top_k: keep the ``top_k`` largest logits (and ties); 0 = off.
+        top_p: nucleus mass in (0, 1]; 1 = off.
+        min_p: in [0, 1]; 0 = off.
+        u: the uniform draw in [0, 1) (the host's seeded generator, so seeds reproduce).
+        logprobs: None, or how many top alternatives (at most `MAX_DEVICE_LOGPROBS`) to return
+            with the chosen token's logprob.
+    """
+
+    greedy: bool
+    inv_temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    u: float = 0.0
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class RowToken:
+    """A token picked by `Runtime.decode_sampled`.
+
+    ``logprob`` (the log-softmax of the raw logits at ``token``) and ``top`` ((token, logprob)
+    pairs, most likely first, ``RowDraw.logprobs`` of them, -inf entries included) are None
+    unless the row asked for logprobs; the engine floors them for JSON.
+    """
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None
 
 
 @runtime_checkable
@@ -82,6 +137,9 @@ class Runtime(Protocol):
     # False where a one-row step takes other kernels (the engine's `batch_invariant` then
     # pads a lone decode to two rows).
     batch_invariant: bool
+    # True where `decode_sampled` picks tokens in the runtime (on the device, after the
+    # logits) instead of bringing every row's logits to the host.
+    device_sampling: bool
 
     def length(self, slot: int) -> int:
         """Tokens ``slot`` holds."""
@@ -122,6 +180,21 @@ class Runtime(Protocol):
         Raises:
             ContextFull: a slot is full (nothing is appended then).
             ValueError: ``slots`` and ``ids`` differ in length.
+        """
+        ...
+
+    def decode_sampled(self, slots: Sequence[int], ids: Sequence[int],
+                       draws: Sequence[RowDraw | None]) -> list[RowToken | np.ndarray]:
+        """`decode`, with the next token of row ``j`` picked in the runtime where ``draws[j]``
+        says how (`RowDraw`); only the rows whose ``draws[j]`` is None bring their logits to
+        the host. Only where ``device_sampling`` is True.
+
+        Returns:
+            per row, a `RowToken` or (``draws[j]`` None) float32 logits ``[vocab]``.
+        Raises:
+            ContextFull: as `decode` (nothing is appended then).
+            ValueError: ``slots``, ``ids`` and ``draws`` differ in length.
+            NotImplementedError: ``device_sampling`` is False.
         """
         ...
 

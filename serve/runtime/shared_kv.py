@@ -11,12 +11,18 @@ callers; rows move).
     _bind(first_row, rows, decode) -> Call   an IO binding with those KV rows bound in place
     _run(call, ids, mask)                    feed ids [rows, seq] and mask [rows, width], run
     _logits(call) -> [rows, vocab] float32   the logits after each row's last token
+    _logits_value(call) -> OrtValue          the same, [rows, seq, vocab], where ORT left them
+
+With device sampling (`RuntimeOptions.device_sampling`) `decode_sampled` hands the logits
+OrtValue to a `serve.runtime.device_sampling.DeviceSampler` on the same providers, which
+returns token ids (and only the rows it is not asked to pick as logits).
 
 `HostRuntime` keeps the KV in host memory (numpy); `serve.runtime.cuda.CudaRuntime` on the GPU.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,10 +30,12 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.model_dir import ModelInfo
-from serve.runtime.interface import RuntimeOptions
+from serve.runtime.interface import RowDraw, RowToken, RuntimeOptions
 from serve.runtime.kv_memory import KVBuffers
 from serve.runtime.session import kv_dtype, open_w8a8_session, resolve_providers, session_options
 from serve.runtime.slots import SlotRuntime, with_max_length
+
+log = logging.getLogger("llorch.runtime")
 
 
 @dataclass
@@ -35,8 +43,9 @@ class Call:
     """One cached IO binding: the session it runs and where its logits land.
 
     ``logits`` is a host buffer ``[rows, 1, vocab]`` when the graph's ``num_logits_to_keep``
-    is pinned to 1, else None (ORT allocates ``[rows, seq, vocab]`` each run). ``device``
-    holds the fixed (ids, mask, logits) device buffers of a captured CUDA graph.
+    is pinned to 1, else None (ORT allocates ``[rows, seq, vocab]`` each run, on
+    ``logits_on``: (device type, id)). ``device`` holds the fixed (ids, mask, logits) device
+    buffers of a captured CUDA graph.
     """
 
     io: ort.IOBinding
@@ -44,6 +53,7 @@ class Call:
     logits: np.ndarray | None = None
     device: tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue] | None = None
     run_options: ort.RunOptions | None = None
+    logits_on: tuple[str, int] = ("cpu", 0)
 
 
 class SharedKVRuntime(SlotRuntime):
@@ -78,6 +88,32 @@ class SharedKVRuntime(SlotRuntime):
         self._row = list(range(self.n_slots))  # slot -> physical row
         self._calls: dict[tuple[int, int, bool], Call] = {}
         self._full_mask = False  # decode masks span the whole cache (captured CUDA graphs)
+        self._sampler = None
+        if options.device_sampling if options.device_sampling is not None else self.samples_on_device:
+            self._open_sampler(info, options, providers)
+
+    # Where `RuntimeOptions.device_sampling` is None (auto): whether tokens are picked on the
+    # device (where the logits would otherwise cross a bus).
+    samples_on_device = False
+
+    def _open_sampler(self, info: ModelInfo, options: RuntimeOptions, providers: list) -> None:
+        """The token-choice graphs, built and run once now: a provider that cannot run them
+        fails here, not mid-request. Asked for (``device_sampling`` True) that is an error;
+        by default (auto) a warning, and tokens are picked on the host."""
+        from serve.runtime.device_sampling import DeviceSampler  # imports onnx: only here
+
+        where = self.session.get_providers()[0]
+        try:
+            sampler = DeviceSampler(info.vocab_size, providers, options.threads)
+            sampler.check()
+        except Exception as exc:
+            if options.device_sampling:
+                raise
+            log.warning("device sampling off: the token-choice graph failed on %s (%s); "
+                        "decode tokens are picked on the host", where, exc)
+            return
+        self._sampler, self.device_sampling = sampler, True
+        log.info("device sampling: decode tokens are picked on %s, after the logits", where)
 
     # -- the hooks ---------------------------------------------------------------------------
     def _bind(self, first_row: int, rows: int, decode: bool) -> Call:
@@ -85,7 +121,7 @@ class SharedKVRuntime(SlotRuntime):
 
     def _run(self, call: Call, ids: np.ndarray, mask: np.ndarray) -> None:
         if call.logits is None:
-            call.io.bind_output("logits")  # ORT sizes it: [rows, seq, vocab]
+            call.io.bind_output("logits", *call.logits_on)  # ORT sizes it: [rows, seq, vocab]
         call.io.bind_cpu_input("input_ids", ids)
         call.io.bind_cpu_input("attention_mask", mask)
         call.session.run_with_iobinding(call.io)
@@ -95,6 +131,11 @@ class SharedKVRuntime(SlotRuntime):
             return call.logits[:, 0].copy()
         out = call.io.get_outputs()[-1].numpy()  # [rows, seq, vocab]
         return np.ascontiguousarray(out[:, -1], dtype=np.float32)
+
+    def _logits_value(self, call: Call) -> ort.OrtValue:
+        if call.logits is not None:
+            return ort.OrtValue.ortvalue_from_numpy(call.logits)  # no copy
+        return call.io.get_outputs()[-1]
 
     # -- prefill and decode ------------------------------------------------------------------
     def _call(self, first_row: int, rows: int, decode: bool) -> Call:
@@ -123,6 +164,29 @@ class SharedKVRuntime(SlotRuntime):
 
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
         """One token per slot in a single ORT call; float32 logits [len(slots), vocab]."""
+        call = self._decode_step(slots, ids)
+        logits = self._logits(call)
+        return logits if len(logits) == len(slots) else logits[: len(slots)]
+
+    def decode_sampled(self, slots: Sequence[int], ids: Sequence[int],
+                       draws: Sequence[RowDraw | None]) -> list[RowToken | np.ndarray]:
+        """`decode`, then the token-choice graph on the logits where they are
+        (`serve.runtime.Runtime.decode_sampled`)."""
+        if self._sampler is None:
+            raise NotImplementedError("device sampling is off (RuntimeOptions.device_sampling)")
+        if len(draws) != len(slots):
+            raise ValueError("decode_sampled needs one draw (or None) per slot")
+        logits = self._logits_value(self._decode_step(slots, ids))
+        pad = [RowDraw(greedy=True)] * (logits.shape()[0] - len(slots))  # padding rows
+        return self._sampler.sample(logits, [*draws, *pad])[: len(slots)]
+
+    def _step_rows(self, b: int) -> int:
+        """Rows a decode step of ``b`` sequences runs (`CudaRuntime` pads captured steps)."""
+        return b
+
+    def _decode_step(self, slots: Sequence[int], ids: Sequence[int]) -> Call:
+        """One token per slot in a single ORT call; returns the call holding the logits, one
+        row per slot, then any padding rows (`_step_rows`)."""
         b = len(slots)
         if b != len(ids):
             raise ValueError("decode needs one token id per slot")
@@ -130,15 +194,25 @@ class SharedKVRuntime(SlotRuntime):
             self._check_room(s, 1)
         self._gather_rows(slots)
         lengths = [self._lengths[s] for s in slots]
+        rows = self._step_rows(b)
+        if rows > b:
+            # Padding rows are the next rows' sequences: each writes one position past its
+            # length, which nothing reads (its next prefill or decode writes there first),
+            # and its length stays. A full sequence has no such position: no padding then.
+            owner = {r: s for s, r in enumerate(self._row)}
+            pad = [self._lengths[owner[r]] for r in range(b, rows)]
+            rows, lengths = (b, lengths) if max(pad) >= self.info.max_length else (rows, lengths + pad)
         width = self.info.max_length if self._full_mask else max(lengths) + 1
-        mask = np.zeros((b, width), np.int64)
+        mask = np.zeros((rows, width), np.int64)
         for j, n in enumerate(lengths):
             mask[j, : n + 1] = 1
-        call = self._call(0, b, decode=True)
-        self._run(call, np.asarray(ids, np.int64).reshape(b, 1), mask)
+        tokens = np.zeros((rows, 1), np.int64)
+        tokens[:b, 0] = ids
+        call = self._call(0, rows, decode=True)
+        self._run(call, tokens, mask)
         for s in slots:
             self._lengths[s] += 1
-        return self._logits(call)
+        return call
 
     # -- emptying and moving rows -------------------------------------------------------------
     def reset(self, slot: int) -> None:

@@ -35,6 +35,9 @@ class SlotRuntime:
     # step or prefill chunk (`serve.runtime.Runtime.batch_invariant`); runtimes that know
     # their graphs to be say so.
     batch_invariant = False
+    # Whether `decode_sampled` picks tokens in the runtime (`serve.runtime.Runtime`); runtimes
+    # that can say so.
+    device_sampling = False
 
     def __init__(self, info: ModelInfo, n_slots: int, kv_dtype: type) -> None:
         self.info = info
@@ -53,6 +56,14 @@ class SlotRuntime:
             raise ValueError(f"cannot truncate slot {slot} of length {self._lengths[slot]} "
                              f"to {length}")
         self._lengths[slot] = length
+
+    def decode_sampled(self, slots: Sequence[int], ids: Sequence[int], draws: Sequence) -> list:
+        """Only runtimes whose ``device_sampling`` is True pick tokens (`Runtime.decode_sampled`).
+
+        Raises:
+            NotImplementedError: always, here.
+        """
+        raise NotImplementedError(f"{type(self).__name__} returns logits: sample on the host")
 
     def kv_bytes(self) -> int:
         """Bytes preallocated for the KV cache of all slots."""
