@@ -391,7 +391,8 @@ def token_logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tu
 
     Returns:
         (the chosen token's logprob, ((token id, logprob), ...) the top ``k`` most likely
-        first, -inf entries left out); every logprob at least ``LOGPROB_FLOOR``.
+        first, equal ones by token id, -inf entries left out); every logprob at least
+        ``LOGPROB_FLOOR``.
     """
     m = raw.max()
     with np.errstate(over="ignore"):  # -huge - huge → -inf → exp 0: harmless
@@ -402,6 +403,6 @@ def token_logprobs(raw: np.ndarray, token: int, k: int) -> tuple[float, tuple[tu
     if k == 0:
         return chosen, ()
     vocab = raw.shape[-1]
-    top = _top_indices(raw, k) if k < vocab else np.arange(vocab)
-    top = top[np.argsort(raw[top], kind="stable")[::-1]]
+    top = _top_candidates(raw, k) if k < vocab else np.arange(vocab)  # ties at the k-th too
+    top = top[np.lexsort((top, -raw[top]))][:k]  # most likely first; ties: the lower id first
     return chosen, tuple((int(t), floor_logprob(float(raw[t]) - lse)) for t in top if raw[t] > -np.inf)

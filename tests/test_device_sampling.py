@@ -401,3 +401,35 @@ def test_a_provider_that_cannot_run_the_graph(tiny_model_dir, monkeypatch, caplo
     assert "device sampling off" in caplog.text and "CumSum" in caplog.text
     with pytest.raises(RuntimeError, match="CumSum"):
         CudaRuntime(info, RuntimeOptions(threads=1, device_sampling=True), device="cpu")
+
+
+@pytest.mark.parametrize("row", [
+    np.array([np.nan] * 8, np.float32),
+    np.array([np.inf, 1, np.nan, -np.inf, 2, 3, np.inf, 0], np.float32),
+    np.array([-np.inf] * 8, np.float32),
+    np.array([1e38, -1e38, 3e38, 0, 0, 0, 0, 0], np.float32),
+    np.array([3e38, 3e38, -3e38, 1, 2, 3, 4, 5], np.float32),
+])
+@pytest.mark.parametrize("settings", [
+    {"temperature": 0, "logprobs": 3}, {"temperature": 1, "logprobs": 3},
+    {"temperature": 0.7, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "logprobs": 2},
+    {"temperature": 1e-300}, {"temperature": 5e-324, "top_p": 5e-324},
+    {"temperature": 2, "top_p": 1e-300}, {"min_p": 1e-300}, {"min_p": 1}, {"top_k": 2**62},
+    {"temperature": 1e-5}, {"temperature": 2, "top_k": 7, "top_p": 0.999999},
+])
+def test_extremes_as_the_host_sampler(row, settings) -> None:
+    """The numeric extremes tests/test_faults.py sends: same token, floored logprobs."""
+    from serve.sampling import device_sample
+
+    small = DeviceSampler(row.size, ["CPUExecutionProvider"], threads=1)
+    x = np.stack([row, row[::-1]])
+    for seed in range(3):
+        p = SamplingParams(seed=seed, **settings)
+        want = [Sampler(p, seed_offset=j).sample(x[j]) for j in range(2)]
+        got = [device_sample(r) for r in run(small, x, [Sampler(p, seed_offset=j).row_draw()
+                                                          for j in range(2)])]
+        assert [g.token for g in got] == [w.token for w in want]
+        for g, w in zip(got, want, strict=True):
+            if w.logprob is not None:
+                assert g.logprob == pytest.approx(w.logprob, abs=1e-3)
+                assert [t for t, _ in g.top] == [t for t, _ in w.top]

@@ -62,6 +62,10 @@ def worker_main(options: ServeOptions, sock: socket.socket, address: str, authke
                      entries=entries,
                      on_load_error=on_load_error, metrics=MetricsProxy(client),
                      responses=RemoteResponseStore(client, options.responses_store_size))
+    if not early:  # ready before the first accept: the startup load finds it loaded
+        state = app.state.llorch
+        state.models.ensure_loaded(state.models.default)
+        state.started = True
     config = uvicorn.Config(app, log_level=options.log_level.lower(), timeout_graceful_shutdown=5)
     server = DrainingServer(config, app, options.drain_timeout)
     server.run(sockets=[sock])

@@ -96,16 +96,12 @@ def sampling_model(vocab: int, kind: str) -> onnx.ModelProto:
 
     raw = g.op("Gather", "logits", g.const("last", np.array(-1, np.int64)), axis=1)  # [b, V]
     g.nodes.append(helper.make_node("Gather", [raw, "host_rows"], ["host_logits"], axis=0))
-    # serve.sampling.finite_scores: NaN → -inf, +inf → FLT_MAX, a row with no finite logit →
-    # token 0 alone
+    # serve.sampling.finite_scores: NaN → -inf, +inf → FLT_MAX, ...
     x = g.op("Min", g.op("Where", g.op("IsNaN", raw), neg_inf, raw),
              g.const("f32_max", np.array(_F32_MAX, np.float32)))
     m = g.op("ReduceMax", x, axes=[1], keepdims=1)  # [b, 1]
-    dead = g.op("Equal", m, neg_inf)
-    x = g.op("Where", dead, g.const("onehot0", onehot0), x)
-    m = g.op("Where", dead, zero, m)
     # the first index of the largest logit (np.argmax's choice; ArgMax's on a tie is the
-    # provider's business)
+    # provider's business); a row with no finite logit is all ties: token 0
     first_max = g.op("ReduceMin", g.op("Where", g.op("Equal", x, m), iota,
                                        g.const("vocab_f", np.array(vocab, np.float32))),
                      axes=[1], keepdims=0)
@@ -113,6 +109,10 @@ def sampling_model(vocab: int, kind: str) -> onnx.ModelProto:
     if kind == "greedy":
         g.nodes.append(helper.make_node("Identity", [greedy_tok], ["tokens"]))
         return _model(g, inputs, outputs)
+    # ... and a row with no finite logit is token 0 alone
+    dead = g.op("Equal", m, neg_inf)
+    x = g.op("Where", dead, g.const("onehot0", onehot0), x)
+    m = g.op("Where", dead, zero, m)
 
     inputs += [helper.make_tensor_value_info("greedy", b, ["rows"]),
                helper.make_tensor_value_info("inv_temperature", f32, ["rows"]),
