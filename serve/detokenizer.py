@@ -61,6 +61,8 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(self._ids)
 
     def _decode(self, ids: list[int]) -> str:
+        if len(ids) == 1:  # the usual next prefix: the one token just read
+            return self._tokenizer.decode_one(ids[0], skip_special_tokens=self._skip)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip) if ids else ""
 
     def add(self, token_id: int) -> str:

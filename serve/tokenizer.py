@@ -252,6 +252,8 @@ class Tokenizer:
         self._ctx_id: int | None = ctx[-1] if ctx else None
         self._ctx_text = tokenizer.decode([self._ctx_id]) if ctx else ""
         self._token_text: dict[int, str] = {}
+        self._one_text: dict[int, str] = {}  # decode_one
+        self._one_text_special: dict[int, str] = {}
         self.token_bytes = TokenBytes(tokenizer, self._decoded_text, decoder=decoder)
         self._specials: tuple[str, ...] = tuple(sorted(
             {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and t.content},
@@ -319,6 +321,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` as tokenizer.json's decoder writes it."""
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_one(self, token_id: int, *, skip_special_tokens: bool = True) -> str:
+        """``decode([token_id])``, remembered per token (the streaming detokenizer asks for
+        the last token's text once a token)."""
+        cache = self._one_text if skip_special_tokens else self._one_text_special
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = self._tk.decode([token_id], skip_special_tokens=skip_special_tokens)
+        return text
 
     def token_text(self, token_id: int) -> str:
         """One token as text, with its leading space, for logprobs (``token``).

@@ -1,0 +1,267 @@
+"""The engine thread's Python cost per row and token, beside the bare runtime step.
+
+    python -m bench.engine_overhead [--model-dir DIR] [--streams 8 64] [--tokens 128]
+        [--repeats 2] [--threads 1] [--out result.json] [--profile-streams 64]
+
+On a GPU the model step is short and the engine's per-row Python work (sampling, detokenizing,
+stop matching, events) sets the pace; on a CPU the step of a real model hides it. So by
+default this runs a tiny random Llama (2 layers, hidden 64: `tests/conftest.py`'s tiny model)
+with SmolLM2's real tokenizer and a 49,152-wide vocabulary (what argmax, sampling and
+detokenizing scale with), exported fp32 once into `bench/.cache/engine-overhead/`.
+
+Two measurements per stream count, on the same runtime class and batch:
+- `raw`: `Runtime.decode` over `streams` slots + a host `np.argmax(logits, axis=1)`, back to
+  back: what a step costs without the engine (ms per step).
+- `engine`: `serve.engine.Engine` in this process, `streams` greedy requests of `--tokens`
+  tokens (ignore_eos) submitted at once through `Engine.submit`, their events read on an
+  asyncio loop as the routes do: tok/s, ms per decode step, and the time the engine thread
+  spends outside `Runtime.decode`/`prefill` during the decode phase per row-token
+  (`overhead_us_per_row_token`): the Python cost this bench exists to shrink. The event
+  loop's consumer runs in the same process and takes its share of the GIL, as in the server.
+
+`--profile-streams N` also writes a py-spy-free profile: cProfile of the engine thread over
+one run at N streams (top functions by own time, printed and in the JSON).
+Run it through the machine's benchmark lock: `flock /work/notes/bench.lock python -m ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(__file__).resolve().parent / ".cache" / "engine-overhead"
+# tests/conftest.py TINY_CONFIG: the tiny random Llama the server tests run on
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "hidden_act": "silu", "torch_dtype": "float32",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+WORDS = ("the engine thread decodes every running stream once a step and each row pays for "
+         "sampling detokenizing stop matching and an event before the next step can start").split()
+
+
+def tiny_model(tokenizer_from: Path) -> Path:
+    """The tiny random Llama with `tokenizer_from`'s tokenizer, exported fp32 (cached)."""
+    out = CACHE / "tiny-llama-fp32"
+    if (out / "llorch.json").exists():
+        return out
+    from safetensors.numpy import save_file
+
+    from export.api import export_model
+    from export.config import LlamaConfig
+
+    hf = CACHE / "tiny-llama-hf"
+    hf.mkdir(parents=True, exist_ok=True)
+    tok_cfg = json.loads((tokenizer_from / "config.json").read_text())
+    config = {**TINY_CONFIG, "vocab_size": tok_cfg["vocab_size"],
+              "bos_token_id": tok_cfg.get("bos_token_id"), "eos_token_id": tok_cfg.get("eos_token_id")}
+    cfg = LlamaConfig.from_hf(config)
+    rng = np.random.default_rng(0)
+    tensors = {name: ((1.0 + 0.1 * rng.standard_normal(shape)) if name.endswith("norm.weight")
+                      else 0.08 * rng.standard_normal(shape)).astype(np.float32)
+               for name, shape in cfg.expected_shapes().items()}
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    (hf / "config.json").write_text(json.dumps(config, indent=2))
+    for f in TOKENIZER_FILES:
+        shutil.copy(tokenizer_from / f, hf / f)
+    export_model(hf, out, precision="fp32", progress=False)
+    return out
+
+
+def prompts(tokenizer, n: int, length: int = 24) -> list[tuple[int, ...]]:
+    """`n` distinct prompts of about `length` tokens (no shared prefixes past a word)."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        words = [WORDS[j] for j in rng.integers(0, len(WORDS), length)]
+        out.append(tuple(tokenizer.encode(f"{i} " + " ".join(words))))
+    return out
+
+
+def open_rt(model_dir: Path, streams: int, threads: int):
+    from serve.runtime import RuntimeOptions, open_runtime
+    return open_runtime(model_dir, RuntimeOptions(max_batch=streams, threads=threads,
+                                                  device_sampling=False))
+
+
+def raw_step(model_dir: Path, tokenizer, streams: int, steps: int, threads: int) -> dict:
+    """ms per `Runtime.decode` over `streams` slots + host argmax, after a short prefill."""
+    rt = open_rt(model_dir, streams, threads)
+    ps = prompts(tokenizer, streams)
+    ids = [int(np.argmax(rt.prefill(s, p))) for s, p in enumerate(ps)]
+    slots = list(range(streams))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = rt.decode(slots, ids)
+        ids = np.argmax(logits, axis=1).tolist()
+        times.append(time.perf_counter() - t0)
+    times = times[3:]  # ORT warms up on a new batch size
+    return {"ms_per_step": round(1e3 * statistics.median(times), 3),
+            "us_per_row": round(1e6 * statistics.median(times) / streams, 2)}
+
+
+class Timed:
+    """Wraps a runtime: time spent in decode/prefill, and every decode call's rows."""
+
+    def __init__(self, rt) -> None:
+        self._rt = rt
+        self.calls: list[tuple[float, float, int]] = []  # (start, end, rows) of decode
+        self.prefills: list[tuple[float, float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._rt, name)
+
+    def decode(self, slots, ids):
+        t0 = time.perf_counter()
+        out = self._rt.decode(slots, ids)
+        self.calls.append((t0, time.perf_counter(), len(slots)))
+        return out
+
+    def prefill(self, slot, ids):
+        t0 = time.perf_counter()
+        out = self._rt.prefill(slot, ids)
+        self.prefills.append((t0, time.perf_counter()))
+        return out
+
+
+def engine_run(engine, timed: Timed, ps, tokens: int) -> dict:
+    """One timed run: every prompt submitted at once, greedy, `tokens` tokens each."""
+    from serve.events import GenerationRequest
+    from serve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    timed.calls.clear()
+    timed.prefills.clear()
+
+    async def one(p) -> int:
+        n = 0
+        async for event in engine.submit(GenerationRequest(p, params)):
+            n += sum(len(c.token_ids) for c in event.choices)
+        return n
+
+    async def run() -> list[int]:
+        return await asyncio.gather(*(one(p) for p in ps))
+
+    t0 = time.perf_counter()
+    counts = asyncio.run(run())
+    wall = time.perf_counter() - t0
+    calls = timed.calls
+    # the decode phase: from the first decode call to the last one's end
+    a, b = calls[0][0], calls[-1][1]
+    in_decode = sum(e - s for s, e, _ in calls)
+    in_prefill = sum(min(e, b) - max(s, a) for s, e in timed.prefills if e > a and s < b)
+    rows = sum(r for _, _, r in calls)
+    steps = len(calls)
+    return {
+        "tok_s": round(sum(counts) / wall, 1), "wall_s": round(wall, 3),
+        "short_streams": sum(c < tokens for c in counts),
+        "decode_steps": steps, "ms_per_step": round(1e3 * (b - a) / steps, 3),
+        "runtime_ms_per_step": round(1e3 * in_decode / steps, 3),
+        "overhead_us_per_row_token": round(1e6 * (b - a - in_decode - in_prefill) / rows, 2),
+    }
+
+
+def engine_bench(model_dir: Path, tokenizer, streams: int, tokens: int, repeats: int,
+                 threads: int, profile: bool) -> dict:
+    from serve.engine import Engine
+
+    timed = Timed(open_rt(model_dir, streams, threads))
+    engine = Engine(timed, tokenizer, prefix_cache_tokens=0)
+    engine.start()
+    try:
+        engine_run(engine, timed, prompts(tokenizer, streams), min(tokens, 16))  # warm-up
+        runs = [engine_run(engine, timed, prompts(tokenizer, streams), tokens)
+                for _ in range(repeats)]
+        best = sorted(runs, key=lambda r: r["overhead_us_per_row_token"])[len(runs) // 2]
+        out = {**best, "all_tok_s": [r["tok_s"] for r in runs],
+               "all_overhead_us": [r["overhead_us_per_row_token"] for r in runs]}
+        if profile:
+            out["profile"] = profiled_run(engine, timed, prompts(tokenizer, streams), tokens)
+        return out
+    finally:
+        engine.stop()
+
+
+def profiled_run(engine, timed: Timed, ps, tokens: int, top: int = 25) -> list[str]:
+    """cProfile of the engine thread over one run: the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    # the engine thread is blocked on its inbox between runs: profile it from its next step
+    started = threading.Event()
+    original = engine._step
+
+    def step() -> None:
+        if not started.is_set():
+            started.set()
+            prof.enable()
+        original()
+
+    engine._step = step
+    try:
+        engine_run(engine, timed, ps, tokens)
+    finally:
+        prof.disable()  # called on this thread: only stops what this thread enabled
+        engine._step = original
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return [line for line in buf.getvalue().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", type=Path, help="an export (default: the tiny random Llama)")
+    ap.add_argument("--tokenizer-from", type=Path,
+                    default=Path(os.environ.get("LLORCH_MODELS", "models")) / "smollm2-135m-instruct",
+                    help="HF dir whose tokenizer and vocabulary the tiny model takes")
+    ap.add_argument("--streams", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
+    ap.add_argument("--raw-steps", type=int, default=40)
+    ap.add_argument("--profile-streams", type=int, help="cProfile the engine thread at N streams")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+
+    from serve.tokenizer import Tokenizer
+
+    model_dir = args.model_dir or tiny_model(args.tokenizer_from)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    result: dict = {"model_dir": str(model_dir), "tokens": args.tokens, "threads": args.threads,
+                    "streams": {}}
+    for n in args.streams:
+        raw = raw_step(model_dir, tokenizer, n, args.raw_steps, args.threads)
+        eng = engine_bench(model_dir, tokenizer, n, args.tokens, args.repeats, args.threads,
+                           profile=n == args.profile_streams)
+        result["streams"][str(n)] = {"raw": raw, "engine": eng}
+        prof = eng.pop("profile", None)
+        print(f"{n:4d} streams: raw {raw['ms_per_step']:.2f} ms/step | engine {eng['tok_s']:.0f} tok/s, "
+              f"{eng['ms_per_step']:.2f} ms/step ({eng['runtime_ms_per_step']:.2f} in the runtime), "
+              f"overhead {eng['overhead_us_per_row_token']:.1f} us/row-token "
+              f"(runs {eng['all_overhead_us']})", flush=True)
+        if prof:
+            eng["profile"] = prof
+            print("\n".join(prof), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
