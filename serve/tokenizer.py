@@ -191,6 +191,9 @@ class Tokenizer:
         special_ids: ids of added tokens marked special (skipped when decoding).
         byte_fallback_ids: ids of ``<0xXX>`` tokens that the decoder turns into raw bytes
             (empty for byte-level BPE); the detokenizer holds runs of them back.
+        added_ids: ids of every added token (special or not).
+        byte_level: the decoder is ByteLevel alone: ``decode`` of ids that are not added
+            tokens is their bytes, joined, read as UTF-8 (``errors="replace"``).
         chat_template: the Jinja source used by ``apply_chat_template`` (ChatML if the
             model ships none; ``has_chat_template`` tells which).
         token_bytes: ``token_bytes(id)`` → the token's raw bytes (``serve.token_bytes``),
@@ -241,8 +244,12 @@ class Tokenizer:
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
         )
         self.byte_fallback_ids: frozenset[int] = _byte_fallback_ids(tokenizer)
+        self.added_ids: frozenset[int] = frozenset(tokenizer.get_added_tokens_decoder())
         spec = json.loads(tokenizer.to_str())
         decoder = spec.get("decoder")
+        # A byte-level BPE decoder alone (GPT-2, SmolLM2, Llama 3, Qwen): the text of ids other
+        # than added tokens is their bytes, concatenated, as UTF-8 (invalid bytes U+FFFD).
+        self.byte_level: bool = isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
         self.has_chat_template: bool = chat_template is not None
         self.chat_template: str = chat_template if chat_template is not None else CHATML_TEMPLATE
 
