@@ -14,7 +14,7 @@ Two measurements per stream count, on the same runtime class and batch:
   back: what a step costs without the engine (ms per step).
 - `engine`: `serve.engine.Engine` in this process, `streams` greedy requests of `--tokens`
   tokens (ignore_eos) submitted at once through `Engine.submit`, their events read on an
-  asyncio loop as the routes do: tok/s, ms per decode step, and the time the engine thread
+  asyncio loop as the routes do, the server's Prometheus observer attached: tok/s, ms per decode step, and the time the engine thread
   spends outside `Runtime.decode`/`prefill` during the decode phase per row-token
   (`overhead_us_per_row_token`): the Python cost this bench exists to shrink. The event
   loop's consumer runs in the same process and takes its share of the GIL, as in the server.
@@ -176,11 +176,15 @@ def engine_run(engine, timed: Timed, ps, tokens: int) -> dict:
 
 
 def engine_bench(model_dir: Path, tokenizer, streams: int, tokens: int, repeats: int,
-                 threads: int, profile: bool) -> dict:
+                 threads: int, profile: bool, metrics: bool = True) -> dict:
     from serve.engine import Engine
 
     timed = Timed(open_rt(model_dir, streams, threads))
-    engine = Engine(timed, tokenizer, prefix_cache_tokens=0)
+    observer = None
+    if metrics:  # the server's Prometheus hooks, as `serve.main` wires them
+        from serve.metrics import Metrics
+        observer = Metrics().observer("bench")
+    engine = Engine(timed, tokenizer, prefix_cache_tokens=0, observer=observer)
     engine.start()
     try:
         engine_run(engine, timed, prompts(tokenizer, streams), min(tokens, 16))  # warm-up
@@ -236,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     ap.add_argument("--raw-steps", type=int, default=40)
     ap.add_argument("--profile-streams", type=int, help="cProfile the engine thread at N streams")
+    ap.add_argument("--no-metrics", action="store_true",
+                    help="no Prometheus observer on the engine (the server always has one)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -244,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_dir or tiny_model(args.tokenizer_from)
     tokenizer = Tokenizer.from_dir(model_dir)
     result: dict = {"model_dir": str(model_dir), "tokens": args.tokens, "threads": args.threads,
-                    "streams": {}}
+                    "metrics": not args.no_metrics, "streams": {}}
     for n in args.streams:
         raw = raw_step(model_dir, tokenizer, n, args.raw_steps, args.threads)
         eng = engine_bench(model_dir, tokenizer, n, args.tokens, args.repeats, args.threads,
-                           profile=n == args.profile_streams)
+                           profile=n == args.profile_streams, metrics=not args.no_metrics)
         result["streams"][str(n)] = {"raw": raw, "engine": eng}
         prof = eng.pop("profile", None)
         print(f"{n:4d} streams: raw {raw['ms_per_step']:.2f} ms/step | engine {eng['tok_s']:.0f} tok/s, "
