@@ -21,6 +21,9 @@ Two measurements per stream count, on the same runtime class and batch:
   time, which a busy machine disturbs far less): the Python cost this bench exists to shrink. The event
   loop's consumer runs in the same process and takes its share of the GIL, as in the server.
 
+`stub`: `Engine._decode` alone over a runtime stub (no model, thread or event loop): the
+per-row Python of a step, steady on a busy machine (`stub_step`).
+
 `--profile-streams N` also writes a py-spy-free profile: cProfile of the engine thread over
 one run at N streams (top functions by own time, printed and in the JSON).
 Run it through the machine's benchmark lock: `flock /work/notes/bench.lock python -m ...`.
@@ -241,6 +244,60 @@ def profiled_run(engine, timed: Timed, ps, tokens: int, top: int = 25) -> list[s
     return [line for line in buf.getvalue().splitlines() if line.strip()]
 
 
+def stub_step(tokenizer, streams: int, steps: int, vocab: int = 49152) -> dict:
+    """The engine thread's Python for one decode step of `streams` greedy rows, with no model,
+    no thread and no event loop: `Engine._decode` over a runtime stub whose logits pick the
+    tokens of English prose (real detokenizing), minus the stub's own time. Deterministic
+    enough for a busy machine; leaves out the event-loop hand-over the `engine` run includes."""
+    from types import SimpleNamespace
+
+    from serve.engine import Engine
+    from serve.events import GenerationRequest
+    from serve.sampling import SamplingParams
+    from serve.sequence import Choice, Job
+
+    text = tokenizer.encode(" ".join(WORDS) * 20, add_special_tokens=False)
+    base = np.random.default_rng(0).standard_normal((streams, vocab)).astype(np.float32)
+
+    class Stub:
+        info = SimpleNamespace(max_length=10**7, vocab_size=vocab)
+        n_slots = streams
+        device_sampling = False
+        batch_invariant = True
+        step = 0
+
+        def decode(self, slots, ids):
+            out = base.copy()
+            out[np.arange(len(slots)), [text[(self.step + j) % len(text)] for j in range(len(slots))]] = 100.0
+            self.step += 1
+            return out
+
+        def length(self, slot):
+            return 0
+
+    stub = Stub()
+    engine = Engine(stub, tokenizer, prefix_cache_tokens=0)
+    params = SamplingParams(max_tokens=10**7, temperature=0.0, ignore_eos=True)
+    for i in range(streams):
+        job = Job(GenerationRequest(tuple(text[:20]), params), lambda event: None, 10**7)
+        c = Choice(job, 0, tokenizer)
+        c.slot, c.next_token, job.admitted = i, text[0], True
+        job.running.append(c)
+        job.slotted.append(c)
+        engine._running.append(c)
+    best = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            stub.decode(range(streams), None)
+        t_stub = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine._decode()
+        best.append((time.perf_counter() - t0 - t_stub) / (steps * streams))
+    return {"us_per_row_token": round(1e6 * min(best), 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", type=Path, help="an export (default: the tiny random Llama)")
@@ -255,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-streams", type=int, help="cProfile the engine thread at N streams")
     ap.add_argument("--no-metrics", action="store_true",
                     help="no Prometheus observer on the engine (the server always has one)")
+    ap.add_argument("--stub-steps", type=int, default=100,
+                    help="steps of the no-model `stub` measurement (0: none)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -265,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"model_dir": str(model_dir), "tokens": args.tokens, "threads": args.threads,
                     "metrics": not args.no_metrics, "streams": {}}
     for n in args.streams:
+        if args.stub_steps:
+            stub = stub_step(tokenizer, n, args.stub_steps)
+            result.setdefault("stub", {})[str(n)] = stub
+            print(f"{n:4d} streams: stub (Engine._decode, no model/thread/loop) "
+                  f"{stub['us_per_row_token']:.1f} us/row-token", flush=True)
         raw = raw_step(model_dir, tokenizer, n, args.raw_steps, args.threads)
         eng = engine_bench(model_dir, tokenizer, n, args.tokens, args.repeats, args.threads,
                            profile=n == args.profile_streams, metrics=not args.no_metrics)
