@@ -272,9 +272,13 @@ class Engine:
                 self.slots.clear()
             self._after_step()
 
-    def _after_step(self) -> None:
-        for box in list(self._mailboxes.values()):  # the step's events: one wake-up a loop
+    def _flush(self) -> None:
+        """Hand the events sent so far to their event loops: one wake-up a loop."""
+        for box in list(self._mailboxes.values()):
             box.flush()
+
+    def _after_step(self) -> None:
+        self._flush()
         if self.on_step is not None:
             try:
                 self.on_step()
@@ -287,6 +291,7 @@ class Engine:
         self._admit()
         if self._prefilling:
             self._prefill(self._prefilling[0])
+            self._flush()  # a first token goes out now, not after this step's decode
         if self._running:
             self._decode()
 
