@@ -55,12 +55,17 @@ class IncrementalDetokenizer:
         # when skipped, special tokens (the decoder never sees them, so they end no run).
         self.skipped_ids = tokenizer.special_ids if skip_special_tokens else frozenset()
         self._no_text_ids = tokenizer.byte_fallback_ids | self.skipped_ids
+        # byte-level decoders: see `_next_piece`
+        self._byte_level = getattr(tokenizer, "byte_level", False)
+        self._added_ids = getattr(tokenizer, "added_ids", frozenset())
         self._ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT:]) if prompt_ids else []
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._prefix_text = self._decode(self._ids)
 
     def _decode(self, ids: list[int]) -> str:
+        if len(ids) == 1:  # the usual next prefix: the one token just read
+            return self._tokenizer.decode_one(ids[0], skip_special_tokens=self._skip)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip) if ids else ""
 
     def add(self, token_id: int) -> str:
@@ -68,7 +73,30 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         if token_id in self._no_text_ids:
             return ""
+        if self._byte_level:
+            piece = self._next_piece(token_id)
+            if piece is not None:
+                return piece
         return self._advance(final=False)
+
+    def _next_piece(self, token_id: int) -> str | None:
+        """`_advance`'s result without decoding the window, in the usual case of a byte-level
+        decoder (None: not that case). The window is then one token read before (the prefix)
+        and this one, neither an added token; the prefix's text does not end in U+FFFD, so its
+        bytes end on a character boundary, and this token's bytes are whole characters: the
+        window's text is the prefix's text followed by this token's own."""
+        ids, start = self._ids, self._prefix_offset
+        if (self._read_offset != len(ids) - 1 or self._read_offset - start != 1
+                or ids[start] in self._added_ids or token_id in self._added_ids
+                or self._prefix_text.endswith(_REPLACEMENT)):
+            return None
+        text = self._tokenizer.decode_one(token_id, skip_special_tokens=self._skip)
+        if not text or _REPLACEMENT in text:
+            return None
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(ids)
+        self._prefix_text = text
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character comes out as U+FFFD)."""

@@ -13,7 +13,7 @@
    │                                            drafts in a call of its own, serve.speculative)
    │                                 5. constrained rows: grammar bitmask → forbidden logits -inf
    │                                 6. per choice: Sampler → detokenizer → StopMatcher
-   └── asyncio.Queue per request ◄── Event (call_soon_threadsafe)
+   └── asyncio.Queue per request ◄── Event (LoopMailbox: one wake-up per loop and batch)
 ```
 
 ORT is never called from the event loop. Continuous batching: a request joins the decode
@@ -65,16 +65,16 @@ from serve.events import (
     EngineObserver,
     Event,
     GenerationRequest,
+    LoopMailbox,
     QueueFull,
     RequestStream,
     ShuttingDown,
     TokenLogprob,
     Usage,
-    stream_sender,
 )
 from serve.prefix_cache import SlotPool
 from serve.runtime import ContextFull, RowDraw, RowToken
-from serve.sampling import Sample, device_sample
+from serve.sampling import Sample, device_sample, greedy_tokens
 from serve.sequence import Choice, Job, prompt_logprob
 from serve.speculative import SpeculativeConfig, Speculator, verify_choice
 
@@ -144,6 +144,7 @@ class Engine:
         self._active = 0  # had a slot, not ended (engine thread only)
         self._closed = False
         self._drain_deadline: float | None = None
+        self._mailboxes: dict[asyncio.AbstractEventLoop, LoopMailbox] = {}  # event-loop side
         self._thread = threading.Thread(target=self._run, name="llorch-engine", daemon=True)
         # called on the engine thread after every step (the events of a step are all sent):
         # serve.frontend flushes a step's events to the HTTP workers in one message
@@ -207,8 +208,19 @@ class Engine:
             ShuttingDown: after `drain` or `stop`.
         """
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = self.enqueue(request, stream_sender(asyncio.get_running_loop(), events))
+        job = self.enqueue(request, self._mailbox(asyncio.get_running_loop()).sender(events))
         return RequestStream(job, events, wake=self.wake)
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
+        """The loop's mailbox: every request of one loop shares it, and `_after_step` flushes
+        it, so a step's events wake the loop once (`LoopMailbox`). Closed loops' mailboxes
+        are dropped."""
+        box = self._mailboxes.get(loop)
+        if box is None:
+            for old in [lp for lp in self._mailboxes if lp.is_closed()]:
+                del self._mailboxes[old]
+            box = self._mailboxes[loop] = LoopMailbox(loop)
+        return box
 
     def wake(self) -> None:
         """Make the engine thread look at its requests again (after setting `cancelled`)."""
@@ -272,7 +284,13 @@ class Engine:
                 self.slots.clear()
             self._after_step()
 
+    def _flush(self) -> None:
+        """Hand the events sent so far to their event loops: one wake-up a loop."""
+        for box in list(self._mailboxes.values()):
+            box.flush()
+
     def _after_step(self) -> None:
+        self._flush()
         if self.on_step is not None:
             try:
                 self.on_step()
@@ -285,6 +303,7 @@ class Engine:
         self._admit()
         if self._prefilling:
             self._prefill(self._prefilling[0])
+            self._flush()  # a first token goes out now, not after this step's decode
         if self._running:
             self._decode()
 
@@ -489,7 +508,8 @@ class Engine:
         except Exception as exc:
             for job in dict.fromkeys(c.job for c in batch if c.constraint is not None):
                 self._fail(job, exc)
-        for c, row in zip(batch, rows, strict=True):
+        firsts, finite = self._greedy_tokens(batch, rows)
+        for i, (c, row) in enumerate(zip(batch, rows, strict=True)):
             job = c.job
             if job.cancelled or c.slot < 0:
                 continue
@@ -500,13 +520,28 @@ class Engine:
                 else:
                     gaps.append(now - c.t_last)
                     c.t_last = now
-                    sample = (device_sample(row) if isinstance(row, RowToken)
-                              else c.sampler.sample(row, c.generated))
+                    if isinstance(row, RowToken):
+                        sample = device_sample(row)
+                    elif finite[i] and c.sampler.plain_greedy and c.constraint is None:
+                        sample = c.sampler.take(row, firsts[i])
+                    else:
+                        sample = c.sampler.sample(row, c.generated)
                     out = self._accept(c, sample)
                 outputs.setdefault(job, []).append(out)
             except Exception as exc:
                 outputs.pop(job, None)
                 self._fail(job, exc)
+
+    @staticmethod
+    def _greedy_tokens(batch: Sequence[Choice], rows) -> tuple[list[int], list[bool]]:
+        """Where a step's host logits came back as one [rows, vocab] array and a choice is
+        greedy without bias or penalties, its token in one argmax over the array
+        (`serve.sampling.greedy_tokens`: per row the first argmax, and whether it is
+        finite); ([], every row False) when no row can take it."""
+        if (isinstance(rows, np.ndarray) and rows.ndim == 2
+                and any(c.sampler.plain_greedy for c in batch)):
+            return greedy_tokens(rows)
+        return [], [False] * len(batch)
 
     def _draws(self, batch: Sequence[Choice]) -> list[RowDraw | None]:
         """Per choice, how the runtime picks its token on the device, or None: its logits come
@@ -534,8 +569,9 @@ class Engine:
         return self.batch_invariant and not getattr(self.runtime, "batch_invariant", False)
 
     def _decode_batch(self, slots: list[int], ids: list[int], draws: list[RowDraw | None]
-                      ) -> list[np.ndarray | RowToken]:
-        """One Runtime.decode (decode_sampled where a row is picked on the device); with
+                      ) -> np.ndarray | list[np.ndarray | RowToken]:
+        """One Runtime.decode (float32 [rows, vocab]; decode_sampled, a list of rows, where a
+        row is picked on the device); with
         `batch_invariant` a lone sequence gets an idle slot as a padding row (then cut back),
         so it runs the same kernels as in a batch."""
         pad = None
@@ -551,8 +587,8 @@ class Engine:
         try:
             if on_device:
                 rows = self.runtime.decode_sampled(slots, ids, draws)
-            else:
-                rows = list(self.runtime.decode(slots, ids))
+            else:  # float32 [rows, vocab]: greedy rows take one argmax over it
+                rows = self.runtime.decode(slots, ids)
         finally:
             if pad is not None:
                 self.runtime.truncate(pad, pad_length)

@@ -136,6 +136,10 @@ class Sampler:
         self._seen_arr: np.ndarray | None = None
         self._counts: dict[int, int] = {}
         self._n_generated = 0
+        # Greedy with nothing that changes the logits first: the token is the row's first
+        # argmax, which the engine finds for a whole step's rows at once (`greedy_tokens`).
+        self.plain_greedy: bool = params.greedy and not (
+            self._bias_ids.size or self._repetition or self._penalize)
 
     def sample(self, logits: np.ndarray, generated: Sequence[int] = ()) -> Sample:
         """Picks the next token.
@@ -162,6 +166,20 @@ class Sampler:
         if params.logprobs is None:
             return Sample(token)
         return Sample(token, *token_logprobs(raw, token, params.logprobs))
+
+    def take(self, logits: np.ndarray, token: int) -> Sample:
+        """What `sample` returns for a `plain_greedy` sampler whose row's first argmax
+        ``token`` is known to be finite (`greedy_tokens`): the token, with its logprobs where
+        asked.
+
+        Args:
+            logits: float [vocab] scores (not modified).
+            token: ``np.argmax(logits)``, with a finite logit.
+        """
+        k = self.params.logprobs
+        if k is None:
+            return Sample(token)
+        return Sample(token, *token_logprobs(np.asarray(logits, dtype=np.float32), token, k))
 
     def _update_history(self, generated: Sequence[int]) -> None:
         if not (self._repetition or self._penalize) or len(generated) == self._n_generated:
@@ -339,6 +357,24 @@ def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
     desc = np.sort(w)[::-1]
     j = min(int(np.searchsorted(np.cumsum(desc, dtype=np.float64), target)), n - 1)
     return np.flatnonzero(w >= desc[j])
+
+
+def greedy_tokens(logits: np.ndarray) -> tuple[list[int], list[bool]]:
+    """The first argmax of every row of a step's logits, in one NumPy call instead of one a
+    row, and whether it is the token `Sampler.sample` picks for a `plain_greedy` sampler.
+
+    Args:
+        logits: float [rows, vocab].
+
+    Returns:
+        (token ids, per row whether its largest logit is finite): np.argmax takes the first
+        NaN where a row has one, so a finite maximum means no NaN and no +inf in the row,
+        where `finite_scores` changes nothing and `sample`'s argmax is this one. The other
+        rows (NaN, +inf, all -inf) go through `Sampler.sample`.
+    """
+    tokens = logits.argmax(axis=1)
+    ok = np.isfinite(logits[np.arange(tokens.shape[0]), tokens])
+    return tokens.tolist(), ok.tolist()
 
 
 def finite_scores(x: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:

@@ -191,6 +191,9 @@ class Tokenizer:
         special_ids: ids of added tokens marked special (skipped when decoding).
         byte_fallback_ids: ids of ``<0xXX>`` tokens that the decoder turns into raw bytes
             (empty for byte-level BPE); the detokenizer holds runs of them back.
+        added_ids: ids of every added token (special or not).
+        byte_level: the decoder is ByteLevel alone: ``decode`` of ids that are not added
+            tokens is their bytes, joined, read as UTF-8 (``errors="replace"``).
         chat_template: the Jinja source used by ``apply_chat_template`` (ChatML if the
             model ships none; ``has_chat_template`` tells which).
         token_bytes: ``token_bytes(id)`` → the token's raw bytes (``serve.token_bytes``),
@@ -241,8 +244,12 @@ class Tokenizer:
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
         )
         self.byte_fallback_ids: frozenset[int] = _byte_fallback_ids(tokenizer)
+        self.added_ids: frozenset[int] = frozenset(tokenizer.get_added_tokens_decoder())
         spec = json.loads(tokenizer.to_str())
         decoder = spec.get("decoder")
+        # A byte-level BPE decoder alone (GPT-2, SmolLM2, Llama 3, Qwen): the text of ids other
+        # than added tokens is their bytes, concatenated, as UTF-8 (invalid bytes U+FFFD).
+        self.byte_level: bool = isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
         self.has_chat_template: bool = chat_template is not None
         self.chat_template: str = chat_template if chat_template is not None else CHATML_TEMPLATE
 
@@ -252,6 +259,8 @@ class Tokenizer:
         self._ctx_id: int | None = ctx[-1] if ctx else None
         self._ctx_text = tokenizer.decode([self._ctx_id]) if ctx else ""
         self._token_text: dict[int, str] = {}
+        self._one_text: dict[int, str] = {}  # decode_one
+        self._one_text_special: dict[int, str] = {}
         self.token_bytes = TokenBytes(tokenizer, self._decoded_text, decoder=decoder)
         self._specials: tuple[str, ...] = tuple(sorted(
             {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special and t.content},
@@ -319,6 +328,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` as tokenizer.json's decoder writes it."""
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_one(self, token_id: int, *, skip_special_tokens: bool = True) -> str:
+        """``decode([token_id])``, remembered per token (the streaming detokenizer asks for
+        the last token's text once a token)."""
+        cache = self._one_text if skip_special_tokens else self._one_text_special
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = self._tk.decode([token_id], skip_special_tokens=skip_special_tokens)
+        return text
 
     def token_text(self, token_id: int) -> str:
         """One token as text, with its leading space, for logprobs (``token``).

@@ -157,3 +157,25 @@ def test_window_stays_small(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.undo()
     assert "".join(pieces) == tok.decode(ids)
     assert len(ids) > 500 and max(sizes) <= 12
+
+
+def test_byte_level_text_needs_no_window_decode(smollm2_dir) -> None:  # noqa: F811
+    """With a ByteLevel decoder a token of whole characters after one that ended on a
+    character boundary is its own text: the usual token costs no window decode, and the
+    pieces still join to decode(ids)."""
+    tok = Tokenizer.from_dir(smollm2_dir)
+    assert tok.byte_level
+    ids = tok.encode("The quick brown fox 🦊 jumps over the lazy dog. " * 20, add_special_tokens=False)
+    calls = 0
+    decode = tok.decode
+
+    def spy(ids, **kw):
+        nonlocal calls
+        calls += 1
+        return decode(ids, **kw)
+
+    tok.decode = spy
+    pieces = stream(tok, ids)
+    del tok.decode
+    assert "".join(pieces) == tok.decode(ids)
+    assert calls < len(ids) // 2  # the emoji and the tokens around it take the window (2 a token before)

@@ -262,6 +262,40 @@ def test_concurrent_requests_share_decode_steps(make_engine):
     assert any(c[0] == "decode" and len(c[1]) == 2 for c in runtime.calls)
 
 
+def test_a_steps_events_wake_the_loop_once(make_engine):
+    """Every request of one loop shares a LoopMailbox: a decode step's events for all of them
+    arrive with one call_soon_threadsafe, not one each (each is a self-pipe write and a GIL
+    handover), in order, and the text is what each request gets alone."""
+    runtime = FakeRuntime(4)
+    engine = make_engine(runtime)
+    prompts = ["abc", "xyz", "hello", "qq"]
+
+    async def four():
+        loop = asyncio.get_running_loop()
+        wakes = 0
+        original = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            nonlocal wakes
+            if threading.current_thread().name == "llorch-engine":
+                wakes += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        try:
+            got = await asyncio.gather(*(collect(engine, req(p, max_tokens=12)) for p in prompts))
+        finally:
+            del loop.call_soon_threadsafe
+        return got, wakes
+
+    got, wakes = run(four())
+    for p, (texts, finish, events) in zip(prompts, got, strict=True):
+        assert texts == {0: expected_text(TOKENIZER.encode(p), 12)} and finish == {0: "length"}
+        assert len(events) == 12 and events[-1].usage is not None
+    steps = sum(c[0] in ("decode", "prefill") for c in runtime.calls)
+    assert wakes <= steps < 4 * 12  # at most one a step, where one a token was 48
+
+
 def test_fifo_when_slots_are_busy(make_engine):
     engine = make_engine(FakeRuntime(1))
     order = []

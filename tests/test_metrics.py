@@ -175,3 +175,31 @@ def test_new_flags_map_onto_serve_options():
                 {"prefix_cache_size": -5}, {"drain_timeout": -1}):
         with pytest.raises(ValueError):
             ServeOptions(model_dir=Path("m"), **bad)
+
+
+def test_observe_many_equals_observe_one_by_one() -> None:
+    """The engine's per-step inter-token gaps go in as one increment a bucket; the histogram
+    reads as if each gap had been observed (bounds inclusive, +Inf, sum)."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from serve.metrics import ITL_BUCKETS, observe_many
+
+    rng = random.Random(0)
+    values = [rng.choice([0.0, 0.001, 0.0025, 0.003, 0.5, 2.5, 7.0]) * rng.choice([1, 0.5])
+              for _ in range(500)] + [float("inf")]
+    texts = []
+    for batch in (False, True):
+        registry = CollectorRegistry()
+        h = Histogram("itl", "gaps", buckets=ITL_BUCKETS, registry=registry)
+        if batch:
+            observe_many(h, values[:250])
+            observe_many(h, values[250:])
+        else:
+            for v in values:
+                h.observe(v)
+        texts.append([line for line in generate_latest(registry).decode().splitlines()
+                      if "_created" not in line])
+    assert texts[0] == texts[1]
+    assert any(line.startswith('itl_bucket{le="0.001"}') for line in texts[1])

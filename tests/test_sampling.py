@@ -255,3 +255,33 @@ def test_inverse_cdf(size: int, seed: int, u: float, zeros: float) -> None:
     # Same answer as one float64 cumsum, up to float32 block-sum rounding at a boundary.
     want = int(np.searchsorted(cs, u * cs[-1], side="right"))
     assert abs(cs[i] - cs[min(want, size - 1)]) <= 1e-4 * cs[-1] + w[i]
+
+
+def test_greedy_tokens_is_what_each_rows_sampler_picks() -> None:
+    """The engine's one-argmax-a-step path: where `greedy_tokens` says a row's token is final,
+    it is `Sampler.sample`'s (ties: the first index), with the same logprobs through `take`;
+    rows with NaN, +inf or no finite logit are left to `sample`."""
+    from serve.sampling import greedy_tokens
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 49152)).astype(np.float32)
+    x[1, [5, 900, 40000]] = x[1].max() + 1  # a tie
+    x[2, 100] = np.nan
+    x[3, 7] = np.inf
+    x[4, :] = -np.inf
+    x[5, ::2] = -np.inf  # -inf entries beside finite ones are fine
+    x[6, 3] = np.nan
+    x[6, 4] = np.inf
+    tokens, finite = greedy_tokens(x)
+    assert finite == [True, True, False, False, False, True, False]
+    for params in (SamplingParams(temperature=0), SamplingParams(top_k=1, logprobs=3)):
+        for j in range(7):
+            s = Sampler(params)
+            assert s.plain_greedy
+            want = s.sample(x[j])
+            if finite[j]:
+                assert s.take(x[j], tokens[j]) == want
+    assert tokens[1] == 5
+    assert not Sampler(SamplingParams(temperature=0, presence_penalty=0.5)).plain_greedy
+    assert not Sampler(SamplingParams(temperature=0, logit_bias={1: 2.0})).plain_greedy
+    assert not Sampler(SamplingParams(temperature=0.5)).plain_greedy

@@ -9,7 +9,7 @@ only the last position's fp32 logits come down::
     host ── input_ids [b, 1], attention_mask [b, L] ──►  GPU: graph, KV rows 0..b-1 in place
     host ◄──────────── logits [b, 1, vocab] (fp32) ─────  GPU
 
-or, with device sampling (the default here: ``decode_sampled``), the logits stay on the GPU
+or, with device sampling (``device_sampling`` True: ``decode_sampled``), the logits stay on the GPU
 for the token-choice graph (``serve.runtime.device_sampling``) and only token ids [b] (and the
 logits of rows the host must sample) come down.
 
@@ -166,7 +166,7 @@ class DeviceCopier:
 class CudaRuntime(SharedKVRuntime):
     """KV rows on the device, bound by pointer (module docstring). ``device`` "cpu" runs the
     same pointer-bound plan on host memory, which is how CI tests it without a GPU. Decode
-    tokens are picked on the device unless ``options.device_sampling`` is False.
+    tokens are picked on the device only where ``options.device_sampling`` is True.
 
     Raises:
         ProviderError: this onnxruntime build lacks ``options.provider``.
@@ -174,7 +174,11 @@ class CudaRuntime(SharedKVRuntime):
         ValueError: ``options.cuda_graph`` on an export without the static decode graph.
     """
 
-    samples_on_device = True
+    # Not by default (auto): on an H200 the token-choice graphs took 5.5 ms (greedy, 8 rows;
+    # ReduceMax + ReduceMin then, TopK k=1 now: unmeasured) and 15.7 / 56 ms (top-p, 8 / 64 rows:
+    # a full-vocabulary sort) a step, more than the host's argmax or NumPy sampler of the
+    # copied logits. Auto turns it on again once a GPU run shows the device path faster.
+    samples_on_device = False
 
     def __init__(self, info: ModelInfo, options: RuntimeOptions, *, device: str = "cuda",
                  device_id: int = 0) -> None:

@@ -19,7 +19,7 @@ way, up to float rounding at a cumulative-sum boundary (exp and sums differ in t
 between NumPy and a provider's kernels).
 
 Three graphs, each built once at serve time with `onnx.helper` and run by the cheapest one that
-serves the step: ``greedy`` (argmax only), ``sample`` (every rule), ``sample_logprobs`` (plus
+serves the step: ``greedy`` (the first argmax: TopK k=1), ``sample`` (every rule), ``sample_logprobs`` (plus
 the chosen token's logprob and the top alternatives). The per-row settings are inputs, so one
 graph serves any mix of requests. Top-k and top-p sort only as many values as the step's
 settings need (``top_k_max``, ``sort_k``: the largest top-k; the whole vocabulary only when a
@@ -90,7 +90,6 @@ def sampling_model(vocab: int, kind: str) -> onnx.ModelProto:
     axis1 = g.const("axis1", np.array([1], np.int64))
     neg_inf = g.const("neg_inf", np.array(-np.inf, np.float32))
     zero = g.const("zero", np.array(0.0, np.float32))
-    iota = g.const("iota", np.arange(vocab, dtype=np.float32))  # exact below 2**24
     onehot0 = np.full(vocab, -np.inf, np.float32)
     onehot0[0] = 0.0
 
@@ -99,16 +98,16 @@ def sampling_model(vocab: int, kind: str) -> onnx.ModelProto:
     # serve.sampling.finite_scores: NaN → -inf, +inf → FLT_MAX, ...
     x = g.op("Min", g.op("Where", g.op("IsNaN", raw), neg_inf, raw),
              g.const("f32_max", np.array(_F32_MAX, np.float32)))
-    m = g.op("ReduceMax", x, axes=[1], keepdims=1)  # [b, 1]
-    # the first index of the largest logit (np.argmax's choice; ArgMax's on a tie is the
-    # provider's business); a row with no finite logit is all ties: token 0
-    first_max = g.op("ReduceMin", g.op("Where", g.op("Equal", x, m), iota,
-                                       g.const("vocab_f", np.array(vocab, np.float32))),
-                     axes=[1], keepdims=0)
-    greedy_tok = g.op("Cast", first_max, to=i64)
+    # the largest logit and the first index of it (np.argmax's choice): TopK(k=1) puts the
+    # lower index first among equal values (ONNX TopK, opset 11+), so a row with no finite
+    # logit (all -inf after the line above) is all ties: token 0. One kernel over the row,
+    # where ReduceMax + Equal + Where + ReduceMin took 5.5 ms at 8 rows on an H200's CUDA EP.
+    m, top1 = g.op("TopK", x, one, axis=1, outputs=2)  # [b, 1] each
+    greedy_tok = g.op("Squeeze", top1, axis1)
     if kind == "greedy":
         g.nodes.append(helper.make_node("Identity", [greedy_tok], ["tokens"]))
         return _model(g, inputs, outputs)
+    iota = g.const("iota", np.arange(vocab, dtype=np.float32))  # exact below 2**24
     # ... and a row with no finite logit is token 0 alone
     dead = g.op("Equal", m, neg_inf)
     x = g.op("Where", dead, g.const("onehot0", onehot0), x)

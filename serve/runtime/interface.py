@@ -47,7 +47,9 @@ class RuntimeOptions:
             `~/.cache/llorch/coreml/<export>`).
         device_sampling: pick decode tokens on the execution provider, after the logits
             (`Runtime.decode_sampled`, `serve.runtime.device_sampling`): None = where decode
-            runs on CUDA; True also on the CPU provider (how CI runs that path).
+            would run on CUDA, which is nowhere for now: the graphs measured slower than the
+            host there (`CudaRuntime.samples_on_device`); True with any provider (the CPU
+            provider too: how CI runs that path).
 
     Raises:
         ValueError: `w8a8` is not one of `W8A8_MODES`.
