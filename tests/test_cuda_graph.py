@@ -276,7 +276,8 @@ def test_captured_steps_pad_to_captured_sizes(cuda_dirs):
                       device="cpu")
     want = script(ref)
     rt = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=6, max_length=40,
-                                                        cuda_graph=True), device="cpu")
+                                                        cuda_graph=True, device_sampling=True),
+                     device="cpu")  # device sampling is off by default (auto = host): asked for
     assert rt._graph_sizes == [1, 2, 4, 6]
     got = script(rt)
     np.testing.assert_allclose(got, want, atol=2e-3)
