@@ -280,6 +280,14 @@ class ServeOptions:
         self._check_scale_out()
         if self.speculative is not None:
             self.speculative_config()  # ValueError on out-of-range values
+        else:  # a sub-flag without --speculative would change nothing: say so, never ignore it
+            defaults = {f.name: f.default for f in fields(self)}
+            set_ = [name for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                                      "speculative_disable_by_batch_size")
+                    if getattr(self, name) != defaults[name]]
+            if set_:
+                flags = ", ".join("--" + n.replace("_", "-") for n in set_)
+                raise ValueError(f"{flags} only appl{'y' if len(set_) > 1 else 'ies'} with --speculative ngram")
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
         if self.device_sampling not in ("auto", "on", "off"):

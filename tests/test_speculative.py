@@ -57,6 +57,11 @@ def test_config_is_checked():
     assert ServeOptions(model_dir="m").speculative_config() is None
     cfg = ServeOptions(model_dir="m", speculative="ngram", num_speculative_tokens=6).speculative_config()
     assert cfg == SpeculativeConfig(num_speculative_tokens=6)
+    # a sub-flag without --speculative would change nothing: refused, naming every flag given
+    with pytest.raises(ValueError, match="--num-speculative-tokens only applies with --speculative"):
+        ServeOptions(model_dir="m", num_speculative_tokens=3)
+    with pytest.raises(ValueError, match="--prompt-lookup-max, --prompt-lookup-min only apply"):
+        ServeOptions(model_dir="m", prompt_lookup_max=3, prompt_lookup_min=1)
 
 
 # -- the engine on the tiny model ------------------------------------------------------------

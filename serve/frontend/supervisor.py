@@ -74,7 +74,7 @@ class _Supervisor:
 
     def _on_signal(self, sig: int, frame) -> None:
         self.signals += 1
-        log.info("%s: draining the workers (signal %d)", signal.Signals(sig).name, self.signals)
+        log.info("%s: draining the workers (signal number %d received)", signal.Signals(sig).name, self.signals)
         for proc in self._live_workers():
             try:
                 os.kill(proc.pid, signal.SIGKILL if self.signals >= 3 else signal.SIGTERM)
