@@ -74,7 +74,7 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
              "off" if options.prefix_cache_size == 0 else
              f"up to {engine.slots.cache.capacity} tokens in idle slots")
     if engine.speculator is not None:
-        spec = options.speculative_config()
+        spec = engine.speculator.config
         log.info("speculative decoding: %s, %d draft tokens a call, n-grams %d..%d, while at most "
                  "%d sequences decode", options.speculative, spec.num_speculative_tokens,
                  spec.prompt_lookup_max, spec.prompt_lookup_min, spec.disable_by_batch_size)
