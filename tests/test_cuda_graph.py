@@ -28,7 +28,9 @@ from serve.runtime.cuda import (
     cuda_provider_options,
     graph_sizes,
     identity_model,
+    prefill_shape,
 )
+from serve.runtime.shared_kv import SharedKVRuntime
 
 F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
 
@@ -285,3 +287,35 @@ def test_captured_steps_pad_to_captured_sizes(cuda_dirs):
     # tokens picked on the device from a padded step: one a sequence, padding rows dropped
     picked = rt.decode_sampled([1, 2, 3], [9, 9, 9], [RowDraw(greedy=True)] * 3)
     assert [p.token for p in picked] == np.argmax(ref.decode([1, 2, 3], [9, 9, 9]), -1).tolist()
+
+
+def test_prefill_shape_buckets():
+    """Prefill calls run at powers of two from 16 (few shapes: ORT's first call at a new
+    sequence length costs 50-100 ms on CUDA), capped by what is left of the buffer."""
+    assert [prefill_shape(n, 0, 2048) for n in (1, 16, 17, 37, 64, 65, 512, 513)] == \
+        [16, 16, 32, 64, 64, 128, 512, 1024]
+    assert prefill_shape(37, 2000, 2048) == 48  # 64 would not fit: what is left
+    assert prefill_shape(8, 2040, 2048) == 8
+
+
+def test_bucketed_prefill_equals_exact_prefill(cuda_dirs):
+    """A padded prefill (right-padded to its bucket, the mask spanning the buffer, the real
+    last position's logits) gives the logits of an exact-length prefill, and the padding's KV
+    never shows: later decode steps and prefills agree too, up to the buffer's end."""
+    d = cuda_dirs["fp16"]
+    info = load_model_info(d)
+    exact = CudaRuntime(info, RuntimeOptions(max_batch=2, max_length=40), device="cpu")
+    exact.prefill = lambda slot, ids: SharedKVRuntime.prefill(exact, slot, ids)  # no buckets
+    rt = CudaRuntime(info, RuntimeOptions(max_batch=2, max_length=40), device="cpu")
+    assert rt.warm_up() == [16, 32] and rt.length(0) == rt.length(1) == 0
+
+    def script(r):
+        out = [r.prefill(0, _ids(5, 1)), r.prefill(1, _ids(21, 2))]
+        out.extend(r.decode([0, 1], [9, 10]))
+        out.append(r.prefill(0, _ids(30, 3)))  # 6 + 30 = 36: the 64 bucket capped at 34
+        out.extend(r.decode([1, 0], [11, 12]))
+        out.extend(r.decode([0], [13]))
+        assert r.length(0) == 38 and r.length(1) == 23
+        return np.stack(out)
+
+    np.testing.assert_allclose(script(rt), script(exact), atol=2e-3)

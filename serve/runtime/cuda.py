@@ -13,6 +13,14 @@ or, with device sampling (``device_sampling`` True: ``decode_sampled``), the log
 for the token-choice graph (``serve.runtime.device_sampling``) and only token ids [b] (and the
 logits of rows the host must sample) come down.
 
+Prefill calls run at a few fixed shapes (`prefill_shape`): the prompt chunk right-padded to the
+next power of two (at least 16 tokens), the mask as wide as the buffer, and only the real last
+position's logits kept. ORT on CUDA spends 50-100 ms the first time it meets a sequence length
+(3.5-7 ms after; H200, default model), and prompt lengths are all different: with buckets only
+the first call at each bucket pays, and `warm_up` pays that at start-up. The padding tokens'
+KV lands after the real ones (GroupQueryAttention is causal: the real tokens never see it) and
+past the slot's length, where the next write goes.
+
 Decoded sequences are moved so slot ``slots[j]`` sits in row ``j`` (as in every
 ``SharedKVRuntime``); moves and ``copy_slot`` are device-to-device copies through a tiny
 Identity graph (``DeviceCopier``).
@@ -85,6 +93,21 @@ def binding_plan(info, kv_dtype, first_row: int, rows: int, *, seq: int, mask_wi
     plan.append(Bound("logits", "output", io_dev, (rows, 1, info.vocab_size), "float32",
                       "logits"))
     return plan
+
+
+# Smallest prefill shape (`prefill_shape`); below it the padding costs less than more shapes.
+MIN_PREFILL_SHAPE = 16
+
+
+def prefill_shape(n: int, past: int, max_length: int) -> int:
+    """Sequence length a prefill of ``n`` tokens after ``past`` runs at on CUDA: the next power
+    of two >= max(n, `MIN_PREFILL_SHAPE`), or what is left of the buffer where that would not
+    fit (``max_length - past`` >= n, checked by the caller).
+
+    Example: n = 37, past = 0, max_length = 2048 → 64; n = 37, past = 2000 → 48.
+    """
+    s = max(MIN_PREFILL_SHAPE, 1 << max(n - 1, 0).bit_length())
+    return min(s, max_length - past) if past + s > max_length else s
 
 
 def cuda_provider_options(*, device_id: int = 0, cuda_graph: bool = False) -> dict[str, str]:
@@ -217,6 +240,8 @@ class CudaRuntime(SharedKVRuntime):
         # the static decode graph's total_sequence_length: the mask width, fixed per session
         self._total_len = ort.OrtValue.ortvalue_from_numpy(
             np.array(self.info.max_length, np.int32))
+        if device == "cuda":
+            self.warm_up()
 
     def _with_options(self, providers: list, *, cuda_graph: bool = False) -> list:
         return [(p, cuda_provider_options(device_id=self._device_id, cuda_graph=cuda_graph))
@@ -291,6 +316,51 @@ class CudaRuntime(SharedKVRuntime):
 
     def _logits_value(self, call: Call) -> ort.OrtValue:
         return super()._logits_value(call) if call.device is None else call.device[2]
+
+    # -- prefill at bucketed shapes -----------------------------------------------------------
+    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Append ``ids`` to ``slot``'s sequence; float32 logits [vocab] after the last one.
+
+        Runs at `prefill_shape` (module docstring) where the export has the overridable
+        ``num_logits_to_keep`` input; else at the exact length, as `SharedKVRuntime.prefill`.
+
+        Raises:
+            ContextFull: the slot would hold more than ``info.max_length`` tokens.
+            ValueError: ``ids`` is empty.
+        """
+        if not self.info.logits_to_keep:
+            return super().prefill(slot, ids)
+        n, past = self._begin_prefill(slot, ids)
+        s = prefill_shape(n, past, self.info.max_length)
+        padded = np.zeros((1, s), np.int64)
+        padded[0, :n] = ids
+        logits = self._prefill_row(self._row[slot], padded, past, s - n + 1)
+        self._lengths[slot] = past + n
+        return logits
+
+    def _prefill_row(self, row: int, ids: np.ndarray, past: int, keep: int) -> np.ndarray:
+        """One prefill call on ``row``: ``ids`` [1, s] after ``past`` tokens, the mask spanning
+        the buffer; returns the logits ``keep`` positions from the end ([vocab] float32)."""
+        call = self._call(row, 1, decode=False)
+        mask = np.zeros((1, self.info.max_length), np.int64)
+        mask[0, : past + ids.shape[1]] = 1
+        keep_value = ort.OrtValue.ortvalue_from_numpy(np.array([keep], np.int64))
+        call.io.bind_ortvalue_input("num_logits_to_keep", keep_value)  # an overridable initializer
+        self._run(call, ids, mask)
+        out = call.io.get_outputs()[-1].numpy()  # [1, keep, vocab]
+        return np.array(out[0, 0], dtype=np.float32)
+
+    def warm_up(self, up_to: int = 2048) -> list[int]:
+        """Run one prefill at every bucketed shape up to ``min(up_to, max_length)`` on the
+        scratch row (no slot changes), so no request pays ORT's first call at a new shape.
+        Returns the shapes run."""
+        shapes = []
+        s = MIN_PREFILL_SHAPE
+        while s <= min(up_to, self.info.max_length) and self.info.logits_to_keep:
+            self._prefill_row(self._scratch, np.zeros((1, s), np.int64), 0, 1)
+            shapes.append(s)
+            s *= 2
+        return shapes
 
     # -- moving rows on the device ------------------------------------------------------------
     def _copy_rows(self, pairs: Sequence[tuple[int, int]]) -> None:
