@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402
 
 
 def _ms(xs: list[float]) -> dict:
+    if not xs:
+        return {}
     return {"median_ms": round(1000 * statistics.median(xs), 3),
             "min_ms": round(1000 * min(xs), 3), "n": len(xs)}
 

@@ -56,6 +56,26 @@ def decode_widths(model_dir: str, provider: str, reps: int) -> dict:
     return out
 
 
+def decode_max_batch(model_dir: str, provider: str, reps: int) -> dict:
+    """A captured 64-row decode step against the slot count (the buffer's rows)."""
+    from serve.runtime import RuntimeOptions, open_runtime
+
+    out: dict = {}
+    rng = np.random.default_rng(2)
+    for max_batch in (64, 96, 128):
+        rt = open_runtime(model_dir, RuntimeOptions(provider=provider, max_batch=max_batch,
+                                                    max_length=2048,
+                                                    cuda_graph=provider == "cuda"))
+        slots = list(range(64))
+        for s in slots:
+            rt.reset(s)
+            rt.prefill(s, rng.integers(100, 40000, 20).tolist())
+        out[str(max_batch)] = _time(lambda rt=rt: rt.decode(slots, [5] * 64), reps)
+        print("max_batch", max_batch, out[str(max_batch)], file=sys.stderr, flush=True)
+        del rt
+    return out
+
+
 def first_shapes(model_dir: str, provider: str) -> dict:
     from serve.runtime import RuntimeOptions, open_runtime
 
@@ -87,9 +107,14 @@ def main() -> None:
     ap.add_argument("--provider", default="cuda")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only", choices=["max-batch"])
     a = ap.parse_args()
     import onnxruntime as ort
     res: dict = {"onnxruntime": ort.__version__}
+    if a.only == "max-batch":
+        res["decode_max_batch"] = decode_max_batch(a.model_dir, a.provider, a.reps)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        return
     res["first_shapes"] = first_shapes(a.model_dir, a.provider)
     Path(a.out).write_text(json.dumps(res, indent=1))
     res["decode_widths"] = decode_widths(a.model_dir, a.provider, a.reps)

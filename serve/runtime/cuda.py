@@ -240,6 +240,10 @@ class CudaRuntime(SharedKVRuntime):
         # the static decode graph's total_sequence_length: the mask width, fixed per session
         self._total_len = ort.OrtValue.ortvalue_from_numpy(
             np.array(self.info.max_length, np.int32))
+        # prefill logits: one row of them gathered on the device, then copied down
+        self._logits_copier = DeviceCopier(1, np.float32, self.providers, self._device,
+                                           self._device_id)
+        self._last_logits = self._alloc((1, info.vocab_size), np.float32)
         if device == "cuda":
             self.warm_up()
 
@@ -334,21 +338,30 @@ class CudaRuntime(SharedKVRuntime):
         s = prefill_shape(n, past, self.info.max_length)
         padded = np.zeros((1, s), np.int64)
         padded[0, :n] = ids
-        logits = self._prefill_row(self._row[slot], padded, past, s - n + 1)
+        logits = self._prefill_row(self._row[slot], padded, past, n)
         self._lengths[slot] = past + n
         return logits
 
-    def _prefill_row(self, row: int, ids: np.ndarray, past: int, keep: int) -> np.ndarray:
+    def _prefill_row(self, row: int, ids: np.ndarray, past: int, n: int) -> np.ndarray:
         """One prefill call on ``row``: ``ids`` [1, s] after ``past`` tokens, the mask spanning
-        the buffer; returns the logits ``keep`` positions from the end ([vocab] float32)."""
+        the buffer; returns the logits after the ``n``-th token ([vocab] float32).
+
+        The logits of every position stay on the device and one row of them is copied down
+        (a logits shape that followed ``n`` would be one more shape ORT meets for the first time).
+        """
         call = self._call(row, 1, decode=False)
         mask = np.zeros((1, self.info.max_length), np.int64)
         mask[0, : past + ids.shape[1]] = 1
-        keep_value = ort.OrtValue.ortvalue_from_numpy(np.array([keep], np.int64))
-        call.io.bind_ortvalue_input("num_logits_to_keep", keep_value)  # an overridable initializer
-        self._run(call, ids, mask)
-        out = call.io.get_outputs()[-1].numpy()  # [1, keep, vocab]
-        return np.array(out[0, 0], dtype=np.float32)
+        io = call.io
+        io.bind_ortvalue_input("num_logits_to_keep", self._keep[0])  # an overridable initializer
+        io.bind_output("logits", self._device, self._device_id)  # [1, s, vocab] on the device
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        call.session.run_with_iobinding(io)
+        vocab = self.info.vocab_size
+        src = io.get_outputs()[-1].data_ptr() + (n - 1) * vocab * 4
+        self._logits_copier.copy([(src, self._last_logits.data_ptr())], vocab)
+        return np.array(self._last_logits.numpy()[0])  # (a view of the buffer on "cpu")
 
     def warm_up(self, up_to: int = 2048) -> list[int]:
         """Run one prefill at every bucketed shape up to ``min(up_to, max_length)`` on the
