@@ -70,7 +70,7 @@ def decode_max_batch(model_dir: str, provider: str, reps: int) -> dict:
         for s in slots:
             rt.reset(s)
             rt.prefill(s, rng.integers(100, 40000, 20).tolist())
-        out[str(max_batch)] = _time(lambda rt=rt: rt.decode(slots, [5] * 64), reps)
+        out[str(max_batch)] = _time(lambda rt=rt, slots=slots: rt.decode(slots, [5] * 64), reps)
         print("max_batch", max_batch, out[str(max_batch)], file=sys.stderr, flush=True)
         del rt
     return out
