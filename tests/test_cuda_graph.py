@@ -287,6 +287,13 @@ def test_captured_steps_pad_to_captured_sizes(cuda_dirs):
     # tokens picked on the device from a padded step: one a sequence, padding rows dropped
     picked = rt.decode_sampled([1, 2, 3], [9, 9, 9], [RowDraw(greedy=True)] * 3)
     assert [p.token for p in picked] == np.argmax(ref.decode([1, 2, 3], [9, 9, 9]), -1).tolist()
+    # warmed up first (every captured size run once on the empty buffer): the same numbers
+    warm = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=6, max_length=40,
+                                                          cuda_graph=True), device="cpu")
+    assert warm.warm_up() == {"prefill": [16, 32], "decode": [1, 2, 4, 6]}
+    np.testing.assert_allclose(script(warm), want, atol=2e-3)
+    with pytest.raises(RuntimeError, match="empty"):
+        warm.warm_up()
 
 
 def test_prefill_shape_buckets():
@@ -307,7 +314,8 @@ def test_bucketed_prefill_equals_exact_prefill(cuda_dirs):
     exact = CudaRuntime(info, RuntimeOptions(max_batch=2, max_length=40), device="cpu")
     exact.prefill = lambda slot, ids: SharedKVRuntime.prefill(exact, slot, ids)  # no buckets
     rt = CudaRuntime(info, RuntimeOptions(max_batch=2, max_length=40), device="cpu")
-    assert rt.warm_up() == [16, 32] and rt.length(0) == rt.length(1) == 0
+    assert rt.warm_up() == {"prefill": [16, 32], "decode": []}
+    assert rt.length(0) == rt.length(1) == 0
 
     def script(r):
         out = [r.prefill(0, _ids(5, 1)), r.prefill(1, _ids(21, 2))]

@@ -363,17 +363,33 @@ class CudaRuntime(SharedKVRuntime):
         self._logits_copier.copy([(src, self._last_logits.data_ptr())], vocab)
         return np.array(self._last_logits.numpy()[0])  # (a view of the buffer on "cpu")
 
-    def warm_up(self, up_to: int = 2048) -> list[int]:
-        """Run one prefill at every bucketed shape up to ``min(up_to, max_length)`` on the
-        scratch row (no slot changes), so no request pays ORT's first call at a new shape.
-        Returns the shapes run."""
-        shapes = []
+    def warm_up(self, up_to: int = 2048) -> dict[str, list[int]]:
+        """Meet every shape a request would otherwise meet first, before any request: one
+        prefill at every bucketed shape up to ``min(up_to, max_length)`` on the scratch row, and
+        with CUDA graphs one decode step at every captured batch size (`graph_sizes`: the
+        capture happens at the first run). Only on an empty runtime: the decode steps write
+        position 0 of rows whose length stays 0.
+
+        Returns:
+            {"prefill": sequence lengths run, "decode": batch sizes captured}.
+        Raises:
+            RuntimeError: a slot already holds tokens.
+        """
+        if any(self._lengths):
+            raise RuntimeError("warm_up runs on an empty runtime only")
+        done: dict[str, list[int]] = {"prefill": [], "decode": []}
         s = MIN_PREFILL_SHAPE
         while s <= min(up_to, self.info.max_length) and self.info.logits_to_keep:
             self._prefill_row(self._scratch, np.zeros((1, s), np.int64), 0, 1)
-            shapes.append(s)
+            done["prefill"].append(s)
             s *= 2
-        return shapes
+        for rows in self._graph_sizes if self._cuda_graph else []:
+            mask = np.zeros((rows, self.info.max_length), np.int64)
+            mask[:, 0] = 1
+            call = self._call(0, rows, decode=True)
+            self._run(call, np.zeros((rows, 1), np.int64), mask)
+            done["decode"].append(rows)
+        return done
 
     # -- moving rows on the device ------------------------------------------------------------
     def _copy_rows(self, pairs: Sequence[tuple[int, int]]) -> None:
