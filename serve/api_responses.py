@@ -472,7 +472,7 @@ class ResponsesOutput(Output):
         out, self._out = self._out or [], []
         return out
 
-    def start(self) -> list[bytes]:
+    def start(self, first: Event) -> list[bytes]:
         self._out = []
         self._emit("response.created", response=self.body("in_progress"))
         self._emit("response.in_progress", response=self.body("in_progress"))

@@ -263,6 +263,7 @@ def test_pack_round_trips_every_event():
     events = [
         Event((ChoiceOutput(0, " hi", (42,)), ChoiceOutput(1, "", (7, 8), finish_reason="stop",
                                                            stop_sequence="\n"))),
+        Event((ChoiceOutput(0, "a", (3,)),), cached_tokens=5),  # a request's first event
         Event((ChoiceOutput(0, "x", (1,), finish_reason="length"),), usage=Usage(3, 1, 2)),
         Event((ChoiceOutput(0, "y", (2,), logprobs=(TokenLogprob(2, -0.5, ((2, -0.5),)),)),)),
         Event(prompt_logprobs=(None, TokenLogprob(5, -1.0))),
@@ -270,4 +271,4 @@ def test_pack_round_trips_every_event():
     ]
     for rid, event in enumerate(events):
         assert unpack(pack(rid, event)) == (rid, event)
-    assert len(pack(0, events[0])) == 3 and len(pack(0, events[2])) == 2  # plain tuples, or the event
+    assert len(pack(0, events[0])) == 4 and len(pack(0, events[3])) == 2  # plain tuples, or the event
