@@ -262,6 +262,9 @@ class ServeOptions:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.api_workers < 0:
             raise ValueError(f"api_workers must be >= 0, got {self.api_workers}")
+        if self.api_workers > 1 and self.idle_unload is not None:
+            raise ValueError("--idle-unload does not go with --api-workers: the engine process keeps the "
+                             "model loaded until the server stops")
         if self.api_workers > 1 and self.scale_out:
             raise ValueError("--api-workers and --replicas/--max-replicas do not go together: "
                              "each Ray Serve replica is one process")

@@ -152,12 +152,21 @@ def test_metrics_come_from_the_engine_process(servers):
     assert after[("llorch_slots", M)] == 4
 
 
-def test_unload_detaches_one_worker_and_the_next_request_reconnects(servers):
+def test_unload_is_refused_and_the_model_stays_loaded(servers):
+    """The model lives in the engine process all workers share: an unload that only
+    detached the worker that got it would say "unloaded" and free nothing, so it is a 400
+    that says why (load answers the card: it is loaded)."""
     _, split, base = servers
     for _ in range(3):  # whichever worker gets it
         r = httpx.post(f"{base}/v1/models/{MODEL}/unload", timeout=30)
-        assert r.status_code == 200 and r.json()["status"] == "unloaded"
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "unload_not_supported"
+        assert "--api-workers" in error["message"] and "engine process" in error["message"]
+        assert split.models.retrieve(MODEL).model_extra["status"] == "loaded"
         assert split.chat.completions.create(model=MODEL, messages=MSG, max_tokens=3).choices
+    r = httpx.post(f"{base}/v1/models/{MODEL}/load", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "loaded"
     assert httpx.get(f"{base}/health").status_code == 200
 
 
@@ -254,6 +263,14 @@ def test_several_models_are_refused(tiny_model_dir, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2
     assert "--api-workers serves one model" in r.stderr and "--models-dir" in r.stderr
+
+
+def test_idle_unload_is_refused(tiny_model_dir):
+    """--idle-unload would only detach idle workers; the engine process keeps the model."""
+    r = subprocess.run([sys.executable, "-m", "serve.main", str(tiny_model_dir), "--port", "0",
+                        "--api-workers", "2", "--idle-unload", "60"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--idle-unload" in r.stderr and "--api-workers" in r.stderr, r.stderr
 
 
 def test_pack_round_trips_every_event():
