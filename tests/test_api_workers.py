@@ -289,3 +289,35 @@ def test_pack_round_trips_every_event():
     for rid, event in enumerate(events):
         assert unpack(pack(rid, event)) == (rid, event)
     assert len(pack(0, events[0])) == 4 and len(pack(0, events[3])) == 2  # plain tuples, or the event
+
+
+@pytest.mark.parametrize("n", ["0", "-1", "65", "1000"])
+def test_api_workers_out_of_range_is_exit_2_naming_the_flag(tiny_model_dir, n):
+    r = subprocess.run([sys.executable, "-m", "serve.main", str(tiny_model_dir), "--port", "0",
+                        "--api-workers", n], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--api-workers must be between 1" in r.stderr and n in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_more_workers_than_cpus_is_a_warning(tiny_model_dir, tmp_path):
+    """On one CPU, two workers start (it is allowed) but the log says they will compete."""
+    one_cpu = min(os.sched_getaffinity(0))
+    log = tmp_path / "s.log"
+    port = _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serve.main", str(tiny_model_dir), *ARGS, "--port",
+                                 str(port), "--api-workers", "2"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            return False
+
+        wait_for(ready, 120, "server ready")
+        text = log.read_text()
+        assert "WARNING serve.frontend: --api-workers 2 is more than the CPUs this process may use (1)" in text, text
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0

@@ -31,6 +31,7 @@ from serve.frontend.hub import engine_main
 from serve.frontend.worker import worker_main
 from serve.models import ModelEntry
 from serve.options import ServeOptions
+from serve.runtime.session import default_threads
 
 log = logging.getLogger("serve.frontend")
 
@@ -187,4 +188,8 @@ def run_split(options: ServeOptions, entries: list[ModelEntry]) -> None:
         EngineCrashed: the engine process died.
     """
     check_split(options, entries)
+    cpus = default_threads()  # the CPUs this process may use
+    if options.api_workers > cpus:
+        log.warning("--api-workers %d is more than the CPUs this process may use (%d): the workers "
+                    "and the engine will compete for them", options.api_workers, cpus)
     _Supervisor(options, entries[0]).run()
