@@ -48,6 +48,7 @@ from serve.parsers import (
 from serve.protocol import MAX_STOPS
 from serve.responses import Output, TokenText
 from serve.sse import sse
+from serve.text_parts import join_text_parts
 
 log = logging.getLogger("serve.api_messages")
 
@@ -307,21 +308,8 @@ def chat_messages(message: dict[str, Any], param: str, *, final: bool = False,
 
 
 def _text(content: Any, param: str) -> str:
-    """A string, or `text` blocks joined by newlines."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequestError("Expected a string or a list of text blocks.", param=param)
-    texts = []
-    for j, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and not isinstance(block.get("text"), str):
-            raise InvalidRequestError("text must be a string", param=f"{param}.[{j}].text")
-        if kind != "text":
-            raise InvalidRequestError(f"Blocks of type {kind!r} are not supported here; only 'text'.",
-                                      param=f"{param}.[{j}].type")
-        texts.append(block["text"])
-    return "\n".join(texts)
+    """A string, or `text` blocks joined by newlines (`system`, `tool_result` content)."""
+    return join_text_parts(content, param, fields={"text": "text"}, part_path="{param}.[{j}]")
 
 
 def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
