@@ -208,6 +208,28 @@ def test_sigterm_drains_then_everyone_exits_0(long_tiny_dir, tmp_path):  # noqa:
     assert "Traceback" not in log.read_text()
 
 
+def test_second_signal_is_quiet_and_third_kills_every_process(long_tiny_dir, tmp_path):  # noqa: F811
+    """Idle: two signals stop in order (exit 0, no traceback from any process); mid-stream, a
+    third kills the workers and the engine and exits 128 + SIGTERM at once."""
+    log = tmp_path / "s.log"
+    with split_server(long_tiny_dir, *ARGS, log_path=log) as (_, proc, pids):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert not any(_alive(p) for p in pids["engine"] + pids["workers"])
+    assert "Traceback" not in log.read_text(), log.read_text()
+    with split_server(long_tiny_dir, *ARGS, "--drain-timeout", "60", log_path=log) as (base, proc, pids):
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/chat/completions", json=LONG) as r:
+            next(r.iter_raw())
+            for _ in range(3):
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.05)
+            assert proc.wait(10) == 128 + signal.SIGTERM, log.read_text()
+    wait_for(lambda: not any(_alive(p) for p in pids["engine"] + pids["workers"]), 5, "every process gone")
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
 def test_killed_engine_ends_requests_with_an_error_and_the_server_exits_1(long_tiny_dir, tmp_path):  # noqa: F811
     log = tmp_path / "s.log"
     with split_server(long_tiny_dir, *ARGS, log_path=log) as (base, proc, pids):
