@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve.errors import GENERIC_SERVER_ERROR, APIError, InvalidRequestError, ServerError
-from serve.events import Event
+from serve.events import Event, Usage
 from serve.param_names import CALL_ORIGINS, ORIGIN, Renamer
 from serve.parsers import (
     ChoiceParser,
@@ -48,6 +48,7 @@ from serve.parsers import (
 from serve.protocol import MAX_STOPS
 from serve.responses import Output, TokenText
 from serve.sse import sse
+from serve.text_parts import join_text_parts
 
 log = logging.getLogger("serve.api_messages")
 
@@ -307,21 +308,8 @@ def chat_messages(message: dict[str, Any], param: str, *, final: bool = False,
 
 
 def _text(content: Any, param: str) -> str:
-    """A string, or `text` blocks joined by newlines."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequestError("Expected a string or a list of text blocks.", param=param)
-    texts = []
-    for j, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and not isinstance(block.get("text"), str):
-            raise InvalidRequestError("text must be a string", param=f"{param}.[{j}].text")
-        if kind != "text":
-            raise InvalidRequestError(f"Blocks of type {kind!r} are not supported here; only 'text'.",
-                                      param=f"{param}.[{j}].type")
-        texts.append(block["text"])
-    return "\n".join(texts)
+    """A string, or `text` blocks joined by newlines (`system`, `tool_result` content)."""
+    return join_text_parts(content, param, fields={"text": "text"}, part_path="{param}.[{j}]")
 
 
 def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -406,6 +394,7 @@ class MessagesOutput(Output):
         self._space = ""  # whitespace-only text held back: it may only separate tool calls
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None
+        self.cached_tokens = 0  # of the prompt, from the first event (`start`)
         self._out: list[bytes] | None = None  # None: not streaming
 
     def _emit(self, kind: str, **payload: Any) -> None:
@@ -418,8 +407,9 @@ class MessagesOutput(Output):
 
     # ---- framing
 
-    def start(self) -> list[bytes]:
+    def start(self, first: Event) -> list[bytes]:
         self._out = []
+        self.cached_tokens = first.cached_tokens or 0
         message = self._message(final=False)
         self._emit("message_start", message=message)
         return [*self._flush(), self.ping()]
@@ -467,11 +457,11 @@ class MessagesOutput(Output):
         return self.stop_sequence if self.stop_reason == "stop_sequence" else None
 
     def _usage(self) -> dict[str, Any]:
+        # Anthropic counts cached prompt tokens apart from `input_tokens`; nothing is ever
+        # "written" to a cache beyond the KV prefix cache, so cache_creation_input_tokens is 0.
         u = self.usage
-        if u is None:  # message_start: the prompt, as far as known
-            return {"input_tokens": self.prompt_tokens, "output_tokens": 0, "cache_read_input_tokens": None,
-                    "cache_creation_input_tokens": None}
-        # Anthropic counts cached prompt tokens apart from `input_tokens`.
+        if u is None:  # message_start: the prompt, split as the first event told
+            u = Usage(self.prompt_tokens, 0, self.cached_tokens)
         return {"input_tokens": u.prompt_tokens - u.cached_tokens, "output_tokens": u.completion_tokens,
                 "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
 

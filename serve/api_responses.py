@@ -41,6 +41,7 @@ from serve.parsers import (
 from serve.protocol import MAX_TOP_LOGPROBS
 from serve.responses import Output, TokenText, chat_logprobs_content
 from serve.sse import sse
+from serve.text_parts import join_text_parts
 from serve.token_bytes import TokenBytes
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -51,7 +52,8 @@ HARMLESS_INCLUDES = frozenset({
     "web_search_call.results", "web_search_call.action.sources", "code_interpreter_call.outputs",
     "computer_call_output.output.image_url",
 })
-TEXT_PART_TYPES = ("input_text", "output_text", "text")
+# Content part types read as text → the field holding it (an assistant's `refusal` is text it said).
+TEXT_FIELDS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 
 
@@ -275,24 +277,8 @@ def _message(item: dict[str, Any], param: str) -> dict[str, Any]:
 
 
 def _text(content: Any, param: str) -> str:
-    """A string, or text content parts joined by newlines (as the chat route joins them)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequestError("Content must be a string or a list of content parts.", param=param)
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in TEXT_PART_TYPES or kind == "refusal":
-            field = "refusal" if kind == "refusal" else "text"
-            if not isinstance(part.get(field), str):
-                raise InvalidRequestError(f"Invalid '{param}[{j}].{field}': {kind} parts need a string "
-                                          f"'{field}'.", param=f"{param}[{j}].{field}")
-            texts.append(part[field])
-        else:
-            raise InvalidRequestError(f"Content parts of type {kind!r} are not supported by this server "
-                                      "(text only: no images, files or audio).", param=f"{param}[{j}].type")
-    return "\n".join(texts)
+    """A string, or text (and refusal) content parts joined by newlines."""
+    return join_text_parts(content, param, fields=TEXT_FIELDS)
 
 
 def _string(item: dict[str, Any], name: str, param: str) -> str:
@@ -472,7 +458,7 @@ class ResponsesOutput(Output):
         out, self._out = self._out or [], []
         return out
 
-    def start(self) -> list[bytes]:
+    def start(self, first: Event) -> list[bytes]:
         self._out = []
         self._emit("response.created", response=self.body("in_progress"))
         self._emit("response.in_progress", response=self.body("in_progress"))

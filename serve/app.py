@@ -323,9 +323,15 @@ async def load_model(request: Request, state: _State) -> Response:
 
 
 async def unload_model(request: Request, state: _State) -> Response:
-    """Stop a model's engine now → its card; 409 while requests use it."""
+    """Stop a model's engine now → its card; 409 while requests use it; 400 under
+    --api-workers, where the model lives in the engine process all workers share."""
     _authorize(request, state)
     entry = state.models.entry(request.path_params["model_id"])
+    if state.options.api_workers > 1:  # stopping this worker's client would free nothing
+        raise InvalidRequestError(
+            f"Unloading is not supported with --api-workers: the model `{entry.id}` lives in the engine "
+            "process every HTTP worker shares and stays loaded until the server stops (serve without "
+            "--api-workers to unload models at run time).", code="unload_not_supported")
     await run_in_threadpool(state.models.unload, entry)
     return JSONResponse(entry.card())
 

@@ -431,7 +431,8 @@ class Engine:
         """The group's prompt KV is in place: sample each choice's first token."""
         job.prompt_logits = logits if job.pending else None
         now = time.monotonic()
-        if job.t_first is None:
+        first = job.t_first is None
+        if first:
             job.t_first = now
             self._observe("first_token", now - job.t_submit)
         outputs = []
@@ -444,7 +445,7 @@ class Engine:
         prompt_logprobs = None
         if job.prompt_logprobs is not None and not job.prompt_logprobs_sent:
             prompt_logprobs, job.prompt_logprobs_sent = tuple(job.prompt_logprobs), True
-        self._send(job, outputs, prompt_logprobs)
+        self._send(job, outputs, prompt_logprobs, cached_tokens=job.cached_tokens if first else None)
 
     def _decode(self) -> None:
         """One token for every running choice, or more for those that speculate: drafted
@@ -628,13 +629,15 @@ class Engine:
         job: Job,
         outputs: Sequence[ChoiceOutput],
         prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None,
+        *,
+        cached_tokens: int | None = None,
     ) -> None:
         usage = None
         if job.done:
             usage = Usage(len(job.prompt), job.completion_tokens, job.cached_tokens)
             job.running.clear()
             self._end(job, "ok")  # first, so metrics are current when the client hears
-        job.send(Event(tuple(outputs), prompt_logprobs, usage))
+        job.send(Event(tuple(outputs), prompt_logprobs, usage, cached_tokens=cached_tokens))
 
     def _remove(self, job: Job, *, keep: bool = True) -> None:
         """Take a job out of every structure and give back its slots."""

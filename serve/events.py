@@ -81,13 +81,17 @@ class Usage:
 @dataclass(frozen=True)
 class Event:
     """One step of one request. The last event has `usage` (done) or `error` (failed);
-    `error_code` says why when the client should retry elsewhere or later."""
+    `error_code` says why when the client should retry elsewhere or later. The request's
+    first token event also has `cached_tokens`: the prompt tokens the prefix cache supplied
+    (final by then; the same number as the last event's `usage.cached_tokens`), so a stream's
+    opening frame can report the prompt split before the end (Anthropic's `message_start`)."""
 
     choices: tuple[ChoiceOutput, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     usage: Usage | None = None
     error: str | None = None
     error_code: str | None = None
+    cached_tokens: int | None = None
 
     @property
     def final(self) -> bool:

@@ -6,7 +6,7 @@ and `run` raises `StartupError`; with several, a model that fails answers its re
 error and the others serve (serve.models loads them on demand).
 SIGTERM / SIGINT drain first (`serve.app.drain`: 503 for new requests, running ones get
 `--drain-timeout` seconds), then uvicorn stops and `run` returns; a second signal cuts the
-drain short, a third exits at once.
+drain short (still an orderly stop, exit 0), a third exits at once (status 128 + signal).
 `python -m serve.main DIR[=alias] [DIR…] [flags]` runs it without the `llorch` CLI; `add_arguments` /
 `options_from_args` are the flag ↔ `ServeOptions` mapping for CLIs to reuse.
 """
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -97,13 +98,23 @@ def _name_weights_file(model_dir: Path, exc: Exception) -> Exception:
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, but SIGTERM/SIGINT drain the engine before the server stops, and the process
-    then exits normally (uvicorn would re-raise the signal, i.e. die by it)."""
+    then exits normally (uvicorn would re-raise a SIGTERM, i.e. die by it).
+
+    1st signal: drain (`--drain-timeout` for running requests), then uvicorn's orderly stop.
+    2nd signal: the drain is cut short (running requests end now with `shutting_down`); the
+    stop stays orderly (responses written, engines stopped) and the exit status stays 0, as
+    uvicorn's after a second Ctrl-C. uvicorn itself would `force_exit` here, skipping the app's
+    shutdown, whose task is then cancelled at loop close (a traceback in the log).
+    3rd signal: exit at once, status 128 + the signal's number (130 for SIGINT, 143 for SIGTERM:
+    what a shell reports for a program a signal ended), nothing flushed but the log.
+    """
 
     def __init__(self, config: uvicorn.Config, app: Starlette, drain_timeout: float) -> None:
         super().__init__(config)
         self._app, self._drain_timeout = app, drain_timeout
         self._signals = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drains: set[asyncio.Future] = set()  # referenced until done
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -111,12 +122,22 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._signals += 1
-        if self._signals >= 3 or self._loop is None or self.should_exit:
-            self.should_exit = self.force_exit = True
-            return
+        name = signal.Signals(sig).name
+        if self._signals >= 3:
+            log.warning("%s a third time: exiting now (status %d)", name, 128 + sig)
+            logging.shutdown()
+            os._exit(128 + sig)
         timeout = self._drain_timeout if self._signals == 1 else 0.0
-        log.info("%s: draining (%g s for running requests)", signal.Signals(sig).name, timeout)
-        self._loop.call_soon_threadsafe(self._start_drain, timeout)
+        if self._signals == 1:
+            log.info("%s: draining (%g s for running requests)", name, timeout)
+        else:
+            log.info("%s again: ending running requests now, then stopping (a third signal exits at once)", name)
+        try:
+            if self._loop is None:
+                raise RuntimeError("not serving yet")
+            self._loop.call_soon_threadsafe(self._start_drain, timeout)
+        except RuntimeError:  # no loop (yet, or any more): nothing to drain
+            self.should_exit = True
 
     def _start_drain(self, timeout: float) -> None:
         async def drain_then_exit() -> None:
@@ -125,7 +146,9 @@ class DrainingServer(uvicorn.Server):
             finally:
                 self.should_exit = True
 
-        asyncio.ensure_future(drain_then_exit())
+        task = asyncio.ensure_future(drain_then_exit())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
 
 
 def run(options: ServeOptions) -> None:

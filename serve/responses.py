@@ -174,8 +174,10 @@ class Output:
             chunk["usage"] = None
         return sse(chunk)
 
-    def start(self) -> list[bytes]:
-        """Chunks to send before the first event's."""
+    def start(self, first: Event) -> list[bytes]:
+        """Chunks to send before those of `first`, the engine's first event (`chunks`
+        renders it next; a renderer may read what it tells of the whole request, such as
+        `cached_tokens`)."""
         return []
 
     def chunks(self, k: int, event: Event) -> list[bytes]:
@@ -256,7 +258,7 @@ class ChatOutput(Output):
         self.deltas: list[list[Delta]] = [[] for _ in range(self.n_choices)]
         self.legacy = legacy_functions
 
-    def start(self) -> list[bytes]:
+    def start(self, first: Event) -> list[bytes]:
         return [
             self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])

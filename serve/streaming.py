@@ -116,7 +116,7 @@ async def respond(request: Request, streams: list[RequestStream], out: Output, *
             else:  # wait for the first event: errors up to here keep their HTTP status
                 first = await anext(events, None)
                 if first is not None:
-                    head = [*out.start(), *out.chunks(*first)]
+                    head = [*out.start(first[1]), *out.chunks(*first)]
     except BaseException:
         events.close()
         raise

@@ -53,8 +53,8 @@ USAGE = Usage(prompt_tokens=10, completion_tokens=0, cached_tokens=4)
 
 def events(n: int, finish: str = "stop", *, stop_sequence: str | None = None, logprobs: bool = False,
            usage: Usage = USAGE) -> list[Event]:
-    """`n` one-token events (token ids 100, 101, …; text "t0", "t1", …), the last one
-    finished with `finish` and carrying usage."""
+    """`n` one-token events (token ids 100, 101, …; text "t0", "t1", …), the first one
+    carrying `cached_tokens`, the last one finished with `finish` and carrying usage."""
     out = []
     for i in range(n):
         last = i == n - 1
@@ -62,7 +62,8 @@ def events(n: int, finish: str = "stop", *, stop_sequence: str | None = None, lo
         choice = ChoiceOutput(0, f"t{i}", (100 + i,), lps, finish if last else None,
                               stop_sequence if last else None)
         u = Usage(usage.prompt_tokens, n, usage.cached_tokens) if last else None
-        out.append(Event(choices=(choice,), usage=u))
+        # the engine tells the prompt's cached tokens on the first event too
+        out.append(Event(choices=(choice,), usage=u, cached_tokens=usage.cached_tokens if i == 0 else None))
     return out
 
 

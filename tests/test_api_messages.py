@@ -173,7 +173,7 @@ def render(steps, tail=(), *, n=None, finish="stop", stop_sequence=None):
     out = MessagesOutput("msg_1", "m", token_text, prompt_tokens=10,
                          make_parser=lambda: ScriptedParser(steps, tail))
     evs = events(n, finish, stop_sequence=stop_sequence)
-    chunks = out.start()
+    chunks = out.start(evs[0])
     for e in evs:
         chunks += out.chunks(0, e)
     chunks += out.end()
@@ -200,7 +200,11 @@ def test_text_stream_order_and_usage():
     evs, message, snapshot = render([[TextDelta("Hel")], [TextDelta("lo")]])
     assert [e["type"] for e in evs] == ["message_start", "ping", "content_block_start", "content_block_delta",
                                         "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
-    assert evs[0]["message"]["usage"]["input_tokens"] == 10 and evs[0]["message"]["content"] == []
+    assert evs[0]["message"]["content"] == []
+    # message_start splits the prompt by the prefix cache as the final usage does (the first
+    # event tells the cached tokens)
+    assert evs[0]["message"]["usage"] == {"input_tokens": 6, "output_tokens": 0, "cache_read_input_tokens": 4,
+                                          "cache_creation_input_tokens": 0}
     assert [e["delta"] for e in evs if e["type"] == "content_block_delta"] == [
         {"type": "text_delta", "text": "Hel"}, {"type": "text_delta", "text": "lo"}]
     assert evs[-2]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
@@ -271,7 +275,7 @@ def test_whole_calls_cut_by_a_stop_sequence_are_tool_use():
 
 def test_error_mid_stream_is_an_error_event():
     out = MessagesOutput("msg_1", "m", token_text, prompt_tokens=1)
-    out.start()
+    out.start(events(1)[0])
     with pytest.raises(ServerError) as err:
         out.chunks(0, Event(error="boom"))
     (chunk,) = out.fail(err.value)

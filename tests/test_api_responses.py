@@ -173,7 +173,7 @@ def render(steps, tail=(), *, n=None, finish="stop", logprobs=False, echo=None):
                               on_done=done.append)
         evs = events(n, finish, logprobs=logprobs)
         if streaming:
-            chunks = out.start()
+            chunks = out.start(evs[0])
             for e in evs:
                 chunks += out.chunks(0, e)
             chunks += out.end()
@@ -316,7 +316,7 @@ def test_echoed_settings():
 def test_error_mid_stream_is_response_failed():
     out = ResponsesOutput("resp_1", "m", token_text, echo=request().echo(),
                           make_parser=lambda: ScriptedParser([[TextDelta("a")]]))
-    out.start()
+    out.start(events(2)[0])
     out.chunks(0, events(2)[0])
     with pytest.raises(ServerError) as err:
         from serve.events import Event

@@ -152,12 +152,21 @@ def test_metrics_come_from_the_engine_process(servers):
     assert after[("llorch_slots", M)] == 4
 
 
-def test_unload_detaches_one_worker_and_the_next_request_reconnects(servers):
+def test_unload_is_refused_and_the_model_stays_loaded(servers):
+    """The model lives in the engine process all workers share: an unload that only
+    detached the worker that got it would say "unloaded" and free nothing, so it is a 400
+    that says why (load answers the card: it is loaded)."""
     _, split, base = servers
     for _ in range(3):  # whichever worker gets it
         r = httpx.post(f"{base}/v1/models/{MODEL}/unload", timeout=30)
-        assert r.status_code == 200 and r.json()["status"] == "unloaded"
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "unload_not_supported"
+        assert "--api-workers" in error["message"] and "engine process" in error["message"]
+        assert split.models.retrieve(MODEL).model_extra["status"] == "loaded"
         assert split.chat.completions.create(model=MODEL, messages=MSG, max_tokens=3).choices
+    r = httpx.post(f"{base}/v1/models/{MODEL}/load", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "loaded"
     assert httpx.get(f"{base}/health").status_code == 200
 
 
@@ -197,6 +206,28 @@ def test_sigterm_drains_then_everyone_exits_0(long_tiny_dir, tmp_path):  # noqa:
         assert proc.wait(30) == 0, log.read_text()
     assert not any(_alive(p) for p in pids["engine"] + pids["workers"])
     assert "Traceback" not in log.read_text()
+
+
+def test_second_signal_is_quiet_and_third_kills_every_process(long_tiny_dir, tmp_path):  # noqa: F811
+    """Idle: two signals stop in order (exit 0, no traceback from any process); mid-stream, a
+    third kills the workers and the engine and exits 128 + SIGTERM at once."""
+    log = tmp_path / "s.log"
+    with split_server(long_tiny_dir, *ARGS, log_path=log) as (_, proc, pids):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert not any(_alive(p) for p in pids["engine"] + pids["workers"])
+    assert "Traceback" not in log.read_text(), log.read_text()
+    with split_server(long_tiny_dir, *ARGS, "--drain-timeout", "60", log_path=log) as (base, proc, pids):
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/chat/completions", json=LONG) as r:
+            next(r.iter_raw())
+            for _ in range(3):
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.05)
+            assert proc.wait(10) == 128 + signal.SIGTERM, log.read_text()
+    wait_for(lambda: not any(_alive(p) for p in pids["engine"] + pids["workers"]), 5, "every process gone")
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 def test_killed_engine_ends_requests_with_an_error_and_the_server_exits_1(long_tiny_dir, tmp_path):  # noqa: F811
@@ -256,6 +287,14 @@ def test_several_models_are_refused(tiny_model_dir, tmp_path):
     assert "--api-workers serves one model" in r.stderr and "--models-dir" in r.stderr
 
 
+def test_idle_unload_is_refused(tiny_model_dir):
+    """--idle-unload would only detach idle workers; the engine process keeps the model."""
+    r = subprocess.run([sys.executable, "-m", "serve.main", str(tiny_model_dir), "--port", "0",
+                        "--api-workers", "2", "--idle-unload", "60"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--idle-unload" in r.stderr and "--api-workers" in r.stderr, r.stderr
+
+
 def test_pack_round_trips_every_event():
     from serve.events import ChoiceOutput, Event, TokenLogprob, Usage
     from serve.frontend.hub import pack, unpack
@@ -263,6 +302,7 @@ def test_pack_round_trips_every_event():
     events = [
         Event((ChoiceOutput(0, " hi", (42,)), ChoiceOutput(1, "", (7, 8), finish_reason="stop",
                                                            stop_sequence="\n"))),
+        Event((ChoiceOutput(0, "a", (3,)),), cached_tokens=5),  # a request's first event
         Event((ChoiceOutput(0, "x", (1,), finish_reason="length"),), usage=Usage(3, 1, 2)),
         Event((ChoiceOutput(0, "y", (2,), logprobs=(TokenLogprob(2, -0.5, ((2, -0.5),)),)),)),
         Event(prompt_logprobs=(None, TokenLogprob(5, -1.0))),
@@ -270,4 +310,36 @@ def test_pack_round_trips_every_event():
     ]
     for rid, event in enumerate(events):
         assert unpack(pack(rid, event)) == (rid, event)
-    assert len(pack(0, events[0])) == 3 and len(pack(0, events[2])) == 2  # plain tuples, or the event
+    assert len(pack(0, events[0])) == 4 and len(pack(0, events[3])) == 2  # plain tuples, or the event
+
+
+@pytest.mark.parametrize("n", ["0", "-1", "65", "1000"])
+def test_api_workers_out_of_range_is_exit_2_naming_the_flag(tiny_model_dir, n):
+    r = subprocess.run([sys.executable, "-m", "serve.main", str(tiny_model_dir), "--port", "0",
+                        "--api-workers", n], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--api-workers must be between 1" in r.stderr and n in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_more_workers_than_cpus_is_a_warning(tiny_model_dir, tmp_path):
+    """On one CPU, two workers start (it is allowed) but the log says they will compete."""
+    one_cpu = min(os.sched_getaffinity(0))
+    log = tmp_path / "s.log"
+    port = _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serve.main", str(tiny_model_dir), *ARGS, "--port",
+                                 str(port), "--api-workers", "2"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            return False
+
+        wait_for(ready, 120, "server ready")
+        text = log.read_text()
+        assert "WARNING serve.frontend: --api-workers 2 is more than the CPUs this process may use (1)" in text, text
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0

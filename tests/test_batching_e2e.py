@@ -352,6 +352,69 @@ def test_signal_drains_then_exits_0(sig, long_tiny_dir, tmp_path):
     assert "draining" in text and "Traceback" not in text
 
 
+def _start(model_dir: Path, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "serve.main", str(model_dir), "--port", str(port), "--threads", "1",
+           "--model-name", MODEL, "--max-batch", "2", *args]
+    cmd += split_mode_args(*cmd[4:])
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _ready(base, proc), timeout=60, what="server ready")
+    return proc, base
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_second_signal_cuts_the_drain_short_and_exits_0(sig, long_tiny_dir, tmp_path):
+    """A second signal ends running requests now (a final `shutting_down` error event + [DONE])
+    instead of after --drain-timeout, and the server still stops in order: exit 0, no
+    traceback. Sent while idle-draining (nothing to wait for) it is as quiet."""
+    log = tmp_path / "server.log"
+    proc, base = _start(long_tiny_dir, log, "--drain-timeout", "60")
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
+                "ignore_eos": True, "max_tokens": 4000}
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+            chunks = r.iter_raw()
+            raw = [next(chunks)]
+            proc.send_signal(sig)
+            wait_for(lambda: httpx.get(f"{base}/health").status_code == 503, timeout=5, what="draining")
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            raw += list(chunks)
+        assert time.monotonic() - t0 < 10  # not the 60 s drain
+        assert _sse_events(b"".join(raw))[-1]["error"]["code"] == "shutting_down"
+        assert proc.wait(15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "again: ending running requests now" in text and "Traceback" not in text, text
+
+    proc, _ = _start(long_tiny_dir, log)  # idle: the first signal's drain is over at once
+    proc.send_signal(sig)
+    time.sleep(0.05)
+    proc.send_signal(sig)
+    assert proc.wait(15) == 0, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_third_signal_exits_at_once_with_128_plus_the_signal(long_tiny_dir, tmp_path):
+    log = tmp_path / "server.log"
+    proc, base = _start(long_tiny_dir, log, "--drain-timeout", "60")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "ignore_eos": True, "max_tokens": 4000}
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+        next(r.iter_raw())
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        assert proc.wait(10) == 128 + signal.SIGINT, log.read_text()
+    text = log.read_text()
+    assert "a third time: " in text and "Traceback" not in text, text
+
+
 def _ready(base: str, proc: subprocess.Popen) -> bool:
     assert proc.poll() is None, "server exited"
     try:

@@ -318,6 +318,38 @@ def test_messages_stream_text(claude, model):
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == whole.usage.output_tokens
 
 
+def test_stream_usage_splits_the_cached_prompt(claude, oai, model):
+    """A prefix-cache hit is reported the same way streamed and not: Anthropic's
+    `message_start` and final usage split the prompt into `input_tokens` and
+    `cache_read_input_tokens` as the `message` object does; chat's final usage chunk and
+    Responses' `response.completed` carry the same `cached_tokens` as their whole bodies."""
+    system = "You are a terse assistant who answers in one word. " * 4
+    kw = message_kw(model, system=system, max_tokens=6)
+    claude.messages.create(**kw)  # the prompt's KV is cached from here on
+    whole = claude.messages.create(**kw)
+    assert whole.usage.cache_read_input_tokens > 0 and whole.usage.cache_creation_input_tokens == 0
+    with claude.messages.stream(**kw) as stream:
+        start = next(e for e in stream if e.type == "message_start")
+        final = stream.get_final_message()
+    assert start.message.usage.model_dump() == {**whole.usage.model_dump(), "output_tokens": 0}
+    assert final.usage == whole.usage
+
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": Q}]
+    chat = oai.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    cached = chat.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0
+    chunks = list(oai.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage == chat.usage
+
+    r = oai.responses.create(model=model, instructions=system, input=Q, temperature=0, max_output_tokens=16)
+    assert r.usage.input_tokens_details.cached_tokens > 0
+    with oai.responses.stream(model=model, instructions=system, input=Q, temperature=0,
+                              max_output_tokens=16) as stream:
+        completed = stream.get_final_response()
+    assert completed.usage == r.usage
+
+
 def test_messages_stream_bytes(server, model):
     body = {"model": model, "max_tokens": 3, "stream": True, "temperature": 0,
             "messages": [{"role": "user", "content": "Hi"}]}

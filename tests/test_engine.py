@@ -453,6 +453,8 @@ def test_prefix_cache_reuses_a_finished_sequence(make_engine):
     assert ("copy", 0, 1) in runtime.calls
     again = run(collect(engine, req(system + "Hi", max_tokens=5)))
     assert again[0] == first[0] and again[2][-1].usage.cached_tokens == len(enc(system + "Hi")) - 2
+    # the first event tells the same number (a stream's opening frame reports it), no later one does
+    assert [e.cached_tokens for e in again[2]] == [len(enc(system + "Hi")) - 2] + [None] * (len(again[2]) - 1)
     # a chat that grows: the previous answer's tokens are reused too (all but the last one,
     # which was sampled but never fed)
     turn2 = system + "Hi" + first[0][0] + " and then?"

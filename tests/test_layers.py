@@ -25,7 +25,7 @@ LAYERS = {
     "serve.api_responses": API, "serve.api_messages": API, "serve.models": API,
     "serve.response_store": API, "serve.webui": API, "serve.metrics": API,
     "serve.options": API, "serve.fingerprint": API, "serve.tool_protocol": API,
-    "serve.param_names": API, "serve.scale": API,  # scale-out on Ray Serve: wraps the whole single-process app
+    "serve.param_names": API, "serve.text_parts": API, "serve.scale": API,  # scale-out on Ray Serve: wraps the whole single-process app
     "serve.frontend": API,  # --api-workers: the engine in a process of its own, HTTP workers in front
     # engine: the scheduler, sequences, sampling, constraints and the events it sends
     "serve.engine": ENGINE, "serve.events": ENGINE, "serve.sequence": ENGINE,

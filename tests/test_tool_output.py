@@ -36,7 +36,7 @@ def _output(legacy=False, logprobs=False, n=1):
 
 def _stream(out, events):
     chunks = []
-    for raw in out.start() + [c for e in events for c in out.chunks(0, e)]:
+    for raw in out.start(events[0]) + [c for e in events for c in out.chunks(0, e)]:
         assert raw.startswith(b"data: ")
         chunks.append(json.loads(raw[6:]))
     return chunks

@@ -70,11 +70,11 @@ class EngineCounters:
 
 def pack(rid: int, event: Event) -> tuple:
     """(rid, event) for the wire: (rid, ((index, text, token_ids, finish_reason,
-    stop_sequence), …), usage) when the event has only those, else (rid, event)."""
+    stop_sequence), …), usage, cached_tokens) when the event has only those, else (rid, event)."""
     if event.error is None and event.prompt_logprobs is None and \
             all(c.logprobs is None for c in event.choices):
         return rid, tuple((c.index, c.text, c.token_ids, c.finish_reason, c.stop_sequence)
-                          for c in event.choices), event.usage
+                          for c in event.choices), event.usage, event.cached_tokens
     return rid, event
 
 
@@ -82,9 +82,10 @@ def unpack(item: tuple) -> tuple[int, Event]:
     """`pack`'s inverse."""
     if len(item) == 2:
         return item
-    rid, choices, usage = item
+    rid, choices, usage, cached_tokens = item
     return rid, Event(tuple(ChoiceOutput(i, text, ids, None, finish, stop)
-                            for i, text, ids, finish, stop in choices), None, usage)
+                            for i, text, ids, finish, stop in choices), None, usage,
+                      cached_tokens=cached_tokens)
 
 
 class _Worker:

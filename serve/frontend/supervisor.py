@@ -7,7 +7,7 @@
   then `run_split` raises `EngineCrashed` (exit status 1) for a process manager to restart.
 - SIGTERM/SIGINT: passed on to the workers, which drain (serve.main.DrainingServer); once they
   have exited the engine stops and `run_split` returns (exit 0). A second signal cuts the
-  drain short, a third kills everything.
+  drain short (still exit 0), a third kills everything and exits at once (128 + signal).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from serve.frontend.hub import engine_main
 from serve.frontend.worker import worker_main
 from serve.models import ModelEntry
 from serve.options import ServeOptions
+from serve.runtime.session import default_threads
 
 log = logging.getLogger("serve.frontend")
 
@@ -73,11 +74,26 @@ class _Supervisor:
         self.workers[index] = proc
 
     def _on_signal(self, sig: int, frame) -> None:
+        """1st: the workers drain; 2nd: passed on, they end their running requests now (exit
+        0 still); 3rd: everything is killed and the process exits at once, 128 + signal."""
         self.signals += 1
-        log.info("%s: draining the workers (signal number %d received)", signal.Signals(sig).name, self.signals)
+        name = signal.Signals(sig).name
+        if self.signals >= 3:
+            log.warning("%s a third time: killing the workers and the engine, exiting now (status %d)",
+                        name, 128 + sig)
+            for proc in [*self._live_workers(), self.engine]:
+                if proc is not None and proc.is_alive():
+                    proc.kill()
+            self.dir.cleanup()
+            logging.shutdown()
+            os._exit(128 + sig)
+        if self.signals == 1:
+            log.info("%s: draining the workers", name)
+        else:
+            log.info("%s again: the workers end their running requests now (a third signal exits at once)", name)
         for proc in self._live_workers():
             try:
-                os.kill(proc.pid, signal.SIGKILL if self.signals >= 3 else signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
@@ -172,4 +188,8 @@ def run_split(options: ServeOptions, entries: list[ModelEntry]) -> None:
         EngineCrashed: the engine process died.
     """
     check_split(options, entries)
+    cpus = default_threads()  # the CPUs this process may use
+    if options.api_workers > cpus:
+        log.warning("--api-workers %d is more than the CPUs this process may use (%d): the workers "
+                    "and the engine will compete for them", options.api_workers, cpus)
     _Supervisor(options, entries[0]).run()
