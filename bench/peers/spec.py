@@ -39,9 +39,16 @@ def prompt_sets(model_dir: Path, quick: bool) -> dict[str, list[list[int]]]:
 
 
 class LlorchSpec:
-    def __init__(self, model_dir: Path, threads: int, speculative: bool) -> None:
+    """llorch's engine in-process: plain (``speculative`` False), `--speculative ngram`, or with
+    ``draft_dir`` `--speculative draft --draft-model draft_dir` (serve's defaults otherwise,
+    `serve.main.open_draft` for the draft runtime); ``spin`` overrides the target's
+    `RuntimeOptions.spin`."""
+
+    def __init__(self, model_dir: Path, threads: int, speculative: bool,
+                 draft_dir: Path | None = None, spin: bool | None = None) -> None:
         from serve.engine import Engine
         from serve.events import EngineObserver
+        from serve.main import open_draft, target_spin
         from serve.options import ServeOptions
         from serve.runtime import RuntimeOptions, open_runtime
         from serve.tokenizer import Tokenizer
@@ -54,13 +61,16 @@ class LlorchSpec:
                 self.accepted += counts[1]
 
         self.counts = Counts()
-        config = ServeOptions(model_dir=model_dir, speculative="ngram").speculative_config()
+        options = ServeOptions(model_dir=model_dir, threads=threads, max_length=2048,
+                               speculative=("draft" if draft_dir else "ngram") if speculative else None,
+                               draft_model=draft_dir if speculative else None)
         runtime = open_runtime(model_dir, RuntimeOptions(threads=threads, max_length=2048,
-                                                         w8a8="auto"))
+                                                         w8a8="auto", spin=target_spin(options) if spin is None else spin))
+        draft = open_draft(options, runtime) if options.draft_model else None
         tokenizer = Tokenizer.from_dir(model_dir)
         self.eos = frozenset(tokenizer.eos_ids)
         self.engine = Engine(runtime, tokenizer, observer=self.counts,
-                             speculative=config if speculative else None)
+                             speculative=options.speculative_config(), draft=draft)
         self.engine.start()
         self.loop = asyncio.new_event_loop()
 
