@@ -139,6 +139,7 @@ class Engine:
             raise ValueError(f"speculative decoding needs a runtime with verify (GroupQueryAttention "
                              f"exports with host KV, e.g. --provider cpu); {type(runtime).__name__} has none")
         self.speculator = None if speculative is None else Speculator(speculative)
+        self.draft = draft
         if draft is not None:
             if speculative is None:
                 raise ValueError("a draft model runtime needs speculative (a SpeculativeConfig)")
@@ -210,10 +211,13 @@ class Engine:
         return self.slots.cache.tokens
 
     def kv_bytes(self) -> int:
-        return self.runtime.kv_bytes()
+        """KV bytes preallocated, the draft model's included."""
+        return self.runtime.kv_bytes() + (self.draft.kv_bytes() if self.draft is not None else 0)
 
     def kv_bytes_in_use(self) -> int:
-        return self.runtime.kv_bytes_in_use()
+        """KV bytes holding tokens, the draft model's included."""
+        return self.runtime.kv_bytes_in_use() + (
+            self.draft.kv_bytes_in_use() if self.draft is not None else 0)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; call from the event loop. The route has validated it already.

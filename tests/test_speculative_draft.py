@@ -203,6 +203,8 @@ def test_max_tokens_mid_draft_roll_back_and_slot_reuse(tiny_model_dir, tiny_int4
                 assert spec.runtime.length(0) == len(prompt) + max_tokens - 1
                 assert speculator.draft.length(0) == len(held) <= spec.runtime.length(0)
                 assert held.tolist() == (prompt + got)[: len(held)]
+                assert spec.kv_bytes_in_use() == (spec.runtime.kv_bytes_in_use()
+                                                  + speculator.draft.kv_bytes_in_use())
     finally:
         spec.stop()
         plain.stop()

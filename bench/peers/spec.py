@@ -2,7 +2,8 @@
 prompts of `bench.spec_prompts`, with and without each engine's prompt-lookup mode.
 
 - llorch: `serve.engine.Engine` in-process (int4, `--w8a8 auto`), `SpeculativeConfig` from
-  the serve defaults (`--speculative ngram`) or none.
+  the serve defaults (`--speculative ngram`) or none; and the fp32 export alone and drafted
+  by the int4 export (`--speculative draft --draft-model`).
 - llama.cpp: `llama-cpp-python` on the Q4_1 GGUF, with `LlamaPromptLookupDecoding` (its
   prompt-lookup draft model; its defaults, max_ngram_size=2, num_pred_tokens=10) or none.
 
@@ -160,7 +161,8 @@ def run(job: dict) -> dict:
     int4 = Path(args["int4_dir"])
     sets = prompt_sets(int4, cfg.quick)
     if args["engine"] == "llorch":
-        peer = LlorchSpec(Path(args["model_dir"]), cfg.threads, args["speculative"])
+        draft = Path(args["int4_dir"]) if args.get("draft") == "int4" else None
+        peer = LlorchSpec(Path(args["model_dir"]), cfg.threads, args["speculative"], draft)
         from importlib import metadata
         version = metadata.version("llorch")
     else:
