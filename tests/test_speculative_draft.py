@@ -134,6 +134,22 @@ def test_cli_exits_2_naming_the_flag_or_file(tiny_model_dir, other_vocab_dir, ti
         assert str(other_vocab_dir / "tokenizer.json") in err
 
 
+def test_a_draft_export_shorter_than_the_target_slots_is_refused(tiny_model_dir, tiny_int4_dir):
+    from types import SimpleNamespace
+
+    from serve.errors import StartupError
+    from serve.main import open_draft
+
+    options = ServeOptions(model_dir=tiny_model_dir, speculative="draft", draft_model=tiny_int4_dir)
+    longer = SimpleNamespace(info=SimpleNamespace(max_length=10**6), n_slots=1)
+    with pytest.raises(StartupError, match=r"holds \d+ tokens a sequence, the target 1000000: "
+                                           r"pass --max-length"):
+        open_draft(options, longer)
+    fits = open_runtime(tiny_model_dir, RuntimeOptions(threads=1, max_batch=3, max_length=64))
+    draft = open_draft(options, fits)
+    assert (draft.n_slots, draft.info.max_length) == (3, 64)
+
+
 def test_engine_refuses_a_smaller_draft_runtime(tiny_model_dir, tiny_int4_dir):
     target = open_runtime(tiny_model_dir, RuntimeOptions(threads=1, max_batch=2))
     draft = open_runtime(tiny_int4_dir, RuntimeOptions(threads=1, max_batch=1))
