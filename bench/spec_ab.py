@@ -1,10 +1,17 @@
-"""`python -m bench.spec_ab [--rounds 2] [--model-dir DIR]`: llorch batch-1 decode with and
-without `--speculative ngram`, interleaved in one process so both meet the same machine load.
+"""`python -m bench.spec_ab [--rounds 2] [--model-dir DIR] [--draft-dir DIR]`: llorch batch-1
+decode with and without speculation, interleaved in one process so both meet the same
+machine load.
 
 The prompts of `bench/spec_prompts.py` (6 input-grounded, 3 open-ended) go alternately through
-a plain engine and a speculative one (serve's defaults), the order alternating per prompt and
+a plain engine and a speculative one (serve's defaults: `--speculative ngram`, or with
+``--draft-dir`` `--speculative draft --draft-model DIR`), the order alternating per prompt and
 round; each set's tok/s = its tokens after the first / the time from first to last token,
 summed. Run it under the machine's benchmark lock; ~5 min at 2 rounds on 2 cores.
+
+``--draft-dir`` with ``--model-dir`` the default model's fp32 export and ``--draft-dir`` its
+int4 export is the pairing README "Speculative decoding" measures; ``--spin`` lets ORT's
+threads spin with a draft model too (`serve.main.DRAFT_SPIN`), ``--plain-no-spin`` adds a
+plain engine whose threads do not spin, ``--quick`` takes 2 prompts a set.
 """
 
 from __future__ import annotations
@@ -20,16 +27,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model-dir", type=Path, default=None,
-                    help="int4 export (default: the default model's)")
+                    help="the target export (default: the default model's int4)")
+    ap.add_argument("--draft-dir", type=Path, default=None,
+                    help="--speculative draft with this export as the draft model")
+    ap.add_argument("--spin", action="store_true", help="ORT threads spin with a draft model")
+    ap.add_argument("--plain-no-spin", action="store_true",
+                    help="a third engine: plain decoding with ORT's spinning off")
+    ap.add_argument("--quick", action="store_true", help="2 prompts a set")
+    ap.add_argument("--new-tokens", type=int, default=SPEC_NEW_TOKENS)
     args = ap.parse_args(argv)
     model = args.model_dir
     if model is None:
         from export.default_model import ensure_default_model
 
         model = ensure_default_model(variants=("int4",), progress=False)["int4"]
-    sets = prompt_sets(model, quick=False)
+    if args.spin:
+        import serve.main
+
+        serve.main.DRAFT_SPIN = True
+    sets = prompt_sets(model, quick=args.quick)
+    mode = "draft" if args.draft_dir else "ngram"
     peers = {"off": LlorchSpec(model, args.threads, False),
-             "ngram": LlorchSpec(model, args.threads, True)}
+             mode: LlorchSpec(model, args.threads, True, args.draft_dir)}
+    if args.plain_no_spin:
+        peers["off-no-spin"] = LlorchSpec(model, args.threads, False, spin=False)
+    names = list(peers)
     try:
         for p in peers.values():
             p.times(sets["grounded"][0], 8)  # warm-up
@@ -37,15 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for s, prompts in sets.items():
                 for i, ids in enumerate(prompts):
-                    for k in (("off", "ngram") if (rnd + i) % 2 == 0 else ("ngram", "off")):
-                        stamps = peers[k].times(ids, SPEC_NEW_TOKENS)
+                    order = names if (rnd + i) % 2 == 0 else names[::-1]
+                    for k in order:
+                        stamps = peers[k].times(ids, args.new_tokens)
                         if len(stamps) > 1:
                             total[k, s][0] += len(stamps) - 1
                             total[k, s][1] += stamps[-1] - stamps[0]
         for s in sets:
-            off, on = (total[k, s][0] / total[k, s][1] for k in ("off", "ngram"))
-            print(f"{s:9s} off {off:6.1f} tok/s   ngram {on:6.1f} tok/s   {on / off:.2f}x")
-        print("drafts:", peers["ngram"].extra())
+            off = total["off", s][0] / total["off", s][1]
+            print(f"{s:9s}", "   ".join(
+                f"{k} {total[k, s][0] / total[k, s][1]:6.1f} tok/s "
+                f"({total[k, s][0] / total[k, s][1] / off:.2f}x)" for k in names))
+        print("drafts:", peers[mode].extra())
     finally:
         for p in peers.values():
             p.close()

@@ -65,6 +65,12 @@ ENTRIES: tuple[Entry, ...] = (
           "int4", None, {"engine": "llorch", "speculative": False}),
     Entry("llorch-spec-ngram", "llorch engine int4 --speculative ngram", "spec", "speculative",
           "int4", None, {"engine": "llorch", "speculative": True}),
+    # the fp32 export as the target, alone and drafted by its int4 export (--speculative draft)
+    Entry("llorch-spec-fp32-off", "llorch engine fp32, speculation off", "spec", "speculative",
+          "fp32", None, {"engine": "llorch", "speculative": False}),
+    Entry("llorch-spec-fp32-draft", "llorch engine fp32 --speculative draft (int4 export drafts)",
+          "spec", "speculative", "fp32", None, {"engine": "llorch", "speculative": True,
+                                                "draft": "int4"}),
     Entry("llamacpp-spec-off", "llama.cpp Q4_1, speculation off", "spec", "speculative", "gguf",
           None, {"engine": "llamacpp", "speculative": False}),
     Entry("llamacpp-spec-lookup", "llama.cpp Q4_1 + LlamaPromptLookupDecoding", "spec",

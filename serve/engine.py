@@ -10,7 +10,9 @@
    │                                 4. decode  one Runtime.decode over every running slot
    │                                            (decode_sampled: tokens picked on the device)
    │                                            (--speculative: a drafted slot verifies its
-   │                                            drafts in a call of its own, serve.speculative)
+   │                                            drafts in a call of its own, serve.speculative;
+   │                                            drafts by prompt lookup, or from a draft
+   │                                            model's runtime, serve.draft_model)
    │                                 5. constrained rows: grammar bitmask → forbidden logits -inf
    │                                 6. per choice: Sampler → detokenizer → StopMatcher
    └── asyncio.Queue per request ◄── Event (LoopMailbox: one wake-up per loop and batch)
@@ -57,6 +59,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from serve.constraints import fill_bitmasks
+from serve.draft_model import DraftModelSpeculator
 from serve.errors import GENERIC_SERVER_ERROR
 from serve.events import (
     QUEUE_TIMEOUT,
@@ -108,16 +111,19 @@ class Engine:
         batch_invariant: decode a lone sequence with a padding row, so its logits are those it
             would get in a batch bit for bit (int4 MatMulNBits has another kernel for one row;
             costs a third of single-stream speed there).
-        speculative: prompt-lookup speculative decoding (`serve.speculative`); None: off.
+        speculative: speculative decoding (`serve.speculative`); None: off.
+        draft: with ``speculative``, the draft model's runtime (`serve.draft_model`: its slot
+            i drafts for slot i); None: drafts by prompt lookup.
 
     Raises:
-        ValueError: ``speculative`` on a runtime without ``verify``.
+        ValueError: ``speculative`` on a runtime without ``verify``; ``draft`` without
+            ``speculative``, or with fewer or shorter slots than ``runtime``.
     """
 
     def __init__(self, runtime, tokenizer, *, prefill_chunk: int = CPU_PREFILL_CHUNK, max_queue: int | None = None,
                  queue_timeout: float | None = None, prefix_cache_tokens: int | None = None,
                  observer: EngineObserver | None = None, batch_invariant: bool = False,
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, draft=None) -> None:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
@@ -133,6 +139,16 @@ class Engine:
             raise ValueError(f"speculative decoding needs a runtime with verify (GroupQueryAttention "
                              f"exports with host KV, e.g. --provider cpu); {type(runtime).__name__} has none")
         self.speculator = None if speculative is None else Speculator(speculative)
+        self.draft = draft
+        if draft is not None:
+            if speculative is None:
+                raise ValueError("a draft model runtime needs speculative (a SpeculativeConfig)")
+            if draft.n_slots < runtime.n_slots or draft.info.max_length < runtime.info.max_length:
+                raise ValueError(f"the draft model's runtime has {draft.n_slots} slots of "
+                                 f"{draft.info.max_length} tokens, fewer or shorter than the "
+                                 f"target's {runtime.n_slots} of {runtime.info.max_length}")
+            self.speculator = DraftModelSpeculator(speculative, draft, tokenizer.eos_ids,
+                                                   runtime.n_slots)
         self._eos = frozenset(tokenizer.eos_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
@@ -195,10 +211,13 @@ class Engine:
         return self.slots.cache.tokens
 
     def kv_bytes(self) -> int:
-        return self.runtime.kv_bytes()
+        """KV bytes preallocated, the draft model's included."""
+        return self.runtime.kv_bytes() + (self.draft.kv_bytes() if self.draft is not None else 0)
 
     def kv_bytes_in_use(self) -> int:
-        return self.runtime.kv_bytes_in_use()
+        """KV bytes holding tokens, the draft model's included."""
+        return self.runtime.kv_bytes_in_use() + (
+            self.draft.kv_bytes_in_use() if self.draft is not None else 0)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; call from the event loop. The route has validated it already.
@@ -282,6 +301,8 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all(GENERIC_SERVER_ERROR)
                 self.slots.clear()
+                if self.speculator is not None:
+                    self.speculator.clear()
             self._after_step()
 
     def _flush(self) -> None:
@@ -622,7 +643,11 @@ class Engine:
             if i < len(self._running):
                 self._running[i] = last
         slot, c.slot = c.slot, -1
-        self.slots.release(slot, (lambda: c.held_ids(self.runtime.length(slot))) if keep else None)
+        try:
+            self.slots.release(slot, (lambda: c.held_ids(self.runtime.length(slot))) if keep else None)
+        finally:
+            if self.speculator is not None:  # a draft model's idle slots keep no more than these
+                self.speculator.trim_idle(self.slots.cache.idle_ids())
 
     def _send(
         self,

@@ -44,7 +44,7 @@ def system_fingerprint(options: ServeOptions) -> str:
     if options.speculative is not None:  # verify calls run other kernels than one-token steps
         add("speculative", options.speculative, options.num_speculative_tokens,
             options.prompt_lookup_max, options.prompt_lookup_min,
-            options.speculative_disable_by_batch_size)
+            options.speculative_disable_by_batch_size, options.draft_model)
     model_dir = Path(options.model_dir)
     files = sorted(p for p in model_dir.iterdir() if p.is_file()) if model_dir.is_dir() else []
     for path in files:

@@ -28,11 +28,12 @@ import uvicorn
 from starlette.applications import Starlette
 
 from serve.app import create_app, drain
+from serve.draft_model import check_draft_model
 from serve.engine import CPU_PREFILL_CHUNK, GPU_PREFILL_CHUNK, Engine
 from serve.errors import EngineCrashed, StartupError
 from serve.events import EngineObserver
 from serve.metrics import Metrics
-from serve.model_dir import ModelDirError
+from serve.model_dir import ModelDirError, load_model_info
 from serve.models import ModelEntry, build_entries, model_specs
 from serve.options import ServeOptions, add_arguments, options_from_args
 from serve.runtime import ProviderError, RuntimeOptions, open_runtime
@@ -58,17 +59,18 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
             provider=options.provider, threads=options.threads, max_batch=options.max_batch,
             max_length=options.max_length, w8a8=options.w8a8, cuda_graph=options.cuda_graph,
             batch_invariant=options.batch_invariant,
-            device_sampling=options.runtime_device_sampling))
+            device_sampling=options.runtime_device_sampling, spin=target_spin(options)))
     except Exception as exc:
         raise _name_weights_file(options.model_dir, exc) from exc
     chunk = options.prefill_chunk or (
         CPU_PREFILL_CHUNK if runtime.providers[0] == "CPUExecutionProvider"
         else GPU_PREFILL_CHUNK)
+    draft = None if options.draft_model is None else open_draft(options, runtime)
     engine = Engine(runtime, tokenizer, prefill_chunk=chunk,
                     max_queue=options.max_queue, queue_timeout=options.queue_timeout,
                     prefix_cache_tokens=options.prefix_cache_size, observer=metrics,
                     batch_invariant=options.batch_invariant,
-                    speculative=options.speculative_config())
+                    speculative=options.speculative_config(), draft=draft)
     kv = runtime.kv_bytes()
     log.info("KV cache: %d slots x %d tokens = %.1f MiB (%.1f MiB a slot); prefix cache: %s",
              runtime.n_slots, runtime.info.max_length, kv / 2**20, kv / runtime.n_slots / 2**20,
@@ -76,11 +78,51 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
              f"up to {engine.slots.cache.capacity} tokens in idle slots")
     if engine.speculator is not None:
         spec = engine.speculator.config
-        log.info("speculative decoding: %s, %d draft tokens a call, n-grams %d..%d, while at most "
-                 "%d sequences decode", options.speculative, spec.num_speculative_tokens,
-                 spec.prompt_lookup_max, spec.prompt_lookup_min, spec.disable_by_batch_size)
+        source = (f"n-grams {spec.prompt_lookup_max}..{spec.prompt_lookup_min}" if draft is None
+                  else f"draft model {options.draft_model} ({draft.n_slots} slots, "
+                       f"{draft.kv_bytes() / 2**20:.1f} MiB KV)")
+        log.info("speculative decoding: %s, %d draft tokens a call, %s, while at most %d "
+                 "sequences decode", options.speculative, spec.num_speculative_tokens, source,
+                 spec.disable_by_batch_size)
     engine.start()
     return engine
+
+
+# Whether ORT's intra-op threads spin between ops (`RuntimeOptions.spin`) with a draft model:
+# the target's and the draft's sessions take turns on the same cores, and a spinning pool
+# steals them from the other one (bench.spec_ab measured it).
+DRAFT_SPIN = False
+
+
+def target_spin(options: ServeOptions) -> bool:
+    """`RuntimeOptions.spin` for the target model's runtime."""
+    return options.draft_model is None or DRAFT_SPIN
+
+
+def open_draft(options: ServeOptions, target):
+    """The `--draft-model` runtime beside ``target`` (the target model's `Runtime`): the
+    options' provider, threads and W8A8 mode, the target's slot count and slot length.
+
+    Raises:
+        StartupError: the draft's vocabulary is not the target's, or its export holds fewer
+            tokens a slot than the target's slots (the message names the flag to change).
+    """
+    max_length = target.info.max_length
+    try:
+        check_draft_model(options.model_dir, options.draft_model)
+        limit = load_model_info(options.draft_model).max_length
+    except ModelDirError as exc:
+        raise StartupError(str(exc)) from None
+    if limit < max_length:
+        raise StartupError(f"--draft-model {options.draft_model} holds {limit} tokens a sequence, "
+                           f"the target {max_length}: pass --max-length {limit} or less, or "
+                           "re-export the draft with a larger --max-length")
+    try:
+        return open_runtime(options.draft_model, RuntimeOptions(
+            provider=options.provider, threads=options.threads, max_batch=target.n_slots,
+            max_length=max_length, w8a8=options.w8a8, spin=DRAFT_SPIN))
+    except Exception as exc:
+        raise _name_weights_file(options.draft_model, exc) from exc
 
 
 def _name_weights_file(model_dir: Path, exc: Exception) -> Exception:
@@ -157,6 +199,8 @@ def run(options: ServeOptions) -> None:
     try:  # cheap (JSON only): the served names must be known before the models load
         specs = model_specs(options)
         entries = build_entries(options, specs, strict=len(specs) == 1)
+        if options.draft_model is not None:
+            check_draft_model(options.model_dir, options.draft_model)
     except (ModelDirError, ValueError) as exc:
         raise StartupError(str(exc)) from None
     logging.basicConfig(

@@ -173,7 +173,12 @@ class ServeOptions:
     speculative: str | None = _flag(
         None, "speculative decoding: ngram = drafts looked up in the sequence's own prompt and "
         "output, verified in one call (faster single-stream decode where the output repeats "
-        "its input: summaries, rewrites, code edits; default: off)", choices=["ngram"])
+        "its input: summaries, rewrites, code edits); draft = drafts from --draft-model "
+        "(default: off)", choices=["ngram", "draft"])
+    draft_model: Path | None = _flag(
+        None, "--speculative draft: the export that drafts (a smaller or lower-precision "
+        "export with the target's tokenizer, e.g. the int4 export of an fp32 target), loaded "
+        "with the same --provider and --threads, one KV slot per target slot", type=Path)
     num_speculative_tokens: int = _flag(
         5, "--speculative: draft tokens verified per call (default: %(default)s)", type=int)
     prompt_lookup_max: int = _flag(
@@ -286,21 +291,39 @@ class ServeOptions:
             raise ValueError(f"reasoning_parser must be auto, none or one of "
                              f"{', '.join(REASONING_PARSERS)}, not {self.reasoning_parser!r}")
         self._check_scale_out()
-        if self.speculative is not None:
-            self.speculative_config()  # ValueError on out-of-range values
-        else:  # a sub-flag without --speculative would change nothing: say so, never ignore it
-            defaults = {f.name: f.default for f in fields(self)}
-            set_ = [name for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                                      "speculative_disable_by_batch_size")
-                    if getattr(self, name) != defaults[name]]
-            if set_:
-                flags = ", ".join("--" + n.replace("_", "-") for n in set_)
-                raise ValueError(f"{flags} only appl{'y' if len(set_) > 1 else 'ies'} with --speculative ngram")
+        self._check_speculative()
         if self.cuda_graph and self.provider not in ("cuda", "CUDAExecutionProvider"):
             raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
         if self.device_sampling not in ("auto", "on", "off"):
             raise ValueError(f"device_sampling must be auto, on or off, not {self.device_sampling!r}")
 
+
+    def _check_speculative(self) -> None:
+        """A sub-flag that the --speculative method in effect does not read would change
+        nothing: say so, never ignore it."""
+        if self.draft_model is not None:
+            object.__setattr__(self, "draft_model", Path(self.draft_model))
+        if self.speculative == "draft" and self.draft_model is None:
+            raise ValueError("--speculative draft needs --draft-model DIR (the export that drafts)")
+        if self.speculative is not None:
+            self.speculative_config()  # ValueError on out-of-range values
+        defaults = {f.name: f.default for f in fields(self)}
+        needs = {"num_speculative_tokens": None, "speculative_disable_by_batch_size": None,
+                 "prompt_lookup_max": "ngram", "prompt_lookup_min": "ngram",
+                 "draft_model": "draft"}  # flag -> the method that reads it (None: any)
+        groups: dict[str, list[str]] = {}
+        for name, method in needs.items():
+            unread = self.speculative is None or method not in (None, self.speculative)
+            if unread and getattr(self, name) != defaults[name]:
+                with_ = "--speculative" + (f" {method}" if method else "")
+                groups.setdefault(with_, []).append("--" + name.replace("_", "-"))
+        if groups:
+            raise ValueError("; ".join(
+                f"{', '.join(flags)} only appl{'y' if len(flags) > 1 else 'ies'} with {with_}"
+                for with_, flags in groups.items()))
+        if self.draft_model is not None and (self.more_models or self.models_dir is not None):
+            raise ValueError("--draft-model drafts for one target model: give one model "
+                             "directory (no more DIRs, no --models-dir)")
 
     def speculative_config(self):
         """The engine's `serve.speculative.SpeculativeConfig` (None: --speculative off).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -66,6 +66,10 @@ class PrefixCache:
     def held(self, slot: int) -> int:
         """Tokens an idle slot holds."""
         return len(self._idle[slot])
+
+    def idle_ids(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(slot, the token ids its KV holds) of every idle slot, least recently used first."""
+        return iter(self._idle.items())
 
     def match(self, ids: np.ndarray, limit: int) -> tuple[int | None, int]:
         """The idle slot sharing the longest prefix with `ids` and that length (at most

@@ -30,7 +30,7 @@ plain one until a near-tie flips; README "Speculative decoding" states what is b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +40,7 @@ from serve.prefix_cache import as_ids
 from serve.sampling import Sample
 from serve.sequence import Choice
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")  # draft: serve.draft_model
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,12 @@ class Speculator:
             if draft.size:
                 out[c] = draft.tolist()
         return out
+
+    def trim_idle(self, idle: Iterable[tuple[int, np.ndarray]]) -> None:
+        """Nothing to do: prompt lookup keeps no state per slot (`DraftModelSpeculator` does)."""
+
+    def clear(self) -> None:
+        """Nothing to do (as `trim_idle`)."""
 
 
 @dataclass(frozen=True)

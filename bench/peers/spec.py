@@ -2,7 +2,8 @@
 prompts of `bench.spec_prompts`, with and without each engine's prompt-lookup mode.
 
 - llorch: `serve.engine.Engine` in-process (int4, `--w8a8 auto`), `SpeculativeConfig` from
-  the serve defaults (`--speculative ngram`) or none.
+  the serve defaults (`--speculative ngram`) or none; and the fp32 export alone and drafted
+  by the int4 export (`--speculative draft --draft-model`).
 - llama.cpp: `llama-cpp-python` on the Q4_1 GGUF, with `LlamaPromptLookupDecoding` (its
   prompt-lookup draft model; its defaults, max_ngram_size=2, num_pred_tokens=10) or none.
 
@@ -39,9 +40,16 @@ def prompt_sets(model_dir: Path, quick: bool) -> dict[str, list[list[int]]]:
 
 
 class LlorchSpec:
-    def __init__(self, model_dir: Path, threads: int, speculative: bool) -> None:
+    """llorch's engine in-process: plain (``speculative`` False), `--speculative ngram`, or with
+    ``draft_dir`` `--speculative draft --draft-model draft_dir` (serve's defaults otherwise,
+    `serve.main.open_draft` for the draft runtime); ``spin`` overrides the target's
+    `RuntimeOptions.spin`."""
+
+    def __init__(self, model_dir: Path, threads: int, speculative: bool,
+                 draft_dir: Path | None = None, spin: bool | None = None) -> None:
         from serve.engine import Engine
         from serve.events import EngineObserver
+        from serve.main import open_draft, target_spin
         from serve.options import ServeOptions
         from serve.runtime import RuntimeOptions, open_runtime
         from serve.tokenizer import Tokenizer
@@ -54,13 +62,16 @@ class LlorchSpec:
                 self.accepted += counts[1]
 
         self.counts = Counts()
-        config = ServeOptions(model_dir=model_dir, speculative="ngram").speculative_config()
+        options = ServeOptions(model_dir=model_dir, threads=threads, max_length=2048,
+                               speculative=("draft" if draft_dir else "ngram") if speculative else None,
+                               draft_model=draft_dir if speculative else None)
         runtime = open_runtime(model_dir, RuntimeOptions(threads=threads, max_length=2048,
-                                                         w8a8="auto"))
+                                                         w8a8="auto", spin=target_spin(options) if spin is None else spin))
+        draft = open_draft(options, runtime) if options.draft_model else None
         tokenizer = Tokenizer.from_dir(model_dir)
         self.eos = frozenset(tokenizer.eos_ids)
         self.engine = Engine(runtime, tokenizer, observer=self.counts,
-                             speculative=config if speculative else None)
+                             speculative=options.speculative_config(), draft=draft)
         self.engine.start()
         self.loop = asyncio.new_event_loop()
 
@@ -150,7 +161,8 @@ def run(job: dict) -> dict:
     int4 = Path(args["int4_dir"])
     sets = prompt_sets(int4, cfg.quick)
     if args["engine"] == "llorch":
-        peer = LlorchSpec(Path(args["model_dir"]), cfg.threads, args["speculative"])
+        draft = Path(args["int4_dir"]) if args.get("draft") == "int4" else None
+        peer = LlorchSpec(Path(args["model_dir"]), cfg.threads, args["speculative"], draft)
         from importlib import metadata
         version = metadata.version("llorch")
     else:

@@ -45,6 +45,9 @@ class RuntimeOptions:
             the int4 graph (better answers: KL to fp32 0.0030 vs 0.0055).
         coreml_cache_dir: static (CoreML) exports: where compiled models are kept (None:
             `~/.cache/llorch/coreml/<export>`).
+        spin: idle ORT intra-op threads spin-wait for the next op (ORT's default); False
+            makes them block at once (host-KV runtimes), for sessions that take turns on the
+            same cores (a draft model and its target, `serve.draft_model`).
         device_sampling: pick decode tokens on the execution provider, after the logits
             (`Runtime.decode_sampled`, `serve.runtime.device_sampling`): None = where decode
             would run on CUDA, which is nowhere for now: the graphs measured slower than the
@@ -64,6 +67,7 @@ class RuntimeOptions:
     coreml_cache_dir: Path | None = None
     batch_invariant: bool = False
     device_sampling: bool | None = None
+    spin: bool = True
 
     def __post_init__(self) -> None:
         mode = "all" if self.w8a8 is True else "off" if self.w8a8 in (False, None) else self.w8a8

@@ -69,9 +69,13 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """Sequential execution on ``threads`` intra-op threads (None: `default_threads()`)."""
+def session_options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
+    """Sequential execution on ``threads`` intra-op threads (None: `default_threads()`);
+    ``spin`` False: idle intra-op threads block at once instead of spinning for the next op
+    (two sessions that take turns on the same cores, e.g. a draft model and its target)."""
     so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -68,7 +68,7 @@ class SharedKVRuntime(SlotRuntime):
     def __init__(self, info: ModelInfo, options: RuntimeOptions, providers: list, *,
                  pin_logits: bool) -> None:
         self.providers = providers
-        so = session_options(options.threads)
+        so = session_options(options.threads, options.spin)
         # llorch exports have an overridable `num_logits_to_keep` (default 0 = every position);
         # binding 1 makes prefill and decode pay the lm_head for the last position only, and
         # `verify` binds 0. (Bound per call rather than pinned with add_initializer, which
