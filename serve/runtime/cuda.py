@@ -13,6 +13,10 @@ or, with device sampling (``device_sampling`` True: ``decode_sampled``), the log
 for the token-choice graph (``serve.runtime.device_sampling``) and only token ids [b] (and the
 logits of rows the host must sample) come down.
 
+A prefill (one slot, or several in one call: ``prefill_batch``) leaves its logits
+``[rows, seq, vocab]`` on the GPU; the row after each sequence's last token is copied on the
+device into a fixed ``[r, vocab]`` fp32 buffer (``_logit_rows``) and only that comes down.
+
 Decoded sequences are moved so slot ``slots[j]`` sits in row ``j`` (as in every
 ``SharedKVRuntime``); moves and ``copy_slot`` are device-to-device copies through a tiny
 Identity graph (``DeviceCopier``).
@@ -179,6 +183,9 @@ class CudaRuntime(SharedKVRuntime):
     # a full-vocabulary sort) a step, more than the host's argmax or NumPy sampler of the
     # copied logits. Auto turns it on again once a GPU run shows the device path faster.
     samples_on_device = False
+    # On a GPU a prefill call of a few hundred tokens is bound by its kernel launches, not by
+    # its tokens: pad freely (the engine's budget, --prefill-chunk tokens a step, bounds it).
+    prefill_padding = None
 
     def __init__(self, info: ModelInfo, options: RuntimeOptions, *, device: str = "cuda",
                  device_id: int = 0) -> None:
@@ -214,6 +221,10 @@ class CudaRuntime(SharedKVRuntime):
         # the copier binds new addresses every run: never a captured graph
         self._copier = DeviceCopier(2 * info.num_layers, self.kv_dtype, self.providers,
                                     self._device, self._device_id)
+        # prefill logits rows, gathered on the device before they cross the bus
+        self._logit_copier = DeviceCopier(16, np.float32, self.providers, self._device,
+                                          self._device_id)
+        self._gathered: dict[int, ort.OrtValue] = {}
         # the static decode graph's total_sequence_length: the mask width, fixed per session
         self._total_len = ort.OrtValue.ortvalue_from_numpy(
             np.array(self.info.max_length, np.int32))
@@ -262,8 +273,9 @@ class CudaRuntime(SharedKVRuntime):
                 bind(b.name, self._device, self._device_id, self.kv_dtype, list(b.shape),
                      self._ptr(b.buffer, b.first_row))
         if not device_io:
-            # picked on the device, decode logits stay there
-            on = (self._device, self._device_id) if decode and self.device_sampling else ("cpu", 0)
+            # prefill logits stay on the device (`_logits_at` brings the rows it needs), and so
+            # do decode logits where tokens are picked there
+            on = (self._device, self._device_id) if not decode or self.device_sampling else ("cpu", 0)
             io.bind_output("logits", *on)
             return Call(io, session, logits_on=on)
         ids, mask, logits = self._device_inputs(rows)
@@ -291,6 +303,30 @@ class CudaRuntime(SharedKVRuntime):
 
     def _logits_value(self, call: Call) -> ort.OrtValue:
         return super()._logits_value(call) if call.device is None else call.device[2]
+
+    def _logits_at(self, call: Call, positions: Sequence[int]) -> np.ndarray:
+        """Row ``b``'s logits at ``positions[b]``, gathered on the device into a fixed buffer
+        of ``_logit_rows`` rows, which alone crosses the bus: a 512-token prefill chunk brings
+        one [vocab] row, not [512, vocab] (100 MB of fp32 for a 49k vocabulary)."""
+        if call.logits_on[0] == "cpu":
+            return super()._logits_at(call, positions)
+        out = call.io.get_outputs()[-1]  # [rows, seq, vocab] float32, where ORT left it
+        rows, seq, vocab = out.shape()
+        buf = self._logit_rows(len(positions))
+        row_bytes = vocab * 4
+        self._logit_copier.copy(
+            [(out.data_ptr() + (b * seq + p) * row_bytes, buf.data_ptr() + b * row_bytes)
+             for b, p in enumerate(positions)], vocab)
+        return buf.numpy()[: len(positions)]
+
+    def _logit_rows(self, b: int) -> ort.OrtValue:
+        """A float32 device buffer ``[r, vocab]`` for ``b`` gathered rows: ``r`` the power of
+        two at or above ``b``, so a few buffers serve every batch and at most twice the rows
+        cross the bus."""
+        r = 1 << (b - 1).bit_length()
+        if r not in self._gathered:
+            self._gathered[r] = self._alloc((r, self.info.vocab_size), np.float32)
+        return self._gathered[r]
 
     # -- moving rows on the device ------------------------------------------------------------
     def _copy_rows(self, pairs: Sequence[tuple[int, int]]) -> None:
