@@ -5,8 +5,13 @@
    │  QueueFull past max_queue       1. expire  queued past queue_timeout; all past a drain deadline
    │  ShuttingDown once draining     2. admit   FIFO head takes idle slots, one per choice; the
    │                                            first starts from the longest cached prefix
-   ▲                                 3. prefill one chunk of the oldest admitted prompt
-   │                                            (then copy its KV to the sibling choices' slots)
+   ▲                                 3. prefill the next chunk of the admitted prompts, oldest
+   │                                            first, while the step's tokens (padding counted)
+   │                                            fit --prefill-chunk: those from an empty slot in
+   │                                            one Runtime.prefill_batch (right-padded rows),
+   │                                            the rest a call each (--batch-invariant: the
+   │                                            oldest only); a prompt all in: its KV copied to
+   │                                            the sibling choices' slots, first tokens sent
    │                                 4. decode  one Runtime.decode over every running slot
    │                                            (decode_sampled: tokens picked on the device)
    │                                            (--speculative: a drafted slot verifies its
@@ -18,7 +23,12 @@
 
 ORT is never called from the event loop. Continuous batching: a request joins the decode
 batch as soon as its prompt is in, and leaves it the step it finishes; a long prompt is
-prefilled one chunk per step, so the running streams get a token between its chunks.
+prefilled one chunk per step, so the running streams get a token between its chunks. Prompts
+that arrive together are prefilled in the same step (`_plan_prefill`): ORT's
+GroupQueryAttention batches multi-token rows only from position 0, so prompts whose slot
+already holds a prefix (a prefix-cache hit, an earlier chunk) take a call each, except where
+the runtime says padding is free (GPUs: `prefill_padding` None), where they join the batch
+from position 0 and report no cached tokens.
 
 Slots that finish keep their KV as a prefix cache (`serve.prefix_cache`): a new prompt takes
 the idle slot sharing its longest prefix (or copies that prefix from a running sequence) and
@@ -97,7 +107,8 @@ class Engine:
     Args:
         runtime: KV slots (the `serve.runtime.Runtime` protocol, from `open_runtime`).
         tokenizer: `serve.tokenizer.Tokenizer`.
-        prefill_chunk: prompt tokens per prefill call (one call per step).
+        prefill_chunk: prompt tokens a step prefills, padded rows of a batched call counted
+            (the oldest prompt's chunk always goes).
         max_queue: the most requests that may wait for a slot; `submit` raises `QueueFull`
             past it (None: unbounded).
         queue_timeout: seconds a request may wait for a slot before it ends with a

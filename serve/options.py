@@ -109,8 +109,9 @@ class ServeOptions:
     # 256 on CPU, where a chunk's attention to itself is the quadratic part: 1000 tokens in
     # 0.92-1.00 s at 256 vs 1.05-1.28 s at 512.
     prefill_chunk: int | None = _flag(
-        None, "prompt tokens per prefill step, so a long prompt does not stall the other "
-        "streams (default: 256 on CPU, 512 on GPUs)", type=int)
+        None, "prompt tokens an engine step prefills, across the prompts it prefills "
+        "together (padding counted), so a long prompt does not stall the other streams "
+        "(default: 256 on CPU, 512 on GPUs)", type=int)
     api_key: str | None = _flag(
         None, "require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
         f"(visible in ps: prefer --api-key-file or ${API_KEY_ENV})")
