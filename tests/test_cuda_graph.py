@@ -232,8 +232,10 @@ def test_pointer_bound_prefill_batch_equals_one_at_a_time(cuda_dirs, precision):
         return np.stack(out)
 
     info, opts = load_model_info(d), RuntimeOptions(max_batch=5)
-    want = script(CudaRuntime(info, opts, device="cpu"), batched=False)
-    got = script(CudaRuntime(info, opts, device="cpu"), batched=True)
+    alone_rt, rt = CudaRuntime(info, opts, device="cpu"), CudaRuntime(info, opts, device="cpu")
+    want, got = script(alone_rt, batched=False), script(rt, batched=True)
+    # every prefill's logits came through the device gather, one row a prompt
+    assert alone_rt.rows_gathered == rt.rows_gathered == len(news)
     # the same kernels at another batch shape (measured: fp16 equal, int4 4.9e-4 apart:
     # MatMulNBits rounds by M); the suite's fp16 tolerance
     np.testing.assert_allclose(got, want, atol=2e-3)

@@ -436,4 +436,4 @@ def test_cuda_runtime_on_the_host_through_the_engine(engines, tiny_hf_dir, tmp_p
                        [_greedy(p, 6)])[0] for p in prompts]
     rt = Counting(info, RuntimeOptions(max_batch=4), device="cpu")
     assert _together(engines, rt, tok, [_greedy(p, 6) for p in prompts]) == alone
-    assert calls == [4]
+    assert calls == [4] and rt.rows_gathered == 4  # each prompt's logits row, gathered

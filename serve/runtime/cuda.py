@@ -225,6 +225,7 @@ class CudaRuntime(SharedKVRuntime):
         self._logit_copier = DeviceCopier(16, np.float32, self.providers, self._device,
                                           self._device_id)
         self._gathered: dict[int, ort.OrtValue] = {}
+        self.rows_gathered = 0  # prefill logits rows gathered on the device so far
         # the static decode graph's total_sequence_length: the mask width, fixed per session
         self._total_len = ort.OrtValue.ortvalue_from_numpy(
             np.array(self.info.max_length, np.int32))
@@ -308,8 +309,9 @@ class CudaRuntime(SharedKVRuntime):
         """Row ``b``'s logits at ``positions[b]``, gathered on the device into a fixed buffer
         of ``_logit_rows`` rows, which alone crosses the bus: a 512-token prefill chunk brings
         one [vocab] row, not [512, vocab] (100 MB of fp32 for a 49k vocabulary)."""
-        if call.logits_on[0] == "cpu":
+        if call.logits_on != (self._device, self._device_id):  # not a prefill binding
             return super()._logits_at(call, positions)
+        self.rows_gathered += len(positions)
         out = call.io.get_outputs()[-1]  # [rows, seq, vocab] float32, where ORT left it
         rows, seq, vocab = out.shape()
         buf = self._logit_rows(len(positions))
@@ -317,7 +319,7 @@ class CudaRuntime(SharedKVRuntime):
         self._logit_copier.copy(
             [(out.data_ptr() + (b * seq + p) * row_bytes, buf.data_ptr() + b * row_bytes)
              for b, p in enumerate(positions)], vocab)
-        return buf.numpy()[: len(positions)]
+        return buf.numpy()[: len(positions)].copy()  # numpy() of host memory is a view
 
     def _logit_rows(self, b: int) -> ort.OrtValue:
         """A float32 device buffer ``[r, vocab]`` for ``b`` gathered rows: ``r`` the power of
