@@ -465,8 +465,10 @@ class Engine:
                 held = self.runtime.length(job.group[0].slot)
                 row = size if held == 0 else job.fed + size if padding is None else 0
                 rows, w = len(together) + 1, max(width, row)
+                # (a prefix recomputed must fit the budget even for the oldest prompt: else it
+                # takes its chunk alone)
                 if row and ((padding is None or rows * w <= padding * (real + row))
-                            and (oldest or rows * w + spent <= self.prefill_chunk)):
+                            and (oldest and not held or rows * w + spent <= self.prefill_chunk)):
                     together.append((job, row))
                     width, real = w, real + row
                     continue

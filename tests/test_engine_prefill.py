@@ -187,6 +187,34 @@ def test_prefix_hit_and_fresh_prompts_in_one_step(engines, padding):
                              ("decode", (1, 2, 3))]
 
 
+def test_a_long_cached_prefix_is_not_recomputed_past_the_budget(engines):
+    """Where padding is free, a hit joins the batch from position 0 only if prefix and chunk fit
+    the step's budget: a 60-token cached prefix with a budget of 32 prefills its new tokens
+    alone, beside the fresh prompts' batched call, and keeps its cached tokens."""
+    runtime = BatchingFake(4, max_length=200)
+    system = "You are a helpful assistant. You answer briefly. "  # 49 tokens
+    engine = Engine(runtime, TOKENIZER, prefill_chunk=32)
+    engines.append(engine)
+    engine.start()
+    run(collect(engine, req(system + "Hi", max_tokens=2)))
+    runtime.calls.clear()
+    prompts = [system + "Bye", "fresh one ", "fresh two "]
+
+    async def scenario():
+        pause = Paused(engine)
+        tasks = [asyncio.ensure_future(collect(engine, req(p, max_tokens=4))) for p in prompts]
+        await asyncio.sleep(0)
+        pause.release()
+        return await asyncio.gather(*tasks)
+
+    got = run(scenario())
+    assert [t for t, _, _ in got] == [{0: expected_text(enc(p), 4)} for p in prompts]
+    assert got[0][2][-1].usage.cached_tokens == len(enc(system))
+    calls = [c for c in runtime.calls if c[0] not in ("copy", "truncate")]
+    assert calls[:3] == [("prefill_batch", (2, 3), (10, 10)), ("prefill", 1, 3),
+                         ("decode", (2, 3, 1))]
+
+
 def test_prompt_logprobs_prefill_alone_one_token_at_a_time(engines):
     runtime = BatchingFake(3, max_length=200)
     lp = GenerationRequest(tuple(enc("abcd")), SamplingParams(temperature=0, max_tokens=3),
