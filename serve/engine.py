@@ -5,8 +5,13 @@
    │  QueueFull past max_queue       1. expire  queued past queue_timeout; all past a drain deadline
    │  ShuttingDown once draining     2. admit   FIFO head takes idle slots, one per choice; the
    │                                            first starts from the longest cached prefix
-   ▲                                 3. prefill one chunk of the oldest admitted prompt
-   │                                            (then copy its KV to the sibling choices' slots)
+   ▲                                 3. prefill the next chunk of the admitted prompts, oldest
+   │                                            first, while the step's tokens (padding counted)
+   │                                            fit --prefill-chunk: those from an empty slot in
+   │                                            one Runtime.prefill_batch (right-padded rows),
+   │                                            the rest a call each (--batch-invariant: the
+   │                                            oldest only); a prompt all in: its KV copied to
+   │                                            the sibling choices' slots, first tokens sent
    │                                 4. decode  one Runtime.decode over every running slot
    │                                            (decode_sampled: tokens picked on the device)
    │                                            (--speculative: a drafted slot verifies its
@@ -20,7 +25,12 @@
 
 ORT is never called from the event loop. Continuous batching: a request joins the decode
 batch as soon as its prompt is in, and leaves it the step it finishes; a long prompt is
-prefilled one chunk per step, so the running streams get a token between its chunks.
+prefilled one chunk per step, so the running streams get a token between its chunks. Prompts
+that arrive together are prefilled in the same step (`_plan_prefill`): ORT's
+GroupQueryAttention batches multi-token rows only from position 0, so prompts whose slot
+already holds a prefix (a prefix-cache hit, an earlier chunk) take a call each, except where
+the runtime says padding is free (GPUs: `prefill_padding` None), where they join the batch
+from position 0 and report no cached tokens.
 
 Slots that finish keep their KV as a prefix cache (`serve.prefix_cache`): a new prompt takes
 the idle slot sharing its longest prefix (or copies that prefix from a running sequence) and
@@ -86,7 +96,7 @@ log = logging.getLogger("serve.engine")
 # Prompt tokens per prefill call on CPU and on GPUs (serve.options.ServeOptions.prefill_chunk
 # says why).
 CPU_PREFILL_CHUNK = 256
-GPU_PREFILL_CHUNK = 512
+GPU_PREFILL_CHUNK = 2048
 
 _SHUTDOWN_MESSAGE = "The server is shutting down; retry on another instance."
 _WAKE = object()
@@ -100,7 +110,8 @@ class Engine:
     Args:
         runtime: KV slots (the `serve.runtime.Runtime` protocol, from `open_runtime`).
         tokenizer: `serve.tokenizer.Tokenizer`.
-        prefill_chunk: prompt tokens per prefill call (one call per step).
+        prefill_chunk: prompt tokens a step prefills, padded rows of a batched call counted
+            (the oldest prompt's chunk always goes).
         max_queue: the most requests that may wait for a slot; `submit` raises `QueueFull`
             past it (None: unbounded).
         queue_timeout: seconds a request may wait for a slot before it ends with a
@@ -323,8 +334,8 @@ class Engine:
         self._expire(time.monotonic())
         self._admit()
         if self._prefilling:
-            self._prefill(self._prefilling[0])
-            self._flush()  # a first token goes out now, not after this step's decode
+            self._prefill_step()
+            self._flush()  # first tokens go out now, not after this step's decode
         if self._running:
             self._decode()
 
@@ -423,30 +434,131 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill and decode
 
-    def _prefill(self, job: Job) -> None:
-        slot = job.group[0].slot
-        per_token = job.wants_prompt_logprobs
-        size = 1 if per_token else self.prefill_chunk
-        if size > 1 and len(job.prompt) - job.fed - size == 1:
-            size -= 1  # no one-token last chunk: its logits would come from another kernel
+    def _prefill_step(self) -> None:
+        """The next chunk of as many admitted prompts as fit the step's budget (`_plan_prefill`):
+        prompts starting from an empty slot share one `prefill_batch` call, the others take a
+        call each. With `batch_invariant` only the oldest prompt's chunk, alone (a row's
+        logits must not depend on what else prefills)."""
+        if self.batch_invariant:
+            job = self._prefilling[0]
+            self._prefill(job, self._chunk(job))
+            return
+        together, alone = self._plan_prefill()
+        self._observe("prefill_rows", len(together) + len(alone))
+        if len(together) > 1:
+            for job, _ in together:
+                if self.runtime.length(job.group[0].slot):  # recomputed from position 0
+                    self.runtime.truncate(job.group[0].slot, 0)
+                    job.fed = job.cached_tokens = 0
+            self._prefill_together([(job, size) for job, size in together])
+            self._flush()
+        else:
+            alone = [(job, self._chunk(job)) for job, _ in together] + alone
+        for job, size in alone:
+            self._prefill(job, size)
+            self._flush()
+
+    def _plan_prefill(self) -> tuple[list[tuple[Job, int]], list[tuple[Job, int]]]:
+        """(rows for one `prefill_batch`, prompts prefilled alone), as (job, tokens) lists,
+        oldest first.
+
+        The oldest prompt's chunk always goes; the others follow while the step's tokens stay
+        within ``prefill_chunk``, padding counted (a batched call costs rows x its longest
+        row). A prompt joins the batch where it wants no prompt logprobs, its slot is empty
+        (GroupQueryAttention batches multi-token rows only from position 0) and the batch's
+        padding stays within the runtime's ``prefill_padding`` (padded tokens per real
+        token: on the CPU, where padding costs what real tokens do, one call per prompt beats
+        a batch whose rows differ much in length). Where padding is free next to a call's
+        fixed cost (``prefill_padding`` None: GPUs), a prompt whose slot holds a prefix (a
+        prefix-cache hit, an earlier chunk) joins the batch too, from position 0 (its row is
+        the prefix and the chunk; `_prefill_step` empties the slot, and the request's
+        ``cached_tokens`` becomes 0), rather than take a call of its own.
+        """
+        can_batch = callable(getattr(self.runtime, "prefill_batch", None))
+        padding = getattr(self.runtime, "prefill_padding", None)
+        together: list[tuple[Job, int]] = []
+        alone: list[tuple[Job, int]] = []
+        width = real = spent = 0  # the batch's longest row and real tokens; alone tokens
+        for job in self._prefilling:
+            size = self._chunk(job)
+            oldest = not together and not alone
+            if can_batch and not job.wants_prompt_logprobs:
+                held = self.runtime.length(job.group[0].slot)
+                row = size if held == 0 else job.fed + size if padding is None else 0
+                rows, w = len(together) + 1, max(width, row)
+                # (a prefix recomputed must fit the budget even for the oldest prompt: else it
+                # takes its chunk alone)
+                if row and ((padding is None or rows * w <= padding * (real + row))
+                            and (oldest and not held or rows * w + spent <= self.prefill_chunk)):
+                    together.append((job, row))
+                    width, real = w, real + row
+                    continue
+            if oldest or len(together) * width + spent + size <= self.prefill_chunk:
+                alone.append((job, size))
+                spent += size
+        return together, alone
+
+    def _chunk(self, job: Job) -> int:
+        """Prompt tokens the job's next prefill call takes: one where it wants prompt
+        logprobs, else up to ``prefill_chunk``, never leaving a one-token last chunk (its
+        logits would come from another kernel)."""
+        left = len(job.prompt) - job.fed
+        if job.wants_prompt_logprobs:
+            return 1
+        size = self.prefill_chunk
+        if size > 1 and left - size == 1:
+            size -= 1
+        return min(size, left)
+
+    def _prefill(self, job: Job, size: int) -> None:
+        """One prefill call of the job's next ``size`` prompt tokens."""
         try:
-            logits = self.runtime.prefill(slot, job.prompt[job.fed : job.fed + size])
-            job.fed = min(job.fed + size, len(job.prompt))
-            if per_token:
-                if job.prompt_logprobs is None:
-                    job.prompt_logprobs = [None]  # nothing predicts the first prompt token
-                if job.fed < len(job.prompt):
-                    k = job.request.prompt_logprobs or 0
-                    job.prompt_logprobs.append(prompt_logprob(logits, job.prompt[job.fed], k))
-            if job.fed < len(job.prompt):
-                return
-            self._prefilling.popleft()
-            group, job.group = job.group, []
-            for c in group[1:]:
-                self.runtime.copy_slot(slot, c.slot)
-            self._start(job, group, logits)
+            logits = self.runtime.prefill(job.group[0].slot, job.prompt[job.fed : job.fed + size])
+            self._prefilled(job, size, logits)
         except Exception as exc:
             self._fail(job, exc)
+
+    def _prefill_together(self, rows: list[tuple[Job, int]]) -> None:
+        """One `prefill_batch` call for the (job, chunk size) rows, each job's slot empty. If
+        it fails, every row is prefilled alone, so that only a failing row fails its job."""
+        try:
+            logits = self.runtime.prefill_batch(
+                [job.group[0].slot for job, _ in rows],
+                [job.prompt[job.fed : job.fed + size] for job, size in rows])
+        except Exception:
+            log.warning("a batched prefill of %d prompts failed; prefilling them one by one",
+                        len(rows), exc_info=True)
+            for job, size in rows:
+                self._prefill(job, size)
+            return
+        for (job, size), row in zip(rows, logits, strict=True):
+            try:
+                self._prefilled(job, size, row)
+            except Exception as exc:
+                self._fail(job, exc)
+
+    def _prefilled(self, job: Job, size: int, logits: np.ndarray) -> None:
+        """``size`` more prompt tokens of the job are in its slot, ``logits`` after the last:
+        record a prompt logprob, or once the whole prompt is in, copy its KV to the sibling
+        choices' slots and sample each choice's first token."""
+        job.fed = min(job.fed + size, len(job.prompt))
+        if job.wants_prompt_logprobs:
+            if job.prompt_logprobs is None:
+                job.prompt_logprobs = [None]  # nothing predicts the first prompt token
+            if job.fed < len(job.prompt):
+                k = job.request.prompt_logprobs or 0
+                job.prompt_logprobs.append(prompt_logprob(logits, job.prompt[job.fed], k))
+        if job.fed < len(job.prompt):
+            return
+        if job.cancelled:  # while its call ran: it ends now, before it joins a decode step
+            self._remove(job)
+            self._end(job, "cancelled")
+            return
+        self._prefilling.remove(job)
+        group, job.group = job.group, []
+        for c in group[1:]:
+            self.runtime.copy_slot(group[0].slot, c.slot)
+        self._start(job, group, logits)
 
     def _start(self, job: Job, group: list[Choice], logits: np.ndarray) -> None:
         """The group's prompt KV is in place: sample each choice's first token."""

@@ -153,6 +153,9 @@ class EngineObserver:
     def speculated(self, counts: tuple[int, int]) -> None:
         """A verify call checked (drafted, accepted) draft tokens (`serve.speculative`)."""
 
+    def prefill_rows(self, n: int) -> None:
+        """One engine step prefilled the next chunk of `n` prompts (`Engine._plan_prefill`)."""
+
 
 _CANCELLED = Event(error="cancelled")
 

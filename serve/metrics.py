@@ -33,6 +33,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TPS_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PREFILL_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 THROUGHPUT_WINDOW_S = 10.0
 
 
@@ -84,6 +85,10 @@ class Metrics:
                                   registry=r)
         self.spec_accepted = Counter("llorch_spec_accepted_tokens", "Draft tokens accepted: "
                                      "acceptance rate = accepted / draft.", m, registry=r)
+        self.prefill_rows = Histogram("llorch_prefill_batch_rows", "Prompts whose next chunk "
+                                      "one engine step prefilled (one call for those starting "
+                                      "from an empty slot, one each for the rest).", m,
+                                      buckets=PREFILL_ROWS_BUCKETS, registry=r)
         r.register(_EngineGauges(self))
         ProcessCollector(registry=r)
 
@@ -183,7 +188,7 @@ class _ModelObserver(EngineObserver):
         for metric in (metrics.prompt_tokens, metrics.generation_tokens, metrics.cache_queries,
                        metrics.cache_hits, metrics.cache_hit_requests, metrics.ttft, metrics.itl,
                        metrics.request_tps, metrics.queue_time, metrics.duration,
-                       metrics.spec_draft, metrics.spec_accepted):
+                       metrics.spec_draft, metrics.spec_accepted, metrics.prefill_rows):
             metric.labels(model)  # a loaded model's series start at 0, not absent
 
     def first_token(self, ttft: float) -> None:
@@ -200,6 +205,9 @@ class _ModelObserver(EngineObserver):
         drafted, accepted = counts
         self.m.spec_draft.labels(self.model).inc(drafted)
         self.m.spec_accepted.labels(self.model).inc(accepted)
+
+    def prefill_rows(self, n: int) -> None:
+        self.m.prefill_rows.labels(self.model).observe(n)
 
     def request_done(self, stats: RequestStats) -> None:
         m, model = self.m, self.model

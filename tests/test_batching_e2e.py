@@ -191,6 +191,43 @@ def test_16_simultaneous_streams_of_mixed_lengths_and_parameters(server, tok):
     wait_for(lambda: slots_in_use(base) == 0, what="free slots")
 
 
+def test_prompts_arriving_together_are_prefilled_in_one_step(long_tiny_dir, tmp_path_factory, tok):
+    """8 chat prompts of one length arrive while a 2000-token prompt is being prefilled: the
+    next step prefills all 8 (one batched call: their slots are empty), /metrics counts that
+    step, and each text is what the prompt gets alone."""
+    ctx, _ = _serve(long_tiny_dir, tmp_path_factory, "prefill-batch-server", "--max-batch", "9",
+                    "--prefix-cache-size", "0", "--prefill-chunk", "2048")
+    bias = letters_bias(tok)
+    cases = [[{"role": "user", "content": f"request {i}: plot a course past the reef"}]
+             for i in range(8)]
+    assert len({len(prompt_ids(tok, m)) for m in cases}) == 1
+    long_text = " ".join(["north wind tide chart depth sonar heading crew watch"] * 200)
+
+    async def scenario(base):
+        async with aclient(base) as client:
+            alone = [await chat_text(client, m, stream=False, temperature=0, max_tokens=12, **bias)
+                     for m in cases]
+            before = metrics(base)
+            long_task = asyncio.ensure_future(chat_text(
+                client, [{"role": "user", "content": long_text}], stream=False, max_tokens=2))
+            together = await asyncio.gather(*(
+                chat_text(client, m, stream=i % 2 == 0, delay=0.005, temperature=0, max_tokens=12,
+                          **bias) for i, m in enumerate(cases)))
+            await long_task
+            return alone, together, before, metrics(base)
+
+    with ctx as base:
+        alone, together, before, after = run(scenario(base))
+    assert [t for t, _ in together] == [t for t, _ in alone]
+
+    def moved(le: str) -> float:
+        key = ("llorch_prefill_batch_rows_bucket", (("le", le), ("model", MODEL)))
+        return after[key] - before.get(key, 0)
+
+    assert moved("8.0") - moved("4.0") >= 1  # a step prefilled 5 to 8 prompts
+    assert moved("+Inf") <= 8  # steps, fewer than one a prompt
+
+
 # ------------------------------------------------------------------------ prefix cache
 
 

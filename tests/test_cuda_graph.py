@@ -214,6 +214,36 @@ def test_pointer_bound_runtime_equals_runtime(cuda_dirs, precision, cuda_graph):
     np.testing.assert_allclose(script(rt), want, atol=2e-3)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int4"])
+def test_pointer_bound_prefill_batch_equals_one_at_a_time(cuda_dirs, precision):
+    """Rows of very different lengths in one call, their logits gathered by pointer into the
+    fixed buffer before they come to the host; then decode steps over the padding's KV. Host
+    memory stands in for the GPU's."""
+    d = cuda_dirs[precision]
+    news = [_ids(n, seed=50 + n) for n in (33, 2, 1, 9, 20)]
+
+    def script(rt, batched):
+        slots = [4, 2, 0, 1, 3]  # not in row order: rows move
+        if batched:
+            out = list(rt.prefill_batch(slots, news))
+        else:
+            out = [rt.prefill(s, ids) for s, ids in zip(slots, news, strict=True)]
+        assert [rt.length(s) for s in slots] == [len(ids) for ids in news]
+        for k in range(2):
+            out.extend(rt.decode([0, 1, 2, 3, 4], [30 + k + j for j in range(5)]))
+        return np.stack(out)
+
+    info, opts = load_model_info(d), RuntimeOptions(max_batch=5)
+    alone_rt, rt = CudaRuntime(info, opts, device="cpu"), CudaRuntime(info, opts, device="cpu")
+    want, got = script(alone_rt, batched=False), script(rt, batched=True)
+    # every prefill's logits came through the device gather, one row a prompt
+    assert alone_rt.rows_gathered == rt.rows_gathered == len(news)
+    # the same kernels at another batch shape (measured: fp16 equal, int4 4.9e-4 apart:
+    # MatMulNBits rounds by M); the suite's fp16 tolerance
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    np.testing.assert_allclose(got, script(open_runtime(d, opts), batched=False), atol=2e-3)
+
+
 def test_cuda_provider_missing_is_a_clear_error(cuda_dirs):
     import onnxruntime as ort
 
@@ -290,7 +320,8 @@ def test_captured_steps_pad_to_captured_sizes(cuda_dirs):
     # warmed up first (every captured size run once on the empty buffer): the same numbers
     warm = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=6, max_length=40,
                                                           cuda_graph=True), device="cpu")
-    assert warm.warm_up() == {"prefill": [16, 32], "decode": [1, 2, 4, 6]}
+    assert warm.warm_up() == {"prefill": [16, 32], "batch": [(2, 16), (2, 32), (4, 16), (4, 32)],
+                              "decode": [1, 2, 4, 6]}
     np.testing.assert_allclose(script(warm), want, atol=2e-3)
     with pytest.raises(RuntimeError, match="empty"):
         warm.warm_up()
@@ -314,7 +345,7 @@ def test_bucketed_prefill_equals_exact_prefill(cuda_dirs):
     exact = CudaRuntime(info, RuntimeOptions(max_batch=2, max_length=40), device="cpu")
     exact.prefill = lambda slot, ids: SharedKVRuntime.prefill(exact, slot, ids)  # no buckets
     rt = CudaRuntime(info, RuntimeOptions(max_batch=2, max_length=40), device="cpu")
-    assert rt.warm_up() == {"prefill": [16, 32], "decode": []}
+    assert rt.warm_up() == {"prefill": [16, 32], "batch": [(2, 16), (2, 32)], "decode": []}
     assert rt.length(0) == rt.length(1) == 0
 
     def script(r):
@@ -327,3 +358,23 @@ def test_bucketed_prefill_equals_exact_prefill(cuda_dirs):
         return np.stack(out)
 
     np.testing.assert_allclose(script(rt), script(exact), atol=2e-3)
+
+
+def test_batched_prefill_runs_at_power_of_two_rows_and_bucketed_lengths(cuda_dirs):
+    """Seven empty slots prefilled together run as 4 + 2 + 1 rows, each call right-padded to a
+    power-of-two length: the logits equal each prompt prefilled alone."""
+    d = cuda_dirs["fp16"]
+    info = load_model_info(d)
+    prompts = [_ids(n, seed=n) for n in (3, 9, 17, 30, 5, 12, 33)]
+    alone = CudaRuntime(info, RuntimeOptions(max_batch=8, max_length=64), device="cpu")
+    want = np.stack([alone.prefill(j, p) for j, p in enumerate(prompts)])
+    rt = CudaRuntime(info, RuntimeOptions(max_batch=8, max_length=64), device="cpu")
+    widths = []
+    run = rt._run
+    rt._run = lambda call, ids, mask: (widths.append(ids.shape), run(call, ids, mask))
+    got = rt.prefill_batch(list(range(7)), prompts)
+    assert widths == [(4, 32), (2, 16)]  # the seventh alone: `prefill`, its own bucketed path
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert [rt.length(j) for j in range(7)] == [len(p) for p in prompts]
+    np.testing.assert_allclose(rt.decode(list(range(7)), [4] * 7),
+                               alone.decode(list(range(7)), [4] * 7), atol=2e-3)

@@ -149,6 +149,66 @@ def test_chunked_prefill_equals_one_prefill(tiny_model_dir):
     assert np.abs(got - _alone(tiny_model_dir, ids, t)).max() <= TOL
 
 
+def _prefill_batch_script(rt, news, steps):
+    """``news`` in one `prefill_batch` over slots 0.. in reverse order (they move to other
+    rows), then ``steps`` decode steps of every slot; returns the logits per slot."""
+    order = list(range(len(news)))[::-1]
+    first = rt.prefill_batch(order, [news[j] for j in order])
+    assert first.shape == (len(news), rt.info.vocab_size) and first.dtype == np.float32
+    got = {j: [first[k]] for k, j in enumerate(order)}
+    for j in range(len(news)):
+        assert rt.length(j) == len(news[j])
+    for k in range(steps):
+        logits = rt.decode(list(range(len(news))), [20 + k + j for j in range(len(news))])
+        for j in range(len(news)):
+            got[j].append(logits[j])
+    return {j: np.stack(v) for j, v in got.items()}
+
+
+# rows of very different lengths
+BATCH_NEWS = [_ids(40, seed=32), _ids(2, seed=33), _ids(1, seed=34), _ids(17, seed=35)]
+
+
+@pytest.mark.parametrize("equal", [False, True])
+def test_prefill_batch_equals_prefilling_alone(tiny_model_dir, equal):
+    """Right-padded rows: each row's logits, and the decode steps after (which write over the
+    padding's KV), are those of the same prompt prefilled alone."""
+    news = [n[:2] for n in BATCH_NEWS[:2]] if equal else BATCH_NEWS
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=len(news)))
+    got = _prefill_batch_script(rt, news, steps=3)
+    for j, new in enumerate(news):
+        want = _alone(tiny_model_dir, new, [20 + k + j for k in range(3)])
+        assert np.abs(got[j] - want).max() <= TOL, f"slot {j}"
+
+
+def test_prefill_batch_refusals_change_nothing(tiny_model_dir):
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=3, max_length=16))
+    with pytest.raises(ContextFull, match="slot 1: 0 \\+ 17 tokens exceed"):
+        rt.prefill_batch([1, 0], [_ids(17, seed=37), _ids(3, seed=38)])
+    rt.prefill(0, _ids(10, seed=36))
+    for slots, seqs in (([], []), ([1, 1], [[5], [6]]), ([1, 2], [[5]]), ([1, 2], [[5], []]),
+                        ([1, 0], [[5], [6]])):  # the last: slot 0 holds a prefix
+        with pytest.raises(ValueError):
+            rt.prefill_batch(slots, seqs)
+    assert [rt.length(s) for s in range(3)] == [10, 0, 0]
+    # a lone row is a plain prefill
+    np.testing.assert_array_equal(rt.prefill_batch([1], [[5, 6]])[0],
+                                  open_runtime(tiny_model_dir).prefill(0, [5, 6]))
+
+
+def test_prefill_batch_rows_follow_the_decode_batch(tiny_model_dir):
+    """Prefilled slots land in the rows after those of the last decode step, where the next
+    decode (the old batch, then the new slots) wants them: no swaps in that decode."""
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=6))
+    rt.prefill_batch([4, 5], [_ids(5, seed=40), _ids(6, seed=41)])
+    rt.decode([4, 5], [1, 2])  # 4 and 5 move to rows 0 and 1
+    swaps = rt.rows_swapped
+    rt.prefill_batch([0, 2, 1], [_ids(3, seed=42), _ids(7, seed=43), _ids(4, seed=44)])
+    moved = rt.rows_swapped - swaps
+    rt.decode([4, 5, 0, 2, 1], [3, 4, 5, 6, 7])
+    assert rt.rows_swapped - swaps == moved <= 3
+
+
 def test_context_full(tiny_model_dir):
     rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=2, max_length=16))
     assert rt.info.max_length == 16

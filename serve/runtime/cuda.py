@@ -15,11 +15,16 @@ logits of rows the host must sample) come down.
 
 Prefill calls run at a few fixed shapes (`prefill_shape`): the prompt chunk right-padded to the
 next power of two (at least 16 tokens), the mask as wide as the buffer, and only the real last
-position's logits kept. ORT on CUDA spends 50-100 ms the first time it meets a sequence length
+position's logits brought down (below). ORT on CUDA spends 50-100 ms the first time it meets a sequence length
 (3.5-7 ms after; H200, default model), and prompt lengths are all different: with buckets only
 the first call at each bucket pays, and `warm_up` pays that at start-up. The padding tokens'
 KV lands after the real ones (GroupQueryAttention is causal: the real tokens never see it) and
 past the slot's length, where the next write goes.
+
+A prefill (one slot, or several empty ones in one call: ``prefill_batch``, in groups of a
+power of two rows, so batch sizes are few too) leaves its logits
+``[rows, seq, vocab]`` on the GPU; the row after each sequence's last token is copied on the
+device into a fixed ``[r, vocab]`` fp32 buffer (``_logit_rows``) and only that comes down.
 
 Decoded sequences are moved so slot ``slots[j]`` sits in row ``j`` (as in every
 ``SharedKVRuntime``); moves and ``copy_slot`` are device-to-device copies through a tiny
@@ -202,6 +207,9 @@ class CudaRuntime(SharedKVRuntime):
     # a full-vocabulary sort) a step, more than the host's argmax or NumPy sampler of the
     # copied logits. Auto turns it on again once a GPU run shows the device path faster.
     samples_on_device = False
+    # On a GPU a prefill call of a few hundred tokens is bound by its kernel launches, not by
+    # its tokens: pad freely (the engine's budget, --prefill-chunk tokens a step, bounds it).
+    prefill_padding = None
 
     def __init__(self, info: ModelInfo, options: RuntimeOptions, *, device: str = "cuda",
                  device_id: int = 0) -> None:
@@ -237,13 +245,14 @@ class CudaRuntime(SharedKVRuntime):
         # the copier binds new addresses every run: never a captured graph
         self._copier = DeviceCopier(2 * info.num_layers, self.kv_dtype, self.providers,
                                     self._device, self._device_id)
+        # prefill logits rows, gathered on the device before they cross the bus
+        self._logit_copier = DeviceCopier(16, np.float32, self.providers, self._device,
+                                          self._device_id)
+        self._gathered: dict[int, ort.OrtValue] = {}
+        self.rows_gathered = 0  # prefill logits rows gathered on the device so far
         # the static decode graph's total_sequence_length: the mask width, fixed per session
         self._total_len = ort.OrtValue.ortvalue_from_numpy(
             np.array(self.info.max_length, np.int32))
-        # prefill logits: one row of them gathered on the device, then copied down
-        self._logits_copier = DeviceCopier(1, np.float32, self.providers, self._device,
-                                           self._device_id)
-        self._last_logits = self._alloc((1, info.vocab_size), np.float32)
         if device == "cuda":
             self.warm_up()
 
@@ -291,8 +300,9 @@ class CudaRuntime(SharedKVRuntime):
                 bind(b.name, self._device, self._device_id, self.kv_dtype, list(b.shape),
                      self._ptr(b.buffer, b.first_row))
         if not device_io:
-            # picked on the device, decode logits stay there
-            on = (self._device, self._device_id) if decode and self.device_sampling else ("cpu", 0)
+            # prefill logits stay on the device (`_logits_at` brings the rows it needs), and so
+            # do decode logits where tokens are picked there
+            on = (self._device, self._device_id) if not decode or self.device_sampling else ("cpu", 0)
             io.bind_output("logits", *on)
             return Call(io, session, logits_on=on)
         ids, mask, logits = self._device_inputs(rows)
@@ -342,6 +352,27 @@ class CudaRuntime(SharedKVRuntime):
         self._lengths[slot] = past + n
         return logits
 
+    def prefill_batch(self, slots: Sequence[int], seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        """`SharedKVRuntime.prefill_batch` in groups of a power of two rows, largest first, each
+        at `prefill_shape` tokens (few shapes: module docstring); same arguments, result and
+        errors (checked for every row before any call)."""
+        if not self.info.logits_to_keep:
+            return super().prefill_batch(slots, seqs)
+        if len(slots) != len(seqs) or any(self._lengths[s] for s in slots) or \
+                any(len(ids) == 0 for ids in seqs) or len(set(slots)) != len(slots) or not slots:
+            return super().prefill_batch(slots, seqs)  # raises what it raises
+        for s, ids in zip(slots, seqs, strict=True):
+            self._check_room(s, len(ids))
+        out, i = [], 0
+        while i < len(slots):
+            g = 1 << ((len(slots) - i).bit_length() - 1)
+            out.append(super().prefill_batch(slots[i:i + g], seqs[i:i + g]))
+            i += g
+        return np.concatenate(out)
+
+    def _batch_width(self, width: int) -> int:
+        return prefill_shape(width, 0, self.info.max_length)
+
     def _prefill_row(self, row: int, ids: np.ndarray, past: int, n: int) -> np.ndarray:
         """One prefill call on ``row``: ``ids`` [1, s] after ``past`` tokens, the mask spanning
         the buffer; returns the logits after the ``n``-th token ([vocab] float32).
@@ -354,35 +385,44 @@ class CudaRuntime(SharedKVRuntime):
         mask[0, : past + ids.shape[1]] = 1
         io = call.io
         io.bind_ortvalue_input("num_logits_to_keep", self._keep[0])  # an overridable initializer
-        io.bind_output("logits", self._device, self._device_id)  # [1, s, vocab] on the device
+        io.bind_output("logits", *call.logits_on)  # [1, s, vocab] on the device
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
         call.session.run_with_iobinding(io)
-        vocab = self.info.vocab_size
-        src = io.get_outputs()[-1].data_ptr() + (n - 1) * vocab * 4
-        self._logits_copier.copy([(src, self._last_logits.data_ptr())], vocab)
-        return np.array(self._last_logits.numpy()[0])  # (a view of the buffer on "cpu")
+        return self._logits_at(call, [n - 1])[0]
 
-    def warm_up(self, up_to: int = 2048) -> dict[str, list[int]]:
+    def warm_up(self, up_to: int = 2048, batch_tokens: int = 2048) -> dict[str, list]:
         """Meet every shape a request would otherwise meet first, before any request: one
-        prefill at every bucketed shape up to ``min(up_to, max_length)`` on the scratch row, and
-        with CUDA graphs one decode step at every captured batch size (`graph_sizes`: the
-        capture happens at the first run). Only on an empty runtime: the decode steps write
-        position 0 of rows whose length stays 0.
+        prefill at every bucketed shape up to ``min(up_to, max_length)`` on the scratch row, a
+        `prefill_batch` call at every (power-of-two rows, bucketed length) of at most
+        ``batch_tokens`` tokens, and with CUDA graphs one decode step at every captured batch
+        size (`graph_sizes`: the capture happens at the first run). Only on an empty runtime:
+        the batched and decode calls write the first positions of rows whose length stays 0.
 
         Returns:
-            {"prefill": sequence lengths run, "decode": batch sizes captured}.
+            {"prefill": sequence lengths run, "batch": (rows, length) pairs run,
+            "decode": batch sizes captured}.
         Raises:
             RuntimeError: a slot already holds tokens.
         """
         if any(self._lengths):
             raise RuntimeError("warm_up runs on an empty runtime only")
-        done: dict[str, list[int]] = {"prefill": [], "decode": []}
+        done: dict[str, list] = {"prefill": [], "batch": [], "decode": []}
         s = MIN_PREFILL_SHAPE
         while s <= min(up_to, self.info.max_length) and self.info.logits_to_keep:
             self._prefill_row(self._scratch, np.zeros((1, s), np.int64), 0, 1)
             done["prefill"].append(s)
             s *= 2
+        b = 2
+        while b <= self.n_slots and self.info.logits_to_keep:  # batched first prompts
+            s = MIN_PREFILL_SHAPE
+            while b * s <= batch_tokens and s <= self.info.max_length:
+                call = self._call(0, b, decode=False)
+                self._run(call, np.zeros((b, s), np.int64), np.ones((b, s), np.int64))
+                self._logits_at(call, [0] * b)
+                done["batch"].append((b, s))
+                s *= 2
+            b *= 2
         for rows in self._graph_sizes if self._cuda_graph else []:
             mask = np.zeros((rows, self.info.max_length), np.int64)
             mask[:, 0] = 1
@@ -390,6 +430,31 @@ class CudaRuntime(SharedKVRuntime):
             self._run(call, np.zeros((rows, 1), np.int64), mask)
             done["decode"].append(rows)
         return done
+
+    def _logits_at(self, call: Call, positions: Sequence[int]) -> np.ndarray:
+        """Row ``b``'s logits at ``positions[b]``, gathered on the device into a fixed buffer
+        of ``_logit_rows`` rows, which alone crosses the bus: a 512-token prefill chunk brings
+        one [vocab] row, not [512, vocab] (100 MB of fp32 for a 49k vocabulary)."""
+        if call.logits_on != (self._device, self._device_id):  # not a prefill binding
+            return super()._logits_at(call, positions)
+        self.rows_gathered += len(positions)
+        out = call.io.get_outputs()[-1]  # [rows, seq, vocab] float32, where ORT left it
+        rows, seq, vocab = out.shape()
+        buf = self._logit_rows(len(positions))
+        row_bytes = vocab * 4
+        self._logit_copier.copy(
+            [(out.data_ptr() + (b * seq + p) * row_bytes, buf.data_ptr() + b * row_bytes)
+             for b, p in enumerate(positions)], vocab)
+        return buf.numpy()[: len(positions)].copy()  # numpy() of host memory is a view
+
+    def _logit_rows(self, b: int) -> ort.OrtValue:
+        """A float32 device buffer ``[r, vocab]`` for ``b`` gathered rows: ``r`` the power of
+        two at or above ``b``, so a few buffers serve every batch and at most twice the rows
+        cross the bus."""
+        r = 1 << (b - 1).bit_length()
+        if r not in self._gathered:
+            self._gathered[r] = self._alloc((r, self.info.vocab_size), np.float32)
+        return self._gathered[r]
 
     # -- moving rows on the device ------------------------------------------------------------
     def _copy_rows(self, pairs: Sequence[tuple[int, int]]) -> None:

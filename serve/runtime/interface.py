@@ -138,6 +138,12 @@ class Runtime(Protocol):
     several tokens to one slot in one call and returns the logits after each (speculative
     decoding, `serve.speculative`); `HostRuntime` has it, and the engine refuses
     ``speculative`` on runtimes without it.
+
+    Optional: ``prefill_batch(slots, seqs) -> float32 [len(slots), vocab]`` prefills several
+    empty slots in one call (rows right-padded to the longest; `SharedKVRuntime`), with
+    ``prefill_padding`` (float | None) the most padded tokens per real token worth batching
+    (None: padding is free next to a call's fixed cost, as on GPUs); the engine prefills one
+    prompt a call on runtimes without it (`Engine._plan_prefill`).
     """
 
     info: ModelInfo  # max_length: the tokens one slot holds (prompt + completion)
