@@ -388,7 +388,7 @@ class Engine:
             try:
                 while job.pending and self.slots.n_free:
                     c = Choice(job, job.pending[0], self.tokenizer)
-                    if group:
+                    if group or self._recomputes_prefix(job):
                         c.slot = self.slots.acquire_blank()
                     else:
                         limit = self._reuse_limit(job)
@@ -401,6 +401,19 @@ class Engine:
                 self._place(job, group, reuse)
             except Exception as exc:
                 self._fail(job, exc)
+
+    def _recomputes_prefix(self, job: Job) -> bool:
+        """Whether the job's first choice should take a blank slot rather than copy a cached
+        prefix: where padding is free (`prefill_padding` None: GPUs) a prompt that fits the
+        step's budget joins a batched call from position 0 anyway when other prompts wait
+        to prefill beside it (`_plan_prefill`), so copying its prefix first (1.3 ms a slot on
+        an H200) would be thrown away. A lone prompt still takes its prefix."""
+        return (not self.batch_invariant and job.prompt_logits is None
+                and not job.wants_prompt_logprobs
+                and getattr(self.runtime, "prefill_padding", 1.0) is None
+                and callable(getattr(self.runtime, "prefill_batch", None))
+                and len(job.prompt) <= self.prefill_chunk
+                and (len(self._waiting) > 1 or bool(self._prefilling)))
 
     def _reuse_limit(self, job: Job) -> int:
         """How much of the prompt's KV may come from elsewhere."""

@@ -185,6 +185,8 @@ def test_prefix_hit_and_fresh_prompts_in_one_step(engines, padding):
         assert [g[2][-1].usage.cached_tokens for g in got] == [0, 0, 0]
         assert calls[:2] == [("prefill_batch", (1, 2, 3), (len(enc(system + "Bye")), 10, 10)),
                              ("decode", (1, 2, 3))]
+        # the prefix is recomputed in the batch: it is not copied into the slot first
+        assert not [c for c in runtime.calls if c[0] == "copy"]
 
 
 def test_a_long_cached_prefix_is_not_recomputed_past_the_budget(engines):
