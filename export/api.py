@@ -467,6 +467,8 @@ def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | 
             if bar is not None:
                 bar.close()
     graphs = [("model.onnx", spec)]
+    # one calibration prefill must fit the KV buffers (a --max-length below 256 failed here)
+    n_calib = min(CALIBRATION_TOKENS, spec.max_length)
     if plan.w8a8_graph:
         graphs.append((W8A8_FILE, replace(spec, w8a8=True)))
     if spec.target == "cuda":
@@ -477,7 +479,7 @@ def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | 
             if graph_spec.w8a8:  # smoothed with ranges measured on the main graph just written
                 main = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
                 act_mean = activation_means(tmp, "model.onnx", linear_inputs(main), cfg,
-                                            calibration_ids(tmp, cfg.vocab_size))
+                                            calibration_ids(tmp, cfg.vocab_size, n_calib))
                 graph_spec = replace(graph_spec, act_mean=act_mean)
             g = GraphBuilder(tmp / "model.onnx.data", share_with=g)
             try:
@@ -493,7 +495,7 @@ def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | 
         scales = None
         if plan.kv_dtype == "int8":
             scales = int8_scales(kv_ranges(tmp, "model.onnx", cfg,
-                                           calibration_ids(tmp, cfg.vocab_size)))
+                                           calibration_ids(tmp, cfg.vocab_size, n_calib)))
         for filename, _ in graphs:
             model = onnx.load(str(tmp / filename), load_external_data=False)
             set_kv_dtype(model, plan.kv_dtype, scales)

@@ -138,8 +138,13 @@ def quantize_blocks_symmetric(w: np.ndarray, *, bits: int = 4, block_size: int =
         at = np.abs(blk).argmax(axis=-1)[..., None]
         m = np.take_along_axis(blk, at, axis=-1)[..., 0]
         scale = (m / -mid).astype(np.float32)
-        inv = np.where(scale == 0, 0.0, 1.0 / np.where(scale == 0, 1.0, scale)).astype(np.float32)
-        q = (np.clip(np.round(blk * inv[..., None]), -mid, mid - 1) + mid).astype(np.uint8)
+        # times the reciprocal, as MLAS does (bit for bit its blocks); a subnormal scale's
+        # reciprocal overflows, so those blocks divide
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            inv = np.where(scale == 0, 0.0, np.float32(1.0) / scale).astype(np.float32)
+            x = np.where(np.isfinite(inv)[..., None], blk * inv[..., None],
+                         blk / np.where(scale == 0, 1.0, scale)[..., None])
+        q = (np.clip(np.round(x), -mid, mid - 1) + mid).astype(np.uint8)
         packed.append(pack_nibbles(q) if bits == 4 else q)
         scales.append(scale)
     return QuantizedWeight(np.concatenate(packed), np.concatenate(scales), None, bits,
