@@ -184,8 +184,8 @@ class ExportPlan:
 
 
 # GGUF types a --int4-symmetric export may re-quantize into 4-bit symmetric blocks: floats,
-# and symmetric types at least twice as fine as int4 (their rounding adds at most a quarter
-# of a step's error under int4's). Q4_0 maps exactly (quant.without_zero_points).
+# and types of 6+ bits (a grid 4x finer than int4's or more: their rounding is at most an
+# eighth of an int4 step). Q4_0 maps exactly (quant.without_zero_points).
 SYMMETRIC_FROM = ("F32", "F16", "BF16", "Q4_0", "Q8_0", "Q6_K")
 
 
@@ -219,7 +219,7 @@ def check_symmetric_source(source: HFSource | GGUFSource, lm_head_bits: int) -> 
         raise ExportError(
             f"--int4-symmetric: {source.path} stores 4-bit layers as {found}. Re-quantizing "
             f"them into symmetric int4 blocks would compound two roundings; export without "
-            f"--int4-symmetric (which keeps Q4_1 blocks exactly), or from a float or "
+            f"--int4-symmetric (the default scheme maps Q4_1 blocks exactly), or from a float or "
             f"{'/'.join(SYMMETRIC_FROM[3:])} source")
 
 
