@@ -8,7 +8,8 @@ Each engine is loaded once (llorch: `serve.runtime.open_runtime` with `--w8a8 of
 batch-1 decode graph `llorch serve` runs; GenAI: `onnxruntime_genai` with these threads;
 llama.cpp: `llama-cpp-python`'s generator, greedy),
 prefills the same `--prompt` random token ids, then the engines take turns, `--steps` greedy
-decode steps each, for `--rounds` rounds, starting each round one engine further along. A slow
+decode steps each (`--gap` seconds idle before each turn, so the previous engine's spinning
+pool threads are asleep), for `--rounds` rounds, starting each round one engine further along. A slow
 spell then hits every engine about equally, and the per-engine medians compare. STREAM triad
 bandwidth is measured before and after (bench.bandwidth; the better one is the limit's);
 weight bytes per token come from the export's files (bench.weight_bytes).
@@ -80,7 +81,7 @@ DECODERS = {"llorch": LlorchDecoder, "genai": GenAIDecoder, "llamacpp": LlamaCpp
 
 
 def run(engines: dict[str, tuple[str, Path]], *, rounds: int, steps: int, prompt: int,
-        threads: int) -> dict:
+        threads: int, gap: float = 0.2) -> dict:
     """{"engines": {name: {"tps": [per round], "median_tps", "weight_bytes"}}, "triad_gbps"}."""
     from bench.bandwidth import measure_bandwidth
     from bench.weight_bytes import weight_bytes
@@ -97,6 +98,7 @@ def run(engines: dict[str, tuple[str, Path]], *, rounds: int, steps: int, prompt
     tps: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(gap)  # the previous engine's spinning pool threads go to sleep first
             t0 = time.perf_counter()
             for _ in range(steps):
                 dec[name].step()
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gap", type=float, default=0.2,
+                   help="seconds idle before each engine's turn (ORT and llama.cpp pool threads "
+                   "spin after a call; default 0.2)")
     args = p.parse_args(argv)
     engines = {}
     for spec in args.engines:
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{spec}: KIND is one of {', '.join(DECODERS)}")
         engines[name] = (kind, Path(path))
     res = run(engines, rounds=args.rounds, steps=args.steps, prompt=args.prompt,
-              threads=args.threads)
+              threads=args.threads, gap=args.gap)
     bw = res["triad_gbps"]
     first = next(iter(res["engines"].values()))["median_tps"]
     print(f"triad {bw:.1f} GB/s (runs {', '.join(f'{b:.1f}' for b in res['triad_runs'])}); "
