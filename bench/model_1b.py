@@ -8,6 +8,7 @@ would, without a 2.5 GB download. The vocabulary is SmolLM2's (49152 tokens, not
 
     make_checkpoint ─► <models>/bench-1b/hf/               (transformers, bf16 SafeTensors)
         ├─► llorch export --precision int4       ─► llorch-int4/   (+ model_w8a8.onnx)
+        ├─► … --int4-symmetric [--lm-head-bits 4] ─► llorch-int4-sym/, llorch-int4-sym-lm4/
         ├─► onnxruntime_genai builder -p int4    ─► genai-int4/
         └─► convert_hf_to_gguf.py --outtype f16  ─► f16.gguf ─► llama_model_quantize ─► q4_0.gguf
                                                         llorch export q4_0.gguf ─► llorch-int4-q4_0/
@@ -139,6 +140,8 @@ def _sdist_llama_cpp(log: Path) -> Path | None:
     return root
 
 
+SYMMETRIC_EXPORTS = {"1b-int4-sym": (), "1b-int4-sym-lm4": ("--lm-head-bits", "4")}
+
 QUANTIZE_CODE = """
 import sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
@@ -154,7 +157,8 @@ def ensure_1b_models(models: Path, tokenizer_dir: Path, log_dir: Path, threads: 
     """Build (once) the checkpoint and its three exports under `bench_root(models)`.
 
     Returns:
-        paths {"1b-hf", "1b-int4", "1b-genai", "1b-gguf", "1b-int4-q4_0"} (None or absent
+        paths {"1b-hf", "1b-int4", "1b-int4-sym", "1b-int4-sym-lm4", "1b-genai", "1b-gguf",
+        "1b-int4-q4_0"} (None or absent
         where a step failed or its tool is missing) and a report
         {name: {"path", "reason", "build_s"}}.
     """
@@ -178,7 +182,7 @@ def ensure_1b_models(models: Path, tokenizer_dir: Path, log_dir: Path, threads: 
                              hf.with_suffix(".tmp"), hf, log_dir / "1b-checkpoint.log", threads))
     if hf is None:
         return {**paths, "1b-int4": None, "1b-genai": None, "1b-gguf": None,
-                "1b-int4-q4_0": None}, report
+                "1b-int4-q4_0": None, **dict.fromkeys(SYMMETRIC_EXPORTS)}, report
     # --max-length: the KV buffers and rotary caches; the default would be 131072
     out = root / "llorch-int4"
     note("1b-int4", _step(out / "llorch.json",
@@ -186,6 +190,15 @@ def ensure_1b_models(models: Path, tokenizer_dir: Path, log_dir: Path, threads: 
                            str(out.with_suffix(".tmp")), "--precision", "int4", "--max-length",
                            "2048", "--quiet"], out.with_suffix(".tmp"), out,
                           log_dir / "1b-llorch-export.log", threads))
+    # GenAI's scheme: symmetric blocks, no zero points, accuracy level 4 on every MatMulNBits;
+    # with a 8-bit (default) and a 4-bit lm_head (GenAI's own)
+    for key, extra in SYMMETRIC_EXPORTS.items():
+        out = root / key.replace("1b-", "llorch-")
+        note(key, _step(out / "llorch.json",
+                        [sys.executable, "-m", "llorch", "export", str(hf), "-o",
+                         str(out.with_suffix(".tmp")), "--precision", "int4", "--int4-symmetric",
+                         *extra, "--max-length", "2048", "--quiet"], out.with_suffix(".tmp"),
+                        out, log_dir / f"{key}-llorch-export.log", threads))
     out = root / "genai-int4"
     if (out / "genai_config.json").is_file():
         note("1b-genai", (out, None, None))

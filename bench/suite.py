@@ -16,7 +16,8 @@ class Entry:
         peer: module under `bench.peers` that runs it.
         group: name `--only` selects it by (its key works too).
         model: which prepared input it runs on: int4, fp32, hf, gguf, builder-int4, optimum-fp32,
-            or the 1B-class model's 1b-int4, 1b-int4-q4_0, 1b-genai, 1b-gguf (bench.model_1b).
+            or the 1B-class model's 1b-int4, 1b-int4-sym, 1b-int4-sym-lm4, 1b-int4-q4_0,
+            1b-genai, 1b-gguf (bench.model_1b).
         baseline: the llorch entry its ratios are taken against (same precision), or None.
         args: extra job arguments for the peer.
     """
@@ -80,6 +81,10 @@ ENTRIES: tuple[Entry, ...] = (
     # the 1B-class model (Llama-3.2-1B's shapes, random weights; bench.model_1b), with
     # BenchConfig.for_1b's counts
     Entry("llorch-1b-int4", "llorch engine int4", "llorch_engine", "1b", "1b-int4", None),
+    Entry("llorch-1b-int4-sym", "llorch engine int4 --int4-symmetric", "llorch_engine", "1b",
+          "1b-int4-sym", "llorch-1b-int4"),
+    Entry("llorch-1b-int4-sym-lm4", "llorch engine int4 --int4-symmetric --lm-head-bits 4",
+          "llorch_engine", "1b", "1b-int4-sym-lm4", "llorch-1b-int4"),
     Entry("llorch-1b-int4-q4_0", "llorch engine int4, exported from the Q4_0 GGUF",
           "llorch_engine", "1b", "1b-int4-q4_0", "llorch-1b-int4"),
     Entry("genai-1b-int4", "ORT GenAI int4 (its model builder)", "genai", "1b", "1b-genai",

@@ -147,7 +147,8 @@ def _reference_loader(source, spec: GraphSpec):
     def load(name: str) -> np.ndarray:
         if not name.endswith(projections):
             return source.load(name)
-        return dequantize_blocks(quantized_linear(source, [name], 4, spec.block_size))
+        return dequantize_blocks(quantized_linear(source, [name], 4, spec.block_size,
+                                                  symmetric=spec.int4_symmetric))
 
     return load
 
@@ -182,10 +183,51 @@ class ExportPlan:
         return self.source.config
 
 
+# GGUF types a --int4-symmetric export may re-quantize into 4-bit symmetric blocks: floats,
+# and types of 6+ bits (a grid 4x finer than int4's or more: their rounding is at most an
+# eighth of an int4 step). Q4_0 maps exactly (quant.without_zero_points).
+SYMMETRIC_FROM = ("F32", "F16", "BF16", "Q4_0", "Q8_0", "Q6_K")
+
+
+def check_symmetric_source(source: HFSource | GGUFSource, lm_head_bits: int) -> None:
+    """--int4-symmetric on a GGUF: refuse tensors a 4-bit layer would re-quantize from another
+    4- or 5-bit grid (Q4_1, Q5_0/Q5_1, the K-quants with per-block mins, IQ types).
+
+    Re-rounding values already on one coarse grid onto a different coarse grid compounds
+    the two errors (each up to half a step; a Q4_1 block's levels fall between the symmetric
+    grid's), where the default scheme takes Q4_1 blocks exactly (float zero points) and
+    requantizes K-quants onto a grid with the block's own range. 8-bit layers (the lm_head by
+    default) may come from any type: their grid is 16x finer than int4's.
+
+    Raises:
+        ExportError: naming the flag, the tensors and their types.
+    """
+    if source.kind != "gguf":
+        return
+    cfg = source.config
+    names = [n for n in cfg.expected_shapes() if n.endswith("_proj.weight")]
+    if lm_head_bits == 4:
+        names.append("model.embed_tokens.weight" if cfg.tie_word_embeddings
+                     else "lm_head.weight")
+    bad: dict[str, list[str]] = {}
+    for name in names:
+        qtype = source.ckpt.qtype(name)
+        if qtype not in SYMMETRIC_FROM:
+            bad.setdefault(qtype, []).append(name)
+    if bad:
+        found = "; ".join(f"{t}: {len(v)} tensors, e.g. {v[0]}" for t, v in sorted(bad.items()))
+        raise ExportError(
+            f"--int4-symmetric: {source.path} stores 4-bit layers as {found}. Re-quantizing "
+            f"them into symmetric int4 blocks would compound two roundings; export without "
+            f"--int4-symmetric (the default scheme maps Q4_1 blocks exactly), or from a float or "
+            f"{'/'.join(SYMMETRIC_FROM[3:])} source")
+
+
 def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length: int | None,
                 block_size: int, accuracy_level: int | None, force: bool, lm_head_bits: int,
                 down_proj_accuracy_level: int | None, prefill_chunk: int,
-                w8a8_graph: bool | None, kv_dtype: str | None = None) -> ExportPlan:
+                w8a8_graph: bool | None, kv_dtype: str | None = None,
+                int4_symmetric: bool = False) -> ExportPlan:
     """Open and validate the source and settle every default (``export_model``'s arguments).
 
     Raises:
@@ -194,11 +236,19 @@ def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length
     """
     if out.exists() and not force:
         raise ExportError(f"{out}: output directory exists (pass --force to replace it)")
+    if int4_symmetric and precision != "int4":
+        raise ExportError(f"--int4-symmetric is for --precision int4, not {precision}")
     source = open_source(src)
     cfg = source.config
     validate(source)
+    if int4_symmetric:
+        check_symmetric_source(source, lm_head_bits)
     if accuracy_level is None:
         accuracy_level = 4 if target == "cpu" else 0
+    if down_proj_accuracy_level is None:
+        # asymmetric: fp32 compute for down_proj (graph.mlp says why); symmetric: every
+        # MatMulNBits at the one level, as ORT GenAI's builder sets them
+        down_proj_accuracy_level = accuracy_level if int4_symmetric else 0
     if w8a8_graph and target != "cpu":
         raise ExportError(f"--w8a8-graph is for --target cpu (int8 GEMMs), not {target}")
     if max_length is None and target == "coreml":
@@ -209,7 +259,7 @@ def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length
     spec = GraphSpec(target=target, precision=precision, max_length=max_length,
                      block_size=block_size, accuracy_level=accuracy_level,
                      down_proj_accuracy_level=down_proj_accuracy_level,
-                     lm_head_bits=lm_head_bits)
+                     lm_head_bits=lm_head_bits, int4_symmetric=int4_symmetric)
     gqa = uses_gqa(cfg, spec) and target != "coreml"
     if w8a8_graph is None:  # the server runs it over shared KV buffers: GQA graphs only
         w8a8_graph = target == "cpu" and precision == "int4" and gqa
@@ -230,15 +280,21 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                  max_length: int | None = None, block_size: int = 32,
                  accuracy_level: int | None = None, verify: bool = False, force: bool = False,
                  progress: bool = True, lm_head_bits: int = 8,
-                 down_proj_accuracy_level: int | None = 0,
+                 down_proj_accuracy_level: int | None = None,
                  prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool | None = None,
-                 kv_dtype: str | None = None) -> ExportSummary:
+                 kv_dtype: str | None = None, int4_symmetric: bool = False) -> ExportSummary:
     """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
 
     Args:
         precision: fp32, fp16 or int4 (MatMulNBits, ``block_size`` values a block along K,
             ``accuracy_level`` 0-4; None: 4 on cpu, else 0; ``down_proj_accuracy_level`` for
-            down_proj, None: the same; ``lm_head_bits`` 8, 4 or 0 = float).
+            down_proj, None: 0, or ``accuracy_level`` with ``int4_symmetric``;
+            ``lm_head_bits`` 8, 4 or 0 = float).
+        int4_symmetric: every MatMulNBits symmetric, no zero_points input (ORT's implicit
+            2^(bits-1); export.quant.quantize_blocks_symmetric), ORT GenAI's builder's
+            scheme: no float-zero-point correction MatMul, fewer bytes a step. GGUF sources:
+            Q4_0 / Q8_0 blocks map exactly; 4-bit layers stored in other 4-5-bit types are
+            refused (check_symmetric_source).
         target: cpu/cuda: one GroupQueryAttention graph (fp16 I/O on cuda; cuda also writes
             ``model_decode_static.onnx``, the decode graph CUDA graphs capture). coreml: the
             static decode + prefill graphs of export/graph_coreml.py, ``prefill_chunk``
@@ -267,7 +323,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                        accuracy_level=accuracy_level, force=force, lm_head_bits=lm_head_bits,
                        down_proj_accuracy_level=down_proj_accuracy_level,
                        prefill_chunk=prefill_chunk, w8a8_graph=w8a8_graph,
-                       kv_dtype=kv_dtype)
+                       kv_dtype=kv_dtype, int4_symmetric=int4_symmetric)
     tmp = _staging_dir(plan.out)
     try:
         tok = write_tokenizer_files(tmp, plan.source)  # first: calibration tokenizes with them
@@ -354,6 +410,8 @@ def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, rep
             "accuracy_level": spec.accuracy_level if int4 else None,
             "down_proj_accuracy_level": spec.down_proj_accuracy_level if int4 else None,
             "lm_head_bits": spec.lm_head_bits if int4 else None,
+            # MatMulNBits without zero_points (implicit 2^(bits-1)), --int4-symmetric
+            "int4_symmetric": spec.int4_symmetric if int4 else None,
             "gguf_blocks": plan.source.kind == "gguf" and int4,
             "w8a8": W8A8_FILE if plan.w8a8_graph else None,
             "w8a8_smoothing": {"alpha": SMOOTH_ALPHA, "statistic": "mean |x|",
@@ -409,6 +467,8 @@ def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | 
             if bar is not None:
                 bar.close()
     graphs = [("model.onnx", spec)]
+    # one calibration prefill must fit the KV buffers (a --max-length below 256 failed here)
+    n_calib = min(CALIBRATION_TOKENS, spec.max_length)
     if plan.w8a8_graph:
         graphs.append((W8A8_FILE, replace(spec, w8a8=True)))
     if spec.target == "cuda":
@@ -419,7 +479,7 @@ def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | 
             if graph_spec.w8a8:  # smoothed with ranges measured on the main graph just written
                 main = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
                 act_mean = activation_means(tmp, "model.onnx", linear_inputs(main), cfg,
-                                            calibration_ids(tmp, cfg.vocab_size))
+                                            calibration_ids(tmp, cfg.vocab_size, n_calib))
                 graph_spec = replace(graph_spec, act_mean=act_mean)
             g = GraphBuilder(tmp / "model.onnx.data", share_with=g)
             try:
@@ -435,7 +495,7 @@ def write_graphs(tmp: Path, plan: ExportPlan, progress: bool) -> StaticGraphs | 
         scales = None
         if plan.kv_dtype == "int8":
             scales = int8_scales(kv_ranges(tmp, "model.onnx", cfg,
-                                           calibration_ids(tmp, cfg.vocab_size)))
+                                           calibration_ids(tmp, cfg.vocab_size, n_calib)))
         for filename, _ in graphs:
             model = onnx.load(str(tmp / filename), load_external_data=False)
             set_kv_dtype(model, plan.kv_dtype, scales)

@@ -18,7 +18,9 @@ from export.quant import (
     dequantize_blocks,
     quantize_blocks,
     quantize_blocks_affine,
+    quantize_blocks_symmetric,
     split_zero_points,
+    without_zero_points,
 )
 from export.spec import GraphContext, Weights
 
@@ -51,13 +53,15 @@ def linear(ctx: GraphContext, x: str, names: Sequence[str], *, node: str, init: 
         bits = 4 if spec.precision == "int4" else 0
     if spec.w8a8 and w8a8:
         if bits == 4:  # the int4 values the main graph multiplies by (GGUF blocks: the model)
-            wt = dequantize_blocks(quantized_linear(ctx.w, names, 4, spec.block_size)).T
+            wt = dequantize_blocks(quantized_linear(ctx.w, names, 4, spec.block_size,
+                                                    symmetric=spec.int4_symmetric)).T
         else:
             wt = np.concatenate([ctx.w.load(n) for n in names]).T
         y = w8a8_linear(ctx.g, x, wt, node=node, init=init,
                         act_mean=spec.act_mean.get(init) if spec.act_mean else None)
     elif bits:
-        y = nbits_linear(ctx, x, quantized_linear(ctx.w, names, bits, spec.block_size),
+        y = nbits_linear(ctx, x, quantized_linear(ctx.w, names, bits, spec.block_size,
+                                                  symmetric=spec.int4_symmetric),
                          node=node, init=init,
                          accuracy_level=spec.accuracy_level if accuracy_level is None
                          else accuracy_level)
@@ -87,20 +91,22 @@ def nbits_linear(ctx: GraphContext, x: str, qw: QuantizedWeight, *, node: str, i
     """
       x ─► MatMulNBits(qweight, scales, qzeros) ──────────────────────────► Sub ─► y
       x ─► block sums ─► MatMul(zp_correction) ─────────────────────────────┘ (float zero points only)
-    ``qw``: blocks of ``bits`` along K (export.quant). Float zero points (GGUF's) do not fit
-    MatMulNBits' uint8 ones: the integer part goes in, the rest is subtracted exactly
-    (quant.split_zero_points).
+    ``qw``: blocks of ``bits`` along K (export.quant). Float zero points (HF sources' affine
+    blocks, GGUF Q4_1) do not fit MatMulNBits' uint8 ones: the integer part goes in, the rest
+    is subtracted exactly (quant.split_zero_points). A symmetric weight (``zero_points`` None,
+    --int4-symmetric) gets no zero_points input: ORT's implicit 2^(bits-1).
     """
     g, spec = ctx.g, ctx.spec
     corr = None
-    if qw.zero_points.dtype != np.uint8:
+    if qw.zero_points is not None and qw.zero_points.dtype != np.uint8:
         qw, corr = split_zero_points(qw)
     inputs = [
         x,
         g.initializer(f"{init}.qweight", qw.packed),
         g.initializer(f"{init}.scales", qw.scales.reshape(-1).astype(spec.io_dtype)),
-        g.initializer(f"{init}.qzeros", qw.zero_points.reshape(-1)),
     ]
+    if qw.zero_points is not None:
+        inputs.append(g.initializer(f"{init}.qzeros", qw.zero_points.reshape(-1)))
     y = g.op("MatMulNBits", inputs, name=f"{node}/MatMulNBits", domain="com.microsoft",
              K=qw.k, N=qw.n, bits=qw.bits, block_size=qw.block_size,
              accuracy_level=accuracy_level)
@@ -119,36 +125,44 @@ def _concat_quantized(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
     if any(p.bits != first.bits or p.block_size != first.block_size or p.k != first.k
            for p in parts):
         return None
-    if len({p.zero_points.dtype for p in parts}) > 1:
+    if len({None if p.zero_points is None else p.zero_points.dtype for p in parts}) > 1:
         return None
     return QuantizedWeight(
         np.concatenate([p.packed for p in parts]),
         np.concatenate([p.scales for p in parts]),
-        np.concatenate([p.zero_points for p in parts]),
+        None if first.zero_points is None else np.concatenate([p.zero_points for p in parts]),
         first.bits, first.block_size, first.k, sum(p.n for p in parts),
     )
 
 
-def quantized_linear(w: Weights, names: Sequence[str], bits: int, block_size: int
-                     ) -> QuantizedWeight:
+def quantized_linear(w: Weights, names: Sequence[str], bits: int, block_size: int, *,
+                     symmetric: bool = False) -> QuantizedWeight:
     """The weights ``names`` stacked along N in MatMulNBits form.
 
     Args:
         w: the checkpoint.
         names: HF weights ``[N_j, K]``.
-        bits: 4 (affine blocks) or 8 (symmetric blocks).
+        bits: 4 (affine blocks) or 8 (integer zero points).
         block_size: values per block along K.
+        symmetric: --int4-symmetric: symmetric blocks without zero points at either width
+            (quant.quantize_blocks_symmetric); GGUF Q4_0 / Q8_0 blocks are kept as they are
+            (their zero point is already 2^(bits-1)). Which GGUF types may be re-quantized so
+            is decided before export (api.check_symmetric_source).
     Returns:
         The source's own blocks (GGUF) when every part has them in this layout (8-bit layers
         take 4-bit blocks too); else the float weights quantized here.
     """
     pre = [w.quantized(n) for n in names]
+    if symmetric:
+        pre = [None if p is None else without_zero_points(p) for p in pre]
     if all(p is not None for p in pre) and all(p.block_size == block_size for p in pre):
         packed = _concat_quantized(pre)  # type: ignore[arg-type]
         if packed is not None and (bits == 8 or packed.bits == 4):
             return packed
     mats = [dequantize_blocks(p) if p is not None else w.load(n)
             for p, n in zip(pre, names, strict=True)]
+    if symmetric:
+        return quantize_blocks_symmetric(np.concatenate(mats), bits=bits, block_size=block_size)
     if bits == 4:
         return quantize_blocks_affine(np.concatenate(mats), block_size=block_size)
     return quantize_blocks(np.concatenate(mats), bits=bits, block_size=block_size)

@@ -3,8 +3,11 @@
 MatMulNBits stores a weight W [N, K] (HF's [out, in]) as
   B            uint8 [N, n_blocks, block_size * bits / 8]  (4 bits: element 2i in the low nibble)
   scales       float [N * n_blocks]
-  zero_points  uint8 [N, ceil(n_blocks * bits / 8)] packed, or float [N * n_blocks]
-and dequantizes block values as (q - zero_point) * scale.
+  zero_points  uint8 [N, ceil(n_blocks * bits / 8)] packed, or float [N * n_blocks], or absent
+and dequantizes block values as (q - zero_point) * scale. Without a zero_points input (the
+symmetric scheme) ONNX Runtime takes 2^(bits-1) as every block's zero point: 8 for 4 bits, 128
+for 8 (ContribOperators.md, com.microsoft.MatMulNBits; what ORT GenAI's builder emits with
+int4_is_symmetric, its default).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ class QuantizedWeight:
 
     packed: np.ndarray  # uint8 [n, n_blocks, blob]
     scales: np.ndarray  # float32 [n, n_blocks]
-    zero_points: np.ndarray  # uint8 packed [n, zp_bytes] or float32 [n, n_blocks]
+    # uint8 packed [n, zp_bytes] or float32 [n, n_blocks]; None: symmetric, the implicit
+    # 2^(bits-1) of a MatMulNBits without a zero_points input
+    zero_points: np.ndarray | None
     bits: int
     block_size: int
     k: int
@@ -29,6 +34,10 @@ class QuantizedWeight:
     @property
     def n_blocks(self) -> int:
         return self.packed.shape[1]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
 
 
 def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
@@ -98,11 +107,70 @@ def _quantize_rows(w: np.ndarray, bits: int, block_size: int) -> QuantizedWeight
     return QuantizedWeight(packed, scale, zp_packed, bits, block_size, k, n)
 
 
+def quantize_blocks_symmetric(w: np.ndarray, *, bits: int = 4, block_size: int = 32,
+                              rows_per_chunk: int = 4096) -> QuantizedWeight:
+    """Symmetric round-to-nearest blocks, no zero points: value = scale * (q - 2^(bits-1)).
+
+    Each block's scale is its value of largest magnitude m, sign kept, over -2^(bits-1):
+    scale = m / -8 at 4 bits, q = clamp(round(w / scale), -8, 7) + 8, so m itself lands on the
+    end of the grid (q = 0, exact) and all 16 levels cover the block's range on m's side. This
+    is ONNX Runtime's rule (MLAS `range2scale` in onnxruntime/core/mlas/lib/q4_dq.cpp, which
+    `MatMulNBitsQuantizer(is_symmetric=True)` and so ORT GenAI's builder run) and llama.cpp's
+    Q4_0 (`quantize_row_q4_0_ref`: d = max / -8). A value of -m (the other end) rounds to +8
+    and clamps to 7: that one costs a whole step, the price of no zero point. A block of zeros
+    gets scale 0.
+
+    Args:
+        w: float [N, K] (HF's [out, in]); K is zero-padded to whole blocks.
+        bits: 4 or 8 (8: scale = m / -128, q in [0, 255]).
+        block_size: values per block along K.
+    Returns:
+        A QuantizedWeight with ``zero_points`` None (MatMulNBits gets no zero_points input).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    mid = 1 << (bits - 1)
+    packed, scales = [], []
+    for i in range(0, n, rows_per_chunk):
+        blk = _blocks(w[i:i + rows_per_chunk], block_size)
+        at = np.abs(blk).argmax(axis=-1)[..., None]
+        m = np.take_along_axis(blk, at, axis=-1)[..., 0]
+        scale = (m / -mid).astype(np.float32)
+        # times the reciprocal, as MLAS does (bit for bit its blocks); a subnormal scale's
+        # reciprocal overflows, so those blocks divide
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            inv = np.where(scale == 0, 0.0, np.float32(1.0) / scale).astype(np.float32)
+            x = np.where(np.isfinite(inv)[..., None], blk * inv[..., None],
+                         blk / np.where(scale == 0, 1.0, scale)[..., None])
+        q = (np.clip(np.round(x), -mid, mid - 1) + mid).astype(np.uint8)
+        packed.append(pack_nibbles(q) if bits == 4 else q)
+        scales.append(scale)
+    return QuantizedWeight(np.concatenate(packed), np.concatenate(scales), None, bits,
+                           block_size, k, n)
+
+
+def without_zero_points(qw: QuantizedWeight) -> QuantizedWeight | None:
+    """``qw`` as a symmetric weight (no zero points) when every zero point is 2^(bits-1)
+    (GGUF Q4_0 / Q8_0 blocks), exactly; None when they differ or are floats."""
+    if qw.zero_points is None:
+        return qw
+    if qw.zero_points.dtype != np.uint8:
+        return None
+    zp = unpack_nibbles(qw.zero_points) if qw.bits == 4 else qw.zero_points
+    if not (zp[:, : qw.n_blocks] == 1 << (qw.bits - 1)).all():
+        return None
+    return QuantizedWeight(qw.packed, qw.scales, None, qw.bits, qw.block_size, qw.k, qw.n)
+
+
 def dequantize_blocks(qw: QuantizedWeight) -> np.ndarray:
     """Inverse of quantize_blocks (and of the GGUF mappings): float32 [N, K]."""
     q = unpack_nibbles(qw.packed) if qw.bits == 4 else qw.packed
     q = q.astype(np.float32)
-    if qw.zero_points.dtype == np.uint8:
+    if qw.zero_points is None:
+        zp = np.full((qw.n, qw.n_blocks), 1 << (qw.bits - 1), dtype=np.float32)
+    elif qw.zero_points.dtype == np.uint8:
         zp = unpack_nibbles(qw.zero_points) if qw.bits == 4 else qw.zero_points
         zp = zp[:, : qw.n_blocks].astype(np.float32)
     else:
@@ -148,7 +216,7 @@ def split_zero_points(qw: QuantizedWeight) -> tuple[QuantizedWeight, np.ndarray]
     so the graph adds one small MatMul: block sums of x [.., n_blocks] @ corr [n_blocks, N].
     Returns (weight with packed uint8 zero points, corr float32 [n_blocks, N]).
     """
-    if qw.zero_points.dtype == np.uint8:
+    if qw.zero_points is None or qw.zero_points.dtype == np.uint8:
         raise ValueError("zero points are already integers")
     qmax = (1 << qw.bits) - 1
     zf = qw.zero_points.astype(np.float32)

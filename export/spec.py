@@ -38,6 +38,11 @@ class GraphSpec:
     accuracy_level: int = 4
     down_proj_accuracy_level: int | None = 0  # None = same as accuracy_level
     lm_head_bits: int = 8  # int4 exports: lm_head as 8-bit MatMulNBits (0 = keep float)
+    # --int4-symmetric: every MatMulNBits symmetric, without a zero_points input (ORT's implicit
+    # 2^(bits-1); quant.quantize_blocks_symmetric), as ORT GenAI's builder writes them
+    # (int4_is_symmetric). Else HF sources get affine blocks (float zero points: an integer
+    # part plus a correction MatMul, linear.nbits_linear) and 8-bit layers integer ones.
+    int4_symmetric: bool = False
     attention: str = "auto"  # gqa | standard | auto (gqa where ORT's kernel takes the head size)
     # The W8A8 companion graph (build_decoder with w8a8=True): int8 weights per output
     # channel, activations quantized per token, for the runs with many rows (prefill chunks,
@@ -63,6 +68,8 @@ class GraphSpec:
                 f"(choose one of {TARGET_PRECISIONS[self.target]})")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"--block-size {self.block_size}: must be a power of two >= 16")
+        if self.int4_symmetric and self.precision != "int4":
+            raise ExportError(f"--int4-symmetric is for --precision int4, not {self.precision}")
         for flag, level in (("--accuracy-level", self.accuracy_level),
                             ("--down-proj-accuracy-level", self.down_proj_accuracy_level)):
             if level is not None and level not in (0, 1, 2, 3, 4):

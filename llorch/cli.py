@@ -33,10 +33,16 @@ def _export_parser(sub) -> None:
     p.add_argument("--accuracy-level", type=int, default=None, choices=range(5),
                    metavar="{0..4}",
                    help="MatMulNBits accuracy_level (default: 4 on cpu, i.e. int8 compute)")
-    p.add_argument("--down-proj-accuracy-level", type=int, default=0, choices=range(5),
+    p.add_argument("--down-proj-accuracy-level", type=int, default=None, choices=range(5),
                    metavar="{0..4}",
                    help="accuracy_level of the MLP down_proj, whose input carries the activation "
-                   "outliers int8 compute distorts most (default: 0, fp32 compute)")
+                   "outliers int8 compute distorts most (default: 0, fp32 compute; with "
+                   "--int4-symmetric: --accuracy-level)")
+    p.add_argument("--int4-symmetric", action=argparse.BooleanOptionalAction, default=False,
+                   help="int4: symmetric blocks without zero points (ONNX Runtime's implicit "
+                   "zero point 8), as ORT GenAI's builder writes them (int4_is_symmetric): no "
+                   "float-zero-point correction, fewer bytes per token; GGUF: Q4_0/Q8_0 blocks "
+                   "map exactly, other 4-5-bit types are refused (default: off)")
     p.add_argument("--lm-head-bits", type=int, default=8, choices=(0, 4, 8),
                    help="int4 exports: lm_head as 8- or 4-bit MatMulNBits, 0 = float "
                    "(default: 8)")
@@ -134,7 +140,7 @@ def _run_export(args) -> int:
             progress=not args.quiet, lm_head_bits=args.lm_head_bits,
             down_proj_accuracy_level=args.down_proj_accuracy_level,
             prefill_chunk=args.prefill_chunk, w8a8_graph=args.w8a8_graph,
-            kv_dtype=args.kv_dtype,
+            kv_dtype=args.kv_dtype, int4_symmetric=args.int4_symmetric,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
