@@ -121,7 +121,7 @@ def engine_stage(model_dir: str, provider: str, cuda_graph: bool) -> dict:
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    flags = ["--provider", provider, "--max-batch", "128", "--max-length", "2048"]
+    flags = ["--provider", provider, "--max-batch", "128", "--max-length", "4096"]
     if cuda_graph:
         flags.append("--cuda-graph")
     engine = load_engine(options_from_args([model_dir], p.parse_args(flags)))
@@ -160,8 +160,20 @@ def engine_stage(model_dir: str, provider: str, cuda_graph: bool) -> dict:
     async def run(c: int, off: int) -> list[dict]:
         return await asyncio.gather(*(one(off + i) for i in range(c)))
 
+    async def long_prompt(n: int, seed: int) -> float:
+        ids = tuple(int(t) for t in np.random.default_rng(seed).integers(100, 40000, n))
+        t0 = time.perf_counter()
+        async for event in engine.submit(GenerationRequest(ids, SamplingParams(
+                max_tokens=1, temperature=0.0, ignore_eos=True))):
+            if any(c.token_ids for c in event.choices):
+                return time.perf_counter() - t0
+        return float("nan")
+
     out: dict = {}
     try:
+        out["ttft_1000_ms"] = [round(1000 * asyncio.run(long_prompt(1000, k)), 2) for k in range(5)]
+        out["ttft_4000_ms"] = [round(1000 * asyncio.run(long_prompt(4000, 10 + k)), 2)
+                               for k in range(3)] if engine.runtime.info.max_length >= 4001 else []
         off = 0
         for c in (1, 1, 1, 64, 64):
             stages.clear()
