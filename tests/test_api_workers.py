@@ -276,7 +276,10 @@ def test_killed_worker_the_others_keep_serving(tiny_model_dir, tmp_path):
         wait_for(lambda: "starting it again" in log.read_text(), 10, "the worker restarted")
         assert proc.poll() is None
         # the restarted worker serves too: it connects and its /health says ok
-        wait_for(lambda: log.read_text().count("is ready") >= 4, 30, "the new worker ready")
+        try:
+            wait_for(lambda: log.read_text().count("is ready") >= 4, 30, "the new worker ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log.read_text()}") from None
 
 
 def test_several_models_are_refused(tiny_model_dir, tmp_path):
