@@ -63,7 +63,7 @@ def worker_main(options: ServeOptions, sock: socket.socket, address: str, authke
                      entries=entries,
                      on_load_error=on_load_error, metrics=MetricsProxy(client),
                      responses=RemoteResponseStore(client, options.responses_store_size),
-                     on_started=client.serving)
+                     on_started=client.serving if early else None)
     if not early:  # ready before the first accept: the startup load finds it loaded
         state = app.state.llorch
         state.models.ensure_loaded(state.models.default)
