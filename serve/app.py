@@ -125,6 +125,7 @@ def create_app(
     on_load_error: Callable[[BaseException], None] | None = None,
     metrics: Metrics | None = None,
     responses: ResponseStore | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> Starlette:
     """The ASGI app serving `entries` (serve.models; the first is the default model), each
     loaded by `load(entry)` (returns a started engine; runs on a worker thread). Without
@@ -135,7 +136,9 @@ def create_app(
     says 503 and the generation routes answer 503. With one model, a failed startup load is
     passed to `on_load_error`; the others load on their first request. `metrics` is what
     `/metrics` reports (the caller hands `metrics.observer(id)` to each engine); `responses`
-    the Responses API's store (default: one of its own, `--responses-store-size`)."""
+    the Responses API's store (default: one of its own, `--responses-store-size`);
+    `on_started()` is called (on the loading thread) once the startup load has succeeded and
+    the generation routes answer."""
     metrics = metrics or Metrics()
     if entries is None:
         if model_name is None:
@@ -156,13 +159,17 @@ def create_app(
     state = _State(options, models, metrics, responses)
 
     def load_in_background() -> None:
+        loaded = False
         try:
             models.ensure_loaded(models.default)
+            loaded = True
         except BaseException as exc:
             if on_load_error is not None and len(models.entries) == 1:
                 on_load_error(models.default.exception or exc)
         finally:
             state.started = True
+        if loaded and on_started is not None:
+            on_started()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -276,7 +276,10 @@ def test_killed_worker_the_others_keep_serving(tiny_model_dir, tmp_path):
         wait_for(lambda: "starting it again" in log.read_text(), 10, "the worker restarted")
         assert proc.poll() is None
         # the restarted worker serves too: it connects and its /health says ok
-        wait_for(lambda: log.read_text().count("is ready") >= 4, 30, "the new worker ready")
+        try:
+            wait_for(lambda: log.read_text().count("is ready") >= 4, 30, "the new worker ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log.read_text()}") from None
 
 
 def test_several_models_are_refused(tiny_model_dir, tmp_path):
@@ -293,6 +296,42 @@ def test_idle_unload_is_refused(tiny_model_dir):
                         "--api-workers", "2", "--idle-unload", "60"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "--idle-unload" in r.stderr and "--api-workers" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("early_leaves", ["serving", "exits"])
+def test_the_other_workers_start_only_once_the_early_one_serves(tmp_path, early_leaves):
+    """The workers share the port: had a late worker answered /health 200 while the early one
+    was still connecting, the client's next connection could reach the early one and get 503
+    model_loading (seen as a stream without [DONE] in test_killed_engine_… 2 runs in 20). The
+    engine holds the other workers' "ready" until the early one serves, or is gone."""
+    from multiprocessing.connection import Client, Listener
+    from types import SimpleNamespace
+
+    from serve.frontend.hub import EngineHub
+    from serve.metrics import Metrics
+    from serve.response_store import ResponseStore
+
+    address, key = str(tmp_path / "engine.sock"), b"k" * 32
+    listener = Listener(address, family="AF_UNIX", authkey=key)
+    hub = EngineHub(listener, Metrics(), ResponseStore(1))
+    hub.start()
+    try:
+        early, late = (Client(address, family="AF_UNIX", authkey=key) for _ in range(2))
+        late.send(("hello", False))
+        early.send(("hello", True))
+        engine = SimpleNamespace(max_length=64, vocab_size=10, n_slots=2, kv_bytes=lambda: 0,
+                                 on_step=None, wake=lambda: None)
+        hub.ready(engine)
+        assert early.poll(10) and early.recv()[0] == "ready"
+        assert not late.poll(1.0)  # held while the early worker still connects
+        if early_leaves == "serving":
+            early.send(("serving",))
+        else:  # it failed after "ready" (its tokenizer, say): the others must not wait for it
+            early.close()
+        assert late.poll(10) and late.recv()[0] == "ready"
+        late.close()
+    finally:
+        listener.close()
 
 
 def test_pack_round_trips_every_event():

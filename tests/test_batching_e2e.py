@@ -356,7 +356,7 @@ def test_signal_drains_then_exits_0(sig, long_tiny_dir, tmp_path):
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "serve.main", str(long_tiny_dir), "--port", str(port), "--threads", "1",
-           "--model-name", MODEL, "--max-batch", "2", "--drain-timeout", "1.5"]
+           "--model-name", MODEL, "--max-batch", "2", "--drain-timeout", "2.5"]
     cmd += split_mode_args(*cmd[4:])
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -364,9 +364,12 @@ def test_signal_drains_then_exits_0(sig, long_tiny_dir, tmp_path):
         wait_for(lambda: _ready(base, proc), timeout=60, what="server ready")
         body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
                 "ignore_eos": True}
+        # The short stream must finish inside the drain on a loaded machine (100 tokens at
+        # 55 tok/s did not: cut at 92 of them), the long one must not on a quiet one (~1100
+        # tok/s at most seen here: 2.5 s is ~2750 of its 4000 tokens).
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", f"{base}/v1/chat/completions", json={**body, "max_tokens": 4000}) as long, \
-                 http.stream("POST", f"{base}/v1/chat/completions", json={**body, "max_tokens": 100}) as short:
+                 http.stream("POST", f"{base}/v1/chat/completions", json={**body, "max_tokens": 30}) as short:
                 long_chunks, short_chunks = long.iter_raw(), short.iter_raw()
                 raw_long, raw_short = [next(long_chunks)], [next(short_chunks)]
                 proc.send_signal(sig)

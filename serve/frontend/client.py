@@ -44,11 +44,15 @@ class EngineClient:
         address: the engine's AF_UNIX socket path; authkey: its `Listener`'s key.
         model_dir: where this worker's own `Tokenizer` comes from.
         on_lost: called (from the reader thread) once the engine process is gone.
+        early: this worker accepts connections while the engine loads; it calls `serving()`
+            once it answers requests, and the engine holds the other workers' "ready" until
+            then (serve.frontend.hub.EngineHub says why).
     """
 
     def __init__(self, address: str, authkey: bytes, model_dir, *,
-                 on_lost: Callable[[], None] | None = None) -> None:
+                 on_lost: Callable[[], None] | None = None, early: bool = False) -> None:
         self.address, self.authkey, self.model_dir = address, authkey, model_dir
+        self.early = early
         self.on_lost = on_lost
         self.tokenizer: Any = None
         self.model_id = self.fingerprint = ""
@@ -79,7 +83,7 @@ class EngineClient:
                 if time.monotonic() > deadline:
                     raise StartupError(f"no engine process at {self.address}") from None
                 time.sleep(0.05)
-        conn.send(("hello",))
+        conn.send(("hello", self.early))
         kind, payload = conn.recv()
         if kind != "ready":
             conn.close()
@@ -174,6 +178,10 @@ class EngineClient:
                 queue = self._streams.pop(rid, None)
                 if queue is not None:
                     queue.put_nowait(Event(error=ENGINE_LOST))
+
+    def serving(self) -> None:
+        """The early worker answers requests now: the engine lets the others start."""
+        self._send_quietly(("serving",))
 
     def drain(self, timeout: float) -> None:
         self._send_quietly(("drain", timeout))

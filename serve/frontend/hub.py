@@ -2,6 +2,9 @@
 worker, connected by `multiprocessing.connection` (AF_UNIX, authenticated).
 
 Worker → engine messages (tuples, pickled):
+    ("hello", early)                     first; early: this worker accepts connections while
+                                         the engine loads (one does, for /health's 503)
+    ("serving",)                         the early worker answers requests now
     ("submit", [(rid, GenerationRequest), …])  rid: the worker's request number; a loop
                                          pass's submissions together (a response's prompts)
     ("cancel", rid)                      the client went away: free the slots
@@ -11,7 +14,9 @@ Worker → engine messages (tuples, pickled):
     ("call", call_id, ("responses", method, args))  → ("reply", call_id, the result): the
                                          Responses API's store lives here, shared by the workers
 Engine → worker:
-    ("ready", EngineInfo) | ("failed", message)   once, after the worker's ("hello",)
+    ("ready", EngineInfo) | ("failed", message)   once, after the worker's ("hello", early);
+                                         to the other workers only once the early one is
+                                         serving (see `EngineHub`)
     ("events", [item, …], EngineCounters) at most one per engine step and worker; an item is
                                          `pack(rid, event)`: plain tuples for the common event
                                          (text and token ids), pickled 3× faster than the
@@ -44,6 +49,8 @@ from serve.options import ServeOptions
 from serve.response_store import ResponseStore
 
 log = logging.getLogger("serve.frontend.hub")
+
+EARLY_WORKER_WAIT_S = 30.0  # the other workers' "ready" waits this long for the early one
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class _Worker:
         self.outbox: list[tuple[int, Event]] = []  # this step's events (engine thread only)
         self.counters: EngineCounters | None = None  # the last ones sent
         self.alive = True
+        self.early = False  # accepts HTTP connections while the engine loads
 
     def send(self, message: tuple) -> None:
         with self.send_lock:
@@ -112,6 +120,14 @@ class EngineHub:
         metrics: the server's metrics; the engine reports to `metrics.observer(model)`,
             workers send their HTTP request counts here and read /metrics from here.
         responses: the Responses API's store, one for every worker.
+
+    The workers share one listening socket, so a client's next connection may reach any
+    accepting worker: once one has answered /health 200, every accepting one must serve. The
+    early worker accepts while the engine loads (503s) and connects in the background; the
+    others accept only once connected. So they are answered "ready" only after the early one
+    says ("serving",) (or drops, or `EARLY_WORKER_WAIT_S` passes): else another worker could
+    answer /health 200 while the early one is still connecting, and the client's next
+    connection, accepted by the early one, would get 503 `model_loading`.
     """
 
     def __init__(self, listener: Listener, metrics: Metrics, responses: ResponseStore) -> None:
@@ -121,6 +137,7 @@ class EngineHub:
         self.engine: Any = None
         self.failure: str | None = None
         self._settled = threading.Event()  # the engine loaded, or failed to
+        self._early_serving = threading.Event()  # the early worker serves, or is gone
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()  # guards _workers
         self._store_lock = threading.Lock()
@@ -155,11 +172,16 @@ class EngineHub:
 
     def _serve(self, worker: _Worker) -> None:
         try:
-            worker.conn.recv()  # ("hello",)
+            hello = worker.conn.recv()  # ("hello", early)
+            worker.early = bool(hello[1])
             self._settled.wait()
             if self.failure is not None:
                 worker.send(("failed", self.failure))
                 return
+            if not worker.early and not self._early_serving.wait(EARLY_WORKER_WAIT_S):
+                log.warning("the early HTTP worker is not serving after %g s: answering the "
+                            "others anyway", EARLY_WORKER_WAIT_S)
+                self._early_serving.set()
             e = self.engine
             worker.send(("ready", EngineInfo(e.max_length, e.vocab_size, e.n_slots, int(e.kv_bytes()))))
             with self._lock:
@@ -179,6 +201,8 @@ class EngineHub:
             refused = [r for r in (self._submit(worker, rid, req) for rid, req in message[1]) if r]
             if refused:
                 worker.send(("events", [pack(rid, event) for rid, event in refused], self.counters()))
+        elif kind == "serving":
+            self._early_serving.set()
         elif kind == "cancel":
             job = worker.jobs.pop(message[1], None)
             if job is not None:
@@ -220,6 +244,8 @@ class EngineHub:
 
     def _drop(self, worker: _Worker) -> None:
         worker.alive = False
+        if worker.early:  # the others need not wait for it any longer
+            self._early_serving.set()
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)

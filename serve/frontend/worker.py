@@ -33,8 +33,9 @@ def worker_main(options: ServeOptions, sock: socket.socket, address: str, authke
     """Serve HTTP on `sock` (already bound and listening) until told to stop.
 
     `early`: accept connections while the engine loads (/health: 503 "loading"); one worker
-    does, the others (and restarted ones) accept only once connected, so a client that saw
-    200 never meets a worker still loading."""
+    does, the others (and restarted ones) accept only once connected and once the early one
+    serves (the engine holds their "ready" until then), so a client that saw 200 never meets
+    a worker still loading."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only; it tells the workers
     logging.basicConfig(level=options.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
@@ -51,7 +52,7 @@ def worker_main(options: ServeOptions, sock: socket.socket, address: str, authke
         if server is not None:
             server.should_exit = True
 
-    client = EngineClient(address, authkey, entries[0].options.model_dir, on_lost=on_lost)
+    client = EngineClient(address, authkey, entries[0].options.model_dir, on_lost=on_lost, early=early)
     if not early:
         try:
             client.connect()
@@ -61,7 +62,8 @@ def worker_main(options: ServeOptions, sock: socket.socket, address: str, authke
     app = create_app(options, lambda entry: client if client.connected else client.connect(),
                      entries=entries,
                      on_load_error=on_load_error, metrics=MetricsProxy(client),
-                     responses=RemoteResponseStore(client, options.responses_store_size))
+                     responses=RemoteResponseStore(client, options.responses_store_size),
+                     on_started=client.serving if early else None)
     if not early:  # ready before the first accept: the startup load finds it loaded
         state = app.state.llorch
         state.models.ensure_loaded(state.models.default)
