@@ -412,6 +412,7 @@ class Engine:
                 and not job.wants_prompt_logprobs
                 and getattr(self.runtime, "prefill_padding", 1.0) is None
                 and callable(getattr(self.runtime, "prefill_batch", None))
+                and getattr(self.runtime, "batched_prefill", True)
                 and len(job.prompt) <= self.prefill_chunk
                 and (len(self._waiting) > 1 or bool(self._prefilling)))
 
@@ -487,7 +488,8 @@ class Engine:
         the prefix and the chunk; `_prefill_step` empties the slot, and the request's
         ``cached_tokens`` becomes 0), rather than take a call of its own.
         """
-        can_batch = callable(getattr(self.runtime, "prefill_batch", None))
+        can_batch = (callable(getattr(self.runtime, "prefill_batch", None))
+                     and getattr(self.runtime, "batched_prefill", True))
         padding = getattr(self.runtime, "prefill_padding", None)
         together: list[tuple[Job, int]] = []
         alone: list[tuple[Job, int]] = []

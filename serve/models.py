@@ -88,12 +88,16 @@ class ModelEntry:
         self.last_used = 0.0
         self.leases = 0
         self.load_lock = threading.Lock()
-        self.file_bytes = _file_bytes(options.model_dir)
-        self.kv_bytes = _kv_estimate(info, options)
+        # a draft model (--speculative draft) is loaded beside it: its files and KV count too
+        draft = getattr(options, "draft_model", None)
+        self.file_bytes = _file_bytes(options.model_dir) + (_file_bytes(draft) if draft else 0)
+        self.kv_bytes = _kv_estimate(info, options) + (_kv_estimate(_info_or_none(draft), options)
+                                                       if draft else 0)
 
     @property
     def memory_bytes(self) -> int:
-        """Graph and weight files plus the KV cache, bytes (the engine's count once loaded)."""
+        """Graph and weight files plus the KV cache, bytes (the engine's count once loaded), the
+        draft model's (`--draft-model`) included."""
         if self.engine is not None and hasattr(self.engine, "kv_bytes"):
             return self.file_bytes + int(self.engine.kv_bytes())
         return self.file_bytes + self.kv_bytes
@@ -123,6 +127,13 @@ def _file_bytes(model_dir: Path) -> int:
         return 0
     return sum(p.stat().st_size for p in model_dir.iterdir()
                if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+
+
+def _info_or_none(model_dir: Path) -> ModelInfo | None:
+    try:
+        return load_model_info(model_dir)
+    except Exception:  # a broken draft is reported when it loads, not here
+        return None
 
 
 def _kv_estimate(info: ModelInfo | None, options: ServeOptions) -> int:

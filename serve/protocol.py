@@ -6,7 +6,9 @@ has tokenized the prompt and decided the completion length (`requested_max_token
 `to_sampling_params(max_tokens)`); the engine never sees pydantic or JSON. The sampling
 fields both endpoints share are declared once (`_Sampling`), in the order of OpenAI's API
 reference, then our extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`). Unknown
-fields are ignored (logged at debug), like OpenAI-compatible peers.
+fields are ignored (logged at debug), like OpenAI-compatible peers, except peers' extensions
+that would change the output (`_UNHONOURED`: vLLM's `min_tokens`, `stop_token_ids`, …), which
+are answered 400 naming the field when set.
 """
 
 from __future__ import annotations
@@ -495,6 +497,29 @@ class CompletionRequest(_Sampling, _CompletionHead, _Constrained):
 
 R = TypeVar("R", bound=_Request)
 
+# Request extensions of OpenAI-compatible peers (vLLM's SamplingParams and chat/completions
+# extras, llama.cpp's server) that change the output and that this server does not honour:
+# a 400 naming the field where a request sets one to anything but its no-op default (clients
+# such as LangChain send some with the default), instead of a 200 that silently ignores it.
+# Fields a request model declares are never looked up here.
+_UNHONOURED: dict[str, Any] = {
+    "min_tokens": lambda v: v not in (None, 0),
+    "include_stop_str_in_output": lambda v: v not in (None, False),
+    "prompt_logprobs": lambda v: v is not None,
+    "echo": lambda v: v not in (None, False),  # chat's (completions declares its own)
+    "stop_token_ids": lambda v: bool(v),
+    "bad_words": lambda v: bool(v),
+    "allowed_token_ids": lambda v: bool(v),
+    "truncate_prompt_tokens": lambda v: v is not None,
+    "use_beam_search": lambda v: v not in (None, False),
+    "best_of": lambda v: v not in (None, 1),  # chat's (completions declares its own)
+    "length_penalty": lambda v: v not in (None, 1, 1.0),
+    "skip_special_tokens": lambda v: v is False,
+    "return_tokens_as_token_ids": lambda v: v not in (None, False),
+    "logits_processors": lambda v: bool(v),
+    "n_probs": lambda v: v not in (None, 0),  # llama.cpp's logprobs
+}
+
 
 def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
     """Validate a JSON body; the first problem becomes a 400 naming the field.
@@ -510,6 +535,13 @@ def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
         InvalidRequestError: OpenAI's message, `param` and `code` for the first problem.
     """
     unknown = sorted(set(body) - set(model.model_fields))
+    for name in unknown:
+        changes = _UNHONOURED.get(name)
+        if changes is not None and changes(body[name]):
+            raise InvalidRequestError(
+                f"'{name}' is not supported by this server: it would change the output, and "
+                "this server would ignore it. Leave it out (or at its default).",
+                param=name, code="unsupported_parameter")
     if unknown:
         log.debug("ignoring unknown fields in %s: %s", model.__name__, ", ".join(unknown))
     try:

@@ -467,3 +467,18 @@ def test_cuda_runtime_on_the_host_through_the_engine(engines, tiny_hf_dir, tmp_p
     rt = Counting(info, RuntimeOptions(max_batch=4), device="cpu")
     assert _together(engines, rt, tok, [_greedy(p, 6) for p in prompts]) == alone
     assert calls == [4] and rt.rows_gathered == 4  # each prompt's logits row, gathered
+
+
+def test_default_int4_export_prefills_each_prompt_alone(engines, default_model_dir):
+    """The default int4 export prefills on a W8A8 graph that is not row-invariant, where a
+    batched call changed greedy answers from their first token (QA: 4 of 16 chat prompts):
+    there the engine prefills the prompts arriving together a call each, in the same step."""
+    from serve.model_dir import load_model_info
+
+    rt = CountingRuntime(load_model_info(default_model_dir),
+                         RuntimeOptions(max_batch=8, threads=1, w8a8="all"))  # the server's default
+    assert rt.batched_prefill is False
+    tok = Tokenizer.from_dir(default_model_dir)
+    prompts = [_chat_ids(tok, q) for q in QUESTIONS]
+    _together(engines, rt, tok, [_greedy(p) for p in prompts], prefill_chunk=512)
+    assert rt.prefill_calls == [1] * 8

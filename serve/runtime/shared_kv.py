@@ -111,6 +111,12 @@ class SharedKVRuntime(SlotRuntime):
     # tokens do: 8 prompts of 30-40 tokens in one call took 0.68-0.85x the time of 8 calls,
     # 8 of 8-60 tokens (2.6 padded tokens per real one) 1.6-1.7x (int4, 2 threads).
     prefill_padding: float | None = 1.25
+    # Whether `prefill_batch` gives each row the logits it would get alone (the engine batches
+    # prompts only then). Not on a W8A8 prefill graph that is not row-invariant (llorch.json
+    # `graph.w8a8_row_invariant`): there a batched call changed greedy answers from their first
+    # token (4 of 16 chat prompts on the default int4 export, QA), so CPU prompts are prefilled
+    # a call each, several in a step; set in `HostRuntime`.
+    batched_prefill = True
 
     # Where `RuntimeOptions.device_sampling` is None (auto): whether tokens are picked on the
     # device (where the logits would otherwise cross a bus).
@@ -378,6 +384,8 @@ class HostRuntime(SharedKVRuntime):
                          pin_logits=info.logits_to_keep)
         shape = (self.n_slots, info.num_kv_heads, self.info.max_length, info.head_dim)
         self._kv = KVBuffers(info.num_layers, shape, self.kv_dtype)
+        if self.w8a8_session is not None and not info.graph.get("w8a8_row_invariant"):
+            self.batched_prefill = False
         self._k, self._v = self._kv.k, self._kv.v
 
     def _forget(self, row: int, keep: int) -> None:
