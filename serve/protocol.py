@@ -96,6 +96,14 @@ class _Sampling(_Request):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = Field(None, max_length=64)  # vLLM: stop on these ids
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(t < 0 for t in value):
+            raise ValueError("token ids must be integers >= 0")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -133,6 +141,7 @@ class _Sampling(_Request):
             kwargs["top_p"], kwargs["top_k"] = 1.0, 1
         kwargs["logit_bias"] = dict(self.logit_bias or {})
         kwargs["stop"] = tuple(self.stop or ())
+        kwargs["stop_token_ids"] = tuple(dict.fromkeys(self.stop_token_ids or ()))
         kwargs["max_tokens"] = max_tokens
         return kwargs
 
@@ -507,7 +516,7 @@ _UNHONOURED: dict[str, Any] = {
     "include_stop_str_in_output": lambda v: v not in (None, False),
     "prompt_logprobs": lambda v: v is not None,
     "echo": lambda v: v not in (None, False),  # chat's (completions declares its own)
-    "stop_token_ids": lambda v: bool(v),
+    "stop_token_ids": lambda v: bool(v),  # honoured by chat and completions (declared there)
     "bad_words": lambda v: bool(v),
     "allowed_token_ids": lambda v: bool(v),
     "truncate_prompt_tokens": lambda v: v is not None,

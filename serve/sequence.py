@@ -106,6 +106,8 @@ class Choice:
             top = tuple((int(i), float(p)) for i, p in (sample.top or ()))
             logprobs = (TokenLogprob(token, float(sample.logprob), top),)
         eos = token in eos_ids and not params.ignore_eos
+        # vLLM's stop_token_ids: the choice stops on one (its text kept unless special, as there)
+        stop_id = not eos and token in params.stop_token_ids
         complete = False  # the grammar allows nothing more (an EOS would be all it takes)
         if self.constraint is not None:
             self.constraint.consume(token)
@@ -115,7 +117,7 @@ class Choice:
             hidden, stopped = self.stops.feed(self.special_text(token), visible=False)
             text += hidden
         finish = None
-        if stopped or eos or complete:
+        if stopped or eos or complete or stop_id:
             finish = "stop"
         elif len(self.generated) >= job.max_tokens or len(job.prompt) + len(self.generated) >= max_length:
             finish = "length"

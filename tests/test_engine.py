@@ -612,3 +612,17 @@ def test_no_one_token_last_prefill_chunk(make_engine):
     engine = make_engine(runtime, prefill_chunk=4)
     run(collect(engine, req("abcdefghi", max_tokens=1)))  # 9 = 4 + 3 + 2, not 4 + 4 + 1
     assert [c[2] for c in runtime.calls if c[0] == "prefill"] == [4, 3, 2]
+
+
+def test_stop_token_ids_end_the_choice_with_the_token_text_kept(make_engine):
+    """vLLM's `stop_token_ids`: the choice stops on the first of them it samples, finish
+    "stop", that token's text kept (it is not a special token), nothing after it."""
+    engine = make_engine(FakeRuntime())
+    full = expected_text(enc("hello"), 8)
+    stop_at = full[4]  # the fake tokenizer: one character a token
+    texts, finish, events = run(collect(engine, req(max_tokens=8, stop_token_ids=(ord(stop_at),))))
+    cut = full.index(stop_at) + 1
+    assert texts == {0: full[:cut]} and finish == {0: "stop"}
+    assert events[-1].usage.completion_tokens == cut
+    texts, finish, _ = run(collect(engine, req(max_tokens=8, stop_token_ids=(1,))))
+    assert texts == {0: full} and finish == {0: "length"}  # an id it never samples

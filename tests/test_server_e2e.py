@@ -609,3 +609,13 @@ def test_default_model_with_w8a8(default_model_dir, tmp_path):
         assert len(answers) == 2 and all("Paris" in a for a in answers), answers
         assert answers[0] == answers[1]  # rows of one batch never depend on each other
     assert "W8A8 graph model_w8a8.onnx" in log.read_text()
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_a_400(client, tiny_tok):
+    """vLLM's `stop_token_ids` through the real server: ids are checked against the model's
+    vocabulary like `logit_bias`'s; a valid list is taken (its effect: tests/test_engine.py)."""
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, max_tokens=2, extra_body={"stop_token_ids": [10**9]})
+    assert info.value.body["param"] == "stop_token_ids"
+    r = chat(client, max_tokens=3, extra_body={"stop_token_ids": [0, 1]})
+    assert r.choices[0].finish_reason in ("stop", "length")

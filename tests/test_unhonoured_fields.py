@@ -23,7 +23,6 @@ USER = [{"role": "user", "content": "Hi there"}]
 # field -> a value that, in vLLM, changes the output of a short greedy request
 FIELDS = {
     "min_tokens": 12,
-    "stop_token_ids": [28],
     "include_stop_str_in_output": True,
     "bad_words": ["Hello"],
     "truncate_prompt_tokens": 3,
@@ -65,3 +64,20 @@ def test_their_no_op_defaults_are_accepted() -> None:
     with pytest.raises(InvalidRequestError) as info:
         parse_request(ChatCompletionRequest, {"messages": USER, "skip_special_tokens": False})
     assert info.value.param == "skip_special_tokens" and info.value.code == "unsupported_parameter"
+
+
+def test_stop_token_ids_are_honoured_on_chat_and_completions_and_refused_elsewhere() -> None:
+    """Chat and completions declare `stop_token_ids` (honoured: tests/test_engine.py); a route
+    that does not, Responses, answers 400 naming it rather than ignore it."""
+    from serve.api_responses import ResponsesRequest
+
+    assert parse_request(ChatCompletionRequest, {"messages": USER, "stop_token_ids": [28]}) \
+        .to_sampling_params(None).stop_token_ids == (28,)
+    assert parse_request(CompletionRequest, {"prompt": "Hi", "stop_token_ids": [5, 5]}) \
+        .to_sampling_params(None).stop_token_ids == (5,)
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(ChatCompletionRequest, {"messages": USER, "stop_token_ids": [-1]})
+    assert info.value.param.startswith("stop_token_ids")
+    with pytest.raises(InvalidRequestError) as info:
+        parse_request(ResponsesRequest, {"input": "Hi", "stop_token_ids": [28]})
+    assert info.value.param == "stop_token_ids"
