@@ -187,13 +187,20 @@ def test_sampled_distribution_is_preserved_and_a_broken_rule_is_caught(tiny_mode
     """Tokens 2-4 sampled (temperature 1, top-k 3) with speculation follow the distribution of
     plain decoding (chi-square, independent fixed seeds); the same test rejects a rule that
     accepts a draft half the time whatever its probability."""
-    n = 400
-    plain = engine_for(tiny_model_dir, None)
-    spec = engine_for(tiny_model_dir, SpeculativeConfig())
+    check_sampled_distribution(engine_for(tiny_model_dir, None),
+                               engine_for(tiny_model_dir, SpeculativeConfig()), tiny_prompts[0],
+                               monkeypatch)
+
+
+def check_sampled_distribution(plain, spec, start, monkeypatch, n: int = 400) -> None:
+    """Tokens 2-4 sampled (temperature 1, top-k 3) by ``spec`` follow ``plain``'s distribution
+    (chi-square over ``n`` independent fixed seeds each), after a prompt that ends inside the
+    model's own greedy loop (``start`` and its greedy continuation, so drafts are often likely
+    tokens); a rule that accepts a draft half the time whatever its probability is rejected by
+    the same test. Stops both engines."""
     try:
-        # a prompt ending inside the model's own greedy loop, so drafts are often likely tokens
-        prompt = tiny_prompts[0] + run_all(plain, [tiny_prompts[0]], temperature=0.0,
-                                           max_tokens=30, ignore_eos=True)[0][0]
+        prompt = start + run_all(plain, [start], temperature=0.0, max_tokens=30,
+                                 ignore_eos=True)[0][0]
         reference = _samples(plain, prompt, range(10_000, 10_000 + n))
         good = _samples(spec, prompt, range(n))
         drafted, accepted = spec.observer.drafted, spec.observer.accepted

@@ -17,24 +17,21 @@ import httpx
 import numpy as np
 import pytest
 
-import serve.speculative
 from serve.draft_model import DraftModelSpeculator, check_draft_model
 from serve.engine import Engine
 from serve.main import main as serve_main
 from serve.model_dir import ModelDirError
 from serve.options import ServeOptions
 from serve.runtime import RuntimeOptions, open_runtime
-from serve.sampling import Sample
 from serve.speculative import SpeculativeConfig
 from serve.tokenizer import Tokenizer
 from tests.test_server_e2e import running_server
 from tests.test_speculative import (
     REPETITIVE,
     Counts,
-    _chi2_pvalue,
     _client,
-    _samples,
     _spec_counts,
+    check_sampled_distribution,
     run_all,
 )
 
@@ -255,31 +252,10 @@ def test_sampled_distribution_is_preserved(tiny_model_dir, tiny_int4_dir, tiny_p
     """Tokens 2-4 sampled (temperature 1, top-k 3) with int4 drafts follow plain decoding's
     distribution (chi-square, independent seeds); a rule that keeps a draft half the time
     whatever its probability is caught by the same test."""
-    n = 400
-    plain = draft_engine(tiny_model_dir, None, None)
-    spec = draft_engine(tiny_model_dir, tiny_int4_dir, SpeculativeConfig(num_speculative_tokens=3))
-    try:
-        prompt = tiny_prompts[0] + run_all(plain, [tiny_prompts[0]], temperature=0.0,
-                                           max_tokens=30, ignore_eos=True)[0][0]
-        reference = _samples(plain, prompt, range(10_000, 10_000 + n))
-        good = _samples(spec, prompt, range(n))
-        drafted, accepted = spec.observer.drafted, spec.observer.accepted
-        rng = np.random.default_rng(0)
-
-        def broken(c, row, proposed) -> Sample:
-            if proposed is not None and rng.random() < 0.5:
-                return Sample(proposed)
-            return c.sampler.sample(row, c.generated)
-
-        monkeypatch.setattr(serve.speculative, "draw", broken)
-        bad = _samples(spec, prompt, range(n))
-    finally:
-        plain.stop()
-        spec.stop()
-    assert drafted > 0 and accepted > 0
-    p_good, p_bad = _chi2_pvalue(good, reference), _chi2_pvalue(bad, reference)
-    assert p_good > 1e-3, (p_good, p_bad)
-    assert p_bad < 1e-4, (p_good, p_bad)
+    check_sampled_distribution(
+        draft_engine(tiny_model_dir, None, None),
+        draft_engine(tiny_model_dir, tiny_int4_dir, SpeculativeConfig(num_speculative_tokens=3)),
+        tiny_prompts[0], monkeypatch)
 
 
 # -- through the real server ------------------------------------------------------------------
