@@ -358,11 +358,7 @@ class CudaRuntime(SharedKVRuntime):
         errors (checked for every row before any call)."""
         if not self.info.logits_to_keep:
             return super().prefill_batch(slots, seqs)
-        if len(slots) != len(seqs) or any(self._lengths[s] for s in slots) or \
-                any(len(ids) == 0 for ids in seqs) or len(set(slots)) != len(slots) or not slots:
-            return super().prefill_batch(slots, seqs)  # raises what it raises
-        for s, ids in zip(slots, seqs, strict=True):
-            self._check_room(s, len(ids))
+        self._check_batch(slots, seqs)  # every row, before the first group's call
         out, i = [], 0
         while i < len(slots):
             g = 1 << ((len(slots) - i).bit_length() - 1)

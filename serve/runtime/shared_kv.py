@@ -213,20 +213,10 @@ class SharedKVRuntime(SlotRuntime):
             ValueError: ``slots`` empty, repeated, of another length than ``seqs`` or holding
                 tokens, or an empty ``seqs[b]``; nothing is appended.
         """
-        if not slots or len(slots) != len(seqs) or len(set(slots)) != len(slots):
-            raise ValueError("prefill_batch needs distinct slots, one token list each")
-        if any(self._lengths[s] for s in slots):
-            raise ValueError("prefill_batch takes empty slots only (GroupQueryAttention batches "
-                             "multi-token rows from position 0); prefill the others alone")
-        ns = [len(ids) for ids in seqs]
-        if min(ns) == 0:
-            raise ValueError("prefill needs at least one token")
-        width = max(ns)
-        for s in slots:
-            self._check_room(s, width)
+        ns = self._check_batch(slots, seqs)
         if len(slots) == 1:
             return self.prefill(slots[0], seqs[0])[None]
-        width = self._batch_width(width)
+        width = self._batch_width(max(ns))
         first = self._place_rows(slots)
         b = len(slots)
         tokens = np.zeros((b, width), np.int64)  # padding: token 0, its KV never read
@@ -241,6 +231,21 @@ class SharedKVRuntime(SlotRuntime):
                 self._forget(self._row[s], n)
         shift = width - keep if self._pin_logits else 0  # the output's first position
         return self._logits_at(call, [n - 1 - shift for n in ns])
+
+    def _check_batch(self, slots: Sequence[int], seqs: Sequence[Sequence[int]]) -> list[int]:
+        """`prefill_batch`'s argument checks (its Raises), before anything changes; returns
+        the token count of each row."""
+        if not slots or len(slots) != len(seqs) or len(set(slots)) != len(slots):
+            raise ValueError("prefill_batch needs distinct slots, one token list each")
+        if any(self._lengths[s] for s in slots):
+            raise ValueError("prefill_batch takes empty slots only (GroupQueryAttention batches "
+                             "multi-token rows from position 0); prefill the others alone")
+        ns = [len(ids) for ids in seqs]
+        if min(ns) == 0:
+            raise ValueError("prefill needs at least one token")
+        for s in slots:
+            self._check_room(s, max(ns))
+        return ns
 
     def _batch_width(self, width: int) -> int:
         """Tokens a `prefill_batch` row runs at, its longest row holding ``width`` (`CudaRuntime`
