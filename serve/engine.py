@@ -402,6 +402,12 @@ class Engine:
             except Exception as exc:
                 self._fail(job, exc)
 
+    def _batches_prefills(self) -> bool:
+        """Whether the runtime prefills several prompts in one call, each row's logits those it
+        would get alone (`prefill_batch`, and not switched off by `batched_prefill`)."""
+        return (callable(getattr(self.runtime, "prefill_batch", None))
+                and getattr(self.runtime, "batched_prefill", True))
+
     def _recomputes_prefix(self, job: Job) -> bool:
         """Whether the job's first choice should take a blank slot rather than copy a cached
         prefix: where padding is free (`prefill_padding` None: GPUs) a prompt that fits the
@@ -411,8 +417,7 @@ class Engine:
         return (not self.batch_invariant and job.prompt_logits is None
                 and not job.wants_prompt_logprobs
                 and getattr(self.runtime, "prefill_padding", 1.0) is None
-                and callable(getattr(self.runtime, "prefill_batch", None))
-                and getattr(self.runtime, "batched_prefill", True)
+                and self._batches_prefills()
                 and len(job.prompt) <= self.prefill_chunk
                 and (len(self._waiting) > 1 or bool(self._prefilling)))
 
@@ -488,8 +493,7 @@ class Engine:
         the prefix and the chunk; `_prefill_step` empties the slot, and the request's
         ``cached_tokens`` becomes 0), rather than take a call of its own.
         """
-        can_batch = (callable(getattr(self.runtime, "prefill_batch", None))
-                     and getattr(self.runtime, "batched_prefill", True))
+        can_batch = self._batches_prefills()
         padding = getattr(self.runtime, "prefill_padding", None)
         together: list[tuple[Job, int]] = []
         alone: list[tuple[Job, int]] = []
