@@ -89,7 +89,7 @@ class ModelEntry:
         self.leases = 0
         self.load_lock = threading.Lock()
         # a draft model (--speculative draft) is loaded beside it: its files and KV count too
-        draft = getattr(options, "draft_model", None)
+        draft = options.draft_model
         self.file_bytes = _file_bytes(options.model_dir) + (_file_bytes(draft) if draft else 0)
         self.kv_bytes = _kv_estimate(info, options) + (_kv_estimate(_info_or_none(draft), options)
                                                        if draft else 0)
