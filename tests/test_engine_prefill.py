@@ -151,16 +151,11 @@ def test_rows_too_different_for_the_padding_limit_go_alone_in_the_same_step(engi
                                  ("decode", (0, 2, 1))]
 
 
-@pytest.mark.parametrize("padding", [1.25, None])
-def test_prefix_hit_and_fresh_prompts_in_one_step(engines, padding):
-    """A prompt whose prefix an idle slot holds is prefilled in the same step as the fresh
-    ones that share a batched call: in a call of its own where padding costs (the CPU: the
-    kernel batches multi-token rows only from position 0), or where padding is free (GPUs)
-    as a row of the batch from position 0 (prefix and all: usage then reports no hit)."""
-    runtime = BatchingFake(4, max_length=200)
-    runtime.prefill_padding = padding
-    system = "You are a helpful assistant. "
-    engine = Engine(runtime, TOKENIZER)
+def _hit_then_two_fresh(engines, runtime, system: str, **engine_kwargs) -> list:
+    """A started engine serves ``system + "Hi"`` (its KV then idle in the prefix cache); the
+    runtime's calls are cleared, then ``system + "Bye"`` and two fresh prompts are admitted in
+    one step. Checks each answer's text; returns (texts, finish, events) per request."""
+    engine = Engine(runtime, TOKENIZER, **engine_kwargs)
     engines.append(engine)
     engine.start()
     run(collect(engine, req(system + "Hi", max_tokens=2)))
@@ -176,6 +171,19 @@ def test_prefix_hit_and_fresh_prompts_in_one_step(engines, padding):
 
     got = run(scenario())
     assert [t for t, _, _ in got] == [{0: expected_text(enc(p), 4)} for p in prompts]
+    return got
+
+
+@pytest.mark.parametrize("padding", [1.25, None])
+def test_prefix_hit_and_fresh_prompts_in_one_step(engines, padding):
+    """A prompt whose prefix an idle slot holds is prefilled in the same step as the fresh
+    ones that share a batched call: in a call of its own where padding costs (the CPU: the
+    kernel batches multi-token rows only from position 0), or where padding is free (GPUs)
+    as a row of the batch from position 0 (prefix and all: usage then reports no hit)."""
+    runtime = BatchingFake(4, max_length=200)
+    runtime.prefill_padding = padding
+    system = "You are a helpful assistant. "
+    got = _hit_then_two_fresh(engines, runtime, system)
     calls = [c for c in runtime.calls if c[0] not in ("copy", "truncate")]
     if padding is not None:
         assert [g[2][-1].usage.cached_tokens for g in got] == [len(enc(system)), 0, 0]
@@ -195,22 +203,7 @@ def test_a_long_cached_prefix_is_not_recomputed_past_the_budget(engines):
     alone, beside the fresh prompts' batched call, and keeps its cached tokens."""
     runtime = BatchingFake(4, max_length=200)
     system = "You are a helpful assistant. You answer briefly. "  # 49 tokens
-    engine = Engine(runtime, TOKENIZER, prefill_chunk=32)
-    engines.append(engine)
-    engine.start()
-    run(collect(engine, req(system + "Hi", max_tokens=2)))
-    runtime.calls.clear()
-    prompts = [system + "Bye", "fresh one ", "fresh two "]
-
-    async def scenario():
-        pause = Paused(engine)
-        tasks = [asyncio.ensure_future(collect(engine, req(p, max_tokens=4))) for p in prompts]
-        await asyncio.sleep(0)
-        pause.release()
-        return await asyncio.gather(*tasks)
-
-    got = run(scenario())
-    assert [t for t, _, _ in got] == [{0: expected_text(enc(p), 4)} for p in prompts]
+    got = _hit_then_two_fresh(engines, runtime, system, prefill_chunk=32)
     assert got[0][2][-1].usage.cached_tokens == len(enc(system))
     calls = [c for c in runtime.calls if c[0] not in ("copy", "truncate")]
     assert calls[:3] == [("prefill_batch", (2, 3), (10, 10)), ("prefill", 1, 3),
