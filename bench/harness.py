@@ -24,7 +24,13 @@ from bench import report
 from bench.config import BenchConfig
 from bench.machine import code_state, load_average, machine_info
 from bench.merge import merge_rounds
-from bench.prepare import CACHE, default_model_paths, ensure_builder_int4, ensure_optimum_fp32
+from bench.prepare import (
+    CACHE,
+    default_model_paths,
+    ensure_builder_int4,
+    ensure_int4_down_proj_level0,
+    ensure_optimum_fp32,
+)
 from bench.proc import busy_cores, cpu_busy_seconds, run_child, thread_env
 from bench.prompts import PromptPool, corpus_ids
 from bench.suite import ENTRIES, Entry, groups, is_1b, select
@@ -59,6 +65,10 @@ def prepare_models(entries: list[Entry], cfg: BenchConfig, log_dir: Path) -> tup
         paths["builder-int4"] = path
         prepare["genai-builder-int4"] = {"path": str(path) if path else None, "reason": reason,
                                          "build_s": secs}
+    if "int4-l0" in needed:
+        path, secs = ensure_int4_down_proj_level0(paths["hf"])
+        paths["int4-l0"] = path
+        prepare["int4-l0"] = {"path": str(path), "export_s": secs}
     if "optimum-fp32" in needed:
         path, reason, secs = ensure_optimum_fp32(paths["hf"], log_dir / "optimum-export.log",
                                                  cfg.threads)

@@ -7,6 +7,8 @@
                      every other package through a .pth file pointing at this interpreter's
                      site-packages.
   optimum-fp32       optimum's own export of the HF dir
+  int4-l0            llorch int4 with --down-proj-accuracy-level 0, the export the default was
+                     before serve became batch-invariant by default (the determinism rows)
 
 Each `ensure_*` returns (path or None, reason or None, seconds spent building or None).
 """
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 from bench.proc import run_child, thread_env
@@ -47,6 +50,22 @@ def _builder_venv(log: Path) -> Path:
             subprocess.run([str(python), "-m", "pip", "install", "-q", "transformers>=5", "onnx_ir"],
                            stdout=out, stderr=subprocess.STDOUT, check=True)
     return python
+
+
+def ensure_int4_down_proj_level0(hf_dir: Path) -> tuple[Path, float | None]:
+    """The default model's int4 export as llorch made it before serve was batch-invariant by
+    default (`--down-proj-accuracy-level 0`: its W8A8 graph is not row-invariant, so a lone
+    sequence decodes on the int4 graph and its tokens depend on the batch). Built once into
+    the bench cache; returns (dir, export seconds or None when cached)."""
+    from export.api import export_model
+
+    out = CACHE / "smollm2-135m-instruct-int4-down-proj-l0"
+    if (out / "llorch.json").is_file():
+        return out, None
+    t0 = time.perf_counter()
+    export_model(hf_dir, out, precision="int4", target="cpu", down_proj_accuracy_level=0,
+                 force=out.exists(), progress=False)
+    return out, time.perf_counter() - t0
 
 
 def ensure_builder_int4(hf_dir: Path, log: Path, threads: int) -> tuple[Path | None, str | None, float | None]:

@@ -60,6 +60,21 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("llorch-concurrency-w8a8-off", "llorch HTTP int4 --w8a8 off, N concurrent streams",
           "llorch_http", "w8a8", "int4", None,
           {"mode": "concurrency", "serve_args": ["--w8a8", "off"]}),
+    # determinism (issue 15 part 2): serve is batch-invariant by default on the default int4
+    # export (every step on its row-invariant W8A8 graph); "before" is the export and
+    # defaults it replaced (down_proj at accuracy level 0, a lone decode on the int4 graph),
+    # "off" the default export with --no-batch-invariant
+    Entry("llorch-int4-before", "llorch engine int4, previous default export (not invariant)",
+          "llorch_engine", "determinism", "int4-l0", "llorch-int4"),
+    Entry("llorch-int4-invariance-off", "llorch engine int4 --no-batch-invariant",
+          "llorch_engine", "determinism", "int4", "llorch-int4", {"batch_invariant": False}),
+    Entry("llorch-concurrency-before", "llorch HTTP int4, previous default export, N streams",
+          "llorch_http", "determinism", "int4-l0", None, {"mode": "concurrency"}),
+    Entry("llorch-concurrency-invariance-off", "llorch HTTP int4 --no-batch-invariant, N streams",
+          "llorch_http", "determinism", "int4", None,
+          {"mode": "concurrency", "serve_args": ["--no-batch-invariant"]}),
+    Entry("llorch-concurrency-default", "llorch HTTP int4 (defaults: batch-invariant), N streams",
+          "llorch_http", "determinism", "int4", None, {"mode": "concurrency"}),
     # batch-1 decode on bench.spec_prompts (chat answers that copy their input, and open-ended
     # ones), each engine with and without its prompt-lookup speculation (bench.peers.spec)
     Entry("llorch-spec-off", "llorch engine int4, speculation off", "spec", "speculative",

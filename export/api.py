@@ -246,9 +246,10 @@ def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length
     if accuracy_level is None:
         accuracy_level = 4 if target == "cpu" else 0
     if down_proj_accuracy_level is None:
-        # asymmetric: fp32 compute for down_proj (graph.mlp says why); symmetric: every
-        # MatMulNBits at the one level, as ORT GenAI's builder sets them
-        down_proj_accuracy_level = accuracy_level if int4_symmetric else 0
+        # every MatMulNBits at the one level, as ORT GenAI's builder sets them: on the CPU
+        # that makes the W8A8 graph row-invariant, which serve's default determinism needs
+        # (graph.mlp weighs the quality)
+        down_proj_accuracy_level = accuracy_level
     if w8a8_graph and target != "cpu":
         raise ExportError(f"--w8a8-graph is for --target cpu (int8 GEMMs), not {target}")
     if max_length is None and target == "coreml":
@@ -288,7 +289,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
     Args:
         precision: fp32, fp16 or int4 (MatMulNBits, ``block_size`` values a block along K,
             ``accuracy_level`` 0-4; None: 4 on cpu, else 0; ``down_proj_accuracy_level`` for
-            down_proj, None: 0, or ``accuracy_level`` with ``int4_symmetric``;
+            down_proj, None: ``accuracy_level``;
             ``lm_head_bits`` 8, 4 or 0 = float).
         int4_symmetric: every MatMulNBits symmetric, no zero_points input (ORT's implicit
             2^(bits-1); export.quant.quantize_blocks_symmetric), ORT GenAI's builder's

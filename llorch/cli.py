@@ -36,8 +36,9 @@ def _export_parser(sub) -> None:
     p.add_argument("--down-proj-accuracy-level", type=int, default=None, choices=range(5),
                    metavar="{0..4}",
                    help="accuracy_level of the MLP down_proj, whose input carries the activation "
-                   "outliers int8 compute distorts most (default: 0, fp32 compute; with "
-                   "--int4-symmetric: --accuracy-level)")
+                   "outliers int8 compute distorts most (default: --accuracy-level; 4 makes "
+                   "the W8A8 graph row-invariant, so llorch serve is batch-invariant by "
+                   "default; 0: fp32 compute, slightly closer to fp32, not row-invariant)")
     p.add_argument("--int4-symmetric", action=argparse.BooleanOptionalAction, default=False,
                    help="int4: symmetric blocks without zero points (ONNX Runtime's implicit "
                    "zero point 8), as ORT GenAI's builder writes them (int4_is_symmetric): no "

@@ -119,9 +119,13 @@ class Engine:
         prefix_cache_tokens: the most tokens idle slots keep for reuse (None: all they hold;
             0: none, the prefix cache is off).
         observer: hooks for metrics (`EngineObserver`).
-        batch_invariant: decode a lone sequence with a padding row, so its logits are those it
-            would get in a batch bit for bit (int4 MatMulNBits has another kernel for one row;
-            costs a third of single-stream speed there).
+        batch_invariant: a request's tokens must not depend on what else runs (module
+            docstring). None (the default): where the runtime is row-invariant
+            (`runtime.batch_invariant`: free there). True on other runtimes: a lone sequence
+            decodes with a padding row (int4 MatMulNBits has another kernel for one row; costs
+            12-30% of single-stream speed there) and prompts prefill one a step. On, the prefix
+            cache reuses only prompt tokens that a prefill of 2+ tokens computed (a decode step's
+            KV, generated tokens', comes from another attention kernel).
         speculative: speculative decoding (`serve.speculative`); None: off.
         draft: with ``speculative``, the draft model's runtime (`serve.draft_model`: its slot
             i drafts for slot i); None: drafts by prompt lookup.
@@ -133,14 +137,15 @@ class Engine:
 
     def __init__(self, runtime, tokenizer, *, prefill_chunk: int = CPU_PREFILL_CHUNK, max_queue: int | None = None,
                  queue_timeout: float | None = None, prefix_cache_tokens: int | None = None,
-                 observer: EngineObserver | None = None, batch_invariant: bool = False,
+                 observer: EngineObserver | None = None, batch_invariant: bool | None = None,
                  speculative: SpeculativeConfig | None = None, draft=None) -> None:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
-        self.batch_invariant = batch_invariant
+        self.batch_invariant = (bool(getattr(runtime, "batch_invariant", False))
+                                if batch_invariant is None else batch_invariant)
         self.observer = observer or EngineObserver()
         self.max_length: int = runtime.info.max_length
         self.vocab_size: int = runtime.info.vocab_size
@@ -432,13 +437,25 @@ class Engine:
         # the logits should equal those of an uncached prefill bit for bit.
         return max(len(job.prompt) - 2, 0)
 
+    def _reusable(self, job: Job, ids: np.ndarray) -> np.ndarray:
+        """The leading ``ids`` of a slot filled by ``job`` whose KV another prompt may reuse:
+        all of them, or with `batch_invariant` only prompt tokens that prefill calls of 2+
+        tokens computed. A decode step's KV (generated tokens, a verify's drafts) and a
+        one-token prefill's (prompt logprobs, a one-token prompt) come from another attention
+        kernel, whose rounding differs: a multi-turn prompt reusing them would not get the
+        tokens it gets cold."""
+        if not self.batch_invariant:
+            return ids
+        exact = 0 if job.wants_prompt_logprobs or len(job.prompt) < 2 else len(job.prompt)
+        return ids[:exact]
+
     def _busy(self) -> Iterable[tuple[int, np.ndarray]]:
-        """(slot, ids its KV holds) of every busy slot with a prompt in it."""
+        """(slot, reusable ids its KV holds) of every busy slot with a prompt in it."""
         for c in self._running:
-            yield c.slot, c.held_ids(self.runtime.length(c.slot))
+            yield c.slot, self._reusable(c.job, c.held_ids(self.runtime.length(c.slot)))
         for job in self._prefilling:
             if job.fed:
-                yield job.group[0].slot, job.prompt_arr[: job.fed]
+                yield job.group[0].slot, self._reusable(job, job.prompt_arr[: job.fed])
 
     def _place(self, job: Job, group: list[Choice], reuse: int) -> None:
         if not job.slotted[:-len(group)]:  # the request's first placement
@@ -458,7 +475,7 @@ class Engine:
         prompts starting from an empty slot share one `prefill_batch` call, the others take a
         call each. With `batch_invariant` only the oldest prompt's chunk, alone (a row's
         logits must not depend on what else prefills)."""
-        if self.batch_invariant:
+        if self._pads_lone_decode:
             job = self._prefilling[0]
             self._prefill(job, self._chunk(job))
             return
@@ -775,7 +792,8 @@ class Engine:
                 self._running[i] = last
         slot, c.slot = c.slot, -1
         try:
-            self.slots.release(slot, (lambda: c.held_ids(self.runtime.length(slot))) if keep else None)
+            self.slots.release(slot, (lambda: self._reusable(c.job, c.held_ids(self.runtime.length(slot))))
+                               if keep else None)
         finally:
             if self.speculator is not None:  # a draft model's idle slots keep no more than these
                 self.speculator.trim_idle(self.slots.cache.idle_ids())

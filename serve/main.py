@@ -50,6 +50,26 @@ def check_provider(provider: str) -> None:
         raise StartupError(f"{exc}; pass --provider auto to use the best available one") from None
 
 
+def log_invariance(options: ServeOptions, engine: Engine) -> None:
+    """One startup line on whether a request's tokens may depend on what else runs (README
+    "Determinism"), with the reason where the default could not make it so."""
+    if engine.batch_invariant:
+        how = ("every step on the row-invariant W8A8 graph" if engine.runtime.batch_invariant
+               else "a lone decode padded to two rows")
+        log.info("batch-invariant: the same request gives the same tokens whatever else runs "
+                 "(%s)", how)
+    elif options.batch_invariant is None:
+        graph = engine.runtime.info.graph
+        if graph.get("w8a8") and not graph.get("w8a8_row_invariant"):
+            why = ("its W8A8 graph is not row-invariant: re-export it with this llorch (down_proj "
+                   "at accuracy level 4), or pass --batch-invariant to pad lone decodes")
+        elif graph.get("w8a8_row_invariant"):
+            why = f"--w8a8 {getattr(engine.runtime, 'w8a8', options.w8a8)} keeps decode steps off its W8A8 graph"
+        else:
+            why = "these graphs or this provider have no row-invariant path"
+        log.info("not batch-invariant: a request's tokens may depend on what else runs (%s)", why)
+
+
 def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) -> Engine:
     """Build the Tokenizer and Runtime and start the engine thread (slow: runs off the loop).
     Errors name the file at fault (a bad tokenizer.json, a truncated weights file)."""
@@ -71,6 +91,7 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
                     prefix_cache_tokens=options.prefix_cache_size, observer=metrics,
                     batch_invariant=options.batch_invariant,
                     speculative=options.speculative_config(), draft=draft)
+    log_invariance(options, engine)
     kv = runtime.kv_bytes()
     log.info("KV cache: %d slots x %d tokens = %.1f MiB (%.1f MiB a slot); prefix cache: %s",
              runtime.n_slots, runtime.info.max_length, kv / 2**20, kv / runtime.n_slots / 2**20,

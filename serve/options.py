@@ -157,13 +157,15 @@ class ServeOptions:
         "templates, tokenizing, JSON and SSE off the engine's GIL; for many concurrent "
         f"streams on a GPU), 2 to {MAX_API_WORKERS}; more than the CPUs this process may use "
         "is logged as a warning; 1: everything in one process (default)", type=int)
-    batch_invariant: bool = _flag(
-        False, "the same request gives the same tokens whatever else runs: every step on the "
-        "export's row-invariant W8A8 graph (default int4 exports; lone-stream answers then "
-        "come from the W8A8 graph, KL to fp32 0.0055 vs int4's 0.0030), else a lone decode "
-        "padded to two rows (12-30%% slower for one stream)", action="store_true")
-    # Quality on the default model: KL to fp32 0.0055 vs int4's 0.0030, perplexity 14.85 vs
-    # 14.72; a lone sequence's decode stays on the int4 graph, faster at one row.
+    batch_invariant: bool | None = _flag(
+        None, "the same request (prompt, parameters, seed) gives the same tokens whatever else "
+        "runs. Default (auto): on where it is free, i.e. the export's W8A8 graph is "
+        "row-invariant (llorch.json graph.w8a8_row_invariant: int4 CPU exports since the "
+        "accuracy-level-4 down_proj default), every step then runs on it; --batch-invariant "
+        "on other exports pads a lone decode to two rows (12-30%% slower for one stream); "
+        "--no-batch-invariant: a lone sequence decodes on the int4 graph (closer to fp32: KL "
+        "0.0034 vs 0.0053, and faster), its tokens then depending on the batch",
+        action=argparse.BooleanOptionalAction)
     w8a8: str = _flag(
         "auto", "runs on the export's W8A8 graph (int8 GEMMs, smoothed activations): all = "
         "prefill + decode steps of 2+ sequences, prefill, off; auto = all where the export has "

@@ -187,12 +187,15 @@ class SlotPool:
         return slot
 
     def release(self, slot: int, held: Callable[[], np.ndarray] | None) -> None:
-        """Give a busy slot back; `held()` gives the ids its KV holds, to keep for reuse
-        (None: its KV is not to be trusted, forget it)."""
+        """Give a busy slot back; `held()` gives the ids of its KV to keep for reuse, a prefix
+        of what it holds (the rest is truncated; None: its KV is not to be trusted, forget
+        it)."""
         ids: np.ndarray | tuple = ()
         try:
             if held is not None and self.cache.enabled:
                 ids = held()
+                if len(ids) < self.runtime.length(slot):  # the rest is not to be reused
+                    self.runtime.truncate(slot, len(ids))
             else:
                 self.runtime.reset(slot)
         finally:

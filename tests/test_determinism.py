@@ -1,9 +1,11 @@
 """The same request gets the same tokens whatever else the server does (issue 15, part 2).
 
-On the default model (int4 with its W8A8 graph, the defaults), 8 different prompts, greedy
-and seeded: alone, all together, after their prefixes were cached, and next to a long prompt
-that prefills in chunks between their decode steps, on engines with different prefill chunk
-sizes — always the same token ids, bit for bit. Then once through the real server.
+On the default model (int4 with its row-invariant W8A8 graph) with the defaults (no flag), 8
+different prompts, greedy and seeded: alone, all together, after their prefixes were cached,
+next to a long prompt that prefills in chunks between their decode steps, on engines with
+different prefill chunk sizes, and a second turn whose prompt holds the first turn's answer
+after that answer sat in the prefix cache — always the same token ids, bit for bit. Then
+once through the real server, flags left at their defaults.
 """
 
 from __future__ import annotations
@@ -50,20 +52,10 @@ def prompts(tok) -> list[tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def invariant_dir(default_hf_dir, tmp_path_factory):
-    """The default model exported with a row-invariant W8A8 graph (--down-proj-accuracy-level 4)."""
-    from export.api import export_model
-
-    out = tmp_path_factory.mktemp("row-invariant") / "smollm2-135m-instruct-int4"
-    export_model(default_hf_dir, out, precision="int4", down_proj_accuracy_level=4, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def runtime(invariant_dir):
-    rt = open_runtime(invariant_dir, RuntimeOptions(max_batch=10, max_length=2048,
-                                                        w8a8="auto", batch_invariant=True))
-    assert rt.batch_invariant, "a --down-proj-accuracy-level 4 export's W8A8 graph should be batch-invariant"
+def runtime(default_model_dir):
+    rt = open_runtime(default_model_dir, RuntimeOptions(max_batch=10, max_length=2048,
+                                                        w8a8="auto"))
+    assert rt.batch_invariant, "the default int4 export's W8A8 graph should be row-invariant"
     return rt
 
 
@@ -120,7 +112,19 @@ def test_same_tokens_alone_batched_cached_and_beside_a_long_prefill(runtime, tok
         await long_task
         return out
 
+    async def second_turn(engine):
+        # each prompt, then the same conversation one turn on (its answer in the prompt):
+        # the answer's KV, computed by decode steps, sits in the prefix cache meanwhile
+        for p in prompts:
+            await _tokens(engine, _request(p, params))
+        return [await _tokens(engine, _request(p, params)) for p in turn_two]
+
     reference = _with_engine(runtime, tok, alone, prefix_cache_tokens=0)
+    turn_two = [p + a + tuple(tok.encode("<|im_end|>\n<|im_start|>user\nAnd why?<|im_end|>\n"
+                                         "<|im_start|>assistant\n", add_special_tokens=False))
+                for p, a in zip(prompts, reference, strict=True)]
+    cold_two = _with_engine(runtime, tok, lambda e: _all_alone(e, turn_two, params),
+                            prefix_cache_tokens=0)
     assert len(set(reference)) > 1 and all(len(t) == NEW_TOKENS for t in reference)
     runs = {
         "alone, 7-token prefill chunks, prefix cache on": _with_engine(
@@ -132,6 +136,11 @@ def test_same_tokens_alone_batched_cached_and_beside_a_long_prefill(runtime, tok
     }
     for name, got in runs.items():
         assert got == reference, name
+    assert _with_engine(runtime, tok, second_turn) == cold_two, "second turn after a cached first"
+
+
+async def _all_alone(engine, prompts, params):
+    return [await _tokens(engine, _request(p, params)) for p in prompts]
 
 
 def test_lone_decode_equals_a_row_of_a_batch_in_the_runtime(runtime, prompts):
@@ -153,7 +162,7 @@ def test_lone_decode_equals_a_row_of_a_batch_in_the_runtime(runtime, prompts):
         assert np.array_equal(step_alone[0], step_batched[3])
 
 
-def test_same_text_through_the_real_server_alone_and_concurrent(invariant_dir, tmp_path):
+def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path):
     """The defaults of `llorch serve`, the official client: each prompt alone, then all 8 at
     once (greedy and seeded at temperature 0.9) — the same text."""
     import openai
@@ -177,7 +186,7 @@ def test_same_text_through_the_real_server_alone_and_concurrent(invariant_dir, t
                 out[name] = (alone, list(together))
         return out
 
-    with running_server(invariant_dir, "--threads", "2", "--max-batch", "8", "--batch-invariant",
+    with running_server(default_model_dir, "--threads", "2", "--max-batch", "8",
                         log_path=tmp_path / "server.log") as base:
         results = asyncio.run(asyncio.wait_for(run_all(base), 900))
     for name, (alone, together) in results.items():

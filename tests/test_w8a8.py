@@ -78,21 +78,25 @@ def test_flags_and_targets(tiny_hf_dir, tmp_path):
 
 def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4, tiny_hf_dir, tmp_path):
     """Runtime's own default is off (parity tests compare the main graph); `llorch serve`
-    defaults to auto. all/auto: every prefill and decode steps of 2+ sequences; with
-    batch_invariant on an export whose W8A8 graph is row-invariant (--down-proj-accuracy-level
-    4: graph.w8a8_row_invariant) every decode step too; prefill: prefill only (one token too,
-    so a prefix-cache hit sees the KV a full prefill makes)."""
+    defaults to auto. all/auto: every prefill and every decode step on an export whose W8A8
+    graph is row-invariant (the default: down_proj at accuracy level 4,
+    graph.w8a8_row_invariant), unless batch_invariant is False; on a level-0 export, or with
+    batch_invariant False, a lone sequence decodes on the int4 graph; prefill: prefill only
+    (one token too, so a prefix-cache hit sees the KV a full prefill makes)."""
     assert open_runtime(tiny_int4, RuntimeOptions(max_batch=2)).w8a8_session is None
-    assert not json.loads((tiny_int4 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
-    invariant = tmp_path / "row-invariant"
-    export_model(tiny_hf_dir, invariant, precision="int4", down_proj_accuracy_level=4, progress=False)
-    assert json.loads((invariant / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
+    assert json.loads((tiny_int4 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
+    level0 = tmp_path / "down-proj-level-0"
+    export_model(tiny_hf_dir, level0, precision="int4", down_proj_accuracy_level=0, progress=False)
+    assert not json.loads((level0 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
+    invariant = tiny_int4
     for mode in (True, "all", "auto"):
-        rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8=mode, batch_invariant=True))
-        assert rt.w8a8 == "all" and rt.w8a8_session is not None and rt.batch_invariant
-        assert rt._session_for(1) is rt.w8a8_session
-        # a level-0 down_proj, or no batch invariance asked: a lone sequence decodes on int4
-        for d, kw in ((tiny_int4, {"batch_invariant": True}), (invariant, {})):
+        for kw in ({}, {"batch_invariant": None}, {"batch_invariant": True}):
+            rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
+            assert rt.w8a8 == "all" and rt.w8a8_session is not None and rt.batch_invariant
+            assert rt._session_for(1) is rt.w8a8_session
+        # a level-0 down_proj, or batch invariance turned off: a lone sequence decodes on int4
+        for d, kw in ((level0, {"batch_invariant": True}), (level0, {}),
+                      (invariant, {"batch_invariant": False})):
             rt = open_runtime(d, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
             assert rt._session_for(1) is rt.session and not rt.batch_invariant
         assert rt._session_for(1, prefill=True) is rt.w8a8_session
@@ -157,10 +161,12 @@ def test_w8a8_rows_do_not_depend_on_their_batch_mates(tiny_int4):
 
 
 def test_default_model_answers_through_the_w8a8_graph(default_model_dir):
-    """Prefill on the W8A8 graph, then greedy decode: batched (W8A8) and alone (int4)."""
+    """Prefill on the W8A8 graph, then greedy decode: batched (W8A8) and alone (int4). Japan,
+    not France: fp32 puts "The" 2.5 logits above the next first token here, 0.08 for France,
+    a near tie the two graphs decide differently."""
     tok = Tokenizer.from_dir(default_model_dir)
     text = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "What is the capital of Japan?"}],
         add_generation_prompt=True)
     ids = tok.encode(text)
     rt = open_runtime(default_model_dir, RuntimeOptions(max_batch=2, w8a8=True))
@@ -173,7 +179,7 @@ def test_default_model_answers_through_the_w8a8_graph(default_model_dir):
     for _ in range(12):
         out.append(tokens[0])
         tokens = [int(t) for t in rt.decode([0, 1], tokens).argmax(-1)]
-    assert "Paris" in tok.decode(out)
+    assert "Tokyo" in tok.decode(out)
 
 
 def test_no_w8a8_graph_for_growing_kv_exports(tmp_path, default_hf_dir):

@@ -1,7 +1,7 @@
 """llorch in-process: `serve.engine.Engine` over `serve.runtime.open_runtime`, no HTTP.
 
 The same scheduler thread, sampler, detokenizer and stop matcher a request meets behind
-`llorch serve`, with its default `--w8a8 auto`; only the Starlette/SSE layer is left out
+`llorch serve`, with its defaults `--w8a8 auto` and batch invariance where free; only the Starlette/SSE layer is left out
 (`llorch_http` adds it back).
 """
 
@@ -17,13 +17,13 @@ from bench.peers.base import StreamRun, config_of, prompts_of, single_stream
 
 class EnginePeer:
     def __init__(self, model_dir: Path, *, threads: int, max_length: int,
-                 w8a8: str = "auto") -> None:
+                 w8a8: str = "auto", batch_invariant: bool | None = None) -> None:
         from serve.engine import Engine
         from serve.runtime import RuntimeOptions, open_runtime
         from serve.tokenizer import Tokenizer
 
         runtime = open_runtime(model_dir, RuntimeOptions(threads=threads, max_length=max_length,
-                                                          w8a8=w8a8))
+                                                          w8a8=w8a8, batch_invariant=batch_invariant))
         self.engine = Engine(runtime, Tokenizer.from_dir(model_dir))
         self.engine.start()
         self.loop = asyncio.new_event_loop()
@@ -60,7 +60,8 @@ def run(job: dict) -> dict:
     cfg = config_of(job)
     t0 = time.perf_counter()
     peer = EnginePeer(Path(job["args"]["model_dir"]), threads=cfg.threads,
-                      max_length=cfg.max_context, w8a8=job["args"].get("w8a8", "auto"))
+                      max_length=cfg.max_context, w8a8=job["args"].get("w8a8", "auto"),
+                      batch_invariant=job["args"].get("batch_invariant"))
     load_s = time.perf_counter() - t0
     try:
         result = single_stream(peer, cfg, prompts_of(job))
