@@ -100,8 +100,9 @@ class Choice:
     def accept(self, sample: Sample, *, eos_ids: Collection[int], max_length: int) -> ChoiceOutput:
         """Record a sampled token; the output has a finish_reason when the choice has ended.
 
-        vLLM's extensions: an EOS adds its text only with ``include_stop_str_in_output`` (then
-        the stop string stays too, `StopMatcher`), and nothing if special tokens are skipped;
+        vLLM's extensions: the token that ends the choice (EOS, one of ``stop_token_ids``) adds
+        its text only with ``include_stop_str_in_output`` (which keeps a stop string too,
+        `StopMatcher`), and a special token's only with ``skip_special_tokens`` false;
         stop strings count only in text of the tokens past ``min_tokens`` (the sampler keeps
         EOS and ``stop_token_ids`` out until then; a complete grammar still ends the choice).
         """
@@ -114,16 +115,17 @@ class Choice:
             top = tuple((int(i), float(p)) for i, p in (sample.top or ()))
             logprobs = (TokenLogprob(token, float(sample.logprob), top),)
         eos = token in eos_ids and not params.ignore_eos
-        # vLLM's stop_token_ids: the choice stops on one (its text kept unless special, as there)
+        # vLLM's stop_token_ids: the choice stops on one
         stop_id = not eos and token in params.stop_token_ids
         complete = False  # the grammar allows nothing more (an EOS would be all it takes)
         if self.constraint is not None:
             self.constraint.consume(token)
             complete = self.constraint.done
         counted = len(self.generated) > params.min_tokens  # may this token's text end a stop
-        piece = "" if eos and not params.include_stop_str_in_output else self.detok.add(token)
+        ends = eos or stop_id
+        piece = "" if ends and not params.include_stop_str_in_output else self.detok.add(token)
         text, stopped = self.stops.feed(piece, match=counted)
-        if not (eos or stopped) and self.special_text is not None and token in self.detok.skipped_ids:
+        if not (ends or stopped) and self.special_text is not None and token in self.detok.skipped_ids:
             hidden, stopped = self.stops.feed(self.special_text(token), visible=False, match=counted)
             text += hidden
         finish = None

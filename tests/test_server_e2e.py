@@ -662,8 +662,16 @@ def test_default_model_min_tokens_writes_past_eos_and_early_stop_strings(default
     assert cut.choices[0].message.content == answer[: answer.index("Paris")]
     kept = default_client.chat.completions.create(**base, stop=["Paris"], extra_body={"min_tokens": least})
     assert kept.choices[0].message.content.startswith(answer)
+    # a stop token id is kept out until min_tokens: the answer cannot say " Paris" where it did
+    tok = Tokenizer.from_dir(default_model_dir)
+    (paris,) = tok.encode(" Paris", add_special_tokens=False)
+    r = default_client.chat.completions.create(**base, extra_body={"min_tokens": least,
+                                                                   "stop_token_ids": [paris]})
+    head = answer[: answer.index(" Paris")]
+    assert r.choices[0].message.content.startswith(head)
+    assert not r.choices[0].message.content.startswith(head + " Paris")
 
-    prompt = Tokenizer.from_dir(default_model_dir).apply_chat_template(FRANCE, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(FRANCE, add_generation_prompt=True)
     c = default_client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=60,
                                           extra_body={"min_tokens": least})
     assert c.choices[0].text.startswith(answer) and len(c.choices[0].text) > len(answer) + 10
@@ -706,7 +714,18 @@ def test_default_model_include_stop_str_in_output(default_client, default_model_
                                        extra_body={"include_stop_str_in_output": True})
         assert texts == {0: head + stop, 1: head + stop} and finish == {0: "stop", 1: "stop"}
 
-    prompt = Tokenizer.from_dir(default_model_dir).apply_chat_template(FRANCE, add_generation_prompt=True)
+    # a stop token id (vLLM): its text is left out, unless include_stop_str_in_output
+    tok = Tokenizer.from_dir(default_model_dir)
+    (paris,) = tok.encode(" Paris", add_special_tokens=False)
+    at_id = dict(model=model, messages=FRANCE, temperature=0, max_tokens=40)
+    r = default_client.chat.completions.create(**at_id, extra_body={"stop_token_ids": [paris]})
+    assert r.choices[0].message.content == answer[: answer.index(" Paris")]
+    r = default_client.chat.completions.create(
+        **at_id, extra_body={"stop_token_ids": [paris], "include_stop_str_in_output": True})
+    assert r.choices[0].message.content == answer[: answer.index(" Paris")] + " Paris"
+    assert r.choices[0].finish_reason == "stop"
+
+    prompt = tok.apply_chat_template(FRANCE, add_generation_prompt=True)
     kw = dict(model=model, prompt=prompt, temperature=0, max_tokens=40, stop=["Par"],
               extra_body={"include_stop_str_in_output": True})
     c = default_client.completions.create(**kw)
