@@ -569,12 +569,14 @@ async def _generate(request: Request, state: _State, engine: EngineLike,
             `echo` + `logprobs`.
 
     Raises:
-        InvalidRequestError: a `logit_bias` or `stop_token_ids` token outside the vocabulary.
+        InvalidRequestError: a `logit_bias`, `stop_token_ids` or `allowed_token_ids` token
+            outside the vocabulary.
         RateLimitError, ServiceUnavailableError: as `_submit`.
     """
     params = req.to_sampling_params(max_tokens)
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
     check_token_ids(params.stop_token_ids, engine.vocab_size, param="stop_token_ids")
+    check_token_ids(params.allowed_token_ids or (), engine.vocab_size, param="allowed_token_ids")
     out = make_output(params)
     if state.options.log_prompts:
         for k, (text, ids) in enumerate(prompts):

@@ -43,8 +43,9 @@ give their slot back.
 
 Where the runtime picks tokens on the device (`runtime.device_sampling`), a decode step asks
 each choice's Sampler for a `RowDraw` (with the uniform number it would have drawn itself, so
-seeds reproduce); choices with a grammar, logit_bias, penalties or more logprobs than the
-device gives get their row's logits back and sample on the host as before, in the same step.
+seeds reproduce); choices with a grammar, logit_bias, penalties, token masks
+(`allowed_token_ids`, `min_tokens`) or more logprobs than the device gives get their row's
+logits back and sample on the host as before, in the same step.
 The first token after a prefill is always sampled on the host.
 
 Batched rows are computed independently of each other, so a sequence's logits do not depend

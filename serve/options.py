@@ -198,8 +198,8 @@ class ServeOptions:
         False, "--provider cuda: capture decode steps as CUDA graphs (one per batch size) on "
         "the export's static decode graph", action="store_true")
     # A step then brings token ids to the host instead of batch x vocab fp32 logits (12.6 MB
-    # at 64 streams); rows with a grammar, logit_bias, penalties or over 20 logprobs still
-    # sample on the host. "on" with the CPU provider is how CI runs that path.
+    # at 64 streams); rows with a grammar, logit_bias, penalties, token masks (allowed_token_ids,
+    # min_tokens) or over 20 logprobs still sample on the host. "on" with the CPU provider is how CI runs that path.
     device_sampling: str = _flag(
         "auto", "pick decode tokens on the execution provider, right after the logits: on = "
         "with any provider; auto (for now) and off = on the host (the device graphs measured "

@@ -5,10 +5,12 @@ Requests are validated here and converted to engine types at the boundary, once 
 has tokenized the prompt and decided the completion length (`requested_max_tokens()`, then
 `to_sampling_params(max_tokens)`); the engine never sees pydantic or JSON. The sampling
 fields both endpoints share are declared once (`_Sampling`), in the order of OpenAI's API
-reference, then our extras (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`). Unknown
-fields are ignored (logged at debug), like OpenAI-compatible peers, except peers' extensions
-that would change the output (`_UNHONOURED`: vLLM's `min_tokens`, `stop_token_ids`, …), which
-are answered 400 naming the field when set.
+reference, then our extras (vLLM's names: `top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos`, `stop_token_ids`, `min_tokens`, `allowed_token_ids`,
+`include_stop_str_in_output`, `skip_special_tokens`). Unknown fields are ignored (logged at
+debug), like OpenAI-compatible peers, except peers' extensions that would change the output
+(`_UNHONOURED`: vLLM's `prompt_logprobs`, `bad_words`, …), which are answered 400 naming the
+field when set.
 """
 
 from __future__ import annotations
@@ -78,7 +80,14 @@ class _Sampling(_Request):
     """Fields shared by both endpoints, in the order OpenAI lists them, then our extras
     (vLLM / llama.cpp names). repetition_penalty: any value > 0, as in vLLM; values that
     over- or underflow float32 (1e-40, 1e300) are handled by the sampler (non-finite scores,
-    see serve.sampling), so they cannot produce a NaN."""
+    see serve.sampling), so they cannot produce a NaN.
+
+    vLLM's `min_tokens` (EOS, `stop_token_ids` and stop strings end nothing before that many
+    tokens; at most the requested completion length), `allowed_token_ids` (only these may be
+    sampled; EOS too only if listed; checked against the vocabulary by the route),
+    `include_stop_str_in_output` and `skip_special_tokens` (false: special tokens' text, such
+    as `<|im_start|>`, is part of the output) mean what they mean there
+    (`serve.sampling`, `serve.sequence.Choice`)."""
 
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None
@@ -97,10 +106,14 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = Field(None, max_length=64)  # vLLM: stop on these ids
+    min_tokens: int | None = Field(None, ge=0)
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
-    def _stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+    def _token_ids(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and any(t < 0 for t in value):
             raise ValueError("token ids must be integers >= 0")
         return value
@@ -133,6 +146,9 @@ class _Sampling(_Request):
             "frequency_penalty",
             "repetition_penalty",
             "ignore_eos",
+            "min_tokens",
+            "include_stop_str_in_output",
+            "skip_special_tokens",
         )
         kwargs = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         if kwargs.get("top_k") == -1:  # vLLM's spelling of "disabled"
@@ -142,6 +158,8 @@ class _Sampling(_Request):
         kwargs["logit_bias"] = dict(self.logit_bias or {})
         kwargs["stop"] = tuple(self.stop or ())
         kwargs["stop_token_ids"] = tuple(dict.fromkeys(self.stop_token_ids or ()))
+        if self.allowed_token_ids is not None:
+            kwargs["allowed_token_ids"] = tuple(dict.fromkeys(self.allowed_token_ids))
         kwargs["max_tokens"] = max_tokens
         return kwargs
 
@@ -151,6 +169,15 @@ class _Sampling(_Request):
             raise _FieldError(
                 "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _min_tokens_fit(self):
+        limit = self.requested_max_tokens()
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            raise _FieldError(
+                "min_tokens", f"Invalid 'min_tokens': {self.min_tokens} is more than the "
+                f"{limit} completion tokens requested (max_tokens); min_tokens must be at most that.")
         return self
 
 
@@ -510,15 +537,18 @@ R = TypeVar("R", bound=_Request)
 # extras, llama.cpp's server) that change the output and that this server does not honour:
 # a 400 naming the field where a request sets one to anything but its no-op default (clients
 # such as LangChain send some with the default), instead of a 200 that silently ignores it.
-# Fields a request model declares are never looked up here.
+# Fields a request model declares are never looked up here: chat and completions declare
+# (and honour) `stop_token_ids`, `min_tokens`, `allowed_token_ids`,
+# `include_stop_str_in_output` and `skip_special_tokens` (`_Sampling`); the entries below
+# still answer them on the routes that do not (Responses, Anthropic Messages).
 _UNHONOURED: dict[str, Any] = {
     "min_tokens": lambda v: v not in (None, 0),
     "include_stop_str_in_output": lambda v: v not in (None, False),
     "prompt_logprobs": lambda v: v is not None,
     "echo": lambda v: v not in (None, False),  # chat's (completions declares its own)
-    "stop_token_ids": lambda v: bool(v),  # honoured by chat and completions (declared there)
+    "stop_token_ids": lambda v: bool(v),
     "bad_words": lambda v: bool(v),
-    "allowed_token_ids": lambda v: bool(v),
+    "allowed_token_ids": lambda v: v is not None,
     "truncate_prompt_tokens": lambda v: v is not None,
     "use_beam_search": lambda v: v not in (None, False),
     "best_of": lambda v: v not in (None, 1),  # chat's (completions declares its own)

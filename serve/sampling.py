@@ -2,14 +2,20 @@
 
 Per decode step, for each request:
 
-    logits ─► logit_bias ─► repetition_penalty ─► presence/frequency ─┬─ greedy: argmax
-                                                                      └─ temperature ─► top_k
-                                                                         ─► top_p ─► min_p ─► draw
+    logits ─► logit_bias ─► repetition_penalty ─► presence/frequency ─► token masks ─┐
+       ┌─────────────────────────────────────────────────────────────────────────────┘
+       └─┬─ greedy: argmax
+         └─ temperature ─► top_k ─► top_p ─► min_p ─► draw
 
 - ``repetition_penalty`` has Hugging Face semantics: over the distinct prompt + generated
   ids, positive logits are divided by it and negative ones multiplied.
 - ``presence_penalty`` / ``frequency_penalty`` have OpenAI semantics over generated ids:
   ``logit -= frequency * count + presence * (count > 0)``.
+- Token masks are vLLM's: ``allowed_token_ids`` puts every other id at -inf (EOS included,
+  unless listed), and ``min_tokens`` puts the ids that would end the choice (EOS unless
+  ``ignore_eos``, ``stop_token_ids``) at -inf until that many tokens were generated. Where a
+  grammar (below) leaves no token the masks allow, the grammar wins: the row is sampled
+  as the grammar masked it (so a complete grammar still ends its choice).
 - Greedy (temperature 0, or top_k 1) is an argmax: no softmax over the vocabulary unless
   logprobs were asked for.
 - Logprobs are the log-softmax of the raw model logits, before bias, penalties,
@@ -38,7 +44,7 @@ is only copied when bias or penalties must change it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +62,9 @@ class SamplingParams:
     """How to pick tokens for one request (the engine's type; routes build it).
 
     ``top_k`` <= 0 disables top-k; ``logprobs`` None returns no logprobs, k >= 0 returns
-    the chosen token's logprob and the top k alternatives.
+    the chosen token's logprob and the top k alternatives. ``min_tokens``,
+    ``allowed_token_ids`` (None: every id), ``include_stop_str_in_output`` and
+    ``skip_special_tokens`` are vLLM's (the module docstring, `serve.sequence.Choice`).
 
     Raises:
         ValueError: a value outside its range (routes validate first, with OpenAI errors).
@@ -77,6 +85,10 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    allowed_token_ids: tuple[int, ...] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -91,6 +103,12 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
 
     @property
     def greedy(self) -> bool:
@@ -118,10 +136,13 @@ class Sampler:
         seed_offset: added to ``params.seed``, so choice i of n gets seed + i: the choices
             differ, and a fixed seed still reproduces all of them. With no seed, each
             Sampler draws fresh OS entropy.
+        eos_ids: the ids that end the choice as EOS (the tokenizer's; ignored with
+            ``ignore_eos``), which ``min_tokens`` keeps out, with ``stop_token_ids``.
     """
 
     def __init__(
-        self, params: SamplingParams, *, prompt_ids: Sequence[int] = (), seed_offset: int = 0
+        self, params: SamplingParams, *, prompt_ids: Sequence[int] = (), seed_offset: int = 0,
+        eos_ids: Collection[int] = (),
     ) -> None:
         self.params = params
         # Modulo 2**64: OpenAI seeds may be negative, NumPy's may not.
@@ -137,10 +158,23 @@ class Sampler:
         self._seen_arr: np.ndarray | None = None
         self._counts: dict[int, int] = {}
         self._n_generated = 0
+        # vLLM's token masks: the only ids allowed (None: all), and the ids min_tokens keeps
+        # out while fewer than params.min_tokens were generated.
+        self._allowed = (None if params.allowed_token_ids is None else
+                         np.unique(np.fromiter(params.allowed_token_ids, dtype=np.int64)))
+        ending = {*params.stop_token_ids, *(() if params.ignore_eos else eos_ids)}
+        self._ending = (np.fromiter(sorted(ending), dtype=np.int64, count=len(ending))
+                        if params.min_tokens else np.empty(0, np.int64))
         # Greedy with nothing that changes the logits first: the token is the row's first
         # argmax, which the engine finds for a whole step's rows at once (`greedy_tokens`).
         self.plain_greedy: bool = params.greedy and not (
-            self._bias_ids.size or self._repetition or self._penalize)
+            self._bias_ids.size or self._repetition or self._penalize or self.masks)
+
+    @property
+    def masks(self) -> bool:
+        """Whether `allowed_token_ids` or `min_tokens` masks some step's row (such rows are
+        sampled on the host, where the masks are applied)."""
+        return self._allowed is not None or self._ending.size > 0
 
     def sample(self, logits: np.ndarray, generated: Sequence[int] = ()) -> Sample:
         """Picks the next token.
@@ -150,13 +184,13 @@ class Sampler:
             generated: every token this sequence generated so far (append-only).
 
         Raises:
-            ValueError: a logit_bias id outside the logits row.
+            ValueError: a logit_bias or allowed_token_ids id outside the logits row.
         """
         raw = np.asarray(logits, dtype=np.float32)
         if not np.isfinite(raw.max()):  # NaN propagates through max; -inf entries alone are fine
             raw = finite_scores(raw)
         self._update_history(generated)
-        x = self._process(raw)
+        x = self._process(raw, len(generated))
         if x is not raw and not np.isfinite(x.max()):
             x = finite_scores(x, fallback=raw)
         params = self.params
@@ -196,10 +230,13 @@ class Sampler:
                 self._seen_arr = None
         self._n_generated = len(generated)
 
-    def _process(self, raw: np.ndarray) -> np.ndarray:
-        """Logits after bias and penalties; ``raw`` itself when nothing applies."""
+    def _process(self, raw: np.ndarray, n_generated: int) -> np.ndarray:
+        """Logits after bias, penalties and token masks; ``raw`` itself when nothing applies.
+        ``n_generated``: tokens generated before this one (for ``min_tokens``)."""
         params = self.params
-        if not (self._bias_ids.size or self._repetition or (self._penalize and self._counts)):
+        ending = self._ending.size > 0 and n_generated < params.min_tokens
+        if not (self._bias_ids.size or self._repetition or (self._penalize and self._counts)
+                or ending or self._allowed is not None):
             return raw
         x = raw.copy()
         if self._bias_ids.size:
@@ -221,6 +258,14 @@ class Sampler:
             x[ids[keep]] -= (
                 params.frequency_penalty * counts[keep] + params.presence_penalty
             ).astype(np.float32)
+        if self._allowed is not None:
+            if self._allowed[0] < 0 or self._allowed[-1] >= x.shape[-1]:
+                raise ValueError(f"allowed_token_ids token id out of range [0, {x.shape[-1]})")
+            kept = x[self._allowed]
+            x.fill(-np.inf)
+            x[self._allowed] = kept
+        if ending:
+            x[self._ending[self._ending < x.shape[-1]]] = -np.inf
         return x
 
     def _draw(self, x: np.ndarray) -> int:
@@ -255,10 +300,11 @@ class Sampler:
 
     def row_draw(self) -> RowDraw | None:
         """This step's token as a `RowDraw` a runtime can pick on the device, or None where
-        only `sample` can (logit_bias and penalties need the host). A sampled (not greedy)
-        draw takes its uniform number from this sampler's generator now, as `sample` would."""
+        only `sample` can (logit_bias, penalties and token masks need the host). A sampled
+        (not greedy) draw takes its uniform number from this sampler's generator now, as
+        `sample` would."""
         p = self.params
-        if (self._bias_ids.size or self._repetition or self._penalize
+        if (self._bias_ids.size or self._repetition or self._penalize or self.masks
                 or (p.logprobs or 0) > MAX_DEVICE_LOGPROBS):
             return None
         if p.greedy:

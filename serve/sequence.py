@@ -76,14 +76,16 @@ class Choice:
     def __init__(self, job: Job, index: int, tokenizer) -> None:
         params = job.request.params
         self.job, self.index, self.slot = job, index, -1
-        self.sampler = Sampler(params, prompt_ids=job.prompt, seed_offset=index)
+        self.sampler = Sampler(params, prompt_ids=job.prompt, seed_offset=index,
+                               eos_ids=tokenizer.eos_ids)
         grammar = job.request.grammar
         self.constraint = (None if grammar is None else
                            Constraint.new(grammar, tokenizer, allow_eos=not params.ignore_eos))
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=job.prompt)
-        self.stops = StopMatcher(params.stop)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=job.prompt,
+                                            skip_special_tokens=params.skip_special_tokens)
+        self.stops = StopMatcher(params.stop, include_stop=params.include_stop_str_in_output)
         # Special tokens the detokenizer skips still count for stop strings (hidden text).
-        self.special_text = tokenizer.token_text if params.stop else None
+        self.special_text = tokenizer.token_text if params.stop and params.skip_special_tokens else None
         self.generated: list[int] = []
         self.next_token = -1  # sampled, not yet fed to the model
         self.t_last = 0.0  # when its latest token came
@@ -96,7 +98,14 @@ class Choice:
         return np.concatenate([prompt, as_ids(self.generated[: length - len(prompt)])])
 
     def accept(self, sample: Sample, *, eos_ids: Collection[int], max_length: int) -> ChoiceOutput:
-        """Record a sampled token; the output has a finish_reason when the choice has ended."""
+        """Record a sampled token; the output has a finish_reason when the choice has ended.
+
+        vLLM's extensions: the token that ends the choice (EOS, one of ``stop_token_ids``) adds
+        its text only with ``include_stop_str_in_output`` (which keeps a stop string too,
+        `StopMatcher`), and a special token's only with ``skip_special_tokens`` false;
+        stop strings count only in text of the tokens past ``min_tokens`` (the sampler keeps
+        EOS and ``stop_token_ids`` out until then; a complete grammar still ends the choice).
+        """
         job, params, token = self.job, self.job.request.params, int(sample.token)
         self.generated.append(token)
         self.next_token = token
@@ -106,15 +115,18 @@ class Choice:
             top = tuple((int(i), float(p)) for i, p in (sample.top or ()))
             logprobs = (TokenLogprob(token, float(sample.logprob), top),)
         eos = token in eos_ids and not params.ignore_eos
-        # vLLM's stop_token_ids: the choice stops on one (its text kept unless special, as there)
+        # vLLM's stop_token_ids: the choice stops on one
         stop_id = not eos and token in params.stop_token_ids
         complete = False  # the grammar allows nothing more (an EOS would be all it takes)
         if self.constraint is not None:
             self.constraint.consume(token)
             complete = self.constraint.done
-        text, stopped = self.stops.feed("" if eos else self.detok.add(token))
-        if not (eos or stopped) and self.special_text is not None and token in self.detok.skipped_ids:
-            hidden, stopped = self.stops.feed(self.special_text(token), visible=False)
+        counted = len(self.generated) > params.min_tokens  # may this token's text end a stop
+        ends = eos or stop_id
+        piece = "" if ends and not params.include_stop_str_in_output else self.detok.add(token)
+        text, stopped = self.stops.feed(piece, match=counted)
+        if not (ends or stopped) and self.special_text is not None and token in self.detok.skipped_ids:
+            hidden, stopped = self.stops.feed(self.special_text(token), visible=False, match=counted)
             text += hidden
         finish = None
         if stopped or eos or complete or stop_id:
@@ -129,7 +141,8 @@ class Choice:
     def end(self, reason: str, text: str = "", *, stopped: bool = False) -> ChoiceOutput:
         """The choice ends: release the text held back (it may still complete a stop string)."""
         if not stopped:
-            tail, stopped = self.stops.feed(self.detok.flush())
+            counted = len(self.generated) > self.job.request.params.min_tokens
+            tail, stopped = self.stops.feed(self.detok.flush(), match=counted)
             text += tail
             if stopped:
                 reason = "stop"

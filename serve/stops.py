@@ -13,6 +13,16 @@ see. It does not depend on how the text was cut into pieces: with stops "c" and 
 Hidden pieces (``feed(text, visible=False)``: the text of special tokens that
 ``skip_special_tokens`` keeps out of the output) take part in matching but are never
 emitted, so ``stop: ["<|im_start|>"]`` fires on that token while the content never shows it.
+
+Two vLLM extensions change that:
+
+- ``include_stop``: the stop string is part of the output (``include_stop_str_in_output``);
+  text is then emitted as it comes (nothing needs holding back), the last few characters
+  kept as context so that a stop straddling pieces is still found.
+- ``feed(text, match=False)``: the text cannot end a stop (``min_tokens``: a stop string
+  only counts once the output has more than that many tokens, as vLLM's detokenizer checks
+  only the text of the tokens past it). A match counts only where it ends in text fed with
+  ``match=True``, though it may begin earlier.
 """
 
 from __future__ import annotations
@@ -21,56 +31,78 @@ from collections.abc import Sequence
 
 
 class StopMatcher:
-    """Feeds text pieces through a set of stop strings (empty strings are ignored)."""
+    """Feeds text pieces through a set of stop strings (empty strings are ignored).
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    Args:
+        stops: the stop strings.
+        include_stop: a match's stop string is part of the text returned (vLLM's
+            ``include_stop_str_in_output``); otherwise the text ends before it.
+    """
+
+    def __init__(self, stops: Sequence[str], *, include_stop: bool = False) -> None:
         self._stops = tuple(sorted({s for s in stops if s}, key=len))
+        self._include = include_stop
+        # The tail that may begin a stop: `_held[:_sent]` was already returned (include_stop
+        # only: context for a match that straddles pieces), the rest was not.
         self._held = ""
+        self._sent = 0
         self._hidden: list[tuple[int, int]] = []  # [start, end) spans of _held never emitted
         self.stopped = False
         self.matched: str | None = None  # the stop string that matched
 
-    def feed(self, text: str, *, visible: bool = True) -> tuple[str, bool]:
+    def feed(self, text: str, *, visible: bool = True, match: bool = True) -> tuple[str, bool]:
         """Adds a piece; returns (text safe to emit, whether a stop string matched).
 
         A piece fed with ``visible=False`` is matched against but never part of the text
-        returned. After a match every call returns ("", True).
+        returned; one fed with ``match=False`` can be the start of a match but not its end.
+        After a match every call returns ("", True).
         """
         if self.stopped:
             return "", True
         if not self._stops:
             return (text if visible else ""), False
+        held = len(self._held)
         if not visible and text:
-            self._hidden.append((len(self._held), len(self._held) + len(text)))
+            self._hidden.append((held, held + len(text)))
         buf = self._held + text
-        match = min(((i + len(s), i, s) for s in self._stops if (i := buf.find(s)) >= 0), default=None)
-        if match is not None:
-            self.stopped = True
-            self.matched = match[2]
-            out = self._visible(buf, match[1])
-            self._held, self._hidden = "", []
-            return out, True
-        cut = len(buf) - self._partial_match_len(buf)
-        out = self._visible(buf, cut)
+        if match:
+            # A match must end in the new text: the held tail alone holds none (it would have
+            # matched when it came, or came with match=False).
+            found = min(((i + len(s), i, s) for s in self._stops
+                         if (i := buf.find(s, max(0, held - len(s) + 1))) >= 0), default=None)
+            if found is not None:
+                end, start, self.matched = found
+                self.stopped = True
+                out = self._visible(buf, self._sent, end if self._include else start)
+                self._held, self._sent, self._hidden = "", 0, []
+                return out, True
+        keep = self._partial_match_len(buf)
+        cut = len(buf) - keep
+        if self._include:  # everything goes out now; the tail stays as context
+            out = self._visible(buf, self._sent, len(buf))
+            self._sent = keep
+        else:
+            out = self._visible(buf, self._sent, cut)
+            self._sent = 0
         self._held = buf[cut:]
         self._hidden = [(max(a - cut, 0), b - cut) for a, b in self._hidden if b > cut]
         return out, False
 
-    def _visible(self, buf: str, end: int) -> str:
-        """``buf[:end]`` without the hidden spans."""
+    def _visible(self, buf: str, start: int, end: int) -> str:
+        """``buf[start:end]`` without the hidden spans."""
         if not self._hidden:
-            return buf[:end]
-        out, pos = [], 0
+            return buf[start:end]
+        out, pos = [], start
         for a, b in self._hidden:
-            out.append(buf[pos:min(a, end)])
+            out.append(buf[pos:max(pos, min(a, end))])
             pos = max(pos, b)
         out.append(buf[pos:end])
         return "".join(out)
 
     def flush(self) -> str:
         """Text held back as a possible stop start, once generation ends otherwise."""
-        held = self._visible(self._held, len(self._held))
-        self._held, self._hidden = "", []
+        held = self._visible(self._held, self._sent, len(self._held))
+        self._held, self._sent, self._hidden = "", 0, []
         return "" if self.stopped else held
 
     def _partial_match_len(self, buf: str) -> int:

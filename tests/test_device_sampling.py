@@ -116,8 +116,9 @@ def test_non_finite_logits(device: DeviceSampler) -> None:
 
 def test_rows_the_device_cannot_serve() -> None:
     for p in (SamplingParams(logit_bias={1: 2.0}), SamplingParams(presence_penalty=0.5),
-              SamplingParams(repetition_penalty=1.1), SamplingParams(frequency_penalty=-0.2)):
-        assert Sampler(p).row_draw() is None
+              SamplingParams(repetition_penalty=1.1), SamplingParams(frequency_penalty=-0.2),
+              SamplingParams(allowed_token_ids=(1, 2)), SamplingParams(temperature=0, min_tokens=3)):
+        assert Sampler(p, eos_ids=(0,)).row_draw() is None
     assert Sampler(SamplingParams(logprobs=21)).row_draw() is None
     assert Sampler(SamplingParams(temperature=0, logprobs=20)).row_draw() == RowDraw(greedy=True,
                                                                                     logprobs=20)
@@ -190,8 +191,9 @@ def test_runtimes_pick_what_the_host_would(tiny_model_dir) -> None:
 
 
 def test_engine_mixed_batch_equals_host_sampling(tiny_model_dir) -> None:
-    """Greedy, seeded, logprobs, logit_bias, penalties and a JSON grammar, all at once: the
-    same tokens with device sampling as without, and the device picked most of them."""
+    """Greedy, seeded, logprobs, logit_bias, penalties, vLLM's token masks and a JSON grammar,
+    all at once: the same tokens with device sampling as without, and the device picked most
+    of them."""
     import asyncio
 
     from serve.engine import Engine
@@ -205,7 +207,9 @@ def test_engine_mixed_batch_equals_host_sampling(tiny_model_dir) -> None:
            SamplingParams(temperature=1.2, top_k=30, min_p=0.02, seed=4, n=2, max_tokens=12),
            SamplingParams(logit_bias={100: 5.0}, seed=5, max_tokens=12),
            SamplingParams(presence_penalty=0.5, repetition_penalty=1.1, seed=6, max_tokens=12),
-           SamplingParams(seed=7, logprobs=4, max_tokens=12)]
+           SamplingParams(seed=7, logprobs=4, max_tokens=12),
+           SamplingParams(allowed_token_ids=tuple(range(100, 140)), seed=8, max_tokens=12),
+           SamplingParams(temperature=0, min_tokens=12, max_tokens=12)]
 
     def tokens(device: bool) -> tuple[list, int]:
         rt = open_runtime(tiny_model_dir, RuntimeOptions(threads=1, max_batch=8,
@@ -242,6 +246,7 @@ def test_engine_mixed_batch_equals_host_sampling(tiny_model_dir) -> None:
     host, _ = tokens(False)
     device, picked = tokens(True)
     assert [d[0] for d in device] == [h[0] for h in host]
+    assert set(device[6][0][0]) <= set(range(100, 140)) and len(device[7][0][0]) == 12
     for d, h in zip(device, host, strict=True):
         assert len(d[1]) == len(h[1])
         for a, b in zip(d[1], h[1], strict=True):

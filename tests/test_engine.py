@@ -617,15 +617,20 @@ def test_no_one_token_last_prefill_chunk(make_engine):
     assert [c[2] for c in runtime.calls if c[0] == "prefill"] == [4, 3, 2]
 
 
-def test_stop_token_ids_end_the_choice_with_the_token_text_kept(make_engine):
+def test_stop_token_ids_end_the_choice_without_the_token_text(make_engine):
     """vLLM's `stop_token_ids`: the choice stops on the first of them it samples, finish
-    "stop", that token's text kept (it is not a special token), nothing after it."""
+    "stop", that token's text left out unless `include_stop_str_in_output` (vLLM's
+    detokenizer skips the token that ended a choice, EOS or stop id, unless asked), nothing
+    after it."""
     engine = make_engine(FakeRuntime())
     full = expected_text(enc("hello"), 8)
     stop_at = full[4]  # the fake tokenizer: one character a token
     texts, finish, events = run(collect(engine, req(max_tokens=8, stop_token_ids=(ord(stop_at),))))
-    cut = full.index(stop_at) + 1
+    cut = full.index(stop_at)
     assert texts == {0: full[:cut]} and finish == {0: "stop"}
-    assert events[-1].usage.completion_tokens == cut
+    assert events[-1].usage.completion_tokens == cut + 1
+    texts, _, _ = run(collect(engine, req(max_tokens=8, stop_token_ids=(ord(stop_at),),
+                                          include_stop_str_in_output=True)))
+    assert texts == {0: full[: cut + 1]}
     texts, finish, _ = run(collect(engine, req(max_tokens=8, stop_token_ids=(1,))))
     assert texts == {0: full} and finish == {0: "length"}  # an id it never samples

@@ -110,7 +110,7 @@ def test_logit_bias_out_of_range() -> None:
 def processed(params: SamplingParams, x: np.ndarray, generated, prompt=()) -> np.ndarray:
     s = Sampler(params, prompt_ids=prompt)
     s._update_history(generated)
-    return s._process(np.asarray(x, dtype=np.float32))
+    return s._process(np.asarray(x, dtype=np.float32), len(generated))
 
 
 def test_repetition_penalty_hf_semantics() -> None:
@@ -136,9 +136,9 @@ def test_penalty_history_is_incremental() -> None:
     for t in [2, 2, 5]:
         gen.append(t)
         s._update_history(gen)
-    np.testing.assert_allclose(s._process(x), [0, 0, -2, 0, 0, -1])
+    np.testing.assert_allclose(s._process(x, len(gen)), [0, 0, -2, 0, 0, -1])
     s._update_history([1])  # a shorter list is a new sequence
-    np.testing.assert_allclose(s._process(x), [0, -1, 0, 0, 0, 0])
+    np.testing.assert_allclose(s._process(x, 1), [0, -1, 0, 0, 0, 0])
 
 
 def test_logprobs(logits: np.ndarray) -> None:
@@ -285,3 +285,53 @@ def test_greedy_tokens_is_what_each_rows_sampler_picks() -> None:
     assert not Sampler(SamplingParams(temperature=0, presence_penalty=0.5)).plain_greedy
     assert not Sampler(SamplingParams(temperature=0, logit_bias={1: 2.0})).plain_greedy
     assert not Sampler(SamplingParams(temperature=0.5)).plain_greedy
+
+
+# ------------------------------------------------------ vLLM's token masks
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_draws(logits) -> None:
+    """Only the listed ids come out, greedy or sampled, whatever the model prefers; the
+    logprobs stay the model's (raw), as vLLM's default."""
+    best = int(np.argmax(logits))
+    allowed = (3, 17, 4000)
+    assert best not in allowed
+    greedy = Sampler(SamplingParams(temperature=0, allowed_token_ids=allowed, logprobs=2)).sample(logits, [])
+    assert greedy.token == max(allowed, key=lambda t: logits[t])
+    assert greedy.top[0][0] == best  # alternatives are the model's, not the mask's
+    got = set(draws(SamplingParams(temperature=2.0, seed=1, allowed_token_ids=allowed), logits, n=200))
+    assert got == set(allowed)  # at temperature 2 each of the three turns up in 200 draws
+    s = Sampler(SamplingParams(temperature=0, allowed_token_ids=allowed))
+    assert not s.plain_greedy and s.row_draw() is None  # the mask needs the host
+
+
+def test_min_tokens_keeps_eos_and_stop_token_ids_out_until_reached() -> None:
+    x = np.array([0.0, 1.0, 9.0, 8.0, 7.0], np.float32)  # EOS = 2 is the model's choice, then 3
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(3,))
+    s = Sampler(params, eos_ids=(2,))
+    assert not s.plain_greedy and s.row_draw() is None
+    assert [s.sample(x, [9] * n).token for n in range(4)] == [4, 4, 2, 2]
+    # ignore_eos: EOS ends nothing, so min_tokens leaves it alone (vLLM's all_stop_token_ids)
+    assert Sampler(SamplingParams(temperature=0, min_tokens=2, ignore_eos=True),
+                   eos_ids=(2,)).sample(x, []).token == 2
+    assert Sampler(SamplingParams(temperature=0), eos_ids=(2,)).plain_greedy  # min_tokens 0: no mask
+
+
+def test_a_grammar_wins_over_masks_that_leave_it_nothing() -> None:
+    """A grammar-masked row (only EOS left: the grammar is complete) under min_tokens, or
+    with allowed ids the grammar forbids: the row is sampled as the grammar masked it."""
+    row = np.full(5, -np.inf, np.float32)
+    row[2] = 1.0
+    assert Sampler(SamplingParams(temperature=0, min_tokens=9), eos_ids=(2,)).sample(row, []).token == 2
+    assert Sampler(SamplingParams(temperature=1, seed=0, allowed_token_ids=(0, 1))).sample(row, []).token == 2
+
+
+def test_token_mask_params_are_checked() -> None:
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=4)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=-1)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=())
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        Sampler(SamplingParams(allowed_token_ids=(7,))).sample(np.zeros(4, np.float32), [])

@@ -619,3 +619,190 @@ def test_stop_token_ids_outside_the_vocabulary_are_a_400(client, tiny_tok):
     assert info.value.body["param"] == "stop_token_ids"
     r = chat(client, max_tokens=3, extra_body={"stop_token_ids": [0, 1]})
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------- vLLM's output-changing extensions
+
+
+def _model(client: OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def _streamed_chat(client: OpenAI, **kw) -> tuple[dict[int, str], dict[int, str]]:
+    texts, finish, _ = joined_chat_stream(client.chat.completions.create(stream=True, **kw))
+    return texts, finish
+
+
+@pytest.mark.slow
+def test_default_model_min_tokens_writes_past_eos_and_early_stop_strings(default_client, default_model_dir):
+    """vLLM's `min_tokens`: the greedy answer ends (EOS) after L tokens; with min_tokens L + 8
+    EOS is kept out until then, so the same answer goes on past its end, streamed or not, for
+    every choice, on both routes; a stop string that completes before min_tokens ends
+    nothing."""
+    model = _model(default_client)
+    base = dict(model=model, messages=FRANCE, temperature=0, max_tokens=60)
+    plain = default_client.chat.completions.create(**base)
+    answer, n_plain = plain.choices[0].message.content, plain.usage.completion_tokens
+    assert plain.choices[0].finish_reason == "stop" and "Paris" in answer and n_plain < 20
+    least = n_plain + 8
+    r = default_client.chat.completions.create(**base, n=2, logprobs=True,
+                                               extra_body={"min_tokens": least})
+    for c in r.choices:
+        assert c.message.content.startswith(answer) and len(c.message.content) > len(answer) + 10
+        tokens = [t.token for t in c.logprobs.content]
+        assert "<|im_end|>" not in tokens[:least] and len(tokens) >= least
+    assert r.usage.completion_tokens >= 2 * least
+    texts, finish = _streamed_chat(default_client, **base, n=2, extra_body={"min_tokens": least})
+    assert texts == {c.index: c.message.content for c in r.choices}
+    assert finish == {c.index: c.finish_reason for c in r.choices}
+
+    # "Paris" completes at token < least: with min_tokens it ends nothing (vLLM's detokenizer
+    # checks stop strings only in text past min_tokens)
+    cut = default_client.chat.completions.create(**base, stop=["Paris"])
+    assert cut.choices[0].message.content == answer[: answer.index("Paris")]
+    kept = default_client.chat.completions.create(**base, stop=["Paris"], extra_body={"min_tokens": least})
+    assert kept.choices[0].message.content.startswith(answer)
+    # a stop token id is kept out until min_tokens: the answer cannot say " Paris" where it did
+    tok = Tokenizer.from_dir(default_model_dir)
+    (paris,) = tok.encode(" Paris", add_special_tokens=False)
+    r = default_client.chat.completions.create(**base, extra_body={"min_tokens": least,
+                                                                   "stop_token_ids": [paris]})
+    head = answer[: answer.index(" Paris")]
+    assert r.choices[0].message.content.startswith(head)
+    assert not r.choices[0].message.content.startswith(head + " Paris")
+
+    prompt = tok.apply_chat_template(FRANCE, add_generation_prompt=True)
+    c = default_client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=60,
+                                          extra_body={"min_tokens": least})
+    assert c.choices[0].text.startswith(answer) and len(c.choices[0].text) > len(answer) + 10
+    assert c.usage.completion_tokens >= least
+
+
+@pytest.mark.slow
+def test_default_model_min_tokens_yields_to_a_complete_grammar(default_client):
+    """A constrained choice whose grammar is complete still ends (the grammar wins, as in
+    vLLM): min_tokens only keeps EOS out where the grammar could go on."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+              "required": ["city"], "additionalProperties": False}
+    base = dict(model=_model(default_client), messages=FRANCE, temperature=0, max_tokens=60,
+                response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    plain = default_client.chat.completions.create(**base)
+    r = default_client.chat.completions.create(**base, extra_body={"min_tokens": 50})
+    assert json.loads(r.choices[0].message.content) == json.loads(plain.choices[0].message.content)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 50
+
+
+@pytest.mark.slow
+def test_default_model_include_stop_str_in_output(default_client, default_model_dir):
+    """vLLM's `include_stop_str_in_output`: the stop string that ended the output is part of
+    it, whole when it ends inside a token (" Paris" cut after "Par"), streamed and not, chat
+    and completions; the tokens (logprobs) are those that produced the text."""
+    model = _model(default_client)
+    base = dict(model=model, messages=FRANCE, temperature=0, max_tokens=40, n=2)
+    answer = default_client.chat.completions.create(**{**base, "n": 1}).choices[0].message.content
+    for stop in ("Paris", "Par"):
+        head = answer[: answer.index(stop)]
+        without = default_client.chat.completions.create(**base, stop=[stop])
+        assert [c.message.content for c in without.choices] == [head, head]
+        r = default_client.chat.completions.create(**base, stop=[stop], logprobs=True,
+                                                   extra_body={"include_stop_str_in_output": True})
+        for c in r.choices:
+            assert c.message.content == head + stop and c.finish_reason == "stop"
+            joined = b"".join(bytes(t.bytes) for t in c.logprobs.content).decode()
+            assert joined.startswith(c.message.content) and not joined.startswith(head + stop + ".")
+        texts, finish = _streamed_chat(default_client, **base, stop=[stop],
+                                       extra_body={"include_stop_str_in_output": True})
+        assert texts == {0: head + stop, 1: head + stop} and finish == {0: "stop", 1: "stop"}
+
+    # a stop token id (vLLM): its text is left out, unless include_stop_str_in_output
+    tok = Tokenizer.from_dir(default_model_dir)
+    (paris,) = tok.encode(" Paris", add_special_tokens=False)
+    at_id = dict(model=model, messages=FRANCE, temperature=0, max_tokens=40)
+    r = default_client.chat.completions.create(**at_id, extra_body={"stop_token_ids": [paris]})
+    assert r.choices[0].message.content == answer[: answer.index(" Paris")]
+    r = default_client.chat.completions.create(
+        **at_id, extra_body={"stop_token_ids": [paris], "include_stop_str_in_output": True})
+    assert r.choices[0].message.content == answer[: answer.index(" Paris")] + " Paris"
+    assert r.choices[0].finish_reason == "stop"
+
+    prompt = tok.apply_chat_template(FRANCE, add_generation_prompt=True)
+    kw = dict(model=model, prompt=prompt, temperature=0, max_tokens=40, stop=["Par"],
+              extra_body={"include_stop_str_in_output": True})
+    c = default_client.completions.create(**kw)
+    assert c.choices[0].text == answer[: answer.index("Par") + 3]
+    streamed = "".join(ch.choices[0].text for ch in default_client.completions.create(**kw, stream=True)
+                       if ch.choices)
+    assert streamed == c.choices[0].text
+
+
+@pytest.mark.slow
+def test_default_model_allowed_token_ids(default_client, default_model_dir):
+    """vLLM's `allowed_token_ids`: every token sampled is one of the list (checked through
+    the logprobs' token bytes), greedy and sampled, streamed and not, chat and completions;
+    EOS is not implicitly allowed, so without it the choice runs to max_tokens."""
+    tok = Tokenizer.from_dir(default_model_dir)
+    words = (" Paris", " London", " yes", " no", ".")
+    allowed = [tok.encode(w, add_special_tokens=False) for w in words]
+    assert all(len(ids) == 1 for ids in allowed), allowed
+    allowed = [ids[0] for ids in allowed]
+    allowed_bytes = {tok.token_bytes(t) for t in allowed}
+    model = _model(default_client)
+    base = dict(model=model, messages=FRANCE, max_tokens=8, logprobs=True)
+    greedy = default_client.chat.completions.create(**base, temperature=0,
+                                                    extra_body={"allowed_token_ids": allowed})
+    sampled = default_client.chat.completions.create(**base, temperature=1.0, seed=3, n=2,
+                                                     extra_body={"allowed_token_ids": allowed})
+    for c in [*greedy.choices, *sampled.choices]:
+        assert {bytes(t.bytes) for t in c.logprobs.content} <= allowed_bytes, c.message.content
+        assert c.finish_reason == "length" and len(c.logprobs.content) == 8  # no EOS allowed
+    assert greedy.choices[0].message.content.startswith(" Paris")
+    texts, _ = _streamed_chat(default_client, **{**base, "logprobs": False}, temperature=1.0, seed=3, n=2,
+                              extra_body={"allowed_token_ids": allowed})
+    assert texts == {c.index: c.message.content for c in sampled.choices}
+
+    with_eos = default_client.chat.completions.create(
+        **{**base, "max_tokens": 30}, temperature=0, extra_body={"allowed_token_ids": [*allowed, 2]})
+    assert {bytes(t.bytes) for t in with_eos.choices[0].logprobs.content} <= allowed_bytes | {b"<|im_end|>"}
+
+    prompt = tok.apply_chat_template(FRANCE, add_generation_prompt=True)
+    c = default_client.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=8,
+                                          logprobs=1, extra_body={"allowed_token_ids": allowed})
+    assert c.choices[0].text == greedy.choices[0].message.content
+    assert set(c.choices[0].logprobs.tokens) <= set(words)
+
+
+@pytest.mark.slow
+def test_default_model_skip_special_tokens_false(default_client):
+    """`skip_special_tokens: false`: special tokens' text is part of the output (vLLM). The
+    EOS that ends the choice is not (its text only comes with include_stop_str_in_output)."""
+    base = dict(model=_model(default_client), messages=FRANCE, temperature=0, max_tokens=12)
+    plain = default_client.chat.completions.create(**base, extra_body={"ignore_eos": True})
+    raw = default_client.chat.completions.create(**base, extra_body={"ignore_eos": True,
+                                                                     "skip_special_tokens": False})
+    text = raw.choices[0].message.content
+    assert "<|im_end|>" in text and "<|im_start|>" not in plain.choices[0].message.content
+    assert re.sub(r"<\|im_(start|end)\|>", "", text) == plain.choices[0].message.content
+    texts, _ = _streamed_chat(default_client, **base, extra_body={"ignore_eos": True,
+                                                                  "skip_special_tokens": False})
+    assert texts == {0: text}
+    ended = default_client.chat.completions.create(**{**base, "max_tokens": 40},
+                                                   extra_body={"skip_special_tokens": False})
+    assert ended.choices[0].finish_reason == "stop" and "<|im_end|>" not in ended.choices[0].message.content
+    shown = default_client.chat.completions.create(
+        **{**base, "max_tokens": 40},
+        extra_body={"skip_special_tokens": False, "include_stop_str_in_output": True})
+    assert shown.choices[0].message.content == ended.choices[0].message.content + "<|im_end|>"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"min_tokens": 5}, "min_tokens"),  # more than max_tokens=2
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"allowed_token_ids": [1, 10**9]}, "allowed_token_ids"),
+    ({"allowed_token_ids": [-3]}, "allowed_token_ids"),
+])
+def test_bad_vllm_extension_values_are_a_400_naming_them(client, extra, param):
+    for create in (chat, complete):
+        with pytest.raises(openai.BadRequestError) as info:
+            create(client, max_tokens=2, extra_body=extra)
+        assert info.value.body["param"].startswith(param), info.value.body

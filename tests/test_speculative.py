@@ -274,6 +274,34 @@ def test_server_completions_stops_logprobs_usage(tiny_pair):
     assert _spec_counts(tiny_pair[0]) == (0.0, 0.0)  # off by default
 
 
+def test_server_token_masks_hold_for_drafted_tokens(tiny_pair, tiny_model_dir):
+    """vLLM's `allowed_token_ids` and `min_tokens` with drafts: every emitted token is drawn
+    by the choice's own sampler, masks applied, so no draft outside the allowed ids gets
+    through and the output equals plain decoding's (greedy and seeded), drafts taken."""
+    plain, spec = (_client(b) for b in tiny_pair)
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    allowed = sorted(set(tok.encode(REPETITIVE, add_special_tokens=False)))
+    texts = {tok.token_text(t) for t in allowed}
+    before = _spec_counts(tiny_pair[1])
+    requests = [
+        dict(max_tokens=30, temperature=0, logprobs=0, extra_body={"allowed_token_ids": allowed}),
+        dict(max_tokens=20, temperature=0.8, seed=7, n=2, logprobs=0,
+             extra_body={"allowed_token_ids": allowed}),
+        dict(max_tokens=30, temperature=0, logprobs=0, extra_body={"min_tokens": 25}),
+    ]
+    for kwargs in requests:
+        a = plain.completions.create(model="tiny", prompt=REPETITIVE, **kwargs)
+        b = spec.completions.create(model="tiny", prompt=REPETITIVE, **kwargs)
+        assert [c.text for c in b.choices] == [c.text for c in a.choices], kwargs
+        assert b.usage == a.usage
+        if "allowed_token_ids" in kwargs["extra_body"]:
+            assert all(set(c.logprobs.tokens) <= texts for c in b.choices)
+        else:
+            assert all(len(c.logprobs.tokens) >= 25 for c in b.choices)
+    drafted, accepted = (x - y for x, y in zip(_spec_counts(tiny_pair[1]), before, strict=True))
+    assert drafted > 0 and accepted > 0
+
+
 def test_server_stream_and_structured_output(tiny_pair):
     plain, spec = (_client(b) for b in tiny_pair)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}},

@@ -141,3 +141,54 @@ def test_matched_names_the_stop_that_ended_it() -> None:
     never.feed("abc")
     never.flush()
     assert never.matched is None
+
+
+def expected_vllm(stops, text: str, open_at: int, include: bool) -> tuple[str, bool]:
+    """Reference for `include_stop` and `match=False`: check after every character from
+    ``open_at + 1`` on (the characters before it came with match=False); the longest stop
+    ending there wins, the output ends after it (``include``) or before it."""
+    for end in range(max(open_at, 0) + 1, len(text) + 1):
+        hits = [s for s in stops if s and text[:end].endswith(s)]
+        if hits:
+            return text[: end if include else end - max(map(len, hits))], True
+    return text, False
+
+
+@settings(max_examples=400, deadline=None)
+@given(stops=STOPS, text=st.text(ALPHABET, max_size=30), cuts=st.lists(st.integers(0, 30)),
+       closed=st.integers(0, 4), include=st.booleans())
+def test_include_stop_and_unmatched_pieces(stops, text, cuts, closed, include) -> None:
+    """vLLM's include_stop_str_in_output and min_tokens: the first ``closed`` pieces cannot
+    end a stop (one may still begin there), the output keeps the stop string with
+    ``include_stop``; what went out is always a prefix of the answer, however the text is cut."""
+    pieces = split(text, cuts)
+    open_at = sum(len(p) for p in pieces[:closed])
+    want, want_stopped = expected_vllm(stops, text, open_at, include)
+    m = StopMatcher(stops, include_stop=include)
+    out, stopped = "", False
+    for k, piece in enumerate(pieces):
+        emitted, stopped = m.feed(piece, match=k >= closed)
+        out += emitted
+        assert want.startswith(out)
+        if stopped:
+            break
+    if not stopped:
+        out += m.flush()
+    assert (out, stopped) == (want, want_stopped)
+
+
+def test_include_stop_keeps_the_stop_string_and_streams_at_once() -> None:
+    m = StopMatcher(["</a>"], include_stop=True)
+    assert m.feed("4 <") == ("4 <", False)  # out at once: nothing is ever taken back
+    assert m.feed("/a> more") == ("/a>", True)
+    assert m.matched == "</a>"
+    hidden = StopMatcher(["<|im_start|>"], include_stop=True)
+    assert hidden.feed("hi") == ("hi", False)
+    assert hidden.feed("<|im_start|>", visible=False) == ("", True)  # hidden text stays hidden
+
+
+def test_unmatched_piece_text_is_emitted_and_can_start_a_stop() -> None:
+    m = StopMatcher(["ab", "xy"])
+    assert m.feed("ab x", match=False) == ("ab ", False)  # "ab" came too early to count
+    assert m.feed("y!") == ("", True)  # "xy" began in it and ends in a counted piece
+    assert m.matched == "xy"

@@ -8,7 +8,10 @@ with the output unchanged (e.g. `include_stop_str_in_output: true` with `stop: [
 (400) while chat accepts and ignores it;
 `prompt_logprobs: 1` returned no prompt logprobs). The house rule: a field that changes the
 output is honoured or answered 400 naming it. Where one of these gets honoured instead,
-replace its case here with a test of its effect.
+replace its case here with a test of its effect: chat and completions now honour
+`min_tokens`, `include_stop_str_in_output`, `allowed_token_ids` and
+`skip_special_tokens: false` (their effects: tests/test_server_e2e.py, tests/test_engine.py),
+which the other routes still refuse.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ USER = [{"role": "user", "content": "Hi there"}]
 
 # field -> a value that, in vLLM, changes the output of a short greedy request
 FIELDS = {
-    "min_tokens": 12,
-    "include_stop_str_in_output": True,
     "bad_words": ["Hello"],
     "truncate_prompt_tokens": 3,
     "prompt_logprobs": 1,
@@ -47,7 +48,7 @@ def test_chat_echo_is_refused() -> None:
     assert info.value.param == "echo"
 
 
-@pytest.mark.parametrize("field", ["min_tokens", "prompt_logprobs", "include_stop_str_in_output"])
+@pytest.mark.parametrize("field", ["prompt_logprobs", "truncate_prompt_tokens"])
 def test_completions_refuses_unhonoured_vllm_extension(field: str) -> None:
     body = {"prompt": "Hello", "stop": ["!"], field: FIELDS[field]}
     with pytest.raises(InvalidRequestError) as info:
@@ -61,9 +62,57 @@ def test_their_no_op_defaults_are_accepted() -> None:
             "use_beam_search": False, "include_stop_str_in_output": False, "stop_token_ids": [],
             "prompt_logprobs": None, "echo": False, "length_penalty": 1.0}
     assert parse_request(ChatCompletionRequest, body).messages
-    with pytest.raises(InvalidRequestError) as info:
-        parse_request(ChatCompletionRequest, {"messages": USER, "skip_special_tokens": False})
-    assert info.value.param == "skip_special_tokens" and info.value.code == "unsupported_parameter"
+
+
+# vLLM's extensions chat and completions honour, with a value that changes the output
+HONOURED = {"min_tokens": 12, "include_stop_str_in_output": True, "allowed_token_ids": [5, 6],
+            "skip_special_tokens": False, "stop_token_ids": [28]}
+
+
+@pytest.mark.parametrize("field", sorted(HONOURED))
+def test_honoured_extensions_reach_the_sampling_params_and_are_refused_elsewhere(field: str) -> None:
+    """Chat and completions declare them (their effects: tests/test_server_e2e.py); Responses
+    and Anthropic Messages do not, and answer 400 naming the field rather than ignore it."""
+    from serve.api_messages import MessagesRequest
+    from serve.api_responses import ResponsesRequest
+
+    value = HONOURED[field]
+    want = tuple(value) if isinstance(value, list) else value
+    for model, body in ((ChatCompletionRequest, {"messages": USER}), (CompletionRequest, {"prompt": "Hi"})):
+        params = parse_request(model, {**body, field: value}).to_sampling_params(None)
+        assert getattr(params, field) == want
+    for model, body in ((ResponsesRequest, {"input": "Hi"}),
+                        (MessagesRequest, {"model": "m", "max_tokens": 4, "messages": USER})):
+        with pytest.raises(InvalidRequestError) as info:
+            parse_request(model, {**body, field: value})
+        assert info.value.param == field and info.value.code == "unsupported_parameter"
+
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    ({"min_tokens": -1}, "min_tokens", "integer_below_min_value"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens", "invalid_value"),
+    ({"min_tokens": 5, "max_completion_tokens": 4, "max_tokens": 9}, "min_tokens", "invalid_value"),
+    ({"min_tokens": "3"}, "min_tokens", "invalid_type"),
+    ({"allowed_token_ids": []}, "allowed_token_ids", "empty_array"),
+    ({"allowed_token_ids": [3, -1]}, "allowed_token_ids", "invalid_value"),
+    ({"allowed_token_ids": 3}, "allowed_token_ids", "invalid_type"),
+    ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output", "invalid_type"),
+    ({"skip_special_tokens": 0}, "skip_special_tokens", "invalid_type"),
+])
+def test_bad_values_of_honoured_extensions_are_a_400_naming_them(body, param, code) -> None:
+    for model, base in ((ChatCompletionRequest, {"messages": USER}), (CompletionRequest, {"prompt": "Hi"})):
+        if "max_completion_tokens" in body and model is CompletionRequest:
+            continue
+        with pytest.raises(InvalidRequestError) as info:
+            parse_request(model, {**base, **body})
+        assert info.value.param.startswith(param) and info.value.code == code, info.value
+
+
+def test_min_tokens_up_to_max_tokens_is_fine() -> None:
+    req = parse_request(ChatCompletionRequest, {"messages": USER, "min_tokens": 4, "max_tokens": 4})
+    assert req.to_sampling_params(4).min_tokens == 4
+    req = parse_request(CompletionRequest, {"prompt": "Hi", "min_tokens": 99})  # no max: the context's
+    assert req.to_sampling_params(None).min_tokens == 99
 
 
 def test_stop_token_ids_are_honoured_on_chat_and_completions_and_refused_elsewhere() -> None:

@@ -4,7 +4,7 @@ A decode step on the GPU otherwise brings ``rows x vocab`` float32 logits to the
 at 64 streams of a 49k vocabulary) for the CPU sampler. Here the logits OrtValue stays where the
 model wrote it and a second session, on the same provider, turns it into one int64 token a row
 (and logprobs for the rows that ask); only the rows the CPU sampler must serve (logit_bias,
-penalties, grammars) come back as logits, gathered on the device::
+penalties, token masks, grammars) come back as logits, gathered on the device::
 
     logits [b, s, V] ─ last position ─┬─ Gather(host_rows) ─────────────────► host_logits [h, V]
                                       └─ NaN → -inf, +inf → FLT_MAX, no finite logit → token 0
