@@ -137,7 +137,7 @@ def test_fp16_graph_logits_close_to_the_reference(cuda_dirs, tiny_hf_dir):
     ref = reference_logits(cfg, src.load, ids)
     rt = open_runtime(cuda_dirs["fp16"])
     assert rt.kv_dtype == np.float16
-    got = [rt.prefill(0, ids[:12])] + [rt.decode([0], [t])[0] for t in ids[12:]]
+    got = [rt.prefill(0, ids[:12])] + [rt.decode([0], [t]).copy()[0] for t in ids[12:]]
     err = np.abs(np.stack(got) - ref[11:]).max() / np.abs(ref).max()
     assert err < 1e-2
 
@@ -196,12 +196,12 @@ def test_pointer_bound_runtime_equals_runtime(cuda_dirs, precision, cuda_graph):
     def script(rt):
         out = [rt.prefill(j, p) for j, p in enumerate(prompts)]
         for k, order in enumerate(orders):
-            out.extend(rt.decode(order, [11 + k + j for j in order]))
+            out.extend(rt.decode(order, [11 + k + j for j in order]).copy())
         rt.copy_slot(2, 0, length=20)
         rt.truncate(1, 10)
         out.append(rt.prefill(0, [5, 6]))
         out.append(rt.prefill(1, [7]))
-        out.extend(rt.decode([1, 0, 2], [8, 8, 8]))
+        out.extend(rt.decode([1, 0, 2], [8, 8, 8]).copy())
         return np.stack(out)
 
     want = script(open_runtime(d, RuntimeOptions(max_batch=3)))
@@ -230,7 +230,7 @@ def test_pointer_bound_prefill_batch_equals_one_at_a_time(cuda_dirs, precision):
             out = [rt.prefill(s, ids) for s, ids in zip(slots, news, strict=True)]
         assert [rt.length(s) for s in slots] == [len(ids) for ids in news]
         for k in range(2):
-            out.extend(rt.decode([0, 1, 2, 3, 4], [30 + k + j for j in range(5)]))
+            out.extend(rt.decode([0, 1, 2, 3, 4], [30 + k + j for j in range(5)]).copy())
         return np.stack(out)
 
     info, opts = load_model_info(d), RuntimeOptions(max_batch=5)
@@ -298,10 +298,10 @@ def test_captured_steps_pad_to_captured_sizes(cuda_dirs):
     def script(rt):
         out = [rt.prefill(j, p) for j, p in enumerate(prompts)]
         for k, order in enumerate([[0, 1, 2], [3, 4, 5], [5, 0, 3, 1, 2], [4, 1], [2, 3, 4, 5, 0]]):
-            out.extend(rt.decode(order, [11 + k + j for j in order]))
+            out.extend(rt.decode(order, [11 + k + j for j in order]).copy())
         rt.prefill(5, _ids(40 - rt.length(5), seed=1))  # slot 5 is full now
-        out.extend(rt.decode([0, 1, 2], [3, 4, 5]))
-        out.extend(rt.decode([3, 4], [6, 7]))
+        out.extend(rt.decode([0, 1, 2], [3, 4, 5]).copy())
+        out.extend(rt.decode([3, 4], [6, 7]).copy())
         return np.stack(out)
 
     ref = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=6, max_length=40),
@@ -350,7 +350,7 @@ def test_bucketed_prefill_equals_exact_prefill(cuda_dirs):
 
     def script(r):
         out = [r.prefill(0, _ids(5, 1)), r.prefill(1, _ids(21, 2))]
-        out.extend(r.decode([0, 1], [9, 10]))
+        out.extend(r.decode([0, 1], [9, 10]).copy())
         out.append(r.prefill(0, _ids(30, 3)))  # 6 + 30 = 36: the 64 bucket capped at 34
         out.extend(r.decode([1, 0], [11, 12]))
         out.extend(r.decode([0], [13]))

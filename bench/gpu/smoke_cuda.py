@@ -56,9 +56,9 @@ def run_script(rt, prompts, steps) -> list[np.ndarray]:
     """Prefill every slot, decode in shifting subsets (row swaps), copy a slot, decode again."""
     outs = [rt.prefill(j, p) for j, p in enumerate(prompts)]
     for order in steps:
-        outs.append(rt.decode(order, [(7 * j + len(outs)) % 500 + 3 for j in order]))
+        outs.append(rt.decode(order, [(7 * j + len(outs)) % 500 + 3 for j in order]).copy())
     rt.copy_slot(len(prompts) - 1, 0)
-    outs.append(rt.decode([0, len(prompts) - 1], [9, 9]))
+    outs.append(rt.decode([0, len(prompts) - 1], [9, 9]).copy())
     return [np.asarray(o, np.float32) for o in outs]
 
 
