@@ -462,16 +462,27 @@ def test_cuda_runtime_on_the_host_through_the_engine(engines, tiny_hf_dir, tmp_p
     assert calls == [4] and rt.rows_gathered == 4  # each prompt's logits row, gathered
 
 
-def test_default_int4_export_prefills_each_prompt_alone(engines, default_model_dir):
-    """The default int4 export prefills on a W8A8 graph that is not row-invariant, where a
-    batched call changed greedy answers from their first token (QA: 4 of 16 chat prompts):
-    there the engine prefills the prompts arriving together a call each, in the same step."""
+def test_level0_int4_export_prefills_each_prompt_alone(engines, default_model_dir,
+                                                      default_hf_dir, tmp_path):
+    """An int4 export made with --down-proj-accuracy-level 0 prefills on a W8A8 graph that is
+    not row-invariant, where a batched call changed greedy answers from their first token (QA:
+    4 of 16 chat prompts): there the engine prefills the prompts arriving together a call
+    each, in the same step. The default export (level 4, row-invariant) batches them."""
+    from export.api import export_model
     from serve.model_dir import load_model_info
 
-    rt = CountingRuntime(load_model_info(default_model_dir),
-                         RuntimeOptions(max_batch=8, threads=1, w8a8="all"))  # the server's default
-    assert rt.batched_prefill is False
+    level0 = tmp_path / "smollm2-135m-instruct-int4-l0"
+    export_model(default_hf_dir, level0, precision="int4", down_proj_accuracy_level=0,
+                 progress=False)
     tok = Tokenizer.from_dir(default_model_dir)
     prompts = [_chat_ids(tok, q) for q in QUESTIONS]
+    rt = CountingRuntime(load_model_info(level0),
+                         RuntimeOptions(max_batch=8, threads=1, w8a8="all"))  # the server's default
+    assert rt.batched_prefill is False
     _together(engines, rt, tok, [_greedy(p) for p in prompts], prefill_chunk=512)
     assert rt.prefill_calls == [1] * 8
+    rt = CountingRuntime(load_model_info(default_model_dir),
+                         RuntimeOptions(max_batch=8, threads=1, w8a8="all"))
+    assert rt.batched_prefill is True
+    _together(engines, rt, tok, [_greedy(p) for p in prompts], prefill_chunk=512)
+    assert rt.prefill_calls == [8]
