@@ -719,7 +719,11 @@ class Engine:
         back for the host (every row where the runtime cannot pick, or a grammar applies)."""
         if not getattr(self.runtime, "device_sampling", False):
             return [None] * len(batch)
-        return [c.sampler.row_draw() if c.constraint is None else None for c in batch]
+        # greedy only (the runtime's auto mode): a sampled row is not asked for its draw at all,
+        # which would take its uniform number (the host sampler then takes its own)
+        greedy_only = getattr(self.runtime, "device_greedy_only", False)
+        return [c.sampler.row_draw() if c.constraint is None
+                and (c.sampler.params.greedy or not greedy_only) else None for c in batch]
 
     @staticmethod
     def _constrain(choices: Sequence[Choice], rows: Sequence[np.ndarray | None]) -> Sequence[np.ndarray | None]:

@@ -202,8 +202,9 @@ class ServeOptions:
     # min_tokens) or over 20 logprobs still sample on the host. "on" with the CPU provider is how CI runs that path.
     device_sampling: str = _flag(
         "auto", "pick decode tokens on the execution provider, right after the logits: on = "
-        "with any provider; auto (for now) and off = on the host (the device graphs measured "
-        "slower than host sampling on an H200) (default: %(default)s)", choices=("auto", "on", "off"))
+        "every row, with any provider; auto = greedy rows on CUDA (a 64-row H200 step 1.6 ms vs "
+        "3.3 ms with the logits on the host), sampled rows and other providers on the host; "
+        "off = on the host (default: %(default)s)", choices=("auto", "on", "off"))
     responses_store_size: int = _flag(
         1000, "Responses API responses kept in memory for previous_response_id and "
         "GET /v1/responses/{id}, LRU, per process (default: %(default)s; 0: none)", type=int)

@@ -211,9 +211,11 @@ def test_engine_mixed_batch_equals_host_sampling(tiny_model_dir) -> None:
            SamplingParams(allowed_token_ids=tuple(range(100, 140)), seed=8, max_tokens=12),
            SamplingParams(temperature=0, min_tokens=12, max_tokens=12)]
 
-    def tokens(device: bool) -> tuple[list, int]:
+    def tokens(device: bool, greedy_only: bool = False) -> tuple[list, list]:
         rt = open_runtime(tiny_model_dir, RuntimeOptions(threads=1, max_batch=8,
                                                          device_sampling=device))
+        # auto's mode on CUDA (the CPU provider's auto never opens the sampler): greedy rows only
+        rt.device_greedy_only = greedy_only
         picked = []
         if device:
             real = rt.decode_sampled
@@ -239,12 +241,17 @@ def test_engine_mixed_batch_equals_host_sampling(tiny_model_dir) -> None:
             return await asyncio.gather(*(one(p) for p in mix))
 
         try:
-            return asyncio.run(all_at_once()), len(picked)
+            return asyncio.run(all_at_once()), picked
         finally:
             engine.stop()
 
     host, _ = tokens(False)
+    greedy, greedy_picked = tokens(True, greedy_only=True)
+    # greedy rows on the device, the seeded ones on the host: their random numbers untouched
+    assert [d[0] for d in greedy] == [h[0] for h in host]
+    assert greedy_picked and all(d.greedy for d in greedy_picked)
     device, picked = tokens(True)
+    picked = len(picked)
     assert [d[0] for d in device] == [h[0] for h in host]
     assert set(device[6][0][0]) <= set(range(100, 140)) and len(device[7][0][0]) == 12
     for d, h in zip(device, host, strict=True):

@@ -215,11 +215,14 @@ class CudaRuntime(SharedKVRuntime):
         ValueError: ``options.cuda_graph`` on an export without the static decode graph.
     """
 
-    # Not by default (auto): on an H200 the token-choice graphs took 5.5 ms (greedy, 8 rows;
-    # ReduceMax + ReduceMin then, TopK k=1 now: unmeasured) and 15.7 / 56 ms (top-p, 8 / 64 rows:
-    # a full-vocabulary sort) a step, more than the host's argmax or NumPy sampler of the
-    # copied logits. Auto turns it on again once a GPU run shows the device path faster.
-    samples_on_device = False
+    # By default (auto) greedy rows pick their token on the GPU: on an H200 (captured steps,
+    # bench/results/2026-11-30-h200-device-sampling-diag-host-logits.json) a 64-row step took
+    # 1.59 ms with TopK k=1 there against 3.27 ms bringing the logits to the host for an argmax
+    # (8 rows 1.35 vs 1.62, 1 row 1.25 vs 1.21). Sampled rows stay on the host under auto: the
+    # top-p graph sorts the whole vocabulary, 51.8 ms a 64-row step (`device_greedy_only`).
+    @property
+    def samples_on_device(self) -> bool:
+        return self._device == "cuda"
     # On a GPU a prefill call of a few hundred tokens is bound by its kernel launches, not by
     # its tokens: pad freely (the engine's budget, --prefill-chunk tokens a step, bounds it).
     prefill_padding = None

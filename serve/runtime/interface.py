@@ -50,10 +50,10 @@ class RuntimeOptions:
             makes them block at once (host-KV runtimes), for sessions that take turns on the
             same cores (a draft model and its target, `serve.draft_model`).
         device_sampling: pick decode tokens on the execution provider, after the logits
-            (`Runtime.decode_sampled`, `serve.runtime.device_sampling`): None = where decode
-            would run on CUDA, which is nowhere for now: the graphs measured slower than the
-            host there (`CudaRuntime.samples_on_device`); True with any provider (the CPU
-            provider too: how CI runs that path).
+            (`Runtime.decode_sampled`, `serve.runtime.device_sampling`): None = greedy rows where
+            decode runs on CUDA (`CudaRuntime.samples_on_device`; sampled rows on the host,
+            the device's top-p sort is slower there); True = every row, with any provider (the
+            CPU provider too: how CI runs that path).
 
     Raises:
         ValueError: `w8a8` is not one of `W8A8_MODES`.

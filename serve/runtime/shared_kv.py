@@ -105,6 +105,8 @@ class SharedKVRuntime(SlotRuntime):
         self._sampler = None
         if options.device_sampling if options.device_sampling is not None else self.samples_on_device:
             self._open_sampler(info, options, providers)
+        # auto: only greedy rows pick on the device (sampled ones sort the vocabulary there)
+        self.device_greedy_only = options.device_sampling is None
 
     # The most padded tokens per real token the engine lets a `prefill_batch` carry before it
     # prefills the rows one call each (None: no limit). On the CPU padding costs what real
@@ -118,8 +120,8 @@ class SharedKVRuntime(SlotRuntime):
     # a call each, several in a step; set in `HostRuntime`.
     batched_prefill = True
 
-    # Where `RuntimeOptions.device_sampling` is None (auto): whether tokens are picked on the
-    # device (where the logits would otherwise cross a bus).
+    # Where `RuntimeOptions.device_sampling` is None (auto): whether greedy rows' tokens are
+    # picked on the device (where the logits would otherwise cross a bus).
     samples_on_device = False
 
     def _open_sampler(self, info: ModelInfo, options: RuntimeOptions, providers: list) -> None:
