@@ -325,6 +325,15 @@ def test_captured_steps_pad_to_captured_sizes(cuda_dirs):
     np.testing.assert_allclose(script(warm), want, atol=2e-3)
     with pytest.raises(RuntimeError, match="empty"):
         warm.warm_up()
+    # with tokens picked on the device the warm-up runs the token-choice graph at every size
+    warm = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=6, max_length=40,
+                                                          cuda_graph=True, device_sampling=True),
+                       device="cpu")
+    runs = []
+    real = warm._sampler.sample
+    warm._sampler.sample = lambda logits, draws: runs.append(len(draws)) or real(logits, draws)
+    assert warm.warm_up()["decode"] == [1, 2, 4, 6] and runs == [1, 1, 2, 2, 4, 4, 6, 6]
+    np.testing.assert_allclose(script(warm), want, atol=2e-3)
 
 
 def test_prefill_shape_buckets():

@@ -49,7 +49,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.model_dir import ModelInfo
-from serve.runtime.interface import RuntimeOptions
+from serve.runtime.interface import RowDraw, RuntimeOptions
 from serve.runtime.session import resolve_providers, session_options
 from serve.runtime.shared_kv import Call, SharedKVRuntime
 
@@ -430,7 +430,8 @@ class CudaRuntime(SharedKVRuntime):
 
         Returns:
             {"prefill": sequence lengths run, "batch": (rows, length) pairs run,
-            "decode": batch sizes captured}.
+            "decode": batch sizes captured, each also through the logits' copy to the host
+            and the greedy token-choice graph where tokens are picked on the device}.
         Raises:
             RuntimeError: a slot already holds tokens.
         """
@@ -457,6 +458,14 @@ class CudaRuntime(SharedKVRuntime):
             mask[:, 0] = 1
             call = self._call(0, rows, decode=True)
             self._run(call, np.zeros((rows, 1), np.int64), mask)
+            # what follows a step meets the same row counts: the logits' copy to the host,
+            # and the greedy token-choice graph (all rows, and with one row for the host);
+            # ORT's first run at each new shape costs tens of ms on a GPU
+            self._logits(call)
+            if self._sampler is not None:
+                for draws in ([RowDraw(greedy=True)] * rows,
+                              [None, *[RowDraw(greedy=True)] * (rows - 1)]):
+                    self._sampler.sample(call.device[2], draws)
             done["decode"].append(rows)
         return done
 
