@@ -229,3 +229,21 @@ def test_a_cached_prefix_leaving_129_tokens_to_prefill_gives_the_cold_logprobs(d
                 out.append(logprobs)
             got[name] = out
     assert got["cached"] == got["cold"]
+
+
+@pytest.mark.parametrize("flags,reason", [
+    (("--no-batch-invariant",), "(--no-batch-invariant)"),
+    (("--speculative", "ngram"), "(--speculative:"),
+], ids=["no-batch-invariant", "speculative"])
+def test_the_startup_line_says_when_tokens_may_depend_on_what_else_runs(default_model_dir,
+                                                                        tmp_path, flags, reason):
+    """`--no-batch-invariant` logged nothing about invariance, and `--speculative` (README:
+    not covered; QA saw "Write the alphabet twice." answer otherwise beside two other
+    requests) logged "batch-invariant: the same request gives the same tokens"."""
+    from test_server_e2e import running_server
+
+    log_path = tmp_path / "server.log"
+    with running_server(default_model_dir, "--threads", "1", *flags, log_path=log_path):
+        pass
+    lines = [line for line in log_path.read_text().splitlines() if "batch-invariant" in line]
+    assert len(lines) == 1 and "not batch-invariant" in lines[0] and reason in lines[0], lines
