@@ -800,6 +800,9 @@ def test_default_model_skip_special_tokens_false(default_client):
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"allowed_token_ids": [1, 10**9]}, "allowed_token_ids"),
     ({"allowed_token_ids": [-3]}, "allowed_token_ids"),
+    # every allowed id ends the choice and min_tokens forbids that: nothing could be sampled
+    # (the sampler fell back to the unmasked logits, ids outside the list)
+    ({"allowed_token_ids": [5, 6], "stop_token_ids": [6, 5], "min_tokens": 1}, "allowed_token_ids"),
 ])
 def test_bad_vllm_extension_values_are_a_400_naming_them(client, extra, param):
     for create in (chat, complete):
