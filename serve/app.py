@@ -570,7 +570,8 @@ async def _generate(request: Request, state: _State, engine: EngineLike,
 
     Raises:
         InvalidRequestError: a `logit_bias`, `stop_token_ids` or `allowed_token_ids` token
-            outside the vocabulary; `allowed_token_ids` that `min_tokens` leaves empty.
+            outside the vocabulary; `allowed_token_ids` that `min_tokens` leaves empty;
+            a `min_tokens` that does not fit the context after the prompt.
         RateLimitError, ServiceUnavailableError: as `_submit`.
     """
     params = req.to_sampling_params(max_tokens)
@@ -578,6 +579,12 @@ async def _generate(request: Request, state: _State, engine: EngineLike,
     check_token_ids(params.stop_token_ids, engine.vocab_size, param="stop_token_ids")
     check_token_ids(params.allowed_token_ids or (), engine.vocab_size, param="allowed_token_ids")
     check_allowed_vs_min_tokens(params, engine.tokenizer.eos_ids)
+    longest = max((len(ids) for _, ids in prompts), default=0)
+    if longest + params.min_tokens > engine.max_length:  # max_tokens, when given, was checked
+        raise InvalidRequestError(
+            f"Invalid 'min_tokens': {params.min_tokens} tokens do not fit the context: this "
+            f"model's maximum context length is {engine.max_length} tokens and the prompt has "
+            f"{longest}.", param="min_tokens", code="context_length_exceeded")
     out = make_output(params)
     if state.options.log_prompts:
         for k, (text, ids) in enumerate(prompts):

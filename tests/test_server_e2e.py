@@ -809,3 +809,13 @@ def test_bad_vllm_extension_values_are_a_400_naming_them(client, extra, param):
         with pytest.raises(openai.BadRequestError) as info:
             create(client, max_tokens=2, extra_body=extra)
         assert info.value.body["param"].startswith(param), info.value.body
+
+
+def test_min_tokens_past_the_context_is_a_400_without_max_tokens(client):
+    """Without max_tokens a min_tokens the context cannot hold ran until the context was full
+    and ended "length" short of it (vLLM: 400, its max_tokens defaulting to the room left)."""
+    for create in (chat, complete):
+        with pytest.raises(openai.BadRequestError) as info:
+            create(client, extra_body={"min_tokens": 10**6})
+        assert info.value.body["param"] == "min_tokens", info.value.body
+        assert info.value.body["code"] == "context_length_exceeded", info.value.body
