@@ -35,7 +35,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -570,13 +570,21 @@ async def _generate(request: Request, state: _State, engine: EngineLike,
 
     Raises:
         InvalidRequestError: a `logit_bias`, `stop_token_ids` or `allowed_token_ids` token
-            outside the vocabulary.
+            outside the vocabulary; `allowed_token_ids` that `min_tokens` leaves empty;
+            a `min_tokens` that does not fit the context after the prompt.
         RateLimitError, ServiceUnavailableError: as `_submit`.
     """
     params = req.to_sampling_params(max_tokens)
     check_token_ids(list(params.logit_bias), engine.vocab_size, param="logit_bias")
     check_token_ids(params.stop_token_ids, engine.vocab_size, param="stop_token_ids")
     check_token_ids(params.allowed_token_ids or (), engine.vocab_size, param="allowed_token_ids")
+    check_allowed_vs_min_tokens(params, engine.tokenizer.eos_ids)
+    longest = max((len(ids) for _, ids in prompts), default=0)
+    if longest + params.min_tokens > engine.max_length:  # max_tokens, when given, was checked
+        raise InvalidRequestError(
+            f"Invalid 'min_tokens': {params.min_tokens} tokens do not fit the context: this "
+            f"model's maximum context length is {engine.max_length} tokens and the prompt has "
+            f"{longest}.", param="min_tokens", code="context_length_exceeded")
     out = make_output(params)
     if state.options.log_prompts:
         for k, (text, ids) in enumerate(prompts):
@@ -586,6 +594,24 @@ async def _generate(request: Request, state: _State, engine: EngineLike,
                                                  grammar=grammar)
                                for _, ids in prompts])
     return await respond(request, streams, out, streaming=bool(req.stream))
+
+
+def check_allowed_vs_min_tokens(params: SamplingParams, eos_ids: Collection[int]) -> None:
+    """Raises InvalidRequestError (naming `allowed_token_ids`) where every allowed id ends the
+    choice (an EOS, unless `ignore_eos`, or a `stop_token_ids` id) and `min_tokens` > 0 keeps
+    them all out: the sampler would find no token and fall back to the unmasked logits,
+    emitting ids outside the list."""
+    allowed = params.allowed_token_ids
+    if not params.min_tokens or allowed is None:
+        return
+    ending = {*params.stop_token_ids, *(() if params.ignore_eos else eos_ids)}
+    if set(allowed) <= ending:
+        raise InvalidRequestError(
+            f"Invalid 'allowed_token_ids': every id it lists ends the choice (EOS or "
+            f"stop_token_ids), and min_tokens ({params.min_tokens}) forbids those before "
+            f"{params.min_tokens} tokens, so no token could be sampled. Allow other ids too, "
+            f"or drop min_tokens.",
+            param="allowed_token_ids", code="invalid_value")
 
 
 def _output_extras(engine: EngineLike, state: _State) -> dict[str, Any]:

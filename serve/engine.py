@@ -94,6 +94,10 @@ from serve.speculative import SpeculativeConfig, Speculator, verify_choice
 
 log = logging.getLogger("serve.engine")
 
+# ORT's CPU GroupQueryAttention computes a call's query rows in tiles of this many; a lone
+# last row (a call of 128k + 1 tokens) rounds differently (`Engine._chunk`).
+_GQA_QUERY_TILE = 128
+
 # Prompt tokens per prefill call on CPU and on GPUs (serve.options.ServeOptions.prefill_chunk
 # says why).
 CPU_PREFILL_CHUNK = 256
@@ -538,14 +542,21 @@ class Engine:
     def _chunk(self, job: Job) -> int:
         """Prompt tokens the job's next prefill call takes: one where it wants prompt
         logprobs, else up to ``prefill_chunk``, never leaving a one-token last chunk (its
-        logits would come from another kernel)."""
+        logits would come from another kernel), and with `batch_invariant` never a chunk of
+        128k + 1 tokens: ORT's CPU GroupQueryAttention (1.32) computes the last query row of
+        such a call in another kernel (row 128 of 129: ~2e-7 off row 128 of 130), so a prompt
+        whose cached prefix left 129 tokens to prefill got other logits than cold (a greedy
+        answer changed)."""
         left = len(job.prompt) - job.fed
         if job.wants_prompt_logprobs:
             return 1
         size = self.prefill_chunk
         if size > 1 and left - size == 1:
             size -= 1
-        return min(size, left)
+        size = min(size, left)
+        if self.batch_invariant and size > 1 and size % _GQA_QUERY_TILE == 1:
+            size -= 2 if size == left else 1  # the rest: 2 tokens, or more than 1
+        return size
 
     def _prefill(self, job: Job, size: int) -> None:
         """One prefill call of the job's next ``size`` prompt tokens."""

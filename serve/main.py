@@ -53,7 +53,11 @@ def check_provider(provider: str) -> None:
 def log_invariance(options: ServeOptions, engine: Engine) -> None:
     """One startup line on whether a request's tokens may depend on what else runs (README
     "Determinism"), with the reason where the default could not make it so."""
-    if engine.batch_invariant:
+    if engine.speculator is not None:
+        log.info("not batch-invariant: a request's tokens may depend on what else runs "
+                 "(--speculative: a verify call computes several positions in other kernels "
+                 "than a one-token step, and drafting depends on how many sequences decode)")
+    elif engine.batch_invariant:
         how = ("every step on the row-invariant W8A8 graph" if engine.runtime.batch_invariant
                else "a lone decode padded to two rows")
         log.info("batch-invariant: the same request gives the same tokens whatever else runs "
@@ -68,6 +72,9 @@ def log_invariance(options: ServeOptions, engine: Engine) -> None:
         else:
             why = "these graphs or this provider have no row-invariant path"
         log.info("not batch-invariant: a request's tokens may depend on what else runs (%s)", why)
+    else:
+        log.info("not batch-invariant: a request's tokens may depend on what else runs "
+                 "(--no-batch-invariant)")
 
 
 def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) -> Engine:

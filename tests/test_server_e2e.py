@@ -800,9 +800,22 @@ def test_default_model_skip_special_tokens_false(default_client):
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"allowed_token_ids": [1, 10**9]}, "allowed_token_ids"),
     ({"allowed_token_ids": [-3]}, "allowed_token_ids"),
+    # every allowed id ends the choice and min_tokens forbids that: nothing could be sampled
+    # (the sampler fell back to the unmasked logits, ids outside the list)
+    ({"allowed_token_ids": [5, 6], "stop_token_ids": [6, 5], "min_tokens": 1}, "allowed_token_ids"),
 ])
 def test_bad_vllm_extension_values_are_a_400_naming_them(client, extra, param):
     for create in (chat, complete):
         with pytest.raises(openai.BadRequestError) as info:
             create(client, max_tokens=2, extra_body=extra)
         assert info.value.body["param"].startswith(param), info.value.body
+
+
+def test_min_tokens_past_the_context_is_a_400_without_max_tokens(client):
+    """Without max_tokens a min_tokens the context cannot hold ran until the context was full
+    and ended "length" short of it (vLLM: 400, its max_tokens defaulting to the room left)."""
+    for create in (chat, complete):
+        with pytest.raises(openai.BadRequestError) as info:
+            create(client, extra_body={"min_tokens": 10**6})
+        assert info.value.body["param"] == "min_tokens", info.value.body
+        assert info.value.body["code"] == "context_length_exceeded", info.value.body
