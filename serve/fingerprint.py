@@ -5,8 +5,9 @@ give other text. So the hash covers everything that changes the numbers: the mod
 (name, size and modification time of each file in the model directory — the weights, graphs
 and tokenizer — plus the content of the small JSON files that describe them, which carry the
 source's sha256 for llorch exports), the llorch version, the execution provider, and the
-flags that pick other kernels (`--w8a8`, `--batch-invariant`, `--cuda-graph`, `--max-batch`,
-`--prefill-chunk`). Not the port, the key or the queue settings: they change no output.
+flags that pick other kernels (`--w8a8`, the batch-invariance mode in effect, `--cuda-graph`,
+`--max-batch`, `--prefill-chunk`; the last two not where every step runs on a row-invariant
+graph, whose numbers they do not change). Not the port, the key or the queue settings: they change no output.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ def llorch_version() -> str:
         return "unknown"
 
 
+def batch_invariance(options: ServeOptions) -> str:
+    """How a request's numbers relate to its batch, from the flags and the export's llorch.json
+    (as `serve.runtime.shared_kv` and `serve.engine` decide it at load): "rows" (every step
+    on a row-invariant W8A8 graph: the default on such exports, or `--batch-invariant`),
+    "padded" (`--batch-invariant` elsewhere: a lone decode padded to two rows) or "off"."""
+    if options.batch_invariant is False:
+        return "off"
+    try:
+        graph = json.loads((Path(options.model_dir) / "llorch.json").read_text()).get("graph", {})
+    except (OSError, ValueError, AttributeError):
+        graph = {}
+    rows = (graph.get("w8a8") and graph.get("w8a8_row_invariant")
+            and options.w8a8 in ("auto", "all") and options.provider in ("cpu", "auto"))
+    return "rows" if rows else "padded" if options.batch_invariant else "off"
+
+
 def system_fingerprint(options: ServeOptions) -> str:
     """`fp_` + 16 hex digits, stable across restarts of the same files and flags."""
     h = hashlib.sha256()
@@ -39,8 +56,12 @@ def system_fingerprint(options: ServeOptions) -> str:
         h.update(b"\0")
 
     add("llorch", llorch_version())
-    add("options", options.provider, options.w8a8, options.batch_invariant, options.cuda_graph,
-        options.device_sampling, options.max_batch, options.prefill_chunk)
+    mode = batch_invariance(options)
+    # batch-invariant on a row-invariant graph: the slot count and the prefill budget change
+    # no number (README "Determinism"), so they are left out
+    sizes = () if mode == "rows" else (options.max_batch, options.prefill_chunk)
+    add("options", options.provider, options.w8a8, mode, options.cuda_graph,
+        options.device_sampling, *sizes)
     if options.speculative is not None:  # verify calls run other kernels than one-token steps
         add("speculative", options.speculative, options.num_speculative_tokens,
             options.prompt_lookup_max, options.prompt_lookup_min,

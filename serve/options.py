@@ -313,6 +313,12 @@ class ServeOptions:
             raise ValueError("--speculative draft needs --draft-model DIR (the export that drafts)")
         if self.speculative is not None:
             self.speculative_config()  # ValueError on out-of-range values
+            if self.batch_invariant is True:
+                raise ValueError(
+                    "--batch-invariant cannot hold with --speculative: a verify call computes "
+                    "several positions of a sequence at once, in another attention kernel than "
+                    "a one-token step, and drafting depends on how many sequences decode; drop "
+                    "one of the two")
         defaults = {f.name: f.default for f in fields(self)}
         needs = {"num_speculative_tokens": None, "speculative_disable_by_batch_size": None,
                  "prompt_lookup_max": "ngram", "prompt_lookup_min": "ngram",

@@ -247,3 +247,40 @@ def test_the_startup_line_says_when_tokens_may_depend_on_what_else_runs(default_
         pass
     lines = [line for line in log_path.read_text().splitlines() if "batch-invariant" in line]
     assert len(lines) == 1 and "not batch-invariant" in lines[0] and reason in lines[0], lines
+
+
+def test_fingerprint_follows_the_invariance_in_effect(default_model_dir, tiny_model_dir):
+    """`system_fingerprint` hashes the batch-invariance mode in effect, not the raw flag: on the
+    default export the default and `--batch-invariant` compute the same numbers (the same
+    fingerprint), and there the slot count changes none; `--no-batch-invariant` does."""
+    from serve.fingerprint import batch_invariance, system_fingerprint
+    from serve.options import ServeOptions
+
+    def fp(d, **kw):
+        return system_fingerprint(ServeOptions(d, **kw))
+
+    assert batch_invariance(ServeOptions(default_model_dir)) == "rows"
+    assert fp(default_model_dir) == fp(default_model_dir, batch_invariant=True)
+    assert fp(default_model_dir) == fp(default_model_dir, max_batch=8)
+    assert fp(default_model_dir) != fp(default_model_dir, batch_invariant=False)
+    assert batch_invariance(ServeOptions(default_model_dir, w8a8="off")) == "off"
+    assert batch_invariance(ServeOptions(tiny_model_dir, batch_invariant=True)) == "padded"
+    # elsewhere the slot count still counts (captured CUDA sizes, padding)
+    assert fp(tiny_model_dir) != fp(tiny_model_dir, max_batch=8)
+
+
+def test_batch_invariant_and_speculative_are_refused_together(default_model_dir, tmp_path):
+    """`--batch-invariant` asks for what `--speculative` cannot give: a startup error (exit 2,
+    both flags named), never a silent no; the default with `--speculative` just logs it."""
+    import subprocess
+    import sys
+
+    from serve.options import ServeOptions
+
+    with pytest.raises(ValueError, match="--batch-invariant cannot hold with --speculative"):
+        ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True)
+    ServeOptions(default_model_dir, speculative="ngram")  # fine: not invariant, and logged
+    p = subprocess.run([sys.executable, "-m", "llorch", "serve", str(default_model_dir),
+                        "--speculative", "ngram", "--batch-invariant"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--batch-invariant cannot hold with --speculative" in p.stderr
