@@ -124,6 +124,6 @@ def open_w8a8_session(info: ModelInfo, mode: str, so: ort.SessionOptions, provid
     session = ort.InferenceSession(str(info.w8a8_file), so, providers=providers)
     mode = "all" if mode == "auto" else mode
     log.info("W8A8 graph %s: %s run on int8 GEMMs", info.w8a8_file.name,
-             "prefill and decode steps (a lone sequence's only where batch-invariant)"
+             "prefill and decode steps (a lone sequence's: see the batch invariance line)"
              if mode == "all" else "prefill")
     return mode, session
