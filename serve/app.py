@@ -604,8 +604,7 @@ def check_allowed_vs_min_tokens(params: SamplingParams, eos_ids: Collection[int]
     allowed = params.allowed_token_ids
     if not params.min_tokens or allowed is None:
         return
-    ending = {*params.stop_token_ids, *(() if params.ignore_eos else eos_ids)}
-    if set(allowed) <= ending:
+    if set(allowed) <= params.ending_ids(eos_ids):
         raise InvalidRequestError(
             f"Invalid 'allowed_token_ids': every id it lists ends the choice (EOS or "
             f"stop_token_ids), and min_tokens ({params.min_tokens}) forbids those before "

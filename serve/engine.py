@@ -478,9 +478,10 @@ class Engine:
     def _prefill_step(self) -> None:
         """The next chunk of as many admitted prompts as fit the step's budget (`_plan_prefill`):
         prompts starting from an empty slot share one `prefill_batch` call, the others take a
-        call each. With `batch_invariant` only the oldest prompt's chunk, alone (a row's
-        logits must not depend on what else prefills)."""
-        if self._pads_lone_decode:
+        call each. With batch invariance on a runtime that is not row-invariant
+        (`_invariant_by_padding`) only the oldest prompt's chunk, alone (a row's logits must
+        not depend on what else prefills)."""
+        if self._invariant_by_padding:
             job = self._prefilling[0]
             self._prefill(job, self._chunk(job))
             return
@@ -654,7 +655,7 @@ class Engine:
         try:
             v = verify_choice(self.runtime, c, draft, eos_ids=self._eos, max_length=self.max_length,
                               constrain=lambda ch, row: self._constrain([ch], [row])[0],
-                              batched=self._pads_lone_decode)
+                              batched=self._invariant_by_padding)
         except Exception as exc:
             outputs.pop(job, None)
             self._fail(job, exc)
@@ -751,7 +752,9 @@ class Engine:
         return rows
 
     @property
-    def _pads_lone_decode(self) -> bool:
+    def _invariant_by_padding(self) -> bool:
+        """Batch invariance asked of a runtime whose graphs are not row-invariant: a lone
+        decode gets a padding row, prompts prefill one a step, drafts verify as a batch."""
         return self.batch_invariant and not getattr(self.runtime, "batch_invariant", False)
 
     def _decode_batch(self, slots: list[int], ids: list[int], draws: list[RowDraw | None]
@@ -761,7 +764,7 @@ class Engine:
         `batch_invariant` a lone sequence gets an idle slot as a padding row (then cut back),
         so it runs the same kernels as in a batch."""
         pad = None
-        if self._pads_lone_decode and len(slots) == 1 and self.slots.n_free:
+        if self._invariant_by_padding and len(slots) == 1 and self.slots.n_free:
             pad = self.slots.cache.victim()
             pad_length = self.runtime.length(pad)
             if pad_length >= self.max_length:

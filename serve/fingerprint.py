@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from serve.options import ServeOptions
+from serve.runtime.interface import w8a8_row_invariant
 
 _DESCRIBING = (".json", ".jinja")  # small files hashed by content
 _MAX_HASHED_BYTES = 4 * 1024 * 1024
@@ -42,8 +43,7 @@ def batch_invariance(options: ServeOptions) -> str:
         graph = json.loads((Path(options.model_dir) / "llorch.json").read_text()).get("graph", {})
     except (OSError, ValueError, AttributeError):
         graph = {}
-    rows = (graph.get("w8a8") and graph.get("w8a8_row_invariant")
-            and options.w8a8 in ("auto", "all") and options.provider in ("cpu", "auto"))
+    rows = w8a8_row_invariant(graph, options.w8a8) and options.provider in ("cpu", "auto")
     return "rows" if rows else "padded" if options.batch_invariant else "off"
 
 

@@ -168,8 +168,9 @@ class ServeOptions:
         action=argparse.BooleanOptionalAction)
     w8a8: str = _flag(
         "auto", "runs on the export's W8A8 graph (int8 GEMMs, smoothed activations): all = "
-        "prefill + decode steps of 2+ sequences, prefill, off; auto = all where the export has "
-        "one (default: %(default)s; bare --w8a8: all)", nargs="?", const="all",
+        "prefill + decode steps of 2+ sequences (every step where batch-invariant), prefill, "
+        "off; auto = all where the export has one (default: %(default)s; bare --w8a8: all)",
+        nargs="?", const="all",
         choices=W8A8_MODES)
     # Prompt-lookup speculative decoding (serve.speculative); vLLM's speculative-config names.
     # Defaults from bench/spec_prompts (README "Speculative decoding"): unigram lookups

@@ -110,6 +110,11 @@ class SamplingParams:
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ValueError("allowed_token_ids must not be empty")
 
+    def ending_ids(self, eos_ids: Collection[int]) -> set[int]:
+        """The ids that end a choice: ``stop_token_ids``, and ``eos_ids`` unless ``ignore_eos``
+        (what ``min_tokens`` keeps out)."""
+        return {*self.stop_token_ids, *(() if self.ignore_eos else eos_ids)}
+
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
@@ -162,7 +167,7 @@ class Sampler:
         # out while fewer than params.min_tokens were generated.
         self._allowed = (None if params.allowed_token_ids is None else
                          np.unique(np.fromiter(params.allowed_token_ids, dtype=np.int64)))
-        ending = {*params.stop_token_ids, *(() if params.ignore_eos else eos_ids)}
+        ending = params.ending_ids(eos_ids)
         self._ending = (np.fromiter(sorted(ending), dtype=np.int64, count=len(ending))
                         if params.min_tokens else np.empty(0, np.int64))
         # Greedy with nothing that changes the logits first: the token is the row's first

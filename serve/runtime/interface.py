@@ -5,18 +5,27 @@ No onnxruntime here, so `serve.options` (the CLI's flags) can import `W8A8_MODES
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from serve.model_dir import ModelInfo
 
 # Which runs take the export's W8A8 graph (int8 GEMMs): none; every prefill; every prefill and
-# every decode step of 2+ sequences; auto = all where the export has a usable one, silently.
+# every decode step of 2+ sequences (every decode step where batch-invariant,
+# `w8a8_row_invariant`); auto = all where the export has a usable one, silently.
 W8A8_MODES = ("off", "prefill", "all", "auto")
+
+
+def w8a8_row_invariant(graph: Mapping[str, Any], w8a8: str) -> bool:
+    """Whether every step may run on the export's W8A8 graph with each row computed on its
+    own: llorch.json's ``graph`` names one and says it is row-invariant
+    (``graph.w8a8_row_invariant``, export.graph.mlp), and the ``w8a8`` mode ("all", or
+    "auto" before a runtime resolves it) runs decode steps on it."""
+    return bool(graph.get("w8a8") and graph.get("w8a8_row_invariant")) and w8a8 in ("all", "auto")
 
 
 class ContextFull(Exception):

@@ -41,7 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.model_dir import ModelInfo
-from serve.runtime.interface import RowDraw, RowToken, RuntimeOptions
+from serve.runtime.interface import RowDraw, RowToken, RuntimeOptions, w8a8_row_invariant
 from serve.runtime.kv_memory import KVBuffers
 from serve.runtime.session import kv_dtype, open_w8a8_session, resolve_providers, session_options
 from serve.runtime.slots import SlotRuntime, with_max_length
@@ -88,8 +88,7 @@ class SharedKVRuntime(SlotRuntime):
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.full(1, n, np.int64)) for n in (0, 1)}
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=providers)
         self.w8a8, self.w8a8_session = open_w8a8_session(info, options.w8a8, so, providers)
-        if (options.batch_invariant is not False and self.w8a8 == "all"
-                and info.graph.get("w8a8_row_invariant")):
+        if options.batch_invariant is not False and w8a8_row_invariant(info.graph, self.w8a8):
             # no op of this W8A8 graph lets a row depend on the others (export.graph.mlp):
             # every step runs on it, so a sequence's tokens never depend on the batch
             self.w8a8_min_rows = 1
