@@ -573,7 +573,8 @@ class Engine:
         try:
             logits = self.runtime.prefill_batch(
                 [job.group[0].slot for job, _ in rows],
-                [job.prompt[job.fed : job.fed + size] for job, size in rows])
+                [job.prompt[job.fed : job.fed + size] for job, size in rows],
+                decoding=[c.slot for c in self._running])
         except Exception:
             log.warning("a batched prefill of %d prompts failed; prefilling them one by one",
                         len(rows), exc_info=True)

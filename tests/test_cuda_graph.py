@@ -387,3 +387,27 @@ def test_batched_prefill_runs_at_power_of_two_rows_and_bucketed_lengths(cuda_dir
     assert [rt.length(j) for j in range(7)] == [len(p) for p in prompts]
     np.testing.assert_allclose(rt.decode(list(range(7)), [4] * 7),
                                alone.decode(list(range(7)), [4] * 7), atol=2e-3)
+
+
+def test_a_batch_after_finished_sequences_is_prefilled_where_the_next_decode_wants_it(cuda_dirs):
+    """Four sequences decode, end (their slots keep their KV for the prefix cache), then four
+    new prompts prefill together: with the engine's running slots as ``decoding`` (none) the
+    batch takes rows 0-3 and its first decode step swaps no row; placed after the rows the
+    last step ran, as before, that step swapped every row (three whole-row copies each: the
+    first step after a burst took 98-135 ms on an H200)."""
+    info = load_model_info(cuda_dirs["fp16"])
+
+    def first_decode_swaps(decoding) -> int:
+        rt = CudaRuntime(info, RuntimeOptions(max_batch=8, max_length=64), device="cpu")
+        rt.prefill_batch([0, 1, 2, 3], [_ids(n, seed=n) for n in (5, 7, 9, 11)])
+        for _ in range(3):
+            rt.decode([0, 1, 2, 3], [4] * 4)
+        new = [4, 5, 6, 7]
+        rt.prefill_batch(new, [_ids(n, seed=10 + n) for n in (6, 8, 10, 12)], decoding=decoding)
+        before = rt.rows_swapped
+        rt.decode(new, [4] * 4)
+        assert [rt.length(s) for s in new] == [7, 9, 11, 13]
+        return rt.rows_swapped - before
+
+    assert first_decode_swaps(decoding=[]) == 0
+    assert first_decode_swaps(decoding=None) == 4

@@ -43,6 +43,7 @@ class BatchingFake(SlowDecode):
     def __init__(self, *args, poison: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.poison = poison
+        self.decoding: list = []  # each prefill_batch call's `decoding` argument
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
@@ -54,7 +55,7 @@ class BatchingFake(SlowDecode):
         self._check(ids)
         return super().prefill(slot, ids)
 
-    def prefill_batch(self, slots, seqs):
+    def prefill_batch(self, slots, seqs, *, decoding=None):
         assert len(slots) > 1 and not any(self.seqs[s] for s in slots), "empty slots only"
         for s in slots:
             self._room(s, max(len(ids) for ids in seqs))
@@ -64,6 +65,7 @@ class BatchingFake(SlowDecode):
         for ids in seqs:
             self._check(ids)
         self.calls.append(("prefill_batch", tuple(slots), tuple(len(ids) for ids in seqs)))
+        self.decoding.append(decoding)
         for s, ids in zip(slots, seqs, strict=True):
             self.seqs[s].extend(ids)
         return np.stack([self._logits(self.seqs[s]) for s in slots])
@@ -137,6 +139,9 @@ def test_the_step_budget_counts_padding(engines):
     assert [t for t, _, _ in got] == [{0: expected_text(enc(p), 3)} for p in prompts]
     assert kinds(runtime.calls)[:3] == ["prefill_batch", "decode", "prefill_batch"]
     assert [c[2] for c in runtime.calls if c[0] == "prefill_batch"] == [(5, 5), (5, 5)]
+    # the second pair goes after the first pair's rows, where the next decode wants it
+    first, second = [c[1] for c in runtime.calls if c[0] == "prefill_batch"]
+    assert runtime.decoding == [[], list(first)]
 
 
 def test_rows_too_different_for_the_padding_limit_go_alone_in_the_same_step(engines):
@@ -336,7 +341,7 @@ class CountingRuntime(HostRuntime):
         self.prefill_calls.append(1)
         return super().prefill(slot, ids)
 
-    def prefill_batch(self, slots, seqs):
+    def prefill_batch(self, slots, seqs, *, decoding=None):
         self.prefill_calls.append(len(slots))
         return super().prefill_batch(slots, seqs)
 
@@ -450,7 +455,7 @@ def test_cuda_runtime_on_the_host_through_the_engine(engines, tiny_hf_dir, tmp_p
     calls: list[int] = []
 
     class Counting(CudaRuntime):
-        def prefill_batch(self, slots, seqs):
+        def prefill_batch(self, slots, seqs, *, decoding=None):
             calls.append(len(slots))
             return super().prefill_batch(slots, seqs)
 

@@ -149,8 +149,9 @@ class Runtime(Protocol):
     decoding, `serve.speculative`); `HostRuntime` has it, and the engine refuses
     ``speculative`` on runtimes without it.
 
-    Optional: ``prefill_batch(slots, seqs) -> float32 [len(slots), vocab]`` prefills several
-    empty slots in one call (rows right-padded to the longest; `SharedKVRuntime`), with
+    Optional: ``prefill_batch(slots, seqs, *, decoding=None) -> float32 [len(slots), vocab]``
+    prefills several empty slots in one call (rows right-padded to the longest;
+    `SharedKVRuntime`; ``decoding``: the slots the next decode step runs ahead of these), with
     ``prefill_padding`` (float | None) the most padded tokens per real token worth batching
     (None: padding is free next to a call's fixed cost, as on GPUs); the engine prefills one
     prompt a call on runtimes without it (`Engine._plan_prefill`).

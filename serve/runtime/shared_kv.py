@@ -198,7 +198,8 @@ class SharedKVRuntime(SlotRuntime):
         self._lengths[slot] = past + n
         return self._logits_at(call, [0 if call.logits is not None else n - 1])[0]
 
-    def prefill_batch(self, slots: Sequence[int], seqs: Sequence[Sequence[int]]) -> np.ndarray:
+    def prefill_batch(self, slots: Sequence[int], seqs: Sequence[Sequence[int]], *,
+                      decoding: Sequence[int] | None = None) -> np.ndarray:
         """Prefill ``seqs[b]`` into the empty slot ``slots[b]`` for every b, in one ORT call
         (module docstring: rows right-padded to the longest).
 
@@ -206,6 +207,10 @@ class SharedKVRuntime(SlotRuntime):
             slots: distinct slot ids, each holding no tokens (GroupQueryAttention batches
                 multi-token rows only from position 0; prefill a slot holding a prefix alone).
             seqs: one or more token ids per slot.
+            decoding: the slots the next decode step runs ahead of these (the engine's running
+                sequences): the batch's rows go right after as many rows as they are, where
+                that step wants them (`_place_rows`). None: after the rows the last decode step
+                ran, which is stale once sequences have ended.
         Returns:
             float32 logits ``[len(slots), vocab]``, row ``b`` after the last of ``seqs[b]``.
         Raises:
@@ -215,10 +220,10 @@ class SharedKVRuntime(SlotRuntime):
                 tokens, or an empty ``seqs[b]``; nothing is appended.
         """
         ns = self._check_batch(slots, seqs)
+        first = self._place_rows(slots, self._decode_rows if decoding is None else len(decoding))
         if len(slots) == 1:
             return self.prefill(slots[0], seqs[0])[None]
         width = self._batch_width(max(ns))
-        first = self._place_rows(slots)
         b = len(slots)
         tokens = np.zeros((b, width), np.int64)  # padding: token 0, its KV never read
         for j, ids in enumerate(seqs):
@@ -347,16 +352,18 @@ class SharedKVRuntime(SlotRuntime):
         """Exchange the first ``n`` KV positions of two rows (every layer, K and V)."""
         raise NotImplementedError
 
-    def _place_rows(self, slots: Sequence[int]) -> int:
+    def _place_rows(self, slots: Sequence[int], ahead: int) -> int:
         """Rows ``first .. first + len(slots) - 1`` for a prefill of ``slots``, in order; returns
-        ``first``. Slots already in consecutive rows stay; else they move to the rows after
-        those the last decode step ran (where the next decode, which appends them to its
-        batch, wants them), or the last rows where those do not fit."""
-        first = self._row[slots[0]]
-        if all(self._row[s] == first + j for j, s in enumerate(slots)):
-            return first
-        first = min(self._decode_rows, self.n_slots - len(slots))
-        self._gather_rows(slots, first)
+        ``first``: the rows after the ``ahead`` rows of the sequences the next decode step runs
+        first (which appends these to its batch and so wants them there), or the last rows
+        where those do not fit. Slots already there stay; the others are swapped in.
+
+        Placing them anywhere else costs a row swap each at the next decode step: on an H200
+        (`CudaRuntime`, three whole-row copies a swap) the first step after a burst of 46
+        prompts took 98-135 ms instead of 2 (bench/gpu/diag_ramp.py)."""
+        first = min(ahead, self.n_slots - len(slots))
+        if any(self._row[s] != first + j for j, s in enumerate(slots)):
+            self._gather_rows(slots, first)
         return first
 
     def _gather_rows(self, slots: Sequence[int], first: int = 0) -> None:
