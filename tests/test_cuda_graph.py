@@ -411,3 +411,28 @@ def test_a_batch_after_finished_sequences_is_prefilled_where_the_next_decode_wan
 
     assert first_decode_swaps(decoding=[]) == 0
     assert first_decode_swaps(decoding=None) == 4
+
+
+def test_a_blank_slot_moves_into_an_occupied_row_with_one_row_copy(cuda_dirs):
+    """Placing blank slots (a new batch) over rows that idle sequences hold moves each idle
+    sequence's tokens once, not through the scratch row (three copies); both sequences keep
+    their tokens, and rows holding tokens on both sides still swap (three copies)."""
+    info = load_model_info(cuda_dirs["fp16"])
+    rt = CudaRuntime(info, RuntimeOptions(max_batch=8, max_length=64), device="cpu")
+    rt.prefill_batch([0, 1], [_ids(5, seed=1), _ids(7, seed=2)])
+    want = rt.decode([0, 1], [4, 4]).copy()
+    copies = []
+    real = rt._copy_rows
+    rt._copy_rows = lambda pairs: (copies.append(list(pairs)), real(pairs))
+    rt.prefill_batch([2, 3], [_ids(6, seed=3), _ids(6, seed=4)], decoding=[])  # rows 0-1
+    assert [rt._row[s] for s in (2, 3)] == [0, 1] and len(copies) == 2
+    assert all(len(c) == 1 for c in copies)  # one whole-row copy each
+    for s in (0, 1):
+        rt.truncate(s, rt.length(s) - 1)  # the last decode again, from its new row
+    np.testing.assert_allclose(rt.decode([0, 1], [4, 4]), want, atol=2e-3)
+    copies.clear()
+    rt.decode([2, 3], [4, 4])  # back to rows 0-1, tokens on both sides: two 3-copy swaps
+    assert [len(c) for c in copies] == [3, 3]
+    copies.clear()
+    rt.decode([2, 3], [4, 4])  # already there: nothing moves
+    assert copies == []

@@ -367,19 +367,27 @@ class SharedKVRuntime(SlotRuntime):
         return first
 
     def _gather_rows(self, slots: Sequence[int], first: int = 0) -> None:
-        """Swap sequences between rows so ``slots[j]`` lives in row ``first + j``."""
+        """Swap sequences between rows so ``slots[j]`` lives in row ``first + j``. Where one
+        of the two holds no tokens (a new prompt's blank slot) the swap is one row copy, the
+        other's tokens into the empty row, not three (`CudaRuntime` swaps through a scratch
+        row); where neither does, no copy."""
         owner = {r: s for s, r in enumerate(self._row)}
         for j, s in enumerate(slots, first):
             r = self._row[s]
             if r == j:
                 continue
             other = owner[j]
-            n = max(self._lengths[s], self._lengths[other])
-            if n:
-                self._swap_rows(j, r, n)
+            n_s, n_other = self._lengths[s], self._lengths[other]
+            if n_s and n_other:
+                self._swap_rows(j, r, max(n_s, n_other))
+            elif n_s:
+                self._copy_row(r, j, n_s)
+            elif n_other:
+                self._copy_row(j, r, n_other)
+            if n_s or n_other:
                 self.rows_swapped += 1
-                self._forget(j, self._lengths[s])
-                self._forget(r, self._lengths[other])
+                self._forget(j, n_s)
+                self._forget(r, n_other)
             self._row[s], self._row[other] = j, r
             owner[j], owner[r] = s, other
 
