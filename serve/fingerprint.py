@@ -5,7 +5,7 @@ give other text. So the hash covers everything that changes the numbers: the mod
 (name, size and modification time of each file in the model directory — the weights, graphs
 and tokenizer — plus the content of the small JSON files that describe them, which carry the
 source's sha256 for llorch exports), the llorch version, the execution provider, and the
-flags that pick other kernels (`--w8a8`, the batch-invariance mode in effect, `--cuda-graph`,
+flags that pick other kernels (`--w8a8`, the batch-invariance mode in effect, CUDA graphs in effect,
 `--max-batch`, `--prefill-chunk`; the last two not where every step runs on a row-invariant
 graph, whose numbers they do not change). Not the port, the key or the queue settings: they change no output.
 """
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from serve.options import ServeOptions
-from serve.runtime.interface import w8a8_row_invariant
+from serve.runtime.interface import cuda_graph_in_effect, w8a8_row_invariant
 
 _DESCRIBING = (".json", ".jinja")  # small files hashed by content
 _MAX_HASHED_BYTES = 4 * 1024 * 1024
@@ -39,12 +39,26 @@ def batch_invariance(options: ServeOptions) -> str:
     "padded" (`--batch-invariant` elsewhere: a lone decode padded to two rows) or "off"."""
     if options.batch_invariant is False:
         return "off"
+    rows = w8a8_row_invariant(_graph(options), options.w8a8) and options.provider in ("cpu", "auto")
+    return "rows" if rows else "padded" if options.batch_invariant else "off"
+
+
+def cuda_graph(options: ServeOptions) -> bool:
+    """Whether decode steps run as captured CUDA graphs, the flag's auto resolved as
+    `serve.runtime.open_runtime` resolves it (`cuda_graph_in_effect`)."""
+    from serve.runtime.session import on_cuda  # imports onnxruntime: only here
+
+    return cuda_graph_in_effect(options.cuda_graph, on_cuda(options.provider),
+                                _graph(options))
+
+
+def _graph(options: ServeOptions) -> dict:
+    """The export's llorch.json ``graph`` (empty where there is none or it is unreadable)."""
     try:
         graph = json.loads((Path(options.model_dir) / "llorch.json").read_text()).get("graph", {})
     except (OSError, ValueError, AttributeError):
         graph = {}
-    rows = w8a8_row_invariant(graph, options.w8a8) and options.provider in ("cpu", "auto")
-    return "rows" if rows else "padded" if options.batch_invariant else "off"
+    return graph if isinstance(graph, dict) else {}
 
 
 def system_fingerprint(options: ServeOptions) -> str:
@@ -60,7 +74,7 @@ def system_fingerprint(options: ServeOptions) -> str:
     # batch-invariant on a row-invariant graph: the slot count and the prefill budget change
     # no number (README "Determinism"), so they are left out
     sizes = () if mode == "rows" else (options.max_batch, options.prefill_chunk)
-    add("options", options.provider, options.w8a8, mode, options.cuda_graph,
+    add("options", options.provider, options.w8a8, mode, cuda_graph(options),
         options.device_sampling, *sizes)
     if options.speculative is not None:  # verify calls run other kernels than one-token steps
         add("speculative", options.speculative, options.num_speculative_tokens,

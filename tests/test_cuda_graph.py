@@ -436,3 +436,36 @@ def test_a_blank_slot_moves_into_an_occupied_row_with_one_row_copy(cuda_dirs):
     copies.clear()
     rt.decode([2, 3], [4, 4])  # already there: nothing moves
     assert copies == []
+
+
+def test_cuda_graphs_are_on_by_default_where_the_model_runs_on_cuda_with_the_graph(cuda_dirs,
+                                                                                  tiny_model_dir):
+    """`llorch serve` passes ``cuda_graph=None`` (auto): on where the runtime is on the CUDA
+    provider and the export has its static decode graph, off elsewhere; an explicit flag wins.
+    The fingerprint hashes the mode in effect, so the default and an explicit flag that means
+    the same share one."""
+    import argparse
+
+    from serve.fingerprint import cuda_graph, system_fingerprint
+    from serve.options import ServeOptions, add_arguments, options_from_args
+    from serve.runtime.interface import cuda_graph_in_effect
+
+    graph = load_model_info(cuda_dirs["fp16"]).graph
+    assert graph.get("cuda_graph") and not load_model_info(tiny_model_dir).graph.get("cuda_graph")
+    assert cuda_graph_in_effect(None, True, graph) is True
+    assert cuda_graph_in_effect(None, False, graph) is False  # another provider
+    assert cuda_graph_in_effect(None, True, {}) is False  # an export without the graph
+    assert cuda_graph_in_effect(False, True, graph) is False
+    assert cuda_graph_in_effect(True, False, {}) is True  # explicit: open_runtime then refuses
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flags, want in (([], None), (["--no-cuda-graph"], False),
+                        (["--cuda-graph", "--provider", "cuda"], True)):
+        assert options_from_args([str(tiny_model_dir)], parser.parse_args(flags)).cuda_graph is want
+    with pytest.raises(ValueError, match="cuda_graph needs --provider cuda"):
+        ServeOptions(tiny_model_dir, cuda_graph=True)
+    # on the CPU provider (CI) the default resolves to off: the same numbers as the flag off
+    assert cuda_graph(ServeOptions(cuda_dirs["fp16"])) is False
+    assert system_fingerprint(ServeOptions(cuda_dirs["fp16"])) == system_fingerprint(
+        ServeOptions(cuda_dirs["fp16"], cuda_graph=False))
+    assert open_runtime(cuda_dirs["fp16"], RuntimeOptions(cuda_graph=None))._full_mask is False

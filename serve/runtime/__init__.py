@@ -15,6 +15,7 @@ classes except `cuda` → `shared_kv`), so the package has no import cycle.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from serve.model_dir import load_model_info
@@ -26,6 +27,7 @@ from serve.runtime.interface import (
     RowToken,
     Runtime,
     RuntimeOptions,
+    cuda_graph_in_effect,
 )
 
 __all__ = ["W8A8_MODES", "ContextFull", "ProviderError", "RowDraw", "RowToken", "Runtime",
@@ -65,6 +67,9 @@ def open_runtime(model_dir: Path | str, options: RuntimeOptions | None = None) -
         cls = CudaRuntime
     else:
         cls = HostRuntime
+    if options.cuda_graph is None:  # auto
+        options = replace(options, cuda_graph=cuda_graph_in_effect(
+            None, cls is CudaRuntime, info.graph))
     if options.cuda_graph and cls is not CudaRuntime:
         resolve_providers(options.provider)  # an unavailable provider: ProviderError says so
         raise ValueError(f"{model_dir}: cuda_graph needs --provider cuda and a GroupQueryAttention "

@@ -36,6 +36,16 @@ class ProviderError(Exception):
     """The requested execution provider is not available in this onnxruntime build."""
 
 
+def cuda_graph_in_effect(cuda_graph: bool | None, on_cuda: bool, graph: dict) -> bool:
+    """Whether decode steps run as captured CUDA graphs: ``cuda_graph`` where it is set, else
+    (auto) on the CUDA provider where the export has its static decode graph (llorch.json
+    ``graph.cuda_graph``: `llorch export --target cuda`). Used by `open_runtime` and by the
+    `system_fingerprint`, so both read the same rule."""
+    if cuda_graph is not None:
+        return cuda_graph
+    return on_cuda and bool(graph.get("cuda_graph"))
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How to open a model directory (`serve.runtime.open_runtime`); `ServeOptions` maps onto it.
@@ -47,7 +57,9 @@ class RuntimeOptions:
         max_length: tokens a slot holds, prompt + completion (None: the export's max length;
             more than that is a ValueError when the runtime opens).
         w8a8: one of `W8A8_MODES` (True means "all", False/None "off").
-        cuda_graph: CUDA only: decode on the export's static graph, captured per batch size.
+        cuda_graph: CUDA only: decode on the export's static graph, captured per batch size;
+            None (what `llorch serve` passes by default): where the runtime is `CudaRuntime`
+            on the GPU and the export has that graph (`cuda_graph_in_effect`).
         batch_invariant: True or None (the default): run every step, a lone sequence's decode
             included, on a row-invariant W8A8 graph where the export has one (llorch.json
             `graph.w8a8_row_invariant`, with ``w8a8`` "all"), so a sequence's tokens never
@@ -73,7 +85,7 @@ class RuntimeOptions:
     max_batch: int = 1
     max_length: int | None = None
     w8a8: str = "off"
-    cuda_graph: bool = False
+    cuda_graph: bool | None = False
     coreml_cache_dir: Path | None = None
     batch_invariant: bool | None = None
     device_sampling: bool | None = None
