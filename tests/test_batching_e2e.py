@@ -191,12 +191,14 @@ def test_16_simultaneous_streams_of_mixed_lengths_and_parameters(server, tok):
     wait_for(lambda: slots_in_use(base) == 0, what="free slots")
 
 
-def test_prompts_arriving_together_are_prefilled_in_one_step(long_tiny_dir, tmp_path_factory, tok):
-    """8 chat prompts of one length arrive while a 2000-token prompt is being prefilled: the
-    next step prefills all 8 (one batched call: their slots are empty), /metrics counts that
-    step, and each text is what the prompt gets alone."""
+def test_prompts_arriving_together_are_prefilled_in_batched_steps(long_tiny_dir, tmp_path_factory, tok):
+    """8 chat prompts of one length arrive while a 2000-token prompt is being prefilled in
+    256-token chunks (each chunk fills a step's budget, so the 8 wait for the last ones: a window
+    of several steps): the steps after it prefill them several at a time (one batched call
+    a step: their slots are empty), /metrics counts those steps, and each text is what the
+    prompt gets alone."""
     ctx, _ = _serve(long_tiny_dir, tmp_path_factory, "prefill-batch-server", "--max-batch", "9",
-                    "--prefix-cache-size", "0", "--prefill-chunk", "2048")
+                    "--prefix-cache-size", "0", "--prefill-chunk", "256")
     bias = letters_bias(tok)
     cases = [[{"role": "user", "content": f"request {i}: plot a course past the reef"}]
              for i in range(8)]
@@ -224,8 +226,12 @@ def test_prompts_arriving_together_are_prefilled_in_one_step(long_tiny_dir, tmp_
         key = ("llorch_prefill_batch_rows_bucket", (("le", le), ("model", MODEL)))
         return after[key] - before.get(key, 0)
 
-    assert moved("8.0") - moved("4.0") >= 1  # a step prefilled 5 to 8 prompts
-    assert moved("+Inf") <= 8  # steps, fewer than one a prompt
+    # Prompts that arrived while the long one prefilled share the step after it; how many
+    # that is depends on how fast uvicorn took the 8 requests in against the tiny model's
+    # chunks (a quiet machine: 4 + 3 + 1 seen), so the bound is on batching, not on one step.
+    steps = {le: moved(le) for le in ("1.0", "2.0", "4.0", "8.0", "+Inf")}
+    assert moved("+Inf") - moved("2.0") >= 1, steps  # a step prefilled 3 or more prompts
+    assert moved("+Inf") - moved("1.0") <= 4, steps  # the 8 in at most four batched steps
 
 
 # ------------------------------------------------------------------------ prefix cache
