@@ -579,6 +579,9 @@ class Engine:
             log.warning("a batched prefill of %d prompts failed; prefilling them one by one",
                         len(rows), exc_info=True)
             for job, size in rows:
+                slot = job.group[0].slot
+                if self.runtime.length(slot) != job.fed:  # the failed call kept some rows
+                    self.runtime.truncate(slot, job.fed)
                 self._prefill(job, size)
             return
         for (job, size), row in zip(rows, logits, strict=True):

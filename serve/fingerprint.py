@@ -4,10 +4,11 @@ A client that fixes `seed` can compare fingerprints to know whether the same req
 give other text. So the hash covers everything that changes the numbers: the model files
 (name, size and modification time of each file in the model directory — the weights, graphs
 and tokenizer — plus the content of the small JSON files that describe them, which carry the
-source's sha256 for llorch exports), the llorch version, the execution provider, and the
-flags that pick other kernels (`--w8a8`, the batch-invariance mode in effect, CUDA graphs in effect,
-`--max-batch`, `--prefill-chunk`; the last two not where every step runs on a row-invariant
-graph, whose numbers they do not change). Not the port, the key or the queue settings: they change no output.
+source's sha256 for llorch exports), the llorch version, the execution provider (``auto``
+resolved to the one it picks), and the flags that pick other kernels (`--w8a8`, the
+batch-invariance mode in effect, CUDA graphs in effect, `--max-batch`, `--prefill-chunk`; the
+last two not where every step runs on a row-invariant graph, whose numbers they do not
+change). Not the port, the key or the queue settings: they change no output.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 from pathlib import Path
 
 from serve.options import ServeOptions
-from serve.runtime.interface import cuda_graph_in_effect, w8a8_row_invariant
+from serve.runtime.interface import ProviderError, cuda_graph_in_effect, w8a8_row_invariant
 
 _DESCRIBING = (".json", ".jinja")  # small files hashed by content
 _MAX_HASHED_BYTES = 4 * 1024 * 1024
@@ -39,8 +40,22 @@ def batch_invariance(options: ServeOptions) -> str:
     "padded" (`--batch-invariant` elsewhere: a lone decode padded to two rows) or "off"."""
     if options.batch_invariant is False:
         return "off"
-    rows = w8a8_row_invariant(_graph(options), options.w8a8) and options.provider in ("cpu", "auto")
+    rows = (w8a8_row_invariant(_graph(options), options.w8a8)
+            and provider(options) == "CPUExecutionProvider")  # the W8A8 graph is CPU-only
     return "rows" if rows else "padded" if options.batch_invariant else "off"
+
+
+def provider(options: ServeOptions) -> str:
+    """The ONNX Runtime provider ``--provider`` resolves to (`resolve_providers`: ``auto`` is
+    CUDA or CoreML where this build has them, else the CPU), so that ``auto`` and the provider
+    it picks share a fingerprint; the flag as given where it resolves to nothing (the model
+    then fails to load)."""
+    from serve.runtime.session import resolve_providers  # imports onnxruntime: only here
+
+    try:
+        return resolve_providers(options.provider)[0]
+    except ProviderError:
+        return options.provider
 
 
 def cuda_graph(options: ServeOptions) -> bool:
@@ -74,7 +89,7 @@ def system_fingerprint(options: ServeOptions) -> str:
     # batch-invariant on a row-invariant graph: the slot count and the prefill budget change
     # no number (README "Determinism"), so they are left out
     sizes = () if mode == "rows" else (options.max_batch, options.prefill_chunk)
-    add("options", options.provider, options.w8a8, mode, cuda_graph(options),
+    add("options", provider(options), options.w8a8, mode, cuda_graph(options),
         options.device_sampling, *sizes)
     if options.speculative is not None:  # verify calls run other kernels than one-token steps
         add("speculative", options.speculative, options.num_speculative_tokens,

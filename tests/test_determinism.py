@@ -284,3 +284,41 @@ def test_batch_invariant_and_speculative_are_refused_together(default_model_dir,
                         "--speculative", "ngram", "--batch-invariant"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--batch-invariant cannot hold with --speculative" in p.stderr
+
+
+def test_fingerprint_resolves_provider_auto(default_model_dir, tiny_model_dir, tmp_path,
+                                           monkeypatch):
+    """`--provider auto` computes what the provider it picks computes, so both get one
+    fingerprint (they differed on the CPU: the raw flag was hashed); and `auto` on a build
+    with CUDA is not the CPU's row-invariant mode (the W8A8 graph runs on the CPU only), so
+    there the slot count enters the hash again. Through real servers first: `--provider auto`
+    and `--provider cpu` on this (CPU-only) machine answer with one fingerprint."""
+    import httpx
+    import onnxruntime as ort
+    from test_server_e2e import running_server
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        seen = []
+        for flag in ("auto", "cpu"):
+            with running_server(tiny_model_dir, "--threads", "1", "--provider", flag,
+                                log_path=tmp_path / f"{flag}.log") as base:
+                r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                               timeout=60)
+                seen.append(r.json()["system_fingerprint"])
+        assert seen[0] == seen[1], seen
+    from serve.fingerprint import batch_invariance, provider, system_fingerprint
+    from serve.options import ServeOptions
+
+    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: cpu_only)
+    assert provider(ServeOptions(default_model_dir, provider="auto")) == "CPUExecutionProvider"
+    assert system_fingerprint(ServeOptions(default_model_dir, provider="auto")) == \
+        system_fingerprint(ServeOptions(default_model_dir, provider="cpu"))
+    with_cuda = ["CUDAExecutionProvider", *cpu_only]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: with_cuda)
+    auto = ServeOptions(default_model_dir, provider="auto")
+    assert provider(auto) == "CUDAExecutionProvider"
+    assert batch_invariance(auto) == "off" == batch_invariance(ServeOptions(default_model_dir,
+                                                                            provider="cuda"))
+    assert system_fingerprint(auto) != system_fingerprint(ServeOptions(default_model_dir,
+                                                                       provider="auto", max_batch=8))

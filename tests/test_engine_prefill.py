@@ -491,3 +491,49 @@ def test_level0_int4_export_prefills_each_prompt_alone(engines, default_model_di
     assert rt.batched_prefill is True
     _together(engines, rt, tok, [_greedy(p) for p in prompts], prefill_chunk=512)
     assert rt.prefill_calls == [8]
+
+
+def test_a_failed_group_of_a_cuda_batch_leaves_no_row_prefilled(engines, tiny_hf_dir, tmp_path):
+    """CudaRuntime prefills a batch in groups of a power of two rows, one call each. When a
+    later group's call fails, the earlier groups' rows were already in their slots; the engine
+    then prefills every row alone, which appended each of those prompts a second time (the
+    prompt twice in the KV: other text, silently). The failed `prefill_batch` must leave no
+    row prefilled, so that the rows prefilled alone get the tokens they get alone."""
+    from export.api import export_model
+    from serve.model_dir import load_model_info
+    from serve.runtime.cuda import CudaRuntime
+
+    d = tmp_path / "fp16"
+    export_model(tiny_hf_dir, d, precision="fp16", target="cuda", progress=False)
+    tok = Tokenizer.from_dir(d)
+    rng = np.random.default_rng(8)
+    prompts = [[int(t) for t in rng.integers(3, 40000, n)] for n in (5, 9, 14, 7, 11, 6)]
+    poison = prompts[5][0]  # in the second group (rows 4-5), which fails as a batch
+
+    class FailingGroup(CudaRuntime):
+        def _run(self, call, ids, mask):
+            if ids.shape[0] > 1 and poison in ids:
+                raise RuntimeError("the group's call failed")
+            super()._run(call, ids, mask)
+
+    alone = [_together(engines, open_runtime(d, RuntimeOptions(max_batch=1)), tok,
+                       [_greedy(p, 6)])[0] for p in prompts]
+    rt = FailingGroup(load_model_info(d), RuntimeOptions(max_batch=6), device="cpu")
+    assert _together(engines, rt, tok, [_greedy(p, 6) for p in prompts]) == alone
+
+
+def test_a_batched_call_that_fails_half_way_is_cut_back_before_the_rows_go_alone(engines):
+    """The engine does not trust a failed `prefill_batch` to have appended nothing: a runtime
+    that kept some rows' tokens before it raised gets those slots cut back, so each row
+    prefilled alone holds its prompt once (same text as without the failure)."""
+
+    class HalfWay(BatchingFake):
+        def prefill_batch(self, slots, seqs, *, decoding=None):
+            self.seqs[slots[0]].extend(seqs[0])  # the first row went in, then the call failed
+            raise RuntimeError("failed half-way")
+
+    runtime = HalfWay(3, max_length=200)
+    prompts = ["first one", "second one", "third one"]
+    got, engine = submitted_together(engines, runtime, [req(p, max_tokens=4) for p in prompts])
+    assert [t for t, _, _ in got] == [{0: expected_text(enc(p), 4)} for p in prompts]
+    assert engine.slots_in_use == 0 and engine.num_requests == 0

@@ -404,7 +404,9 @@ class CudaRuntime(SharedKVRuntime):
         """`SharedKVRuntime.prefill_batch` in groups of a power of two rows, largest first, each
         at `prefill_shape` tokens (few shapes: module docstring); same arguments, result and
         errors (checked for every row before any call). Each group's rows follow the rows of
-        ``decoding`` and of the groups before it."""
+        ``decoding`` and of the groups before it. A group's call that fails empties the slots
+        of the groups before it too: a failed call appends nothing, as the base's (the engine
+        then prefills each row alone, which would otherwise append those rows twice)."""
         if not self.info.logits_to_keep:
             return super().prefill_batch(slots, seqs, decoding=decoding)
         self._check_batch(slots, seqs)  # every row, before the first group's call
@@ -413,11 +415,16 @@ class CudaRuntime(SharedKVRuntime):
             owner = {r: s for s, r in enumerate(self._row)}
             ahead = [owner[r] for r in range(self._decode_rows)]
         out, i = [], 0
-        while i < len(slots):
-            g = 1 << ((len(slots) - i).bit_length() - 1)
-            out.append(super().prefill_batch(slots[i:i + g], seqs[i:i + g],
-                                             decoding=[*ahead, *slots[:i]]))
-            i += g
+        try:
+            while i < len(slots):
+                g = 1 << ((len(slots) - i).bit_length() - 1)
+                out.append(super().prefill_batch(slots[i:i + g], seqs[i:i + g],
+                                                 decoding=[*ahead, *slots[:i]]))
+                i += g
+        except BaseException:
+            for s in slots[:i]:
+                self.reset(s)
+            raise
         return np.concatenate(out)
 
     def _batch_width(self, width: int) -> int:

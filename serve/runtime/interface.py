@@ -163,7 +163,8 @@ class Runtime(Protocol):
 
     Optional: ``prefill_batch(slots, seqs, *, decoding=None) -> float32 [len(slots), vocab]``
     prefills several empty slots in one call (rows right-padded to the longest;
-    `SharedKVRuntime`; ``decoding``: the slots the next decode step runs ahead of these), with
+    `SharedKVRuntime`; ``decoding``: the slots the next decode step runs ahead of these; a call
+    that raises leaves every slot empty, as the engine then prefills each row alone), with
     ``prefill_padding`` (float | None) the most padded tokens per real token worth batching
     (None: padding is free next to a call's fixed cost, as on GPUs); the engine prefills one
     prompt a call on runtimes without it (`Engine._plan_prefill`).
