@@ -99,6 +99,13 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
                     batch_invariant=options.batch_invariant,
                     speculative=options.speculative_config(), draft=draft)
     log_invariance(options, engine)
+    if "CUDAExecutionProvider" in runtime.providers[:1]:
+        sizes = getattr(runtime, "_graph_sizes", [])
+        log.info("CUDA graphs: %s", (
+            f"on (decode steps captured at {len(sizes)} batch sizes, {sizes[0]}..{sizes[-1]})"
+            if getattr(runtime, "_cuda_graph", False) and sizes else
+            "off (--no-cuda-graph)" if options.cuda_graph is False else
+            "off (the export has no static decode graph: llorch export --target cuda)"))
     kv = runtime.kv_bytes()
     log.info("KV cache: %d slots x %d tokens = %.1f MiB (%.1f MiB a slot); prefix cache: %s",
              runtime.n_slots, runtime.info.max_length, kv / 2**20, kv / runtime.n_slots / 2**20,

@@ -302,8 +302,9 @@ class ServeOptions:
                              f"{', '.join(REASONING_PARSERS)}, not {self.reasoning_parser!r}")
         self._check_scale_out()
         self._check_speculative()
-        if self.cuda_graph is True and self.provider not in ("cuda", "CUDAExecutionProvider"):
-            raise ValueError(f"cuda_graph needs --provider cuda, not {self.provider}")
+        if self.cuda_graph is True and self.provider not in ("cuda", "CUDAExecutionProvider",
+                                                              "auto"):
+            raise ValueError(f"--cuda-graph needs --provider cuda, not {self.provider}")
         if self.device_sampling not in ("auto", "on", "off"):
             raise ValueError(f"device_sampling must be auto, on or off, not {self.device_sampling!r}")
 

@@ -462,8 +462,8 @@ def test_cuda_graphs_are_on_by_default_where_the_model_runs_on_cuda_with_the_gra
     for flags, want in (([], None), (["--no-cuda-graph"], False),
                         (["--cuda-graph", "--provider", "cuda"], True)):
         assert options_from_args([str(tiny_model_dir)], parser.parse_args(flags)).cuda_graph is want
-    with pytest.raises(ValueError, match="cuda_graph needs --provider cuda"):
-        ServeOptions(tiny_model_dir, cuda_graph=True)
+    with pytest.raises(ValueError, match="--cuda-graph needs --provider cuda, not cpu"):
+        ServeOptions(tiny_model_dir, cuda_graph=True, provider="cpu")
     # on the CPU provider (CI) the default resolves to off: the same numbers as the flag off
     assert cuda_graph(ServeOptions(cuda_dirs["fp16"])) is False
     assert system_fingerprint(ServeOptions(cuda_dirs["fp16"])) == system_fingerprint(
