@@ -99,8 +99,8 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
                     batch_invariant=options.batch_invariant,
                     speculative=options.speculative_config(), draft=draft)
     log_invariance(options, engine)
-    if "CUDAExecutionProvider" in runtime.providers[:1]:
-        sizes = getattr(runtime, "_graph_sizes", [])
+    if getattr(runtime, "_graph_sizes", None) is not None:  # CudaRuntime
+        sizes = runtime._graph_sizes
         log.info("CUDA graphs: %s", (
             f"on (decode steps captured at {len(sizes)} batch sizes, {sizes[0]}..{sizes[-1]})"
             if getattr(runtime, "_cuda_graph", False) and sizes else
