@@ -1,6 +1,7 @@
 """Scale-out pieces that need no Ray cluster: the flags, the no-Ray message, the routing text,
 the stream error framing, the merged metrics, the shared prefix table and the router on it,
-the coalescing of a stream's events, and that one process never imports Ray."""
+the coalescing of a stream's events, the registry's report ages, and that one process never
+imports Ray."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from serve.options import ServeOptions
 from serve.scale.coalesce import MAX_HOLD_S, MIN_STREAMS, ChunkBuffer, hold_seconds
 from serve.scale.forward import merge_metrics, routing_text, stream_error
 from serve.scale.prefix_table import BLOCK_CHARS, PrefixTable, block_hashes
+from serve.scale.registry import STALE_S, Registry
 
 
 def test_the_single_process_path_never_imports_ray():
@@ -122,6 +124,24 @@ def test_the_ray_application_is_sized_from_the_servers_options(tmp_path):
     replica, config = replica_config(replicas=2, provider="cuda", routing="least-loaded")
     assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 1.0
     assert "PowerOfTwo" in str(config.request_router_config.request_router_class)
+
+
+def test_the_registry_says_how_old_each_replicas_report_is(monkeypatch):
+    """`/health` shows each replica's last report: its counts are `report_age_s` old."""
+    from serve.scale import registry as module
+
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    reg = Registry()
+    reg.beat("a", "node", {"status": "ok", "slots_in_use": 1}, "")
+    now[0] += 0.75
+    reg.beat("b", "node", {"status": "ok", "slots_in_use": 0}, "")
+    now[0] += 0.5
+    snap = reg.snapshot()
+    assert snap["a"][1] == {"status": "ok", "slots_in_use": 1, "report_age_s": 1.25}
+    assert snap["b"][1]["report_age_s"] == 0.5
+    now[0] += STALE_S - 1.0  # a silent for longer than STALE_S: dropped
+    assert list(reg.snapshot()) == ["b"]
 
 
 def test_the_prefix_table_prefers_the_holder_until_its_slots_are_busy():

@@ -70,6 +70,10 @@ class Registry:
         return self._draining
 
     def snapshot(self) -> dict[str, tuple[str, dict[str, Any], str]]:
-        """replica id -> (node id, health, metrics text) of every live replica."""
+        """replica id -> (node id, health, metrics text) of every live replica; each health
+        dict gains `report_age_s`, the seconds since that replica's report (its counts, such
+        as `slots_in_use`, are that old)."""
         self._sweep()
-        return {rid: (node, health, text) for rid, (_, node, health, text) in self._replicas.items()}
+        now = time.monotonic()
+        return {rid: (node, {**health, "report_age_s": round(now - t, 3)}, text)
+                for rid, (t, node, health, text) in self._replicas.items()}
