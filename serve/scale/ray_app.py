@@ -39,6 +39,7 @@ log = logging.getLogger("serve.scale.ray_app")
 
 PREFIX_ROUTER = "serve.scale.router.PrefixAffinityRouter"
 NAMESPACE = "llorch"  # the Registry and PrefixTable actors' Ray namespace
+PROXY_READY_S = 30  # each of Ray Serve's 3 readiness checks of its proxy (Ray's default: 5 s)
 
 
 def replica_threads(options: ServeOptions, cpus: int) -> int:
@@ -107,6 +108,10 @@ def run(options: ServeOptions, model_name: str) -> None:
     local = options.ray_address is None
     try:
         if local:
+            # Ray Serve gives its HTTP proxy 3 readiness checks of 5 s to start, then kills it
+            # and serve.start fails; on a busy machine (2 cores and a test suite) importing the
+            # proxy took longer. The local cluster's processes inherit this environment.
+            os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_S))
             # Ray's own processes share our process group: a Ctrl-C or `timeout` signals the
             # whole group and would kill them before we drained. They start with both
             # signals blocked (a mask survives exec), so only this process acts on them.
