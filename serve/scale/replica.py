@@ -59,16 +59,18 @@ class Replica:
                             format="%(levelname)s %(name)s: %(message)s")
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self.node_id = ray.get_runtime_context().get_node_id()
+        runtime = ray.get_runtime_context()
+        self.node_id = runtime.get_node_id()
         self._registry = registry
         self.cores: list[int] = []
         if options.provider == "cpu" and options.threads:
             # A replacement for a killed replica can start before the registry has noticed
             # the death (its last beat is fresh): ask again until the dead one goes stale.
-            deadline = time.monotonic() + STALE_S + BEAT_S
+            deadline = time.monotonic() + 2 * STALE_S  # its actor must be gone too: slower under load
             while True:
                 self.cores = await registry.acquire_cores.remote(
-                    self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)))
+                    self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)),
+                    (runtime.get_actor_name(), runtime.namespace) if runtime.get_actor_name() else None)
                 if self.cores or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(BEAT_S)
