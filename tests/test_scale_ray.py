@@ -208,6 +208,10 @@ def _next_events(lines: Iterator[str], n: int) -> list[str]:
 
 
 def test_a_disconnect_frees_the_slot_on_its_replica(cluster):
+    check_a_disconnect_frees_the_slot(cluster[0])
+
+
+def check_a_disconnect_frees_the_slot(base: str) -> None:
     """A stream that is running on a replica (its slot busy, tokens still arriving) is
     cancelled there when its client goes away: the slot comes back long before the stream
     could have ended, and the engine counts the request as cancelled, not finished.
@@ -217,7 +221,6 @@ def test_a_disconnect_frees_the_slot_on_its_replica(cluster):
     the client would disconnect right after the first line (it did, before 2026-11-30's fix,
     and the test only passed when a report of the previous test's stream still showed a busy
     slot)."""
-    base = cluster[0]
     _wait_for_idle_replicas(base)  # from here on a busy slot is this test's stream
     cancelled_before = _cancelled(base)
     body = {"model": MODEL, "max_tokens": 2000, "ignore_eos": True, "stream": True,
@@ -370,7 +373,11 @@ def test_killing_a_replica_mid_stream_ends_it_with_an_error_and_ray_recovers(clu
 
 
 def test_sigterm_drains_then_exits(cluster):
-    base, proc, _ = cluster
+    check_sigterm_drains_then_exits(*cluster[:2])
+
+
+def check_sigterm_drains_then_exits(base: str, proc: subprocess.Popen) -> None:
+    """A running stream ends in full, new requests get 503 `shutting_down`, the server exits 0."""
     body = {"model": MODEL, "max_tokens": 60, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": "Tell me a story."}]}
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as r:

@@ -37,7 +37,8 @@ class PrefixAffinityRouter(RequestRouter):
     """Prefix-cache affinity with a least-loaded fallback (see the module docstring)."""
 
     def initialize_state(self, saturation: int = 4, table: str | None = None,
-                         namespace: str = "llorch", block_chars: int = BLOCK_CHARS) -> None:
+                         namespace: str = "llorch", block_chars: int = BLOCK_CHARS,
+                         picks_only: bool = False) -> None:
         """Ray calls this once with `request_router_kwargs`.
 
         Args:
@@ -46,9 +47,13 @@ class PrefixAffinityRouter(RequestRouter):
             table: name of the shared `PrefixTable` actor (None: this router's own table).
             namespace: the actor's Ray namespace.
             block_chars: characters per hashed block.
+            picks_only: Ray only asks for picks (`choose_replica(..., _reserve=False)`, the
+                HAProxy ingress): no request is seen to start or complete, so every pick
+                probes the replicas' loads and the table goes by them alone.
         """
         self.saturation = saturation
         self.block_chars = block_chars
+        self.picks_only = picks_only
         self.local = PrefixTable()
         self._table_name, self._namespace = table, namespace
         self._shared: Any = None
@@ -84,7 +89,7 @@ class PrefixAffinityRouter(RequestRouter):
         lens: dict[ReplicaID, int] = {}
         missing = []
         for r in replicas:
-            cached = self._replica_queue_len_cache.get(r.replica_id)
+            cached = None if self.picks_only else self._replica_queue_len_cache.get(r.replica_id)
             if cached is None:
                 missing.append(r)
             else:
@@ -107,12 +112,13 @@ class PrefixAffinityRouter(RequestRouter):
         table = self._table() if hashes else None
         if table is not None:
             try:
-                ranks = await asyncio.wait_for(table.route.remote(hashes, loads, self.saturation),
-                                               TABLE_TIMEOUT_S)
+                ranks = await asyncio.wait_for(
+                    table.route.remote(hashes, loads, self.saturation, not self.picks_only),
+                    TABLE_TIMEOUT_S)
             except Exception as exc:  # gone or slow: this request is routed without it
                 self._fallback("the shared table failed (%r)", exc)
         if ranks is None:
-            ranks = self.local.route(hashes, loads, self.saturation)
+            ranks = self.local.route(hashes, loads, self.saturation, not self.picks_only)
         return [[by_id[rid] for rid in rank if rid in by_id] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
