@@ -18,11 +18,10 @@ What the replicas answer themselves, as the ingress does on the proxy path: `/he
 deployment's state from the `Registry`), `/metrics` (every replica's, labelled), and 503
 `shutting_down` once the driver drains. What is lost: a replica that dies mid-stream cuts its
 connection (HAProxy cannot append the `replica_died` error event the proxy path sends; the
-client sees the stream end without `[DONE]`), and each replica's first request waits for
-HAProxy to learn of it.
+client sees the stream end without `[DONE]`), and every POST waits for the Route's pick.
 
 Ray reads the switches from the environment of every Ray process when it imports
-`ray.serve` (`haproxy_environment`), so they are set before Ray is imported or started.
+`ray.serve` (`serve.scale.environment`), so `serve.main` sets them before Ray is imported.
 """
 
 from __future__ import annotations
@@ -43,13 +42,6 @@ from serve.scale.replica import Replica
 log = logging.getLogger("serve.scale.direct")
 
 ROUTE_PATH = "/internal/route"  # what HAProxy's Lua asks (ray/serve/_private/ingress_request_router.lua.tmpl)
-
-
-def haproxy_environment() -> dict[str, str]:
-    """The environment Ray Serve 2.60 needs for HAProxy in front of direct-ingress replicas
-    that a request router picks from the request body (`ray/serve/_private/constants.py`)."""
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"}
 
 
 class DirectReplica(Replica):
