@@ -100,7 +100,10 @@ def test_a_disconnect_frees_the_slot_on_its_replica(cluster):
 def test_prefix_routing_reads_the_forwarded_body(cluster):
     rate, per_request = _hit_rate(cluster[0])
     print(f"\nprefix-cache hit rate through HAProxy: {rate:.3f} {per_request}")
-    assert all(hit > 0 for hit in per_request[len(TOPICS):])  # each prompt misses only once
+    # Each prompt's first request misses (its template head, 5-9 tokens, aside); the others
+    # hit in full (320 tokens) but for a slip or two on a starved machine (0.26 when probes
+    # that missed Ray's deadline counted the holder as full).
+    assert rate > 0.6 and sum(hit >= 300 for hit in per_request[len(TOPICS):]) >= 10
 
 
 def test_a_killed_replica_cuts_its_stream_and_ray_recovers(cluster, client):

@@ -42,6 +42,9 @@ from serve.scale.registry import BEAT_S, STALE_S
 
 log = logging.getLogger("serve.scale.replica")
 
+# Ray Serve's actors' namespace (ray/serve/_private/constants.py SERVE_NAMESPACE); a replica's
+# runtime context names its driver's namespace instead, where its actor name is not found.
+SERVE_NAMESPACE = "serve"
 DISCONNECT_GRACE_S = 5.0  # after a disconnect, how long the app gets before its task is cancelled
 
 
@@ -70,7 +73,7 @@ class Replica:
             while True:
                 self.cores = await registry.acquire_cores.remote(
                     self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)),
-                    (runtime.get_actor_name(), runtime.namespace) if runtime.get_actor_name() else None)
+                    (runtime.get_actor_name(), SERVE_NAMESPACE) if runtime.get_actor_name() else None)
                 if self.cores or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(BEAT_S)

@@ -31,6 +31,7 @@ from serve.scale.prefix_table import BLOCK_CHARS, PrefixTable, block_hashes
 log = logging.getLogger("serve.scale.router")
 
 TABLE_TIMEOUT_S = 1.0  # a table slower than this: decide alone for this request
+PROBE_TRIES = 4  # picks_only: load probes per pick, deadlines 0.1, 0.2, 0.4, 0.8 s (Ray's backoff)
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -54,6 +55,7 @@ class PrefixAffinityRouter(RequestRouter):
         self.saturation = saturation
         self.block_chars = block_chars
         self.picks_only = picks_only
+        self._last_lens: dict[ReplicaID, int] = {}  # picks_only: each replica's last answer
         self.local = PrefixTable()
         self._table_name, self._namespace = table, namespace
         self._shared: Any = None
@@ -85,7 +87,12 @@ class PrefixAffinityRouter(RequestRouter):
         return ""
 
     async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
-        """Requests in flight per replica: cached, else probed (unknown: treated as full)."""
+        """Requests in flight per replica: cached, else probed (unknown: treated as full).
+
+        `picks_only`: every replica is probed, a probe that misses Ray's deadline (0.1 s,
+        often missed on a starved CPU) is asked again with a longer one (up to
+        `PROBE_TRIES`), and a replica that still did not answer counts its last answer (0
+        if none): as full, a slow holder of a prefix would lose it to another replica."""
         lens: dict[ReplicaID, int] = {}
         missing = []
         for r in replicas:
@@ -94,9 +101,19 @@ class PrefixAffinityRouter(RequestRouter):
                 missing.append(r)
             else:
                 lens[r.replica_id] = cached
-        if missing:
+        if missing and not self.picks_only:
             for r, n in await self._probe_queue_lens(missing, 0):
                 lens[r.replica_id] = r.max_ongoing_requests if n is None else n
+        for backoff in range(PROBE_TRIES if missing and self.picks_only else 0):
+            answers = await self._probe_queue_lens(missing, backoff)
+            missing = [r for r, n in answers if n is None]
+            for r, n in answers:
+                if n is not None:
+                    lens[r.replica_id] = self._last_lens[r.replica_id] = n
+            if not missing:
+                break
+        for r in missing if self.picks_only else ():
+            lens[r.replica_id] = self._last_lens.get(r.replica_id, 0)
         return lens
 
     async def choose_replicas(
