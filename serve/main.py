@@ -282,6 +282,9 @@ def _run_on_ray(options: ServeOptions, model_name: str) -> None:
     if importlib.util.find_spec("ray") is None:
         raise StartupError("--replicas and --max-replicas serve on Ray Serve, which is not "
                            "installed: pip install 'llorch[ray]' (or pip install 'ray[serve]')")
+    from serve.scale.environment import ray_environment  # noqa: PLC0415
+
+    os.environ.update(ray_environment(options))  # Ray reads these when it is imported
     from serve.scale import ray_app  # noqa: PLC0415 - Ray stays out of the single-process path
 
     ray_app.run(options, model_name)

@@ -252,6 +252,12 @@ class ServeOptions:
         "more requests in flight a stream's events wait up to (requests / rate) s, at most "
         "50 ms, and cross Ray as one chunk (never the first token; 0: every event at once; "
         "default: 1000)", type=float)
+    ray_ingress: str = _flag(
+        "proxy", "how clients reach the replicas on Ray Serve: proxy = Ray's HTTP proxy, then "
+        "llorch's ingress (every chunk crosses both); haproxy = Ray's bundled HAProxy straight to "
+        "each replica's own HTTP server (a replica that dies mid-stream cuts its streams instead "
+        "of ending them with an error event; a local Ray only) (default: %(default)s)",
+        choices=["proxy", "haproxy"])
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
@@ -386,7 +392,19 @@ class ServeOptions:
             raise ValueError(f"ingress_replicas must be at least 1, got {self.ingress_replicas}")
         if self.stream_chunk_rate is not None and self.stream_chunk_rate < 0:
             raise ValueError(f"stream_chunk_rate must be >= 0, got {self.stream_chunk_rate}")
+        if self.ray_ingress == "haproxy":
+            if self.ray_address is not None:
+                raise ValueError("--ray-ingress haproxy needs a local Ray (Ray Serve reads the "
+                                 "switch from every Ray process's environment): drop --ray-address")
+            given = [flag for flag, value in (("--ingress-replicas", self.ingress_replicas),
+                                              ("--stream-chunk-rate", self.stream_chunk_rate))
+                     if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} configures the proxy path, not "
+                                 "--ray-ingress haproxy")
         if not self.scale_out:
+            if self.ray_ingress != "proxy":
+                raise ValueError("--ray-ingress needs --replicas or --max-replicas")
             given = [flag for flag, value in (
                 ("--target-ongoing-requests", self.target_ongoing_requests),
                 ("--ray-address", self.ray_address),

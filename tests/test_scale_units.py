@@ -1,6 +1,7 @@
 """Scale-out pieces that need no Ray cluster: the flags, the no-Ray message, the routing text,
 the stream error framing, the merged metrics, the shared prefix table and the router on it,
-the coalescing of a stream's events, and that one process never imports Ray."""
+the coalescing of a stream's events, the registry's report ages, and that one process never
+imports Ray."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from serve.options import ServeOptions
 from serve.scale.coalesce import MAX_HOLD_S, MIN_STREAMS, ChunkBuffer, hold_seconds
 from serve.scale.forward import merge_metrics, routing_text, stream_error
 from serve.scale.prefix_table import BLOCK_CHARS, PrefixTable, block_hashes
+from serve.scale.registry import STALE_S, Registry
 
 
 def test_the_single_process_path_never_imports_ray():
@@ -47,6 +49,10 @@ def test_replicas_without_ray_say_how_to_install_it(monkeypatch, tiny_model_dir)
     ({"ingress_replicas": 2}, "--ingress-replicas needs --replicas"),
     ({"stream_chunk_rate": 100.0}, "--stream-chunk-rate needs --replicas"),
     ({"replicas": 2, "stream_chunk_rate": -1.0}, "stream_chunk_rate must be >= 0"),
+    ({"ray_ingress": "haproxy"}, "--ray-ingress needs --replicas"),
+    ({"replicas": 2, "ray_ingress": "haproxy", "ray_address": "auto"}, "needs a local Ray"),
+    ({"replicas": 2, "ray_ingress": "haproxy", "ingress_replicas": 2}, "configures the proxy path"),
+    ({"replicas": 2, "ray_ingress": "haproxy", "stream_chunk_rate": 0.0}, "--stream-chunk-rate configures"),
 ])
 def test_scale_out_flags_that_contradict_each_other(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -119,9 +125,53 @@ def test_the_ray_application_is_sized_from_the_servers_options(tmp_path):
     assert config.request_router_config.request_router_kwargs == {
         "saturation": 8, "table": None, "namespace": "llorch"}
     assert replica_config(min_replicas=0, max_replicas=2)[1].autoscaling_config.min_replicas == 0
+    direct = application(ServeOptions(tmp_path, replicas=2, ray_ingress="haproxy"), "m", None, "t")
+    config = direct._bound_deployment._deployment_config
+    assert direct._bound_deployment.name == "llorch-replica" and config.num_replicas == 2
+    assert direct._ingress_request_router._bound_deployment.name == "llorch-route"
+    assert config.request_router_config.request_router_kwargs == {  # no completions seen
+        "saturation": 4, "table": "t", "namespace": "llorch", "picks_only": True}
     replica, config = replica_config(replicas=2, provider="cuda", routing="least-loaded")
     assert replica.num_replicas == 2 and replica.ray_actor_options["num_gpus"] == 1.0
     assert "PowerOfTwo" in str(config.request_router_config.request_router_class)
+
+
+def test_the_registry_says_how_old_each_replicas_report_is(monkeypatch):
+    """`/health` shows each replica's last report: its counts are `report_age_s` old."""
+    from serve.scale import registry as module
+
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    reg = Registry()
+    reg.beat("a", "node", {"status": "ok", "slots_in_use": 1}, "")
+    now[0] += 0.75
+    reg.beat("b", "node", {"status": "ok", "slots_in_use": 0}, "")
+    now[0] += 0.5
+    snap = reg.snapshot()
+    assert snap["a"][1] == {"status": "ok", "slots_in_use": 1, "report_age_s": 1.25}
+    assert snap["b"][1]["report_age_s"] == 0.5
+    now[0] += STALE_S - 1.0  # a silent for longer than STALE_S: dropped
+    assert list(reg.snapshot()) == ["b"]
+
+
+def test_cores_go_to_a_replacement_only_once_their_holder_is_dead(monkeypatch):
+    """A replica silent for a while (loading its model on a busy machine) keeps its core; a
+    killed one's core goes to its replacement once Ray no longer knows the actor."""
+    from serve.scale import registry as module
+
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    alive = {"a": True, "b": True}
+    reg = Registry(alive=lambda name, namespace: alive[name])
+    assert reg.acquire_cores("a", "n", 1, [0, 1], ("a", "serve")) == [0]
+    now[0] += STALE_S + 1  # a silent (slow), still alive
+    assert reg.acquire_cores("b", "n", 1, [0, 1], ("b", "serve")) == [1]
+    assert reg.acquire_cores("c", "n", 1, [0, 1], ("c", "serve")) == []  # both held
+    assert list(reg.snapshot()) == ["b", "c"]  # a is out of /health until it beats again
+    alive["a"] = False  # killed
+    assert reg.acquire_cores("c", "n", 1, [0, 1], ("c", "serve")) == [0]
+    reg.leave("b")
+    assert reg.acquire_cores("d", "n", 1, [0, 1]) == [1]
 
 
 def test_the_prefix_table_prefers_the_holder_until_its_slots_are_busy():
@@ -169,6 +219,37 @@ def test_busy_is_what_both_the_router_and_the_table_count():
     assert table.running == {"a": 0}
     table.forget("a")
     assert table.running == {} and table.seen == {}
+
+
+def test_a_table_that_sees_no_request_start_goes_by_the_loads_alone():
+    """Behind HAProxy the router only picks (no request is seen to start or finish): the
+    loads it probed decide when the holder of a prefix is saturated."""
+    prefix = block_hashes("Shared system prompt. " * 10)
+
+    def route(loads, **kwargs):
+        table = PrefixTable()
+        table.remember(prefix, "a")
+        return table.route(prefix, loads, saturation=2, **kwargs)
+
+    assert route({"a": 2, "b": 0}, count_started=False) == [["b"], ["a"]]
+    assert route({"a": 1, "b": 0}, count_started=False)[0] == ["a"]
+    assert route({"a": 2, "b": 0})[0] == ["a"]  # counting starts: nothing started here, so idle
+
+
+def test_haproxy_ingress_environment(tmp_path, monkeypatch):
+    from serve.scale.environment import ray_environment
+
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_HAPROXY_STATS_PORT",
+                 "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert ray_environment(ServeOptions(tmp_path, replicas=2)) == {
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+    assert ray_environment(ServeOptions(tmp_path, replicas=2, ray_address="auto")) == {}
+    env = ray_environment(ServeOptions(tmp_path, replicas=2, ray_ingress="haproxy"))
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert env["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] == "1"
+    ports = {env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]}
+    assert len(ports) == 2 and not ports & {"8404", "9101"}
 
 
 def test_every_ingress_router_sends_a_prefix_to_the_same_replica():

@@ -10,7 +10,11 @@ client ─► Ray Serve HTTP proxy ─► Ingress × --ingress-replicas (serve.s
                                    cross back in coalesced chunks, serve.scale.coalesce)
 ```
 
-`serve.scale.forward`, `serve.scale.coalesce` and `serve.scale.prefix_table` import no Ray;
-every other module here does, and only `serve.main` imports them, lazily, when a scale-out
-flag is given: the single-process path never imports Ray.
+With `--ray-ingress haproxy` (serve.scale.direct) Ray's bundled HAProxy takes the proxy's
+place and forwards each client to a replica's own HTTP server; no Ingress then.
+
+`serve.scale.forward`, `serve.scale.coalesce`, `serve.scale.prefix_table` and
+`serve.scale.environment` import no Ray; every other module here does, and only `serve.main`
+imports them, lazily, when a scale-out flag is given: the single-process path never imports
+Ray.
 """

@@ -89,7 +89,7 @@ class Ingress:
                                               code="shutting_down")
             body = await _read_body(receive, self._options.max_body_bytes)
         except APIError as exc:
-            return await _send_error(send, path, exc)
+            return await send_error(send, path, exc)
         if body is None:
             return  # the client left while sending
         request = ForwardedRequest(
@@ -142,26 +142,38 @@ class Ingress:
                 break
             finally:
                 watcher.cancel()
-        await _send_error(send, request.path, error)
+        await send_error(send, request.path, error)
 
     async def _health(self, send: Any) -> None:
-        """200 with each replica's health when at least one replica is ready, else 503."""
-        replicas = {rid: {"node": node, **health}
-                    for rid, (node, health, _) in (await self._registry.snapshot.remote()).items()}
-        ready = sum(1 for h in replicas.values() if h.get("status") == "ok")
-        status = "draining" if self._draining else "ok" if ready else "unavailable"
-        ready = 0 if self._draining else ready
-        await _send_json(send, 200 if ready else 503,
-                         {"status": status, "ready_replicas": ready, "replicas": replicas})
+        await health_response(self._registry, self._draining, send)
 
     async def _metrics(self, scope: dict[str, Any], send: Any) -> None:
-        if self._options.protect_metrics:
-            _authorize(scope, self._options.api_key or "")
-        snapshot = await self._registry.snapshot.remote()
-        text = merge_metrics({rid: t for rid, (_, _, t) in snapshot.items()})
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", CONTENT_TYPE.encode())]})
-        await send({"type": "http.response.body", "body": text.encode()})
+        await metrics_response(self._registry, self._options, scope, send)
+
+
+async def health_response(registry: Any, draining: bool, send: Any) -> None:
+    """`/health` for the deployment, from the `Registry`: 200 with each replica's health when
+    at least one replica is ready (and not `draining`), else 503."""
+    replicas = {rid: {"node": node, **health}
+                for rid, (node, health, _) in (await registry.snapshot.remote()).items()}
+    ready = sum(1 for h in replicas.values() if h.get("status") == "ok")
+    status = "draining" if draining else "ok" if ready else "unavailable"
+    ready = 0 if draining else ready
+    await _send_json(send, 200 if ready else 503,
+                     {"status": status, "ready_replicas": ready, "replicas": replicas})
+
+
+async def metrics_response(registry: Any, options: ServeOptions, scope: dict[str, Any],
+                           send: Any) -> None:
+    """`/metrics`: every replica's llorch metrics, labelled `replica`. Raises
+    AuthenticationError when `--protect-metrics` and the request's key does not match."""
+    if options.protect_metrics:
+        _authorize(scope, options.api_key or "")
+    snapshot = await registry.snapshot.remote()
+    text = merge_metrics({rid: t for rid, (_, _, t) in snapshot.items()})
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", CONTENT_TYPE.encode())]})
+    await send({"type": "http.response.body", "body": text.encode()})
 
 
 class _ASGI:
@@ -211,7 +223,7 @@ async def _wait_disconnect(receive: Any) -> None:
         pass
 
 
-async def _send_error(send: Any, path: str, exc: APIError) -> None:
+async def send_error(send: Any, path: str, exc: APIError) -> None:
     """The error in the shape of the path's API: Anthropic's for /v1/messages, else OpenAI's."""
     body = error_body(exc) if path.rstrip("/").startswith("/v1/messages") else exc.body()
     await _send_json(send, exc.status_code, body, exc.headers)

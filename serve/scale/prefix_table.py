@@ -75,13 +75,17 @@ class PrefixTable:
                 n += 1
         return n
 
-    def route(self, hashes: list[bytes], loads: dict[str, int], saturation: int) -> list[list[str]]:
+    def route(self, hashes: list[bytes], loads: dict[str, int], saturation: int,
+              count_started: bool = True) -> list[list[str]]:
         """The replicas to try, in ranks (see the module docstring).
 
         Args:
             hashes: the prompt's `block_hashes` ([]: no affinity, least loaded first).
             loads: requests in flight per candidate replica id (the caller's view).
             saturation: requests at which a replica stops attracting its prefixes.
+            count_started: busy is the smaller of `loads` and the requests `started` and not
+                `finished` here (see the module docstring); False: `loads` alone (callers
+                that never see a request start or finish).
 
         Returns:
             Ranks of replica ids, every candidate once; [] when there is no candidate.
@@ -89,7 +93,7 @@ class PrefixTable:
         def held(r: str) -> int:
             return len(self.seen.get(r, ()))
 
-        busy = {r: min(n, self.running.get(r, 0)) for r, n in loads.items()}
+        busy = {r: min(n, self.running.get(r, 0)) if count_started else n for r, n in loads.items()}
         by_load = sorted(loads, key=lambda r: (busy[r], loads[r], held(r)))
         if not by_load:
             return []

@@ -5,7 +5,9 @@ Starts a local Ray (or joins `--ray-address`), deploys
     Ingress × --ingress-replicas (no CPU) ─► Replica × N (num_cpus = --threads,
          │  routers share the PrefixTable actor       num_gpus = --gpus-per-replica)
 
-behind Ray Serve's HTTP proxy on `--host/--port`, and waits. SIGTERM/SIGINT drain: the
+behind Ray Serve's HTTP proxy on `--host/--port`, and waits. With `--ray-ingress haproxy` the
+replicas are `serve.scale.direct.DirectReplica`s that Ray's HAProxy reaches directly, picked
+by the `Route` deployment (no Ingress). SIGTERM/SIGINT drain: the
 ingress answers 503 to new requests, running ones get `--drain-timeout` seconds, then the
 application is deleted (each replica ends what is left and stops its engine) and a Ray
 started here is shut down. `application(options, model_name, registry, table)` is the bound
@@ -30,6 +32,7 @@ from ray.serve.schema import LoggingConfig
 from serve.errors import StartupError
 from serve.options import ServeOptions
 from serve.scale.coalesce import DEFAULT_CHUNK_RATE
+from serve.scale.direct import DirectReplica, route_deployment
 from serve.scale.ingress import Ingress
 from serve.scale.prefix_table import PrefixTable
 from serve.scale.registry import BEAT_S, Registry
@@ -78,14 +81,16 @@ def application(options: ServeOptions, model_name: str, registry: Any,
             min_replicas=least, max_replicas=options.max_replicas,
             initial_replicas=max(1, least),  # ready to answer at startup
             target_ongoing_requests=options.target_ongoing_requests or options.max_batch)}
-    replica = serve.deployment(Replica, name="llorch-replica").options(
+    direct = options.ray_ingress == "haproxy"
+    replica = serve.deployment(serve.ingress()(DirectReplica) if direct else Replica,
+                               name="llorch-replica").options(
         # Ray's default (5) would throttle a batching engine: slots + its own queue.
         max_ongoing_requests=options.max_batch + options.max_queue,
         ray_actor_options={"num_cpus": threads if cpu else 1, "num_gpus": gpus},
         request_router_config=RequestRouterConfig(  # least-loaded: Ray's default router
             request_router_class=PREFIX_ROUTER,
             request_router_kwargs={"saturation": options.max_batch, "table": table,
-                                   "namespace": NAMESPACE},
+                                   "namespace": NAMESPACE, **({"picks_only": True} if direct else {})},
         ) if options.routing == "prefix" else RequestRouterConfig(),
         graceful_shutdown_timeout_s=options.drain_timeout + 5.0, graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5.0, logging_config=logs,
@@ -95,6 +100,9 @@ def application(options: ServeOptions, model_name: str, registry: Any,
         ray_actor_options={"num_cpus": 0},
         logging_config=logs)
     replica_options = replace(options, threads=threads if cpu else options.threads)
+    if direct:  # HAProxy asks the Route which replica; the replicas answer the clients
+        bound = replica.bind(replica_options, model_name, registry)
+        return bound._with_ingress_request_router(route_deployment().bind(bound))
     return ingress.bind(replica.bind(replica_options, model_name, registry), registry, options)
 
 
@@ -147,9 +155,15 @@ def run(options: ServeOptions, model_name: str) -> None:
                  options.host, options.port,
                  f"{options.replicas} replicas" if options.replicas else
                  f"{options.min_replicas or 1}-{options.max_replicas} replicas (autoscaling)")
-        log.info("%d ingress replicas; streams coalesced to ~%g chunks/s per replica",
-                 ingress_replicas(options), DEFAULT_CHUNK_RATE if options.stream_chunk_rate is None
-                 else options.stream_chunk_rate)
+        if options.ray_ingress == "haproxy":
+            log.info("clients reach the replicas through HAProxy (its stats page on port %s, "
+                     "its Prometheus metrics on port %s, all interfaces)",
+                     os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"),
+                     os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", "9101"))
+        else:
+            log.info("%d ingress replicas; streams coalesced to ~%g chunks/s per replica",
+                     ingress_replicas(options), DEFAULT_CHUNK_RATE
+                     if options.stream_chunk_rate is None else options.stream_chunk_rate)
         while not stop.wait(0.5):
             pass
         log.info("draining (%g s for running requests)", options.drain_timeout)

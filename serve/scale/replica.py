@@ -42,6 +42,9 @@ from serve.scale.registry import BEAT_S, STALE_S
 
 log = logging.getLogger("serve.scale.replica")
 
+# Ray Serve's actors' namespace (ray/serve/_private/constants.py SERVE_NAMESPACE); a replica's
+# runtime context names its driver's namespace instead, where its actor name is not found.
+SERVE_NAMESPACE = "serve"
 DISCONNECT_GRACE_S = 5.0  # after a disconnect, how long the app gets before its task is cancelled
 
 
@@ -59,16 +62,18 @@ class Replica:
                             format="%(levelname)s %(name)s: %(message)s")
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self.node_id = ray.get_runtime_context().get_node_id()
+        runtime = ray.get_runtime_context()
+        self.node_id = runtime.get_node_id()
         self._registry = registry
         self.cores: list[int] = []
         if options.provider == "cpu" and options.threads:
             # A replacement for a killed replica can start before the registry has noticed
             # the death (its last beat is fresh): ask again until the dead one goes stale.
-            deadline = time.monotonic() + STALE_S + BEAT_S
+            deadline = time.monotonic() + 2 * STALE_S  # its actor must be gone too: slower under load
             while True:
                 self.cores = await registry.acquire_cores.remote(
-                    self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)))
+                    self.replica_id, self.node_id, options.threads, sorted(os.sched_getaffinity(0)),
+                    (runtime.get_actor_name(), SERVE_NAMESPACE) if runtime.get_actor_name() else None)
                 if self.cores or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(BEAT_S)

@@ -31,13 +31,15 @@ from serve.scale.prefix_table import BLOCK_CHARS, PrefixTable, block_hashes
 log = logging.getLogger("serve.scale.router")
 
 TABLE_TIMEOUT_S = 1.0  # a table slower than this: decide alone for this request
+PROBE_TRIES = 4  # picks_only: load probes per pick, deadlines 0.1, 0.2, 0.4, 0.8 s (Ray's backoff)
 
 
 class PrefixAffinityRouter(RequestRouter):
     """Prefix-cache affinity with a least-loaded fallback (see the module docstring)."""
 
     def initialize_state(self, saturation: int = 4, table: str | None = None,
-                         namespace: str = "llorch", block_chars: int = BLOCK_CHARS) -> None:
+                         namespace: str = "llorch", block_chars: int = BLOCK_CHARS,
+                         picks_only: bool = False) -> None:
         """Ray calls this once with `request_router_kwargs`.
 
         Args:
@@ -46,9 +48,14 @@ class PrefixAffinityRouter(RequestRouter):
             table: name of the shared `PrefixTable` actor (None: this router's own table).
             namespace: the actor's Ray namespace.
             block_chars: characters per hashed block.
+            picks_only: Ray only asks for picks (`choose_replica(..., _reserve=False)`, the
+                HAProxy ingress): no request is seen to start or complete, so every pick
+                probes the replicas' loads and the table goes by them alone.
         """
         self.saturation = saturation
         self.block_chars = block_chars
+        self.picks_only = picks_only
+        self._last_lens: dict[ReplicaID, int] = {}  # picks_only: each replica's last answer
         self.local = PrefixTable()
         self._table_name, self._namespace = table, namespace
         self._shared: Any = None
@@ -80,18 +87,33 @@ class PrefixAffinityRouter(RequestRouter):
         return ""
 
     async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
-        """Requests in flight per replica: cached, else probed (unknown: treated as full)."""
+        """Requests in flight per replica: cached, else probed (unknown: treated as full).
+
+        `picks_only`: every replica is probed, a probe that misses Ray's deadline (0.1 s,
+        often missed on a starved CPU) is asked again with a longer one (up to
+        `PROBE_TRIES`), and a replica that still did not answer counts its last answer (0
+        if none): as full, a slow holder of a prefix would lose it to another replica."""
         lens: dict[ReplicaID, int] = {}
         missing = []
         for r in replicas:
-            cached = self._replica_queue_len_cache.get(r.replica_id)
+            cached = None if self.picks_only else self._replica_queue_len_cache.get(r.replica_id)
             if cached is None:
                 missing.append(r)
             else:
                 lens[r.replica_id] = cached
-        if missing:
+        if missing and not self.picks_only:
             for r, n in await self._probe_queue_lens(missing, 0):
                 lens[r.replica_id] = r.max_ongoing_requests if n is None else n
+        for backoff in range(PROBE_TRIES if missing and self.picks_only else 0):
+            answers = await self._probe_queue_lens(missing, backoff)
+            missing = [r for r, n in answers if n is None]
+            for r, n in answers:
+                if n is not None:
+                    lens[r.replica_id] = self._last_lens[r.replica_id] = n
+            if not missing:
+                break
+        for r in missing if self.picks_only else ():
+            lens[r.replica_id] = self._last_lens.get(r.replica_id, 0)
         return lens
 
     async def choose_replicas(
@@ -107,12 +129,13 @@ class PrefixAffinityRouter(RequestRouter):
         table = self._table() if hashes else None
         if table is not None:
             try:
-                ranks = await asyncio.wait_for(table.route.remote(hashes, loads, self.saturation),
-                                               TABLE_TIMEOUT_S)
+                ranks = await asyncio.wait_for(
+                    table.route.remote(hashes, loads, self.saturation, not self.picks_only),
+                    TABLE_TIMEOUT_S)
             except Exception as exc:  # gone or slow: this request is routed without it
                 self._fallback("the shared table failed (%r)", exc)
         if ranks is None:
-            ranks = self.local.route(hashes, loads, self.saturation)
+            ranks = self.local.route(hashes, loads, self.saturation, not self.picks_only)
         return [[by_id[rid] for rid in rank if rid in by_id] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
