@@ -221,7 +221,8 @@ def test_second_signal_is_quiet_and_third_kills_every_process(long_tiny_dir, tmp
     assert "Traceback" not in log.read_text(), log.read_text()
     with split_server(long_tiny_dir, *ARGS, "--drain-timeout", "60", log_path=log) as (base, proc, pids):
         with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/chat/completions", json=LONG) as r:
-            next(r.iter_raw())
+            chunks = r.iter_raw()  # kept: a dropped iterator closes the connection when
+            next(chunks)  # collected, and the stream would end before the test wants it to
             for _ in range(3):
                 proc.send_signal(signal.SIGTERM)
                 time.sleep(0.05)

@@ -452,7 +452,8 @@ def test_third_signal_exits_at_once_with_128_plus_the_signal(long_tiny_dir, tmp_
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True,
             "ignore_eos": True, "max_tokens": 4000}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
-        next(r.iter_raw())
+        chunks = r.iter_raw()  # kept: a dropped iterator closes the connection when
+        next(chunks)  # collected, and the stream would end before the test wants it to
         for _ in range(3):
             proc.send_signal(signal.SIGINT)
             time.sleep(0.05)

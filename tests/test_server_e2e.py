@@ -491,7 +491,8 @@ def _wait_for_free_slots(base: str) -> None:
 def test_client_disconnects_free_their_slots(tiny_server, client):
     body = {"model": "tiny", "messages": MSG, "stream": True, "ignore_eos": True, "n": 4}
     with httpx.stream("POST", f"{tiny_server}/v1/chat/completions", json=body, timeout=60) as r:
-        next(r.iter_raw())
+        chunks = r.iter_raw()  # kept: a dropped iterator closes the connection when
+        next(chunks)  # collected, and the stream would end before the test wants it to
     _wait_for_free_slots(tiny_server)
     with contextlib.suppress(httpx.ReadTimeout):  # a non-streaming client that gives up
         httpx.post(f"{tiny_server}/v1/chat/completions", timeout=0.05,
