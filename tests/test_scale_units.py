@@ -365,3 +365,21 @@ def test_a_hold_bounds_the_wait_of_each_event():
     yielded = {byte: t for t, c in chunks for p in c if p[0] == "body" for byte in p[1]}
     for i in range(2, 12):  # no event waited much past the hold (slack: a busy CI machine)
         assert yielded[96 + i] - 0.02 * i < 0.05 + 0.03
+
+
+def test_a_prefix_every_request_shares_spreads_once_its_holder_is_half_its_slots_ahead():
+    """A chat template's default system prompt is in every request: without a bound on the
+    imbalance a burst of 64 streams stayed on one replica until its 64 slots filled (two H200s:
+    1.21x one replica). The holder keeps the prefix until it is saturation // 2 requests ahead
+    of the least busy replica; then that one takes it, and equal matches go to the less busy."""
+    table = PrefixTable()
+    system = "You are SmolLM, a helpful AI assistant trained by Hugging Face. " * 4
+
+    def first(text, loads):
+        return table.route(block_hashes(text), loads, saturation=64, count_started=False)[0]
+
+    assert first(system + "q0", {"a": 0, "b": 0}) == ["a"]
+    assert first(system + "q1", {"a": 32, "b": 0}) == ["a"]  # half the slots ahead: still a
+    assert first(system + "q2", {"a": 33, "b": 0}) == ["b"]  # further: the least busy takes it
+    assert first(system + "q3", {"a": 33, "b": 1}) == ["b"]  # both hold it now: the less busy
+    assert first(system + "q4", {"a": 20, "b": 25}) == ["a"]

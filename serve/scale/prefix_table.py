@@ -11,19 +11,26 @@ first k blocks" is k set lookups. For a request:
 
 ```
 best = the replica with the most leading blocks seen (ties: fewer requests in flight)
-best matched ≥ 1 block and is busy with fewer than `saturation` requests (its KV slots)
+best matched ≥ 1 block, is busy with fewer than `saturation` requests (its KV slots) and
+with at most `saturation // 2` more than the least busy replica
     → [[best], [everyone else, least loaded first]]
 nobody matched: a new prefix
     → [[of the replicas below `saturation`, the one holding the fewest blocks], [the rest,
        least loaded first]]: new prefixes spread by what the replicas cache, so each one's
        slots hold its share (the load a router sees is a little stale; it only decides once
        replicas fill up)
-otherwise (best is saturated, or everyone is)
+otherwise (best is saturated or that far ahead, or everyone is saturated)
     → [[least loaded (ties: holding the fewest blocks)], [everyone else, same order]]
 ```
 
 and the first choice is remembered at once as holding the prompt, so the next request with
 that prefix goes there even before the first one was answered.
+
+The imbalance bound is Ray's `PrefixCacheAffinityRouter` idea (`imbalanced_threshold`): a
+prefix every request shares (a chat template's default system prompt) would otherwise keep a
+whole burst on one replica until its slots fill. On two H200s 64 such streams went to one
+replica (GPU 39% and 5% busy, 1.21x one replica); with the bound the second replica takes the
+prefix once the first is half its slots ahead, and equal matches then go to the less busy.
 
 "Busy" is the smaller of two counts that can each only err high: the load the calling
 router sees (Ray's queue-length cache, which lags completions by a request or two) and the
@@ -102,7 +109,7 @@ class PrefixTable:
             best = max(by_load, key=lambda r: (self.matched(r, hashes), -busy[r]))
             open_ = [r for r in by_load if busy[r] < saturation]
             if self.matched(best, hashes) > 0:
-                if busy[best] < saturation:
+                if busy[best] < saturation and busy[best] - busy[first] <= saturation // 2:
                     first = best
             elif open_:  # a new prefix: to the replica with the least cached, while it has room
                 first = min(open_, key=lambda r: (held(r), busy[r]))
