@@ -383,3 +383,20 @@ def test_a_prefix_every_request_shares_spreads_once_its_holder_is_half_its_slots
     assert first(system + "q2", {"a": 33, "b": 0}) == ["b"]  # further: the least busy takes it
     assert first(system + "q3", {"a": 33, "b": 1}) == ["b"]  # both hold it now: the less busy
     assert first(system + "q4", {"a": 20, "b": 25}) == ["a"]
+
+
+def test_a_burst_routed_on_stale_loads_counts_its_own_picks():
+    """The HAProxy route never sees a request start (count_started False) and a replica's
+    probed load shows a request only once it arrives: 64 picks of one burst all saw loads of
+    0 and went to the prefix's holder (two H200s: one GPU 44% busy, the other idle). The
+    table's picks of the last second count as busy, so the burst splits."""
+    table = PrefixTable()
+    system = "You are SmolLM, a helpful AI assistant trained by Hugging Face. " * 4
+    picks = [table.route(block_hashes(system + f"q{i}"), {"a": 0, "b": 0}, saturation=64,
+                         count_started=False)[0][0] for i in range(64)]
+    assert 28 <= picks.count("a") <= 36 and picks.count("a") + picks.count("b") == 64
+    # the router that sees requests start and finish keeps counting those instead
+    table = PrefixTable()
+    picks = [table.route(block_hashes(system + f"q{i}"), {"a": 0, "b": 0}, saturation=64)[0][0]
+             for i in range(64)]
+    assert picks.count("a") == 64

@@ -43,10 +43,15 @@ every new prompt elsewhere. No Ray here (unit-testable).
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 
 BLOCK_CHARS = 64  # ~16 tokens of English: finer than any system prompt worth caching
 MAX_BLOCKS_PER_REPLICA = 100_000  # ~6 M characters of prompts remembered per replica
+# Callers that never see a request start (count_started False: the HAProxy route) count the
+# picks of the last PICK_WINDOW_S as busy too: a replica's probed load shows a request only
+# once it arrives there, so the picks of a burst would all see the same stale loads.
+PICK_WINDOW_S = 1.0
 
 
 def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[bytes]:
@@ -70,6 +75,7 @@ class PrefixTable:
         self.max_blocks = max_blocks
         self.seen: dict[str, OrderedDict[bytes, None]] = {}
         self.running: dict[str, int] = {}  # started here, not yet finished
+        self.picks: dict[str, deque[float]] = {}  # count_started False: recent picks' times
 
     def matched(self, replica: str, hashes: list[bytes]) -> int:
         """How many of `hashes`' leading blocks `replica` was sent."""
@@ -91,8 +97,9 @@ class PrefixTable:
             loads: requests in flight per candidate replica id (the caller's view).
             saturation: requests at which a replica stops attracting its prefixes.
             count_started: busy is the smaller of `loads` and the requests `started` and not
-                `finished` here (see the module docstring); False: `loads` alone (callers
-                that never see a request start or finish).
+                `finished` here (see the module docstring); False: the larger of `loads` and
+                this table's picks of the last `PICK_WINDOW_S` (callers that never see a
+                request start or finish).
 
         Returns:
             Ranks of replica ids, every candidate once; [] when there is no candidate.
@@ -100,7 +107,13 @@ class PrefixTable:
         def held(r: str) -> int:
             return len(self.seen.get(r, ()))
 
-        busy = {r: min(n, self.running.get(r, 0)) if count_started else n for r, n in loads.items()}
+        now = time.monotonic()
+        if not count_started:
+            for times in self.picks.values():
+                while times and now - times[0] > PICK_WINDOW_S:
+                    times.popleft()
+        busy = {r: min(n, self.running.get(r, 0)) if count_started
+                else max(n, len(self.picks.get(r, ()))) for r, n in loads.items()}
         by_load = sorted(loads, key=lambda r: (busy[r], loads[r], held(r)))
         if not by_load:
             return []
@@ -114,6 +127,8 @@ class PrefixTable:
             elif open_:  # a new prefix: to the replica with the least cached, while it has room
                 first = min(open_, key=lambda r: (held(r), busy[r]))
             self.remember(hashes, first)
+        if not count_started:
+            self.picks.setdefault(first, deque()).append(now)
         return [[first], [r for r in by_load if r != first]]
 
     def remember(self, hashes: list[bytes], replica: str) -> None:
@@ -141,3 +156,4 @@ class PrefixTable:
         """`replica` died or left: what it held is gone with it."""
         self.seen.pop(replica, None)
         self.running.pop(replica, None)
+        self.picks.pop(replica, None)
