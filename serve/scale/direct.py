@@ -35,7 +35,7 @@ from ray import serve
 
 from serve.errors import APIError
 from serve.options import ServeOptions
-from serve.scale.forward import routing_text
+from serve.scale.forward import complete_lifespan, json_object, routing_text
 from serve.scale.ingress import DRAIN_POLL_S, health_response, metrics_response, send_error
 from serve.scale.replica import Replica
 
@@ -71,7 +71,7 @@ class DirectReplica(Replica):
 
     async def _direct(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":  # the app's own lifespan ran in the constructor
-            return await _complete_lifespan(receive, send)
+            return await complete_lifespan(receive, send)
         if scope["type"] == "http" and scope["method"] == "GET":
             path = scope["path"].rstrip("/")
             try:
@@ -106,7 +106,7 @@ class Route:
 
     async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            return await _complete_lifespan(receive, send)
+            return await complete_lifespan(receive, send)
         if scope["type"] != "http":
             return
         body = bytearray()
@@ -139,24 +139,12 @@ class _Routed:
 def _path_of(body: bytes) -> str:
     """The generating path a body belongs to, from its fields (HAProxy forwards the body
     alone): `messages` → chat, `input` → Responses, else completions."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    if not isinstance(data, dict):
+    data = json_object(body)
+    if data is None:
         return ""
     if "messages" in data:
         return "/v1/chat/completions"
     return "/v1/responses" if "input" in data else "/v1/completions"
-
-
-async def _complete_lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        kind = message["type"].rsplit(".", 1)[-1]
-        await send({"type": f"lifespan.{kind}.complete"})
-        if kind == "shutdown":
-            return
 
 
 def route_deployment() -> Any:

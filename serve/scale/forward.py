@@ -53,6 +53,26 @@ class ForwardedRequest:
         }
 
 
+def json_object(body: bytes) -> dict | None:
+    """``body`` parsed as a JSON object; None where it is not valid JSON or not an object."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def complete_lifespan(receive: Any, send: Any) -> None:
+    """Answer an ASGI lifespan scope: every startup / shutdown message is acknowledged as
+    complete (the apps behind it start and stop with their replica, not with this scope)."""
+    while True:
+        message = await receive()
+        kind = message["type"].rsplit(".", 1)[-1]
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return
+
+
 def routing_text(path: str, body: bytes) -> str:
     """The prompt text a generating request starts with, for prefix-affinity routing.
 
@@ -62,11 +82,8 @@ def routing_text(path: str, body: bytes) -> str:
     `ROUTING_TEXT_CHARS` characters. Never raises: a bad body is the replica's to refuse."""
     if path.rstrip("/") not in GENERATING_PATHS or not body:
         return ""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    if not isinstance(data, dict):
+    data = json_object(body)
+    if data is None:
         return ""
     parts: list[str] = []
     for key in ("system", "instructions"):

@@ -33,7 +33,13 @@ from serve.errors import (
 )
 from serve.metrics import CONTENT_TYPE
 from serve.options import ServeOptions
-from serve.scale.forward import ForwardedRequest, merge_metrics, routing_text, stream_error
+from serve.scale.forward import (
+    ForwardedRequest,
+    complete_lifespan,
+    merge_metrics,
+    routing_text,
+    stream_error,
+)
 
 log = logging.getLogger("serve.scale.ingress")
 
@@ -70,12 +76,8 @@ class Ingress:
 
     async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
+            await complete_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
