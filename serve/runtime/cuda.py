@@ -409,17 +409,14 @@ class CudaRuntime(SharedKVRuntime):
         then prefills each row alone, which would otherwise append those rows twice)."""
         if not self.info.logits_to_keep:
             return super().prefill_batch(slots, seqs, decoding=decoding)
-        self._check_batch(slots, seqs)  # every row, before the first group's call
-        ahead = [] if decoding is None else list(decoding)
-        if decoding is None:  # the rows the last decode step ran
-            owner = {r: s for s, r in enumerate(self._row)}
-            ahead = [owner[r] for r in range(self._decode_rows)]
+        ns = self._check_batch(slots, seqs)  # every row, before the first group's call
+        ahead = self._decode_rows if decoding is None else len(decoding)
         out, i = [], 0
         try:
             while i < len(slots):
                 g = 1 << ((len(slots) - i).bit_length() - 1)
-                out.append(super().prefill_batch(slots[i:i + g], seqs[i:i + g],
-                                                 decoding=[*ahead, *slots[:i]]))
+                out.append(self._prefill_rows(slots[i:i + g], seqs[i:i + g], ns[i:i + g],
+                                              ahead + i))
                 i += g
         except BaseException:
             for s in slots[:i]:

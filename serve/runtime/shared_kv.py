@@ -220,7 +220,14 @@ class SharedKVRuntime(SlotRuntime):
                 tokens, or an empty ``seqs[b]``; nothing is appended.
         """
         ns = self._check_batch(slots, seqs)
-        first = self._place_rows(slots, self._decode_rows if decoding is None else len(decoding))
+        return self._prefill_rows(slots, seqs, ns,
+                                  self._decode_rows if decoding is None else len(decoding))
+
+    def _prefill_rows(self, slots: Sequence[int], seqs: Sequence[Sequence[int]], ns: list[int],
+                      ahead: int) -> np.ndarray:
+        """`prefill_batch` after its checks (``ns``: each row's token count), the rows placed
+        after ``ahead`` rows (`_place_rows`)."""
+        first = self._place_rows(slots, ahead)
         if len(slots) == 1:
             return self.prefill(slots[0], seqs[0])[None]
         width = self._batch_width(max(ns))
