@@ -53,6 +53,7 @@ def test_replicas_without_ray_say_how_to_install_it(monkeypatch, tiny_model_dir)
     ({"replicas": 2, "ray_ingress": "haproxy", "ray_address": "auto"}, "needs a local Ray"),
     ({"replicas": 2, "ray_ingress": "haproxy", "ingress_replicas": 2}, "configures the proxy path"),
     ({"replicas": 2, "ray_ingress": "haproxy", "stream_chunk_rate": 0.0}, "--stream-chunk-rate configures"),
+    ({"engine_process": True}, "--engine-process needs --replicas"),
 ])
 def test_scale_out_flags_that_contradict_each_other(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
