@@ -252,11 +252,13 @@ class ServeOptions:
         "more requests in flight a stream's events wait up to (requests / rate) s, at most "
         "50 ms, and cross Ray as one chunk (never the first token; 0: every event at once; "
         "default: 1000)", type=float)
-    engine_process: bool = _flag(
-        False, "Ray Serve: each replica runs its engine in a child process of its own, the "
+    engine_process: bool | None = _flag(
+        None, "Ray Serve: each replica runs its engine in a child process of its own, the "
         "replica's process doing HTTP, chat templates, tokenizing and SSE (as --api-workers "
-        "does for one process: the engine's steps never wait for that work's GIL)",
-        action="store_true")
+        "does for one process: the engine's steps never wait for that work's GIL). Default "
+        "(auto): on for --provider cuda replicas (two H200s: one replica 12,100-13,700 tok/s "
+        "at 64 streams instead of 7,900-11,000), off on the CPU",
+        action=argparse.BooleanOptionalAction)
     ray_ingress: str = _flag(
         "proxy", "how clients reach the replicas on Ray Serve: proxy = Ray's HTTP proxy, then "
         "llorch's ingress (every chunk crosses both); haproxy = Ray's bundled HAProxy straight to "
@@ -377,6 +379,14 @@ class ServeOptions:
     def scale_out(self) -> bool:
         """Serve on Ray Serve (`serve.scale`) rather than in this one process."""
         return self.replicas is not None or self.max_replicas is not None
+
+    @property
+    def engine_process_in_effect(self) -> bool:
+        """Whether each Ray Serve replica runs its engine in a child process: --engine-process
+        as given, else (auto) for CUDA replicas."""
+        if self.engine_process is not None:
+            return self.engine_process
+        return self.scale_out and self.provider in ("cuda", "CUDAExecutionProvider")
 
     def _check_scale_out(self) -> None:
         if self.replicas is not None and self.replicas < 1:

@@ -60,6 +60,16 @@ def test_scale_out_flags_that_contradict_each_other(kwargs, message, tmp_path):
         ServeOptions(tmp_path, **kwargs)
 
 
+def test_cuda_replicas_run_their_engine_in_a_child_process_by_default(tmp_path):
+    def in_effect(**kwargs):
+        return ServeOptions(tmp_path, **kwargs).engine_process_in_effect
+
+    assert in_effect(replicas=2, provider="cuda") and not in_effect(replicas=2, provider="cpu")
+    assert in_effect(replicas=2, provider="cpu", engine_process=True)
+    assert not in_effect(replicas=2, provider="cuda", engine_process=False)
+    assert not in_effect(provider="cuda")  # one process: --api-workers is its split
+
+
 def test_scale_out_is_on_for_replicas_or_autoscaling(tmp_path):
     assert not ServeOptions(tmp_path).scale_out
     assert ServeOptions(tmp_path, replicas=1).scale_out

@@ -157,6 +157,8 @@ def run(options: ServeOptions, model_name: str) -> None:
                  options.host, options.port,
                  f"{options.replicas} replicas" if options.replicas else
                  f"{options.min_replicas or 1}-{options.max_replicas} replicas (autoscaling)")
+        log.info("each replica runs its engine %s", "in a child process (--engine-process)"
+                 if options.engine_process_in_effect else "in its own process (--no-engine-process)")
         if options.ray_ingress == "haproxy":
             log.info("clients reach the replicas through HAProxy (its stats page on port %s, "
                      "its Prometheus metrics on port %s, all interfaces)",

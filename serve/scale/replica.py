@@ -90,7 +90,7 @@ class Replica:
                             else options.stream_chunk_rate)
         self._in_flight = 0  # handle() calls running: sizes the coalescing window
         self._engine_process: EngineProcess | None = None
-        if options.engine_process:  # the engine in a child; this process: HTTP, templates, SSE
+        if options.engine_process_in_effect:  # the engine in a child; here: HTTP, templates, SSE
             self._engine_process = EngineProcess(options, model_name, on_lost=self._engine_lost)
             client = self._engine_process.client
             self._metrics: Any = MetricsProxy(client)  # the child's registry renders
