@@ -99,11 +99,11 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
                     batch_invariant=options.batch_invariant,
                     speculative=options.speculative_config(), draft=draft)
     log_invariance(options, engine)
-    if getattr(runtime, "_graph_sizes", None) is not None:  # CudaRuntime
-        sizes = runtime._graph_sizes
+    if hasattr(runtime, "captured_sizes"):  # CudaRuntime
+        sizes = runtime.captured_sizes
         log.info("CUDA graphs: %s", (
             f"on (decode steps captured at {len(sizes)} batch sizes, {sizes[0]}..{sizes[-1]})"
-            if getattr(runtime, "_cuda_graph", False) and sizes else
+            if sizes else
             "off (--no-cuda-graph)" if options.cuda_graph is False else
             "off (the export has no static decode graph: llorch export --target cuda)"))
     kv = runtime.kv_bytes()

@@ -310,7 +310,7 @@ def test_captured_steps_pad_to_captured_sizes(cuda_dirs):
     rt = CudaRuntime(load_model_info(d), RuntimeOptions(max_batch=6, max_length=40,
                                                         cuda_graph=True, device_sampling=True),
                      device="cpu")  # device sampling is off by default (auto = host): asked for
-    assert rt._graph_sizes == [1, 2, 4, 6]
+    assert rt.captured_sizes == [1, 2, 4, 6] and ref.captured_sizes == []  # the startup line's
     got = script(rt)
     np.testing.assert_allclose(got, want, atol=2e-3)
     assert sorted(rows for (_, rows, decode) in rt._calls if decode) == [2, 3, 4, 6]

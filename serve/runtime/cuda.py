@@ -293,6 +293,12 @@ class CudaRuntime(SharedKVRuntime):
         if device == "cuda":
             self.warm_up()
 
+    @property
+    def captured_sizes(self) -> list[int]:
+        """The decode batch sizes CUDA graphs capture (`graph_sizes`); [] when decode steps
+        are not captured (no ``cuda_graph``, or the export has no static decode graph)."""
+        return list(self._graph_sizes) if self._cuda_graph else []
+
     def _with_options(self, providers: list, *, cuda_graph: bool = False) -> list:
         return [(p, cuda_provider_options(device_id=self._device_id, cuda_graph=cuda_graph))
                 if p == "CUDAExecutionProvider" else p for p in providers]
