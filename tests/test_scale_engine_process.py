@@ -23,7 +23,10 @@ from openai import OpenAI
 
 pytest.importorskip("ray", reason="Ray Serve is the optional .[ray] extra: pip install 'llorch[ray]'")
 
-from test_scale_haproxy import single_process_answers  # noqa: E402,F401 - a fixture
+from test_scale_haproxy import (  # noqa: E402 - after the skip
+    check_greedy_answers_and_streams,
+    single_process_answers,  # noqa: F401 - a fixture
+)
 from test_scale_ray import (  # noqa: E402 - after the skip
     MODEL,
     QUESTIONS,
@@ -59,18 +62,7 @@ def _engine_pids(base: str) -> dict[str, int]:
 
 
 def test_greedy_answers_and_streams_equal_a_single_process(cluster, client, single_process_answers):  # noqa: F811
-    for question, expected in single_process_answers.items():
-        r = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0,
-                                           messages=[{"role": "user", "content": question}])
-        assert r.choices[0].message.content == expected
-    arrivals, text = [], ""
-    stream = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, stream=True,
-                                            messages=[{"role": "user", "content": QUESTIONS[0]}])
-    for chunk in stream:
-        arrivals.append(time.monotonic())
-        text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
-    assert text == single_process_answers[QUESTIONS[0]]
-    assert len(arrivals) > 5 and arrivals[-2] - arrivals[1] > 0.05  # token by token
+    check_greedy_answers_and_streams(cluster[0], client, single_process_answers)
 
 
 def test_each_replica_has_its_own_engine_process_and_metrics_come_from_it(cluster, client):

@@ -65,6 +65,13 @@ def client(cluster) -> OpenAI:
 
 
 def test_greedy_answers_and_streams_equal_a_single_process(cluster, client, single_process_answers):
+    check_greedy_answers_and_streams(cluster[0], client, single_process_answers)
+
+
+def check_greedy_answers_and_streams(base: str, client: OpenAI, answers: dict[str, str]) -> None:
+    """Greedy answers equal `answers` (a single process's), a stream comes token by token with
+    the same text, and a raw SSE stream ends with [DONE]."""
+    single_process_answers = answers
     for question, expected in single_process_answers.items():
         r = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0,
                                            messages=[{"role": "user", "content": question}])
@@ -79,7 +86,7 @@ def test_greedy_answers_and_streams_equal_a_single_process(cluster, client, sing
     assert len(arrivals) > 5 and arrivals[-2] - arrivals[1] > 0.05  # token by token
     body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": True,
             "messages": [{"role": "user", "content": QUESTIONS[1]}]}
-    with httpx.stream("POST", f"{cluster[0]}/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert _next_events(r.iter_lines(), 100)[-1] == "[DONE]"
 

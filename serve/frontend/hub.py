@@ -321,3 +321,19 @@ def engine_main(options: ServeOptions, model_id: str, address: str, authkey: byt
         log.error("the supervisor went away: stopping")
     engine.stop()
     listener.close()
+
+
+def stop_engine_process(process: Any, control: Connection, timeout: float) -> None:
+    """Stop an `engine_main` process: ("stop",) on its `control` pipe (it ends what still
+    runs), then kill it if it has not exited after `timeout` seconds. No-op once it is gone."""
+    if not process.is_alive():
+        return
+    try:
+        control.send(("stop",))
+    except OSError:
+        pass
+    process.join(timeout)
+    if process.is_alive():
+        log.error("the engine process did not stop: killing it")
+        process.kill()
+        process.join(5)

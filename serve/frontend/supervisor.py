@@ -27,7 +27,7 @@ from pathlib import Path
 import uvicorn
 
 from serve.errors import EngineCrashed, StartupError
-from serve.frontend.hub import engine_main
+from serve.frontend.hub import engine_main, stop_engine_process
 from serve.frontend.worker import worker_main
 from serve.models import ModelEntry
 from serve.options import ServeOptions
@@ -166,16 +166,8 @@ class _Supervisor:
         for proc in self.workers:
             if proc is not None:
                 proc.join(5)
-        if self.engine is not None and self.engine.is_alive():
-            try:
-                self.control.send(("stop",))
-            except OSError:
-                pass
-            self.engine.join(ENGINE_STOP_S)
-            if self.engine.is_alive():
-                log.error("the engine process did not stop: killing it")
-                self.engine.kill()
-                self.engine.join(5)
+        if self.engine is not None:
+            stop_engine_process(self.engine, self.control, ENGINE_STOP_S)
         self.sock.close()
         self.dir.cleanup()
 

@@ -21,7 +21,6 @@ replaces it. The replica's shutdown stops the child (and kills it if it does not
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import secrets
 import tempfile
@@ -29,10 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serve.frontend.client import EngineClient
-from serve.frontend.hub import engine_main
+from serve.frontend.hub import engine_main, stop_engine_process
 from serve.options import ServeOptions
-
-log = logging.getLogger("serve.scale.engine_process")
 
 STOP_S = 15.0  # how long the child gets to stop before it is killed
 
@@ -75,15 +72,6 @@ class EngineProcess:
 
     def stop(self) -> None:
         """Ask the child to stop (it ends what still runs), then kill it after `STOP_S`."""
-        if self.process.is_alive():
-            try:
-                self._control.send(("stop",))
-            except OSError:
-                pass
-            self.process.join(STOP_S)
-            if self.process.is_alive():
-                log.error("the replica's engine process did not stop: killing it")
-                self.process.kill()
-                self.process.join(5)
+        stop_engine_process(self.process, self._control, STOP_S)
         self._control.close()
         self._dir.cleanup()
