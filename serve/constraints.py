@@ -22,8 +22,9 @@ warning llguidance reports is a 400 too. An object schema that lists `properties
 nothing of `additionalProperties` gets no extra keys (llama.cpp's and vLLM/xgrammar's
 default: the output still validates against the schema as sent, and a small model cannot
 run away adding keys); `"additionalProperties": true` allows them. A `number` gets at most
-`NUMBER_FRACTION_DIGITS` digits after the point and no exponent (`bound_numbers`): llguidance's
-numbers are otherwise unbounded, and a small model can write `1.000…` until max_tokens.
+`NUMBER_FRACTION_DIGITS` digits after the point and no exponent (`bound_numbers`; json_object
+is a recursive any-JSON schema with the same bound): llguidance's numbers are otherwise
+unbounded, and a small model can write `1.000…` until max_tokens.
 
 Formats: llguidance's grammar syntax and JSON Schema coverage,
 https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md and docs/json_schema.md;
@@ -68,7 +69,22 @@ log = logging.getLogger("serve.constraints")
 JSON_WHITESPACE = r"[ \t]{0,4}|[ \t]{0,4}\n[ \t]{0,20}"
 _JSON_OVERRIDES = {"lenient": False}  # after the schema's own "x-guidance": no opt-in leniency
 
-ANY_JSON_OBJECT = {"type": "object"}
+# Digits a `number` may have after the decimal point (`bound_numbers`). llama.cpp's
+# json-schema-to-grammar allows 16; llguidance reads `multipleOf` through an f64 and takes at
+# most 1e-10 exactly ("too many digits" beyond), so 10 here.
+NUMBER_FRACTION_DIGITS = 10
+_NUMBER_BOUND = {"multipleOf": 10.0 ** -NUMBER_FRACTION_DIGITS}
+# json_object: any JSON object, its numbers bounded as a schema's are (`bound_numbers`);
+# llguidance's own any-JSON (`{"type": "object"}`) writes numbers of any length.
+_ANY_VALUE = {"anyOf": [
+    {"type": "null"}, {"type": "boolean"},
+    {"type": "number", **_NUMBER_BOUND},
+    {"type": "string"},
+    {"type": "array", "items": {"$ref": "#/$defs/value"}},
+    {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
+]}
+ANY_JSON_OBJECT = {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"},
+                   "$defs": {"value": _ANY_VALUE}}
 CACHE_SIZE = 64  # compiled grammars kept (LRU by grammar text)
 
 
@@ -207,11 +223,6 @@ def close_objects(schema: Any) -> Any:
     return out
 
 
-# Digits a `number` may have after the decimal point (`bound_numbers`). llama.cpp's
-# json-schema-to-grammar allows 16; llguidance reads `multipleOf` through an f64 and takes at
-# most 1e-10 exactly ("too many digits" beyond), so 10 here.
-NUMBER_FRACTION_DIGITS = 10
-_NUMBER_BOUND = {"multipleOf": 10.0 ** -NUMBER_FRACTION_DIGITS}
 _RANGE_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 

@@ -485,3 +485,19 @@ def test_tool_arguments_numbers_are_bounded_too():
         text = head + number + "}}\n</tool_call>"
         accepted = c.matcher.consume_tokens(TOKENIZER.encode(text, add_special_tokens=False))
         assert (accepted and c.matcher.is_accepting()) is ok, number
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"a": 100, "b": -3, "c": [0, 2.25, true, null], "d": {"e": "x", "f": -0.1234567891}}', True),
+    ('{}', True),
+    ('{"a": 1.00000000000}', False),  # 11 fraction digits
+    ('{"a": [1, {"b": 0.12345678912}]}', False),
+    ('{"a": 1e5}', False),
+])
+def test_json_object_numbers_are_bounded_too(text, ok):
+    for fields in ({"response_format": {"type": "json_object"}},
+                   {"structured_outputs": {"json_object": True}}):
+        grammar, _ = request_grammar(**fields)
+        c = Constraint.new(grammar, TOKENIZER)
+        accepted = c.matcher.consume_tokens(TOKENIZER.encode(text, add_special_tokens=False))
+        assert (accepted and c.done) is ok, (fields, text)
