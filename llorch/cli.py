@@ -48,10 +48,11 @@ def _export_parser(sub) -> None:
                    help="int4 exports: lm_head as 8- or 4-bit MatMulNBits, 0 = float "
                    "(default: 8)")
     p.add_argument("--kv-dtype", choices=("fp32", "fp16", "int8"), default=None,
-                   help="cpu: the KV cache's element type; fp16 halves it but decodes about "
-                   "2x slower (ONNX Runtime widens it every step), int8 quarters it at the same "
-                   "speed (per-channel scales calibrated at export; perplexity +0.2%% on the "
-                   "default model, but some greedy answers change) (default: fp32)")
+                   help="cpu: the KV cache's element type; int8 quarters fp32's at the same "
+                   "speed (per-channel scales calibrated at export; on the default model within "
+                   "int4's own perplexity and greedy-answer tolerance), fp16 halves it but "
+                   "decodes about 2x slower (ONNX Runtime widens it every step) (default: int8 "
+                   "for cpu int4 exports, else fp32)")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="coreml: tokens per call of the static prefill graph (default: 64)")
     p.add_argument("--w8a8-graph", action=argparse.BooleanOptionalAction, default=None,

@@ -21,7 +21,10 @@ look-around in `pattern`, …) is a 400 naming it, never a silently looser schem
 warning llguidance reports is a 400 too. An object schema that lists `properties` and says
 nothing of `additionalProperties` gets no extra keys (llama.cpp's and vLLM/xgrammar's
 default: the output still validates against the schema as sent, and a small model cannot
-run away adding keys); `"additionalProperties": true` allows them.
+run away adding keys); `"additionalProperties": true` allows them. A `number` gets at most
+`NUMBER_FRACTION_DIGITS` digits after the point and no exponent (`bound_numbers`; json_object
+is a recursive any-JSON schema with the same bound): llguidance's numbers are otherwise
+unbounded, and a small model can write `1.000…` until max_tokens.
 
 Formats: llguidance's grammar syntax and JSON Schema coverage,
 https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md and docs/json_schema.md;
@@ -51,7 +54,8 @@ from starlette.concurrency import run_in_threadpool
 from serve.errors import InvalidRequestError
 
 __all__ = [
-    "Constraint", "check_grammar", "check_numbers", "close_objects", "compiled", "fill_bitmasks", "grammar_for_choice",
+    "NUMBER_FRACTION_DIGITS", "Constraint", "bound_numbers", "check_grammar", "check_numbers",
+    "close_objects", "compiled", "fill_bitmasks", "grammar_for_choice",
     "grammar_for_gbnf", "grammar_for_json_schema", "grammar_for_lark", "grammar_for_regex",
     "grammar_for_response_format", "grammar_for_structured_outputs", "ll_tokenizer",
     "request_grammar", "require_compiled",
@@ -65,7 +69,22 @@ log = logging.getLogger("serve.constraints")
 JSON_WHITESPACE = r"[ \t]{0,4}|[ \t]{0,4}\n[ \t]{0,20}"
 _JSON_OVERRIDES = {"lenient": False}  # after the schema's own "x-guidance": no opt-in leniency
 
-ANY_JSON_OBJECT = {"type": "object"}
+# Digits a `number` may have after the decimal point (`bound_numbers`). llama.cpp's
+# json-schema-to-grammar allows 16; llguidance reads `multipleOf` through an f64 and takes at
+# most 1e-10 exactly ("too many digits" beyond), so 10 here.
+NUMBER_FRACTION_DIGITS = 10
+_NUMBER_BOUND = {"multipleOf": 10.0 ** -NUMBER_FRACTION_DIGITS}
+# json_object: any JSON object, its numbers bounded as a schema's are (`bound_numbers`);
+# llguidance's own any-JSON (`{"type": "object"}`) writes numbers of any length.
+_ANY_VALUE = {"anyOf": [
+    {"type": "null"}, {"type": "boolean"},
+    {"type": "number", **_NUMBER_BOUND},
+    {"type": "string"},
+    {"type": "array", "items": {"$ref": "#/$defs/value"}},
+    {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
+]}
+ANY_JSON_OBJECT = {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"},
+                   "$defs": {"value": _ANY_VALUE}}
 CACHE_SIZE = 64  # compiled grammars kept (LRU by grammar text)
 
 
@@ -94,7 +113,7 @@ def grammar_for_json_schema(schema: Any, *, param: str, whitespace: str | None =
         raise InvalidRequestError(f"Invalid '{param}': a JSON schema must be an object.", param=param)
     try:
         check_numbers(schema, param=param)
-        closed = close_objects(schema)
+        closed = bound_numbers(close_objects(schema))
         _check_min_properties(closed, param)
     except RecursionError:
         raise InvalidRequestError(f"Invalid '{param}': the JSON schema is nested too deeply.",
@@ -202,6 +221,47 @@ def close_objects(schema: Any) -> Any:
     if isinstance(out.get("properties"), Mapping) and not any(k in out for k in _OPEN_KEYS):
         out["additionalProperties"] = False
     return out
+
+
+_RANGE_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def bound_numbers(schema: Any) -> Any:
+    """A copy of `schema` where every `"type": "number"` schema (or a type list naming it)
+    that has no `multipleOf`, `enum` or `const` gets `"multipleOf": 1e-10`: llguidance then
+    lets a number have at most `NUMBER_FRACTION_DIGITS` digits after the point, and no
+    exponent (its number regex, `-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?`, has no digit
+    bound and no option for one; a 135M model sampled `"confidence": 1.000…` to max_tokens).
+    Left alone where a range bound has more fraction digits than that (the bound could leave
+    no value). Stricter, never looser: whatever it accepts the original accepts."""
+    if isinstance(schema, list):  # `items` in its old tuple form
+        return [bound_numbers(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in (*_SUBSCHEMA, "then", "else"):
+        if key in out:
+            out[key] = bound_numbers(out[key])
+    for key in (*_SUBSCHEMA_LISTS, "allOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [bound_numbers(s) for s in out[key]]
+    for key in (*_SUBSCHEMA_MAPS, "dependentSchemas"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: bound_numbers(s) for name, s in out[key].items()}
+    kind = out.get("type")
+    number = kind == "number" or (isinstance(kind, list) and "number" in kind)
+    ranges_fit = all(_fits_fraction_digits(out[k]) for k in _RANGE_KEYS if k in out)
+    if number and ranges_fit and not any(k in out for k in ("multipleOf", "enum", "const")):
+        out.update(_NUMBER_BOUND)
+    return out
+
+
+def _fits_fraction_digits(value: Any) -> bool:
+    """Whether `value` (a schema's range bound) has at most NUMBER_FRACTION_DIGITS digits
+    after the point (a bool, from draft 4's exclusive flags, counts as fitting)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return True
+    return round(value, NUMBER_FRACTION_DIGITS) == value
 
 
 def grammar_for_regex(regex: Any, *, param: str) -> str:

@@ -26,7 +26,8 @@ Pythonic calls constrain each keyword's value by its property schema (as JSON li
 which the pythonic parser reads too) but not which properties are present.
 
 Argument schemas are closed (`serve.constraints.close_objects`): an object that lists `properties` without
-saying `additionalProperties` takes no other keys.
+saying `additionalProperties` takes no other keys. Their numbers are bounded as response_format's
+(`serve.constraints.bound_numbers`: at most 10 digits after the point, no exponent).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
-from serve.constraints import JSON_WHITESPACE, close_objects
+from serve.constraints import JSON_WHITESPACE, bound_numbers, close_objects
 
 TOOL_CALLS, PYTHON_TAG = "[TOOL_CALLS]", "<|python_tag|>"  # special-token markers
 # Same whitespace rules and strictness as response_format schemas (serve.constraints).
@@ -57,6 +58,7 @@ def _json(schema: dict[str, Any] | None, *, close: bool = True) -> str:
     schema = dict(schema if schema is not None else EMPTY_PARAMETERS)
     if close:
         schema = close_objects(schema)
+    schema = bound_numbers(schema)  # as response_format schemas (serve.constraints)
     schema["x-guidance"] = {**_X_GUIDANCE, **(schema.get("x-guidance") or {})}
     return "%json " + json.dumps(schema, ensure_ascii=False)
 

@@ -71,7 +71,8 @@ def test_both_exports_listed_with_llorch_fields(pair, default_model_dir, default
     # files + KV cache: the engine's own KV count once loaded, the shapes' estimate before
     kv = samples(httpx.get(f"{pair}/metrics").text)[("llorch_kv_cache_bytes", (("model", INT4),))]
     assert int4["memory_bytes"] == weight_bytes(default_model_dir) + kv
-    assert fp32["memory_bytes"] == weight_bytes(default_fp32_dir) + kv  # same shapes, fp32 KV both
+    # same shapes; the int4 export's KV is int8 (1 byte a value), the fp32 export's fp32
+    assert fp32["memory_bytes"] == weight_bytes(default_fp32_dir) + 4 * kv
     assert httpx.get(f"{pair}/v1/models/{FP32}").json()["id"] == FP32
     r = httpx.post(f"{pair}/v1/chat/completions", json={"model": "gpt-4", "messages": QUESTION})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -20,8 +20,10 @@ import pytest
 from test_engine import TOKENIZER, FakeRuntime, collect, make_engine, req, run  # noqa: F401
 
 from serve.constraints import (
+    NUMBER_FRACTION_DIGITS,
     PARALLEL_FILL_ROWS,
     Constraint,
+    bound_numbers,
     check_grammar,
     close_objects,
     compiled,
@@ -434,3 +436,68 @@ def test_engine_stop_strings_still_apply(make_engine):  # noqa: F811
 
 def test_ll_tokenizer_is_built_once():
     assert ll_tokenizer(TOKENIZER) is ll_tokenizer(TOKENIZER)
+
+
+# ------------------------------------------------------------------ bounded numbers
+
+
+def test_numbers_get_at_most_ten_fraction_digits_and_no_exponent():
+    """A small model can sample `1.000…` until max_tokens (llguidance's numbers have no digit
+    bound): every `number` schema is bounded to NUMBER_FRACTION_DIGITS after the point."""
+    schema = {"type": "object", "properties": {"x": {"type": "number", "minimum": 0, "maximum": 1}},
+              "required": ["x"]}
+    grammar, _ = request_grammar(json_schema=schema)
+    for text, ok in [('{"x": 0.5}', True), ('{"x": 1.0000000000}', True),
+                     ('{"x": 0.1234567891}', True), ('{"x": 1.00000000000}', False),
+                     ('{"x": 0.12345678912}', False), ('{"x": 1e-1}', False)]:
+        c = Constraint.new(grammar, TOKENIZER)
+        accepted = c.matcher.consume_tokens(TOKENIZER.encode(text, add_special_tokens=False))
+        assert (accepted and c.done) is ok, text
+
+
+def test_bound_numbers_narrows_only_unbounded_number_schemas():
+    nested = {"type": "object", "properties": {
+        "n": {"type": "number"}, "opt": {"type": ["number", "null"]}, "i": {"type": "integer"},
+        "step": {"type": "number", "multipleOf": 0.5}, "e": {"type": "number", "enum": [0.123456789012]},
+        "fine": {"type": "number", "minimum": 0.123456789012},
+        "list": {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "string"}]}},
+        "ref": {"$ref": "#/$defs/r"}, "properties": {"allOf": [{"type": "number"}]}},
+        "$defs": {"r": {"type": "number", "exclusiveMaximum": 2.5}}}
+    out = bound_numbers(nested)
+    p = out["properties"]
+    bounded = [p["n"], p["opt"], p["list"]["items"]["anyOf"][0], out["$defs"]["r"], p["properties"]["allOf"][0]]
+    assert all(s["multipleOf"] == 10.0 ** -NUMBER_FRACTION_DIGITS for s in bounded)
+    assert p["step"]["multipleOf"] == 0.5  # the schema's own
+    for s in (p["i"], p["e"], p["fine"], p["list"]["items"]["anyOf"][1], p["ref"]):
+        assert "multipleOf" not in s
+    assert "multipleOf" not in nested["properties"]["n"]  # the caller's schema is not modified
+    assert request_grammar(json_schema=nested) is not None  # compiles
+
+
+def test_tool_arguments_numbers_are_bounded_too():
+    from serve.tool_grammar import tool_grammar
+
+    grammar = tool_grammar("generic", [("f", {"type": "object", "properties": {"x": {"type": "number"}},
+                                              "required": ["x"]})], mode="required")
+    head = '<tool_call>\n{"name": "f", "arguments": {"x": '
+    for number, ok in [("2.5", True), ("2.1234567891", True), ("2.12345678912", False)]:
+        c = Constraint.new(grammar, TOKENIZER)
+        text = head + number + "}}\n</tool_call>"
+        accepted = c.matcher.consume_tokens(TOKENIZER.encode(text, add_special_tokens=False))
+        assert (accepted and c.matcher.is_accepting()) is ok, number
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"a": 100, "b": -3, "c": [0, 2.25, true, null], "d": {"e": "x", "f": -0.1234567891}}', True),
+    ('{}', True),
+    ('{"a": 1.00000000000}', False),  # 11 fraction digits
+    ('{"a": [1, {"b": 0.12345678912}]}', False),
+    ('{"a": 1e5}', False),
+])
+def test_json_object_numbers_are_bounded_too(text, ok):
+    for fields in ({"response_format": {"type": "json_object"}},
+                   {"structured_outputs": {"json_object": True}}):
+        grammar, _ = request_grammar(**fields)
+        c = Constraint.new(grammar, TOKENIZER)
+        accepted = c.matcher.consume_tokens(TOKENIZER.encode(text, add_special_tokens=False))
+        assert (accepted and c.done) is ok, (fields, text)

@@ -283,12 +283,19 @@ def _json_ok(text):
     return True
 
 
+# A prompt whose required call is get_weather by a real margin: its first name token "get" is
+# 3.67 logits ahead of the best token of another tool ("search") with fp32 KV, 3.62 with the
+# default int8 KV, and 3.45 / 3.16 ahead of the runner-up "g" (get_weather too) (2026-11-30). PROMPTS[0] ("What's the weather in Paris?") is a coin flip
+# between get_weather and search: "g" 0.20 ahead of "s" with fp32 KV, "s" 0.24 ahead with int8.
+GET_WEATHER_PROMPT = "Get the weather for Paris."
+
+
 @pytest.mark.parametrize("cut", [{"stop": ["Par"]}, {"max_tokens": 17}])
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_a_call_cut_short_keeps_the_engine_reason(client, cut, tool_choice):
     """QA finding 3: a stop string or max_tokens that cuts a call reports "stop"/"length",
     never "tool_calls"; the partial call is kept as written (as OpenAI does for length)."""
-    whole, (content, calls, finish) = _both(client, PROMPTS[0], tool_choice=tool_choice, **cut)
+    whole, (content, calls, finish) = _both(client, GET_WEATHER_PROMPT, tool_choice=tool_choice, **cut)
     reason = "stop" if "stop" in cut else "length"
     assert whole.finish_reason == finish == reason
     (call,) = whole.message.tool_calls
@@ -326,10 +333,14 @@ def test_max_tokens_between_parallel_calls_leaks_no_markup(client):
 
 def test_auto_with_one_call_ends_after_it(client):
     """QA finding 4 (its repro): tool_choice auto without parallel_tool_calls ends after the
-    call's closing tag instead of writing newlines until max_tokens."""
+    call's closing tag instead of writing newlines until max_tokens. The bias makes the model
+    write the "<tool_call>" trigger ('<' 'tool' '_' 'call' '>'): with '<' at +4, as in QA's
+    repro, only 9 of seeds 0-15 (fp32 KV) and 7 (int8 KV) started a call at all, the rest
+    writing text to the limit, so seed 0 tested a coin flip; with '<' at +8 all 16 started
+    one on either KV and ended after it within 49 tokens (2026-11-30)."""
     resp = client.chat.completions.create(
         model=MODEL, max_tokens=300, seed=0, temperature=0.8,
-        logit_bias={"44": 4, "19324": 6, "79": 6, "4350": 6, "46": 6},
+        logit_bias={"44": 8, "19324": 6, "79": 6, "4350": 6, "46": 6},
         messages=[{"role": "system", "content": "You MUST answer by calling a tool using <tool_call>."},
                   {"role": "user", "content": "Call get_weather for Paris now."}],
         tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {

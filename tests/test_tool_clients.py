@@ -26,6 +26,9 @@ class City(BaseModel):
 
     name: str = Field(max_length=30)
     country: str = Field(max_length=30)
+    # The default model writes this number's digits on and on ("1.528888…" on the named City
+    # call, fp32 KV; instructor's request did it with int8 KV): the test holds because numbers
+    # take at most 10 fraction digits (serve.constraints.bound_numbers), not by a lucky seed.
     population_millions: float = Field(ge=0, le=50)
 
 
