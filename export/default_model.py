@@ -154,12 +154,14 @@ def _ensure_hf(root: Path, gguf_path: Path, progress: bool) -> Path:
 def _ensure_export(root: Path, hf_dir: Path, variant: str, progress: bool) -> Path:
     out = root / f"{DEFAULT_NAME}-{variant}"
     if (out / "llorch.json").is_file() and (out / "model.onnx").is_file():
-        try:  # exports with another KV type, or an int4 one whose W8A8 graph is not
+        try:  # stale: exports with another KV type, or an int4 one whose W8A8 graph is not
             # row-invariant (older than the level-4 down_proj default: serve is then not
             # batch-invariant by default)
             graph = json.loads((out / "llorch.json").read_text()).get("graph", {})
+            # ... or one without the attention pad (exact speculative decoding needs it)
             current = ("w8a8_row_invariant" in graph and graph.get("kv_dtype") == "float32"
-                       and (variant != "int4" or graph["w8a8_row_invariant"] is True))
+                       and (variant != "int4" or graph["w8a8_row_invariant"] is True)
+                       and graph.get("attention_pad") is True)
         except (OSError, ValueError):
             current = False
         if current:
