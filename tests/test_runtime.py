@@ -364,3 +364,68 @@ def test_optimum_context_full(optimum_model):
     rt.prefill(0, list(range(3, 11)))
     with pytest.raises(ContextFull):
         rt.decode([0], [3])
+
+
+# -- the attention pad ---------------------------------------------------------------------------
+
+
+def _pad_script(model_dir: Path, pad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One sequence's logits after a 150-token prompt and 30 tokens, computed three ways:
+    (prefill at once, one-token decode steps alone), (prefill chunks of 129 + 21, verify calls
+    of 5, 3, 1, 6 … positions) and (prefill chunks 64 + 1 + 85, decode steps beside another
+    sequence)."""
+    rt = open_runtime(model_dir, RuntimeOptions(max_batch=3, attention_pad=pad))
+    vocab = rt.info.vocab_size
+    prompt, tokens = _ids(150, 1, vocab), _ids(30, 2, vocab)
+    alone = [rt.prefill(0, prompt)] + [rt.decode([0], [t])[0] for t in tokens]
+    rt.prefill(1, prompt[:129])
+    verified, i, sizes = [rt.prefill(1, prompt[129:])[None]], 0, [5, 3, 1, 6]
+    while i < len(tokens):
+        step = tokens[i:i + sizes[len(verified) % 4]]
+        verified.append(rt.verify(1, step))
+        i += len(step)
+    rt.reset(0)
+    rt.prefill(0, prompt)
+    rt.prefill(2, prompt[:64])
+    rt.prefill(2, prompt[64:65])
+    together = [rt.prefill(2, prompt[65:])] + [rt.decode([0, 2], [t, t])[1] for t in tokens]
+    return np.stack(alone), np.concatenate(verified)[:len(alone)], np.stack(together)
+
+
+def test_attention_pad_computes_a_position_alike_in_every_call(tiny_model_dir):
+    """`RuntimeOptions.attention_pad`: a position's logits are the same bit for bit in a
+    one-token decode step, a verify call, a prefill chunk of any size (129 and 1 included) and
+    a decode step beside another sequence (one call each); without the pad a verify call
+    computes them otherwise (ORT's one-row GEMM kernel), which this test would catch."""
+    alone, verified, together = _pad_script(tiny_model_dir, pad=True)
+    assert np.array_equal(verified, alone)
+    assert np.array_equal(together, alone)
+    alone, verified, _ = _pad_script(tiny_model_dir, pad=False)
+    assert not np.array_equal(verified, alone)
+    np.testing.assert_allclose(verified, alone, atol=TOL)
+
+
+def test_attention_pad_fills_a_slot_to_the_exports_length(tiny_model_dir):
+    """The pad row of a slot's last position lands in the spare KV position: a slot fills to
+    the export's max_length (512) one decode step at a time, then is full."""
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(attention_pad=True))
+    assert rt.info.max_length == 512
+    rt.prefill(0, _ids(500, 3, rt.info.vocab_size))
+    for t in _ids(12, 4, rt.info.vocab_size):
+        assert np.isfinite(rt.decode([0], [t])).all()
+    assert rt.length(0) == 512
+    with pytest.raises(ContextFull):
+        rt.decode([0], [5])
+
+
+def test_attention_pad_needs_an_export_that_has_it(tiny_model_dir, tmp_path):
+    """An export without the pad (llorch.json graph.attention_pad missing) is refused, by name."""
+    import json
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, old)
+    manifest = json.loads((old / "llorch.json").read_text())
+    del manifest["graph"]["attention_pad"]
+    (old / "llorch.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="attention_pad"):
+        open_runtime(old, RuntimeOptions(attention_pad=True))
