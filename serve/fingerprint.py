@@ -18,7 +18,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from serve.options import ServeOptions
+from serve.options import ServeOptions, export_graph
 from serve.runtime.interface import ProviderError, cuda_graph_in_effect, w8a8_row_invariant
 
 _DESCRIBING = (".json", ".jinja")  # small files hashed by content
@@ -69,11 +69,7 @@ def cuda_graph(options: ServeOptions) -> bool:
 
 def _graph(options: ServeOptions) -> dict:
     """The export's llorch.json ``graph`` (empty where there is none or it is unreadable)."""
-    try:
-        graph = json.loads((Path(options.model_dir) / "llorch.json").read_text()).get("graph", {})
-    except (OSError, ValueError, AttributeError):
-        graph = {}
-    return graph if isinstance(graph, dict) else {}
+    return export_graph(options.model_dir)
 
 
 def system_fingerprint(options: ServeOptions) -> str:
@@ -91,7 +87,12 @@ def system_fingerprint(options: ServeOptions) -> str:
     sizes = () if mode == "rows" else (options.max_batch, options.prefill_chunk)
     add("options", provider(options), options.w8a8, mode, cuda_graph(options),
         options.device_sampling, *sizes)
-    if options.speculative is not None:  # verify calls run other kernels than one-token steps
+    pad = options.attention_pad_in_effect()
+    if pad:
+        add("attention_pad")
+    # verify calls run other kernels than one-token steps, unless the attention pad makes
+    # them compute what one-token steps do: then speculation changes no number
+    if options.speculative is not None and not pad:
         add("speculative", options.speculative, options.num_speculative_tokens,
             options.prompt_lookup_max, options.prompt_lookup_min,
             options.speculative_disable_by_batch_size, options.draft_model)

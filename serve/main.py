@@ -53,10 +53,16 @@ def check_provider(provider: str) -> None:
 def log_invariance(options: ServeOptions, engine: Engine) -> None:
     """One startup line on whether a request's tokens may depend on what else runs (README
     "Determinism"), with the reason where the default could not make it so."""
-    if engine.speculator is not None:
+    pad = getattr(engine.runtime, "attention_pad", False)
+    if engine.speculator is not None and not (pad and engine.batch_invariant):
         log.info("not batch-invariant: a request's tokens may depend on what else runs "
-                 "(--speculative: a verify call computes several positions in other kernels "
-                 "than a one-token step, and drafting depends on how many sequences decode)")
+                 "(--speculative %s)", "with --no-batch-invariant" if pad else
+                 "without the attention pad: a verify call computes several positions in other "
+                 "kernels than a one-token step")
+    elif engine.speculator is not None:
+        log.info("batch-invariant: the same request gives the same tokens whatever else runs, "
+                 "with or without drafts (attention pad: verify calls compute what one-token "
+                 "steps do; a decode step of several sequences runs one call each)")
     elif engine.batch_invariant:
         how = ("every step on the row-invariant W8A8 graph" if engine.runtime.batch_invariant
                else "a lone decode padded to two rows")
@@ -86,7 +92,8 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
             provider=options.provider, threads=options.threads, max_batch=options.max_batch,
             max_length=options.max_length, w8a8=options.w8a8, cuda_graph=options.cuda_graph,
             batch_invariant=options.batch_invariant,
-            device_sampling=options.runtime_device_sampling, spin=target_spin(options)))
+            device_sampling=options.runtime_device_sampling, spin=target_spin(options),
+            attention_pad=options.attention_pad_in_effect()))
     except Exception as exc:
         raise _name_weights_file(options.model_dir, exc) from exc
     chunk = options.prefill_chunk or (

@@ -232,21 +232,27 @@ def test_a_cached_prefix_leaving_129_tokens_to_prefill_gives_the_cold_logprobs(d
 
 
 @pytest.mark.parametrize("flags,reason", [
-    (("--no-batch-invariant",), "(--no-batch-invariant)"),
-    (("--speculative", "ngram"), "(--speculative:"),
-], ids=["no-batch-invariant", "speculative"])
+    (("--no-batch-invariant",), "not batch-invariant: a request's tokens may depend on what "
+                                "else runs (--no-batch-invariant)"),
+    (("--speculative", "ngram", "--no-attention-pad"), "not batch-invariant: a request's tokens "
+                                                       "may depend on what else runs (--speculative without"),
+    (("--speculative", "ngram"), "batch-invariant: the same request gives the same tokens "
+                                 "whatever else runs, with or without drafts (attention pad"),
+], ids=["no-batch-invariant", "speculative-without-pad", "speculative"])
 def test_the_startup_line_says_when_tokens_may_depend_on_what_else_runs(default_model_dir,
                                                                         tmp_path, flags, reason):
-    """`--no-batch-invariant` logged nothing about invariance, and `--speculative` (README:
-    not covered; QA saw "Write the alphabet twice." answer otherwise beside two other
-    requests) logged "batch-invariant: the same request gives the same tokens"."""
+    """One startup line on invariance, and the true one: `--no-batch-invariant` logged nothing
+    about it; `--speculative` without the attention pad (README: QA saw "Write the alphabet
+    twice." answer otherwise beside two other requests) logged "batch-invariant"; with the
+    pad (its default) speculation changes no number and decode steps of several sequences
+    run one call each, so the line says batch-invariant."""
     from test_server_e2e import running_server
 
     log_path = tmp_path / "server.log"
     with running_server(default_model_dir, "--threads", "1", *flags, log_path=log_path):
         pass
     lines = [line for line in log_path.read_text().splitlines() if "batch-invariant" in line]
-    assert len(lines) == 1 and "not batch-invariant" in lines[0] and reason in lines[0], lines
+    assert len(lines) == 1 and reason in lines[0], lines
 
 
 def test_fingerprint_follows_the_invariance_in_effect(default_model_dir, tiny_model_dir):
@@ -269,19 +275,39 @@ def test_fingerprint_follows_the_invariance_in_effect(default_model_dir, tiny_mo
     assert fp(tiny_model_dir) != fp(tiny_model_dir, max_batch=8)
 
 
-def test_batch_invariant_and_speculative_are_refused_together(default_model_dir, tmp_path):
-    """`--batch-invariant` asks for what `--speculative` cannot give: a startup error (exit 2,
-    both flags named), never a silent no; the default with `--speculative` just logs it."""
+def test_batch_invariant_and_speculative_need_the_attention_pad(default_model_dir, tiny_model_dir,
+                                                             tmp_path):
+    """`--batch-invariant --speculative` holds with the attention pad (on by default with
+    `--speculative` on exports that have it): allowed, and the fingerprint is a plain
+    `--attention-pad` server's (speculation changes no number then). Without the pad it asks
+    for what `--speculative` cannot give: a startup error (exit 2, the flags named), never a
+    silent no, whether the pad is turned off or the export lacks it."""
+    import json
+    import shutil
     import subprocess
     import sys
 
+    from serve.fingerprint import system_fingerprint
     from serve.options import ServeOptions
 
+    spec = ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True)
+    assert spec.attention_pad_in_effect()
+    assert system_fingerprint(spec) == system_fingerprint(
+        ServeOptions(default_model_dir, attention_pad=True))
+    assert system_fingerprint(spec) != system_fingerprint(ServeOptions(default_model_dir))
     with pytest.raises(ValueError, match="--batch-invariant cannot hold with --speculative"):
-        ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True)
-    ServeOptions(default_model_dir, speculative="ngram")  # fine: not invariant, and logged
+        ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True,
+                     attention_pad=False)
+    old = tmp_path / "old"  # an export from before the pad
+    shutil.copytree(tiny_model_dir, old)
+    manifest = json.loads((old / "llorch.json").read_text())
+    del manifest["graph"]["attention_pad"]
+    (old / "llorch.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="--batch-invariant cannot hold with --speculative"):
+        ServeOptions(old, speculative="ngram", batch_invariant=True)
+    assert not ServeOptions(old, speculative="ngram").attention_pad_in_effect()
     p = subprocess.run([sys.executable, "-m", "llorch", "serve", str(default_model_dir),
-                        "--speculative", "ngram", "--batch-invariant"],
+                        "--speculative", "ngram", "--batch-invariant", "--no-attention-pad"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--batch-invariant cannot hold with --speculative" in p.stderr
 
