@@ -429,3 +429,22 @@ def test_attention_pad_needs_an_export_that_has_it(tiny_model_dir, tmp_path):
     (old / "llorch.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="attention_pad"):
         open_runtime(old, RuntimeOptions(attention_pad=True))
+
+
+def test_attention_pad_decode_sampled_one_call_a_sequence(tiny_model_dir):
+    """`decode_sampled` with the pad over two sequences (one call each, tokens picked on the
+    device): greedy picks are the argmax of what each sequence's lone padded step gives."""
+    from serve.runtime import RowDraw, RowToken
+
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=2, attention_pad=True,
+                                                     device_sampling=True))
+    ref = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=2, attention_pad=True))
+    prompts = [_ids(20, 5, rt.info.vocab_size), _ids(33, 6, rt.info.vocab_size)]
+    for r in (rt, ref):
+        for s, p in enumerate(prompts):
+            r.prefill(s, p)
+    for step in range(5):
+        got = rt.decode_sampled([0, 1], [7 + step, 9 + step], [RowDraw(greedy=True)] * 2)
+        want = [int(ref.decode([s], [t])[0].argmax()) for s, t in ((0, 7 + step), (1, 9 + step))]
+        assert [g.token for g in got if isinstance(g, RowToken)] == want
+    assert rt.length(0) == 25 and rt.length(1) == 38
