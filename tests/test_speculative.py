@@ -352,8 +352,9 @@ def test_server_greedy_equal_on_the_default_fp32_model(default_fp32_dir, tmp_pat
 def test_int4_greedy_equal_to_plain_decoding(default_model_dir):
     """The int4 default model, attention pad on: greedy output with speculation is plain
     decoding's (under the pad) token for token on the 9 prompts of bench.spec_prompts, 110
-    tokens each (EOS ignored), alone and four at a time drafting together (decode steps of
-    several sequences one call each). Without the pad 7 of 9 parted (README)."""
+    tokens each (EOS ignored), alone and four at a time drafting together, and plain four at a
+    time (decode steps of several sequences one call each). Without the pad the first prompt
+    already parts (README)."""
     from bench.spec_prompts import GROUNDED, OPEN_ENDED, chat_ids
 
     tok = Tokenizer.from_dir(default_model_dir)
@@ -366,12 +367,14 @@ def test_int4_greedy_equal_to_plain_decoding(default_model_dir):
         want = [run_all(plain, [p], **params)[0] for p in prompts]
         alone = [run_all(spec, [p], **params)[0] for p in prompts]
         together = run_all(spec, prompts[:4], **params)
+        plain_together = run_all(plain, prompts[4:8], **params)  # no drafts, 4 a step
     finally:
         plain.stop()
         spec.stop()
     for name, got, expected in zip([n for n, _ in GROUNDED + OPEN_ENDED], alone, want, strict=True):
         assert got == expected, name
     assert together == want[:4]
+    assert plain_together == want[4:8]
     counts = spec.observer
     assert counts.accepted > 0.3 * counts.drafted > 0
 
