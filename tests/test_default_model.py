@@ -128,3 +128,27 @@ def test_perplexity_w8a8_graph_close_to_int4(default_model_paths):
     w8a8 = perplexity(default_model_paths["int4"], ids, graph="model_w8a8.onnx")
     print(f"perplexity int4 {int4:.3f} w8a8 graph {w8a8:.3f}")
     assert w8a8 <= int4 * 1.015
+
+
+def test_exports_without_the_attention_pad_are_stale(default_model_dir, tmp_path, monkeypatch):
+    """`llorch models fetch` re-exports a default-model directory from before the attention
+    pad (llorch.json graph.attention_pad missing), so users get exact speculative decoding;
+    one with it is kept."""
+    import shutil
+
+    import export.api
+    from export.default_model import _ensure_export
+
+    calls = []
+    monkeypatch.setattr(export.api, "export_model", lambda *a, **kw: calls.append((a, kw)))
+    out = tmp_path / "smollm2-135m-instruct-int4"
+    out.mkdir()
+    for name in ("llorch.json", "model.onnx"):
+        shutil.copy(default_model_dir / name, out / name)
+    assert _ensure_export(tmp_path, tmp_path / "hf", "int4", progress=False) == out
+    assert calls == []
+    meta = json.loads((out / "llorch.json").read_text())
+    del meta["graph"]["attention_pad"]
+    (out / "llorch.json").write_text(json.dumps(meta))
+    _ensure_export(tmp_path, tmp_path / "hf", "int4", progress=False)
+    assert len(calls) == 1 and calls[0][1]["force"] is True
