@@ -11,6 +11,7 @@ once through the real server, flags left at their defaults.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -162,18 +163,26 @@ def test_lone_decode_equals_a_row_of_a_batch_in_the_runtime(runtime, prompts):
         assert np.array_equal(step_alone[0], step_batched[3])
 
 
-def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path):
+@pytest.mark.parametrize("flags,new_tokens", [((), NEW_TOKENS), (("--speculative", "ngram"), 40)],
+                         ids=["defaults", "speculative"])
+def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path,
+                                                                flags, new_tokens):
     """The defaults of `llorch serve`, the official client: each prompt alone, then all 8 at
-    once (greedy and seeded at temperature 0.9) — the same text."""
+    once (greedy and seeded at temperature 0.9) — the same text. With `--speculative ngram`
+    (the attention pad on): alone each sequence drafts, together none does (one stream drafts
+    by default) and their decode steps run one call each — the same text again (QA once saw
+    "Write the alphabet twice." answer otherwise beside two other requests)."""
+    import httpx
     import openai
     from test_server_e2e import running_server
 
+    questions = QUESTIONS if not flags else [*QUESTIONS[:7], "Write the alphabet twice."]
     messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-                for q in QUESTIONS]
+                for q in questions]
 
     async def ask(client, m, params):
         r = await client.chat.completions.create(model="smollm2-135m-instruct", messages=m,
-                                                 max_tokens=NEW_TOKENS, **params)
+                                                 max_tokens=new_tokens, **params)
         return r.choices[0].message.content
 
     async def run_all(base):
@@ -186,9 +195,13 @@ def test_same_text_through_the_real_server_alone_and_concurrent(default_model_di
                 out[name] = (alone, list(together))
         return out
 
-    with running_server(default_model_dir, "--threads", "2", "--max-batch", "8",
+    with running_server(default_model_dir, "--threads", "2", "--max-batch", "8", *flags,
                         log_path=tmp_path / "server.log") as base:
         results = asyncio.run(asyncio.wait_for(run_all(base), 900))
+        metrics = httpx.get(f"{base}/metrics").text
+    if flags:  # drafts were made and kept
+        accepted = re.search(r"^llorch_spec_accepted_tokens_total\{[^}]*\} (\S+)$", metrics, re.M)
+        assert accepted and float(accepted.group(1)) > 0
     for name, (alone, together) in results.items():
         assert all(alone) and len(set(alone)) > 1, name
         assert together == alone, name
