@@ -28,6 +28,13 @@ real tokens only, and the next write overwrites the padding::
     row 1: b b _ _ _      (_ = padding, never read)
              ^ logits of row b at position n_b - 1
 
+With the attention pad (`RuntimeOptions.attention_pad`, host KV only) every call binds the
+graph's ``attention_pad`` input to 1: each GroupQueryAttention computes one extra query row
+(the last token's, again) and writes its K/V one position past the call's last token — into
+the buffers' spare position when the slot is full — where the next call writes first. A
+decode step of 2+ sequences cannot take the pad (ORT refuses several query rows per sequence
+with past context for 2+ sequences): it runs one call per sequence, each on its row.
+
 `HostRuntime` keeps the KV in host memory (numpy); `serve.runtime.cuda.CudaRuntime` on the GPU.
 """
 
@@ -465,7 +472,8 @@ class HostRuntime(SharedKVRuntime):
 
         Runs on the graph a lone sequence decodes on (`_session_for(1)`: the int4 graph, or
         the row-invariant W8A8 graph under ``batch_invariant``), or with ``batched`` on the one
-        a decode step of two rows takes (the engine pads a lone decode to two rows).
+        a decode step of two rows takes (the engine pads a lone decode to two rows). With the
+        attention pad each row's logits are those one-token `decode` steps give, bit for bit.
 
         Returns:
             float32 logits ``[len(ids), vocab]``, row ``i`` after ``ids[i]``.
