@@ -448,8 +448,9 @@ class Engine:
         tokens computed. A decode step's KV (generated tokens, a verify's drafts) and a
         one-token prefill's (prompt logprobs, a one-token prompt) come from another attention
         kernel, whose rounding differs: a multi-turn prompt reusing them would not get the
-        tokens it gets cold."""
-        if not self.batch_invariant:
+        tokens it gets cold — except where every call computes a position alike
+        (`runtime.positions_alike`: the attention pad), which reuses all of them too."""
+        if not self.batch_invariant or getattr(self.runtime, "positions_alike", False):
             return ids
         exact = 0 if job.wants_prompt_logprobs or len(job.prompt) < 2 else len(job.prompt)
         return ids[:exact]

@@ -77,9 +77,9 @@ class Counts(EngineObserver):
 
 
 def engine_for(model_dir, spec: SpeculativeConfig | None, *, max_batch: int = 1,
-               attention_pad: bool = False, **kwargs) -> Engine:
+               attention_pad: bool = False, w8a8: str = "off", **kwargs) -> Engine:
     runtime = open_runtime(model_dir, RuntimeOptions(threads=1, max_batch=max_batch,
-                                                     attention_pad=attention_pad))
+                                                     attention_pad=attention_pad, w8a8=w8a8))
     engine = Engine(runtime, Tokenizer.from_dir(model_dir), speculative=spec,
                     observer=Counts(), **kwargs)
     engine.start()
@@ -350,7 +350,8 @@ def test_server_greedy_equal_on_the_default_fp32_model(default_fp32_dir, tmp_pat
 
 
 def test_int4_greedy_equal_to_plain_decoding(default_model_dir):
-    """The int4 default model, attention pad on: greedy output with speculation is plain
+    """The int4 default model, attention pad on, serve's defaults otherwise (every step on the
+    row-invariant W8A8 graph): greedy output with speculation is plain
     decoding's (under the pad) token for token on the 9 prompts of bench.spec_prompts, 110
     tokens each (EOS ignored), alone and four at a time drafting together, and plain four at a
     time (decode steps of several sequences one call each). Without the pad the first prompt
@@ -359,9 +360,10 @@ def test_int4_greedy_equal_to_plain_decoding(default_model_dir):
 
     tok = Tokenizer.from_dir(default_model_dir)
     prompts = [chat_ids(tok, msg) for _, msg in GROUNDED + OPEN_ENDED]
-    plain = engine_for(default_model_dir, None, max_batch=4, attention_pad=True)
+    # serve's defaults: every step on the row-invariant W8A8 graph (batch-invariant)
+    plain = engine_for(default_model_dir, None, max_batch=4, attention_pad=True, w8a8="auto")
     spec = engine_for(default_model_dir, SpeculativeConfig(disable_by_batch_size=4), max_batch=4,
-                      attention_pad=True)
+                      attention_pad=True, w8a8="auto")
     try:
         params = dict(temperature=0.0, max_tokens=110, ignore_eos=True)
         want = [run_all(plain, [p], **params)[0] for p in prompts]
@@ -411,3 +413,40 @@ def test_server_int4_default_model_greedy_equal_to_plain(default_model_dir, tmp_
     assert "def average_order_value(orders):" in outs["spec"][0]  # the 135M model copies it
     assert "Paris" in outs["spec"][-1]
     assert accepted > 0.3 * drafted > 0
+
+
+def test_int4_second_turn_reuses_the_answer_under_the_pad(default_model_dir):
+    """With the attention pad (batch-invariant, the default) the prefix cache also reuses an
+    earlier answer's KV (decode steps' and verify calls' computed it), not only prompt
+    tokens: a second turn over the first turn's answer takes it from the cache and gets the
+    tokens it gets cold."""
+    from bench.spec_prompts import GROUNDED, chat_ids
+
+    async def answer(engine, prompt):
+        tokens, cached = [], None
+        request = GenerationRequest(tuple(prompt), SamplingParams(temperature=0.0, max_tokens=60,
+                                                                  ignore_eos=True))
+        async for event in engine.submit(request):
+            assert event.error is None, event.error
+            cached = event.usage.cached_tokens if event.usage else cached
+            for c in event.choices:
+                tokens.extend(c.token_ids)
+        return tokens, cached
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    first = chat_ids(tok, dict(GROUNDED)["rename-variable"])
+    warm = engine_for(default_model_dir, SpeculativeConfig(), attention_pad=True, w8a8="auto")
+    cold = engine_for(default_model_dir, SpeculativeConfig(), attention_pad=True, w8a8="auto",
+                      prefix_cache_tokens=0)
+    try:
+        assert warm.runtime.positions_alike
+        reply, _ = asyncio.run(answer(warm, first))
+        second = first + reply + tok.encode("\nNow rename `count` to `n`.")
+        got, cached = asyncio.run(answer(warm, second))
+        want, cold_cached = asyncio.run(answer(cold, second))
+    finally:
+        warm.stop()
+        cold.stop()
+    assert cached >= len(first) + len(reply) - 1 and cold_cached == 0
+    assert got == want
+    assert warm.observer.accepted > 0  # the reply's KV includes verified drafts

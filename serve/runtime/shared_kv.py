@@ -454,6 +454,7 @@ class HostRuntime(SharedKVRuntime):
                 raise ValueError(f"{info.path}: the attention pad needs an export that has it "
                                  "(llorch.json graph.attention_pad: re-export with this llorch)")
             self.attention_pad, self._apart = True, options.batch_invariant is not False
+            self.positions_alike = self._apart and self.batch_invariant
         # the pad row writes one position past a call's last token: one spare position
         shape = (self.n_slots, info.num_kv_heads, self.info.max_length + self.attention_pad,
                  info.head_dim)
