@@ -130,7 +130,8 @@ class Engine:
             decodes with a padding row (int4 MatMulNBits has another kernel for one row; costs
             12-30% of single-stream speed there) and prompts prefill one a step. On, the prefix
             cache reuses only prompt tokens that a prefill of 2+ tokens computed (a decode step's
-            KV, generated tokens', comes from another attention kernel).
+            KV, generated tokens', comes from another attention kernel), unless the runtime
+            computes every position alike (`positions_alike`: the attention pad).
         speculative: speculative decoding (`serve.speculative`); None: off.
         draft: with ``speculative``, the draft model's runtime (`serve.draft_model`: its slot
             i drafts for slot i); None: drafts by prompt lookup.
