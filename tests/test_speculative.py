@@ -354,8 +354,8 @@ def test_int4_greedy_equal_to_plain_decoding(default_model_dir):
     row-invariant W8A8 graph): greedy output with speculation is plain
     decoding's (under the pad) token for token on the 9 prompts of bench.spec_prompts, 110
     tokens each (EOS ignored), alone and four at a time drafting together, and plain four at a
-    time (decode steps of several sequences one call each). Without the pad the first prompt
-    already parts (README)."""
+    time (decode steps of several sequences one call each). Without the pad 6 of the 9 part
+    within 110 tokens (README)."""
     from bench.spec_prompts import GROUNDED, OPEN_ENDED, chat_ids
 
     tok = Tokenizer.from_dir(default_model_dir)
