@@ -272,6 +272,11 @@ class ServeOptions:
         "more requests in flight a stream's events wait up to (requests / rate) s, at most "
         "50 ms, and cross Ray as one chunk (never the first token; 0: every event at once; "
         "default: 1000)", type=float)
+    engine_process: bool = _flag(
+        False, "Ray Serve: each replica runs its engine in a child process of its own, the "
+        "replica's process doing HTTP, chat templates, tokenizing and SSE (as --api-workers "
+        "does for one process: the engine's steps never wait for that work's GIL)",
+        action="store_true")
     ray_ingress: str = _flag(
         "proxy", "how clients reach the replicas on Ray Serve: proxy = Ray's HTTP proxy, then "
         "llorch's ingress (every chunk crosses both); haproxy = Ray's bundled HAProxy straight to "
@@ -438,7 +443,8 @@ class ServeOptions:
                 ("--ray-address", self.ray_address),
                 ("--gpus-per-replica", self.gpus_per_replica),
                 ("--ingress-replicas", self.ingress_replicas),
-                ("--stream-chunk-rate", self.stream_chunk_rate)) if value is not None]
+                ("--stream-chunk-rate", self.stream_chunk_rate),
+                ("--engine-process", self.engine_process or None)) if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} needs --replicas or --max-replicas")
 

@@ -89,8 +89,10 @@ def application(options: ServeOptions, model_name: str, registry: Any,
         ray_actor_options={"num_cpus": threads if cpu else 1, "num_gpus": gpus},
         request_router_config=RequestRouterConfig(  # least-loaded: Ray's default router
             request_router_class=PREFIX_ROUTER,
-            request_router_kwargs={"saturation": options.max_batch, "table": table,
-                                   "namespace": NAMESPACE, **({"picks_only": True} if direct else {})},
+            # The HAProxy route is the only router that picks: its own table, no actor call.
+            request_router_kwargs={"saturation": options.max_batch,
+                                   "table": None if direct else table, "namespace": NAMESPACE,
+                                   **({"picks_only": True} if direct else {})},
         ) if options.routing == "prefix" else RequestRouterConfig(),
         graceful_shutdown_timeout_s=options.drain_timeout + 5.0, graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5.0, logging_config=logs,

@@ -23,20 +23,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
 import ray
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from ray import serve
 
 from serve.app import create_app, drain
+from serve.frontend.client import MetricsProxy, RemoteResponseStore
 from serve.main import load_engine
 from serve.metrics import Metrics
 from serve.options import ServeOptions
 from serve.scale.coalesce import DEFAULT_CHUNK_RATE, ChunkBuffer, hold_seconds
+from serve.scale.engine_process import EngineProcess
 from serve.scale.forward import ForwardedRequest, ResponsePart
 from serve.scale.registry import BEAT_S, STALE_S
 
@@ -45,6 +48,7 @@ log = logging.getLogger("serve.scale.replica")
 # Ray Serve's actors' namespace (ray/serve/_private/constants.py SERVE_NAMESPACE); a replica's
 # runtime context names its driver's namespace instead, where its actor name is not found.
 SERVE_NAMESPACE = "serve"
+EXIT_AFTER_LOST_S = 0.5  # --engine-process: time for the error events to go out after the child died
 DISCONNECT_GRACE_S = 5.0  # after a disconnect, how long the app gets before its task is cancelled
 
 
@@ -82,17 +86,28 @@ class Replica:
             else:
                 log.warning("replica %s: fewer than %d free cores on this node; running unpinned",
                             self.replica_id, options.threads)
-        self._metrics = Metrics()
         self._chunk_rate = (DEFAULT_CHUNK_RATE if options.stream_chunk_rate is None
                             else options.stream_chunk_rate)
         self._in_flight = 0  # handle() calls running: sizes the coalescing window
+        self._engine_process: EngineProcess | None = None
+        if options.engine_process:  # the engine in a child; this process: HTTP, templates, SSE
+            self._engine_process = EngineProcess(options, model_name, on_lost=self._engine_lost)
+            client = self._engine_process.client
+            self._metrics: Any = MetricsProxy(client)  # the child's registry renders
+            self._own = CollectorRegistry()  # this process's counters, rendered beside it
+            self._app = create_app(options, self._engine_process.connect, model_name=model_name,
+                                   metrics=self._metrics,
+                                   responses=RemoteResponseStore(client, options.responses_store_size))
+        else:
+            self._metrics = Metrics()
+            self._own = self._metrics.registry
+            self._app = create_app(options, partial(load_engine, options, self._metrics.observer(model_name)),
+                                   model_name=model_name, metrics=self._metrics)
         self._chunks = Counter("llorch_ray_chunks", "Response chunks this replica sent through "
                                "Ray (each holds one or more of the app's body messages).",
-                               registry=self._metrics.registry)
+                               registry=self._own)
         self._bodies = Counter("llorch_ray_body_messages", "Body messages (an SSE event each, "
-                               "for a stream) the app sent.", registry=self._metrics.registry)
-        self._app = create_app(options, partial(load_engine, options, self._metrics.observer(model_name)),
-                               model_name=model_name, metrics=self._metrics)
+                               "for a stream) the app sent.", registry=self._own)
         self._state = self._app.state.llorch
         self._lifespan = self._app.router.lifespan_context(self._app)
         await self._lifespan.__aenter__()
@@ -118,16 +133,39 @@ class Replica:
         else:
             status = "error" if self._entry.error else "loading"
         body: dict[str, Any] = {"status": status, "node": self.node_id, "cores": self.cores}
+        if self._engine_process is not None:
+            body["engine_pid"] = self._engine_process.process.pid
         if engine is not None:
             body["slots_in_use"] = getattr(engine, "slots_in_use", None)
             body["requests"] = getattr(engine, "num_requests", None)
         return body
 
+    def _engine_lost(self) -> None:
+        """`--engine-process`: the child is gone and its requests end with an error event.
+        503 from now on, and once those events are out (`EXIT_AFTER_LOST_S`) this replica's
+        process exits, so that Ray stops routing to it at once and starts another (as a
+        `--api-workers` worker exits when its engine dies). Called from the client's reader
+        thread."""
+        log.error("replica %s: its engine process died; exiting so that Ray replaces it",
+                  self.replica_id)
+        self._state.draining = True
+        threading.Timer(EXIT_AFTER_LOST_S, os._exit, (1,)).start()
+
+    def _render_metrics(self) -> str:
+        """This replica's llorch metrics (the engine's, from the child with
+        `--engine-process`, and this process's counters). Blocking."""
+        if self._engine_process is None:
+            return self._metrics.render().decode()
+        engine = self._metrics.render() if self._entry.engine is not None else b""
+        return (engine + generate_latest(self._own)).decode()
+
     async def _beat_forever(self) -> None:
         while True:
             try:
+                metrics = (await asyncio.to_thread(self._render_metrics)
+                           if self._engine_process is not None else self._render_metrics())
                 await self._registry.beat.remote(self.replica_id, self.node_id, self.health(),
-                                                 self._metrics.render().decode())
+                                                 metrics)
             except Exception:  # the registry restarting: the next beat tells it again
                 log.warning("replica %s: heartbeat failed", self.replica_id, exc_info=True)
             await asyncio.sleep(BEAT_S)
@@ -136,6 +174,8 @@ class Replica:
         """Ray Serve's health probe: raising makes Ray replace this replica."""
         if self._entry.error is not None:
             raise RuntimeError(self._entry.error)
+        if self._engine_process is not None and not self._engine_process.alive:
+            raise RuntimeError("the replica's engine process died")
 
     async def handle(self, request: ForwardedRequest) -> AsyncIterator[list[ResponsePart]]:
         """Run one HTTP request through the app; yield its response as it is sent, each item
@@ -186,6 +226,8 @@ class Replica:
         self._beats.cancel()
         await drain(self._app, 0.0)
         await self._lifespan.__aexit__(None, None, None)
+        if self._engine_process is not None:
+            await asyncio.to_thread(self._engine_process.stop)
         try:
             await self._registry.leave.remote(self.replica_id)
         except Exception:

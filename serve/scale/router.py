@@ -31,7 +31,8 @@ from serve.scale.prefix_table import BLOCK_CHARS, PrefixTable, block_hashes
 log = logging.getLogger("serve.scale.router")
 
 TABLE_TIMEOUT_S = 1.0  # a table slower than this: decide alone for this request
-PROBE_TRIES = 4  # picks_only: load probes per pick, deadlines 0.1, 0.2, 0.4, 0.8 s (Ray's backoff)
+PROBE_TRIES = 4  # picks_only: load probes per round, deadlines 0.1, 0.2, 0.4, 0.8 s (Ray's backoff)
+REFRESH_S = 0.05  # picks_only: how often the loads are probed, off the pick's path
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -49,8 +50,11 @@ class PrefixAffinityRouter(RequestRouter):
             namespace: the actor's Ray namespace.
             block_chars: characters per hashed block.
             picks_only: Ray only asks for picks (`choose_replica(..., _reserve=False)`, the
-                HAProxy ingress): no request is seen to start or complete, so every pick
-                probes the replicas' loads and the table goes by them alone.
+                HAProxy ingress): no request is seen to start or complete, so the table goes
+                by the replicas' probed loads and this router's recent picks. The loads are
+                probed every `REFRESH_S` by a task of their own, not on a pick's path (a
+                pick that waited for its probes, and for the shared table's actor, took 8–39
+                ms when a burst arrived, once per request).
         """
         self.saturation = saturation
         self.block_chars = block_chars
@@ -61,6 +65,8 @@ class PrefixAffinityRouter(RequestRouter):
         self._shared: Any = None
         self._warned = False
         self._started: dict[str, str] = {}  # internal request id -> replica, until completed
+        self._refresher: asyncio.Task | None = None  # picks_only: the load probes' task
+        self._candidates: list[RunningReplica] = []  # picks_only: what the task probes
 
     def _table(self) -> Any:
         """The shared table's actor handle, looked up once; None when there is none."""
@@ -89,32 +95,58 @@ class PrefixAffinityRouter(RequestRouter):
     async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
         """Requests in flight per replica: cached, else probed (unknown: treated as full).
 
-        `picks_only`: every replica is probed, a probe that misses Ray's deadline (0.1 s,
-        often missed on a starved CPU) is asked again with a longer one (up to
-        `PROBE_TRIES`), and a replica that still did not answer counts its last answer (0
-        if none): as full, a slow holder of a prefix would lose it to another replica."""
+        `picks_only`: the last answer of `_refresh`'s probes (0 for a replica that never
+        answered: as full, a slow holder of a prefix would lose it to another replica); only
+        a replica never probed yet is probed here, before the pick."""
+        if self.picks_only:
+            self._candidates = replicas
+            if self._refresher is None or self._refresher.done():
+                self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+            new = [r for r in replicas if r.replica_id not in self._last_lens]
+            if new:
+                await self._probe(new)
+            return {r.replica_id: self._last_lens.get(r.replica_id, 0) for r in replicas}
         lens: dict[ReplicaID, int] = {}
         missing = []
         for r in replicas:
-            cached = None if self.picks_only else self._replica_queue_len_cache.get(r.replica_id)
+            cached = self._replica_queue_len_cache.get(r.replica_id)
             if cached is None:
                 missing.append(r)
             else:
                 lens[r.replica_id] = cached
-        if missing and not self.picks_only:
+        if missing:
             for r, n in await self._probe_queue_lens(missing, 0):
                 lens[r.replica_id] = r.max_ongoing_requests if n is None else n
-        for backoff in range(PROBE_TRIES if missing and self.picks_only else 0):
+        return lens
+
+    async def _probe(self, replicas: list[RunningReplica]) -> None:
+        """Probe `replicas`' loads into `_last_lens` (and Ray's queue-length cache), asking a
+        replica that misses Ray's deadline (0.1 s, often missed on a starved CPU) again with
+        a longer one, up to `PROBE_TRIES` times; one that never answers keeps its last
+        value (0 if none)."""
+        missing = list(replicas)
+        for backoff in range(PROBE_TRIES):
             answers = await self._probe_queue_lens(missing, backoff)
             missing = [r for r, n in answers if n is None]
             for r, n in answers:
                 if n is not None:
-                    lens[r.replica_id] = self._last_lens[r.replica_id] = n
+                    self._last_lens[r.replica_id] = n
             if not missing:
-                break
-        for r in missing if self.picks_only else ():
-            lens[r.replica_id] = self._last_lens.get(r.replica_id, 0)
-        return lens
+                return
+        for r in missing:
+            self._last_lens.setdefault(r.replica_id, 0)
+
+    async def _refresh(self) -> None:
+        """`picks_only`: probe the candidates of the latest pick every `REFRESH_S`, for as
+        long as this router lives."""
+        while True:
+            try:
+                await self._probe(self._candidates)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a replica gone mid-probe: the next round sees the new set
+                log.debug("load probe failed", exc_info=True)
+            await asyncio.sleep(REFRESH_S)
 
     async def choose_replicas(
         self,
@@ -159,6 +191,7 @@ class PrefixAffinityRouter(RequestRouter):
                 self._shared.finished.remote(rid)
 
     def _forget(self, replica_id: ReplicaID) -> None:
+        self._last_lens.pop(replica_id, None)
         self.local.forget(replica_id.unique_id)
         if self._shared is not None:
             self._shared.forget.remote(replica_id.unique_id)
