@@ -126,8 +126,10 @@ class Engine:
         observer: hooks for metrics (`EngineObserver`).
         batch_invariant: a request's tokens must not depend on what else runs (module
             docstring). None (the default): where the runtime is row-invariant
-            (`runtime.batch_invariant`: free there). True on other runtimes: a lone sequence
-            decodes with a padding row (int4 MatMulNBits has another kernel for one row; costs
+            (`runtime.batch_invariant`: free there; not under the attention pad unless the
+            runtime was opened with ``batch_invariant`` True: batched steps run unpadded
+            otherwise, `serve.runtime.interface.decodes_apart`). True on other runtimes: a
+            lone sequence decodes with a padding row (int4 MatMulNBits has another kernel for one row; costs
             12-30% of single-stream speed there) and prompts prefill one a step. On, the prefix
             cache reuses only prompt tokens that a prefill of 2+ tokens computed (a decode step's
             KV, generated tokens', comes from another attention kernel), unless the runtime

@@ -33,7 +33,9 @@ graph's ``attention_pad`` input to 1: each GroupQueryAttention computes one extr
 (the last token's, again) and writes its K/V one position past the call's last token — into
 the buffers' spare position when the slot is full — where the next call writes first. A
 decode step of 2+ sequences cannot take the pad (ORT refuses several query rows per sequence
-with past context for 2+ sequences): it runs one call per sequence, each on its row.
+with past context for 2+ sequences): with ``RuntimeOptions.batch_invariant`` True it runs one
+call per sequence, each on its row; else (auto, or False) one unpadded call, so that the
+runtime is not batch-invariant then (`decodes_apart`).
 
 `HostRuntime` keeps the KV in host memory (numpy); `serve.runtime.cuda.CudaRuntime` on the GPU.
 """
@@ -48,7 +50,13 @@ import numpy as np
 import onnxruntime as ort
 
 from serve.model_dir import ModelInfo
-from serve.runtime.interface import RowDraw, RowToken, RuntimeOptions, w8a8_row_invariant
+from serve.runtime.interface import (
+    RowDraw,
+    RowToken,
+    RuntimeOptions,
+    decodes_apart,
+    w8a8_row_invariant,
+)
 from serve.runtime.kv_memory import KVBuffers
 from serve.runtime.session import kv_dtype, open_w8a8_session, resolve_providers, session_options
 from serve.runtime.slots import SlotRuntime, with_max_length
@@ -109,7 +117,8 @@ class SharedKVRuntime(SlotRuntime):
         self._verify_calls: dict[tuple[int, int], Call] = {}  # (row, rows_like) -> binding
         self._full_mask = False  # decode masks span the whole cache (captured CUDA graphs)
         # RuntimeOptions.attention_pad (set by `HostRuntime`): calls bind attention_pad = 1;
-        # with `_apart`, a decode step of 2+ sequences runs one call a sequence
+        # with `_apart` (`decodes_apart`), a decode step of 2+ sequences runs one call a
+        # sequence
         self.attention_pad = self._apart = False
         self._sampler = None
         if options.device_sampling if options.device_sampling is not None else self.samples_on_device:
@@ -453,7 +462,12 @@ class HostRuntime(SharedKVRuntime):
             if not info.graph.get("attention_pad"):
                 raise ValueError(f"{info.path}: the attention pad needs an export that has it "
                                  "(llorch.json graph.attention_pad: re-export with this llorch)")
-            self.attention_pad, self._apart = True, options.batch_invariant is not False
+            self.attention_pad = True
+            self._apart = decodes_apart(options.batch_invariant, True)
+            if not self._apart:
+                # a step of 2+ sequences runs unpadded: its rows compute other numbers than
+                # a lone padded step (the W8A8 graph still takes every step where it did)
+                self.batch_invariant = False
             self.positions_alike = self._apart and self.batch_invariant
         # the pad row writes one position past a call's last token: one spare position
         shape = (self.n_slots, info.num_kv_heads, self.info.max_length + self.attention_pad,
