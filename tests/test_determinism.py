@@ -163,15 +163,17 @@ def test_lone_decode_equals_a_row_of_a_batch_in_the_runtime(runtime, prompts):
         assert np.array_equal(step_alone[0], step_batched[3])
 
 
-@pytest.mark.parametrize("flags,new_tokens", [((), NEW_TOKENS), (("--speculative", "ngram"), 40)],
-                         ids=["defaults", "speculative"])
+@pytest.mark.parametrize("flags,new_tokens", [
+    ((), NEW_TOKENS), (("--speculative", "ngram", "--batch-invariant"), 40)],
+    ids=["defaults", "speculative-batch-invariant"])
 def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path,
                                                                 flags, new_tokens):
     """The defaults of `llorch serve`, the official client: each prompt alone, then all 8 at
-    once (greedy and seeded at temperature 0.9) — the same text. With `--speculative ngram`
-    (the attention pad on): alone each sequence drafts, together none does (one stream drafts
-    by default) and their decode steps run one call each — the same text again (QA once saw
-    "Write the alphabet twice." answer otherwise beside two other requests)."""
+    once (greedy and seeded at temperature 0.9) — the same text. With `--speculative ngram
+    --batch-invariant` (the attention pad on): alone each sequence drafts, together none does
+    (one stream drafts by default) and their decode steps run one call each — the same text
+    again (QA once saw "Write the alphabet twice." answer otherwise beside two other
+    requests). `--speculative` alone is not batch-invariant: batched steps run unpadded."""
     import httpx
     import openai
     from test_server_e2e import running_server
@@ -249,16 +251,22 @@ def test_a_cached_prefix_leaving_129_tokens_to_prefill_gives_the_cold_logprobs(d
                                 "else runs (--no-batch-invariant)"),
     (("--speculative", "ngram", "--no-attention-pad"), "not batch-invariant: a request's tokens "
                                                        "may depend on what else runs (--speculative without"),
-    (("--speculative", "ngram"), "batch-invariant: the same request gives the same tokens "
-                                 "whatever else runs, with or without drafts (attention pad"),
-], ids=["no-batch-invariant", "speculative-without-pad", "speculative"])
+    (("--speculative", "ngram"), "not batch-invariant: a request's tokens may depend on what "
+                                 "else runs (--speculative: the attention pad pads a lone decode "
+                                 "step, a step of 2+ sequences runs as one unpadded call"),
+    (("--speculative", "ngram", "--batch-invariant"),
+     "batch-invariant: the same request gives the same tokens whatever else runs, with or "
+     "without drafts (attention pad with --batch-invariant"),
+], ids=["no-batch-invariant", "speculative-without-pad", "speculative",
+        "speculative-batch-invariant"])
 def test_the_startup_line_says_when_tokens_may_depend_on_what_else_runs(default_model_dir,
                                                                         tmp_path, flags, reason):
     """One startup line on invariance, and the true one: `--no-batch-invariant` logged nothing
     about it; `--speculative` without the attention pad (README: QA saw "Write the alphabet
     twice." answer otherwise beside two other requests) logged "batch-invariant"; with the
-    pad (its default) speculation changes no number and decode steps of several sequences
-    run one call each, so the line says batch-invariant."""
+    pad (its default) a lone stream's drafts change no number, but on auto a decode step of
+    several sequences runs as one unpadded call, so the line says not batch-invariant; with
+    `--batch-invariant` such a step runs one call a sequence, and the line says so."""
     from test_server_e2e import running_server
 
     log_path = tmp_path / "server.log"
@@ -286,13 +294,30 @@ def test_fingerprint_follows_the_invariance_in_effect(default_model_dir, tiny_mo
     assert batch_invariance(ServeOptions(tiny_model_dir, batch_invariant=True)) == "padded"
     # elsewhere the slot count still counts (captured CUDA sizes, padding)
     assert fp(tiny_model_dir) != fp(tiny_model_dir, max_batch=8)
+    # the attention pad (auto with --speculative), invariance on auto: steps of 2+ sequences
+    # run unpadded, so not batch-invariant ("rows-batched"): the slot count counts again, and
+    # a plain --attention-pad server computes what a speculative one does (one stream drafts)
+    spec = {"speculative": "ngram"}
+    assert batch_invariance(ServeOptions(default_model_dir, **spec)) == "rows-batched"
+    assert batch_invariance(ServeOptions(default_model_dir, attention_pad=True)) == "rows-batched"
+    assert batch_invariance(ServeOptions(default_model_dir, batch_invariant=True, **spec)) == "rows"
+    assert fp(default_model_dir, **spec) == fp(default_model_dir, attention_pad=True)
+    assert fp(default_model_dir, **spec) != fp(default_model_dir, batch_invariant=True, **spec)
+    assert fp(default_model_dir, **spec) != fp(default_model_dir, max_batch=8, **spec)
+    assert fp(default_model_dir, batch_invariant=True, **spec) == fp(
+        default_model_dir, batch_invariant=True, max_batch=8, **spec)
+    # drafting beside other sequences: a padded verify call replaces an unpadded batched row
+    assert fp(default_model_dir, **spec) != fp(default_model_dir,
+                                               speculative_disable_by_batch_size=2, **spec)
+    assert fp(default_model_dir, batch_invariant=True, **spec) == fp(
+        default_model_dir, batch_invariant=True, speculative_disable_by_batch_size=2, **spec)
 
 
 def test_batch_invariant_and_speculative_need_the_attention_pad(default_model_dir, tiny_model_dir,
                                                              tmp_path):
     """`--batch-invariant --speculative` holds with the attention pad (on by default with
     `--speculative` on exports that have it): allowed, and the fingerprint is a plain
-    `--attention-pad` server's (speculation changes no number then). Without the pad it asks
+    `--attention-pad --batch-invariant` server's (speculation changes no number then). Without the pad it asks
     for what `--speculative` cannot give: a startup error (exit 2, the flags named), never a
     silent no, whether the pad is turned off or the export lacks it."""
     import json
@@ -306,7 +331,7 @@ def test_batch_invariant_and_speculative_need_the_attention_pad(default_model_di
     spec = ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True)
     assert spec.attention_pad_in_effect()
     assert system_fingerprint(spec) == system_fingerprint(
-        ServeOptions(default_model_dir, attention_pad=True))
+        ServeOptions(default_model_dir, attention_pad=True, batch_invariant=True))
     assert system_fingerprint(spec) != system_fingerprint(ServeOptions(default_model_dir))
     with pytest.raises(ValueError, match="--batch-invariant cannot hold with --speculative"):
         ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True,

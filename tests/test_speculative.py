@@ -25,6 +25,7 @@ from serve.runtime import RuntimeOptions, open_runtime
 from serve.sampling import Sample, SamplingParams
 from serve.speculative import SpeculativeConfig, propose_ngram
 from serve.tokenizer import Tokenizer
+from tests.test_runtime import _count_calls
 from tests.test_server_e2e import running_server
 
 REPETITIVE = ("The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the "
@@ -77,9 +78,11 @@ class Counts(EngineObserver):
 
 
 def engine_for(model_dir, spec: SpeculativeConfig | None, *, max_batch: int = 1,
-               attention_pad: bool = False, w8a8: str = "off", **kwargs) -> Engine:
+               attention_pad: bool = False, w8a8: str = "off",
+               batch_invariant: bool | None = None, **kwargs) -> Engine:
     runtime = open_runtime(model_dir, RuntimeOptions(threads=1, max_batch=max_batch,
-                                                     attention_pad=attention_pad, w8a8=w8a8))
+                                                     attention_pad=attention_pad, w8a8=w8a8,
+                                                     batch_invariant=batch_invariant))
     engine = Engine(runtime, Tokenizer.from_dir(model_dir), speculative=spec,
                     observer=Counts(), **kwargs)
     engine.start()
@@ -350,20 +353,21 @@ def test_server_greedy_equal_on_the_default_fp32_model(default_fp32_dir, tmp_pat
 
 
 def test_int4_greedy_equal_to_plain_decoding(default_model_dir):
-    """The int4 default model, attention pad on, serve's defaults otherwise (every step on the
-    row-invariant W8A8 graph): greedy output with speculation is plain
-    decoding's (under the pad) token for token on the 9 prompts of bench.spec_prompts, 110
-    tokens each (EOS ignored), alone and four at a time drafting together, and plain four at a
-    time (decode steps of several sequences one call each). Without the pad 6 of the 9 part
-    within 110 tokens (README)."""
+    """The int4 default model, attention pad on, `--batch-invariant` (every step on the
+    row-invariant W8A8 graph, a decode step of several sequences one padded call each):
+    greedy output with speculation is plain decoding's (under the pad) token for token on the
+    9 prompts of bench.spec_prompts, 110 tokens each (EOS ignored), alone and four at a time
+    drafting together, and plain four at a time. Without the pad 6 of the 9 part within 110
+    tokens (README). (Batch invariance on auto, serve's default: the alone part holds, the
+    together parts need not: test_default_speculative_is_not_batch_invariant.)"""
     from bench.spec_prompts import GROUNDED, OPEN_ENDED, chat_ids
 
     tok = Tokenizer.from_dir(default_model_dir)
     prompts = [chat_ids(tok, msg) for _, msg in GROUNDED + OPEN_ENDED]
-    # serve's defaults: every step on the row-invariant W8A8 graph (batch-invariant)
-    plain = engine_for(default_model_dir, None, max_batch=4, attention_pad=True, w8a8="auto")
+    plain = engine_for(default_model_dir, None, max_batch=4, attention_pad=True, w8a8="auto",
+                       batch_invariant=True)
     spec = engine_for(default_model_dir, SpeculativeConfig(disable_by_batch_size=4), max_batch=4,
-                      attention_pad=True, w8a8="auto")
+                      attention_pad=True, w8a8="auto", batch_invariant=True)
     try:
         params = dict(temperature=0.0, max_tokens=110, ignore_eos=True)
         want = [run_all(plain, [p], **params)[0] for p in prompts]
@@ -381,22 +385,48 @@ def test_int4_greedy_equal_to_plain_decoding(default_model_dir):
     assert counts.accepted > 0.3 * counts.drafted > 0
 
 
+def test_default_speculative_is_not_batch_invariant(default_model_dir):
+    """`--speculative ngram` with batch invariance on auto, opened as the server opens it
+    (`load_engine`): the attention pad on, not batch-invariant (fingerprint mode
+    "rows-batched"), every step on the row-invariant W8A8 graph (a lone one too), and a decode
+    step of two sequences runs as one ORT call; `--speculative ngram --batch-invariant` runs it
+    as one padded call a sequence, batch-invariant (mode "rows")."""
+    from serve.fingerprint import batch_invariance
+    from serve.main import load_engine
+
+    prompts = [[1, 9038, 2114, 314, 253, 1030], [1, 504, 3458, 3615, 16495, 1789, 28, 30]]
+    for batch_invariant, calls_a_step in ((None, 1), (True, 2)):
+        options = ServeOptions(default_model_dir, speculative="ngram", max_batch=2, threads=1,
+                               max_length=256, batch_invariant=batch_invariant)
+        engine = load_engine(options)
+        engine.stop()
+        rt = engine.runtime
+        assert rt.attention_pad and rt._session_for(1) is rt.w8a8_session
+        assert engine.batch_invariant is bool(batch_invariant) is rt.batch_invariant
+        assert batch_invariance(options) == ("rows" if batch_invariant else "rows-batched")
+        for slot, prompt in enumerate(prompts):
+            rt.prefill(slot, prompt)
+        calls = _count_calls(rt)
+        rt.decode([0, 1], [13, 13])
+        assert len(calls) == calls_a_step, batch_invariant
+
+
 def test_server_int4_default_model_greedy_equal_to_plain(default_model_dir, tmp_path):
-    """Through the server and the openai client, the int4 default model: `--speculative ngram
-    --batch-invariant` (the attention pad on by default with --speculative) answers as a plain
-    server started with --attention-pad, token for token, under the same system_fingerprint;
-    input-grounded drafts are mostly accepted, and the answers stay right."""
+    """Through the server and the openai client, the int4 default model: `--speculative ngram`
+    (the attention pad on by default with it, batch invariance on auto: not batch-invariant,
+    the startup line says so) answers a lone stream as a plain server started with
+    --attention-pad, token for token, under the same system_fingerprint; input-grounded
+    drafts are mostly accepted, and the answers stay right."""
     from bench.spec_prompts import GROUNDED, OPEN_ENDED
 
-    common = ("--max-batch", "1", "--threads", "2", "--max-length", "1024")
+    common = ("--max-batch", "2", "--threads", "2", "--max-length", "1024")
     questions = [dict(GROUNDED)["rename-variable"], dict(GROUNDED)["fix-typos"],
                  dict(GROUNDED)["summarize"], dict(OPEN_ENDED)["poem"],
                  "What is the capital of France?"]
     outs, fingerprints = {}, {}
-    for name, extra in (("plain", ("--attention-pad",)),
-                        ("spec", ("--speculative", "ngram", "--batch-invariant"))):
-        with running_server(default_model_dir, *common, *extra,
-                            log_path=tmp_path / f"{name}.log") as base:
+    for name, extra in (("plain", ("--attention-pad",)), ("spec", ("--speculative", "ngram"))):
+        log_path = tmp_path / f"{name}.log"
+        with running_server(default_model_dir, *common, *extra, log_path=log_path) as base:
             client = _client(base)
             model = client.models.list().data[0].id
             answers = [client.chat.completions.create(
@@ -408,6 +438,8 @@ def test_server_int4_default_model_greedy_equal_to_plain(default_model_dir, tmp_
                 text = httpx.get(f"{base}/metrics").text
                 drafted = float(re.search(r"^llorch_spec_draft_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
                 accepted = float(re.search(r"^llorch_spec_accepted_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
+        lines = [line for line in log_path.read_text().splitlines() if "batch-invariant" in line]
+        assert len(lines) == 1 and "not batch-invariant" in lines[0], lines
     assert outs["spec"] == outs["plain"]
     assert fingerprints["spec"] == fingerprints["plain"] and len(fingerprints["spec"]) == 1
     assert "def average_order_value(orders):" in outs["spec"][0]  # the 135M model copies it
@@ -416,10 +448,10 @@ def test_server_int4_default_model_greedy_equal_to_plain(default_model_dir, tmp_
 
 
 def test_int4_second_turn_reuses_the_answer_under_the_pad(default_model_dir):
-    """With the attention pad (batch-invariant, the default) the prefix cache also reuses an
-    earlier answer's KV (decode steps' and verify calls' computed it), not only prompt
-    tokens: a second turn over the first turn's answer takes it from the cache and gets the
-    tokens it gets cold."""
+    """With the attention pad and `--batch-invariant` (whose prefix cache otherwise reuses
+    only prompt tokens a prefill computed) the prefix cache also reuses an earlier answer's KV
+    (decode steps' and verify calls' computed it): a second turn over the first turn's answer
+    takes it from the cache and gets the tokens it gets cold."""
     from bench.spec_prompts import GROUNDED, chat_ids
 
     async def answer(engine, prompt):
@@ -435,9 +467,10 @@ def test_int4_second_turn_reuses_the_answer_under_the_pad(default_model_dir):
 
     tok = Tokenizer.from_dir(default_model_dir)
     first = chat_ids(tok, dict(GROUNDED)["rename-variable"])
-    warm = engine_for(default_model_dir, SpeculativeConfig(), attention_pad=True, w8a8="auto")
+    warm = engine_for(default_model_dir, SpeculativeConfig(), attention_pad=True, w8a8="auto",
+                      batch_invariant=True)
     cold = engine_for(default_model_dir, SpeculativeConfig(), attention_pad=True, w8a8="auto",
-                      prefix_cache_tokens=0)
+                      batch_invariant=True, prefix_cache_tokens=0)
     try:
         assert warm.runtime.positions_alike
         reply, _ = asyncio.run(answer(warm, first))
