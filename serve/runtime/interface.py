@@ -72,7 +72,7 @@ class RuntimeOptions:
         batch_invariant: True or None (the default): run every step, a lone sequence's decode
             included, on a row-invariant W8A8 graph where the export has one (llorch.json
             `graph.w8a8_row_invariant`, with ``w8a8`` "all"), so a sequence's tokens never
-            depend on its batch mates; False: a lone sequence decodes on the int4 graph
+            depend on its batch mates (under ``attention_pad`` only with True: see there); False: a lone sequence decodes on the int4 graph
             (closer to fp32, default model: KL 0.0034 vs 0.0053; faster at one row).
         coreml_cache_dir: static (CoreML) exports: where compiled models are kept (None:
             `~/.cache/llorch/coreml/<export>`).
