@@ -11,7 +11,9 @@ summed. Run it under the machine's benchmark lock; ~5 min at 2 rounds on 2 cores
 ``--draft-dir`` with ``--model-dir`` the default model's fp32 export and ``--draft-dir`` its
 int4 export is the pairing README "Speculative decoding" measures; ``--spin`` lets ORT's
 threads spin with a draft model too (`serve.main.DRAFT_SPIN`), ``--plain-no-spin`` adds a
-plain engine whose threads do not spin, ``--quick`` takes 2 prompts a set.
+plain engine whose threads do not spin, ``--quick`` takes 2 prompts a set, ``--pad-ab`` adds a
+plain engine with the attention pad (what the pad costs plain decoding) and a speculative one
+without it (speculation before the pad).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plain-no-spin", action="store_true",
                     help="a third engine: plain decoding with ORT's spinning off")
     ap.add_argument("--quick", action="store_true", help="2 prompts a set")
+    ap.add_argument("--pad-ab", action="store_true",
+                    help="add off-pad (plain, attention pad on) and <mode>-no-pad engines")
     ap.add_argument("--new-tokens", type=int, default=SPEC_NEW_TOKENS)
     args = ap.parse_args(argv)
     model = args.model_dir
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
              mode: LlorchSpec(model, args.threads, True, args.draft_dir)}
     if args.plain_no_spin:
         peers["off-no-spin"] = LlorchSpec(model, args.threads, False, spin=False)
+    if args.pad_ab:
+        peers["off-pad"] = LlorchSpec(model, args.threads, False, attention_pad=True)
+        peers[f"{mode}-no-pad"] = LlorchSpec(model, args.threads, True, args.draft_dir,
+                                             attention_pad=False)
     names = list(peers)
     try:
         for p in peers.values():
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s:9s}", "   ".join(
                 f"{k} {total[k, s][0] / total[k, s][1]:6.1f} tok/s "
                 f"({total[k, s][0] / total[k, s][1] / off:.2f}x)" for k in names))
-        print("drafts:", peers[mode].extra())
+        print("drafts:", {k: p.extra() for k, p in peers.items() if k.startswith(mode)})
     finally:
         for p in peers.values():
             p.close()

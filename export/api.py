@@ -262,6 +262,8 @@ def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length
                      down_proj_accuracy_level=down_proj_accuracy_level,
                      lm_head_bits=lm_head_bits, int4_symmetric=int4_symmetric)
     gqa = uses_gqa(cfg, spec) and target != "coreml"
+    # cpu GroupQueryAttention graphs get the attention pad (export.graph._attention_pad)
+    spec = replace(spec, attention_pad=target == "cpu" and gqa)
     if w8a8_graph is None:  # the server runs it over shared KV buffers: GQA graphs only
         w8a8_graph = target == "cpu" and precision == "int4" and gqa
     if kv_dtype is None:
@@ -426,6 +428,9 @@ def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, rep
             "w8a8_down_proj_accuracy_level": spec.down_proj_accuracy_level
             if plan.w8a8_graph else None,
             "cuda_graph": CUDA_GRAPH_FILE if spec.target == "cuda" else None,
+            # an `attention_pad` input (export.graph._attention_pad): with it set, every
+            # position computes the same in a decode step, a verify call and a prefill chunk
+            "attention_pad": spec.attention_pad,
         },
         "max_length": spec.max_length,
         "params": plan.cfg.num_params(),

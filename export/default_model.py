@@ -156,13 +156,15 @@ def _ensure_hf(root: Path, gguf_path: Path, progress: bool) -> Path:
 def _ensure_export(root: Path, hf_dir: Path, variant: str, progress: bool) -> Path:
     out = root / f"{DEFAULT_NAME}-{variant}"
     if (out / "llorch.json").is_file() and (out / "model.onnx").is_file():
-        try:  # exports with another KV type than the default (int8 for int4, float32 for
-            # fp32), or an int4 one whose W8A8 graph is not row-invariant (older than the
-            # level-4 down_proj default: serve is then not batch-invariant by default)
+        try:  # stale: exports with another KV type than the default (int8 for int4,
+            # float32 for fp32), an int4 one whose W8A8 graph is not row-invariant (older than
+            # the level-4 down_proj default: serve is then not batch-invariant by default), or
+            # one without the attention pad (exact speculative decoding needs it)
             graph = json.loads((out / "llorch.json").read_text()).get("graph", {})
             current = ("w8a8_row_invariant" in graph
                        and graph.get("kv_dtype") == DEFAULT_KV_TYPES[variant]
-                       and (variant != "int4" or graph["w8a8_row_invariant"] is True))
+                       and (variant != "int4" or graph["w8a8_row_invariant"] is True)
+                       and graph.get("attention_pad") is True)
         except (OSError, ValueError):
             current = False
         if current:

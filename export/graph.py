@@ -85,6 +85,14 @@ class AttentionInputs:
     total_seq_len: str  # int32 scalar: attention_mask width
     cos_cache: str
     sin_cache: str
+    # The attention pad (`GraphSpec.attention_pad`): int64 [1] tensors S - pad and S (S =
+    # the call's tokens), or None where the graph has no pad
+    pad_start: str | None = None
+    seq_len: str | None = None
+
+
+# constants the attention pad's Slice nodes share (`_attention_pad` adds them)
+_PAD_AXIS, _PAD_ZERO = "/model/attn_pad/axis", "/model/attn_pad/zero"
 
 
 def uses_gqa(cfg: LlamaConfig, spec: GraphSpec) -> bool:
@@ -116,6 +124,10 @@ def self_attn(ctx: GraphContext, h: str, att: AttentionInputs | StandardAttentio
     if isinstance(att, StandardAttentionInputs):
         out = standard_attention(g, qkv, layer, cfg, att)[0]
     else:
+        if att.pad_start is not None:  # attention pad: the last token's q|k|v once more
+            last = g.op("Slice", [qkv, att.pad_start, att.seq_len, _PAD_AXIS],
+                        name=f"{n}/pad/Slice")
+            qkv = g.op("Concat", [qkv, last], name=f"{n}/pad/Concat", axis=1)
         out = g.node(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
@@ -126,6 +138,8 @@ def self_attn(ctx: GraphContext, h: str, att: AttentionInputs | StandardAttentio
             scale=float(cfg.head_dim**-0.5), do_rotary=1, rotary_interleaved=0,
             local_window_size=cfg.sliding_window or -1,
         )[0]
+        if att.pad_start is not None:  # the pad row's output is dropped
+            out = g.op("Slice", [out, _PAD_ZERO, att.seq_len, _PAD_AXIS], name=f"{n}/pad/Unpad")
     return linear(ctx, out, [f"{p}.o_proj.weight"], node=f"{n}/o_proj", init=f"{p}.o_proj")
 
 
@@ -254,7 +268,7 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
     if not gqa:
         att = attention_inputs(g, cfg, spec.max_length, input_ids, mask, position_ids)
     else:
-        att = _gqa_inputs(g, cfg, spec, mask)
+        att = _gqa_inputs(g, cfg, spec, mask, input_ids)
     logits = model(GraphContext(g, cfg, w, spec), input_ids, keep, att, on_layer)
     g.node("Identity", [logits], ["logits"], name="/logits/Identity")
     present_shape = kv_shape if gqa else ["batch_size", cfg.num_key_value_heads,
@@ -265,10 +279,12 @@ def build_decoder(g: GraphBuilder, cfg: LlamaConfig, w: Weights, spec: GraphSpec
         g.output(f"present.{i}.value", spec.io_type, present_shape)
 
 
-def _gqa_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, mask: str
-                ) -> AttentionInputs:
+def _gqa_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, mask: str,
+                input_ids: str) -> AttentionInputs:
     # seqlens_k = tokens per sequence - 1, total = mask width (what GQA wants as int32)
-    cos, sin = cos_sin_cache(cfg, spec.max_length)
+    pad = spec.attention_pad and not spec.static_decode
+    # the pad row sits one position past the call's last token: the caches cover it
+    cos, sin = cos_sin_cache(cfg, spec.max_length + pad)
     cos = g.initializer("cos_cache", cos.astype(spec.io_dtype))
     sin = g.initializer("sin_cache", sin.astype(spec.io_dtype))
     if spec.static_decode:
@@ -288,4 +304,37 @@ def _gqa_inputs(g: GraphBuilder, cfg: LlamaConfig, spec: GraphSpec, mask: str
     width = g.op("Shape", [mask], name="/model/attn_mask/Shape", start=1, end=2)
     width = g.op("Squeeze", [width], name="/model/attn_mask/Squeeze")
     width = g.op("Cast", [width], name="/model/attn_mask/total_seq_len/Cast", to=TensorProto.INT32)
-    return AttentionInputs(seqlens, width, cos, sin)
+    if not pad:
+        return AttentionInputs(seqlens, width, cos, sin)
+    return _attention_pad(g, input_ids, AttentionInputs(seqlens, width, cos, sin))
+
+
+def _attention_pad(g: GraphBuilder, input_ids: str, att: AttentionInputs) -> AttentionInputs:
+    """The attention pad's shared tensors (`GraphSpec.attention_pad`)::
+
+      attention_pad [1] (overridable, default 0) ─► seqlens_k + pad, total + pad
+      S = Shape(input_ids)[1] ─► S - pad: where each layer's copy of the last row starts
+
+    With pad 1 each GroupQueryAttention gets S + 1 query rows (the last token's q|k|v twice;
+    `self_attn` slices the extra output row off) and writes one more K/V position, at the
+    call's total length, which the next call overwrites before anything reads it (causal).
+    ORT's CPU kernel multiplies each (sequence, head)'s probs by V with a one-row GEMM kernel
+    of its own when the call has one query row (MLAS's M == 1 path, no FMA) and with the
+    general one otherwise (whose per-row result does not depend on the row count): with the
+    pad a one-token decode step, a verify call and every prefill chunk compute a position the
+    same, bit for bit. ORT refuses S > 1 rows with past context for 2+ sequences, so a decode
+    step of several sequences cannot take it (the runtime runs those one call each, or
+    unpadded). Pad 0 runs the graph as without it.
+    """
+    m = "/model/attn_pad"
+    g.const(_PAD_AXIS, [1])
+    g.const(_PAD_ZERO, [0])
+    pad = g.input("attention_pad", TensorProto.INT64, [1])
+    g.const("attention_pad", [0])
+    pad32 = g.op("Cast", [pad], name=f"{m}/Cast", to=TensorProto.INT32)  # [1]
+    seqlens = g.op("Add", [att.seqlens_k, pad32], name=f"{m}/seqlens_k/Add")
+    total = g.op("Add", [att.total_seq_len, g.op("Squeeze", [pad32], name=f"{m}/Squeeze")],
+                 name=f"{m}/total_seq_len/Add")
+    seq = g.op("Shape", [input_ids], name=f"{m}/seq/Shape", start=1, end=2)
+    start = g.op("Sub", [seq, pad], name=f"{m}/start/Sub")
+    return AttentionInputs(seqlens, total, att.cos_cache, att.sin_cache, start, seq)

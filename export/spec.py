@@ -56,6 +56,11 @@ class GraphSpec:
     # spanning the KV buffer, total_sequence_length a host input fixed per session, no logits
     # slice, so that every node runs on the GPU and ONNX Runtime can capture a step.
     static_decode: bool = False
+    # The attention pad (cpu GroupQueryAttention graphs, export.graph.self_attn): an
+    # overridable ``attention_pad`` input (default 0) that, set to 1, gives every
+    # GroupQueryAttention one more query row than the call has tokens, so that no real row
+    # is computed by ORT's one-row GEMM kernel. The rotary caches get one more position.
+    attention_pad: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

@@ -126,11 +126,14 @@ class Engine:
         observer: hooks for metrics (`EngineObserver`).
         batch_invariant: a request's tokens must not depend on what else runs (module
             docstring). None (the default): where the runtime is row-invariant
-            (`runtime.batch_invariant`: free there). True on other runtimes: a lone sequence
-            decodes with a padding row (int4 MatMulNBits has another kernel for one row; costs
+            (`runtime.batch_invariant`: free there; not under the attention pad unless the
+            runtime was opened with ``batch_invariant`` True: batched steps run unpadded
+            otherwise, `serve.runtime.interface.decodes_apart`). True on other runtimes: a
+            lone sequence decodes with a padding row (int4 MatMulNBits has another kernel for one row; costs
             12-30% of single-stream speed there) and prompts prefill one a step. On, the prefix
             cache reuses only prompt tokens that a prefill of 2+ tokens computed (a decode step's
-            KV, generated tokens', comes from another attention kernel).
+            KV, generated tokens', comes from another attention kernel), unless the runtime
+            computes every position alike (`positions_alike`: the attention pad).
         speculative: speculative decoding (`serve.speculative`); None: off.
         draft: with ``speculative``, the draft model's runtime (`serve.draft_model`: its slot
             i drafts for slot i); None: drafts by prompt lookup.
@@ -448,8 +451,9 @@ class Engine:
         tokens computed. A decode step's KV (generated tokens, a verify's drafts) and a
         one-token prefill's (prompt logprobs, a one-token prompt) come from another attention
         kernel, whose rounding differs: a multi-turn prompt reusing them would not get the
-        tokens it gets cold."""
-        if not self.batch_invariant:
+        tokens it gets cold — except where every call computes a position alike
+        (`runtime.positions_alike`: the attention pad), which reuses all of them too."""
+        if not self.batch_invariant or getattr(self.runtime, "positions_alike", False):
             return ids
         exact = 0 if job.wants_prompt_logprobs or len(job.prompt) < 2 else len(job.prompt)
         return ids[:exact]

@@ -7,8 +7,9 @@ and tokenizer — plus the content of the small JSON files that describe them, w
 source's sha256 for llorch exports), the llorch version, the execution provider (``auto``
 resolved to the one it picks), and the flags that pick other kernels (`--w8a8`, the
 batch-invariance mode in effect, CUDA graphs in effect, `--max-batch`, `--prefill-chunk`; the
-last two not where every step runs on a row-invariant graph, whose numbers they do not
-change). Not the port, the key or the queue settings: they change no output.
+last two not where the server is batch-invariant on a row-invariant graph, whose numbers they
+do not change; the attention pad in effect; the `--speculative` settings where drafts change
+numbers). Not the port, the key or the queue settings: they change no output.
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from serve.options import ServeOptions
-from serve.runtime.interface import ProviderError, cuda_graph_in_effect, w8a8_row_invariant
+from serve.options import ServeOptions, export_graph
+from serve.runtime.interface import (
+    ProviderError,
+    cuda_graph_in_effect,
+    decodes_apart,
+    w8a8_row_invariant,
+)
 
 _DESCRIBING = (".json", ".jinja")  # small files hashed by content
 _MAX_HASHED_BYTES = 4 * 1024 * 1024
@@ -36,12 +42,19 @@ def llorch_version() -> str:
 def batch_invariance(options: ServeOptions) -> str:
     """How a request's numbers relate to its batch, from the flags and the export's llorch.json
     (as `serve.runtime.shared_kv` and `serve.engine` decide it at load): "rows" (every step
-    on a row-invariant W8A8 graph: the default on such exports, or `--batch-invariant`),
-    "padded" (`--batch-invariant` elsewhere: a lone decode padded to two rows) or "off"."""
+    on a row-invariant W8A8 graph: the default on such exports, or `--batch-invariant`; with
+    the attention pad only `--batch-invariant`, whose steps of 2+ sequences run one call
+    each), "rows-batched" (the attention pad with batch invariance on auto, the default with
+    `--speculative`: every step on that graph, but a step of 2+ sequences as one unpadded
+    call, so not batch-invariant), "padded" (`--batch-invariant` elsewhere: a lone decode
+    padded to two rows) or "off"."""
     if options.batch_invariant is False:
         return "off"
     rows = (w8a8_row_invariant(_graph(options), options.w8a8)
             and provider(options) == "CPUExecutionProvider")  # the W8A8 graph is CPU-only
+    pad = options.attention_pad_in_effect()
+    if pad and not decodes_apart(options.batch_invariant, pad):
+        return "rows-batched" if rows else "off"
     return "rows" if rows else "padded" if options.batch_invariant else "off"
 
 
@@ -69,11 +82,7 @@ def cuda_graph(options: ServeOptions) -> bool:
 
 def _graph(options: ServeOptions) -> dict:
     """The export's llorch.json ``graph`` (empty where there is none or it is unreadable)."""
-    try:
-        graph = json.loads((Path(options.model_dir) / "llorch.json").read_text()).get("graph", {})
-    except (OSError, ValueError, AttributeError):
-        graph = {}
-    return graph if isinstance(graph, dict) else {}
+    return export_graph(options.model_dir)
 
 
 def system_fingerprint(options: ServeOptions) -> str:
@@ -91,7 +100,15 @@ def system_fingerprint(options: ServeOptions) -> str:
     sizes = () if mode == "rows" else (options.max_batch, options.prefill_chunk)
     add("options", provider(options), options.w8a8, mode, cuda_graph(options),
         options.device_sampling, *sizes)
-    if options.speculative is not None:  # verify calls run other kernels than one-token steps
+    pad = options.attention_pad_in_effect()
+    if pad:
+        add("attention_pad")
+    # verify calls run other kernels than one-token steps, unless the attention pad makes
+    # them compute what one-token steps do: then speculation changes no number, except where
+    # sequences draft beside others while plain steps of 2+ sequences run unpadded
+    # ("rows-batched": a verify call is padded, the batched step it replaces is not)
+    beside = mode == "rows-batched" and options.speculative_disable_by_batch_size > 1
+    if options.speculative is not None and (not pad or beside):
         add("speculative", options.speculative, options.num_speculative_tokens,
             options.prompt_lookup_max, options.prompt_lookup_min,
             options.speculative_disable_by_batch_size, options.draft_model)

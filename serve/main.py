@@ -52,11 +52,28 @@ def check_provider(provider: str) -> None:
 
 def log_invariance(options: ServeOptions, engine: Engine) -> None:
     """One startup line on whether a request's tokens may depend on what else runs (README
-    "Determinism"), with the reason where the default could not make it so."""
-    if engine.speculator is not None:
+    "Determinism"), with the reason where the default could not make it so. Reads what the
+    engine and runtime resolved at load (`decodes_apart`), as `system_fingerprint` does."""
+    pad = getattr(engine.runtime, "attention_pad", False)
+    flag = "--speculative" if engine.speculator is not None else "--attention-pad"
+    if engine.speculator is not None and not pad:
         log.info("not batch-invariant: a request's tokens may depend on what else runs "
-                 "(--speculative: a verify call computes several positions in other kernels "
-                 "than a one-token step, and drafting depends on how many sequences decode)")
+                 "(--speculative without the attention pad: a verify call computes several "
+                 "positions in other kernels than a one-token step)")
+    elif pad and engine.batch_invariant:
+        drafts = ", with or without drafts" if engine.speculator is not None else ""
+        log.info("batch-invariant: the same request gives the same tokens whatever else runs%s "
+                 "(attention pad with --batch-invariant: a decode step of several sequences "
+                 "runs one call each)", drafts)
+    elif pad and options.batch_invariant is False:
+        log.info("not batch-invariant: a request's tokens may depend on what else runs "
+                 "(%s with --no-batch-invariant)", flag)
+    elif pad:  # auto: invariance under the pad would cost batching
+        drafts = ("; a lone stream's drafts change no number" if engine.speculator is not None
+                  else "")
+        log.info("not batch-invariant: a request's tokens may depend on what else runs (%s: "
+                 "the attention pad pads a lone decode step, a step of 2+ sequences runs as one "
+                 "unpadded call%s; --batch-invariant runs one call a sequence)", flag, drafts)
     elif engine.batch_invariant:
         how = ("every step on the row-invariant W8A8 graph" if engine.runtime.batch_invariant
                else "a lone decode padded to two rows")
@@ -86,7 +103,8 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
             provider=options.provider, threads=options.threads, max_batch=options.max_batch,
             max_length=options.max_length, w8a8=options.w8a8, cuda_graph=options.cuda_graph,
             batch_invariant=options.batch_invariant,
-            device_sampling=options.runtime_device_sampling, spin=target_spin(options)))
+            device_sampling=options.runtime_device_sampling, spin=target_spin(options),
+            attention_pad=options.attention_pad_in_effect()))
     except Exception as exc:
         raise _name_weights_file(options.model_dir, exc) from exc
     chunk = options.prefill_chunk or (

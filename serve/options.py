@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,15 @@ API_KEY_ENV = "LLORCH_API_KEY"
 # --api-workers' ceiling: every worker is a Python process (~100 MiB) feeding one engine
 # thread; 4 already took the H200's HTTP path from 3,629 to 4,671 tok/s at 64 streams.
 MAX_API_WORKERS = 64
+
+
+def export_graph(model_dir: Path | str | None) -> dict:
+    """The export's llorch.json ``graph`` (empty where there is none or it is unreadable)."""
+    try:
+        graph = json.loads((Path(model_dir) / "llorch.json").read_text()).get("graph", {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        graph = {}
+    return graph if isinstance(graph, dict) else {}
 
 
 def _flag(default: Any, help: str, **argparse: Any) -> Any:
@@ -164,7 +174,22 @@ class ServeOptions:
         "accuracy-level-4 down_proj default), every step then runs on it; --batch-invariant "
         "on other exports pads a lone decode to two rows (12-30%% slower for one stream); "
         "--no-batch-invariant: a lone sequence decodes on the int4 graph (closer to fp32: KL "
-        "0.0034 vs 0.0053, and faster), its tokens then depending on the batch",
+        "0.0034 vs 0.0053, and faster), its tokens then depending on the batch. Under the "
+        "attention pad (the default with --speculative) it is not free: auto is off there (a "
+        "decode step of 2+ sequences runs as one unpadded call), --batch-invariant runs such "
+        "a step as one padded call a sequence (4 sequences: 25.8 -> 58.8 ms a step)",
+        action=argparse.BooleanOptionalAction)
+    attention_pad: bool | None = _flag(
+        None, "give every GroupQueryAttention call one extra query row, so that a position "
+        "computes the same, bit for bit, in a one-token decode step, a verify call "
+        "(--speculative) and any prefill chunk (--provider cpu, exports with llorch.json "
+        "graph.attention_pad). Default (auto): on with --speculative where the export has it, "
+        "so that a lone stream's greedy --speculative output is plain decoding's under this "
+        "flag, token for token. Costs a lone decode step attention over two rows (default "
+        "model: +1%% at 60 tokens of context, +10%% at 300, +27%% at 1000). A decode step of "
+        "2+ sequences cannot take the pad: it runs as one unpadded call (the server is then "
+        "not batch-invariant), or with --batch-invariant as one padded call a sequence "
+        "(batch-invariant with or without drafts; 4 sequences: 25.8 -> 58.8 ms a step)",
         action=argparse.BooleanOptionalAction)
     w8a8: str = _flag(
         "auto", "runs on the export's W8A8 graph (int8 GEMMs, smoothed activations): all = "
@@ -331,11 +356,12 @@ class ServeOptions:
             raise ValueError("--speculative draft needs --draft-model DIR (the export that drafts)")
         if self.speculative is not None:
             self.speculative_config()  # ValueError on out-of-range values
-            if self.batch_invariant is True:
+            if self.batch_invariant is True and not self.attention_pad_in_effect():
                 raise ValueError(
-                    "--batch-invariant cannot hold with --speculative: a verify call computes "
-                    "several positions of a sequence at once, in another attention kernel than "
-                    "a one-token step, and drafting depends on how many sequences decode; drop "
+                    "--batch-invariant cannot hold with --speculative without the attention pad "
+                    "(--no-attention-pad, or an export without llorch.json graph.attention_pad: "
+                    "re-export it with this llorch): a verify call computes several positions of "
+                    "a sequence at once, in another attention kernel than a one-token step; drop "
                     "one of the two")
         defaults = {f.name: f.default for f in fields(self)}
         needs = {"num_speculative_tokens": None, "speculative_disable_by_batch_size": None,
@@ -354,6 +380,13 @@ class ServeOptions:
         if self.draft_model is not None and (self.more_models or self.models_dir is not None):
             raise ValueError("--draft-model drafts for one target model: give one model "
                              "directory (no more DIRs, no --models-dir)")
+
+    def attention_pad_in_effect(self) -> bool:
+        """Whether the runtime takes the attention pad (`RuntimeOptions.attention_pad`):
+        --attention-pad as given, else (auto) with --speculative where the export has it."""
+        if self.attention_pad is not None:
+            return self.attention_pad
+        return self.speculative is not None and bool(export_graph(self.model_dir).get("attention_pad"))
 
     def speculative_config(self):
         """The engine's `serve.speculative.SpeculativeConfig` (None: --speculative off).

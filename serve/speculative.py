@@ -22,10 +22,12 @@ is a point mass on d: accept d with probability min(1, p(d)/q(d)) = p(d), else s
 residual norm(max(0, p - q)) = p with d removed, renormalised. Drawing t ~ p and accepting iff
 t == d does both at once: P(t = d) = p(d), and given t != d, t ~ p(. | t != d).
 
-The logits of a K+1-token verify call are not bit for bit those of K+1 one-token decode
-steps where the graph's kernels depend on the row count (int4 MatMulNBits: measured up to
-0.5 logit apart on the default model, fp32 graph 4e-5): there a greedy text equals the
-plain one until a near-tie flips; README "Speculative decoding" states what is bitwise.
+The logits of a K+1-token verify call are those of K+1 one-token decode steps bit for bit
+where the runtime runs with the attention pad (`RuntimeOptions.attention_pad`, on by default
+with `--speculative`): ORT's CPU GroupQueryAttention otherwise computes a one-query-row call
+in a kernel of its own (measured up to 0.5 logit apart on the int4 default model, 4e-5 on its
+fp32 export), and a greedy text then equals the plain one only until a near tie flips;
+README "Speculative decoding".
 """
 
 from __future__ import annotations

@@ -185,10 +185,35 @@ def test_a_default_export_with_another_kv_type_is_exported_again(default_model_p
         d.mkdir()
         (d / "model.onnx").write_bytes(b"")
         (d / "llorch.json").write_text(json.dumps(
-            {"graph": {"kv_dtype": kv, "w8a8_row_invariant": d is stale or None}}))
+            {"graph": {"kv_dtype": kv, "w8a8_row_invariant": d is stale or None,
+                       "attention_pad": True}}))
     paths = ensure_default_model(root=root, variants=("int4", "fp32"), progress=False)
     graph = json.loads((paths["int4"] / "llorch.json").read_text())["graph"]
     assert graph["kv_dtype"] == "int8" and graph["w8a8_row_invariant"] is True
     assert (paths["int4"] / "model.onnx").stat().st_size > 0
     assert (kept / "model.onnx").stat().st_size == 0  # current: left alone
     shutil.rmtree(root)
+
+
+def test_exports_without_the_attention_pad_are_stale(default_model_dir, tmp_path, monkeypatch):
+    """`llorch models fetch` re-exports a default-model directory from before the attention
+    pad (llorch.json graph.attention_pad missing), so users get exact speculative decoding;
+    one with it is kept."""
+    import shutil
+
+    import export.api
+    from export.default_model import _ensure_export
+
+    calls = []
+    monkeypatch.setattr(export.api, "export_model", lambda *a, **kw: calls.append((a, kw)))
+    out = tmp_path / "smollm2-135m-instruct-int4"
+    out.mkdir()
+    for name in ("llorch.json", "model.onnx"):
+        shutil.copy(default_model_dir / name, out / name)
+    assert _ensure_export(tmp_path, tmp_path / "hf", "int4", progress=False) == out
+    assert calls == []
+    meta = json.loads((out / "llorch.json").read_text())
+    del meta["graph"]["attention_pad"]
+    (out / "llorch.json").write_text(json.dumps(meta))
+    _ensure_export(tmp_path, tmp_path / "hf", "int4", progress=False)
+    assert len(calls) == 1 and calls[0][1]["force"] is True

@@ -11,6 +11,7 @@ once through the real server, flags left at their defaults.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -162,18 +163,28 @@ def test_lone_decode_equals_a_row_of_a_batch_in_the_runtime(runtime, prompts):
         assert np.array_equal(step_alone[0], step_batched[3])
 
 
-def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path):
+@pytest.mark.parametrize("flags,new_tokens", [
+    ((), NEW_TOKENS), (("--speculative", "ngram", "--batch-invariant"), 40)],
+    ids=["defaults", "speculative-batch-invariant"])
+def test_same_text_through_the_real_server_alone_and_concurrent(default_model_dir, tmp_path,
+                                                                flags, new_tokens):
     """The defaults of `llorch serve`, the official client: each prompt alone, then all 8 at
-    once (greedy and seeded at temperature 0.9) — the same text."""
+    once (greedy and seeded at temperature 0.9) — the same text. With `--speculative ngram
+    --batch-invariant` (the attention pad on): alone each sequence drafts, together none does
+    (one stream drafts by default) and their decode steps run one call each — the same text
+    again (QA once saw "Write the alphabet twice." answer otherwise beside two other
+    requests). `--speculative` alone is not batch-invariant: batched steps run unpadded."""
+    import httpx
     import openai
     from test_server_e2e import running_server
 
+    questions = QUESTIONS if not flags else [*QUESTIONS[:7], "Write the alphabet twice."]
     messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-                for q in QUESTIONS]
+                for q in questions]
 
     async def ask(client, m, params):
         r = await client.chat.completions.create(model="smollm2-135m-instruct", messages=m,
-                                                 max_tokens=NEW_TOKENS, **params)
+                                                 max_tokens=new_tokens, **params)
         return r.choices[0].message.content
 
     async def run_all(base):
@@ -186,9 +197,13 @@ def test_same_text_through_the_real_server_alone_and_concurrent(default_model_di
                 out[name] = (alone, list(together))
         return out
 
-    with running_server(default_model_dir, "--threads", "2", "--max-batch", "8",
+    with running_server(default_model_dir, "--threads", "2", "--max-batch", "8", *flags,
                         log_path=tmp_path / "server.log") as base:
         results = asyncio.run(asyncio.wait_for(run_all(base), 900))
+        metrics = httpx.get(f"{base}/metrics").text
+    if flags:  # drafts were made and kept
+        accepted = re.search(r"^llorch_spec_accepted_tokens_total\{[^}]*\} (\S+)$", metrics, re.M)
+        assert accepted and float(accepted.group(1)) > 0
     for name, (alone, together) in results.items():
         assert all(alone) and len(set(alone)) > 1, name
         assert together == alone, name
@@ -232,21 +247,33 @@ def test_a_cached_prefix_leaving_129_tokens_to_prefill_gives_the_cold_logprobs(d
 
 
 @pytest.mark.parametrize("flags,reason", [
-    (("--no-batch-invariant",), "(--no-batch-invariant)"),
-    (("--speculative", "ngram"), "(--speculative:"),
-], ids=["no-batch-invariant", "speculative"])
+    (("--no-batch-invariant",), "not batch-invariant: a request's tokens may depend on what "
+                                "else runs (--no-batch-invariant)"),
+    (("--speculative", "ngram", "--no-attention-pad"), "not batch-invariant: a request's tokens "
+                                                       "may depend on what else runs (--speculative without"),
+    (("--speculative", "ngram"), "not batch-invariant: a request's tokens may depend on what "
+                                 "else runs (--speculative: the attention pad pads a lone decode "
+                                 "step, a step of 2+ sequences runs as one unpadded call"),
+    (("--speculative", "ngram", "--batch-invariant"),
+     "batch-invariant: the same request gives the same tokens whatever else runs, with or "
+     "without drafts (attention pad with --batch-invariant"),
+], ids=["no-batch-invariant", "speculative-without-pad", "speculative",
+        "speculative-batch-invariant"])
 def test_the_startup_line_says_when_tokens_may_depend_on_what_else_runs(default_model_dir,
                                                                         tmp_path, flags, reason):
-    """`--no-batch-invariant` logged nothing about invariance, and `--speculative` (README:
-    not covered; QA saw "Write the alphabet twice." answer otherwise beside two other
-    requests) logged "batch-invariant: the same request gives the same tokens"."""
+    """One startup line on invariance, and the true one: `--no-batch-invariant` logged nothing
+    about it; `--speculative` without the attention pad (README: QA saw "Write the alphabet
+    twice." answer otherwise beside two other requests) logged "batch-invariant"; with the
+    pad (its default) a lone stream's drafts change no number, but on auto a decode step of
+    several sequences runs as one unpadded call, so the line says not batch-invariant; with
+    `--batch-invariant` such a step runs one call a sequence, and the line says so."""
     from test_server_e2e import running_server
 
     log_path = tmp_path / "server.log"
     with running_server(default_model_dir, "--threads", "1", *flags, log_path=log_path):
         pass
     lines = [line for line in log_path.read_text().splitlines() if "batch-invariant" in line]
-    assert len(lines) == 1 and "not batch-invariant" in lines[0] and reason in lines[0], lines
+    assert len(lines) == 1 and reason in lines[0], lines
 
 
 def test_fingerprint_follows_the_invariance_in_effect(default_model_dir, tiny_model_dir):
@@ -267,21 +294,58 @@ def test_fingerprint_follows_the_invariance_in_effect(default_model_dir, tiny_mo
     assert batch_invariance(ServeOptions(tiny_model_dir, batch_invariant=True)) == "padded"
     # elsewhere the slot count still counts (captured CUDA sizes, padding)
     assert fp(tiny_model_dir) != fp(tiny_model_dir, max_batch=8)
+    # the attention pad (auto with --speculative), invariance on auto: steps of 2+ sequences
+    # run unpadded, so not batch-invariant ("rows-batched"): the slot count counts again, and
+    # a plain --attention-pad server computes what a speculative one does (one stream drafts)
+    spec = {"speculative": "ngram"}
+    assert batch_invariance(ServeOptions(default_model_dir, **spec)) == "rows-batched"
+    assert batch_invariance(ServeOptions(default_model_dir, attention_pad=True)) == "rows-batched"
+    assert batch_invariance(ServeOptions(default_model_dir, batch_invariant=True, **spec)) == "rows"
+    assert fp(default_model_dir, **spec) == fp(default_model_dir, attention_pad=True)
+    assert fp(default_model_dir, **spec) != fp(default_model_dir, batch_invariant=True, **spec)
+    assert fp(default_model_dir, **spec) != fp(default_model_dir, max_batch=8, **spec)
+    assert fp(default_model_dir, batch_invariant=True, **spec) == fp(
+        default_model_dir, batch_invariant=True, max_batch=8, **spec)
+    # drafting beside other sequences: a padded verify call replaces an unpadded batched row
+    assert fp(default_model_dir, **spec) != fp(default_model_dir,
+                                               speculative_disable_by_batch_size=2, **spec)
+    assert fp(default_model_dir, batch_invariant=True, **spec) == fp(
+        default_model_dir, batch_invariant=True, speculative_disable_by_batch_size=2, **spec)
 
 
-def test_batch_invariant_and_speculative_are_refused_together(default_model_dir, tmp_path):
-    """`--batch-invariant` asks for what `--speculative` cannot give: a startup error (exit 2,
-    both flags named), never a silent no; the default with `--speculative` just logs it."""
+def test_batch_invariant_and_speculative_need_the_attention_pad(default_model_dir, tiny_model_dir,
+                                                             tmp_path):
+    """`--batch-invariant --speculative` holds with the attention pad (on by default with
+    `--speculative` on exports that have it): allowed, and the fingerprint is a plain
+    `--attention-pad --batch-invariant` server's (speculation changes no number then). Without the pad it asks
+    for what `--speculative` cannot give: a startup error (exit 2, the flags named), never a
+    silent no, whether the pad is turned off or the export lacks it."""
+    import json
+    import shutil
     import subprocess
     import sys
 
+    from serve.fingerprint import system_fingerprint
     from serve.options import ServeOptions
 
+    spec = ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True)
+    assert spec.attention_pad_in_effect()
+    assert system_fingerprint(spec) == system_fingerprint(
+        ServeOptions(default_model_dir, attention_pad=True, batch_invariant=True))
+    assert system_fingerprint(spec) != system_fingerprint(ServeOptions(default_model_dir))
     with pytest.raises(ValueError, match="--batch-invariant cannot hold with --speculative"):
-        ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True)
-    ServeOptions(default_model_dir, speculative="ngram")  # fine: not invariant, and logged
+        ServeOptions(default_model_dir, speculative="ngram", batch_invariant=True,
+                     attention_pad=False)
+    old = tmp_path / "old"  # an export from before the pad
+    shutil.copytree(tiny_model_dir, old)
+    manifest = json.loads((old / "llorch.json").read_text())
+    del manifest["graph"]["attention_pad"]
+    (old / "llorch.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="--batch-invariant cannot hold with --speculative"):
+        ServeOptions(old, speculative="ngram", batch_invariant=True)
+    assert not ServeOptions(old, speculative="ngram").attention_pad_in_effect()
     p = subprocess.run([sys.executable, "-m", "llorch", "serve", str(default_model_dir),
-                        "--speculative", "ngram", "--batch-invariant"],
+                        "--speculative", "ngram", "--batch-invariant", "--no-attention-pad"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--batch-invariant cannot hold with --speculative" in p.stderr
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,147 @@ def test_optimum_context_full(optimum_model):
     rt.prefill(0, list(range(3, 11)))
     with pytest.raises(ContextFull):
         rt.decode([0], [3])
+
+
+# -- the attention pad ---------------------------------------------------------------------------
+
+
+def _pad_script(model_dir: Path, pad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One sequence's logits after a 150-token prompt and 30 tokens, computed three ways:
+    (prefill at once, one-token decode steps alone), (prefill chunks of 129 + 21, verify calls
+    of 5, 3, 1, 6 … positions) and (prefill chunks 64 + 1 + 85, decode steps beside another
+    sequence; with the pad, batch-invariant: one call each)."""
+    rt = open_runtime(model_dir, RuntimeOptions(max_batch=3, attention_pad=pad,
+                                                batch_invariant=True if pad else None))
+    vocab = rt.info.vocab_size
+    prompt, tokens = _ids(150, 1, vocab), _ids(30, 2, vocab)
+    alone = [rt.prefill(0, prompt)] + [rt.decode([0], [t])[0] for t in tokens]
+    rt.prefill(1, prompt[:129])
+    verified, i, sizes = [rt.prefill(1, prompt[129:])[None]], 0, [5, 3, 1, 6]
+    while i < len(tokens):
+        step = tokens[i:i + sizes[len(verified) % 4]]
+        verified.append(rt.verify(1, step))
+        i += len(step)
+    rt.reset(0)
+    rt.prefill(0, prompt)
+    rt.prefill(2, prompt[:64])
+    rt.prefill(2, prompt[64:65])
+    together = [rt.prefill(2, prompt[65:])] + [rt.decode([0, 2], [t, t])[1] for t in tokens]
+    return np.stack(alone), np.concatenate(verified)[:len(alone)], np.stack(together)
+
+
+def test_attention_pad_computes_a_position_alike_in_every_call(tiny_model_dir):
+    """`RuntimeOptions.attention_pad`: a position's logits are the same bit for bit in a
+    one-token decode step, a verify call, a prefill chunk of any size (129 and 1 included) and
+    a decode step beside another sequence (one call each, `batch_invariant` True); without the
+    pad a verify call
+    computes them otherwise (ORT's one-row GEMM kernel), which this test would catch."""
+    alone, verified, together = _pad_script(tiny_model_dir, pad=True)
+    assert np.array_equal(verified, alone)
+    assert np.array_equal(together, alone)
+    alone, verified, _ = _pad_script(tiny_model_dir, pad=False)
+    assert not np.array_equal(verified, alone)
+    np.testing.assert_allclose(verified, alone, atol=TOL)
+
+
+def test_attention_pad_fills_a_slot_to_the_exports_length(tiny_model_dir):
+    """The pad row of a slot's last position lands in the spare KV position: a slot fills to
+    the export's max_length (512) one decode step at a time, then is full."""
+    rt = open_runtime(tiny_model_dir, RuntimeOptions(attention_pad=True))
+    assert rt.info.max_length == 512
+    rt.prefill(0, _ids(500, 3, rt.info.vocab_size))
+    for t in _ids(12, 4, rt.info.vocab_size):
+        assert np.isfinite(rt.decode([0], [t])).all()
+    assert rt.length(0) == 512
+    with pytest.raises(ContextFull):
+        rt.decode([0], [5])
+
+
+def test_attention_pad_needs_an_export_that_has_it(tiny_model_dir, tmp_path):
+    """An export without the pad (llorch.json graph.attention_pad missing) is refused, by name."""
+    import json
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, old)
+    manifest = json.loads((old / "llorch.json").read_text())
+    del manifest["graph"]["attention_pad"]
+    (old / "llorch.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="attention_pad"):
+        open_runtime(old, RuntimeOptions(attention_pad=True))
+
+
+def _count_calls(rt) -> list[int]:
+    """Wrap ``rt._run`` so that each ORT call of the runtime appends 1 to the returned list."""
+    calls, run = [], rt._run
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return run(*args, **kwargs)
+
+    rt._run = counted
+    return calls
+
+
+@pytest.mark.parametrize("batch_invariant", [True, None])
+def test_attention_pad_decode_sampled(tiny_model_dir, batch_invariant):
+    """`decode_sampled` with the pad over two sequences, tokens picked on the device: with
+    `batch_invariant` True one call each, greedy picks the argmax of what each sequence's lone
+    padded step gives; auto (None) one unpadded call, picks the argmax of that call's rows."""
+    from serve.runtime import RowDraw, RowToken
+
+    opts = RuntimeOptions(max_batch=2, attention_pad=True, batch_invariant=batch_invariant)
+    rt = open_runtime(tiny_model_dir, replace(opts, device_sampling=True))
+    ref = open_runtime(tiny_model_dir, opts)
+    calls = _count_calls(rt)
+    prompts = [_ids(20, 5, rt.info.vocab_size), _ids(33, 6, rt.info.vocab_size)]
+    for r in (rt, ref):
+        for s, p in enumerate(prompts):
+            r.prefill(s, p)
+    del calls[:]
+    for step in range(5):
+        got = rt.decode_sampled([0, 1], [7 + step, 9 + step], [RowDraw(greedy=True)] * 2)
+        if batch_invariant:
+            want = [int(ref.decode([s], [t])[0].argmax())
+                    for s, t in ((0, 7 + step), (1, 9 + step))]
+        else:
+            want = [int(r.argmax()) for r in ref.decode([0, 1], [7 + step, 9 + step])]
+        assert [g.token for g in got if isinstance(g, RowToken)] == want
+    assert len(calls) == (10 if batch_invariant else 5)
+    assert rt.length(0) == 25 and rt.length(1) == 38
+
+
+def test_attention_pad_batches_unpadded_unless_batch_invariant(tiny_model_dir):
+    """Under the pad, `batch_invariant` auto (None, what `llorch serve --speculative` passes)
+    or False runs a decode step of two sequences as one unpadded call, whose logits are those
+    of the same step without the pad (and not a lone padded step's: not batch-invariant, the
+    runtime says so), while a lone step still takes the pad (it computes what a verify call
+    does); True runs one padded call a sequence, each equal to that sequence's lone step."""
+    vocab = 1000
+    prompts, tokens = [_ids(40, 7, vocab), _ids(25, 8, vocab)], _ids(6, 9, vocab)
+
+    def run(pad: bool, batch_invariant: bool | None):
+        rt = open_runtime(tiny_model_dir, RuntimeOptions(max_batch=3, attention_pad=pad,
+                                                         batch_invariant=batch_invariant))
+        for s, p in enumerate(prompts):
+            rt.prefill(s, p)
+        rt.prefill(2, prompts[0])
+        calls = _count_calls(rt)
+        together = [rt.decode([0, 1], [t, t]) for t in tokens]
+        steps = len(calls)
+        alone = [rt.decode([2], [t])[0] for t in tokens]  # slot 2 holds slot 0's prompt
+        return rt, steps, np.stack(together), np.stack(alone)
+
+    unpadded = run(False, None)[2]
+    for batch_invariant in (None, False, True):
+        rt, steps, together, alone = run(True, batch_invariant)
+        if batch_invariant:
+            assert steps == 2 * len(tokens) and rt._apart
+            assert np.array_equal(together[:, 0], alone)
+        else:
+            assert steps == len(tokens) and not rt._apart and not rt.batch_invariant
+            assert np.array_equal(together, unpadded)
+            assert not np.array_equal(together[:, 0], alone)
+        # a lone step is padded either way: it computes what a verify call computes
+        rt.reset(2)
+        rt.prefill(2, prompts[0])
+        assert np.array_equal(rt.verify(2, tokens), alone)

@@ -43,10 +43,12 @@ class LlorchSpec:
     """llorch's engine in-process: plain (``speculative`` False), `--speculative ngram`, or with
     ``draft_dir`` `--speculative draft --draft-model draft_dir` (serve's defaults otherwise,
     `serve.main.open_draft` for the draft runtime); ``spin`` overrides the target's
-    `RuntimeOptions.spin`."""
+    `RuntimeOptions.spin` and ``attention_pad`` serve's `--attention-pad` (None: its auto, on
+    with speculation where the export has the pad)."""
 
     def __init__(self, model_dir: Path, threads: int, speculative: bool,
-                 draft_dir: Path | None = None, spin: bool | None = None) -> None:
+                 draft_dir: Path | None = None, spin: bool | None = None,
+                 attention_pad: bool | None = None) -> None:
         from serve.engine import Engine
         from serve.events import EngineObserver
         from serve.main import open_draft, target_spin
@@ -64,9 +66,12 @@ class LlorchSpec:
         self.counts = Counts()
         options = ServeOptions(model_dir=model_dir, threads=threads, max_length=2048,
                                speculative=("draft" if draft_dir else "ngram") if speculative else None,
-                               draft_model=draft_dir if speculative else None)
-        runtime = open_runtime(model_dir, RuntimeOptions(threads=threads, max_length=2048,
-                                                         w8a8="auto", spin=target_spin(options) if spin is None else spin))
+                               draft_model=draft_dir if speculative else None,
+                               attention_pad=attention_pad)
+        runtime = open_runtime(model_dir, RuntimeOptions(
+            threads=threads, max_length=2048, w8a8="auto",
+            spin=target_spin(options) if spin is None else spin,
+            attention_pad=options.attention_pad_in_effect()))
         draft = open_draft(options, runtime) if options.draft_model else None
         tokenizer = Tokenizer.from_dir(model_dir)
         self.eos = frozenset(tokenizer.eos_ids)

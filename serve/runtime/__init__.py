@@ -48,7 +48,9 @@ def open_runtime(model_dir: Path | str, options: RuntimeOptions | None = None) -
         ProviderError: this onnxruntime build lacks ``options.provider``.
         ValueError: ``options.max_length`` exceeds the export's, ``options.cuda_graph``
             where decode does not run on CUDA or the export has no static decode graph, or
-            ``options.device_sampling`` True for an export without shared KV buffers.
+            ``options.device_sampling`` True for an export without shared KV buffers, or
+            ``options.attention_pad`` for another runtime than `HostRuntime` or an export
+            without the pad.
     """
     # the classes import onnxruntime: only here, so `serve.options` stays cheap to import
     from serve.runtime.cuda import CudaRuntime
@@ -74,6 +76,9 @@ def open_runtime(model_dir: Path | str, options: RuntimeOptions | None = None) -
         resolve_providers(options.provider)  # an unavailable provider: ProviderError says so
         raise ValueError(f"{model_dir}: cuda_graph needs --provider cuda and a GroupQueryAttention "
                          f"export (provider {options.provider}, {cls.__name__})")
+    if options.attention_pad and cls is not HostRuntime:
+        raise ValueError(f"{model_dir}: the attention pad is for GroupQueryAttention exports "
+                         f"with host KV (--provider cpu), not {cls.__name__}")
     if options.device_sampling and cls not in (CudaRuntime, HostRuntime):
         raise ValueError(f"{model_dir}: device sampling needs a GroupQueryAttention export "
                          f"({cls.__name__} returns logits)")

@@ -28,6 +28,15 @@ def w8a8_row_invariant(graph: Mapping[str, Any], w8a8: str) -> bool:
     return bool(graph.get("w8a8") and graph.get("w8a8_row_invariant")) and w8a8 in ("all", "auto")
 
 
+def decodes_apart(batch_invariant: bool | None, attention_pad: bool) -> bool:
+    """Whether a decode step of 2+ sequences runs as one padded call a sequence (the attention
+    pad on, batch invariance asked for: ``batch_invariant`` True), rather than as one unpadded
+    call whose rows then compute other numbers than a lone padded step (auto, None: batch
+    invariance is taken only where it is free, and under the pad it costs batching; False).
+    Used by `HostRuntime` and by the `system_fingerprint`, so both read the same rule."""
+    return attention_pad and batch_invariant is True
+
+
 class ContextFull(Exception):
     """A slot would grow past the KV buffer length."""
 
@@ -63,7 +72,7 @@ class RuntimeOptions:
         batch_invariant: True or None (the default): run every step, a lone sequence's decode
             included, on a row-invariant W8A8 graph where the export has one (llorch.json
             `graph.w8a8_row_invariant`, with ``w8a8`` "all"), so a sequence's tokens never
-            depend on its batch mates; False: a lone sequence decodes on the int4 graph
+            depend on its batch mates (under ``attention_pad`` only with True: see there); False: a lone sequence decodes on the int4 graph
             (closer to fp32, default model: KL 0.0034 vs 0.0053; faster at one row).
         coreml_cache_dir: static (CoreML) exports: where compiled models are kept (None:
             `~/.cache/llorch/coreml/<export>`).
@@ -75,6 +84,19 @@ class RuntimeOptions:
             decode runs on CUDA (`CudaRuntime.samples_on_device`; sampled rows on the host,
             the device's top-p sort is slower there); True = every row, with any provider (the
             CPU provider too: how CI runs that path).
+        attention_pad: host-KV runtimes of exports with the attention pad (llorch.json
+            `graph.attention_pad`, export.graph._attention_pad): every call gives each
+            GroupQueryAttention one extra query row, so a position computes the same, bit
+            for bit, in a one-token decode step, a verify call of several positions
+            (speculative decoding) and any prefill chunk. A decode step of 2+ sequences
+            cannot take the pad (ORT refuses several query rows per sequence with past
+            context for 2+ sequences): with ``batch_invariant`` True it runs one call a
+            sequence (batch-invariant; a 4-sequence step 25.8 -> 58.8 ms), else one unpadded
+            call (`decodes_apart`), whose rows then compute other numbers than a lone padded
+            step: the runtime's `batch_invariant` is then False, though with None every step
+            still runs on a row-invariant W8A8 graph. Costs a lone decode step attention over
+            two rows (default model, 1 thread: +1% at 60 tokens of context, +10% at 300, +27%
+            at 1000).
 
     Raises:
         ValueError: `w8a8` is not one of `W8A8_MODES`.
@@ -90,6 +112,7 @@ class RuntimeOptions:
     batch_invariant: bool | None = None
     device_sampling: bool | None = None
     spin: bool = True
+    attention_pad: bool = False
 
     def __post_init__(self) -> None:
         mode = "all" if self.w8a8 is True else "off" if self.w8a8 in (False, None) else self.w8a8

@@ -28,20 +28,35 @@ real tokens only, and the next write overwrites the padding::
     row 1: b b _ _ _      (_ = padding, never read)
              ^ logits of row b at position n_b - 1
 
+With the attention pad (`RuntimeOptions.attention_pad`, host KV only) every call binds the
+graph's ``attention_pad`` input to 1: each GroupQueryAttention computes one extra query row
+(the last token's, again) and writes its K/V one position past the call's last token — into
+the buffers' spare position when the slot is full — where the next call writes first. A
+decode step of 2+ sequences cannot take the pad (ORT refuses several query rows per sequence
+with past context for 2+ sequences): with ``RuntimeOptions.batch_invariant`` True it runs one
+call per sequence, each on its row; else (auto, or False) one unpadded call, so that the
+runtime is not batch-invariant then (`decodes_apart`).
+
 `HostRuntime` keeps the KV in host memory (numpy); `serve.runtime.cuda.CudaRuntime` on the GPU.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 from serve.model_dir import ModelInfo
-from serve.runtime.interface import RowDraw, RowToken, RuntimeOptions, w8a8_row_invariant
+from serve.runtime.interface import (
+    RowDraw,
+    RowToken,
+    RuntimeOptions,
+    decodes_apart,
+    w8a8_row_invariant,
+)
 from serve.runtime.kv_memory import KVBuffers
 from serve.runtime.session import kv_dtype, open_w8a8_session, resolve_providers, session_options
 from serve.runtime.slots import SlotRuntime, with_max_length
@@ -101,6 +116,10 @@ class SharedKVRuntime(SlotRuntime):
         self._calls: dict[tuple[int, int, bool], Call] = {}
         self._verify_calls: dict[tuple[int, int], Call] = {}  # (row, rows_like) -> binding
         self._full_mask = False  # decode masks span the whole cache (captured CUDA graphs)
+        # RuntimeOptions.attention_pad (set by `HostRuntime`): calls bind attention_pad = 1;
+        # with `_apart` (`decodes_apart`), a decode step of 2+ sequences runs one call a
+        # sequence
+        self.attention_pad = self._apart = False
         self._sampler = None
         if options.device_sampling if options.device_sampling is not None else self.samples_on_device:
             self._open_sampler(info, options, providers)
@@ -274,13 +293,39 @@ class SharedKVRuntime(SlotRuntime):
         io = self._bind_kv(session, first_row, rows)
         io.bind_ortvalue_input("num_logits_to_keep",
                                ort.OrtValue.ortvalue_from_numpy(np.full(1, keep, np.int64)))
+        self._bind_pad(io, rows, decode=False)
         return Call(io, session)
 
+    def _bind_pad(self, io: ort.IOBinding, rows: int, *, decode: bool) -> None:
+        """With `attention_pad`, bind the graph's ``attention_pad`` input to 1, except for a
+        decode step of 2+ rows (GroupQueryAttention takes no second query row there)."""
+        if self.attention_pad and not (decode and rows > 1):
+            io.bind_ortvalue_input("attention_pad", self._keep[1])
+
     def decode(self, slots: Sequence[int], ids: Sequence[int]) -> np.ndarray:
-        """One token per slot in a single ORT call; float32 logits [len(slots), vocab]."""
+        """One token per slot in a single ORT call (with the attention pad and several slots,
+        one call a slot: `RuntimeOptions.attention_pad`); float32 logits [len(slots), vocab]."""
+        if self._apart and len(slots) > 1:
+            return np.stack([self._logits(call)[0] for call in self._decode_apart(slots, ids)])
         call = self._decode_step(slots, ids)
         logits = self._logits(call)
         return logits if len(logits) == len(slots) else logits[: len(slots)]
+
+    def _decode_apart(self, slots: Sequence[int], ids: Sequence[int]) -> Iterator[Call]:
+        """A decode step as one padded call per slot, each on the slot's KV row where it is
+        (no rows move); yields each call once it has run (its logits are overwritten by the
+        slot's next call). Checks every slot's room first: a full one raises ContextFull
+        before any call runs."""
+        if len(slots) != len(ids):
+            raise ValueError("decode needs one token id per slot")
+        for s in slots:
+            self._check_room(s, 1)
+        for s, token in zip(slots, ids, strict=True):
+            n = self._lengths[s]
+            call = self._call(self._row[s], 1, decode=True)
+            self._run(call, np.full((1, 1), token, np.int64), np.ones((1, n + 1), np.int64))
+            self._lengths[s] = n + 1
+            yield call
 
     def decode_sampled(self, slots: Sequence[int], ids: Sequence[int],
                        draws: Sequence[RowDraw | None]) -> list[RowToken | np.ndarray]:
@@ -290,6 +335,9 @@ class SharedKVRuntime(SlotRuntime):
             raise NotImplementedError("device sampling is off (RuntimeOptions.device_sampling)")
         if len(draws) != len(slots):
             raise ValueError("decode_sampled needs one draw (or None) per slot")
+        if self._apart and len(slots) > 1:
+            return [self._sampler.sample(self._logits_value(call), [draw])[0]
+                    for call, draw in zip(self._decode_apart(slots, ids), draws, strict=True)]
         logits = self._logits_value(self._decode_step(slots, ids))
         pad = [RowDraw(greedy=True)] * (logits.shape()[0] - len(slots))  # padding rows
         return self._sampler.sample(logits, [*draws, *pad])[: len(slots)]
@@ -410,7 +458,20 @@ class HostRuntime(SharedKVRuntime):
     def __init__(self, info: ModelInfo, options: RuntimeOptions) -> None:
         super().__init__(info, options, resolve_providers(options.provider),
                          pin_logits=info.logits_to_keep)
-        shape = (self.n_slots, info.num_kv_heads, self.info.max_length, info.head_dim)
+        if options.attention_pad:
+            if not info.graph.get("attention_pad"):
+                raise ValueError(f"{info.path}: the attention pad needs an export that has it "
+                                 "(llorch.json graph.attention_pad: re-export with this llorch)")
+            self.attention_pad = True
+            self._apart = decodes_apart(options.batch_invariant, True)
+            if not self._apart:
+                # a step of 2+ sequences runs unpadded: its rows compute other numbers than
+                # a lone padded step (the W8A8 graph still takes every step where it did)
+                self.batch_invariant = False
+            self.positions_alike = self._apart and self.batch_invariant
+        # the pad row writes one position past a call's last token: one spare position
+        shape = (self.n_slots, info.num_kv_heads, self.info.max_length + self.attention_pad,
+                 info.head_dim)
         self._kv = KVBuffers(info.num_layers, shape, self.kv_dtype)
         if self.w8a8_session is not None and not info.graph.get("w8a8_row_invariant"):
             self.batched_prefill = False
@@ -426,7 +487,8 @@ class HostRuntime(SharedKVRuntime):
 
         Runs on the graph a lone sequence decodes on (`_session_for(1)`: the int4 graph, or
         the row-invariant W8A8 graph under ``batch_invariant``), or with ``batched`` on the one
-        a decode step of two rows takes (the engine pads a lone decode to two rows).
+        a decode step of two rows takes (the engine pads a lone decode to two rows). With the
+        attention pad each row's logits are those one-token `decode` steps give, bit for bit.
 
         Returns:
             float32 logits ``[len(ids), vocab]``, row ``i`` after ``ids[i]``.
@@ -452,6 +514,7 @@ class HostRuntime(SharedKVRuntime):
             io.bind_ortvalue_input("num_logits_to_keep", self._keep[1])
             logits = np.empty((rows, 1, self.info.vocab_size), np.float32)
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self._bind_pad(io, rows, decode=decode)
         return Call(io, session, logits)
 
     def _bind_verify(self, row: int, rows_like: int) -> Call:
@@ -461,6 +524,7 @@ class HostRuntime(SharedKVRuntime):
         io = self._bind_kv(session, row, 1)
         if self._pin_logits:
             io.bind_ortvalue_input("num_logits_to_keep", self._keep[0])
+        self._bind_pad(io, 1, decode=False)
         return Call(io, session)
 
     def _bind_kv(self, session: ort.InferenceSession, first_row: int, rows: int) -> ort.IOBinding:

@@ -38,6 +38,10 @@ class SlotRuntime:
     # Whether `decode_sampled` picks tokens in the runtime (`serve.runtime.Runtime`); runtimes
     # that can say so.
     device_sampling = False
+    # Whether a position's KV and logits are the same bit for bit whichever call computed it
+    # (a one-token decode step alone or beside others, a verify call, any prefill chunk):
+    # `HostRuntime` with the attention pad, batch-invariant.
+    positions_alike = False
 
     def __init__(self, info: ModelInfo, n_slots: int, kv_dtype: type) -> None:
         self.info = info
