@@ -54,6 +54,8 @@ def test_replicas_without_ray_say_how_to_install_it(monkeypatch, tiny_model_dir)
     ({"replicas": 2, "ray_ingress": "haproxy", "ingress_replicas": 2}, "configures the proxy path"),
     ({"replicas": 2, "ray_ingress": "haproxy", "stream_chunk_rate": 0.0}, "--stream-chunk-rate configures"),
     ({"engine_process": True}, "--engine-process needs --replicas"),
+    ({"replicas": 2, "engine_process": True, "idle_unload": 5.0}, "--idle-unload does not go with --engine-process"),
+    ({"replicas": 2, "provider": "cuda", "idle_unload": 5.0}, "--idle-unload does not go with --engine-process"),
 ])
 def test_scale_out_flags_that_contradict_each_other(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -68,6 +70,13 @@ def test_cuda_replicas_run_their_engine_in_a_child_process_by_default(tmp_path):
     assert in_effect(replicas=2, provider="cpu", engine_process=True)
     assert not in_effect(replicas=2, provider="cuda", engine_process=False)
     assert not in_effect(provider="cuda")  # one process: --api-workers is its split
+
+
+def test_idle_unload_goes_with_replicas_that_hold_their_engine(tmp_path):
+    """The contradiction above is only the engine child's: a replica whose engine runs in its
+    own process can stop it when idle."""
+    assert ServeOptions(tmp_path, replicas=2, idle_unload=5.0).idle_unload == 5.0
+    assert ServeOptions(tmp_path, replicas=2, provider="cuda", engine_process=False, idle_unload=5.0)
 
 
 def test_scale_out_is_on_for_replicas_or_autoscaling(tmp_path):
