@@ -472,3 +472,37 @@ def test_a_haproxy_pick_does_not_wait_for_load_probes():
     assert name == [["b"], ["a"]] and probes[0] == 2  # probed once, inline, before the first
     assert all(rank[0][0].replica_id.unique_id == "b" for rank in later)  # last answers, no wait
     assert after[0][0].replica_id.unique_id == "a"  # the refreshed loads
+
+
+def test_a_replica_whose_idle_model_was_unloaded_stays_ready(tmp_path):
+    """`--replicas N --idle-unload S`: a replica whose model sat idle and was stopped answers
+    its next request (it loads the model again), as a single process does with /health 200;
+    it reported "loading", so the deployment's /health was 503 "unavailable" while idle."""
+    pytest.importorskip("ray", reason="Ray Serve is the optional .[ray] extra")
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+    from test_app_unit import MODEL, FakeEngine
+
+    from serve.app import create_app
+    from serve.scale.replica import Replica
+
+    release, engine = threading.Event(), FakeEngine()
+    app = create_app(ServeOptions(tmp_path, replicas=2, idle_unload=60.0),
+                     lambda: release.wait(5) and engine, model_name=MODEL)
+    state = app.state.llorch
+    # Replica.health on the replica's state alone: the constructor needs a Ray replica
+    replica = SimpleNamespace(_state=state, _entry=state.models.default, _engine_process=None,
+                              node_id="node", cores=[0])
+    with TestClient(app):
+        assert Replica.health(replica)["status"] == "loading"
+        release.set()
+        deadline = time.monotonic() + 5
+        while Replica.health(replica)["status"] != "ok":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        state.models.unload(state.models.default)
+        assert engine.stopped and state.models.default.engine is None
+        assert Replica.health(replica)["status"] == "ok"

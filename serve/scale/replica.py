@@ -124,14 +124,19 @@ class Replica:
         return self._state.models.default
 
     def health(self) -> dict[str, Any]:
-        """The single-process `/health` body of this replica, plus its id, node and cores."""
+        """The single-process `/health` body of this replica, plus its id, node and cores.
+        A model that `--idle-unload` stopped leaves the replica "ok", as it leaves a single
+        process's `/health` 200: its next request loads it again (reported as "loading",
+        the deployment answered 503 "unavailable" whenever it sat idle)."""
         state, engine = self._state, self._entry.engine
         if state.draining:
             status = "draining"
-        elif engine is not None:
+        elif self._entry.error:
+            status = "error"
+        elif engine is not None or state.started:
             status = "ok"
         else:
-            status = "error" if self._entry.error else "loading"
+            status = "loading"
         body: dict[str, Any] = {"status": status, "node": self.node_id, "cores": self.cores}
         if self._engine_process is not None:
             body["engine_pid"] = self._engine_process.process.pid
