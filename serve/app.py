@@ -69,7 +69,7 @@ from serve.errors import (
 )
 from serve.events import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.metrics import CONTENT_TYPE, Metrics
-from serve.models import ERROR, ModelEntry, ModelRegistry
+from serve.models import ERROR, ModelEntry, ModelRegistry, model_info_or_none
 from serve.options import ServeOptions
 from serve.param_names import Renamer
 from serve.parsers import ChoiceParser
@@ -143,7 +143,7 @@ def create_app(
     if entries is None:
         if model_name is None:
             raise ValueError("create_app needs entries or model_name")
-        entries = [ModelEntry(model_name, options, None)]
+        entries = [ModelEntry(model_name, options, model_info_or_none(options.model_dir))]
         load_one = load
         load = lambda entry: load_one()  # noqa: E731
 

@@ -250,6 +250,20 @@ def test_a_replica_that_holds_its_engine_unloads(engine):
         assert engine.stopped
 
 
+def test_the_card_of_a_model_served_by_name_has_its_length_and_precision(engine, default_model_dir):
+    """`create_app(model_name=...)` (a Ray Serve replica, an --api-workers worker) reads the
+    export's llorch.json for the card, as a single process's model list does: its
+    /v1/models said max_length and precision null."""
+    from serve.models import load_model_info
+
+    info = load_model_info(default_model_dir)
+    app = create_app(ServeOptions(model_dir=default_model_dir), lambda: engine, model_name=MODEL)
+    with TestClient(app) as c:
+        wait_ready(c)
+        card = c.get(f"/v1/models/{MODEL}").json()
+    assert (card["max_length"], card["precision"]) == (info.max_length, info.precision)
+
+
 def test_unknown_route_and_wrong_method(client):
     err = assert_error(client.get("/v1/nope"), 404, "invalid_request_error")
     assert "/v1/nope" in err["message"]
