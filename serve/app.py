@@ -69,7 +69,7 @@ from serve.errors import (
 )
 from serve.events import GenerationRequest, QueueFull, RequestStream, ShuttingDown
 from serve.metrics import CONTENT_TYPE, Metrics
-from serve.models import ERROR, ModelEntry, ModelRegistry
+from serve.models import ERROR, ModelEntry, ModelRegistry, model_info_or_none
 from serve.options import ServeOptions
 from serve.param_names import Renamer
 from serve.parsers import ChoiceParser
@@ -143,7 +143,7 @@ def create_app(
     if entries is None:
         if model_name is None:
             raise ValueError("create_app needs entries or model_name")
-        entries = [ModelEntry(model_name, options, None)]
+        entries = [ModelEntry(model_name, options, model_info_or_none(options.model_dir))]
         load_one = load
         load = lambda entry: load_one()  # noqa: E731
 
@@ -331,14 +331,21 @@ async def load_model(request: Request, state: _State) -> Response:
 
 async def unload_model(request: Request, state: _State) -> Response:
     """Stop a model's engine now → its card; 409 while requests use it; 400 under
-    --api-workers, where the model lives in the engine process all workers share."""
+    --api-workers, where the model lives in the engine process all workers share, and in a
+    Ray Serve replica with --engine-process, where it lives in the replica's engine child."""
     _authorize(request, state)
     entry = state.models.entry(request.path_params["model_id"])
-    if state.options.api_workers > 1:  # stopping this worker's client would free nothing
+    # stopping this process's client would free nothing: the engine process keeps the model
+    if state.options.api_workers > 1:
         raise InvalidRequestError(
             f"Unloading is not supported with --api-workers: the model `{entry.id}` lives in the engine "
             "process every HTTP worker shares and stays loaded until the server stops (serve without "
             "--api-workers to unload models at run time).", code="unload_not_supported")
+    if state.options.engine_process_in_effect:
+        raise InvalidRequestError(
+            f"Unloading is not supported with --engine-process: the model `{entry.id}` lives in each "
+            "replica's engine process and stays loaded until the replica stops (serve with "
+            "--no-engine-process to unload models at run time).", code="unload_not_supported")
     await run_in_threadpool(state.models.unload, entry)
     return JSONResponse(entry.card())
 

@@ -91,7 +91,7 @@ class ModelEntry:
         # a draft model (--speculative draft) is loaded beside it: its files and KV count too
         draft = options.draft_model
         self.file_bytes = _file_bytes(options.model_dir) + (_file_bytes(draft) if draft else 0)
-        self.kv_bytes = _kv_estimate(info, options) + (_kv_estimate(_info_or_none(draft), options)
+        self.kv_bytes = _kv_estimate(info, options) + (_kv_estimate(model_info_or_none(draft), options)
                                                        if draft else 0)
 
     @property
@@ -129,7 +129,9 @@ def _file_bytes(model_dir: Path) -> int:
                if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
 
 
-def _info_or_none(model_dir: Path) -> ModelInfo | None:
+def model_info_or_none(model_dir: Path) -> ModelInfo | None:
+    """`load_model_info(model_dir)` (the export's `llorch.json`), or None where it cannot be
+    read (no such directory, not an llorch export)."""
     try:
         return load_model_info(model_dir)
     except Exception:  # a broken draft is reported when it loads, not here

@@ -440,6 +440,10 @@ class ServeOptions:
             raise ValueError(f"ingress_replicas must be at least 1, got {self.ingress_replicas}")
         if self.stream_chunk_rate is not None and self.stream_chunk_rate < 0:
             raise ValueError(f"stream_chunk_rate must be >= 0, got {self.stream_chunk_rate}")
+        if self.idle_unload is not None and self.engine_process_in_effect:
+            raise ValueError("--idle-unload does not go with --engine-process (on by default for CUDA "
+                             "replicas): each replica's engine process keeps the model loaded until "
+                             "the replica stops (give --no-engine-process to unload idle models)")
         if self.ray_ingress == "haproxy":
             if self.ray_address is not None:
                 raise ValueError("--ray-ingress haproxy needs a local Ray (Ray Serve reads the "

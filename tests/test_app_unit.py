@@ -224,6 +224,46 @@ def test_models(client):
     assert_error(client.get("/v1/models/gpt-4"), 404, "invalid_request_error", "model", "model_not_found")
 
 
+@pytest.mark.parametrize("options, flag", [
+    ({"api_workers": 2}, "--api-workers"),
+    ({"replicas": 2, "engine_process": True}, "--engine-process"),
+    ({"replicas": 2, "provider": "cuda"}, "--engine-process"),  # on by default for CUDA replicas
+])
+def test_unload_is_refused_where_an_engine_process_holds_the_model(options, flag, engine):
+    """A Ray Serve replica with --engine-process (as an --api-workers worker) only speaks for
+    the engine process that holds the model: an unload that detached its client said
+    "unloaded", freed nothing, and left the replica reporting "loading" (not ready)."""
+    with make_client(engine, **options) as c:
+        wait_ready(c)
+        err = assert_error(c.post(f"/v1/models/{MODEL}/unload"), 400, "invalid_request_error",
+                           code="unload_not_supported")
+        assert flag in err["message"]
+        assert c.get(f"/v1/models/{MODEL}").json()["status"] == "loaded"
+        assert not engine.stopped
+
+
+def test_a_replica_that_holds_its_engine_unloads(engine):
+    with make_client(engine, replicas=2) as c:
+        wait_ready(c)
+        resp = c.post(f"/v1/models/{MODEL}/unload")
+        assert resp.status_code == 200 and resp.json()["status"] == "unloaded"
+        assert engine.stopped
+
+
+def test_the_card_of_a_model_served_by_name_has_its_length_and_precision(engine, default_model_dir):
+    """`create_app(model_name=...)` (a Ray Serve replica, an --api-workers worker) reads the
+    export's llorch.json for the card, as a single process's model list does: its
+    /v1/models said max_length and precision null."""
+    from serve.models import load_model_info
+
+    info = load_model_info(default_model_dir)
+    app = create_app(ServeOptions(model_dir=default_model_dir), lambda: engine, model_name=MODEL)
+    with TestClient(app) as c:
+        wait_ready(c)
+        card = c.get(f"/v1/models/{MODEL}").json()
+    assert (card["max_length"], card["precision"]) == (info.max_length, info.precision)
+
+
 def test_unknown_route_and_wrong_method(client):
     err = assert_error(client.get("/v1/nope"), 404, "invalid_request_error")
     assert "/v1/nope" in err["message"]

@@ -54,6 +54,8 @@ def test_replicas_without_ray_say_how_to_install_it(monkeypatch, tiny_model_dir)
     ({"replicas": 2, "ray_ingress": "haproxy", "ingress_replicas": 2}, "configures the proxy path"),
     ({"replicas": 2, "ray_ingress": "haproxy", "stream_chunk_rate": 0.0}, "--stream-chunk-rate configures"),
     ({"engine_process": True}, "--engine-process needs --replicas"),
+    ({"replicas": 2, "engine_process": True, "idle_unload": 5.0}, "--idle-unload does not go with --engine-process"),
+    ({"replicas": 2, "provider": "cuda", "idle_unload": 5.0}, "--idle-unload does not go with --engine-process"),
 ])
 def test_scale_out_flags_that_contradict_each_other(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -68,6 +70,13 @@ def test_cuda_replicas_run_their_engine_in_a_child_process_by_default(tmp_path):
     assert in_effect(replicas=2, provider="cpu", engine_process=True)
     assert not in_effect(replicas=2, provider="cuda", engine_process=False)
     assert not in_effect(provider="cuda")  # one process: --api-workers is its split
+
+
+def test_idle_unload_goes_with_replicas_that_hold_their_engine(tmp_path):
+    """The contradiction above is only the engine child's: a replica whose engine runs in its
+    own process can stop it when idle."""
+    assert ServeOptions(tmp_path, replicas=2, idle_unload=5.0).idle_unload == 5.0
+    assert ServeOptions(tmp_path, replicas=2, provider="cuda", engine_process=False, idle_unload=5.0)
 
 
 def test_scale_out_is_on_for_replicas_or_autoscaling(tmp_path):
@@ -463,3 +472,37 @@ def test_a_haproxy_pick_does_not_wait_for_load_probes():
     assert name == [["b"], ["a"]] and probes[0] == 2  # probed once, inline, before the first
     assert all(rank[0][0].replica_id.unique_id == "b" for rank in later)  # last answers, no wait
     assert after[0][0].replica_id.unique_id == "a"  # the refreshed loads
+
+
+def test_a_replica_whose_idle_model_was_unloaded_stays_ready(tmp_path):
+    """`--replicas N --idle-unload S`: a replica whose model sat idle and was stopped answers
+    its next request (it loads the model again), as a single process does with /health 200;
+    it reported "loading", so the deployment's /health was 503 "unavailable" while idle."""
+    pytest.importorskip("ray", reason="Ray Serve is the optional .[ray] extra")
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+    from test_app_unit import MODEL, FakeEngine
+
+    from serve.app import create_app
+    from serve.scale.replica import Replica
+
+    release, engine = threading.Event(), FakeEngine()
+    app = create_app(ServeOptions(tmp_path, replicas=2, idle_unload=60.0),
+                     lambda: release.wait(5) and engine, model_name=MODEL)
+    state = app.state.llorch
+    # Replica.health on the replica's state alone: the constructor needs a Ray replica
+    replica = SimpleNamespace(_state=state, _entry=state.models.default, _engine_process=None,
+                              node_id="node", cores=[0])
+    with TestClient(app):
+        assert Replica.health(replica)["status"] == "loading"
+        release.set()
+        deadline = time.monotonic() + 5
+        while Replica.health(replica)["status"] != "ok":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        state.models.unload(state.models.default)
+        assert engine.stopped and state.models.default.engine is None
+        assert Replica.health(replica)["status"] == "ok"

@@ -8,9 +8,10 @@ Starts a local Ray (or joins `--ray-address`), deploys
 behind Ray Serve's HTTP proxy on `--host/--port`, and waits. With `--ray-ingress haproxy` the
 replicas are `serve.scale.direct.DirectReplica`s that Ray's HAProxy reaches directly, picked
 by the `Route` deployment (no Ingress). SIGTERM/SIGINT drain: the
-ingress answers 503 to new requests, running ones get `--drain-timeout` seconds, then the
-application is deleted (each replica ends what is left and stops its engine) and a Ray
-started here is shut down. `application(options, model_name, registry, table)` is the bound
+ingress answers 503 to new requests, running ones get `--drain-timeout` seconds (a second
+signal cuts that short), then each replica ends what is left with an error event (told
+through the `Registry` at its next beat), the application is deleted (each replica stops
+its engine) and a Ray started here is shut down. `application(options, model_name, registry, table)` is the bound
 application alone, for `serve.run` elsewhere.
 """
 
@@ -42,6 +43,7 @@ log = logging.getLogger("serve.scale.ray_app")
 
 PREFIX_ROUTER = "serve.scale.router.PrefixAffinityRouter"
 NAMESPACE = "llorch"  # the Registry and PrefixTable actors' Ray namespace
+END_WAIT_S = 10.0  # after the drain: how long the replicas get to end what is left
 
 
 def replica_threads(options: ServeOptions, cpus: int) -> int:
@@ -134,8 +136,9 @@ def run(options: ServeOptions, model_name: str) -> None:
             "RAY_AUTH_MODE=token here and its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN")
         raise StartupError(f"cannot start or join Ray ({options.ray_address or 'local'}): "
                            f"{exc}{hint}") from None
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop, cut = threading.Event(), threading.Event()  # the first signal drains, a second cuts it short
+    previous = {sig: signal.signal(sig, lambda *_: (cut if stop.is_set() else stop).set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         table = f"llorch-prefixes-{model_name}"
         try:  # both live as long as this driver holds their handles
@@ -174,8 +177,18 @@ def run(options: ServeOptions, model_name: str) -> None:
         ray.get(registry.set_draining.remote())
         deadline = time.monotonic() + options.drain_timeout
         time.sleep(2 * BEAT_S)  # replicas' counts are a beat old: let a just-started one show
-        while time.monotonic() < deadline and _requests_in_flight(registry):
+        while time.monotonic() < deadline and not cut.is_set() and _requests_in_flight(registry):
             time.sleep(0.2)
+        if _requests_in_flight(registry):
+            # The replicas end the rest with an error event (each at its next beat), as a
+            # single process does; else they ran on until Ray's graceful shutdown killed them
+            # (--drain-timeout + 5 s later) and their clients saw the connection cut.
+            log.info("ending the requests still running")
+            ray.get(registry.end_requests.remote())
+            ends = time.monotonic() + END_WAIT_S
+            time.sleep(2 * BEAT_S)  # told at one beat, their counts in the next
+            while time.monotonic() < ends and _requests_in_flight(registry):
+                time.sleep(0.2)
         serve.delete(model_name)
         ray.kill(prefixes)
     finally:

@@ -35,6 +35,7 @@ class Registry:
         self._actors: dict[str, tuple[str, str]] = {}  # replica id -> (actor name, namespace)
         self._alive = alive or _actor_alive
         self._draining = False
+        self._ending = False
 
     def _dead(self, replica_id: str, silent_since: float) -> bool:
         """Whether a core holder is gone: its actor is unknown to Ray, or (a holder that gave
@@ -80,9 +81,11 @@ class Registry:
         held[replica_id] = free[:n]
         return held[replica_id]
 
-    def beat(self, replica_id: str, node_id: str, health: dict[str, Any], metrics: str) -> None:
-        """A replica's report: its `/health` body (with `"status"`) and `/metrics` text."""
+    def beat(self, replica_id: str, node_id: str, health: dict[str, Any], metrics: str) -> bool:
+        """A replica's report: its `/health` body (with `"status"`) and `/metrics` text.
+        Returns whether the replica is to end the requests it still runs (`end_requests`)."""
         self._replicas[replica_id] = (time.monotonic(), node_id, health, metrics)
+        return self._ending
 
     def leave(self, replica_id: str) -> None:
         """A replica shutting down: forget it and free its cores."""
@@ -97,6 +100,11 @@ class Registry:
 
     def draining(self) -> bool:
         return self._draining
+
+    def end_requests(self) -> None:
+        """The drain's time is up (or a second signal): every replica ends what it still runs
+        with an error event, told at its next beat."""
+        self._ending = True
 
     def snapshot(self) -> dict[str, tuple[str, dict[str, Any], str]]:
         """replica id -> (node id, health, metrics text) of every live replica; each health

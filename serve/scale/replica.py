@@ -111,6 +111,7 @@ class Replica:
         self._state = self._app.state.llorch
         self._lifespan = self._app.router.lifespan_context(self._app)
         await self._lifespan.__aenter__()
+        self._ending: asyncio.Task | None = None  # ends the requests left once the drain is over
         self._beats = asyncio.create_task(self._beat_forever())
         while self._entry.engine is None and self._entry.error is None:
             await asyncio.sleep(0.05)
@@ -124,14 +125,19 @@ class Replica:
         return self._state.models.default
 
     def health(self) -> dict[str, Any]:
-        """The single-process `/health` body of this replica, plus its id, node and cores."""
+        """The single-process `/health` body of this replica, plus its id, node and cores.
+        A model that `--idle-unload` stopped leaves the replica "ok", as it leaves a single
+        process's `/health` 200: its next request loads it again (reported as "loading",
+        the deployment answered 503 "unavailable" whenever it sat idle)."""
         state, engine = self._state, self._entry.engine
         if state.draining:
             status = "draining"
-        elif engine is not None:
+        elif self._entry.error:
+            status = "error"
+        elif engine is not None or state.started:
             status = "ok"
         else:
-            status = "error" if self._entry.error else "loading"
+            status = "loading"
         body: dict[str, Any] = {"status": status, "node": self.node_id, "cores": self.cores}
         if self._engine_process is not None:
             body["engine_pid"] = self._engine_process.process.pid
@@ -164,8 +170,10 @@ class Replica:
             try:
                 metrics = (await asyncio.to_thread(self._render_metrics)
                            if self._engine_process is not None else self._render_metrics())
-                await self._registry.beat.remote(self.replica_id, self.node_id, self.health(),
-                                                 metrics)
+                end = await self._registry.beat.remote(self.replica_id, self.node_id,
+                                                       self.health(), metrics)
+                if end and self._ending is None:  # the driver's drain is over: end the rest
+                    self._ending = asyncio.create_task(drain(self._app, 0.0))
             except Exception:  # the registry restarting: the next beat tells it again
                 log.warning("replica %s: heartbeat failed", self.replica_id, exc_info=True)
             await asyncio.sleep(BEAT_S)
