@@ -38,7 +38,7 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -199,6 +199,25 @@ _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
 
 
+def _map_subschemas(schema: Mapping, fn: Callable[[Any], Any], more: tuple[str, ...] = (),
+                    more_lists: tuple[str, ...] = (), more_maps: tuple[str, ...] = ()) -> dict:
+    """A copy of `schema` with `fn` applied to each direct subschema: the values of
+    `_SUBSCHEMA` (+ `more`) keys, the items of `_SUBSCHEMA_LISTS` (+ `more_lists`) lists and
+    the values of `_SUBSCHEMA_MAPS` (+ `more_maps`) mappings. The walk `close_objects` and
+    `bound_numbers` share."""
+    out = dict(schema)
+    for key in (*_SUBSCHEMA, *more):
+        if key in out:
+            out[key] = fn(out[key])
+    for key in (*_SUBSCHEMA_LISTS, *more_lists):
+        if isinstance(out.get(key), list):
+            out[key] = [fn(s) for s in out[key]]
+    for key in (*_SUBSCHEMA_MAPS, *more_maps):
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: fn(s) for name, s in out[key].items()}
+    return out
+
+
 def close_objects(schema: Any) -> Any:
     """A copy of `schema` where every object schema that lists `properties` and leaves extra
     keys unsaid (no `additionalProperties`, `patternProperties`, `unevaluatedProperties`,
@@ -208,16 +227,7 @@ def close_objects(schema: Any) -> Any:
         return [close_objects(s) for s in schema]
     if not isinstance(schema, Mapping):
         return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA:
-        if key in out:
-            out[key] = close_objects(out[key])
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [close_objects(s) for s in out[key]]
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), Mapping):
-            out[key] = {name: close_objects(s) for name, s in out[key].items()}
+    out = _map_subschemas(schema, close_objects)
     if isinstance(out.get("properties"), Mapping) and not any(k in out for k in _OPEN_KEYS):
         out["additionalProperties"] = False
     return out
@@ -238,16 +248,8 @@ def bound_numbers(schema: Any) -> Any:
         return [bound_numbers(s) for s in schema]
     if not isinstance(schema, Mapping):
         return schema
-    out = dict(schema)
-    for key in (*_SUBSCHEMA, "then", "else"):
-        if key in out:
-            out[key] = bound_numbers(out[key])
-    for key in (*_SUBSCHEMA_LISTS, "allOf"):
-        if isinstance(out.get(key), list):
-            out[key] = [bound_numbers(s) for s in out[key]]
-    for key in (*_SUBSCHEMA_MAPS, "dependentSchemas"):
-        if isinstance(out.get(key), Mapping):
-            out[key] = {name: bound_numbers(s) for name, s in out[key].items()}
+    out = _map_subschemas(schema, bound_numbers, ("then", "else"), ("allOf",),
+                          ("dependentSchemas",))
     kind = out.get("type")
     number = kind == "number" or (isinstance(kind, list) and "number" in kind)
     ranges_fit = all(_fits_fraction_digits(out[k]) for k in _RANGE_KEYS if k in out)

@@ -50,7 +50,7 @@ def batch_invariance(options: ServeOptions) -> str:
     padded to two rows) or "off"."""
     if options.batch_invariant is False:
         return "off"
-    rows = (w8a8_row_invariant(_graph(options), options.w8a8)
+    rows = (w8a8_row_invariant(export_graph(options.model_dir), options.w8a8)
             and provider(options) == "CPUExecutionProvider")  # the W8A8 graph is CPU-only
     pad = options.attention_pad_in_effect()
     if pad and not decodes_apart(options.batch_invariant, pad):
@@ -77,12 +77,7 @@ def cuda_graph(options: ServeOptions) -> bool:
     from serve.runtime.session import on_cuda  # imports onnxruntime: only here
 
     return cuda_graph_in_effect(options.cuda_graph, on_cuda(options.provider),
-                                _graph(options))
-
-
-def _graph(options: ServeOptions) -> dict:
-    """The export's llorch.json ``graph`` (empty where there is none or it is unreadable)."""
-    return export_graph(options.model_dir)
+                                export_graph(options.model_dir))
 
 
 def system_fingerprint(options: ServeOptions) -> str:
