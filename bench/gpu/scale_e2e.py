@@ -47,8 +47,10 @@ from serve_e2e import (  # noqa: E402
     _nvidia_smi,
     environment,
     http_get,
+    inprocess_engine,
     load,
     prepare_model,
+    repeated,
 )
 
 
@@ -175,7 +177,9 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool,
         flags += ["--stream-chunk-rate", chunk_rate]
     log = args.out.parent / f"{args.out.stem}-{key}.log"
     server = Server(args.model_dir, flags, log, "plain")
-    out: dict = {"replicas": n, "routing": routing, "cmd": server.cmd, "log": str(log)}
+    streams = args.streams_per_replica * max(n, 1) if args.streams_per_replica else args.streams
+    out: dict = {"replicas": n, "routing": routing, "streams": streams, "cmd": server.cmd,
+                 "log": str(log)}
     try:
         out.update(wait_replicas(server, n, args.ready_timeout))
         print(f"[r{n}] ready in {out['ready_s']} s", file=sys.stderr, flush=True)
@@ -186,7 +190,7 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool,
             r = c.chat.completions.create(model=model, messages=PARIS_Q, temperature=0,
                                           max_tokens=32)
             out["greedy"] = r.choices[0].message.content
-        pool.starmap(_client_part, [(server.base, model, list(range(1000 + k, 1000 + args.streams,
+        pool.starmap(_client_part, [(server.base, model, list(range(1000 + k, 1000 + streams,
                                                                      args.clients)), 8, 0.0)
                                     for k in range(args.clients)])
         runs = []
@@ -195,13 +199,13 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool,
         counted = ray_counters(server.base) if n else None
         with GpuSampler() as gpus:
             for k in range(args.repeats):
-                runs.append(load(pool, server.base, model, args.streams, args.clients,
-                                 args.max_tokens, offset=k * args.streams))
-                print(f"[r{n}] {args.streams} streams: {runs[-1]['tok_s']} tok/s",
+                runs.append(load(pool, server.base, model, streams, args.clients,
+                                 args.max_tokens, offset=k * streams))
+                print(f"[r{n}] {streams} streams: {runs[-1]['tok_s']} tok/s",
                       file=sys.stderr, flush=True)
         best = max(runs, key=lambda x: x["tok_s"])
-        out.update({"best": best, "all_tok_s": [x["tok_s"] for x in runs], "gpus": gpus.peak,
-                    "cpu_top": gpus.cpu_top()})
+        out.update({"best": best, "median": repeated(runs), "all_tok_s": [x["tok_s"] for x in runs],
+                    "gpus": gpus.peak, "cpu_top": gpus.cpu_top()})
         if n:  # replicas report every second: let the last timed run's counts arrive
             time.sleep(2.5)
             out["crossings"] = crossings(counted, ray_counters(server.base))
@@ -212,6 +216,33 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool,
             out["ray_stop"] = ray_stop()
         out["gpu_processes_after"] = _nvidia_smi("--query-compute-apps=pid,used_memory")
     return out
+
+
+def inprocess_one_gpu(args, counts: list[int]) -> dict:
+    """The server's engine on one GPU without HTTP (`serve_e2e.inprocess_engine` in a child
+    process) at `counts` streams, `--repeats` runs each, the servers' own flags."""
+    flags = ["--provider", args.provider, "--max-batch", str(max(counts + [args.max_batch])),
+             "--max-length", str(args.max_length), "--prefill-chunk", "512",
+             *[f for f in args.server_args.split()
+               if f not in ("--engine-process", "--no-engine-process")]]
+    while "--ray-ingress" in flags:  # a Ray flag: the engine does not take it
+        i = flags.index("--ray-ingress")
+        del flags[i:i + 2]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(inprocess_engine, (str(args.model_dir), flags, counts,
+                                             args.max_tokens, args.repeats))
+
+
+def ceiling(inproc: dict | None, streams: int) -> dict | None:
+    """Two GPUs at `streams` in all can do at most 2 x T(streams/2) against one GPU's
+    T(streams) (T: the in-process engine's median tok/s): the strong-scaling bound of
+    `--streams` over two replicas, whatever the serving path."""
+    half, whole = (inproc or {}).get(str(streams // 2)), (inproc or {}).get(str(streams))
+    if not isinstance(half, dict) or not isinstance(whole, dict):
+        return None
+    t_half, t_whole = half["median_tok_s"], whole["median_tok_s"]
+    return {"streams": streams, "one_gpu_half_tok_s": t_half, "one_gpu_tok_s": t_whole,
+            "two_gpu_ceiling_vs_one": round(2 * t_half / t_whole, 2)}
 
 
 def main() -> int:
@@ -227,7 +258,16 @@ def main() -> int:
                     "server: prefix, least-loaded) or N:ROUTING:RATE (also --stream-chunk-rate "
                     "RATE); 0 = the single process, no Ray")
     ap.add_argument("--gpus-per-replica", type=float, default=1)
-    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=64,
+                    help="concurrent streams of every config (strong scaling)")
+    ap.add_argument("--streams-per-replica", type=int, default=0,
+                    help="K > 0: a config of N replicas gets K x N streams (the plain process "
+                         "K): weak scaling, every replica at the load one replica meets alone")
+    ap.add_argument("--inprocess-streams", default="",
+                    help="e.g. 32,64: before the servers, the server's engine on one GPU "
+                         "without HTTP at these stream counts (serve_e2e's inprocess stage); "
+                         "with --streams S it gives the strong-scaling ceiling of two GPUs, "
+                         "2 x T(S/2) / T(S)")
     ap.add_argument("--clients", type=int, default=4, help="client processes")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -245,6 +285,11 @@ def main() -> int:
     from serve.model_dir import load_model_info
 
     model = load_model_info(args.model_dir).name
+    if args.inprocess_streams:
+        counts = sorted({int(x) for x in args.inprocess_streams.split(",") if x})
+        rep.stage("inprocess", inprocess_one_gpu, args, counts)
+        rep.data["strong_scaling_ceiling"] = ceiling(rep.data.get("inprocess"), args.streams)
+        print(json.dumps(rep.data["strong_scaling_ceiling"]), file=sys.stderr, flush=True)
     results: dict = {}
     with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
         for x in (x for x in args.replicas.split(",") if x):
@@ -258,15 +303,25 @@ def main() -> int:
     def tok_s(r):
         return (r or {}).get("best", {}).get("tok_s")
 
+    def median(r):
+        return (r or {}).get("median", {}).get("median_tok_s")
+
+    def one_replica(routing, figure):
+        """One replica with the same routing, else any one replica."""
+        ones = [figure(r1) for n1, ro1, r1 in results.values() if n1 == 1 and figure(r1)]
+        same = [figure(r1) for n1, ro1, r1 in results.values()
+                if n1 == 1 and ro1 == routing and figure(r1)]
+        return (same or ones or [None])[0]
+
     scale = {}
     for key, (_n, routing, r) in results.items():
-        # against one replica with the same routing, else any one replica
-        ones = [tok_s(r1) for n1, ro1, r1 in results.values() if n1 == 1 and tok_s(r1)]
-        same = [tok_s(r1) for n1, ro1, r1 in results.values()
-                if n1 == 1 and ro1 == routing and tok_s(r1)]
-        base = (same or ones or [None])[0]
-        scale[key] = {"tok_s": tok_s(r),
-                      "vs_1_replica": round(tok_s(r) / base, 2) if base and tok_s(r) else None}
+        base, mbase = one_replica(routing, tok_s), one_replica(routing, median)
+        scale[key] = {"streams": (r or {}).get("streams"), "tok_s": tok_s(r),
+                      "vs_1_replica": round(tok_s(r) / base, 2) if base and tok_s(r) else None,
+                      "median_tok_s": median(r),
+                      "spread": (r or {}).get("median", {}).get("spread"),
+                      "median_vs_1_replica": round(median(r) / mbase, 2)
+                      if mbase and median(r) else None}
     rep.data["scale"] = scale
     rep.save()
     print(json.dumps(rep.data["scale"], indent=1))
