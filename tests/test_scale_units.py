@@ -422,6 +422,54 @@ def test_a_burst_routed_on_stale_loads_counts_its_own_picks():
     assert picks.count("a") == 64
 
 
+def test_a_burst_s_picks_count_until_a_probe_sent_after_them_answers():
+    """Behind HAProxy a replica's probed load shows a request only once it has arrived, and
+    while a burst arrives the replicas answer probes late: with picks counted for 0.1 s only,
+    a 128-stream burst's early picks expired before any probe showed them and the prefix's
+    holder took ~96 streams, queueing 32 behind its 64 slots (two H200s: 24k against 34-39k
+    tok/s, run to run). With each load's probe time (`seen_at`), a pick counts until a probe
+    sent after it answers, whatever time has passed, and is then not counted twice."""
+    from serve.scale import prefix_table
+    from serve.scale.prefix_table import ARRIVAL_S
+
+    system = "You are SmolLM, a helpful AI assistant trained by Hugging Face. " * 4
+    clock = [1000.0]
+    real = prefix_table.time.monotonic
+    prefix_table.time.monotonic = lambda: clock[0]
+    try:
+        table = PrefixTable()
+        probed = {"a": 999.0, "b": 999.0}  # both last answered before the burst: loads 0
+
+        def pick(i, loads):
+            clock[0] += 0.004  # 128 picks over half a second, probes answering none of them
+            return table.route(block_hashes(system + f"q{i}"), loads, saturation=64,
+                               count_started=False, seen_at=probed)[0][0]
+
+        picks = [pick(i, {"a": 0, "b": 0}) for i in range(128)]
+        assert picks.count("a") == 64 and picks.count("b") == 64
+        # the same burst by the window alone: picks older than 0.1 s are forgotten
+        table = PrefixTable()
+        probed = {}
+        picks = [pick(i, {"a": 0, "b": 0}) for i in range(128)]
+        assert picks.count("a") > 64
+        # a probe sent after the picks answers with them: each is counted once
+        table = PrefixTable()
+        probed = {"a": 999.0, "b": 999.0}
+        for i in range(10):
+            pick(i, {"a": 0, "b": 0})
+        held = {r: table.picks_since(r, 0, clock[0], probed[r]) for r in "ab"}
+        assert held == {"a": 10, "b": 0}  # the holder, within its imbalance bound
+        probed = {"a": clock[0] + 0.001, "b": clock[0] + 0.001}
+        clock[0] += 0.01
+        assert table.picks_since("a", 10, clock[0], probed["a"]) == 10  # in the load, once
+        assert table.picks_since("a", 0, clock[0], probed["a"]) == 10  # not arrived: kept
+        clock[0] += ARRIVAL_S + 0.01
+        probed = {"a": clock[0], "b": clock[0]}
+        assert table.picks_since("a", 3, clock[0], probed["a"]) == 3  # older: the load decides
+    finally:
+        prefix_table.time.monotonic = real
+
+
 def test_a_haproxy_pick_does_not_wait_for_load_probes():
     """`picks_only` (the HAProxy route): a replica's load is probed once before its first
     pick, then by a task of its own; a pick reads the last answers and never waits for a

@@ -56,6 +56,15 @@ MAX_BLOCKS_PER_REPLICA = 100_000  # ~6 M characters of prompts remembered per re
 # over 2 replicas of 2 slots then looked like 2 busy slots on their holder and lost their
 # affinity (prefix-cache hit rate 0.56 in a clean-clone CI run; 0.61 with 0.25 s).
 PICK_WINDOW_S = 0.1
+# With the time each replica's latest answered probe was sent (`route(seen_at=)`), a pick
+# counts until a probe sent after it has answered: the 0.1 s window alone let a burst's early
+# picks expire before the replicas' probes showed them (a replica's event loop answers probes
+# late while 64 requests arrive), so the prefix's holder took ~96 of 128 streams and queued
+# the rest behind its 64 slots (two H200s: 24k vs 34-39k tok/s, run to run). A pick made up
+# to ARRIVAL_S before a probe was sent may or may not have arrived by then; PICK_MAX_S bounds
+# what a replica whose probes never answer accumulates.
+ARRIVAL_S = 0.05
+PICK_MAX_S = 2.0
 
 
 def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[bytes]:
@@ -93,7 +102,8 @@ class PrefixTable:
         return n
 
     def route(self, hashes: list[bytes], loads: dict[str, int], saturation: int,
-              count_started: bool = True) -> list[list[str]]:
+              count_started: bool = True, seen_at: dict[str, float] | None = None
+              ) -> list[list[str]]:
         """The replicas to try, in ranks (see the module docstring).
 
         Args:
@@ -104,6 +114,11 @@ class PrefixTable:
                 `finished` here (see the module docstring); False: the larger of `loads` and
                 this table's picks of the last `PICK_WINDOW_S` (callers that never see a
                 request start or finish).
+            seen_at: with count_started False, per replica id the `time.monotonic()` at
+                which the probe behind its `loads` entry was sent: busy is then that load
+                plus this table's picks since, the picks of the `ARRIVAL_S` before it
+                counted only where the load does not already cover them
+                (`picks_since`); a replica without an entry uses the window.
 
         Returns:
             Ranks of replica ids, every candidate once; [] when there is no candidate.
@@ -112,12 +127,11 @@ class PrefixTable:
             return len(self.seen.get(r, ()))
 
         now = time.monotonic()
-        if not count_started:
-            for times in self.picks.values():
-                while times and now - times[0] > PICK_WINDOW_S:
-                    times.popleft()
-        busy = {r: min(n, self.running.get(r, 0)) if count_started
-                else max(n, len(self.picks.get(r, ()))) for r, n in loads.items()}
+        if count_started:
+            busy = {r: min(n, self.running.get(r, 0)) for r, n in loads.items()}
+        else:
+            busy = {r: self.picks_since(r, n, now, (seen_at or {}).get(r))
+                    for r, n in loads.items()}
         by_load = sorted(loads, key=lambda r: (busy[r], loads[r], held(r)))
         if not by_load:
             return []
@@ -134,6 +148,21 @@ class PrefixTable:
         if not count_started:
             self.picks.setdefault(first, deque()).append(now)
         return [[first], [r for r in by_load if r != first]]
+
+    def picks_since(self, replica: str, load: int, now: float, seen_at: float | None) -> int:
+        """Busy by `replica`'s probed `load` and this table's picks the load cannot show yet
+        (see `route`'s `seen_at`); forgets the picks no later answer will need."""
+        times = self.picks.get(replica)
+        if times is None:
+            return load
+        if seen_at is None:
+            while times and now - times[0] > PICK_WINDOW_S:
+                times.popleft()
+            return max(load, len(times))
+        while times and (times[0] <= seen_at - ARRIVAL_S or now - times[0] > PICK_MAX_S):
+            times.popleft()
+        after = sum(t > seen_at for t in times)
+        return after + max(load, len(times) - after)
 
     def remember(self, hashes: list[bytes], replica: str) -> None:
         """`replica` was sent a prompt with these block hashes (most recent last)."""

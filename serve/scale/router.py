@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import ray
@@ -60,6 +61,7 @@ class PrefixAffinityRouter(RequestRouter):
         self.block_chars = block_chars
         self.picks_only = picks_only
         self._last_lens: dict[ReplicaID, int] = {}  # picks_only: each replica's last answer
+        self._probed_at: dict[ReplicaID, float] = {}  # ... and when its probe was sent
         self.local = PrefixTable()
         self._table_name, self._namespace = table, namespace
         self._shared: Any = None
@@ -126,11 +128,13 @@ class PrefixAffinityRouter(RequestRouter):
         value (0 if none)."""
         missing = list(replicas)
         for backoff in range(PROBE_TRIES):
+            sent = time.monotonic()
             answers = await self._probe_queue_lens(missing, backoff)
             missing = [r for r, n in answers if n is None]
             for r, n in answers:
                 if n is not None:
                     self._last_lens[r.replica_id] = n
+                    self._probed_at[r.replica_id] = sent
             if not missing:
                 return
         for r in missing:
@@ -167,7 +171,10 @@ class PrefixAffinityRouter(RequestRouter):
             except Exception as exc:  # gone or slow: this request is routed without it
                 self._fallback("the shared table failed (%r)", exc)
         if ranks is None:
-            ranks = self.local.route(hashes, loads, self.saturation, not self.picks_only)
+            seen_at = ({rid: self._probed_at[r.replica_id] for rid, r in by_id.items()
+                        if r.replica_id in self._probed_at} if self.picks_only else None)
+            ranks = self.local.route(hashes, loads, self.saturation, not self.picks_only,
+                                     seen_at)
         return [[by_id[rid] for rid in rank if rid in by_id] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
@@ -192,6 +199,7 @@ class PrefixAffinityRouter(RequestRouter):
 
     def _forget(self, replica_id: ReplicaID) -> None:
         self._last_lens.pop(replica_id, None)
+        self._probed_at.pop(replica_id, None)
         self.local.forget(replica_id.unique_id)
         if self._shared is not None:
             self._shared.forget.remote(replica_id.unique_id)
