@@ -146,6 +146,16 @@ def ray_counters(base: str) -> dict:
     return sums
 
 
+def tokens_by_replica(base: str) -> dict:
+    """`llorch_generation_tokens_total` per replica label (`/metrics`), to show the split."""
+    out: dict = {}
+    for line in (http_get(f"{base}/metrics", 10)[1] or "").splitlines():
+        if line.startswith("llorch_generation_tokens_total{"):
+            labels = line.split("{", 1)[1].split("}", 1)[0]
+            out[labels] = out.get(labels, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def crossings(before: dict, after: dict) -> dict:
     """What crossed Ray per token between two `ray_counters` readings."""
     d = {k: after[k] - before[k] for k in after}
@@ -199,8 +209,14 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool,
         counted = ray_counters(server.base) if n else None
         with GpuSampler() as gpus:
             for k in range(args.repeats):
+                before = tokens_by_replica(server.base) if n > 1 else {}
                 runs.append(load(pool, server.base, model, streams, args.clients,
                                  args.max_tokens, offset=k * streams))
+                if n > 1:  # replicas report every second
+                    time.sleep(1.5)
+                    after = tokens_by_replica(server.base)
+                    runs[-1]["tokens_by_replica"] = {k: after[k] - before.get(k, 0.0)
+                                                     for k in after}
                 print(f"[r{n}] {streams} streams: {runs[-1]['tok_s']} tok/s",
                       file=sys.stderr, flush=True)
         best = max(runs, key=lambda x: x["tok_s"])

@@ -61,9 +61,11 @@ PICK_WINDOW_S = 0.1
 # picks expire before the replicas' probes showed them (a replica's event loop answers probes
 # late while 64 requests arrive), so the prefix's holder took ~96 of 128 streams and queued
 # the rest behind its 64 slots (two H200s: 24k vs 34-39k tok/s, run to run). A pick made up
-# to ARRIVAL_S before a probe was sent may or may not have arrived by then; PICK_MAX_S bounds
-# what a replica whose probes never answer accumulates.
-ARRIVAL_S = 0.05
+# to ARRIVAL_S before a probe was sent may or may not have arrived by then (a replica busy
+# with a burst takes its connections in late: TTFT p95 near 0.3 s there, and 0.05 s still
+# left one replica 1.5 s of queue); PICK_MAX_S bounds what a replica whose probes never
+# answer accumulates.
+ARRIVAL_S = 0.5
 PICK_MAX_S = 2.0
 
 
