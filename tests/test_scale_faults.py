@@ -42,20 +42,30 @@ MODEL = "smollm2-135m-instruct"
 FLAGS = ("--replicas", "2", "--threads", "1", "--max-batch", "2", "--drain-timeout", "600")
 LONG_STREAM = {"model": MODEL, "max_tokens": 4000, "ignore_eos": True, "stream": True,
                "messages": [{"role": "user", "content": "Tell me a long story."}]}
-# `ray.kill` every llorch replica, again and again for argv[2] seconds, from a driver of its
-# own (keeps Ray out of the test process); a local `ray.init` cluster uses token auth.
+# `ray.kill` every llorch replica that has reported in (loading or ready: its actor is up),
+# again and again for argv[3] seconds, from a driver of its own (keeps Ray out of the test
+# process; a local `ray.init` cluster uses token auth). Actors Ray is still creating are left
+# alone: killing those made Ray lose a replica for good (one never came back in 300 s).
 KILL_LOOP = """
-import sys, time, ray
+import json, sys, time, urllib.request
+import ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
-end = time.monotonic() + float(sys.argv[2])
+end = time.monotonic() + float(sys.argv[3])
 while time.monotonic() < end:
+    try:
+        with urllib.request.urlopen(sys.argv[2] + "/health", timeout=5) as r:
+            ids = json.load(r)["replicas"]
+    except urllib.error.HTTPError as e:
+        ids = json.load(e)["replicas"]
+    except OSError:
+        ids = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if "llorch-replica" in actor["name"]:
+        if "llorch-replica" in actor["name"] and actor["name"].rsplit("#", 1)[-1] in ids:
             try:
                 ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
             except Exception:
                 pass  # gone between the listing and the kill
-    time.sleep(0.3)
+    time.sleep(0.2)
 """
 
 
@@ -121,7 +131,7 @@ def test_with_every_replica_dead_requests_get_503_json_at_once_and_ray_recovers(
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=LONG_STREAM, timeout=120) as r:
         lines = r.iter_lines()
         assert len(_data_lines(lines, 2)) == 2
-        killer = subprocess.Popen([sys.executable, "-c", KILL_LOOP, gcs, "40"], cwd=REPO,
+        killer = subprocess.Popen([sys.executable, "-c", KILL_LOOP, gcs, base, "30"], cwd=REPO,
                                   env={**os.environ, "RAY_AUTH_MODE": "token"})
         rest = _data_lines(lines, 100_000)
     try:
