@@ -159,7 +159,8 @@ def test_with_every_replica_dead_requests_get_503_json_at_once_and_ray_recovers(
         killer.wait(120)
     deadline = time.monotonic() + 300  # Ray restarts both replicas once the kills stop
     while _health(base)[1].get("ready_replicas") != 2:
-        assert time.monotonic() < deadline, f"no replacement replicas: {_health(base)}"
+        assert time.monotonic() < deadline, \
+            f"no replacement replicas: {_health(base)}\n{log.read_text()[-4000:]}"
         time.sleep(1)
     answer = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=question)
     assert "Paris" in answer.choices[0].message.content

@@ -7,8 +7,8 @@ metrics, labelled `replica`) itself, from the `Registry`.
 Faults: a replica that dies before it answered gets the request retried once on another;
 one that dies mid-stream ends the stream with the wire format's final error event
 (`serve.scale.forward.stream_error`); a client that goes away cancels the replica's call,
-which frees its slot. A request that no replica can take (every replica dead, or not yet
-started) is answered 503 `no_replicas` with `Retry-After` once the handle's router has known
+which frees its slot. A request that no replica can take (every replica dead) is answered
+503 `no_replicas` with `Retry-After` once the handle's router has known
 no running replica for `NO_REPLICA_WAIT_S` (Ray's router would hold it until one exists:
 a minute and more while Ray restarts them); with scale-to-zero (`--min-replicas 0`) it
 waits, as a cold start must.
