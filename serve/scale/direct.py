@@ -18,7 +18,10 @@ What the replicas answer themselves, as the ingress does on the proxy path: `/he
 deployment's state from the `Registry`), `/metrics` (every replica's, labelled), and 503
 `shutting_down` once the driver drains. What is lost: a replica that dies mid-stream cuts its
 connection (HAProxy cannot append the `replica_died` error event the proxy path sends; the
-client sees the stream end without `[DONE]`), and every POST waits for the Route's pick.
+client sees the stream end without `[DONE]`), and every POST waits for the Route's pick. With
+no replica running, nothing here answers: clients get Ray's HAProxy's own answers (a
+`text/plain` 500 or 503, or a wait on Ray's fallback proxy; see README "Scaling out"), which
+come from Ray's config template, not from anything llorch can set.
 
 Ray reads the switches from the environment of every Ray process when it imports
 `ray.serve` (`serve.scale.environment`), so `serve.main` sets them before Ray is imported.

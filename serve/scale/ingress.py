@@ -7,7 +7,11 @@ metrics, labelled `replica`) itself, from the `Registry`.
 Faults: a replica that dies before it answered gets the request retried once on another;
 one that dies mid-stream ends the stream with the wire format's final error event
 (`serve.scale.forward.stream_error`); a client that goes away cancels the replica's call,
-which frees its slot.
+which frees its slot. A request that no replica can take (every replica dead) is answered
+503 `no_replicas` with `Retry-After` once the handle's router has known
+no running replica for `NO_REPLICA_WAIT_S` (Ray's router would hold it until one exists:
+a minute and more while Ray restarts them); with scale-to-zero (`--min-replicas 0`) it
+waits, as a cold start must.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from functools import partial
 from typing import Any
 
@@ -45,6 +50,10 @@ log = logging.getLogger("serve.scale.ingress")
 
 DRAIN_POLL_S = 0.25
 REPLICA_DIED = "The replica serving this request stopped; retry the request."
+NO_REPLICA_WAIT_S = 3.0  # no running replica this long while a request waits: 503 no_replicas
+NO_REPLICA_POLL_S = 0.25
+NO_REPLICAS = ("No replica of this model is running (they are starting or being restarted); "
+               "retry shortly.")
 
 
 class Ingress:
@@ -57,9 +66,11 @@ class Ingress:
     """
 
     async def __init__(self, replicas: Any, registry: Any, options: ServeOptions) -> None:
-        self._replicas = replicas.options(stream=True)
+        self._replicas = replicas.options(stream=True)  # also starts its router (Ray 2.60)
         self._registry = registry
         self._options = options
+        # Scale-to-zero: a request with no replica running is what starts one (a cold start).
+        self._wait_for_replicas = options.replicas is None and options.min_replicas == 0
         self._draining = False
         self._watch = asyncio.create_task(self._watch_draining())
 
@@ -110,7 +121,9 @@ class Ingress:
             watcher = asyncio.create_task(_wait_disconnect(receive))
             watcher.add_done_callback(partial(_cancel_if_gone, call))
             try:
-                async for chunk in call:  # a list of parts (serve.scale.coalesce)
+                chunks = aiter(call)
+                first = await self._first_chunk(call, chunks)
+                async for chunk in _chained(first, chunks):  # a list of parts (serve.scale.coalesce)
                     for part in chunk:
                         if part[0] == "start":
                             await send({"type": "http.response.start", "status": part[1],
@@ -130,6 +143,13 @@ class Ingress:
                     await send({"type": "http.response.body", "more_body": False,
                                 "body": stream_error(request.path, REPLICA_DIED, "replica_died")})
                     return
+            except _NoReplicas:
+                call.cancel()
+                log.warning("no running replica for %g s: %s %s answered 503", NO_REPLICA_WAIT_S,
+                            request.method, request.path)
+                error = ServiceUnavailableError(NO_REPLICAS, code="no_replicas",
+                                                headers={"Retry-After": "2"})
+                break
             except asyncio.CancelledError:
                 call.cancel()
                 raise
@@ -146,18 +166,51 @@ class Ingress:
                 watcher.cancel()
         await send_error(send, request.path, error)
 
+    async def _first_chunk(self, call: Any, chunks: Any) -> Any:
+        """The call's first item (None when it has none). Raises `_NoReplicas`
+        when, before the call was given to a replica, the router has known no running
+        replica for `NO_REPLICA_WAIT_S` (never with scale-to-zero)."""
+        task = asyncio.ensure_future(anext(chunks))
+        empty_since: float | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=NO_REPLICA_POLL_S)
+                if done:
+                    try:
+                        return task.result()
+                    except StopAsyncIteration:
+                        return None
+                if self._wait_for_replicas or _assigned(call) or running_replicas(self._replicas) != 0:
+                    empty_since = None
+                    continue
+                now = time.monotonic()
+                empty_since = empty_since or now
+                if now - empty_since >= NO_REPLICA_WAIT_S:
+                    raise _NoReplicas
+        finally:
+            if not task.done():
+                task.cancel()
+
     async def _health(self, send: Any) -> None:
-        await health_response(self._registry, self._draining, send)
+        await health_response(self._registry, self._draining, send,
+                              running_replica_ids(self._replicas))
 
     async def _metrics(self, scope: dict[str, Any], send: Any) -> None:
         await metrics_response(self._registry, self._options, scope, send)
 
 
-async def health_response(registry: Any, draining: bool, send: Any) -> None:
+async def health_response(registry: Any, draining: bool, send: Any,
+                          running: set[str] | None = None) -> None:
     """`/health` for the deployment, from the `Registry`: 200 with each replica's health when
-    at least one replica is ready (and not `draining`), else 503."""
+    at least one replica is ready (and not `draining`), else 503. `running`: the replica ids
+    Ray's router can send to (None: unknown); a replica outside it is not counted ready even
+    while its last report (up to `STALE_S` old) says "ok": it was killed or is stopping."""
     replicas = {rid: {"node": node, **health}
                 for rid, (node, health, _) in (await registry.snapshot.remote()).items()}
+    if running is not None:
+        for rid, health in replicas.items():
+            if health.get("status") == "ok" and rid not in running:
+                health["status"] = "gone"
     ready = sum(1 for h in replicas.values() if h.get("status") == "ok")
     status = "draining" if draining else "ok" if ready else "unavailable"
     ready = 0 if draining else ready
@@ -176,6 +229,53 @@ async def metrics_response(registry: Any, options: ServeOptions, scope: dict[str
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", CONTENT_TYPE.encode())]})
     await send({"type": "http.response.body", "body": text.encode()})
+
+
+class _NoReplicas(Exception):
+    """No running replica could take the request for `NO_REPLICA_WAIT_S`."""
+
+
+def _router_replicas(handle: Any) -> list[Any] | None:
+    """The replicas (`RunningReplica`) the handle's request router can send to now; None when
+    that is unknown (the router has not started, or Ray's internals changed: the callers then
+    behave as before, waiting on Ray). Ray 2.60: DeploymentHandle._router._asyncio_router
+    ._request_router.curr_replicas (the router runs in a thread of its own: a copy)."""
+    try:
+        router = handle._router._asyncio_router._request_router
+        return None if router is None else list(router.curr_replicas.values())
+    except (AttributeError, RuntimeError):  # RuntimeError: changed while copied
+        return None
+
+
+def running_replicas(handle: Any) -> int | None:
+    """How many replicas the handle's router can send to (None: unknown)."""
+    replicas = _router_replicas(handle)
+    return None if replicas is None else len(replicas)
+
+
+def running_replica_ids(handle: Any) -> set[str] | None:
+    """The unique ids (the `Registry`'s replica ids) of `_router_replicas` (None: unknown)."""
+    replicas = _router_replicas(handle)
+    try:
+        return None if replicas is None else {r.replica_id.unique_id for r in replicas}
+    except AttributeError:
+        return None
+
+
+def _assigned(call: Any) -> bool:
+    """Whether Ray's router has given the call to a replica (unknown: True, so that nothing
+    that may be running is cut). Ray 2.60: DeploymentResponseGenerator._replica_result_future."""
+    future = getattr(call, "_replica_result_future", None)
+    return future is None or future.done()
+
+
+async def _chained(first: Any, rest: Any) -> Any:
+    """`first` (unless None: the call had no item), then the rest of the async iterator."""
+    if first is None:
+        return
+    yield first
+    async for item in rest:
+        yield item
 
 
 class _ASGI:

@@ -11,7 +11,8 @@ by the `Route` deployment (no Ingress). SIGTERM/SIGINT drain: the
 ingress answers 503 to new requests, running ones get `--drain-timeout` seconds (a second
 signal cuts that short), then each replica ends what is left with an error event (told
 through the `Registry` at its next beat), the application is deleted (each replica stops
-its engine) and a Ray started here is shut down. `application(options, model_name, registry, table)` is the bound
+its engine) and a Ray started here is shut down; a third signal kills a Ray started here
+(every process of it) and exits at once (status 128 + the signal). `application(options, model_name, registry, table)` is the bound
 application alone, for `serve.run` elsewhere.
 """
 
@@ -137,8 +138,15 @@ def run(options: ServeOptions, model_name: str) -> None:
         raise StartupError(f"cannot start or join Ray ({options.ray_address or 'local'}): "
                            f"{exc}{hint}") from None
     stop, cut = threading.Event(), threading.Event()  # the first signal drains, a second cuts it short
-    previous = {sig: signal.signal(sig, lambda *_: (cut if stop.is_set() else stop).set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    received = []
+
+    def on_signal(sig: int, _frame: Any) -> None:
+        received.append(sig)
+        if len(received) >= 3:
+            _exit_now(sig, local)
+        (cut if stop.is_set() else stop).set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         table = f"llorch-prefixes-{model_name}"
         try:  # both live as long as this driver holds their handles
@@ -197,6 +205,50 @@ def run(options: ServeOptions, model_name: str) -> None:
         if local:
             serve.shutdown()
             ray.shutdown()
+
+
+def _exit_now(sig: int, local: bool) -> None:
+    """A third signal: exit at once with status 128 + `sig`, as a single process does. A Ray
+    started here is killed first, every process of it (this process's descendants: GCS,
+    raylet, its agents and workers, the replicas and HAProxy among them) with SIGKILL, else
+    they would outlive this process: `ray._private` node's `kill_all_processes` leaves the
+    raylet's dashboard and runtime-env agents running (15 s and more, measured)."""
+    log.warning("%s a third time: exiting now (status %d)%s", signal.Signals(sig).name, 128 + sig,
+                ", killing the local Ray" if local else "")
+    if local:
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # already gone
+                pass
+    logging.shutdown()
+    os._exit(128 + sig)
+
+
+def _descendants(root: int) -> list[int]:
+    """The pids of every living descendant of process `root` (Linux: from /proc; elsewhere
+    none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _requests_in_flight(registry: Any) -> int:
