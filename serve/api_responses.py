@@ -23,7 +23,7 @@ import copy
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -71,6 +71,12 @@ class ResponsesRequest(BaseModel):
 
     # Strict, as the chat route: "0.5" is no number, "true" / "no" no boolean.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    # chat's and Anthropic's fields → this route's (`serve.foreign_fields`: others are 400)
+    FOREIGN_ALIASES: ClassVar[dict[str, str]] = {
+        "max_tokens": "'max_output_tokens'", "max_completion_tokens": "'max_output_tokens'",
+        "response_format": "'text.format'", "output_config": "'text.format'", "output_format": "'text.format'",
+        "system": "'instructions'", "messages": "'input'", "reasoning_effort": "'reasoning.effort'",
+        "logprobs": "include: ['message.output_text.logprobs']"}
 
     model: str | None = None
     input: str | list[dict[str, Any]]
