@@ -161,9 +161,15 @@ class ResponsesRequest(BaseModel):
         renamer.take_origins(messages, fields={"content": "content", "tool_call_id": "call_id"},
                              calls={"function.arguments": "arguments", "function.name": "name", "function": "",
                                     "id": "call_id"}, default="input")
+        calls: set[Any] = set()  # call ids made so far (this input's and the stored history's)
         for k, m in enumerate(messages):  # a tool result's text is its item's `output`
+            calls.update(c.get("id") for c in m.get("tool_calls") or () if isinstance(c, dict))
             if m["role"] == "tool":
                 renamer.add(f"messages.[{k}].content", renamer(f"messages.[{k}]") + ".output")
+                if m.get("tool_call_id") not in calls:  # as OpenAI: an output answers a call
+                    raise InvalidRequestError(
+                        f"No tool call found for function call output with call_id "
+                        f"'{m.get('tool_call_id')}'.", param=renamer(f"messages.[{k}].tool_call_id"))
         for j in range(len(self.tools or ())):
             renamer.add(f"tools.[{j}].function", f"tools[{j}]")  # OpenAI's Responses spelling
         self._renamer = renamer

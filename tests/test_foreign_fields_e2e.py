@@ -116,3 +116,25 @@ def test_no_op_defaults_and_count_tokens_still_pass(oai, claude, server) -> None
     r = httpx.post(f"{server}/v1/messages/count_tokens", timeout=60,
                    json={"model": MODEL, "max_tokens": 3, "stop": ["x"], "n": 2, "messages": USER})
     assert r.status_code == 200 and r.json()["input_tokens"] > 0
+
+
+def test_responses_function_call_output_must_answer_a_call(oai) -> None:
+    """QA s10: a `function_call_output` whose `call_id` no `function_call` made (in `input` or
+    the `previous_response_id` history) was rendered as a tool result; OpenAI answers 400
+    ("No tool call found for function call output with call_id …")."""
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.responses.create(model=MODEL, max_output_tokens=2, input=[
+            {"role": "user", "content": "Hi"},
+            {"type": "function_call_output", "call_id": "call_nope", "output": "sunny"}])
+    assert info.value.body["param"] == "input[1].call_id" and "call_nope" in info.value.body["message"]
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}]
+    first = oai.responses.create(model=MODEL, input="Hi", tools=tools, tool_choice="required", max_output_tokens=40)
+    (call,) = [o for o in first.output if o.type == "function_call"]
+    # answered in the same input, or through the stored history: fine
+    same = oai.responses.create(model=MODEL, max_output_tokens=2, input=[
+        {"role": "user", "content": "Hi"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"}])
+    later = oai.responses.create(model=MODEL, max_output_tokens=2, previous_response_id=first.id, tools=tools,
+                                 input=[{"type": "function_call_output", "call_id": call.call_id, "output": "ok"}])
+    assert same.status == later.status == "incomplete"
