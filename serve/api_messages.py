@@ -27,7 +27,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from starlette.requests import Request
@@ -107,6 +107,12 @@ class MessagesRequest(BaseModel):
 
     # Strict, as the chat route: "0.5" is no number, "true" no boolean.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    # OpenAI's fields → this route's (`serve.foreign_fields`: others are 400)
+    FOREIGN_ALIASES: ClassVar[dict[str, str] | None] = {
+        "stop": "'stop_sequences'", "max_completion_tokens": "'max_tokens'", "max_output_tokens": "'max_tokens'",
+        "response_format": "'output_config.format'", "text": "'output_config.format'",
+        "instructions": "'system'", "reasoning_effort": "'output_config.effort'",
+        "reasoning": "'output_config.effort'"}
 
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -217,6 +223,8 @@ _RENAMES = (
 class CountTokensRequest(MessagesRequest):
     """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`."""
 
+    # nothing is generated: a create() body reused here (with its `max_tokens`, say) counts fine
+    FOREIGN_ALIASES: ClassVar[dict[str, str] | None] = None
     max_tokens: int = 1
 
 

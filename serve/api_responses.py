@@ -23,7 +23,7 @@ import copy
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -71,6 +71,12 @@ class ResponsesRequest(BaseModel):
 
     # Strict, as the chat route: "0.5" is no number, "true" / "no" no boolean.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+    # chat's and Anthropic's fields → this route's (`serve.foreign_fields`: others are 400)
+    FOREIGN_ALIASES: ClassVar[dict[str, str]] = {
+        "max_tokens": "'max_output_tokens'", "max_completion_tokens": "'max_output_tokens'",
+        "response_format": "'text.format'", "output_config": "'text.format'", "output_format": "'text.format'",
+        "system": "'instructions'", "messages": "'input'", "reasoning_effort": "'reasoning.effort'",
+        "logprobs": "include: ['message.output_text.logprobs']"}
 
     model: str | None = None
     input: str | list[dict[str, Any]]
@@ -155,9 +161,15 @@ class ResponsesRequest(BaseModel):
         renamer.take_origins(messages, fields={"content": "content", "tool_call_id": "call_id"},
                              calls={"function.arguments": "arguments", "function.name": "name", "function": "",
                                     "id": "call_id"}, default="input")
+        calls: set[Any] = set()  # call ids made so far (this input's and the stored history's)
         for k, m in enumerate(messages):  # a tool result's text is its item's `output`
+            calls.update(c.get("id") for c in m.get("tool_calls") or () if isinstance(c, dict))
             if m["role"] == "tool":
                 renamer.add(f"messages.[{k}].content", renamer(f"messages.[{k}]") + ".output")
+                if m.get("tool_call_id") not in calls:  # as OpenAI: an output answers a call
+                    raise InvalidRequestError(
+                        f"No tool call found for function call output with call_id "
+                        f"'{m.get('tool_call_id')}'.", param=renamer(f"messages.[{k}].tool_call_id"))
         for j in range(len(self.tools or ())):
             renamer.add(f"tools.[{j}].function", f"tools[{j}]")  # OpenAI's Responses spelling
         self._renamer = renamer

@@ -75,6 +75,7 @@ class PreparedChat:
         tool_parser: the family whose calls are parsed, or None (no tools, or "none").
         reasoning: split a `<think>` block off.
         start_in_reasoning: the prompt opened the block.
+        calls_only: tool_choice "required" or named: the answer is nothing but calls.
     """
 
     prompt_text: str
@@ -83,11 +84,12 @@ class PreparedChat:
     tool_parser: str | None = None
     reasoning: bool = False
     start_in_reasoning: bool = False
+    calls_only: bool = False
 
     def make_parser(self) -> ChoiceParser:
         """A fresh parser for one choice."""
         return ChoiceParser(tool_parser=self.tool_parser, reasoning=self.reasoning,
-                            start_in_reasoning=self.start_in_reasoning)
+                            start_in_reasoning=self.start_in_reasoning, calls_only=self.calls_only)
 
 
 def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any,
@@ -154,7 +156,7 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any,
                 grammar = after_reasoning(grammar, think)
                 _compile(tokenizer, grammar, param)
     return PreparedChat(text, ids, grammar, family if mode != "none" else None,
-                        reasoning is not None, start_inside)
+                        reasoning is not None, start_inside, calls_only=mode in ("required", "named"))
 
 
 def special_markers(tokenizer: Any) -> dict[str, int]:

@@ -19,12 +19,13 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar, get_args
+from typing import Any, ClassVar, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve.constraints import request_grammar
 from serve.errors import InvalidRequestError
+from serve.foreign_fields import check_foreign_fields
 from serve.sampling import SamplingParams
 from serve.tool_protocol import FunctionCall, FunctionDef, ToolCall, ToolDef, check_tool_choice
 
@@ -320,6 +321,12 @@ class _ChatHead(_Request):
 
 
 class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
+    # the other wire formats' fields → this route's (`serve.foreign_fields`)
+    FOREIGN_ALIASES: ClassVar[dict[str, str]] = {
+        "max_output_tokens": "'max_completion_tokens'", "stop_sequences": "'stop'",
+        "system": "a 'system' message", "instructions": "a 'system' message", "input": "'messages'",
+        "text": "'response_format'", "output_config": "'response_format'",
+        "output_format": "'response_format'", "reasoning": "'reasoning_effort'"}
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(None, ge=1)
     parallel_tool_calls: bool | None = None
@@ -488,6 +495,11 @@ class _CompletionHead(_Request):
 
 
 class CompletionRequest(_Sampling, _CompletionHead, _Constrained):
+    FOREIGN_ALIASES: ClassVar[dict[str, str]] = {
+        "max_completion_tokens": "'max_tokens'", "max_output_tokens": "'max_tokens'",
+        "stop_sequences": "'stop'", "messages": "'prompt' (or POST /v1/chat/completions)",
+        "input": "'prompt'", "text": "'response_format'", "output_config": "'response_format'",
+        "output_format": "'response_format'"}
     best_of: int | None = Field(None, ge=1)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -581,6 +593,9 @@ def parse_request(model: type[R], body: Mapping[str, Any]) -> R:
                 f"'{name}' is not supported by this server: it would change the output, and "
                 "this server would ignore it. Leave it out (or at its default).",
                 param=name, code="unsupported_parameter")
+    aliases = getattr(model, "FOREIGN_ALIASES", None)
+    if aliases is not None:  # another wire format's field: 400, not silently dropped
+        check_foreign_fields(body, model.model_fields, aliases)
     if unknown:
         log.debug("ignoring unknown fields in %s: %s", model.__name__, ", ".join(unknown))
     try:

@@ -348,3 +348,20 @@ def test_auto_with_one_call_ends_after_it(client):
     choice = resp.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     assert resp.usage.completion_tokens < 60
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_call_cut_in_its_trigger_leaks_no_markup(client, base_url, tool_choice):
+    """QA s10: tool_choice "required" with max_tokens 1 answered content "<" (the first token
+    of "<tool_call>"), streamed and not, and /v1/messages a text block "<". Under a forced call
+    every token is markup: a trigger cut short is dropped however short."""
+    for max_tokens in (1, 2, 3):
+        whole, (content, calls, finish) = _both(client, GET_WEATHER_PROMPT, tool_choice=tool_choice,
+                                                max_tokens=max_tokens)
+        assert not whole.message.content and not content, max_tokens
+        assert whole.finish_reason == finish == "length"
+    msg = httpx.post(f"{base_url}/v1/messages", timeout=60, json={
+        "model": MODEL, "max_tokens": 1, "tool_choice": {"type": "any"},
+        "messages": [{"role": "user", "content": GET_WEATHER_PROMPT}],
+        "tools": [{"name": "get_weather", "input_schema": WEATHER}]}).json()
+    assert msg["content"] == [] and msg["stop_reason"] == "max_tokens"

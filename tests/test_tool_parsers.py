@@ -258,3 +258,15 @@ def test_a_cut_trigger_never_reaches_content(family, text, content):
 ])
 def test_partial_json_object(text, value):
     assert partial_json_object(text) == value
+
+
+@pytest.mark.parametrize(("family", "text"), [("hermes", "<"), ("generic", "\n<"), ("mistral", "["),
+                                              ("pythonic", "[")])
+def test_a_partial_trigger_is_markup_when_only_calls_are_allowed(family, text):
+    """QA s10: tool_choice "required" with max_tokens 1 returned content "<" (the first token
+    of "<tool_call>") on chat, a "<" text block on /v1/messages. Where the grammar allows only
+    calls, whatever is held back at the end is markup; in "auto" a lone "<" may be text."""
+    forced = ChoiceParser(tool_parser=family, calls_only=True)
+    assert [d for d in forced.feed(text) + forced.finish() if isinstance(d, TextDelta) and d.text.strip()] == []
+    free = ChoiceParser(tool_parser=family)
+    assert "".join(d.text for d in free.feed(text) + free.finish()) == text

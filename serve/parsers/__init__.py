@@ -95,14 +95,16 @@ class ChoiceParser:
         reasoning: split a `<think>` block off first.
         start_in_reasoning: the prompt already opened the block (it ends with `<think>`).
         new_id: makes call ids (default `new_call_id(tool_parser)`).
+        calls_only: the answer can only be calls (tool_choice "required" or named): a
+            partial trigger left at the end is dropped, never returned as text.
     """
 
     def __init__(self, *, tool_parser: str | None = None, reasoning: bool = False,
                  start_in_reasoning: bool = False,
-                 new_id: Callable[[], str] | None = None) -> None:
+                 new_id: Callable[[], str] | None = None, calls_only: bool = False) -> None:
         self.reasoning = ReasoningSplitter(start_inside=start_in_reasoning) if reasoning else None
         family = tool_parser
-        self.tools = (ToolCallParser(family, new_id or (lambda: new_call_id(family)))
+        self.tools = (ToolCallParser(family, new_id or (lambda: new_call_id(family)), calls_only=calls_only)
                       if family is not None else None)
 
     def feed(self, text: str) -> list[Delta]:

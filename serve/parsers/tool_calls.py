@@ -20,7 +20,8 @@ Text before a call goes out as `TextDelta`; whitespace after a call is dropped u
 text follows. Markup never reaches the text: a trigger is held back until it is complete;
 text after a trigger that is not a call (prose, broken JSON) goes out as text with its
 trigger; a call cut short before its name (max_tokens, a stop string) is dropped, and so is
-a trigger cut short at the end ("<tool_"; a lone "<" stays text unless calls came before).
+a trigger cut short at the end ("<tool_"; a lone "<" stays text unless calls came before or
+the grammar allows only calls).
 A call cut after its name is kept, with the arguments written so far, and counted in
 `open_calls` (the renderers then report the cut, never a finished call). JSON calls stream their arguments while they are written; pythonic calls are
 emitted when the list closes.
@@ -351,12 +352,15 @@ class ToolCallParser:
     Args:
         family: one of `TOOL_PARSERS`.
         new_id: makes a call id (OpenAI's `call_…`; Mistral templates want 9 alphanumerics).
+        calls_only: the grammar lets the output be nothing but calls (tool_choice "required"
+            or named), so a trigger cut short at the end is markup however short (a lone "<").
     """
 
-    def __init__(self, family: str, new_id: Callable[[], str]) -> None:
+    def __init__(self, family: str, new_id: Callable[[], str], *, calls_only: bool = False) -> None:
         if family not in TOOL_PARSERS:
             raise ValueError(f"unknown tool-call parser {family!r}; choose from {', '.join(TOOL_PARSERS)}")
         self.family = family
+        self.calls_only = calls_only
         self.calls = _Calls(new_id)
         self.buf = ""
         self.at_start = True  # only blanks so far: start-of-output triggers apply
@@ -459,11 +463,14 @@ class ToolCallParser:
                 out += self.body.finish()
                 self.body = None
             except NotACall:
+                if self.calls_only:  # the grammar allowed nothing but a call: one cut short
+                    self.body, self.buf = None, ""
+                    break
                 out += self._not_a_call()
                 out += self.feed("")
         text = "" if self.after_call else self.buf
         hold = _partial_suffix(text, self.triggers)
-        if hold >= 2 or (hold and self.calls.count):
+        if hold >= 2 or (hold and (self.calls.count or self.calls_only)):
             text = text[:len(text) - hold]  # a trigger cut short (max_tokens, a stop string): markup
         if text:
             out.append(TextDelta(text))
