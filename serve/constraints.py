@@ -74,11 +74,16 @@ _JSON_OVERRIDES = {"lenient": False}  # after the schema's own "x-guidance": no 
 # most 1e-10 exactly ("too many digits" beyond), so 10 here.
 NUMBER_FRACTION_DIGITS = 10
 _NUMBER_BOUND = {"multipleOf": 10.0 ** -NUMBER_FRACTION_DIGITS}
+# Digits of an `integer`'s (or a `number`'s integer part) without a range of its own:
+# llama.cpp's json-schema-to-grammar stops integral parts at 16 digits too. A 135M model wrote
+# `{"a": 2018022018020101812121…` to max_tokens for a pydantic `int` (`responses.parse`).
+INTEGER_DIGITS = 16
+INTEGER_LIMIT = 10**INTEGER_DIGITS - 1
 # json_object: any JSON object, its numbers bounded as a schema's are (`bound_numbers`);
 # llguidance's own any-JSON (`{"type": "object"}`) writes numbers of any length.
 _ANY_VALUE = {"anyOf": [
     {"type": "null"}, {"type": "boolean"},
-    {"type": "number", **_NUMBER_BOUND},
+    {"type": "number", **_NUMBER_BOUND, "minimum": -INTEGER_LIMIT, "maximum": INTEGER_LIMIT},
     {"type": "string"},
     {"type": "array", "items": {"$ref": "#/$defs/value"}},
     {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
@@ -243,7 +248,10 @@ def bound_numbers(schema: Any) -> Any:
     exponent (its number regex, `-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?`, has no digit
     bound and no option for one; a 135M model sampled `"confidence": 1.000…` to max_tokens).
     Left alone where a range bound has more fraction digits than that (the bound could leave
-    no value). Stricter, never looser: whatever it accepts the original accepts."""
+    no value). Every `number` or `integer` schema without `enum`/`const` also gets
+    `minimum: -INTEGER_LIMIT` and `maximum: INTEGER_LIMIT` on each side its own range leaves
+    open (at most `INTEGER_DIGITS` digits before the point). Stricter, never looser: whatever
+    it accepts the original accepts."""
     if isinstance(schema, list):  # `items` in its old tuple form
         return [bound_numbers(s) for s in schema]
     if not isinstance(schema, Mapping):
@@ -251,11 +259,29 @@ def bound_numbers(schema: Any) -> Any:
     out = _map_subschemas(schema, bound_numbers, ("then", "else"), ("allOf",),
                           ("dependentSchemas",))
     kind = out.get("type")
-    number = kind == "number" or (isinstance(kind, list) and "number" in kind)
+    kinds = kind if isinstance(kind, list) else [kind]
+    number = "number" in kinds
     ranges_fit = all(_fits_fraction_digits(out[k]) for k in _RANGE_KEYS if k in out)
     if number and ranges_fit and not any(k in out for k in ("multipleOf", "enum", "const")):
         out.update(_NUMBER_BOUND)
+    if (number or "integer" in kinds) and not any(k in out for k in ("enum", "const")):
+        _bound_integer_part(out)
     return out
+
+
+def _bound_integer_part(schema: dict) -> None:
+    """Give a numeric schema the range ±`INTEGER_LIMIT` on each side it leaves open, unless
+    its other bound lies beyond that (the range would then be empty)."""
+    def numeric(key: str) -> float | None:
+        v = schema.get(key)
+        return v if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    lows = [v for v in (numeric("minimum"), numeric("exclusiveMinimum")) if v is not None]
+    highs = [v for v in (numeric("maximum"), numeric("exclusiveMaximum")) if v is not None]
+    if not lows and "minimum" not in schema and all(h > -INTEGER_LIMIT for h in highs):
+        schema["minimum"] = -INTEGER_LIMIT
+    if not highs and "maximum" not in schema and all(lo < INTEGER_LIMIT for lo in lows):
+        schema["maximum"] = INTEGER_LIMIT
 
 
 def _fits_fraction_digits(value: Any) -> bool:

@@ -455,6 +455,36 @@ def test_numbers_get_at_most_ten_fraction_digits_and_no_exponent():
         assert (accepted and c.done) is ok, text
 
 
+@pytest.mark.parametrize("prop, text, ok", [
+    ({"type": "integer"}, "9999999999999999", True),  # 16 digits, llama.cpp's bound
+    ({"type": "integer"}, "12345678901234567", False),
+    ({"type": "integer"}, "-9999999999999999", True),
+    ({"type": "integer"}, "-12345678901234567", False),
+    ({"type": "number"}, "1234567890123456.25", True),
+    ({"type": "number"}, "12345678901234567.5", False),
+    ({"type": ["integer", "null"]}, "12345678901234567", False),
+    ({"type": "integer", "minimum": 5}, "99999999999999999", False),
+    ({"type": "integer", "minimum": 5}, "4", False),  # its own side kept
+    ({"type": "integer", "maximum": 10**18}, "-12345678901234567", False),
+    ({"type": "integer", "maximum": 10**18}, "123456789012345678", True),  # its own range
+    ({"type": "integer", "maximum": -10**17}, "-100000000000000000", True),  # would be empty
+    ({"type": "integer", "exclusiveMinimum": 3}, "3", False),
+    ({"type": "integer", "multipleOf": 5}, "1234567890123455", True),
+    ({"type": "integer", "multipleOf": 5}, "12345678901234565", False),
+    ({"type": "integer", "enum": [2**54]}, str(2**54), True),  # 17 digits: its own
+])
+def test_integer_parts_get_at_most_sixteen_digits(prop, text, ok):
+    """A pydantic `int` field (`responses.parse`) was written `2018022018020101812121…` to
+    max_tokens by the default model: a numeric schema's open sides get ±(10^16 - 1)
+    (`INTEGER_LIMIT`, llama.cpp's 16 digits), never past a bound of the schema's own."""
+    schema = {"type": "object", "properties": {"a": prop}, "required": ["a"]}
+    grammar, _ = request_grammar(json_schema=schema)
+    c = Constraint.new(grammar, TOKENIZER)
+    accepted = c.matcher.consume_tokens(TOKENIZER.encode('{"a": ' + text + "}",
+                                                         add_special_tokens=False))
+    assert (accepted and c.done) is ok
+
+
 def test_bound_numbers_narrows_only_unbounded_number_schemas():
     nested = {"type": "object", "properties": {
         "n": {"type": "number"}, "opt": {"type": ["number", "null"]}, "i": {"type": "integer"},
@@ -493,6 +523,8 @@ def test_tool_arguments_numbers_are_bounded_too():
     ('{"a": 1.00000000000}', False),  # 11 fraction digits
     ('{"a": [1, {"b": 0.12345678912}]}', False),
     ('{"a": 1e5}', False),
+    ('{"a": 9999999999999999.5}', True),
+    ('{"a": [12345678901234567]}', False),  # 17 digits before the point
 ])
 def test_json_object_numbers_are_bounded_too(text, ok):
     for fields in ({"response_format": {"type": "json_object"}},
