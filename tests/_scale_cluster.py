@@ -93,8 +93,9 @@ def cluster_fixtures(name: str, *flags: str, after: str | None = None):
             yield Cluster(base, proc, log)
 
     @pytest.fixture
-    def client(cluster) -> OpenAI:
-        return OpenAI(base_url=f"{cluster.base}/v1", api_key="none", max_retries=0)
+    def client(cluster) -> Iterator[OpenAI]:
+        with OpenAI(base_url=f"{cluster.base}/v1", api_key="none", max_retries=0) as client:
+            yield client
 
     return cluster, client
 
@@ -103,10 +104,11 @@ def answers_of_a_single_process(model_dir: Path, log_path: Path) -> dict[str, st
     """{question: greedy answer, 24 tokens} of one plain process with one thread (as each
     replica has), for every question in QUESTIONS."""
     with running_server(model_dir, "--threads", "1", log_path=log_path) as base:
-        client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-        return {q: client.chat.completions.create(
-            model=MODEL, max_tokens=24, temperature=0,
-            messages=[{"role": "user", "content": q}]).choices[0].message.content for q in QUESTIONS}
+        with OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0) as client:
+            return {q: client.chat.completions.create(
+                model=MODEL, max_tokens=24, temperature=0,
+                messages=[{"role": "user", "content": q}]).choices[0].message.content
+                for q in QUESTIONS}
 
 
 def health(base: str) -> dict:
@@ -191,18 +193,18 @@ def _system_prompt(topic: str) -> str:
 def hit_rate(base: str) -> tuple[float, list[int]]:
     """Four long system prompts (`TOPICS`), four questions each, one at a time:
     (cached/prompt tokens, each request's cached tokens)."""
-    client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
     cached = prompt = 0
     per_request = []
-    for question in ["Define it.", "Give one example.", "Why does it matter?", "Summarise."]:
-        for topic in TOPICS:
-            r = client.chat.completions.create(
-                model=MODEL, max_tokens=1, temperature=0,
-                messages=[{"role": "system", "content": _system_prompt(topic)},
-                          {"role": "user", "content": question}])
-            hit = r.usage.prompt_tokens_details.cached_tokens or 0
-            cached, prompt = cached + hit, prompt + r.usage.prompt_tokens
-            per_request.append(hit)
+    with OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0) as client:
+        for question in ["Define it.", "Give one example.", "Why does it matter?", "Summarise."]:
+            for topic in TOPICS:
+                r = client.chat.completions.create(
+                    model=MODEL, max_tokens=1, temperature=0,
+                    messages=[{"role": "system", "content": _system_prompt(topic)},
+                              {"role": "user", "content": question}])
+                hit = r.usage.prompt_tokens_details.cached_tokens or 0
+                cached, prompt = cached + hit, prompt + r.usage.prompt_tokens
+                per_request.append(hit)
     return cached / prompt, per_request
 
 
