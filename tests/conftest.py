@@ -97,3 +97,24 @@ def tiny_model_dir(tmp_path_factory, tiny_hf_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny-export") / "tiny-llama"
     export_model(tiny_hf_dir, out, precision="fp32", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def single_process_answers(default_model_dir, tmp_path_factory) -> dict[str, str]:
+    """Greedy answers of one plain process (one thread, as each replica has) to
+    _scale_cluster.QUESTIONS: every Ray Serve file's reference, computed once a session
+    (before the first deployment starts: their `cluster` fixtures ask for it)."""
+    from _scale_cluster import answers_of_a_single_process
+
+    return answers_of_a_single_process(default_model_dir,
+                                       tmp_path_factory.mktemp("single") / "server.log")
+
+
+@pytest.fixture(scope="session")
+def plain_routing(default_model_dir, tmp_path_factory, single_process_answers):
+    """`_scale_cluster.plain_routing_then_two_signals` once a session (after the single-process
+    answers, before or after any other deployment, never beside one)."""
+    from _scale_cluster import plain_routing_then_two_signals
+
+    return plain_routing_then_two_signals(default_model_dir,
+                                          tmp_path_factory.mktemp("plain") / "server.log")

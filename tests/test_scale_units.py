@@ -554,3 +554,24 @@ def test_a_replica_whose_idle_model_was_unloaded_stays_ready(tmp_path):
         state.models.unload(state.models.default)
         assert engine.stopped and state.models.default.engine is None
         assert Replica.health(replica)["status"] == "ok"
+
+
+def test_a_replicas_engine_process_answers_ready_without_waiting_for_an_early_worker(tiny_model_dir):
+    """A replica's EngineClient is its engine child's only client, so the engine must not hold
+    its "ready" for an early HTTP worker (--api-workers' first) that never comes. It did: every
+    --engine-process replica started EARLY_WORKER_WAIT_S (30 s) late ("the early HTTP worker is
+    not serving after 30 s" in its log), a replacement after a crash too."""
+    import time
+
+    from serve.frontend.hub import EARLY_WORKER_WAIT_S
+    from serve.scale.engine_process import EngineProcess
+
+    child = EngineProcess(ServeOptions(tiny_model_dir, threads=1), "tiny")
+    try:
+        start = time.monotonic()
+        child.connect()
+        took = time.monotonic() - start
+    finally:
+        child.client.stop()  # as the replica's shutdown does, before its child's
+        child.stop()
+    assert took < EARLY_WORKER_WAIT_S / 2, took

@@ -55,7 +55,10 @@ class EngineProcess:
                                    args=(options, model_id, address, authkey, child))
         self.process.start()
         child.close()
-        self.client = EngineClient(address, authkey, options.model_dir, on_lost=on_lost)
+        # The child's only client: "early", so that the engine answers it "ready" at once
+        # instead of holding it for an early HTTP worker (--api-workers' first) that never
+        # comes (EARLY_WORKER_WAIT_S, 30 s, at every replica's start before this).
+        self.client = EngineClient(address, authkey, options.model_dir, on_lost=on_lost, early=True)
 
     def connect(self) -> EngineClient:
         """Wait (blocking: call from a thread) until the child has loaded the model.
