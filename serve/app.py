@@ -555,13 +555,14 @@ async def generate_chat(request: Request, state: _State, req: ChatCompletionRequ
     return await _generate(
         request, state, engine, req, max_tokens, [(prepared.prompt_text, prepared.prompt_ids)],
         lambda params: make_output(engine, params, prepared.prompt_ids, prepared.make_parser),
-        grammar=prepared.grammar)
+        grammar=prepared.grammar, grammar_prefix=prepared.grammar_prefix)
 
 
 async def _generate(request: Request, state: _State, engine: EngineLike,
                     req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
                     prompts: list[tuple[str, list[int]]], make_output: Callable[[SamplingParams], Output],
-                    *, grammar: str | None, prompt_logprobs: int | None = None) -> Response:
+                    *, grammar: str | None, prompt_logprobs: int | None = None,
+                    grammar_prefix: tuple[int, ...] = ()) -> Response:
     """The tail of both generation routes, after the prompts are tokenized and checked
     against the context: the request becomes engine types here (`to_sampling_params`), one
     `GenerationRequest` per prompt goes to `Engine.submit`, and `respond` answers (JSON or SSE).
@@ -573,7 +574,8 @@ async def _generate(request: Request, state: _State, engine: EngineLike,
             log ("" for token-id prompts, decoded then).
         make_output: the response renderer for these sampling settings.
         grammar: the compiled output constraint, or None; prompt_logprobs: completions
-            `echo` + `logprobs`.
+            `echo` + `logprobs`; grammar_prefix: token ids the grammar reads first (a prefill
+            it covers, `PreparedChat.grammar_prefix`).
 
     Raises:
         InvalidRequestError: a `logit_bias`, `stop_token_ids` or `allowed_token_ids` token
@@ -598,7 +600,7 @@ async def _generate(request: Request, state: _State, engine: EngineLike,
             log.info("request %s prompt %d: %r", out.id, k,
                      text or engine.tokenizer.decode(ids, skip_special_tokens=False))
     streams = _submit(engine, [GenerationRequest(tuple(ids), params, prompt_logprobs, request_id=out.id,
-                                                 grammar=grammar)
+                                                 grammar=grammar, grammar_prefix=grammar_prefix)
                                for _, ids in prompts])
     return await respond(request, streams, out, streaming=bool(req.stream))
 

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve.chat_template import ChatTemplateError, template_variables
-from serve.constraints import check_numbers, compiled, grammar_for_lark, require_compiled
+from serve.constraints import (
+    Constraint,
+    check_numbers,
+    compiled,
+    grammar_for_lark,
+    require_compiled,
+)
 from serve.errors import InvalidRequestError
 from serve.parsers import ChoiceParser, detect_reasoning_parser, detect_tool_parser
 from serve.protocol import ChatCompletionRequest, check_fits
@@ -76,6 +82,9 @@ class PreparedChat:
         reasoning: split a `<think>` block off.
         start_in_reasoning: the prompt opened the block.
         calls_only: tool_choice "required" or named: the answer is nothing but calls.
+        grammar_prefix: token ids the grammar reads before the first generated token: the
+            prefill (`continue_final_message`) under a response format, so the reply
+            completes the document the prefill began instead of starting another.
     """
 
     prompt_text: str
@@ -85,6 +94,7 @@ class PreparedChat:
     reasoning: bool = False
     start_in_reasoning: bool = False
     calls_only: bool = False
+    grammar_prefix: tuple[int, ...] = ()
 
     def make_parser(self) -> ChoiceParser:
         """A fresh parser for one choice."""
@@ -130,7 +140,7 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any,
     start_inside = reasoning is not None and tail.endswith("<think>")
     think = None if reasoning is None else ("inside" if start_inside else "open")
 
-    grammar = None
+    grammar, prefix = None, ()
     if mode in ("required", "named", "auto"):
         _check_schemas(tokenizer, req)
         # With tools, a response_format shapes the text answer; under "required" or a
@@ -155,8 +165,28 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any,
             if think is not None:
                 grammar = after_reasoning(grammar, think)
                 _compile(tokenizer, grammar, param)
+            elif req.continue_final_message:
+                prefix = _grammar_prefix(tokenizer, grammar, req.messages[-1].content or "",
+                                         param)
     return PreparedChat(text, ids, grammar, family if mode != "none" else None,
-                        reasoning is not None, start_inside, calls_only=mode in ("required", "named"))
+                        reasoning is not None, start_inside, calls_only=mode in ("required", "named"),
+                        grammar_prefix=prefix)
+
+
+def _grammar_prefix(tokenizer: Any, grammar: str, prefill: str, param: str) -> tuple[int, ...]:
+    """The prefill's token ids, checked against `grammar`: a response format applies to the
+    whole reply, prefill included (Anthropic's "prefill `{`" pattern), so the grammar reads
+    the prefill before the model writes on.
+
+    Raises:
+        InvalidRequestError: the prefill is not a beginning the format allows (`param`).
+    """
+    prefix = tuple(tokenizer.encode(prefill, add_special_tokens=False))
+    if prefix and not Constraint.new(grammar, tokenizer).matcher.consume_tokens(list(prefix)):
+        raise InvalidRequestError(
+            f"The final assistant message (the prefill, {prefill[:40]!r}) is not a beginning "
+            f"that '{param}' allows: the format applies to the whole reply.", param=param)
+    return prefix
 
 
 def special_markers(tokenizer: Any) -> dict[str, int]:

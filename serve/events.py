@@ -41,6 +41,8 @@ class GenerationRequest:
     `grammar` (an llguidance grammar string, `serve.constraints`) constrains every choice's
     tokens: each gets its own matcher, EOS only where the grammar accepts, and the choice
     stops when the grammar is complete. Compile it first (`check_grammar`), off this thread.
+    `grammar_prefix`: token ids each choice's matcher reads first (a prefill the format
+    covers; `serve.chat_prep.PreparedChat.grammar_prefix`, checked there).
     """
 
     prompt_ids: tuple[int, ...]
@@ -48,6 +50,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None
     request_id: str = ""
     grammar: str | None = None
+    grammar_prefix: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -445,6 +445,31 @@ def test_messages_prefill_is_continued(claude, oai, model, server):
                                                                            "content": PREFILL + " "}]))
 
 
+def test_a_prefill_under_a_json_format_is_completed_not_restarted(claude, oai, model):
+    """Anthropic's "prefill `{`" pattern with a JSON format: the format covers the whole reply,
+    prefill included, so the model completes the object the prefill began (before: the grammar
+    applied to the new text alone and the reply read `{"city": "{ "city": …`). A prefill the
+    format cannot begin with is a 400 naming the format."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+              "required": ["city"], "additionalProperties": False}
+    prefill = '{"city": "'
+    messages = [{"role": "user", "content": Q}, {"role": "assistant", "content": prefill}]
+    m = claude.messages.create(**message_kw(model, messages=messages, max_tokens=24, extra_body={
+        "temperature": 0, "output_config": {"format": {"type": "json_schema", "schema": schema}}}))
+    assert json.loads(prefill + m.content[0].text)["city"]
+    c = oai.chat.completions.create(
+        model=model, messages=messages, max_tokens=24, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert c.choices[0].message.content == m.content[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(
+            model=model, messages=[messages[0], {"role": "assistant", "content": "Sure: ["}],
+            max_tokens=8, response_format={"type": "json_object"},
+            extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert err.value.body["param"] == "response_format" and "prefill" in err.value.body["message"]
+
+
 BAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
 
 
