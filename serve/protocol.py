@@ -408,6 +408,22 @@ class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
         return self
 
     @model_validator(mode="after")
+    def _tool_results_answer_calls(self):
+        # OpenAI's rule: a `tool` message answers a call of an earlier assistant message (the
+        # Responses and Messages routes check their call ids the same way); a result for a call
+        # never made would be rendered as if the model had made it.
+        made: set[str] = set()
+        for i, m in enumerate(self.messages):
+            if m.role == "assistant":
+                made.update(c.id for c in m.calls() if c.id)
+            elif m.role == "tool" and m.tool_call_id not in made:
+                raise _FieldError(f"messages.[{i}].tool_call_id",
+                                  f"Invalid parameter: a message with role 'tool' must answer a "
+                                  f"preceding assistant message's 'tool_calls'; no call has the "
+                                  f"id '{m.tool_call_id}'.")
+        return self
+
+    @model_validator(mode="after")
     def _continue_final(self):
         # vLLM's rule: continuing the last message and opening a new turn exclude each other
         if self.continue_final_message:
