@@ -13,7 +13,10 @@ same way everywhere, as an OpenAI-shaped 4xx:
 - containers nested deeper than `MAX_DEPTH` → 400 (Python's parser raises RecursionError
   near 1000 levels; no request we serve needs more than a handful);
 - a lone UTF-16 surrogate (`"\\ud83d"`), which JSON allows but is no Unicode text and
-  breaks the tokenizer and UTF-8 output → 400 naming the field.
+  breaks the tokenizer and UTF-8 output → 400 naming the field;
+- `Content-Encoding: gzip` or `deflate` (RFC 9110 §8.4; what `requests`/`httpx` users set
+  for big prompts) is decoded first, the size limit applying to the decoded body too (a
+  small bomb cannot grow past it: 413); any other coding (`br`, `zstd`, …) → 415 naming it.
 
 A client that disconnects while sending the body raises `ClientGone` (not an APIError:
 nobody is there to read an answer; the route wrapper logs and counts it as 499).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -79,9 +83,41 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
                 raise PayloadTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
     except ClientDisconnect:
         raise ClientGone() from None
+    body = decode_content(bytes(body), request.headers.get("content-encoding", ""), limit)
     if len(body) > _THREAD_PARSE_BYTES:
         return await run_in_threadpool(parse_json, bytes(body))
     return parse_json(bytes(body))
+
+
+_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode_content(body: bytes, encoding: str, limit: int) -> bytes:
+    """`body` with its `Content-Encoding` codings undone, last applied first (RFC 9110
+    §8.4.1); `identity` or none: as it is.
+
+    Raises:
+        UnsupportedMediaTypeError (415): a coding other than gzip / deflate.
+        PayloadTooLargeError (413): the decoded body exceeds `limit` bytes.
+        InvalidRequestError (400): the body is not valid data of its coding.
+    """
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        if coding not in _CODINGS:
+            raise UnsupportedMediaTypeError(
+                f"Unsupported Content-Encoding '{coding}': send the body uncompressed, or with "
+                "gzip or deflate.", code="unsupported_media_type")
+        decoder = zlib.decompressobj(_CODINGS[coding])
+        try:
+            out = decoder.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise InvalidRequestError(f"The request body is not valid {coding} data ({exc}).") from None
+        if len(out) > limit or decoder.unconsumed_tail:
+            raise PayloadTooLargeError(f"The decoded request body exceeds the limit of {limit} bytes.")
+        body = out
+    return body
 
 
 def _no_constant(name: str) -> Any:

@@ -324,6 +324,34 @@ def test_body_too_large():
         assert_error(resp, 413, "invalid_request_error")
 
 
+def test_compressed_bodies_are_decoded_within_the_size_limit():
+    """`Content-Encoding: gzip`/`deflate` bodies are decoded (a client compressing a long
+    prompt got a 400 "could not parse JSON ('utf-8' codec …)"); the limit holds for the
+    decoded size (a 1 kB gzip of 900 kB of zeros is a 413, never decoded past the limit); other codings
+    are a 415 naming the coding; broken data a 400."""
+    import gzip
+    import zlib
+
+    body = json.dumps({"messages": MSG, "max_tokens": 1}).encode()
+    with make_client(max_body_bytes=1000) as c:
+        wait_ready(c)
+        for coding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)),
+                             ("gzip, identity", gzip.compress(body))):
+            resp = c.post("/v1/chat/completions", content=data,
+                          headers={"content-type": "application/json", "content-encoding": coding})
+            assert resp.status_code == 200, (coding, resp.text)
+        bomb = gzip.compress(b'{"messages": "' + b"0" * 900_000 + b'"}')
+        assert len(bomb) < 1000
+        assert_error(c.post("/v1/chat/completions", content=bomb, headers={
+            "content-type": "application/json", "content-encoding": "gzip"}), 413, "invalid_request_error")
+        err = assert_error(c.post("/v1/chat/completions", content=body, headers={
+            "content-type": "application/json", "content-encoding": "br"}), 415, "invalid_request_error",
+            code="unsupported_media_type")
+        assert "'br'" in err["message"]
+        assert_error(c.post("/v1/chat/completions", content=body, headers={
+            "content-type": "application/json", "content-encoding": "gzip"}), 400, "invalid_request_error")
+
+
 @pytest.mark.parametrize(
     "route, body, param, code",
     [
