@@ -752,7 +752,8 @@ def check_fits(tokenizer: Any, text: str, max_length: int, *, what: str, param: 
     if at_least >= max_length:
         raise InvalidRequestError(
             f"This model's maximum context length is {max_length} tokens. However, your {what} "
-            f"is {len(text)} characters long, which is at least {at_least} tokens. Please reduce "
+            f"{'are' if what.endswith('s') else 'is'} {len(text)} characters long, which is at "
+            f"least {at_least} tokens. Please reduce "
             f"the length of the {what}.",
             param=param,
             code="context_length_exceeded",
