@@ -81,6 +81,7 @@ from serve.protocol import (
     check_token_ids,
     parse_request,
 )
+from serve.request_id import RequestIdMiddleware
 from serve.response_store import ResponseStore, StoredResponse
 from serve.responses import ChatOutput, CompletionOutput, Output, new_id
 from serve.sampling import SamplingParams
@@ -181,10 +182,11 @@ def create_app(
     def route(path: str, handler: Handler, method: str) -> Route:
         return Route(path, _endpoint(handler, path), methods=[method])
 
-    middleware = []
+    middleware = [Middleware(RequestIdMiddleware)]  # outermost: every answer carries the id
     if options.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
-                                     allow_methods=["*"], allow_headers=["*"]))
+                                     allow_methods=["*"], allow_headers=["*"],
+                                     expose_headers=["x-request-id", "request-id", "retry-after"]))
     middleware.append(Middleware(_StripTrailingSlash))
     app = Starlette(
         routes=[

@@ -1,0 +1,89 @@
+"""The wire format as the official SDKs' own types describe it, through a real server.
+
+Every body and stream event is validated *strictly* (`strict=True`: no coercion, so an int
+where the type says str, or a float where it says int, fails) against the `openai` /
+`anthropic` SDK's pydantic type, and beyond the types, the conventions the real services
+keep that the SDKs read: request-id headers, id prefixes, whole-second timestamps. The tiny
+random model serves: only the shapes matter here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import TypeAdapter
+
+from tests.test_server_e2e import running_server
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("wire") / "server.log"
+    with running_server(tiny_model_dir, "--threads", "1", "--model-name", MODEL, log_path=log) as base:
+        yield base
+
+
+def strict(tp, data):
+    """`data` validated strictly as `tp` (raises pydantic's ValidationError)."""
+    return TypeAdapter(tp).validate_python(data, strict=True)
+
+
+def sse_events(base: str, path: str, body: dict) -> list[tuple[str | None, str]]:
+    """(event name, data) of each SSE block of a streamed POST."""
+    with httpx.stream("POST", base + path, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        raw = r.read().decode()
+    out = []
+    for block in filter(None, raw.split("\n\n")):
+        lines = block.split("\n")
+        event = next((x[len("event: "):] for x in lines if x.startswith("event: ")), None)
+        out.append((event, "\n".join(x[len("data: "):] for x in lines if x.startswith("data: "))))
+    return out
+
+
+def test_request_id_headers_reach_both_sdks(server):
+    """OpenAI sends `x-request-id` and Anthropic `request-id` on every response (errors and
+    streams included); the SDKs expose them as `_request_id` / `APIStatusError.request_id`."""
+    oai = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0)
+    completion = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert completion._request_id and completion._request_id.startswith("req_")
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert err.value.request_id and err.value.request_id.startswith("req_")
+    claude = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0)
+    message = claude.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert message._request_id and message._request_id.startswith("req_")
+    with pytest.raises(anthropic.NotFoundError) as aerr:
+        claude.messages.create(model="nope", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert aerr.value.request_id and aerr.value.request_id.startswith("req_")
+    with httpx.stream("POST", server + "/v1/chat/completions", timeout=60,
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                            "stream": True}) as r:
+        assert r.headers["x-request-id"] == r.headers["request-id"]
+    ids = {httpx.get(server + "/v1/models").headers["x-request-id"] for _ in range(2)}
+    assert len(ids) == 2  # one per request
+    # a tracing proxy's own id is kept; a header-unsafe one is replaced
+    assert httpx.get(server + "/nowhere", headers={"X-Request-Id": "trace-42"}).headers["request-id"] == "trace-42"
+    assert httpx.get(server + "/v1/models", headers={"X-Request-Id": "a b"}).headers["x-request-id"].startswith("req_")
+
+
+def test_chat_bodies_and_chunks_validate_strictly(server):
+    """Chat completions with n, logprobs and top_logprobs, and every streamed chunk (the usage
+    chunk included), are the SDK's types without coercion; `[DONE]` ends the chat stream."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2,
+            "logprobs": True, "top_logprobs": 2}
+    chat = strict(ChatCompletion, httpx.post(server + "/v1/chat/completions", json=body, timeout=60).json())
+    assert chat.id.startswith("chatcmpl-") and len(chat.choices) == 2
+    events = sse_events(server, "/v1/chat/completions", {**body, "stream": True,
+                                                         "stream_options": {"include_usage": True}})
+    assert events[-1] == (None, "[DONE]")
+    chunks = [strict(ChatCompletionChunk, json.loads(d)) for _, d in events[:-1]]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
