@@ -228,6 +228,12 @@ class CountTokensRequest(MessagesRequest):
     max_tokens: int = 1
 
 
+def _toolu_id(call_id: str) -> str:
+    """A call id as Anthropic spells tool_use ids, `toolu_…` (the parsers make OpenAI's
+    `call_<hex>`: that becomes `toolu_<hex>`; an id already `toolu_…` is kept)."""
+    return call_id if call_id.startswith("toolu_") else "toolu_" + call_id.removeprefix("call_")
+
+
 def _tool_use_ids(message: Any) -> set[str]:
     """The ids of an assistant message's `tool_use` blocks (those a `tool_result` may answer)."""
     if not isinstance(message, dict) or message.get("role") != "assistant" or not isinstance(message.get("content"), list):
@@ -516,7 +522,7 @@ class MessagesOutput(Output):
                        delta={"type": "thinking_delta", "thinking": delta.text})
         elif isinstance(delta, ToolCallStart):
             self._space = ""
-            block = {"type": "tool_use", "id": delta.id, "name": delta.name, "input": {}}
+            block = {"type": "tool_use", "id": _toolu_id(delta.id), "name": delta.name, "input": {}}
             self._calls[delta.index] = block
             self._start(block)
         elif isinstance(delta, ToolCallArgs):

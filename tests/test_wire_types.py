@@ -16,12 +16,14 @@ import anthropic
 import httpx
 import openai
 import pytest
+from anthropic.types import Message, RawMessageStreamEvent
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
 
 from tests.test_server_e2e import running_server
 
 MODEL = "tiny"
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,26 @@ def test_request_id_headers_reach_both_sdks(server):
     # a tracing proxy's own id is kept; a header-unsafe one is replaced
     assert httpx.get(server + "/nowhere", headers={"X-Request-Id": "trace-42"}).headers["request-id"] == "trace-42"
     assert httpx.get(server + "/v1/models", headers={"X-Request-Id": "a b"}).headers["x-request-id"].startswith("req_")
+
+
+def test_messages_tool_use_ids_are_toolu(server):
+    """Anthropic's tool_use blocks are `toolu_…` (as Messages' ids are `msg_…`), streamed or
+    not; the id round-trips as a tool_result's tool_use_id."""
+    body = {"model": MODEL, "max_tokens": 40, "messages": [{"role": "user", "content": "weather in Paris?"}],
+            "tools": [{"name": "get_weather", "input_schema": WEATHER}], "tool_choice": {"type": "any"}}
+    message = strict(Message, httpx.post(server + "/v1/messages", json=body, timeout=60).json())
+    uses = [b for b in message.content if b.type == "tool_use"]
+    assert message.id.startswith("msg_") and uses and all(b.id.startswith("toolu_") for b in uses)
+    events = [strict(RawMessageStreamEvent, json.loads(d)) for e, d in sse_events(server, "/v1/messages",
+                                                                                   {**body, "stream": True})
+              if e != "ping"]
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    assert starts and all(b.id.startswith("toolu_") for b in starts if b.type == "tool_use")
+    follow = {**body, "messages": [*body["messages"], {"role": "assistant", "content": [u.model_dump() for u in uses]},
+                                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
+                                                                 "content": "sunny"}]}]}
+    follow.pop("tool_choice")
+    assert httpx.post(server + "/v1/messages", json=follow, timeout=60).status_code == 200
 
 
 def test_chat_bodies_and_chunks_validate_strictly(server):
