@@ -443,7 +443,7 @@ class ResponsesOutput(Output):
                  token_bytes: TokenBytes | None = None) -> None:
         super().__init__(id, model, 1, token_text, logprobs=logprobs, include_usage=False,
                          token_bytes=token_bytes)
-        self.created_at = time.time()
+        self.created_at = int(time.time())  # whole seconds, as OpenAI's (the SDK's float accepts it)
         self.echo = echo
         self.parser = make_parser()
         self.on_done = on_done
@@ -519,7 +519,7 @@ class ResponsesOutput(Output):
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "model": self.model, "output": copy.deepcopy(self.items), "usage": usage, **self.echo}
         if status in ("completed", "incomplete"):
-            body["completed_at"] = time.time()
+            body["completed_at"] = int(time.time())
         return body
 
     def _final(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from tests.test_server_e2e import running_server
@@ -95,6 +96,20 @@ def test_messages_tool_use_ids_are_toolu(server):
                                                                  "content": "sunny"}]}]}
     follow.pop("tool_choice")
     assert httpx.post(server + "/v1/messages", json=follow, timeout=60).status_code == 200
+
+
+def test_responses_timestamps_are_whole_seconds(server):
+    """`created_at` / `completed_at` are integer Unix seconds, as OpenAI sends (and as chat's
+    `created`), on the response object and in its stream events."""
+    body = {"model": MODEL, "input": "hi", "max_output_tokens": 3}
+    raw = httpx.post(server + "/v1/responses", json=body, timeout=60).json()
+    strict(Response, raw)
+    assert type(raw["created_at"]) is int and type(raw["completed_at"]) is int
+    for _, data in sse_events(server, "/v1/responses", {**body, "stream": True}):
+        event = json.loads(data)
+        strict(ResponseStreamEvent, event)
+        if "response" in event:
+            assert type(event["response"]["created_at"]) is int
 
 
 def test_chat_bodies_and_chunks_validate_strictly(server):
