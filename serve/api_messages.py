@@ -67,13 +67,19 @@ def new_message_id() -> str:
 # ----------------------------------------------------------------------------- errors
 
 
-def error_body(exc: APIError) -> dict[str, Any]:
-    """`{"type": "error", "error": {"type", "message"}}` for an `APIError`."""
+def error_body(exc: APIError, request: Request | None = None) -> dict[str, Any]:
+    """`{"type": "error", "error": {"type", "message"}, "request_id"}` for an `APIError`;
+    `request_id` (the response's `request-id` header, as Anthropic's bodies carry it) where
+    `request` is given and `serve.request_id`'s middleware named it."""
     kind = ERROR_TYPES.get(exc.status_code, "api_error" if exc.status_code >= 500 else "invalid_request_error")
     message = exc.message
     if exc.param and exc.param not in message:  # Anthropic's bodies have no `param`: "where: what"
         message = f"{exc.param}: {message}"
-    return {"type": "error", "error": {"type": kind, "message": message}}
+    body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    rid = getattr(request.state, "request_id", None) if request is not None else None
+    if rid is not None:
+        body["request_id"] = rid
+    return body
 
 
 Handler = Callable[[Request, Any], Awaitable[Response]]
@@ -92,7 +98,8 @@ def anthropic_errors(handler: Handler) -> Handler:
         except Exception:
             log.exception("error in %s %s", request.method, request.url.path)
             error = ServerError(GENERIC_SERVER_ERROR)
-        return JSONResponse(error_body(error), status_code=error.status_code, headers=error.headers or None)
+        return JSONResponse(error_body(error, request), status_code=error.status_code,
+                            headers=error.headers or None)
 
     return wrapped
 

@@ -246,7 +246,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     """No route (404) or wrong method (405): in Anthropic's shape under /v1/messages, else OpenAI's."""
     error = http_error(request, exc)
     if request.url.path.startswith("/v1/messages"):
-        return JSONResponse(api_messages.error_body(error), status_code=error.status_code,
+        return JSONResponse(api_messages.error_body(error, request), status_code=error.status_code,
                             headers=error.headers or None)
     return await api_error_handler(request, error)
 

@@ -5,7 +5,8 @@ the `anthropic` SDK the `request-id` header as `message._request_id`; both servi
 on every response, errors included, for a user to quote in a bug report. This middleware sets
 both headers to one id: the client's own `X-Request-Id` where it sent a sane one (a tracing
 proxy's, as vLLM and nginx pass through), else `req_` + 32 hex digits. It is the outermost
-layer, so 404s, 405s, 415s and the SSE streams carry it too.
+layer, so 404s, 405s, 415s and the SSE streams carry it too, and it leaves the id in
+`request.state.request_id` for the Messages route's error bodies (Anthropic's `request_id`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 class RequestIdMiddleware:
     """ASGI middleware adding `x-request-id` and `request-id` (the same value) to every HTTP
-    response start; non-HTTP scopes pass through."""
+    response start and the id (str) to the scope's state as `request_id`; non-HTTP scopes
+    pass through."""
 
     def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
         self.app = app
@@ -39,6 +41,8 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = request_id(scope.get("headers") or [])
+        # `request.state.request_id` for bodies that quote it (Anthropic's error bodies)
+        scope = {**scope, "state": {**(scope.get("state") or {}), "request_id": rid.decode()}}
 
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":

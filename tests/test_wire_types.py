@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types.shared import ErrorResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -76,6 +77,21 @@ def test_request_id_headers_reach_both_sdks(server):
     # a tracing proxy's own id is kept; a header-unsafe one is replaced
     assert httpx.get(server + "/nowhere", headers={"X-Request-Id": "trace-42"}).headers["request-id"] == "trace-42"
     assert httpx.get(server + "/v1/models", headers={"X-Request-Id": "a b"}).headers["x-request-id"].startswith("req_")
+
+
+def test_anthropic_error_bodies_carry_the_request_id(server):
+    """Anthropic's error bodies carry `request_id` (the SDK's `ErrorResponse.request_id`), the
+    same id as the `request-id` header: a handler's error, a 404 model and an unknown route."""
+    for method, path, body in [("POST", "/v1/messages", {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}),
+                               ("POST", "/v1/messages/count_tokens", {"model": "nope", "messages": []}),
+                               ("GET", "/v1/messages", None)]:
+        r = httpx.request(method, server + path, json=body, timeout=60)
+        error = strict(ErrorResponse, r.json())
+        assert r.status_code >= 400 and error.request_id == r.headers["request-id"], (path, r.text)
+    claude = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as err:
+        claude.messages.create(model="nope", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.body["request_id"] == err.value.request_id
 
 
 def test_messages_tool_use_ids_are_toolu(server):
