@@ -493,7 +493,9 @@ class ResponsesOutput(Output):
 
     def fail(self, error: APIError) -> list[bytes]:
         body = self.body("failed")
-        body["error"] = {"code": error.code or error.type, "message": error.message}
+        # the SDK's `ResponseError.code` is a Literal of OpenAI's codes: none of ours is one
+        code = "rate_limit_exceeded" if error.status_code == 429 else "server_error"
+        body["error"] = {"code": code, "message": error.message}
         self._emit("response.failed", response=body)
         return self._flush()
 

@@ -11,7 +11,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from serve.api_responses import ResponsesOutput, ResponsesRequest, input_messages, output_messages
-from serve.errors import InvalidRequestError, ServerError
+from serve.errors import InvalidRequestError, RateLimitError, ServerError, ServiceUnavailableError
 from serve.parsers import ReasoningDelta, TextDelta, ToolCallArgs, ToolCallStart
 from serve.protocol import ChatCompletionRequest, parse_request
 from serve.response_store import ResponseStore, StoredResponse
@@ -326,6 +326,25 @@ def test_error_mid_stream_is_response_failed():
     event = STREAM_EVENT.validate_python(payload)
     assert event.type == "response.failed" and event.response.status == "failed"
     assert event.response.error.message == "boom"
+
+
+@pytest.mark.parametrize("error, code", [
+    (ServiceUnavailableError("draining", code="shutting_down"), "server_error"),
+    (ServiceUnavailableError("waited too long", code="queue_timeout"), "server_error"),
+    (RateLimitError("queue full", code="rate_limit_exceeded"), "rate_limit_exceeded"),
+    (ServerError("boom"), "server_error"),
+])
+def test_a_failed_response_has_one_of_openais_codes(error, code):
+    """`response.error.code` is a Literal in the SDK (OpenAI's codes): llorch's own codes
+    (`shutting_down`, `queue_timeout`, … from a drain or a stuck queue mid-stream) become
+    `server_error` (429s `rate_limit_exceeded`), the message still saying what happened."""
+    out = ResponsesOutput("resp_1", "m", token_text, echo=request().echo(),
+                          make_parser=lambda: ScriptedParser([[TextDelta("a")]]))
+    out.start(events(2)[0])
+    (chunk,) = out.fail(error)
+    payload = json.loads(chunk.decode().split("data: ", 1)[1])
+    event = STREAM_EVENT.validate_python(payload, strict=True)
+    assert event.response.error.code == code and event.response.error.message == error.message
 
 
 def test_store_is_a_bounded_lru():
