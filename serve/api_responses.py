@@ -594,7 +594,7 @@ class ResponsesOutput(Output):
         part["logprobs"] += lps
         if text:
             self._emit("response.output_text.delta", item_id=item["id"], output_index=len(self.items) - 1,
-                       content_index=0, delta=text, logprobs=lps)
+                       content_index=0, delta=text, logprobs=_event_logprobs(lps))
         else:
             self._lps = lps  # wait for text to carry them
 
@@ -627,7 +627,7 @@ class ResponsesOutput(Output):
         if item["type"] == "message":
             part = item["content"][0]
             self._emit("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                       text=part["text"], logprobs=part["logprobs"])
+                       text=part["text"], logprobs=_event_logprobs(part["logprobs"]))
             self._emit("response.content_part.done", item_id=item["id"], output_index=index,
                        content_index=0, part=part)
         elif item["type"] == "reasoning":
@@ -640,3 +640,12 @@ class ResponsesOutput(Output):
             self._emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                        name=item["name"], arguments=item["arguments"])
         self._emit("response.output_item.done", output_index=index, item=item)
+
+
+def _event_logprobs(lps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Logprobs as the `output_text.delta` / `.done` events carry them: `token`, `logprob`,
+    `top_logprobs` (`token`, `logprob`), without the `bytes` the `output_text` part has
+    (OpenAI's event schema, the SDK's `ResponseTextDeltaEvent.Logprob`, has none)."""
+    return [{"token": lp["token"], "logprob": lp["logprob"],
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in lp.get("top_logprobs", [])]}
+            for lp in lps]

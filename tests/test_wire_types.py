@@ -20,7 +20,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from anthropic.types.shared import ErrorResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from tests.test_server_e2e import running_server
 
@@ -126,6 +126,32 @@ def test_responses_timestamps_are_whole_seconds(server):
         strict(ResponseStreamEvent, event)
         if "response" in event:
             assert type(event["response"]["created_at"]) is int
+
+
+def no_extra_fields(obj, where: str = "") -> None:
+    """Fail on any field the SDK type does not declare (its models allow extras silently)."""
+    if isinstance(obj, BaseModel):
+        assert not obj.model_extra, f"{where}: fields outside the SDK type {sorted(obj.model_extra)}"
+        for name in type(obj).model_fields:
+            no_extra_fields(getattr(obj, name), f"{where}.{name}")
+    elif isinstance(obj, list):
+        for k, x in enumerate(obj):
+            no_extra_fields(x, f"{where}[{k}]")
+
+
+def test_responses_logprob_events_are_the_sdk_types(server):
+    """With logprobs, the `output_text.delta` / `.done` events' logprobs are OpenAI's event
+    schema (`token`, `logprob`, `top_logprobs`: no `bytes`, which only the part carries)."""
+    body = {"model": MODEL, "input": "hi", "max_output_tokens": 3, "top_logprobs": 2,
+            "include": ["message.output_text.logprobs"], "stream": True}
+    texts = [strict(ResponseStreamEvent, event) for event in
+             (json.loads(d) for _, d in sse_events(server, "/v1/responses", body))
+             if event["type"] in ("response.output_text.delta", "response.output_text.done")]
+    assert texts and any(t.logprobs for t in texts)
+    for t in texts:
+        no_extra_fields(t, t.type)
+    final = strict(Response, json.loads(sse_events(server, "/v1/responses", body)[-1][1])["response"])
+    assert final.output[0].content[0].logprobs[0].bytes  # the part keeps them
 
 
 def test_chat_bodies_and_chunks_validate_strictly(server):
