@@ -28,6 +28,14 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
     return f"req_{uuid.uuid4().hex}".encode()
 
 
+def without_x_request_id(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` less `x-request-id`: for a replica's answer crossing Ray Serve's HTTP proxy,
+    whose own RequestIdMiddleware appends `X-Request-ID` (the id it put in the request, which
+    the replica echoed), so the client would get the header twice (`"id, id"` to a client
+    that joins repeats, as httpx and so both SDKs do). `request-id` stays."""
+    return [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+
+
 class RequestIdMiddleware:
     """ASGI middleware adding `x-request-id` and `request-id` (the same value) to every HTTP
     response start and the id (str) to the scope's state as `request_id`; non-HTTP scopes

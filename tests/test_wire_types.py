@@ -22,6 +22,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
 
+from serve.request_id import request_id, without_x_request_id
 from tests.test_server_e2e import running_server
 
 MODEL = "tiny"
@@ -77,6 +78,15 @@ def test_request_id_headers_reach_both_sdks(server):
     # a tracing proxy's own id is kept; a header-unsafe one is replaced
     assert httpx.get(server + "/nowhere", headers={"X-Request-Id": "trace-42"}).headers["request-id"] == "trace-42"
     assert httpx.get(server + "/v1/models", headers={"X-Request-Id": "a b"}).headers["x-request-id"].startswith("req_")
+
+
+def test_a_replica_answer_leaves_x_request_id_to_rays_proxy():
+    """Behind `--replicas`, Ray Serve's proxy appends its own `X-Request-ID` (the id it put
+    in the request, which the replica echoes): the ingress drops the replica's copy, else the
+    client reads `"id, id"`; `request-id` (Anthropic's) is kept."""
+    replica = [(b"content-type", b"application/json"), (b"x-request-id", b"abc"), (b"request-id", b"abc")]
+    assert without_x_request_id(replica) == [(b"content-type", b"application/json"), (b"request-id", b"abc")]
+    assert request_id([(b"x-request-id", b"abc")]) == b"abc"  # the proxy's id is the replica's
 
 
 def test_anthropic_error_bodies_carry_the_request_id(server):

@@ -38,6 +38,7 @@ from serve.errors import (
 )
 from serve.metrics import CONTENT_TYPE
 from serve.options import ServeOptions
+from serve.request_id import without_x_request_id
 from serve.scale.forward import (
     ForwardedRequest,
     complete_lifespan,
@@ -127,7 +128,7 @@ class Ingress:
                     for part in chunk:
                         if part[0] == "start":
                             await send({"type": "http.response.start", "status": part[1],
-                                        "headers": part[2]})
+                                        "headers": without_x_request_id(part[2])})
                             started = True
                         else:
                             await send({"type": "http.response.body", "body": part[1],
