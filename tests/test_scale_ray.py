@@ -64,6 +64,15 @@ def test_greedy_answers_equal_a_single_process(client, single_process_answers):
     assert "Paris" in single_process_answers[QUESTIONS[0]]
 
 
+def test_one_request_id_crosses_ray(cluster):
+    """Ray Serve's proxy appends its own X-Request-ID; the replica's copy is dropped at the
+    ingress, so a client (and the SDKs' `_request_id`) reads one id, the same as `request-id`."""
+    r = httpx.post(f"{cluster.base}/v1/chat/completions", timeout=120,
+                   json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    assert r.headers.get_list("x-request-id") == r.headers.get_list("request-id") and len(r.headers.get_list("request-id")) == 1
+
+
 def test_replicas_hold_disjoint_cores_and_report_in_health(cluster):
     state = health(cluster.base)
     assert state["status"] == "ok" and state["ready_replicas"] == 2
