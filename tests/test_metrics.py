@@ -104,6 +104,9 @@ def test_cors_is_off_by_default_and_on_for_listed_origins():
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ui.example"
         r = c.post("/v1/chat/completions", json={"messages": MSG}, headers={"Origin": "http://ui.example"})
         assert r.headers["access-control-allow-origin"] == "http://ui.example"
+        # a page's script can read the request id (and a 429's Retry-After)
+        exposed = {h.strip() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {"x-request-id", "request-id", "retry-after"} <= exposed and r.headers["x-request-id"]
         r = c.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
 
