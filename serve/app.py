@@ -456,8 +456,8 @@ async def _engine(request: Request, state: _State, model: Any, *, generating: bo
                                       code="shutting_down")
     if not state.started:
         raise ServiceUnavailableError(
-            "The model is still loading; retry when /health answers 200.", code="model_loading"
-        )
+            "The model is still loading; retry when /health answers 200.", code="model_loading",
+            headers={"Retry-After": "1"})
     engine = state.models.lease(entry)
     request.scope.setdefault(_LEASES, []).append(entry)
     if engine is None:

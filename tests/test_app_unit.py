@@ -183,9 +183,9 @@ def test_health_is_503_while_loading_then_200():
     with make_client(load=slow_load) as c:
         resp = c.get("/health")
         assert resp.status_code == 503 and resp.json() == {"status": "loading"}
-        err = assert_error(c.post("/v1/chat/completions", json={"messages": MSG}), 503,
-                           "server_error", code="model_loading")
-        assert "loading" in err["message"]
+        resp = c.post("/v1/chat/completions", json={"messages": MSG})
+        err = assert_error(resp, 503, "server_error", code="model_loading")
+        assert "loading" in err["message"] and resp.headers["retry-after"] == "1"
         assert c.get("/v1/models").status_code == 200  # the name is known before the weights
         release.set()
         wait_ready(c)
