@@ -27,6 +27,8 @@ LAYERS = {
     "serve.options": API, "serve.fingerprint": API, "serve.tool_protocol": API,
     "serve.param_names": API, "serve.text_parts": API, "serve.scale": API,  # scale-out on Ray Serve: wraps the whole single-process app
     "serve.frontend": API,  # --api-workers: the engine in a process of its own, HTTP workers in front
+    "serve.foreign_fields": API,  # another wire format's fields, refused by name
+    "serve.request_id": API,  # x-request-id / request-id on every response (ASGI middleware)
     # engine: the scheduler, sequences, sampling, constraints and the events it sends
     "serve.engine": ENGINE, "serve.events": ENGINE, "serve.sequence": ENGINE,
     "serve.sampling": ENGINE, "serve.constraints": ENGINE, "serve.tool_grammar": ENGINE,

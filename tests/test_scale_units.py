@@ -466,6 +466,17 @@ def test_a_burst_s_picks_count_until_a_probe_sent_after_them_answers():
         clock[0] += ARRIVAL_S + 0.01
         probed = {"a": clock[0], "b": clock[0]}
         assert table.picks_since("a", 3, clock[0], probed["a"]) == 3  # older: the load decides
+        # one request at a time (each answered before the next pick): a lone pick before the
+        # probe is finished, not on its way, so the holder keeps its prefix (CI: hit rate 0.556
+        # when such picks counted, four prompts in turn over 2 replicas of 2 slots)
+        table = PrefixTable()
+        turns = []
+        for i in range(8):
+            clock[0] += 0.15  # a one-token answer on a busy machine
+            probed = {"a": clock[0] - 0.01, "b": clock[0] - 0.01}
+            turns.append(table.route(block_hashes(system + f"q{i}"), {"a": 0, "b": 0},
+                                     saturation=2, count_started=False, seen_at=probed)[0][0])
+        assert turns == ["a"] * 8
     finally:
         prefix_table.time.monotonic = real
 

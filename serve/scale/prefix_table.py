@@ -42,6 +42,7 @@ every new prompt elsewhere. No Ray here (unit-testable).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import time
 from collections import OrderedDict, deque
@@ -64,8 +65,12 @@ PICK_WINDOW_S = 0.1
 # to ARRIVAL_S before a probe was sent may or may not have arrived by then (a replica busy
 # with a burst takes its connections in late: TTFT p95 near 0.3 s there, and 0.05 s still
 # left one replica 1.5 s of queue); PICK_MAX_S bounds what a replica whose probes never
-# answer accumulates.
+# answer accumulates. Only picks of a burst count so (a pick within BURST_GAP_S of another):
+# one-at-a-time requests are answered before the next pick, so a lone pick before the probe
+# is finished, not on its way (counted, four prompts asked in turn over 2 replicas of 2 slots
+# made their holder look full: prefix-cache hit rate 0.556 in a clean-clone CI run).
 ARRIVAL_S = 0.5
+BURST_GAP_S = 0.02
 PICK_MAX_S = 2.0
 
 
@@ -91,6 +96,7 @@ class PrefixTable:
         self.seen: dict[str, OrderedDict[bytes, None]] = {}
         self.running: dict[str, int] = {}  # started here, not yet finished
         self.picks: dict[str, deque[float]] = {}  # count_started False: recent picks' times
+        self.all_picks: deque[float] = deque()  # ... of every replica, oldest first
 
     def matched(self, replica: str, hashes: list[bytes]) -> int:
         """How many of `hashes`' leading blocks `replica` was sent."""
@@ -118,8 +124,8 @@ class PrefixTable:
                 request start or finish).
             seen_at: with count_started False, per replica id the `time.monotonic()` at
                 which the probe behind its `loads` entry was sent: busy is then that load
-                plus this table's picks since, the picks of the `ARRIVAL_S` before it
-                counted only where the load does not already cover them
+                plus this table's picks since, the picks of a burst in the `ARRIVAL_S`
+                before it counted only where the load does not already cover them
                 (`picks_since`); a replica without an entry uses the window.
 
         Returns:
@@ -149,6 +155,9 @@ class PrefixTable:
             self.remember(hashes, first)
         if not count_started:
             self.picks.setdefault(first, deque()).append(now)
+            self.all_picks.append(now)
+            while self.all_picks and now - self.all_picks[0] > PICK_MAX_S:
+                self.all_picks.popleft()
         return [[first], [r for r in by_load if r != first]]
 
     def picks_since(self, replica: str, load: int, now: float, seen_at: float | None) -> int:
@@ -164,7 +173,15 @@ class PrefixTable:
         while times and (times[0] <= seen_at - ARRIVAL_S or now - times[0] > PICK_MAX_S):
             times.popleft()
         after = sum(t > seen_at for t in times)
-        return after + max(load, len(times) - after)
+        burst = sum(self._in_burst(t) for t in times if t <= seen_at)
+        return after + max(load, burst)
+
+    def _in_burst(self, t: float) -> bool:
+        """Whether another pick (of any replica) came within `BURST_GAP_S` of the pick at `t`."""
+        everyone = self.all_picks
+        i = bisect.bisect_left(everyone, t)
+        return ((i > 0 and t - everyone[i - 1] <= BURST_GAP_S)
+                or (i + 1 < len(everyone) and everyone[i + 1] - t <= BURST_GAP_S))
 
     def remember(self, hashes: list[bytes], replica: str) -> None:
         """`replica` was sent a prompt with these block hashes (most recent last)."""
