@@ -156,6 +156,56 @@ def tokens_by_replica(base: str) -> dict:
     return out
 
 
+SERVER_HISTOGRAMS = ("llorch_time_to_first_token_seconds", "llorch_request_queue_seconds")
+
+
+def histograms(base: str, names: tuple[str, ...] = SERVER_HISTOGRAMS) -> dict:
+    """The servers' own latency histograms (`/metrics`): {name: {replica label (or ""):
+    {"le": {upper bound: cumulative count}, "sum": s, "count": n}}}."""
+    out: dict = {}
+    for line in (http_get(f"{base}/metrics", 10)[1] or "").splitlines():
+        head, _, value = line.rpartition(" ")
+        name = head.split("{", 1)[0]
+        base_name = next((n for n in names if name in (n + "_bucket", n + "_sum", n + "_count")),
+                         None)
+        if base_name is None:
+            continue
+        labels = head.split("{", 1)[1].rstrip("}") if "{" in head else ""
+        parts = dict(p.split("=", 1) for p in labels.split(",") if "=" in p)
+        rep = parts.get("replica", "").strip('"')
+        h = out.setdefault(base_name, {}).setdefault(rep, {"le": {}, "sum": 0.0, "count": 0.0})
+        if name.endswith("_bucket"):
+            le = parts["le"].strip('"')
+            h["le"][le] = h["le"].get(le, 0.0) + float(value)
+        else:
+            h[name.rsplit("_", 1)[1]] += float(value)
+    return out
+
+
+def histogram_delta(before: dict, after: dict) -> dict:
+    """Per histogram and replica, what a timed run added: count, mean, and p50/p95 as the
+    upper bound of the bucket that holds them (seconds → ms)."""
+    out: dict = {}
+    for name, reps in after.items():
+        for rep, h in reps.items():
+            b = before.get(name, {}).get(rep, {"le": {}, "sum": 0.0, "count": 0.0})
+            n = h["count"] - b["count"]
+            if n <= 0:
+                continue
+            cum = sorted(((float("inf") if le == "+Inf" else float(le)),
+                          c - b["le"].get(le, 0.0)) for le, c in h["le"].items())
+            out.setdefault(name.removeprefix("llorch_"), {})[rep or "server"] = {
+                "count": int(n), "mean_ms": round(1000 * (h["sum"] - b["sum"]) / n, 1),
+                "p50_le_ms": _bucket_ms(cum, 0.5 * n), "p95_le_ms": _bucket_ms(cum, 0.95 * n)}
+    return out
+
+
+def _bucket_ms(cum: list[tuple[float, float]], rank: float) -> float | None:
+    """The upper bound (ms) of the first cumulative bucket holding `rank` samples."""
+    ub = next((u for u, c in cum if c >= rank), None)
+    return None if ub is None or ub == float("inf") else round(1000 * ub, 1)
+
+
 def crossings(before: dict, after: dict) -> dict:
     """What crossed Ray per token between two `ray_counters` readings."""
     d = {k: after[k] - before[k] for k in after}
@@ -210,13 +260,18 @@ def one_config(args, n: int, routing: str | None, key: str, model: str, pool,
         with GpuSampler() as gpus:
             for k in range(args.repeats):
                 before = tokens_by_replica(server.base) if n > 1 else {}
+                hist0 = histograms(server.base)
                 runs.append(load(pool, server.base, model, streams, args.clients,
                                  args.max_tokens, offset=k * streams))
-                if n > 1:  # replicas report every second
+                if n:  # replicas report every second
                     time.sleep(1.5)
+                if n > 1:
                     after = tokens_by_replica(server.base)
                     runs[-1]["tokens_by_replica"] = {k: after[k] - before.get(k, 0.0)
                                                      for k in after}
+                # the engines' own TTFT and queue time beside the clients' TTFT: what the
+                # route, HAProxy/Ray and HTTP add is the difference
+                runs[-1]["server_latency"] = histogram_delta(hist0, histograms(server.base))
                 print(f"[r{n}] {streams} streams: {runs[-1]['tok_s']} tok/s",
                       file=sys.stderr, flush=True)
         best = max(runs, key=lambda x: x["tok_s"])

@@ -528,7 +528,8 @@ def aggregate(runs: list[dict], streams: int, max_tokens: int) -> dict:
         "itl_ms": {"p50": _ms(_pct(gaps, 50)), "p95": _ms(_pct(gaps, 95)),
                    "p99": _ms(_pct(gaps, 99))},
         "ttft_ms": {"p50": _ms(_pct(ttfts, 50)), "p95": _ms(_pct(ttfts, 95)),
-                    "max": _ms(max(ttfts) if ttfts else None)},
+                    "max": _ms(max(ttfts) if ttfts else None),
+                    "mean": _ms(statistics.mean(ttfts) if ttfts else None)},
         "short_streams": sum((r["tokens"] or 0) < max_tokens for r in runs),
     }
 
