@@ -1,0 +1,131 @@
+"""Agent frameworks' wire habits through the real server, with the official clients: what
+session 11's QA found a framework sending that the routes did not take.
+
+- The `anthropic` SDK's `beta.messages.tool_runner` runs on the threads beta by default:
+  its first request says `thread: {"type": "create"}`, each later one `{"type": "continue",
+  "previous_message_id"}` with only the new `tool_result` message and no `tools` or `system`.
+  The server ignored `thread`, so the second turn was a 400 (a `tool_result` for no
+  `tool_use`) and the runner failed on its first tool call.
+
+The default model, greedy where the SDK lets us say so; `tool_choice: any` makes the calls
+certain whatever the model would write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import pytest
+
+from serve.model_dir import load_model_info
+from tests.test_server_e2e import running_server
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("agent-frameworks") / "server.log"
+    with running_server(default_model_dir, "--max-batch", "2", log_path=log) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def model(default_model_dir) -> str:
+    return load_model_info(default_model_dir).name
+
+
+@pytest.fixture
+def claude(server) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_tool_runner_continues_its_thread(claude, model, stream):
+    calls = []
+
+    @anthropic.beta_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city.
+
+        Args:
+            city: the city
+        """
+        calls.append(city)
+        return "sunny, 21 C"
+
+    runner = claude.beta.messages.tool_runner(
+        model=model, max_tokens=60, tools=[get_weather], tool_choice={"type": "any"}, max_iterations=2,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], extra_body={"temperature": 0},
+        stream=stream)
+    replies = []
+    for turn in runner:
+        if stream:
+            for _ in turn:
+                pass
+            turn = turn.get_final_message()
+        replies.append(turn)
+    # two turns: the second continued the thread (only its tool_result sent) and called again
+    assert [m.stop_reason for m in replies] == ["tool_use", "tool_use"]
+    assert len(calls) == 2 and all(isinstance(c, str) for c in calls)
+    assert replies[0].id != replies[1].id
+
+
+def post(server: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server}/v1/messages", json=body, timeout=120)
+
+
+def test_thread_continue_takes_system_tools_and_history(server, model):
+    first = {"model": model, "max_tokens": 40, "temperature": 0, "system": "Use the tools.", "tools": [WEATHER],
+             "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "Weather in Rome?"}]}
+    r1 = post(server, {**first, "thread": {"type": "create"}})
+    assert r1.status_code == 200, r1.text
+    reply = r1.json()
+    (use,) = [b for b in reply["content"] if b["type"] == "tool_use"]
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"], "content": "rain"}]}
+    thread = {"type": "continue", "previous_message_id": reply["id"]}
+    # the prompt of the continue is the whole conversation's: count_tokens agrees
+    whole = {**first, "messages": [*first["messages"], {"role": "assistant", "content": reply["content"]}, result]}
+    counted = httpx.post(f"{server}/v1/messages/count_tokens", json=whole, timeout=60).json()["input_tokens"]
+    short = {"model": model, "max_tokens": 40, "temperature": 0, "messages": [result], "thread": thread,
+             "tool_choice": {"type": "any"}}
+    assert httpx.post(f"{server}/v1/messages/count_tokens", json=short,
+                      timeout=60).json()["input_tokens"] == counted
+    # the thread's tools are in force: tool_choice any still calls get_weather
+    r2 = post(server, short)
+    assert r2.status_code == 200, r2.text
+    second = r2.json()
+    assert second["stop_reason"] == "tool_use" and second["content"][-1]["name"] == "get_weather"
+    assert second["usage"]["input_tokens"] + second["usage"]["cache_read_input_tokens"] == counted
+    # and the same text as the whole conversation sent without a thread
+    r3 = post(server, whole)
+    assert [b.get("input") for b in r3.json()["content"]] == [b.get("input") for b in second["content"]]
+
+    # each reply is continued once, as at Anthropic; the SDK then replays the whole conversation
+    again = post(server, short)
+    assert again.status_code == 400
+    assert again.json()["error"]["details"] == {"error_code": "thread_already_continued"}
+    # the newest reply continues, and its thread's create-only fields may only be repeated unchanged
+    later = {**short, "thread": {"type": "continue", "previous_message_id": second["id"]},
+             "messages": [{"role": "user", "content": [
+                 {"type": "tool_result", "tool_use_id": second["content"][-1]["id"], "content": "sun"}]}]}
+    changed = post(server, {**later, "system": "Something else."})
+    assert changed.status_code == 400
+    body = changed.json()["error"]
+    assert body["details"] == {"error_code": "thread_fingerprint_mismatch"} and "system" in body["message"]
+    assert post(server, {**later, "system": "Use the tools.", "tools": [WEATHER]}).status_code == 200
+
+
+def test_unknown_thread_is_thread_not_found(claude, model):
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                               extra_body={"thread": {"type": "continue", "previous_message_id": "msg_nope"}})
+    assert caught.value.error_code == "thread_not_found"  # the SDK's cue to replay in full
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                               extra_body={"thread": {"type": "fork"}})
+    assert "thread.type" in caught.value.message
