@@ -437,13 +437,36 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
             raise InvalidRequestError("Each tool needs a string 'name' and an 'input_schema' object.",
                                       param=f"tools.[{j}]")
+        if tool.get("defer_loading"):
+            raise InvalidRequestError("Deferred tools are loaded by the tool search tool, which this server does "
+                                      "not have; send the tool without 'defer_loading'.",
+                                      param=f"tools.[{j}].defer_loading")
         function = {"name": tool["name"], "parameters": tool["input_schema"]}
-        if tool.get("description") is not None:
-            function["description"] = tool["description"]
+        description = _with_examples(tool.get("description"), tool.get("input_examples"), f"tools.[{j}]")
+        if description is not None:
+            function["description"] = description
         if tool.get("strict") is not None:
             function["strict"] = tool["strict"]
         out.append({"type": "function", "function": function})
     return out
+
+
+def _with_examples(description: Any, examples: Any, param: str) -> Any:
+    """A tool's `description` with its `input_examples` (Anthropic's advanced tool use: example
+    `input` objects shown to the model) appended as JSON lines, so that the chat template
+    renders them wherever it renders the description; `description` as is without examples.
+
+    Raises:
+        InvalidRequestError: `input_examples` not a list of objects (`{param}.input_examples`).
+    """
+    if examples is None:
+        return description
+    if not isinstance(examples, list) or not all(isinstance(e, dict) for e in examples):
+        raise InvalidRequestError("input_examples must be a list of objects.", param=f"{param}.input_examples")
+    if not examples:
+        return description
+    lines = "\n".join(json.dumps(e, ensure_ascii=False) for e in examples)
+    return f"{description or ''}\n\nInput examples:\n{lines}".lstrip("\n")
 
 
 def chat_response_format(fmt: Any, *, param: str = "output_config.format") -> dict[str, Any]:

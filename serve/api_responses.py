@@ -310,6 +310,10 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"Tools of type {kind!r} are not supported by this server; only "
                                       "'function' tools (no built-in tools such as web search).",
                                       param=f"tools[{j}].type")
+        if tool.get("defer_loading"):
+            raise InvalidRequestError("Deferred functions are loaded by the tool search tool, which this server "
+                                      "does not have; send the function without 'defer_loading'.",
+                                      param=f"tools[{j}].defer_loading")
         function = {"name": _string(tool, "name", f"tools[{j}]")}
         for key in ("description", "parameters", "strict"):
             if tool.get(key) is not None:

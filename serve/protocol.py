@@ -585,6 +585,13 @@ _UNHONOURED: dict[str, Any] = {
     "return_tokens_as_token_ids": lambda v: v not in (None, False),
     "logits_processors": lambda v: bool(v),
     "n_probs": lambda v: v not in (None, 0),  # llama.cpp's logprobs
+    # OpenAI's and Anthropic's newer fields that change what comes back and are not honoured:
+    # moderation (OpenAI chat and Responses: scores or blocks input and output), server-side
+    # context management (Responses' `[{"type": "compaction", …}]`, Anthropic's `{"edits": […]}`:
+    # compacts or clears earlier turns) and Anthropic's `compaction` (the reply is a summary block)
+    "moderation": lambda v: v is not None,
+    "context_management": lambda v: bool(v) and not (isinstance(v, dict) and not v.get("edits")),
+    "compaction": lambda v: v is not None,
 }
 
 

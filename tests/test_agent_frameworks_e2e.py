@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import anthropic
 import httpx
+import openai
 import pytest
 
 from serve.model_dir import load_model_info
@@ -129,3 +130,62 @@ def test_unknown_thread_is_thread_not_found(claude, model):
         claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
                                extra_body={"thread": {"type": "fork"}})
     assert "thread.type" in caught.value.message
+
+
+# ---------------------------------------------- newer fields that change what comes back
+
+
+@pytest.fixture
+def oai(server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.mark.parametrize("route, extra, param", [
+    ("chat", {"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+    ("responses", {"moderation": {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}},
+     "moderation"),
+    ("responses", {"context_management": [{"type": "compaction", "compact_threshold": 1000}]},
+     "context_management"),
+    ("responses", {"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"},
+                              "strict": False, "defer_loading": True}]}, "tools[0].defer_loading"),
+])
+def test_openai_fields_that_would_be_ignored_are_400s(oai, model, route, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        if route == "chat":
+            oai.chat.completions.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                                        extra_body=extra)
+        else:
+            oai.responses.create(model=model, max_output_tokens=5, input="hi", extra_body=extra)
+    assert caught.value.body["param"] == param
+
+
+@pytest.mark.parametrize("extra, where", [
+    ({"compaction": {"type": "summarize"}}, "compaction"),
+    ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "context_management"),
+    ({"tools": [{**WEATHER, "defer_loading": True}]}, "tools.[0].defer_loading"),
+    ({"tools": [{**WEATHER, "input_examples": {"city": "Rome"}}]}, "tools.[0].input_examples"),
+])
+def test_anthropic_fields_that_would_be_ignored_are_400s(claude, model, extra, where):
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                               extra_body=extra)
+    message = caught.value.body["error"]["message"]
+    assert message.startswith((f"{where}:", f"'{where}'")), message  # Anthropic's "field: what" style
+
+
+def test_no_op_values_of_those_fields_pass(oai, claude, model):
+    assert oai.responses.create(model=model, max_output_tokens=3, input="hi",
+                                extra_body={"context_management": [], "moderation": None}).status
+    assert claude.messages.create(model=model, max_tokens=3, messages=[{"role": "user", "content": "hi"}],
+                                  extra_body={"context_management": {"edits": []}, "compaction": None}).id
+
+
+def test_anthropic_tool_input_examples_reach_the_prompt(claude, model):
+    messages = [{"role": "user", "content": "Weather in Rome?"}]
+    plain = claude.messages.count_tokens(model=model, messages=messages, tools=[WEATHER]).input_tokens
+    shown = claude.messages.count_tokens(model=model, messages=messages, tools=[
+        {**WEATHER, "input_examples": [{"city": "Reykjavík"}, {"city": "Lima"}]}]).input_tokens
+    assert shown > plain + 10  # "Input examples:" and two JSON lines
+    assert claude.messages.count_tokens(model=model, messages=messages, tools=[
+        {**WEATHER, "input_examples": []}]).input_tokens == plain
