@@ -491,8 +491,14 @@ def chat_tool_choice(choice: dict[str, Any]) -> dict[str, Any]:
     else:
         raise InvalidRequestError(f"tool_choice type {kind!r} is not one of 'auto', 'any', 'tool', 'none'.",
                                   param="tool_choice.type")
-    if choice.get("disable_parallel_tool_use"):
-        out["parallel_tool_calls"] = False
+    disable = choice.get("disable_parallel_tool_use")
+    if disable is not None:
+        # Anthropic's default allows several calls; this server's (as chat's) is one, so an
+        # explicit `false` (litellm sends it for `parallel_tool_calls=True`) asks for several
+        if not isinstance(disable, bool):
+            raise InvalidRequestError("tool_choice.disable_parallel_tool_use must be a boolean.",
+                                      param="tool_choice.disable_parallel_tool_use")
+        out["parallel_tool_calls"] = not disable
     return out
 
 

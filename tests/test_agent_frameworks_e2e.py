@@ -189,3 +189,17 @@ def test_anthropic_tool_input_examples_reach_the_prompt(claude, model):
     assert shown > plain + 10  # "Input examples:" and two JSON lines
     assert claude.messages.count_tokens(model=model, messages=messages, tools=[
         {**WEATHER, "input_examples": []}]).input_tokens == plain
+
+
+def test_disable_parallel_tool_use_false_allows_several_calls(claude, model):
+    """Anthropic's default allows several calls and this server's is one; an explicit
+    `disable_parallel_tool_use: false` (litellm's `parallel_tool_calls=True`) was dropped."""
+    def calls(disable: bool) -> int:
+        m = claude.messages.create(model=model, max_tokens=120, tools=[WEATHER],
+                                   tool_choice={"type": "any", "disable_parallel_tool_use": disable},
+                                   messages=[{"role": "user", "content": "Weather in Paris and in Rome?"}],
+                                   extra_body={"temperature": 0})
+        return sum(b.type == "tool_use" for b in m.content)
+
+    assert calls(True) == 1
+    assert calls(False) >= 2
