@@ -45,6 +45,16 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool | None = False
+    # vLLM's: usage in every chunk. Not honoured, so refused rather than ignored
+    continuous_usage_stats: bool | None = None
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _continuous(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("continuous usage stats are not supported by this server; use "
+                             "'include_usage' for one usage chunk at the end")
+        return value
 
 
 def _check_stop(value: Any) -> tuple[str, ...]:

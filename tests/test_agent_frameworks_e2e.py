@@ -160,6 +160,24 @@ def test_openai_fields_that_would_be_ignored_are_400s(oai, model, route, extra, 
     assert caught.value.body["param"] == param
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_vllm_continuous_usage_stats_is_refused(oai, model, route):
+    """vLLM's `stream_options.continuous_usage_stats` (usage in every chunk) was ignored."""
+    extra = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        if route == "chat":
+            oai.chat.completions.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                                        stream=True, extra_body=extra)
+        else:
+            oai.completions.create(model=model, max_tokens=5, prompt="hi", stream=True, extra_body=extra)
+    assert caught.value.body["param"] == "stream_options.continuous_usage_stats"
+    chunks = list(oai.chat.completions.create(
+        model=model, max_tokens=3, messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"stream_options": {
+            "include_usage": True, "continuous_usage_stats": False}}))
+    assert chunks[-1].usage.completion_tokens == 3
+
+
 @pytest.mark.parametrize("extra, where", [
     ({"compaction": {"type": "summarize"}}, "compaction"),
     ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "context_management"),
