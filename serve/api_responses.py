@@ -324,7 +324,8 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     """`auto` / `none` / `required` as is; `{"type": "function", "name"}` → chat's
-    `{"type": "function", "function": {"name"}}`; hosted-tool choices are a 400."""
+    `{"type": "function", "function": {"name"}}`; `{"type": "allowed_tools", "mode", "tools"}`
+    → chat's nested `allowed_tools` (checked there); hosted-tool choices are a 400."""
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
             raise InvalidRequestError(f"Invalid tool_choice {choice!r}: use 'auto', 'none', 'required' "
@@ -332,6 +333,12 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
         return choice
     if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
+    if choice.get("type") == "allowed_tools":
+        # flat here (`mode`, `tools: [{"type": "function", "name"}]`), nested on chat
+        tools = choice.get("tools")
+        nested = [{"type": t.get("type"), "function": {"name": t.get("name")}} if isinstance(t, dict) else t
+                  for t in tools] if isinstance(tools, list) else tools
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": nested}}
     raise InvalidRequestError(f"tool_choice of type {choice.get('type')!r} is not supported; use 'auto', "
                               "'none', 'required' or {'type': 'function', 'name': ...}.", param="tool_choice")
 

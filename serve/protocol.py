@@ -412,9 +412,10 @@ class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
             raise _FieldError("tool_choice",
                               "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
                               "'tools' are specified.")
-        if isinstance(choice, dict) and choice["name"] not in names:
-            raise _FieldError("tool_choice", f"Invalid value for 'tool_choice': no function named "
-                              f"'{choice['name']}' in 'tools'.")
+        for wanted in (choice.get("allowed") or [choice.get("name")]) if isinstance(choice, dict) else ():
+            if wanted not in names:
+                raise _FieldError("tool_choice", f"Invalid value for 'tool_choice': no function named "
+                                  f"'{wanted}' in 'tools'.")
         return self
 
     @model_validator(mode="after")
@@ -455,8 +456,16 @@ class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
         if not self.tools or self.tool_choice == "none":
             return "none", None
         if isinstance(self.tool_choice, dict):
+            if "allowed" in self.tool_choice:  # allowed_tools: its mode, over `allowed_tools()`
+                return self.tool_choice["mode"], None
             return "named", self.tool_choice["name"]
         return self.tool_choice or "auto", None
+
+    def allowed_tools(self) -> list[str] | None:
+        """The function names an `allowed_tools` tool_choice lets the model call (all of
+        `tools` stay in the prompt, as at OpenAI), else None: no restriction beyond the mode."""
+        choice = self.tool_choice
+        return list(choice["allowed"]) if isinstance(choice, dict) and "allowed" in choice else None
 
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens`, else the deprecated `max_tokens`, else None."""

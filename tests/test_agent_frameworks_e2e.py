@@ -221,3 +221,47 @@ def test_disable_parallel_tool_use_false_allows_several_calls(claude, model):
 
     assert calls(True) == 1
     assert calls(False) >= 2
+
+
+# ---------------------------------------------------------- allowed_tools tool_choice
+
+def _fn(name: str, description: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+TWO_TOOLS = [_fn("get_weather", "The weather in a city."), _fn("get_time", "The local time in a city.")]
+ASK = "What is the weather in Paris?"
+
+
+def test_chat_allowed_tools_restricts_the_calls(oai, model):
+    """pydantic-ai sends `allowed_tools` to any OpenAI-compatible server when a run restricts
+    its tools (`tool_choice=[...]`, `ToolOrOutput`): it was a 400, failing the run."""
+    def called(tool_choice) -> list[str]:
+        r = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": ASK}], tools=TWO_TOOLS,
+                                        tool_choice=tool_choice, temperature=0, max_tokens=60)
+        return [c.function.name for c in r.choices[0].message.tool_calls or ()]
+
+    assert called("required") == ["get_weather"]  # what the model picks when it may
+    assert called({"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_time"}}]}}) == ["get_time"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        called({"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+            {"type": "function", "function": {"name": "get_date"}}]}})
+    assert caught.value.body["param"] == "tool_choice" and "get_date" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        called({"type": "allowed_tools", "allowed_tools": {"mode": "sometimes", "tools": []}})
+    assert caught.value.body["param"] == "tool_choice"
+
+
+def test_responses_allowed_tools_restricts_the_calls(oai, model):
+    tools = [{"type": "function", **t["function"]} for t in TWO_TOOLS]
+
+    def called(tool_choice) -> list[str]:
+        r = oai.responses.create(model=model, input=ASK, tools=tools, tool_choice=tool_choice, temperature=0,
+                                 max_output_tokens=60)
+        return [o.name for o in r.output if o.type == "function_call"]
+
+    assert called("required") == ["get_weather"]
+    assert called({"type": "allowed_tools", "mode": "required",
+                   "tools": [{"type": "function", "name": "get_time"}]}) == ["get_time"]
