@@ -521,15 +521,19 @@ class MessagesOutput(Output):
         make_parser: a fresh `ChoiceParser` for the choice.
         on_done: called once with the final `message` object when the reply is complete
             (not after an error or a disconnect).
+        context_cut: the request's `max_tokens` was cut to the context left after the
+            prompt, so a reply that runs to the limit stops with `stop_reason`
+            "model_context_window_exceeded" rather than "max_tokens".
     """
 
     heartbeat = PING_INTERVAL_S
 
     def __init__(self, id: str, model: str, token_text: TokenText, *, prompt_tokens: int,
                  make_parser: Callable[[], ChoiceParser] = ChoiceParser,
-                 on_done: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_done: Callable[[dict[str, Any]], None] | None = None, context_cut: bool = False) -> None:
         super().__init__(id, model, 1, token_text, logprobs=False, include_usage=False)
         self.on_done = on_done
+        self.context_cut = context_cut
         self.prompt_tokens = prompt_tokens
         self.parser = make_parser()
         self.blocks: list[dict[str, Any]] = []
@@ -598,7 +602,7 @@ class MessagesOutput(Output):
         if self.finish_reason is None:
             return None
         if self.finish_reason == "length":
-            return "max_tokens"
+            return "model_context_window_exceeded" if self.context_cut else "max_tokens"
         if self.parser.calls_finished:
             return "tool_use"
         return "stop_sequence" if self.stop_sequence is not None else "end_turn"

@@ -537,17 +537,22 @@ MakeOutput = Callable[[EngineLike, SamplingParams, list[int], Callable[[], Choic
 
 
 async def generate_chat(request: Request, state: _State, req: ChatCompletionRequest, make_output: MakeOutput,
-                        *, param: str = "messages") -> Response:
+                        *, param: str = "messages", clamp_to_context: bool = False) -> Response:
     """The chat path every chat-shaped wire format ends in: prompt (chat template) →
     checks → `Engine.submit` → `respond`. `make_output(engine, params, prompt_ids,
     make_parser)` builds the renderer (`make_parser()`: a fresh output parser for a choice);
-    `param` names the request field a too-long prompt is blamed on."""
+    `param` names the request field a too-long prompt is blamed on. `clamp_to_context`
+    (Anthropic's rule): a completion limit past the context left after the prompt is cut to
+    it instead of a 400 (`params.max_tokens` then says where the reply will stop)."""
     engine = await _engine(request, state, req.model, generating=True)
     # Prompt, grammar (tools or response_format; compiled and cached here, off the engine
     # thread) and the per-choice output parser.
     prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, req, state.options,
                                        engine.max_length)
     max_tokens = req.requested_max_tokens()
+    room = engine.max_length - len(prepared.prompt_ids)
+    if clamp_to_context and max_tokens is not None and 0 < room < max_tokens:
+        max_tokens = room
     check_context(
         prompt_tokens=len(prepared.prompt_ids),
         max_tokens=max_tokens,
@@ -815,9 +820,12 @@ async def create_message(request: Request, state: _State) -> Response:
                make_parser: Callable[[], ChoiceParser]) -> Output:
         return MessagesOutput(api_messages.new_message_id(), engine.model_id, engine.tokenizer.token_text,
                               prompt_tokens=len(prompt_ids), make_parser=make_parser,
-                              on_done=keep_thread if req.thread is not None else None)
+                              on_done=keep_thread if req.thread is not None else None,
+                              context_cut=params.max_tokens is not None and params.max_tokens < req.max_tokens)
 
-    return await _renamed_async(req.renamer, generate_chat(request, state, chat, output))
+    # As Anthropic's API: max_tokens may exceed the context left after the prompt; the reply
+    # then stops at the context's end with stop_reason "model_context_window_exceeded"
+    return await _renamed_async(req.renamer, generate_chat(request, state, chat, output, clamp_to_context=True))
 
 
 def _resume_thread(req: MessagesRequest, state: _State) -> StoredThread | None:

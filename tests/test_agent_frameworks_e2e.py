@@ -265,3 +265,44 @@ def test_responses_allowed_tools_restricts_the_calls(oai, model):
     assert called("required") == ["get_weather"]
     assert called({"type": "allowed_tools", "mode": "required",
                    "tools": [{"type": "function", "name": "get_time"}]}) == ["get_time"]
+
+
+# ------------------------------------------- max_tokens past the context (Anthropic's rule)
+
+@pytest.fixture(scope="module")
+def small_context(default_model_dir, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("agent-frameworks-512") / "server.log"
+    with running_server(default_model_dir, "--max-length", "512", "--max-batch", "1", log_path=log) as base:
+        yield base
+
+
+def test_messages_max_tokens_past_the_context_stops_at_its_end(small_context, model):
+    """pydantic-ai's AnthropicModel sends `max_tokens: 16384` unless told (Claude Code 32000):
+    every such request was a 400 here. Anthropic accepts a `max_tokens` past the context left
+    and stops there with stop_reason `model_context_window_exceeded`."""
+    with anthropic.Anthropic(base_url=small_context, api_key="unused", max_retries=0, timeout=120) as claude:
+        short = claude.messages.create(model=model, max_tokens=16384, extra_body={"temperature": 0},
+                                       messages=[{"role": "user", "content": "Say hi."}])
+        assert short.stop_reason == "end_turn"
+        prompt = {"role": "user", "content": "Count: " + " ".join(str(i) for i in range(100))}
+        used = claude.messages.count_tokens(model=model, messages=[prompt]).input_tokens
+        assert 300 < used < 500
+        for stream in (False, True):
+            kw = dict(model=model, max_tokens=16384, messages=[prompt], extra_body={"ignore_eos": True})
+            if stream:
+                with claude.messages.stream(**kw) as s:
+                    full = s.get_final_message()
+            else:
+                full = claude.messages.create(**kw)
+            assert full.stop_reason == "model_context_window_exceeded"
+            assert full.usage.output_tokens == 512 - used
+        # a max_tokens that fits still ends as max_tokens; a prompt past the context is still a 400
+        assert claude.messages.create(model=model, max_tokens=5, messages=[prompt],
+                                      extra_body={"ignore_eos": True}).stop_reason == "max_tokens"
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi " * 600}])
+    # the OpenAI routes keep OpenAI's 400 for a completion that cannot fit
+    with openai.OpenAI(base_url=f"{small_context}/v1", api_key="unused", max_retries=0) as oai:
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.chat.completions.create(model=model, max_tokens=16384, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.code == "context_length_exceeded"
