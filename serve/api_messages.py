@@ -15,6 +15,12 @@ tools; `tool_choice` auto/any/tool/none chat's auto/required/function/none;
 SDKs no longer send them (pass them in `extra_body`). Errors on these routes use Anthropic's body
 `{"type": "error", "error": {"type", "message"}}` (`anthropic_errors`).
 
+Threads (the `message-threads` beta the SDK's `tool_runner` uses by default): a request with
+`thread: {"type": "create"}` has its conversation kept (`serve.response_store.StoredThread`,
+under the reply's id) and one with `{"type": "continue", "previous_message_id"}` sends only
+the new messages: `resume_thread` puts the thread's `system`, `tools` and history back
+before it is translated, `thread_after` records the reply.
+
 Wire truth: anthropic-sdk-python's `anthropic/types/*.py` (`Message`, `Usage`,
 `RawMessageStreamEvent`, the `*Param` request types) and its stream accumulator
 (`anthropic/lib/streaming/_messages.py`).
@@ -33,7 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.errors import GENERIC_SERVER_ERROR, APIError, InvalidRequestError, ServerError
+from serve.errors import (
+    GENERIC_SERVER_ERROR,
+    APIError,
+    InvalidRequestError,
+    NotFoundError,
+    ServerError,
+)
 from serve.events import Event, Usage
 from serve.param_names import CALL_ORIGINS, ORIGIN, Renamer
 from serve.parsers import (
@@ -46,6 +58,7 @@ from serve.parsers import (
     partial_json_object,
 )
 from serve.protocol import MAX_STOPS
+from serve.response_store import StoredThread
 from serve.responses import Output, TokenText
 from serve.sse import sse
 from serve.text_parts import join_text_parts
@@ -58,6 +71,11 @@ PING_INTERVAL_S = 10.0  # a `ping` event after this long without another event
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
                429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+# Anthropic's `error.details.error_code` values this server sends (the SDK branches on them:
+# a thread it cannot continue is replayed in full under `thread: {"type": "create"}`).
+DETAIL_CODES = frozenset({"thread_not_found", "thread_already_continued", "thread_fingerprint_mismatch"})
 
 
 def new_message_id() -> str:
@@ -76,6 +94,8 @@ def error_body(exc: APIError, request: Request | None = None) -> dict[str, Any]:
     if exc.param and exc.param not in message:  # Anthropic's bodies have no `param`: "where: what"
         message = f"{exc.param}: {message}"
     body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    if exc.code in DETAIL_CODES:
+        body["error"]["details"] = {"error_code": exc.code}
     rid = getattr(request.state, "request_id", None) if request is not None else None
     if rid is not None:
         body["request_id"] = rid
@@ -133,6 +153,7 @@ class MessagesRequest(BaseModel):
     system: str | list[dict[str, Any]] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     thinking: dict[str, Any] | None = None
+    thread: dict[str, Any] | None = None  # the threads beta: {"type": "create" | "continue", …}
     tool_choice: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     top_k: int | None = Field(None, ge=0)
@@ -148,6 +169,14 @@ class MessagesRequest(BaseModel):
             raise InvalidRequestError(
                 "Extended thinking budgets are not supported by this server; a model that reasons "
                 "by its chat template returns `thinking` blocks without asking.", param="thinking")
+        if self.thread is not None:
+            kind = self.thread.get("type")
+            if kind not in ("create", "continue"):
+                raise InvalidRequestError(f"thread.type: {kind!r} is not one of 'create', 'continue'.",
+                                          param="thread.type")
+            if kind == "continue" and not isinstance(self.thread.get("previous_message_id"), str):
+                raise InvalidRequestError("thread.previous_message_id: a string is required for 'continue'.",
+                                          param="thread.previous_message_id")
         stops = self.stop_sequences or []
         if len(stops) > MAX_STOPS or any(s == "" for s in stops):
             raise InvalidRequestError(f"stop_sequences: at most {MAX_STOPS} non-empty strings are supported.",
@@ -216,6 +245,68 @@ class MessagesRequest(BaseModel):
     def renamer(self) -> Renamer:
         """Chat params → this route's (after `chat_body`)."""
         return self._renamer
+
+    @property
+    def continues(self) -> str | None:
+        """The `previous_message_id` of a `thread: {"type": "continue"}` request, else None (after `check`)."""
+        return self.thread["previous_message_id"] if self.thread and self.thread.get("type") == "continue" else None
+
+
+def resume_thread(req: MessagesRequest, stored: Any) -> None:
+    """Make a `thread: continue` request whole, in place: the thread's `system` and `tools`
+    (create-only fields: the request may repeat them only unchanged) and its messages before
+    the request's own. Message params in later errors then count from the thread's first
+    message (`messages.[i]` of the whole conversation).
+
+    Args:
+        req: a checked request whose `continues` is set.
+        stored: what the store holds under that id (a `StoredThread`, else unknown).
+
+    Raises:
+        NotFoundError: no thread under that id (unknown, evicted, or a restart): code
+            `thread_not_found`, on which the SDK replays the conversation in full.
+        InvalidRequestError: that reply was already continued (`thread_already_continued`),
+            or `model`, `system` or `tools` differ from the thread's
+            (`thread_fingerprint_mismatch`, naming them).
+    """
+    message_id = req.continues
+    if not isinstance(stored, StoredThread):
+        raise NotFoundError(f"No thread found for previous_message_id {message_id!r}; send the whole "
+                            "conversation with thread: {'type': 'create'}.", param="thread.previous_message_id",
+                            code="thread_not_found")
+    if stored.continued:
+        raise InvalidRequestError(f"The message {message_id!r} has already been continued; each message can be "
+                                  "continued only once. Continue from the thread's latest message id.",
+                                  param="thread.previous_message_id", code="thread_already_continued")
+    tools = list(stored.tools) if stored.tools is not None else None
+    differ = [name for name, mine, theirs in (("model", req.model, stored.model), ("system", req.system, stored.system),
+                                              ("tools", req.tools, tools))
+              if mine is not None and mine != theirs]
+    if differ:
+        raise InvalidRequestError(f"{', '.join(differ)} must stay as the thread's first request sent "
+                                  f"{'it' if len(differ) == 1 else 'them'}; leave {'it' if len(differ) == 1 else 'them'} "
+                                  "out to keep the thread's, or start a new thread.", param="thread",
+                                  code="thread_fingerprint_mismatch")
+    req.system, req.tools = stored.system, tools
+    req.messages = [*stored.messages, *req.messages]
+
+
+def thread_after(req: MessagesRequest, message: dict[str, Any]) -> StoredThread:
+    """The thread after `message`, the reply to `req` (whole, after `resume_thread`): its
+    messages and the reply as an assistant message. A reply to a prefill (a final assistant
+    message) joins it, as one turn; an empty reply (`content: []`) is left out, as Anthropic
+    refuses empty assistant content before the final message."""
+    history = list(req.messages)
+    content = list(message["content"])
+    if history and history[-1].get("role") == "assistant":
+        prefill = history.pop()["content"]
+        blocks = ([{"type": "text", "text": prefill}] if prefill else []) if isinstance(prefill, str) else list(prefill)
+        if blocks and content and blocks[-1].get("type") == "text" and content[0].get("type") == "text":
+            content[0] = {**content[0], "text": blocks.pop()["text"] + content[0]["text"]}
+        content = blocks + content
+    if content:
+        history.append({"role": "assistant", "content": content})
+    return StoredThread(req.model, req.system, tuple(req.tools) if req.tools is not None else None, tuple(history))
 
 
 # chat field → Messages field, for errors found after translation (`Renamer`)
@@ -346,13 +437,36 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
             raise InvalidRequestError("Each tool needs a string 'name' and an 'input_schema' object.",
                                       param=f"tools.[{j}]")
+        if tool.get("defer_loading"):
+            raise InvalidRequestError("Deferred tools are loaded by the tool search tool, which this server does "
+                                      "not have; send the tool without 'defer_loading'.",
+                                      param=f"tools.[{j}].defer_loading")
         function = {"name": tool["name"], "parameters": tool["input_schema"]}
-        if tool.get("description") is not None:
-            function["description"] = tool["description"]
+        description = _with_examples(tool.get("description"), tool.get("input_examples"), f"tools.[{j}]")
+        if description is not None:
+            function["description"] = description
         if tool.get("strict") is not None:
             function["strict"] = tool["strict"]
         out.append({"type": "function", "function": function})
     return out
+
+
+def _with_examples(description: Any, examples: Any, param: str) -> Any:
+    """A tool's `description` with its `input_examples` (Anthropic's advanced tool use: example
+    `input` objects shown to the model) appended as JSON lines, so that the chat template
+    renders them wherever it renders the description; `description` as is without examples.
+
+    Raises:
+        InvalidRequestError: `input_examples` not a list of objects (`{param}.input_examples`).
+    """
+    if examples is None:
+        return description
+    if not isinstance(examples, list) or not all(isinstance(e, dict) for e in examples):
+        raise InvalidRequestError("input_examples must be a list of objects.", param=f"{param}.input_examples")
+    if not examples:
+        return description
+    lines = "\n".join(json.dumps(e, ensure_ascii=False) for e in examples)
+    return f"{description or ''}\n\nInput examples:\n{lines}".lstrip("\n")
 
 
 def chat_response_format(fmt: Any, *, param: str = "output_config.format") -> dict[str, Any]:
@@ -377,8 +491,14 @@ def chat_tool_choice(choice: dict[str, Any]) -> dict[str, Any]:
     else:
         raise InvalidRequestError(f"tool_choice type {kind!r} is not one of 'auto', 'any', 'tool', 'none'.",
                                   param="tool_choice.type")
-    if choice.get("disable_parallel_tool_use"):
-        out["parallel_tool_calls"] = False
+    disable = choice.get("disable_parallel_tool_use")
+    if disable is not None:
+        # Anthropic's default allows several calls; this server's (as chat's) is one, so an
+        # explicit `false` (litellm sends it for `parallel_tool_calls=True`) asks for several
+        if not isinstance(disable, bool):
+            raise InvalidRequestError("tool_choice.disable_parallel_tool_use must be a boolean.",
+                                      param="tool_choice.disable_parallel_tool_use")
+        out["parallel_tool_calls"] = not disable
     return out
 
 
@@ -399,13 +519,21 @@ class MessagesOutput(Output):
         token_text: token id → its text.
         prompt_tokens: the prompt's length in tokens (`message_start` reports it).
         make_parser: a fresh `ChoiceParser` for the choice.
+        on_done: called once with the final `message` object when the reply is complete
+            (not after an error or a disconnect).
+        context_cut: the request's `max_tokens` was cut to the context left after the
+            prompt, so a reply that runs to the limit stops with `stop_reason`
+            "model_context_window_exceeded" rather than "max_tokens".
     """
 
     heartbeat = PING_INTERVAL_S
 
     def __init__(self, id: str, model: str, token_text: TokenText, *, prompt_tokens: int,
-                 make_parser: Callable[[], ChoiceParser] = ChoiceParser) -> None:
+                 make_parser: Callable[[], ChoiceParser] = ChoiceParser,
+                 on_done: Callable[[dict[str, Any]], None] | None = None, context_cut: bool = False) -> None:
         super().__init__(id, model, 1, token_text, logprobs=False, include_usage=False)
+        self.on_done = on_done
+        self.context_cut = context_cut
         self.prompt_tokens = prompt_tokens
         self.parser = make_parser()
         self.blocks: list[dict[str, Any]] = []
@@ -446,10 +574,17 @@ class MessagesOutput(Output):
         self._emit("message_delta", delta={"stop_reason": self.stop_reason, "stop_sequence": self.matched_stop},
                    usage=self._usage())
         self._emit("message_stop")
+        self._done(self._message(final=True))
         return self._flush()
 
     def response(self) -> dict[str, Any]:
-        return self._message(final=True)
+        return self._done(self._message(final=True))
+
+    def _done(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.on_done is not None:
+            self.on_done, on_done = None, self.on_done
+            on_done(message)
+        return message
 
     def ping(self) -> bytes:
         return _event("ping", {})
@@ -467,7 +602,7 @@ class MessagesOutput(Output):
         if self.finish_reason is None:
             return None
         if self.finish_reason == "length":
-            return "max_tokens"
+            return "model_context_window_exceeded" if self.context_cut else "max_tokens"
         if self.parser.calls_finished:
             return "tool_use"
         return "stop_sequence" if self.stop_sequence is not None else "end_turn"

@@ -310,6 +310,10 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"Tools of type {kind!r} are not supported by this server; only "
                                       "'function' tools (no built-in tools such as web search).",
                                       param=f"tools[{j}].type")
+        if tool.get("defer_loading"):
+            raise InvalidRequestError("Deferred functions are loaded by the tool search tool, which this server "
+                                      "does not have; send the function without 'defer_loading'.",
+                                      param=f"tools[{j}].defer_loading")
         function = {"name": _string(tool, "name", f"tools[{j}]")}
         for key in ("description", "parameters", "strict"):
             if tool.get(key) is not None:
@@ -320,7 +324,8 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     """`auto` / `none` / `required` as is; `{"type": "function", "name"}` → chat's
-    `{"type": "function", "function": {"name"}}`; hosted-tool choices are a 400."""
+    `{"type": "function", "function": {"name"}}`; `{"type": "allowed_tools", "mode", "tools"}`
+    → chat's nested `allowed_tools` (checked there); hosted-tool choices are a 400."""
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
             raise InvalidRequestError(f"Invalid tool_choice {choice!r}: use 'auto', 'none', 'required' "
@@ -328,6 +333,12 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
         return choice
     if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
+    if choice.get("type") == "allowed_tools":
+        # flat here (`mode`, `tools: [{"type": "function", "name"}]`), nested on chat
+        tools = choice.get("tools")
+        nested = [{"type": t.get("type"), "function": {"name": t.get("name")}} if isinstance(t, dict) else t
+                  for t in tools] if isinstance(tools, list) else tools
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": nested}}
     raise InvalidRequestError(f"tool_choice of type {choice.get('type')!r} is not supported; use 'auto', "
                               "'none', 'required' or {'type': 'function', 'name': ...}.", param="tool_choice")
 

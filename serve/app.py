@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from starlette.applications import Starlette
@@ -82,7 +83,7 @@ from serve.protocol import (
     parse_request,
 )
 from serve.request_id import RequestIdMiddleware
-from serve.response_store import ResponseStore, StoredResponse
+from serve.response_store import ResponseStore, StoredResponse, StoredThread
 from serve.responses import ChatOutput, CompletionOutput, Output, new_id
 from serve.sampling import SamplingParams
 from serve.streaming import RETRY_AFTER_S, respond
@@ -536,17 +537,22 @@ MakeOutput = Callable[[EngineLike, SamplingParams, list[int], Callable[[], Choic
 
 
 async def generate_chat(request: Request, state: _State, req: ChatCompletionRequest, make_output: MakeOutput,
-                        *, param: str = "messages") -> Response:
+                        *, param: str = "messages", clamp_to_context: bool = False) -> Response:
     """The chat path every chat-shaped wire format ends in: prompt (chat template) →
     checks → `Engine.submit` → `respond`. `make_output(engine, params, prompt_ids,
     make_parser)` builds the renderer (`make_parser()`: a fresh output parser for a choice);
-    `param` names the request field a too-long prompt is blamed on."""
+    `param` names the request field a too-long prompt is blamed on. `clamp_to_context`
+    (Anthropic's rule): a completion limit past the context left after the prompt is cut to
+    it instead of a 400 (`params.max_tokens` then says where the reply will stop)."""
     engine = await _engine(request, state, req.model, generating=True)
     # Prompt, grammar (tools or response_format; compiled and cached here, off the engine
     # thread) and the per-choice output parser.
     prepared = await run_in_threadpool(prepare_chat, engine.tokenizer, req, state.options,
                                        engine.max_length)
     max_tokens = req.requested_max_tokens()
+    room = engine.max_length - len(prepared.prompt_ids)
+    if clamp_to_context and max_tokens is not None and 0 < room < max_tokens:
+        max_tokens = room
     check_context(
         prompt_tokens=len(prepared.prompt_ids),
         max_tokens=max_tokens,
@@ -703,7 +709,7 @@ async def create_response(request: Request, state: _State) -> Response:
     history: list[dict[str, Any]] = []
     if req.previous_response_id is not None:
         previous = state.responses.get(req.previous_response_id)
-        if previous is None:
+        if not isinstance(previous, StoredResponse):  # unknown, evicted, or a Messages thread's
             raise NotFoundError(f"Previous response with id '{req.previous_response_id}' not found.",
                                 param="previous_response_id")
         history = list(previous.conversation)
@@ -751,7 +757,8 @@ async def _renamed_async(renamer: Renamer, work: Awaitable[T]) -> T:
 def _stored_response(request: Request, state: _State) -> tuple[str, StoredResponse | None]:
     _authorize(request, state)
     response_id = request.path_params["response_id"]
-    return response_id, state.responses.get(response_id)
+    stored = state.responses.get(response_id)
+    return response_id, stored if isinstance(stored, StoredResponse) else None  # not a Messages thread
 
 
 async def get_response(request: Request, state: _State) -> Response:
@@ -789,7 +796,7 @@ async def cancel_response(request: Request, state: _State) -> Response:
 async def delete_response(request: Request, state: _State) -> Response:
     _authorize(request, state)
     response_id = request.path_params["response_id"]
-    if not state.responses.delete(response_id):
+    if not isinstance(state.responses.get(response_id), StoredResponse) or not state.responses.delete(response_id):
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
@@ -799,15 +806,36 @@ async def create_message(request: Request, state: _State) -> Response:
     _authorize(request, state, x_api_key=True)
     req = parse_request(MessagesRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
+    previous = _resume_thread(req, state)
     body = req.chat_body()
     chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
+
+    def keep_thread(message: dict[str, Any]) -> None:
+        # `thread`: the conversation with this reply, under its id; the reply continued is spent
+        state.responses.put(message["id"], api_messages.thread_after(req, message))
+        if req.continues is not None and previous is not None:
+            state.responses.put(req.continues, replace(previous, messages=(), continued=True))
 
     def output(engine: EngineLike, params: SamplingParams, prompt_ids: list[int],
                make_parser: Callable[[], ChoiceParser]) -> Output:
         return MessagesOutput(api_messages.new_message_id(), engine.model_id, engine.tokenizer.token_text,
-                              prompt_tokens=len(prompt_ids), make_parser=make_parser)
+                              prompt_tokens=len(prompt_ids), make_parser=make_parser,
+                              on_done=keep_thread if req.thread is not None else None,
+                              context_cut=params.max_tokens is not None and params.max_tokens < req.max_tokens)
 
-    return await _renamed_async(req.renamer, generate_chat(request, state, chat, output))
+    # As Anthropic's API: max_tokens may exceed the context left after the prompt; the reply
+    # then stops at the context's end with stop_reason "model_context_window_exceeded"
+    return await _renamed_async(req.renamer, generate_chat(request, state, chat, output, clamp_to_context=True))
+
+
+def _resume_thread(req: MessagesRequest, state: _State) -> StoredThread | None:
+    """A `thread: continue` request made whole (`api_messages.resume_thread`); the thread
+    it continues, or None for other requests."""
+    if req.continues is None:
+        return None
+    previous = state.responses.get(req.continues)
+    api_messages.resume_thread(req, previous)
+    return previous if isinstance(previous, StoredThread) else None
 
 
 async def count_message_tokens(request: Request, state: _State) -> Response:
@@ -815,6 +843,7 @@ async def count_message_tokens(request: Request, state: _State) -> Response:
     _authorize(request, state, x_api_key=True)
     req = parse_request(CountTokensRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
+    _resume_thread(req, state)  # a `continue` counts the whole conversation
     body = req.chat_body()
     chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
     engine = await _engine(request, state, chat.model)

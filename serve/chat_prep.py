@@ -152,6 +152,9 @@ def prepare_chat(tokenizer: Any, req: ChatCompletionRequest, options: Any,
         functions = [(t.function.name, t.function.parameters) for t in req.tools or ()]
         if mode == "named":
             functions = [f for f in functions if f[0] == name]
+        allowed = req.allowed_tools()
+        if allowed is not None:  # allowed_tools: the grammar offers only these
+            functions = [f for f in functions if f[0] in allowed]
         grammar = tool_grammar(family, functions, mode=mode, parallel=req.parallel_tool_calls is True,
                                reasoning=think, answer=found[0] if found else None,
                                special=special_markers(tokenizer))
@@ -301,20 +304,24 @@ def _template_call(tokenizer: Any, req: ChatCompletionRequest, *, native: bool |
     mode, name = req.tool_mode()
     tools = [t.function.to_template() for t in req.tools or ()] or None
     if not native:
-        messages = generic_messages(messages, tools, mode=mode, name=name, family=family)
+        messages = generic_messages(messages, tools, mode=mode, name=name, family=family,
+                                    allowed=req.allowed_tools())
         tools = None
     return messages, {"tools": tools, **extra}
 
 
 def generic_system_prompt(tools: list[dict[str, Any]], *, mode: str, name: str | None,
-                          family: str = "generic") -> str:
-    """The generic format's tool block (see the module doc)."""
+                          family: str = "generic", allowed: list[str] | None = None) -> str:
+    """The generic format's tool block (see the module doc); `allowed`: the only functions
+    that may be called now (an `allowed_tools` tool_choice), said after the mode."""
     listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     call = GENERIC_CALL_FORMATS.get(family, GENERIC_CALL_FORMATS["generic"])
     return (f"{GENERIC_TOOLS_HEADER}{listing}\n\n"
             f"To call a function, answer with one call per line in exactly this form:\n{call}\n"
             "Results come back as <tool_response></tool_response> blocks. "
-            + GENERIC_MODES[mode].format(name=name))
+            + GENERIC_MODES[mode].format(name=name)
+            + (f" Only these functions may be called now: {', '.join(f'`{a}`' for a in allowed)}."
+               if allowed is not None else ""))
 
 
 def _calls_text(family: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
@@ -332,7 +339,8 @@ def _calls_text(family: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *,
-                     mode: str, name: str | None, family: str = "generic") -> list[dict[str, Any]]:
+                     mode: str, name: str | None, family: str = "generic",
+                     allowed: list[str] | None = None) -> list[dict[str, Any]]:
     """Messages for a template without tool support: the tool block in the system turn,
     assistant calls written out as text, tool results as user turns."""
     out: list[dict[str, Any]] = []
@@ -354,7 +362,7 @@ def generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     for m in out:
         m.pop("_tool", None)
     if tools:
-        block = generic_system_prompt(tools, mode=mode, name=name, family=family)
+        block = generic_system_prompt(tools, mode=mode, name=name, family=family, allowed=allowed)
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": (out[0].get("content") or "") + "\n\n" + block}
         else:

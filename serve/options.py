@@ -235,8 +235,8 @@ class ServeOptions:
         "3.3 ms with the logits on the host), sampled rows and other providers on the host; "
         "off = on the host (default: %(default)s)", choices=("auto", "on", "off"))
     responses_store_size: int = _flag(
-        1000, "Responses API responses kept in memory for previous_response_id and "
-        "GET /v1/responses/{id}, LRU, per process (default: %(default)s; 0: none)", type=int)
+        1000, "Responses API responses (previous_response_id, GET /v1/responses/{id}) and "
+        "Messages API threads kept in memory, LRU, per process (default: %(default)s; 0: none)", type=int)
     tool_call_parser: str = _flag(
         "auto", "the tool-call syntax the model writes; auto: detected from the chat template, "
         "'generic' for templates without tool support (default: %(default)s)",

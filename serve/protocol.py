@@ -45,6 +45,16 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool | None = False
+    # vLLM's: usage in every chunk. Not honoured, so refused rather than ignored
+    continuous_usage_stats: bool | None = None
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _continuous(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("continuous usage stats are not supported by this server; use "
+                             "'include_usage' for one usage chunk at the end")
+        return value
 
 
 def _check_stop(value: Any) -> tuple[str, ...]:
@@ -402,9 +412,10 @@ class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
             raise _FieldError("tool_choice",
                               "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
                               "'tools' are specified.")
-        if isinstance(choice, dict) and choice["name"] not in names:
-            raise _FieldError("tool_choice", f"Invalid value for 'tool_choice': no function named "
-                              f"'{choice['name']}' in 'tools'.")
+        for wanted in (choice.get("allowed") or [choice.get("name")]) if isinstance(choice, dict) else ():
+            if wanted not in names:
+                raise _FieldError("tool_choice", f"Invalid value for 'tool_choice': no function named "
+                                  f"'{wanted}' in 'tools'.")
         return self
 
     @model_validator(mode="after")
@@ -445,8 +456,16 @@ class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
         if not self.tools or self.tool_choice == "none":
             return "none", None
         if isinstance(self.tool_choice, dict):
+            if "allowed" in self.tool_choice:  # allowed_tools: its mode, over `allowed_tools()`
+                return self.tool_choice["mode"], None
             return "named", self.tool_choice["name"]
         return self.tool_choice or "auto", None
+
+    def allowed_tools(self) -> list[str] | None:
+        """The function names an `allowed_tools` tool_choice lets the model call (all of
+        `tools` stay in the prompt, as at OpenAI), else None: no restriction beyond the mode."""
+        choice = self.tool_choice
+        return list(choice["allowed"]) if isinstance(choice, dict) and "allowed" in choice else None
 
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens`, else the deprecated `max_tokens`, else None."""
@@ -585,6 +604,13 @@ _UNHONOURED: dict[str, Any] = {
     "return_tokens_as_token_ids": lambda v: v not in (None, False),
     "logits_processors": lambda v: bool(v),
     "n_probs": lambda v: v not in (None, 0),  # llama.cpp's logprobs
+    # OpenAI's and Anthropic's newer fields that change what comes back and are not honoured:
+    # moderation (OpenAI chat and Responses: scores or blocks input and output), server-side
+    # context management (Responses' `[{"type": "compaction", …}]`, Anthropic's `{"edits": […]}`:
+    # compacts or clears earlier turns) and Anthropic's `compaction` (the reply is a summary block)
+    "moderation": lambda v: v is not None,
+    "context_management": lambda v: bool(v) and not (isinstance(v, dict) and not v.get("edits")),
+    "compaction": lambda v: v is not None,
 }
 
 

@@ -1,10 +1,14 @@
-"""The Responses API's `store`: finished responses kept in memory, least recently used out.
+"""The Responses API's `store` and the Messages API's threads: finished responses kept in
+memory, least recently used out.
 
-Each entry is the response body (what `GET /v1/responses/{id}` returns) and the
-conversation it ends, as OpenAI chat-shaped messages without its `instructions` (what a
-later request's `previous_response_id` continues; OpenAI does not carry instructions
-over). The store lives in the server process: a restart forgets it and several server
-processes do not share it. The event loop is its only user, so it needs no lock.
+A Responses entry (`StoredResponse`, id `resp_…`) is the response body (what
+`GET /v1/responses/{id}` returns) and the conversation it ends, as OpenAI chat-shaped
+messages without its `instructions` (what a later request's `previous_response_id`
+continues; OpenAI does not carry instructions over). A Messages entry (`StoredThread`, id
+`msg_…`) is what a `thread: {"type": "continue", "previous_message_id"}` request resumes.
+Both kinds share one store and its capacity; a route looks only at its own kind. The store
+lives in the server process: a restart forgets it and several server processes do not
+share it. The event loop is its only user, so it needs no lock.
 """
 
 from __future__ import annotations
@@ -25,8 +29,25 @@ class StoredResponse:
     input_items: tuple[dict[str, Any], ...] = ()  # the request's `input` as items with ids (`input_items`)
 
 
+@dataclass(frozen=True)
+class StoredThread:
+    """An Anthropic Messages thread after one of its replies: what a request continuing it
+    (`thread.previous_message_id`) takes over. `model`, `system` and `tools` as the thread's
+    first request sent them (Anthropic's create-only fields: `system`, `tools`); `messages`
+    the Anthropic message params so far, the reply last (an assistant message with its
+    content blocks). `continued`: a later request already continued this reply (each reply
+    may be continued once, as at Anthropic); its `messages` are then dropped (that request's
+    own entry holds them)."""
+
+    model: str
+    system: Any
+    tools: tuple[dict[str, Any], ...] | None
+    messages: tuple[dict[str, Any], ...]
+    continued: bool = False
+
+
 class ResponseStore:
-    """A bounded LRU map from response id to `StoredResponse`.
+    """A bounded LRU map from response id to `StoredResponse` (or message id to `StoredThread`).
 
     Args:
         capacity: the most responses kept (>= 0; 0 keeps none, so `store` has no effect and
@@ -37,12 +58,12 @@ class ResponseStore:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._items: OrderedDict[str, StoredResponse | StoredThread] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, response_id: str, stored: StoredResponse) -> None:
+    def put(self, response_id: str, stored: StoredResponse | StoredThread) -> None:
         """Keep `stored` as the newest entry, evicting the least recently used past capacity."""
         if self.capacity == 0:
             return
@@ -51,7 +72,7 @@ class ResponseStore:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def get(self, response_id: str) -> StoredResponse | None:
+    def get(self, response_id: str) -> StoredResponse | StoredThread | None:
         """The entry (now the most recently used), or None if unknown or evicted."""
         stored = self._items.get(response_id)
         if stored is not None:

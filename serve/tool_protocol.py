@@ -91,8 +91,15 @@ class ToolDef(_Request):
 
 
 def check_tool_choice(value: Any, *, legacy: bool = False) -> str | dict[str, Any] | None:
-    """`"none" | "auto" | "required" | {"type": "function", "function": {"name"}}` (legacy
-    `function_call`: `"none" | "auto" | {"name"}`) → the mode, or `{"name": …}`."""
+    """`"none" | "auto" | "required" | {"type": "function", "function": {"name"}}` or
+    OpenAI's `{"type": "allowed_tools", "allowed_tools": {"mode": "auto" | "required",
+    "tools": [{"type": "function", "function": {"name"}}, …]}}` (legacy `function_call`:
+    `"none" | "auto" | {"name"}`) → the mode, `{"name": …}`, or `{"allowed": [names…],
+    "mode": …}` (the tools that may be called; every tool is still in the prompt).
+
+    Raises:
+        ValueError: any other value (pydantic makes it a 400 naming `tool_choice`).
+    """
     if value is None:
         return None
     modes = ("none", "auto") if legacy else ("none", "auto", "required")
@@ -100,6 +107,8 @@ def check_tool_choice(value: Any, *, legacy: bool = False) -> str | dict[str, An
         if value not in modes:
             raise ValueError(f"{value!r} is not one of {list(modes)} or an object naming a function")
         return value
+    if isinstance(value, dict) and not legacy and value.get("type") == "allowed_tools":
+        return _allowed_tools(value.get("allowed_tools"))
     if isinstance(value, dict):
         function = value if legacy else value.get("function")
         name = function.get("name") if isinstance(function, dict) else None
@@ -109,3 +118,22 @@ def check_tool_choice(value: Any, *, legacy: bool = False) -> str | dict[str, An
             return {"name": name}
     shape = "{'name': ...}" if legacy else "{'type': 'function', 'function': {'name': ...}}"
     raise ValueError(f"must be one of {list(modes)} or {shape}")
+
+
+def _allowed_tools(spec: Any) -> dict[str, Any]:
+    """OpenAI's `allowed_tools` body (`{"mode", "tools"}`) → `{"allowed": [names…], "mode"}`."""
+    if not isinstance(spec, dict) or spec.get("mode") not in ("auto", "required"):
+        raise ValueError("allowed_tools needs 'mode' ('auto' or 'required') and 'tools'")
+    tools = spec.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise ValueError("allowed_tools.tools must be a non-empty list of {'type': 'function', "
+                         "'function': {'name': ...}}")
+    names = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ValueError("allowed_tools.tools must list {'type': 'function', 'function': {'name': ...}} "
+                             "(function tools only)")
+        names.append(name)
+    return {"allowed": names, "mode": spec["mode"]}

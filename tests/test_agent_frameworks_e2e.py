@@ -1,0 +1,308 @@
+"""Agent frameworks' wire habits through the real server, with the official clients: what
+session 11's QA found a framework sending that the routes did not take.
+
+- The `anthropic` SDK's `beta.messages.tool_runner` runs on the threads beta by default:
+  its first request says `thread: {"type": "create"}`, each later one `{"type": "continue",
+  "previous_message_id"}` with only the new `tool_result` message and no `tools` or `system`.
+  The server ignored `thread`, so the second turn was a 400 (a `tool_result` for no
+  `tool_use`) and the runner failed on its first tool call.
+
+The default model, greedy where the SDK lets us say so; `tool_choice: any` makes the calls
+certain whatever the model would write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from serve.model_dir import load_model_info
+from tests.test_server_e2e import running_server
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("agent-frameworks") / "server.log"
+    with running_server(default_model_dir, "--max-batch", "2", log_path=log) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def model(default_model_dir) -> str:
+    return load_model_info(default_model_dir).name
+
+
+@pytest.fixture
+def claude(server) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_tool_runner_continues_its_thread(claude, model, stream):
+    calls = []
+
+    @anthropic.beta_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city.
+
+        Args:
+            city: the city
+        """
+        calls.append(city)
+        return "sunny, 21 C"
+
+    runner = claude.beta.messages.tool_runner(
+        model=model, max_tokens=60, tools=[get_weather], tool_choice={"type": "any"}, max_iterations=2,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], extra_body={"temperature": 0},
+        stream=stream)
+    replies = []
+    for turn in runner:
+        if stream:
+            for _ in turn:
+                pass
+            turn = turn.get_final_message()
+        replies.append(turn)
+    # two turns: the second continued the thread (only its tool_result sent) and called again
+    assert [m.stop_reason for m in replies] == ["tool_use", "tool_use"]
+    assert len(calls) == 2 and all(isinstance(c, str) for c in calls)
+    assert replies[0].id != replies[1].id
+
+
+def post(server: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server}/v1/messages", json=body, timeout=120)
+
+
+def test_thread_continue_takes_system_tools_and_history(server, model):
+    first = {"model": model, "max_tokens": 40, "temperature": 0, "system": "Use the tools.", "tools": [WEATHER],
+             "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "Weather in Rome?"}]}
+    r1 = post(server, {**first, "thread": {"type": "create"}})
+    assert r1.status_code == 200, r1.text
+    reply = r1.json()
+    (use,) = [b for b in reply["content"] if b["type"] == "tool_use"]
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"], "content": "rain"}]}
+    thread = {"type": "continue", "previous_message_id": reply["id"]}
+    # the prompt of the continue is the whole conversation's: count_tokens agrees
+    whole = {**first, "messages": [*first["messages"], {"role": "assistant", "content": reply["content"]}, result]}
+    counted = httpx.post(f"{server}/v1/messages/count_tokens", json=whole, timeout=60).json()["input_tokens"]
+    short = {"model": model, "max_tokens": 40, "temperature": 0, "messages": [result], "thread": thread,
+             "tool_choice": {"type": "any"}}
+    assert httpx.post(f"{server}/v1/messages/count_tokens", json=short,
+                      timeout=60).json()["input_tokens"] == counted
+    # the thread's tools are in force: tool_choice any still calls get_weather
+    r2 = post(server, short)
+    assert r2.status_code == 200, r2.text
+    second = r2.json()
+    assert second["stop_reason"] == "tool_use" and second["content"][-1]["name"] == "get_weather"
+    assert second["usage"]["input_tokens"] + second["usage"]["cache_read_input_tokens"] == counted
+    # and the same text as the whole conversation sent without a thread
+    r3 = post(server, whole)
+    assert [b.get("input") for b in r3.json()["content"]] == [b.get("input") for b in second["content"]]
+
+    # each reply is continued once, as at Anthropic; the SDK then replays the whole conversation
+    again = post(server, short)
+    assert again.status_code == 400
+    assert again.json()["error"]["details"] == {"error_code": "thread_already_continued"}
+    # the newest reply continues, and its thread's create-only fields may only be repeated unchanged
+    later = {**short, "thread": {"type": "continue", "previous_message_id": second["id"]},
+             "messages": [{"role": "user", "content": [
+                 {"type": "tool_result", "tool_use_id": second["content"][-1]["id"], "content": "sun"}]}]}
+    changed = post(server, {**later, "system": "Something else."})
+    assert changed.status_code == 400
+    body = changed.json()["error"]
+    assert body["details"] == {"error_code": "thread_fingerprint_mismatch"} and "system" in body["message"]
+    assert post(server, {**later, "system": "Use the tools.", "tools": [WEATHER]}).status_code == 200
+
+
+def test_unknown_thread_is_thread_not_found(claude, model):
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                               extra_body={"thread": {"type": "continue", "previous_message_id": "msg_nope"}})
+    assert caught.value.error_code == "thread_not_found"  # the SDK's cue to replay in full
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                               extra_body={"thread": {"type": "fork"}})
+    assert "thread.type" in caught.value.message
+
+
+# ---------------------------------------------- newer fields that change what comes back
+
+
+@pytest.fixture
+def oai(server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.mark.parametrize("route, extra, param", [
+    ("chat", {"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+    ("responses", {"moderation": {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}},
+     "moderation"),
+    ("responses", {"context_management": [{"type": "compaction", "compact_threshold": 1000}]},
+     "context_management"),
+    ("responses", {"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"},
+                              "strict": False, "defer_loading": True}]}, "tools[0].defer_loading"),
+])
+def test_openai_fields_that_would_be_ignored_are_400s(oai, model, route, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        if route == "chat":
+            oai.chat.completions.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                                        extra_body=extra)
+        else:
+            oai.responses.create(model=model, max_output_tokens=5, input="hi", extra_body=extra)
+    assert caught.value.body["param"] == param
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_vllm_continuous_usage_stats_is_refused(oai, model, route):
+    """vLLM's `stream_options.continuous_usage_stats` (usage in every chunk) was ignored."""
+    extra = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        if route == "chat":
+            oai.chat.completions.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                                        stream=True, extra_body=extra)
+        else:
+            oai.completions.create(model=model, max_tokens=5, prompt="hi", stream=True, extra_body=extra)
+    assert caught.value.body["param"] == "stream_options.continuous_usage_stats"
+    chunks = list(oai.chat.completions.create(
+        model=model, max_tokens=3, messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"stream_options": {
+            "include_usage": True, "continuous_usage_stats": False}}))
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("extra, where", [
+    ({"compaction": {"type": "summarize"}}, "compaction"),
+    ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "context_management"),
+    ({"tools": [{**WEATHER, "defer_loading": True}]}, "tools.[0].defer_loading"),
+    ({"tools": [{**WEATHER, "input_examples": {"city": "Rome"}}]}, "tools.[0].input_examples"),
+])
+def test_anthropic_fields_that_would_be_ignored_are_400s(claude, model, extra, where):
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+                               extra_body=extra)
+    message = caught.value.body["error"]["message"]
+    assert message.startswith((f"{where}:", f"'{where}'")), message  # Anthropic's "field: what" style
+
+
+def test_no_op_values_of_those_fields_pass(oai, claude, model):
+    assert oai.responses.create(model=model, max_output_tokens=3, input="hi",
+                                extra_body={"context_management": [], "moderation": None}).status
+    assert claude.messages.create(model=model, max_tokens=3, messages=[{"role": "user", "content": "hi"}],
+                                  extra_body={"context_management": {"edits": []}, "compaction": None}).id
+
+
+def test_anthropic_tool_input_examples_reach_the_prompt(claude, model):
+    messages = [{"role": "user", "content": "Weather in Rome?"}]
+    plain = claude.messages.count_tokens(model=model, messages=messages, tools=[WEATHER]).input_tokens
+    shown = claude.messages.count_tokens(model=model, messages=messages, tools=[
+        {**WEATHER, "input_examples": [{"city": "Reykjavík"}, {"city": "Lima"}]}]).input_tokens
+    assert shown > plain + 10  # "Input examples:" and two JSON lines
+    assert claude.messages.count_tokens(model=model, messages=messages, tools=[
+        {**WEATHER, "input_examples": []}]).input_tokens == plain
+
+
+def test_disable_parallel_tool_use_false_allows_several_calls(claude, model):
+    """Anthropic's default allows several calls and this server's is one; an explicit
+    `disable_parallel_tool_use: false` (litellm's `parallel_tool_calls=True`) was dropped."""
+    def calls(disable: bool) -> int:
+        m = claude.messages.create(model=model, max_tokens=120, tools=[WEATHER],
+                                   tool_choice={"type": "any", "disable_parallel_tool_use": disable},
+                                   messages=[{"role": "user", "content": "Weather in Paris and in Rome?"}],
+                                   extra_body={"temperature": 0})
+        return sum(b.type == "tool_use" for b in m.content)
+
+    assert calls(True) == 1
+    assert calls(False) >= 2
+
+
+# ---------------------------------------------------------- allowed_tools tool_choice
+
+def _fn(name: str, description: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+TWO_TOOLS = [_fn("get_weather", "The weather in a city."), _fn("get_time", "The local time in a city.")]
+ASK = "What is the weather in Paris?"
+
+
+def test_chat_allowed_tools_restricts_the_calls(oai, model):
+    """pydantic-ai sends `allowed_tools` to any OpenAI-compatible server when a run restricts
+    its tools (`tool_choice=[...]`, `ToolOrOutput`): it was a 400, failing the run."""
+    def called(tool_choice) -> list[str]:
+        r = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": ASK}], tools=TWO_TOOLS,
+                                        tool_choice=tool_choice, temperature=0, max_tokens=60)
+        return [c.function.name for c in r.choices[0].message.tool_calls or ()]
+
+    assert called("required") == ["get_weather"]  # what the model picks when it may
+    assert called({"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_time"}}]}}) == ["get_time"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        called({"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+            {"type": "function", "function": {"name": "get_date"}}]}})
+    assert caught.value.body["param"] == "tool_choice" and "get_date" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        called({"type": "allowed_tools", "allowed_tools": {"mode": "sometimes", "tools": []}})
+    assert caught.value.body["param"] == "tool_choice"
+
+
+def test_responses_allowed_tools_restricts_the_calls(oai, model):
+    tools = [{"type": "function", **t["function"]} for t in TWO_TOOLS]
+
+    def called(tool_choice) -> list[str]:
+        r = oai.responses.create(model=model, input=ASK, tools=tools, tool_choice=tool_choice, temperature=0,
+                                 max_output_tokens=60)
+        return [o.name for o in r.output if o.type == "function_call"]
+
+    assert called("required") == ["get_weather"]
+    assert called({"type": "allowed_tools", "mode": "required",
+                   "tools": [{"type": "function", "name": "get_time"}]}) == ["get_time"]
+
+
+# ------------------------------------------- max_tokens past the context (Anthropic's rule)
+
+@pytest.fixture(scope="module")
+def small_context(default_model_dir, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("agent-frameworks-512") / "server.log"
+    with running_server(default_model_dir, "--max-length", "512", "--max-batch", "1", log_path=log) as base:
+        yield base
+
+
+def test_messages_max_tokens_past_the_context_stops_at_its_end(small_context, model):
+    """pydantic-ai's AnthropicModel sends `max_tokens: 16384` unless told (Claude Code 32000):
+    every such request was a 400 here. Anthropic accepts a `max_tokens` past the context left
+    and stops there with stop_reason `model_context_window_exceeded`."""
+    with anthropic.Anthropic(base_url=small_context, api_key="unused", max_retries=0, timeout=120) as claude:
+        short = claude.messages.create(model=model, max_tokens=16384, extra_body={"temperature": 0},
+                                       messages=[{"role": "user", "content": "Say hi."}])
+        assert short.stop_reason == "end_turn"
+        prompt = {"role": "user", "content": "Count: " + " ".join(str(i) for i in range(100))}
+        used = claude.messages.count_tokens(model=model, messages=[prompt]).input_tokens
+        assert 300 < used < 500
+        for stream in (False, True):
+            kw = dict(model=model, max_tokens=16384, messages=[prompt], extra_body={"ignore_eos": True})
+            if stream:
+                with claude.messages.stream(**kw) as s:
+                    full = s.get_final_message()
+            else:
+                full = claude.messages.create(**kw)
+            assert full.stop_reason == "model_context_window_exceeded"
+            assert full.usage.output_tokens == 512 - used
+        # a max_tokens that fits still ends as max_tokens; a prompt past the context is still a 400
+        assert claude.messages.create(model=model, max_tokens=5, messages=[prompt],
+                                      extra_body={"ignore_eos": True}).stop_reason == "max_tokens"
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi " * 600}])
+    # the OpenAI routes keep OpenAI's 400 for a completion that cannot fit
+    with openai.OpenAI(base_url=f"{small_context}/v1", api_key="unused", max_retries=0) as oai:
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.chat.completions.create(model=model, max_tokens=16384, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.code == "context_length_exceeded"
