@@ -252,7 +252,7 @@ class MessagesRequest(BaseModel):
         return self.thread["previous_message_id"] if self.thread and self.thread.get("type") == "continue" else None
 
 
-def resume_thread(req: MessagesRequest, stored: Any) -> None:
+def resume_thread(req: MessagesRequest, stored: Any, *, in_flight: bool = False) -> None:
     """Make a `thread: continue` request whole, in place: the thread's `system` and `tools`
     (create-only fields: the request may repeat them only unchanged) and its messages before
     the request's own. Message params in later errors then count from the thread's first
@@ -261,11 +261,14 @@ def resume_thread(req: MessagesRequest, stored: Any) -> None:
     Args:
         req: a checked request whose `continues` is set.
         stored: what the store holds under that id (a `StoredThread`, else unknown).
+        in_flight: another request accepted earlier continues that reply and has not
+            ended (`ResponseStore.continuing`): it is continued already.
 
     Raises:
         NotFoundError: no thread under that id (unknown, evicted, or a restart): code
             `thread_not_found`, on which the SDK replays the conversation in full.
-        InvalidRequestError: that reply was already continued (`thread_already_continued`),
+        InvalidRequestError: that reply was already continued, or is being continued
+            (`thread_already_continued`),
             or `model`, `system` or `tools` differ from the thread's
             (`thread_fingerprint_mismatch`, naming them).
     """
@@ -274,7 +277,7 @@ def resume_thread(req: MessagesRequest, stored: Any) -> None:
         raise NotFoundError(f"No thread found for previous_message_id {message_id!r}; send the whole "
                             "conversation with thread: {'type': 'create'}.", param="thread.previous_message_id",
                             code="thread_not_found")
-    if stored.continued:
+    if stored.continued or in_flight:
         raise InvalidRequestError(f"The message {message_id!r} has already been continued; each message can be "
                                   "continued only once. Continue from the thread's latest message id.",
                                   param="thread.previous_message_id", code="thread_already_continued")

@@ -86,7 +86,7 @@ from serve.request_id import RequestIdMiddleware
 from serve.response_store import ResponseStore, StoredResponse, StoredThread
 from serve.responses import ChatOutput, CompletionOutput, Output, new_id
 from serve.sampling import SamplingParams
-from serve.streaming import RETRY_AFTER_S, respond
+from serve.streaming import RETRY_AFTER_S, respond, when_sent
 
 log = logging.getLogger("serve.app")
 
@@ -806,7 +806,23 @@ async def create_message(request: Request, state: _State) -> Response:
     _authorize(request, state, x_api_key=True)
     req = parse_request(MessagesRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
-    previous = _resume_thread(req, state)
+    previous = _resume_thread(req, state, reserve=True)
+    if previous is None:
+        return await _create_message(request, state, req, previous)
+    # Each reply is continued once: this request holds the continuation from here (no await
+    # since the check) until it has answered; one that fails first hands it back
+    reserved = req.continues
+    try:
+        response = await _create_message(request, state, req, previous)
+    except BaseException:
+        state.responses.release(reserved)
+        raise
+    when_sent(response, lambda: state.responses.release(reserved))
+    return response
+
+
+async def _create_message(request: Request, state: _State, req: MessagesRequest,
+                          previous: StoredThread | None) -> Response:
     body = req.chat_body()
     chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
 
@@ -828,13 +844,17 @@ async def create_message(request: Request, state: _State) -> Response:
     return await _renamed_async(req.renamer, generate_chat(request, state, chat, output, clamp_to_context=True))
 
 
-def _resume_thread(req: MessagesRequest, state: _State) -> StoredThread | None:
+def _resume_thread(req: MessagesRequest, state: _State, *, reserve: bool = False) -> StoredThread | None:
     """A `thread: continue` request made whole (`api_messages.resume_thread`); the thread
-    it continues, or None for other requests."""
+    it continues, or None for other requests. `reserve`: the reply continued is marked as
+    being continued (`ResponseStore.reserve`; the caller releases it), and one that another
+    request in flight continues is a 400 `thread_already_continued`."""
     if req.continues is None:
         return None
     previous = state.responses.get(req.continues)
-    api_messages.resume_thread(req, previous)
+    api_messages.resume_thread(req, previous, in_flight=reserve and state.responses.continuing(req.continues))
+    if reserve:
+        state.responses.reserve(req.continues)
     return previous if isinstance(previous, StoredThread) else None
 
 

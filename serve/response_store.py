@@ -59,6 +59,7 @@ class ResponseStore:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
         self._items: OrderedDict[str, StoredResponse | StoredThread] = OrderedDict()
+        self._continuing: set[str] = set()  # thread replies a request in flight continues
 
     def __len__(self) -> int:
         return len(self._items)
@@ -82,3 +83,17 @@ class ResponseStore:
     def delete(self, response_id: str) -> bool:
         """Forget an entry; False if there was none."""
         return self._items.pop(response_id, None) is not None
+
+    def continuing(self, message_id: str) -> bool:
+        """Whether a request in flight continues the thread reply `message_id` (`reserve`)."""
+        return message_id in self._continuing
+
+    def reserve(self, message_id: str) -> None:
+        """Mark the thread reply `message_id` as being continued (by a request accepted now);
+        `release` ends it, whether that request replied (its entry then says `continued`) or
+        failed first (the reply may then be continued again)."""
+        self._continuing.add(message_id)
+
+    def release(self, message_id: str) -> None:
+        """End `reserve` (a no-op if not reserved)."""
+        self._continuing.discard(message_id)

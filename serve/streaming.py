@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -136,12 +136,25 @@ class _SSEResponse(StreamingResponse):
     def __init__(self, content: AsyncIterator[bytes], events: _Merged) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self._events = events
+        self.on_close: list[Callable[[], None]] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._events.close()
+            for fn in self.on_close:
+                fn()
+
+
+def when_sent(response: Response, fn: Callable[[], None]) -> None:
+    """Call `fn()` once `response` (what `respond` returned) is over: at once for a JSON
+    answer (the generation has ended), after the last byte of an event stream, or when its
+    client leaves (even before the stream started)."""
+    if isinstance(response, _SSEResponse):
+        response.on_close.append(fn)
+    else:
+        fn()
 
 
 async def _sse(out: Output, head: list[bytes], events: _Merged) -> AsyncIterator[bytes]:

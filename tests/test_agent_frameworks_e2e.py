@@ -13,6 +13,7 @@ certain whatever the model would write.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import anthropic
@@ -119,6 +120,49 @@ def test_thread_continue_takes_system_tools_and_history(server, model):
     body = changed.json()["error"]
     assert body["details"] == {"error_code": "thread_fingerprint_mismatch"} and "system" in body["message"]
     assert post(server, {**later, "system": "Use the tools.", "tools": [WEATHER]}).status_code == 200
+
+
+def test_a_reply_is_continued_by_one_request_at_a_time(server, model):
+    # the check was only at the start: two continuations of one reply in flight together both
+    # ran, and the thread forked. The first accepted holds it; one that fails hands it back
+    first = {"model": model, "max_tokens": 40, "temperature": 0, "tools": [WEATHER], "tool_choice": {"type": "any"},
+             "messages": [{"role": "user", "content": "Weather in Oslo?"}], "thread": {"type": "create"}}
+    reply = post(server, first).json()
+    (use,) = [b for b in reply["content"] if b["type"] == "tool_use"]
+    thread = {"type": "continue", "previous_message_id": reply["id"]}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"], "content": "snow"}]}
+    cont = {"model": model, "max_tokens": 40, "temperature": 0, "messages": [result], "thread": thread}
+
+    # a continuation that fails before replying (a tool_result for no tool_use) frees it again
+    bad = {**cont, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_nope", "content": "x"}]}]}
+    assert post(server, bad).status_code == 400
+    # so does a stream its client leaves before the reply ends
+    with httpx.stream("POST", f"{server}/v1/messages", json={**cont, "stream": True}, timeout=120) as left:
+        assert left.status_code == 200
+        next(left.iter_lines())
+    # (its server side notices the leaving a moment later)
+    with httpx.Client(base_url=server, timeout=120) as client:
+        for _ in range(50):
+            held = client.send(client.build_request("POST", "/v1/messages", json={**cont, "stream": True}),
+                               stream=True)
+            if held.status_code == 200:
+                break
+            held.read()
+            held.close()
+            time.sleep(0.1)
+        # while that stream continues the reply, a second continuation is refused
+        assert held.status_code == 200
+        lines = held.iter_lines()
+        next(lines)
+        second = post(server, cont)
+        assert second.status_code == 400, second.text
+        assert second.json()["error"]["details"] == {"error_code": "thread_already_continued"}
+        body = "\n".join(lines)
+        held.close()
+    assert "message_stop" in body
+    # and once it has replied, the reply stays continued
+    assert post(server, cont).json()["error"]["details"] == {"error_code": "thread_already_continued"}
 
 
 def test_unknown_thread_is_thread_not_found(claude, model):
