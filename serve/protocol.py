@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from serve.constraints import request_grammar
 from serve.errors import InvalidRequestError
@@ -262,6 +263,8 @@ class ChatMessage(_Request):
         # assistant's `refusal` parts (OpenAI's types allow them) are text it said.
         if not isinstance(content, list):
             return content
+        if not content:  # OpenAI's schema: every role's content array has minItems 1
+            raise PydanticCustomError("too_short", "empty array")
         refusal_ok = info.data.get("role") == "assistant"
         texts = []
         for part in content:

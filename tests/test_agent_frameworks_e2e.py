@@ -350,3 +350,40 @@ def test_messages_max_tokens_past_the_context_stops_at_its_end(small_context, mo
         with pytest.raises(openai.BadRequestError) as caught:
             oai.chat.completions.create(model=model, max_tokens=16384, messages=[{"role": "user", "content": "hi"}])
         assert caught.value.code == "context_length_exceeded"
+
+
+# ---------------------------------------------- empty content arrays, as each service answers
+
+
+@pytest.mark.parametrize("role", ["user", "system", "assistant", "tool"])
+def test_chat_empty_content_array_is_400(oai, model, role):
+    # OpenAI's schema gives every role's content array minItems 1 (400 empty_array); the
+    # server took `[]` as an empty message and answered 200
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+    messages.append({"role": role, "content": [], **({"tool_call_id": "call_1"} if role == "tool" else {})})
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=model, max_tokens=5, messages=messages)
+    assert caught.value.body["param"] == "messages.[2].content"
+    assert caught.value.code == "empty_array"
+
+
+def test_messages_empty_content_is_400_but_a_final_assistant_prefill(claude, model):
+    for content in ([], ""):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            claude.messages.create(model=model, max_tokens=5, messages=[{"role": "user", "content": content}])
+        assert "non-empty content" in caught.value.message
+    reply = claude.messages.create(model=model, max_tokens=5, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": []}])
+    assert reply.type == "message"
+
+
+def test_responses_empty_content_array_is_empty_text(oai, model):
+    # OpenAI's Responses schema (InputMessageContentList) sets no minItems: `[]` is a message
+    # with no text, the same prompt as content ""
+    kw = {"model": model, "max_output_tokens": 8, "temperature": 0}
+    empty = oai.responses.create(input=[{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": []}, {"role": "user", "content": "ok"}], **kw)
+    blank = oai.responses.create(input=[{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": ""}, {"role": "user", "content": "ok"}], **kw)
+    assert empty.usage.input_tokens == blank.usage.input_tokens and empty.output_text == blank.output_text
