@@ -20,6 +20,7 @@ Wire truth: openai-python's `openai/types/responses/*.py` (`Response`, `Response
 from __future__ import annotations
 
 import copy
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -318,8 +319,30 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("description", "parameters", "strict"):
             if tool.get(key) is not None:
                 function[key] = tool[key]
+        description = _with_output_schema(function.get("description"), tool.get("output_schema"), f"tools[{j}]")
+        if description is not None:
+            function["description"] = description
         out.append({"type": "function", "function": function})
     return out
+
+
+def _with_output_schema(description: Any, schema: Any, param: str) -> Any:
+    """A function's `description` with its `output_schema` (OpenAI's JSON schema of the JSON
+    value its string outputs hold) appended as one JSON line, so that the chat template shows
+    the model what a `function_call_output` will hold wherever it shows the description;
+    `description` as is without one. Nothing checks the outputs against it (as at OpenAI: the
+    outputs come from the client).
+
+    Raises:
+        InvalidRequestError: `output_schema` not a JSON object (`{param}.output_schema`).
+    """
+    if schema is None:
+        return description
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("Invalid 'output_schema': a JSON schema object is required.",
+                                  param=f"{param}.output_schema")
+    line = json.dumps(schema, ensure_ascii=False)
+    return f"{description or ''}\n\nOutput schema (the JSON its output holds):\n{line}".lstrip("\n")
 
 
 def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:

@@ -387,3 +387,27 @@ def test_responses_empty_content_array_is_empty_text(oai, model):
     blank = oai.responses.create(input=[{"role": "user", "content": "hi"},
                                         {"role": "assistant", "content": ""}, {"role": "user", "content": "ok"}], **kw)
     assert empty.usage.input_tokens == blank.usage.input_tokens and empty.output_text == blank.output_text
+
+
+# ---------------------------------------------- Responses function tools' output_schema
+
+
+def test_responses_output_schema_reaches_the_prompt(oai, model):
+    # openai 3.57's FunctionToolParam.output_schema (the JSON a function's string outputs
+    # hold) was accepted and dropped; it now follows the description, as input_examples do
+    tool = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": False,
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    schema = {"type": "object", "properties": {"temp_c": {"type": "number"}, "sky": {"type": "string"}}}
+
+    def prompt_tokens(t: dict) -> int:
+        return oai.responses.create(model=model, max_output_tokens=1, input="Weather in Rome?",
+                                    tools=[t]).usage.input_tokens
+
+    plain = prompt_tokens(tool)
+    assert prompt_tokens({**tool, "output_schema": schema}) > plain + 15  # the header and the schema
+    assert prompt_tokens({**tool, "output_schema": None}) == plain
+    for bad in ("not a schema", [schema], 3):
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.responses.create(model=model, max_output_tokens=1, input="hi",
+                                 tools=[{**tool, "output_schema": bad}])
+        assert caught.value.body["param"] == "tools[0].output_schema"
