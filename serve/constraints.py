@@ -24,7 +24,9 @@ default: the output still validates against the schema as sent, and a small mode
 run away adding keys); `"additionalProperties": true` allows them. A `number` gets at most
 `NUMBER_FRACTION_DIGITS` digits after the point and no exponent (`bound_numbers`; json_object
 is a recursive any-JSON schema with the same bound): llguidance's numbers are otherwise
-unbounded, and a small model can write `1.000…` until max_tokens.
+unbounded, and a small model can write `1.000…` until max_tokens. No object of a JSON document
+repeats a key (`serve.unique_keys`: llguidance's grammar allows `{"id": 1, "id": 1}` in a map,
+which `json.loads` would silently collapse).
 
 Formats: llguidance's grammar syntax and JSON Schema coverage,
 https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md and docs/json_schema.md;
@@ -52,6 +54,7 @@ from llguidance.numpy import (
 from starlette.concurrency import run_in_threadpool
 
 from serve.errors import InvalidRequestError
+from serve.unique_keys import UniqueKeys, key_closers
 
 __all__ = [
     "NUMBER_FRACTION_DIGITS", "Constraint", "bound_numbers", "check_grammar", "check_numbers",
@@ -91,6 +94,11 @@ _ANY_VALUE = {"anyOf": [
 ANY_JSON_OBJECT = {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"},
                    "$defs": {"value": _ANY_VALUE}}
 CACHE_SIZE = 64  # compiled grammars kept (LRU by grammar text)
+# How `grammar_from_json_schema`'s output begins: a grammar of one JSON document (response_format,
+# structured_outputs.json, json_object), whose objects get unique keys (`Constraint.keys`); tool
+# grammars are Lark with JSON inside text, where the lexer could not tell where the JSON starts
+_JSON_DOCUMENT = '{"grammars":[{"name":"json_schema","json_schema":'
+
 
 
 # --------------------------------------------------------------------- request → grammar
@@ -586,6 +594,8 @@ def require_compiled(grammar: str, tokenizer, *, param: str) -> None:
     if isinstance(item, str):
         raise InvalidRequestError(f"Invalid '{param}': {_describe(param)} cannot be enforced: {item}",
                                   param=param)
+    if grammar.startswith(_JSON_DOCUMENT):  # built here once, not on the engine thread
+        key_closers(tokenizer, ll_tokenizer(tokenizer))
 
 
 async def check_grammar(grammar: str, tokenizer, *, param: str) -> None:
@@ -616,10 +626,12 @@ class Constraint:
         allow_eos: False keeps EOS out while the grammar can go on (`ignore_eos`).
     """
 
-    __slots__ = ("matcher", "vocab", "eos_ids", "allow_eos")
+    __slots__ = ("matcher", "vocab", "eos_ids", "allow_eos", "keys")
 
-    def __init__(self, matcher: LLMatcher, vocab: int, eos_ids: Sequence[int], *, allow_eos: bool = True):
+    def __init__(self, matcher: LLMatcher, vocab: int, eos_ids: Sequence[int], *, allow_eos: bool = True,
+                 keys: UniqueKeys | None = None):
         self.matcher, self.vocab, self.eos_ids, self.allow_eos = matcher, vocab, list(eos_ids), allow_eos
+        self.keys = keys  # a JSON document's grammar: no object repeats a key (serve.unique_keys)
 
     @classmethod
     def new(cls, grammar: str, tokenizer, *, allow_eos: bool = True) -> Constraint:
@@ -631,8 +643,9 @@ class Constraint:
         item = compiled(grammar, tokenizer)
         if isinstance(item, str):
             raise ValueError(f"grammar does not compile: {item}")
-        return cls(item.deep_copy(), ll_tokenizer(tokenizer).vocab_size, sorted(tokenizer.eos_ids),
-                   allow_eos=allow_eos)
+        ll = ll_tokenizer(tokenizer)
+        keys = UniqueKeys(key_closers(tokenizer, ll)) if grammar.startswith(_JSON_DOCUMENT) else None
+        return cls(item.deep_copy(), ll.vocab_size, sorted(tokenizer.eos_ids), allow_eos=allow_eos, keys=keys)
 
     @property
     def done(self) -> bool:
@@ -647,6 +660,13 @@ class Constraint:
         allowed = np.unpackbits(words.view(np.uint8), count=n, bitorder="little").view(bool)
         if not self.allow_eos and not self.done:
             allowed[[e for e in self.eos_ids if e < n]] = False
+        if self.keys is not None:
+            banned = [t for t in self.keys.banned() if t < n]
+            if banned:
+                before = allowed[banned]
+                allowed[banned] = False
+                if not allowed.any():  # the grammar allows nothing but a repeated key: let it
+                    allowed[banned] = before
         out = np.where(allowed, logits[:n], _NEG_INF)  # one pass: 3x faster than fill + copyto
         if logits.shape[-1] > n:  # ids past the tokenizer's vocabulary: never allowed
             out = np.concatenate([out, np.full(logits.shape[-1] - n, _NEG_INF, np.float32)])
@@ -660,6 +680,16 @@ class Constraint:
         """
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        if self.keys is not None:
+            self.keys.feed(token)
+
+    def consume_prefix(self, tokens: Sequence[int]) -> None:
+        """Advance past tokens the grammar reads before the first sampled one (a prefill the
+        grammar covers, `GenerationRequest.grammar_prefix`)."""
+        self.matcher.consume_tokens(list(tokens))
+        if self.keys is not None:
+            for token in tokens:
+                self.keys.feed(token)
 
 
 _NEG_INF = np.float32(-np.inf)

@@ -82,7 +82,7 @@ class Choice:
         self.constraint = (None if grammar is None else
                            Constraint.new(grammar, tokenizer, allow_eos=not params.ignore_eos))
         if self.constraint is not None and job.request.grammar_prefix:
-            self.constraint.matcher.consume_tokens(list(job.request.grammar_prefix))
+            self.constraint.consume_prefix(job.request.grammar_prefix)
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=job.prompt,
                                             skip_special_tokens=params.skip_special_tokens)
         self.stops = StopMatcher(params.stop, include_stop=params.include_stop_str_in_output)

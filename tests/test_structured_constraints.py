@@ -387,6 +387,30 @@ def test_random_logits_still_give_valid_json(schema, smollm_tokenizer):
         jsonschema.validate(json.loads(tok.decode(out)), schema)
 
 
+def test_a_key_the_object_has_cannot_be_closed_again(smollm_tokenizer):
+    """`serve.unique_keys` on the real vocabulary: inside a key, the tokens that would end it
+    as a key its own object already has are masked; other objects' keys are not."""
+    tok = smollm_tokenizer
+    grammar, _ = request_grammar(json_schema={"type": "object", "additionalProperties": True})
+    asyncio.run(check_grammar(grammar, tok, param="json_schema"))
+
+    def allowed_after(text: str) -> set[str]:
+        c = Constraint.new(grammar, tok)
+        c.consume_prefix(tok.encode(text))
+        return {tok.decode([int(t)]) for t in _allowed(c, tok.vocab_size)}
+
+    after_i = allowed_after('{"id": 1, "i')
+    assert not any(t.startswith('d"') for t in after_i)  # `d"`, `d":` would close "id" again
+    assert {'d', '"'} <= after_i  # a longer key, or "i"
+    after_d = allowed_after('{"id": 1, "id')
+    assert not any(t.startswith('"') for t in after_d) and after_d  # e.g. "id1", "idx"
+    # a key of an inner object, a value, or the outer object after the inner closed: free
+    assert '"' in allowed_after('{"a": {"id": 1}, "id')
+    assert '"' in allowed_after('{"id": {"id')
+    assert '"' in allowed_after('{"a": "id", "id')
+    assert '"' in allowed_after('{"id": ["id')
+
+
 # ------------------------------------------------------------------ the engine
 
 

@@ -342,6 +342,36 @@ def test_recursive_schema_runs_to_length(client):
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
+def _keys(text: str) -> list[str]:
+    """The keys of the JSON object `text` as written, repeats kept (`json.loads` keeps the last)."""
+    return [k for k, _ in json.loads(text, object_pairs_hook=lambda pairs: pairs)]
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 4},
+    {"type": "object", "patternProperties": {"^[a-z0-9]+$": {"type": "integer"}}, "additionalProperties": False,
+     "maxProperties": 4},
+])
+def test_map_keys_are_never_repeated(client, base_url, schema):
+    """llguidance's grammar lets a map repeat a key; this prompt made the model write
+    `{"id": 1, "id": 1, "id": 1, "id": 1}`, which a client's `json.loads` read as `{"id": 1}`.
+    Every route's grammar now bans the tokens that would close a key the object has."""
+    prompt = 'JSON with the same key repeated: {"id": 1, "id": 1, "id": 1, "id": 1}. Now write it again.'
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0,
+                                          response_format={"type": "json_schema",
+                                                           "json_schema": {"name": "m", "schema": schema}})
+    responses = client.responses.create(model=MODEL, input=prompt, max_output_tokens=60, temperature=0,
+                                        text={"format": {"type": "json_schema", "name": "m", "schema": schema}})
+    anthropic_body = httpx.post(f"{base_url}/v1/messages", timeout=120, json={
+        "model": MODEL, "max_tokens": 60, "temperature": 0, "messages": messages,
+        "output_config": {"format": {"type": "json_schema", "schema": schema}}}).json()
+    for text in (chat.choices[0].message.content, responses.output_text, anthropic_body["content"][0]["text"]):
+        keys = _keys(text)
+        assert keys[0] == "id" and len(keys) == len(set(keys)) == 4, text
+        jsonschema.validate(json.loads(text), schema)
+
+
 # ------------------------------------------------------------------ refusals
 
 
