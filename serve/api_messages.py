@@ -262,7 +262,7 @@ def resume_thread(req: MessagesRequest, stored: Any, *, in_flight: bool = False)
         req: a checked request whose `continues` is set.
         stored: what the store holds under that id (a `StoredThread`, else unknown).
         in_flight: another request accepted earlier continues that reply and has not
-            ended (`ResponseStore.continuing`): it is continued already.
+            ended (`ResponseStore.reserve` said so): it is continued already.
 
     Raises:
         NotFoundError: no thread under that id (unknown, evicted, or a restart): code

@@ -809,8 +809,8 @@ async def create_message(request: Request, state: _State) -> Response:
     previous = _resume_thread(req, state, reserve=True)
     if previous is None:
         return await _create_message(request, state, req, previous)
-    # Each reply is continued once: this request holds the continuation from here (no await
-    # since the check) until it has answered; one that fails first hands it back
+    # Each reply is continued once: this request holds the continuation from here (one atomic
+    # `reserve`) until it has answered; one that fails first hands it back
     reserved = req.continues
     try:
         response = await _create_message(request, state, req, previous)
@@ -852,10 +852,17 @@ def _resume_thread(req: MessagesRequest, state: _State, *, reserve: bool = False
     if req.continues is None:
         return None
     previous = state.responses.get(req.continues)
-    api_messages.resume_thread(req, previous, in_flight=reserve and state.responses.continuing(req.continues))
-    if reserve:
-        state.responses.reserve(req.continues)
-    return previous if isinstance(previous, StoredThread) else None
+    if not (reserve and isinstance(previous, StoredThread)):
+        api_messages.resume_thread(req, previous)
+        return previous if isinstance(previous, StoredThread) else None
+    held = state.responses.reserve(req.continues)
+    try:
+        api_messages.resume_thread(req, previous, in_flight=not held)
+    except BaseException:
+        if held:
+            state.responses.release(req.continues)
+        raise
+    return previous
 
 
 async def count_message_tokens(request: Request, state: _State) -> Response:

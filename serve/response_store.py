@@ -84,15 +84,16 @@ class ResponseStore:
         """Forget an entry; False if there was none."""
         return self._items.pop(response_id, None) is not None
 
-    def continuing(self, message_id: str) -> bool:
-        """Whether a request in flight continues the thread reply `message_id` (`reserve`)."""
-        return message_id in self._continuing
-
-    def reserve(self, message_id: str) -> None:
-        """Mark the thread reply `message_id` as being continued (by a request accepted now);
-        `release` ends it, whether that request replied (its entry then says `continued`) or
-        failed first (the reply may then be continued again)."""
+    def reserve(self, message_id: str) -> bool:
+        """Mark the thread reply `message_id` as being continued by a request accepted now; False
+        (and nothing changes) when another request in flight holds it. One call, so atomic here
+        and through the API workers' `RemoteResponseStore`. `release` ends it, whether that
+        request replied (its entry then says `continued`) or failed first (the reply may then
+        be continued again)."""
+        if message_id in self._continuing:
+            return False
         self._continuing.add(message_id)
+        return True
 
     def release(self, message_id: str) -> None:
         """End `reserve` (a no-op if not reserved)."""

@@ -140,6 +140,28 @@ def test_structured_output_equals_the_single_process(servers):
         assert set(json.loads(got.choices[0].message.content)) == {"name", "age"}
 
 
+def test_a_thread_reply_is_continued_once_across_workers(servers):
+    """Messages threads live in the engine process's store: a continuation any worker accepted
+    holds the reply, so a second one at the same time is refused whichever worker takes it."""
+    _, _, split = servers
+    first = httpx.post(f"{split}/v1/messages", timeout=60, json={
+        "model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+        "thread": {"type": "create"}}).json()
+    cont = {"model": MODEL, "max_tokens": 2000, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": "go on"}],
+            "thread": {"type": "continue", "previous_message_id": first["id"]}}
+    with httpx.stream("POST", f"{split}/v1/messages", json=cont, timeout=60) as held:
+        assert held.status_code == 200
+        lines = held.iter_lines()  # one iterator: a dropped one closes the stream
+        next(lines)
+        refused = [httpx.post(f"{split}/v1/messages", json={**cont, "stream": False}, timeout=60)
+                   for _ in range(4)]  # on either worker
+        assert "message_stop" in "\n".join(lines)
+    for r in refused:
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["details"] == {"error_code": "thread_already_continued"}
+
+
 def test_metrics_come_from_the_engine_process(servers):
     _, split, base = servers
     before = metrics(base)

@@ -309,6 +309,12 @@ class RemoteResponseStore:
     def delete(self, response_id: str) -> bool:
         return self.client.call(("responses", "delete", (response_id,)))
 
+    def reserve(self, message_id: str) -> bool:
+        return self.client.call(("responses", "reserve", (message_id,)))
+
+    def release(self, message_id: str) -> None:
+        self.client.call(("responses", "release", (message_id,)))
+
 
 class MetricsProxy:
     """`serve.metrics.Metrics` for a worker: HTTP counts go to the engine process, whose

@@ -216,7 +216,7 @@ class EngineHub:
             what = message[2]
             if what == "metrics":
                 result: Any = self.metrics.render()
-            else:  # ("responses", get | put | delete | len, args)
+            else:  # ("responses", get | put | delete | len | reserve | release, args)
                 with self._store_lock:  # one reader thread per worker
                     result = getattr(self.responses, what[1])(*what[2])
             worker.send(("reply", message[1], result))
