@@ -33,6 +33,7 @@ LAYERS = {
     "serve.engine": ENGINE, "serve.events": ENGINE, "serve.sequence": ENGINE,
     "serve.sampling": ENGINE, "serve.constraints": ENGINE, "serve.tool_grammar": ENGINE,
     "serve.prefix_cache": ENGINE, "serve.speculative": ENGINE, "serve.draft_model": ENGINE,
+    "serve.unique_keys": ENGINE,  # structured outputs: no object repeats a key (a mask beside the grammar)
     # runtime: ONNX Runtime sessions and KV slots, and the model directory they read
     "serve.runtime": RUNTIME, "serve.model_dir": RUNTIME,
     "serve.runtime.device_sampling": RUNTIME,  # token choice on the device (an ONNX graph)
