@@ -11,6 +11,10 @@ seed per prompt), so it rarely continues the way the earlier occurrence did. Two
 (a seeded request samples what plain decoding samples), so they emit the same tokens where
 their logits agree.
 
+Decode rates: tokens after the first over the wall time from the first to the last, summed
+over the set, and the same over the process CPU time (every thread), which other work on a
+shared machine disturbs less.
+
 ``--pad-ab`` adds a plain engine with the attention pad (`--attention-pad`): what the pad
 alone costs at these contexts. Run it under the machine's benchmark lock.
 """
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in peers.values():
             p.times(sets[args.sets[0]][0], 8)  # warm-up
         total = {(k, s): [0, 0.0] for k in peers for s in sets}
+        cpu = {(k, s): 0.0 for k in peers for s in sets}
         drafts = {(k, s): [0, 0] for k in peers if k.startswith("ngram") for s in sets}
         for rnd in range(args.rounds):
             for s, prompts in sets.items():
@@ -123,11 +128,16 @@ def main(argv: list[str] | None = None) -> int:
                         if len(stamps) > 1:
                             total[k, s][0] += len(stamps) - 1
                             total[k, s][1] += stamps[-1] - stamps[0]
+                            cpu[k, s] += peers[k].cpu_stamps[-1] - peers[k].cpu_stamps[0]
         for s in sets:
             off = total["off", s][0] / total["off", s][1]
             print(f"{s:10s} ({len(sets[s][0])} tokens)", "   ".join(
                 f"{k} {total[k, s][0] / total[k, s][1]:6.1f} tok/s "
                 f"({total[k, s][0] / total[k, s][1] / off:.3f}x)" for k in names), flush=True)
+            off_cpu = total["off", s][0] / cpu["off", s]
+            print(f"{'':10s} per CPU second:", "   ".join(
+                f"{k} {total[k, s][0] / cpu[k, s]:6.1f} tok/s "
+                f"({total[k, s][0] / cpu[k, s] / off_cpu:.3f}x)" for k in names), flush=True)
             for (k, s2), (d, a) in drafts.items():
                 if s2 == s:
                     print(f"    {k}: {d} drafts, {a} accepted ({a / d if d else 0:.0%}) over "

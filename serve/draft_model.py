@@ -126,7 +126,8 @@ class DraftModelSpeculator:
             room = min(c.job.max_tokens - len(c.generated) - 1,  # the step emits up to k + 1
                        max_length - length(c.slot) - 1,  # verify appends k + 1
                        self.draft.info.max_length - length(c.slot) - 1,
-                       cfg.num_speculative_tokens)
+                       cfg.num_speculative_tokens if self.gate is None
+                       else self.gate.limit(c, cfg.num_speculative_tokens))
             if room >= 1 and not c.job.cancelled:
                 todo[c] = room
         out: dict[Choice, list[int]] = {}

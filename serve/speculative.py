@@ -140,15 +140,18 @@ class DraftGate:
     (weight `ALPHA`, starting from `PRIOR`). When the mean falls below 1, drafting costs more
     than it gives: the sequence sits out its next ``backoff`` steps (`FIRST_BACKOFF`, doubled
     at each further back-off up to `MAX_BACKOFF`, back to `FIRST_BACKOFF` once a verify
-    leaves the mean at 1 or more), then probes with one draft again. A stream whose drafts
-    all miss (gain 1 / c(6) = 0.52 at K = 5) backs off after 4 verifies and then drafts
-    once per 4, 8, 16, 32, 64, 64, ... steps.
+    leaves the mean at 1 or more), then probes with a draft of `PROBE_TOKENS` (a miss costs
+    c(2) - 1 = 0.3 of a step, not c(6) - 1 = 0.92); a probe that hits lifts the mean to 1
+    at least, and full drafts resume. A stream whose drafts all miss (gain 1 / c(6) = 0.52 at
+    K = 5) backs off after 3 verifies and then probes once per 4, 8, 16, 32, 64, 64, ...
+    steps.
     """
 
-    PRIOR = 2.0
+    PRIOR = 1.5
     ALPHA = 0.25
     FIRST_BACKOFF = 4
     MAX_BACKOFF = 64
+    PROBE_TOKENS = 1
 
     def __init__(self) -> None:
         self._state: dict[Choice, _GateState] = {}
@@ -162,12 +165,21 @@ class DraftGate:
         st.skip -= 1
         return False
 
+    def limit(self, c: Choice, k: int) -> int:
+        """The most tokens ``c`` may draft now, of ``k``: `PROBE_TOKENS` while its mean gain
+        is below 1 (a probe after a back-off), else ``k``."""
+        st = self._state.get(c)
+        return min(k, self.PROBE_TOKENS) if st is not None and st.gain < 1.0 else k
+
     def record(self, c: Choice, drafted: int, accepted: int) -> None:
         """One verify of ``c``: ``drafted`` tokens proposed, the first ``accepted`` kept."""
         st = self._state.get(c)
         if st is None:
             st = self._state[c] = _GateState(self.PRIOR, self.FIRST_BACKOFF)
+        probe = st.gain < 1.0
         st.gain += self.ALPHA * ((accepted + 1) / verify_cost(drafted + 1) - st.gain)
+        if probe and accepted == drafted > 0:  # the probe hit: full drafts again
+            st.gain = max(st.gain, 1.0)
         if st.gain < 1.0:
             st.skip = st.backoff
             st.backoff = min(2 * st.backoff, self.MAX_BACKOFF)
@@ -222,9 +234,11 @@ class Speculator:
             if self.gate is not None and not self.gate.allows(c):
                 continue
             job = c.job
+            k = cfg.num_speculative_tokens if self.gate is None else self.gate.limit(
+                c, cfg.num_speculative_tokens)
             room = min(job.max_tokens - len(c.generated) - 1,  # the step emits up to k + 1
                        max_length - length(c.slot) - 1,  # verify appends k + 1
-                       cfg.num_speculative_tokens)
+                       k)
             if room < 1 or job.cancelled:
                 continue
             ids = np.concatenate([job.prompt_arr, as_ids(c.generated)])

@@ -90,23 +90,24 @@ def test_gate_backs_off_doubling_and_a_hit_brings_drafting_back():
             n += 1
         return n
 
-    assert gate.allows(c)
+    assert gate.allows(c) and gate.limit(c, 5) == 5
     misses = 0
     while gate.allows(c):  # every draft of 5 missed: gain 1 / c(6) = 0.52 a verify
         gate.record(c, 5, 0)
         misses += 1
-    assert misses == 4  # the mean falls from PRIOR 2.0 below 1 at the 4th miss
+    assert misses == 3  # the mean falls from PRIOR 1.5 below 1 at the 3rd miss
     assert [sat_out()] == [3]  # the 4-step back-off: the call above sat out its first step
+    assert gate.limit(c, 5) == 1  # then a probe of one token
     waits = []
     for _ in range(6):  # each probe misses too: 8, 16, 32, 64, 64 steps
-        gate.record(c, 5, 0)
+        gate.record(c, 1, 0)
         waits.append(sat_out())
     assert waits == [8, 16, 32, 64, 64, 64]
-    gate.record(c, 5, 5)  # a probe of 5 hits (gain 6 / 1.92) lifts the mean above 1
-    assert gate.allows(c) and gate.allows(c)
+    gate.record(c, 1, 1)  # a probe that hits (gain 2 / 1.30) lifts the mean above 1
+    assert gate.allows(c) and gate.allows(c) and gate.limit(c, 5) == 5
     for _ in range(20):  # drafts that pay never stop drafting
         gate.record(c, 5, 2)  # 3 / 1.92 = 1.56
-        assert gate.allows(c)
+        assert gate.allows(c) and gate.limit(c, 5) == 5
     c.slot = -1
     gate.prune()
     assert not gate._state

@@ -49,7 +49,8 @@ class LlorchSpec:
     `serve.main.open_draft` for the draft runtime); ``spin`` overrides the target's
     `RuntimeOptions.spin` and ``attention_pad`` serve's `--attention-pad` (None: its auto, on
     with speculation where the export has the pad); ``adaptive`` False is
-    `--no-speculative-adaptive`."""
+    `--no-speculative-adaptive`. After `times`, ``cpu_stamps`` holds the process CPU time
+    (`time.process_time`, every thread) at each token's arrival."""
 
     def __init__(self, model_dir: Path, threads: int, speculative: bool,
                  draft_dir: Path | None = None, spin: bool | None = None,
@@ -102,11 +103,14 @@ class LlorchSpec:
 
         out: list[float] = []
         params = SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=seed)
+        self.cpu_stamps = cpu = []
         async for event in self.engine.submit(GenerationRequest(tuple(ids), params)):
             if event.error:
                 raise RuntimeError(f"engine error: {event.error}")
-            now = time.perf_counter()
-            out += [now] * sum(len(c.token_ids) for c in event.choices)
+            now, now_cpu = time.perf_counter(), time.process_time()
+            n = sum(len(c.token_ids) for c in event.choices)
+            out += [now] * n
+            cpu += [now_cpu] * n
         return out
 
     def extra(self) -> dict:
