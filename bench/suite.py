@@ -91,6 +91,12 @@ ENTRIES: tuple[Entry, ...] = (
           None, {"engine": "llamacpp", "speculative": False}),
     Entry("llamacpp-spec-lookup", "llama.cpp Q4_1 + LlamaPromptLookupDecoding", "spec",
           "speculative", "gguf", None, {"engine": "llamacpp", "speculative": True}),
+    # ORT GenAI on its own builder's int4 export (the main table's fastest batch-1 peer),
+    # plain and with its n-gram speculative decoding (genai_config "speculative")
+    Entry("genai-spec-off", "ORT GenAI int4 (its model builder), speculation off", "spec",
+          "speculative", "builder-int4", None, {"engine": "genai", "speculative": False}),
+    Entry("genai-spec-ngram", "ORT GenAI int4 (its model builder), n-gram speculative", "spec",
+          "speculative", "builder-int4", None, {"engine": "genai", "speculative": True}),
     Entry("llorch-server-rss", "llorch serve int4, 8 slots x 4096 tokens", "llorch_http", "rss",
           "int4", None, {"mode": "rss"}),
     # the 1B-class model (Llama-3.2-1B's shapes, random weights; bench.model_1b), with

@@ -39,7 +39,7 @@ import numpy as np
 from serve.model_dir import ModelDirError, load_model_info
 from serve.prefix_cache import as_ids, common_prefix
 from serve.sequence import Choice
-from serve.speculative import SpeculativeConfig
+from serve.speculative import SpeculativeConfig, gate_of
 
 log = logging.getLogger("serve.draft_model")
 
@@ -103,6 +103,7 @@ class DraftModelSpeculator:
         self.draft = draft
         self.eos_ids = frozenset(eos_ids)
         self._held: list[np.ndarray] = [_EMPTY] * (draft.n_slots if n_slots is None else n_slots)
+        self.gate = gate_of(config)
         verify = getattr(draft, "verify", None)
         self._verify = verify if callable(verify) else None
 
@@ -117,11 +118,16 @@ class DraftModelSpeculator:
         if len(choices) > cfg.disable_by_batch_size:
             return {}
         todo: dict[Choice, int] = {}
+        if self.gate is not None:
+            self.gate.prune()
         for c in choices:
+            if self.gate is not None and not self.gate.allows(c):
+                continue
             room = min(c.job.max_tokens - len(c.generated) - 1,  # the step emits up to k + 1
                        max_length - length(c.slot) - 1,  # verify appends k + 1
                        self.draft.info.max_length - length(c.slot) - 1,
-                       cfg.num_speculative_tokens)
+                       cfg.num_speculative_tokens if self.gate is None
+                       else self.gate.limit(c, cfg.num_speculative_tokens))
             if room >= 1 and not c.job.cancelled:
                 todo[c] = room
         out: dict[Choice, list[int]] = {}
@@ -189,7 +195,15 @@ class DraftModelSpeculator:
                 self.draft.truncate(slot, keep)
                 self._held[slot] = self._held[slot][:keep]
 
+    def record(self, c: Choice, drafted: int, accepted: int) -> None:
+        """What ``c``'s verify did with its draft (`serve.speculative.DraftGate.record`; the
+        gate weighs the verify call only, not the draft model's steps)."""
+        if self.gate is not None:
+            self.gate.record(c, drafted, accepted)
+
     def clear(self) -> None:
         """Empty every draft slot (after a failure the target's KV is not trusted either)."""
+        if self.gate is not None:
+            self.gate.clear()
         for slot in range(len(self._held)):
             self._forget(slot)

@@ -674,6 +674,7 @@ class Engine:
         gaps += [now - c.t_last] + [0.0] * (len(v.output.token_ids) - 1)
         c.t_last = now
         outputs.setdefault(job, []).append(v.output)
+        self.speculator.record(c, v.drafted, v.accepted)
         self._observe("speculated", (v.drafted, v.accepted))
 
     def _decode_plain(self, batch: list[Choice], outputs: dict[Job, list[ChoiceOutput]],

@@ -220,6 +220,12 @@ class ServeOptions:
     speculative_disable_by_batch_size: int = _flag(
         1, "--speculative: draft only while at most this many sequences decode (each drafting "
         "sequence costs a verify call of its own; default: %(default)s)", type=int)
+    speculative_adaptive: bool = _flag(
+        True, "--speculative: a sequence whose recent drafts cost more verify time than they "
+        "save (tokens kept per verify against the measured cost of verifying them) stops "
+        "drafting for a few steps, then tries again, backing off longer each time (default: "
+        "on; --no-speculative-adaptive: draft whenever a draft is found)",
+        action=argparse.BooleanOptionalAction)
     cuda_graph: bool | None = _flag(
         None, "--provider cuda: decode steps as captured CUDA graphs (one per batch size) on "
         "the export's static decode graph. Default (auto): on where the model runs on CUDA and "
@@ -365,6 +371,7 @@ class ServeOptions:
                     "one of the two")
         defaults = {f.name: f.default for f in fields(self)}
         needs = {"num_speculative_tokens": None, "speculative_disable_by_batch_size": None,
+                 "speculative_adaptive": None,
                  "prompt_lookup_max": "ngram", "prompt_lookup_min": "ngram",
                  "draft_model": "draft"}  # flag -> the method that reads it (None: any)
         groups: dict[str, list[str]] = {}
@@ -401,7 +408,8 @@ class ServeOptions:
         return SpeculativeConfig(
             num_speculative_tokens=self.num_speculative_tokens,
             prompt_lookup_max=self.prompt_lookup_max, prompt_lookup_min=self.prompt_lookup_min,
-            disable_by_batch_size=self.speculative_disable_by_batch_size)
+            disable_by_batch_size=self.speculative_disable_by_batch_size,
+            adaptive=self.speculative_adaptive)
 
     @property
     def runtime_device_sampling(self) -> bool | None:

@@ -55,6 +55,8 @@ class SpeculativeConfig:
         prompt_lookup_min: the shortest n-gram looked up (1 <= min <= max).
         disable_by_batch_size: draft only in steps where at most this many sequences decode
             (each drafting sequence costs a verify call of its own).
+        adaptive: a sequence whose recent drafts do not pay for their verify calls stops
+            drafting for a while (`DraftGate`); False: it drafts whenever it has a draft.
 
     Raises:
         ValueError: a value out of range.
@@ -64,6 +66,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     disable_by_batch_size: int = 1
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 1:
@@ -100,15 +103,117 @@ def propose_ngram(ids: np.ndarray, k: int, min_n: int, max_n: int) -> np.ndarray
     return ids[:0]
 
 
+# c(n): a verify call over n positions (the next token + n - 1 drafts) in one-token decode
+# steps, on the int4 graph at a 300-token context (README "Speculative decoding", the
+# verify-cost table); linear between the measured n, and past the last one.
+VERIFY_COST: tuple[tuple[int, float], ...] = (
+    (1, 1.0), (2, 1.30), (3, 1.50), (4, 1.60), (5, 1.83), (6, 1.92), (7, 2.05), (9, 2.33),
+    (13, 2.95))
+
+
+def verify_cost(n: int) -> float:
+    """c(n) of `VERIFY_COST`: what a verify call over ``n`` >= 1 positions costs, in decode
+    steps (interpolated linearly; past 13 positions, extrapolated from the last two)."""
+    pts = VERIFY_COST
+    for (n0, c0), (n1, c1) in zip(pts, pts[1:], strict=False):
+        if n <= n1:
+            return c0 + (c1 - c0) * (max(n, n0) - n0) / (n1 - n0)
+    (n0, c0), (n1, c1) = pts[-2], pts[-1]
+    return c1 + (c1 - c0) * (n - n1) / (n1 - n0)
+
+
+@dataclass
+class _GateState:
+    gain: float  # running mean of (tokens a verify emitted) / c(its positions)
+    backoff: int  # steps to sit out at the next back-off
+    skip: int = 0  # steps left to sit out now
+
+
+class DraftGate:
+    """Adaptive drafting (`SpeculativeConfig.adaptive`): per sequence, whether to draft this
+    step. Only whether a sequence drafts is chosen here, never what it samples, so greedy
+    output and the sampled distribution are what they are without it (a step without a
+    draft is a plain decode step, which emits what a verify's first position would).
+
+    After each verify the sequence's gain — tokens emitted (accepted drafts + 1) over the
+    call's cost in decode steps, c(drafts + 1) of `verify_cost` — enters a running mean
+    (weight `ALPHA`, starting from `PRIOR`). When the mean falls below 1, drafting costs more
+    than it gives: the sequence sits out its next ``backoff`` steps (`FIRST_BACKOFF`, doubled
+    at each further back-off up to `MAX_BACKOFF`, back to `FIRST_BACKOFF` once a verify
+    leaves the mean at 1 or more), then probes with a draft of `PROBE_TOKENS` (a miss costs
+    c(2) - 1 = 0.3 of a step, not c(6) - 1 = 0.92); a probe that hits lifts the mean to 1
+    at least, and full drafts resume. A stream whose drafts all miss (gain 1 / c(6) = 0.52 at
+    K = 5) backs off after 3 verifies and then probes once per 4, 8, 16, 32, 64, 64, ...
+    steps.
+    """
+
+    PRIOR = 1.5
+    ALPHA = 0.25
+    FIRST_BACKOFF = 4
+    MAX_BACKOFF = 64
+    PROBE_TOKENS = 1
+
+    def __init__(self) -> None:
+        self._state: dict[Choice, _GateState] = {}
+
+    def allows(self, c: Choice) -> bool:
+        """Whether ``c`` may draft this step (call once per step it could draft in: a step it
+        sits out counts down its back-off)."""
+        st = self._state.get(c)
+        if st is None or st.skip == 0:
+            return True
+        st.skip -= 1
+        return False
+
+    def limit(self, c: Choice, k: int) -> int:
+        """The most tokens ``c`` may draft now, of ``k``: `PROBE_TOKENS` while its mean gain
+        is below 1 (a probe after a back-off), else ``k``."""
+        st = self._state.get(c)
+        return min(k, self.PROBE_TOKENS) if st is not None and st.gain < 1.0 else k
+
+    def record(self, c: Choice, drafted: int, accepted: int) -> None:
+        """One verify of ``c``: ``drafted`` tokens proposed, the first ``accepted`` kept."""
+        st = self._state.get(c)
+        if st is None:
+            st = self._state[c] = _GateState(self.PRIOR, self.FIRST_BACKOFF)
+        probe = st.gain < 1.0
+        st.gain += self.ALPHA * ((accepted + 1) / verify_cost(drafted + 1) - st.gain)
+        if probe and accepted == drafted > 0:  # the probe hit: full drafts again
+            st.gain = max(st.gain, 1.0)
+        if st.gain < 1.0:
+            st.skip = st.backoff
+            st.backoff = min(2 * st.backoff, self.MAX_BACKOFF)
+        else:
+            st.backoff = self.FIRST_BACKOFF
+
+    def prune(self) -> None:
+        """Forget the sequences that have ended (their slot given back)."""
+        for c in [c for c in self._state if c.slot < 0]:
+            del self._state[c]
+
+    def clear(self) -> None:
+        self._state.clear()
+
+
+def gate_of(config: SpeculativeConfig) -> DraftGate | None:
+    """The speculator's `DraftGate` (None: ``config.adaptive`` off)."""
+    return DraftGate() if config.adaptive else None
+
+
 @dataclass
 class Speculator:
     """Picks the drafts of the running choices each step (`verify_choice` checks them)."""
 
     config: SpeculativeConfig
+    gate: DraftGate | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate is None:
+            self.gate = gate_of(self.config)
 
     def drafts(self, choices: Sequence[Choice], length: Callable[[int], int],
                max_length: int) -> dict[Choice, list[int]]:
-        """Drafts for the choices that should speculate this step.
+        """Drafts for the choices that should speculate this step (those `gate` lets draft).
 
         Args:
             choices: the running choices (slots >= 0).
@@ -123,11 +228,17 @@ class Speculator:
         if len(choices) > cfg.disable_by_batch_size:
             return {}
         out: dict[Choice, list[int]] = {}
+        if self.gate is not None:
+            self.gate.prune()
         for c in choices:
+            if self.gate is not None and not self.gate.allows(c):
+                continue
             job = c.job
+            k = cfg.num_speculative_tokens if self.gate is None else self.gate.limit(
+                c, cfg.num_speculative_tokens)
             room = min(job.max_tokens - len(c.generated) - 1,  # the step emits up to k + 1
                        max_length - length(c.slot) - 1,  # verify appends k + 1
-                       cfg.num_speculative_tokens)
+                       k)
             if room < 1 or job.cancelled:
                 continue
             ids = np.concatenate([job.prompt_arr, as_ids(c.generated)])
@@ -136,11 +247,18 @@ class Speculator:
                 out[c] = draft.tolist()
         return out
 
+    def record(self, c: Choice, drafted: int, accepted: int) -> None:
+        """What ``c``'s verify did with its draft (`DraftGate.record`)."""
+        if self.gate is not None:
+            self.gate.record(c, drafted, accepted)
+
     def trim_idle(self, idle: Iterable[tuple[int, np.ndarray]]) -> None:
         """Nothing to do: prompt lookup keeps no state per slot (`DraftModelSpeculator` does)."""
 
     def clear(self) -> None:
-        """Nothing to do (as `trim_idle`)."""
+        """Forget every sequence's drafting record."""
+        if self.gate is not None:
+            self.gate.clear()
 
 
 @dataclass(frozen=True)

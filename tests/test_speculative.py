@@ -23,7 +23,7 @@ from serve.events import EngineObserver, GenerationRequest
 from serve.options import ServeOptions
 from serve.runtime import RuntimeOptions, open_runtime
 from serve.sampling import Sample, SamplingParams
-from serve.speculative import SpeculativeConfig, propose_ngram
+from serve.speculative import DraftGate, SpeculativeConfig, propose_ngram, verify_cost
 from serve.tokenizer import Tokenizer
 from tests.test_runtime import _count_calls
 from tests.test_server_e2e import running_server
@@ -63,6 +63,54 @@ def test_config_is_checked():
         ServeOptions(model_dir="m", num_speculative_tokens=3)
     with pytest.raises(ValueError, match="--prompt-lookup-max, --prompt-lookup-min only apply"):
         ServeOptions(model_dir="m", prompt_lookup_max=3, prompt_lookup_min=1)
+    with pytest.raises(ValueError, match="--speculative-adaptive only applies with --speculative"):
+        ServeOptions(model_dir="m", speculative_adaptive=False)
+    assert not ServeOptions(model_dir="m", speculative="ngram",
+                            speculative_adaptive=False).speculative_config().adaptive
+
+
+class _Seq:
+    """A stand-in for a running Choice: the gate reads only its slot (-1: ended)."""
+
+    slot = 0
+
+
+def test_verify_cost_follows_the_readme_table():
+    assert verify_cost(1) == 1.0 and verify_cost(6) == 1.92 and verify_cost(13) == 2.95
+    assert verify_cost(8) == pytest.approx((2.05 + 2.33) / 2)
+    assert verify_cost(17) == pytest.approx(2.95 + 0.62)  # past the table: the last slope
+
+
+def test_gate_backs_off_doubling_and_a_hit_brings_drafting_back():
+    gate, c = DraftGate(), _Seq()
+
+    def sat_out() -> int:  # steps until the gate allows c again
+        n = 0
+        while not gate.allows(c):
+            n += 1
+        return n
+
+    assert gate.allows(c) and gate.limit(c, 5) == 5
+    misses = 0
+    while gate.allows(c):  # every draft of 5 missed: gain 1 / c(6) = 0.52 a verify
+        gate.record(c, 5, 0)
+        misses += 1
+    assert misses == 3  # the mean falls from PRIOR 1.5 below 1 at the 3rd miss
+    assert [sat_out()] == [3]  # the 4-step back-off: the call above sat out its first step
+    assert gate.limit(c, 5) == 1  # then a probe of one token
+    waits = []
+    for _ in range(6):  # each probe misses too: 8, 16, 32, 64, 64 steps
+        gate.record(c, 1, 0)
+        waits.append(sat_out())
+    assert waits == [8, 16, 32, 64, 64, 64]
+    gate.record(c, 1, 1)  # a probe that hits (gain 2 / 1.30) lifts the mean above 1
+    assert gate.allows(c) and gate.allows(c) and gate.limit(c, 5) == 5
+    for _ in range(20):  # drafts that pay never stop drafting
+        gate.record(c, 5, 2)  # 3 / 1.92 = 1.56
+        assert gate.allows(c) and gate.limit(c, 5) == 5
+    c.slot = -1
+    gate.prune()
+    assert not gate._state
 
 
 # -- the engine on the tiny model ------------------------------------------------------------
@@ -102,6 +150,33 @@ def run_all(engine: Engine, prompts: list[list[int]], **params) -> list[dict[int
     async def go():
         return await asyncio.gather(*(tokens_of(engine, p, **params) for p in prompts))
     return asyncio.run(asyncio.wait_for(go(), 300))
+
+
+def test_drafts_that_miss_stop_being_proposed(tiny_model_dir):
+    """A sampled stream over four tokens (temperature 1, allowed_token_ids): every bigram of
+    it occurred before, so prompt lookup drafts on every step, and a draft's first token is
+    right about one time in four. The adaptive gate (the default) stops drafting: a fraction
+    of --no-speculative-adaptive's draft tokens; the tokens are plain decoding's either way
+    (the same seed draws the same numbers: backing off chooses only whether to draft)."""
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    prompt = tok.encode("a b c d b a d c a c b d " * 4)
+    allowed = tuple(sorted(set(prompt[-12:])))
+    params = dict(temperature=1.0, max_tokens=120, ignore_eos=True, seed=7,
+                  allowed_token_ids=allowed)
+    plain = engine_for(tiny_model_dir, None)
+    adaptive = engine_for(tiny_model_dir, SpeculativeConfig())
+    always = engine_for(tiny_model_dir, SpeculativeConfig(adaptive=False))
+    try:
+        want = run_all(plain, [prompt], **params)[0]
+        got = run_all(adaptive, [prompt], **params)[0]
+        got_always = run_all(always, [prompt], **params)[0]
+    finally:
+        for e in (plain, adaptive, always):
+            e.stop()
+    assert got == want and got_always == want
+    a, b = adaptive.observer, always.observer
+    assert b.drafted > 200 and b.accepted < 0.35 * b.drafted  # drafts were there, and missed
+    assert a.drafted < 0.25 * b.drafted, (a.drafted, b.drafted)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,10 @@ prompts of `bench.spec_prompts`, with and without each engine's prompt-lookup mo
   by the int4 export (`--speculative draft --draft-model`).
 - llama.cpp: `llama-cpp-python` on the Q4_1 GGUF, with `LlamaPromptLookupDecoding` (its
   prompt-lookup draft model; its defaults, max_ngram_size=2, num_pred_tokens=10) or none.
+- ORT GenAI: `onnxruntime-genai` on its own model builder's int4 export (the main table's
+  fastest batch-1 peer), plain or with its n-gram speculative decoding (genai_config
+  ``speculative``: ``ngram_size`` `GENAI_NGRAM_SIZE`, ``max_draft_tokens`` K = 5 as llorch's;
+  GenAI 0.18 drafts from the sequence's own tokens and verifies them in one target call).
 
 Every prompt: the same token ids for both (SmolLM2's chat template, rendered by llorch's
 tokenizer), greedy, up to `SPEC_NEW_TOKENS` tokens, stopping at EOS (the answers are the
@@ -44,11 +48,13 @@ class LlorchSpec:
     ``draft_dir`` `--speculative draft --draft-model draft_dir` (serve's defaults otherwise,
     `serve.main.open_draft` for the draft runtime); ``spin`` overrides the target's
     `RuntimeOptions.spin` and ``attention_pad`` serve's `--attention-pad` (None: its auto, on
-    with speculation where the export has the pad)."""
+    with speculation where the export has the pad); ``adaptive`` False is
+    `--no-speculative-adaptive`. After `times`, ``cpu_stamps`` holds the process CPU time
+    (`time.process_time`, every thread) at each token's arrival."""
 
     def __init__(self, model_dir: Path, threads: int, speculative: bool,
                  draft_dir: Path | None = None, spin: bool | None = None,
-                 attention_pad: bool | None = None) -> None:
+                 attention_pad: bool | None = None, adaptive: bool = True) -> None:
         from serve.engine import Engine
         from serve.events import EngineObserver
         from serve.main import open_draft, target_spin
@@ -67,7 +73,8 @@ class LlorchSpec:
         options = ServeOptions(model_dir=model_dir, threads=threads, max_length=2048,
                                speculative=("draft" if draft_dir else "ngram") if speculative else None,
                                draft_model=draft_dir if speculative else None,
-                               attention_pad=attention_pad)
+                               attention_pad=attention_pad,
+                               speculative_adaptive=adaptive if speculative else True)
         runtime = open_runtime(model_dir, RuntimeOptions(
             threads=threads, max_length=2048, w8a8="auto",
             spin=target_spin(options) if spin is None else spin,
@@ -84,20 +91,26 @@ class LlorchSpec:
         self.engine.stop()
         self.loop.close()
 
-    def times(self, ids: list[int], new_tokens: int) -> list[float]:
-        return self.loop.run_until_complete(self._times(ids, new_tokens))
+    def times(self, ids: list[int], new_tokens: int, temperature: float = 0.0,
+              seed: int | None = None) -> list[float]:
+        """perf_counter() at each token's arrival (seconds), greedy unless ``temperature``."""
+        return self.loop.run_until_complete(self._times(ids, new_tokens, temperature, seed))
 
-    async def _times(self, ids: list[int], new_tokens: int) -> list[float]:
+    async def _times(self, ids: list[int], new_tokens: int, temperature: float,
+                     seed: int | None) -> list[float]:
         from serve.events import GenerationRequest
         from serve.sampling import SamplingParams
 
         out: list[float] = []
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+        params = SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=seed)
+        self.cpu_stamps = cpu = []
         async for event in self.engine.submit(GenerationRequest(tuple(ids), params)):
             if event.error:
                 raise RuntimeError(f"engine error: {event.error}")
-            now = time.perf_counter()
-            out += [now] * sum(len(c.token_ids) for c in event.choices)
+            now, now_cpu = time.perf_counter(), time.process_time()
+            n = sum(len(c.token_ids) for c in event.choices)
+            out += [now] * n
+            cpu += [now_cpu] * n
         return out
 
     def extra(self) -> dict:
@@ -135,6 +148,59 @@ class LlamaCppSpec:
         return {}
 
 
+GENAI_NGRAM_SIZE = 4
+GENAI_MAX_DRAFT_TOKENS = 5
+
+
+class GenAISpec:
+    """ORT GenAI's generator on a model directory, greedy, stopping at EOS; ``speculative``:
+    its n-gram speculative decoding (the ``speculative`` block of genai_config, set through
+    `Config.overlay` so the directory is not edited)."""
+
+    def __init__(self, model_dir: Path, threads: int, speculative: bool,
+                 ngram_size: int = GENAI_NGRAM_SIZE,
+                 max_draft_tokens: int = GENAI_MAX_DRAFT_TOKENS) -> None:
+        import json
+
+        self.og = og = require("onnxruntime_genai", "pip install onnxruntime-genai")
+        overlay: dict = {"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}
+        if speculative:
+            overlay["speculative"] = {"ngram_size": ngram_size,
+                                      "max_draft_tokens": max_draft_tokens}
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps(overlay))
+        self.model = og.Model(config)
+        self.speculative = speculative
+        self.drafted = self.accepted = 0
+
+    def close(self) -> None:
+        del self.model
+
+    def times(self, ids: list[int], new_tokens: int) -> list[float]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens)
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        out: list[float] = []
+        while not gen.is_done() and len(out) < new_tokens:
+            gen.generate_next_token()
+            gen.get_next_tokens()
+            out.append(time.perf_counter())
+        if self.speculative:
+            stats = gen.get_speculative_stats()
+            self.drafted += int(stats["draft_tokens_evaluated"])
+            self.accepted += int(stats["draft_tokens_accepted"])
+        return out
+
+    def extra(self) -> dict:
+        if not self.speculative:
+            return {}
+        return {"drafted": self.drafted, "accepted": self.accepted,
+                "acceptance": self.accepted / self.drafted if self.drafted else None}
+
+
 def measure(peer, sets: dict[str, list[list[int]]], cfg: BenchConfig) -> dict:
     """Per prompt set: decode tok/s of each pass (summed over its prompts), and the median."""
     new = 16 if cfg.quick else SPEC_NEW_TOKENS
@@ -170,6 +236,13 @@ def run(job: dict) -> dict:
         peer = LlorchSpec(Path(args["model_dir"]), cfg.threads, args["speculative"], draft)
         from importlib import metadata
         version = metadata.version("llorch")
+    elif args["engine"] == "genai":
+        model_dir = Path(args["model_dir"])
+        if not (model_dir / "genai_config.json").is_file():
+            raise Skip(f"no GenAI model directory at {model_dir}")
+        peer = GenAISpec(model_dir, cfg.threads, args["speculative"])
+        from importlib import metadata
+        version = metadata.version("onnxruntime-genai")
     else:
         gguf = Path(args["model_dir"])
         if not gguf.is_file():
