@@ -16,6 +16,11 @@ weight bytes per token come from the export's files (bench.weight_bytes).
 
 Prints a markdown table: weight bytes / token, limit tok/s, median decode tok/s, % of limit,
 ratio to the first engine; and the JSON of every round.
+
+Caveat (2026-12-01, bench/results/2026-12-01-cpu2-1b-kv-ab.md): at 1B the engine loaded first
+into the process decodes 14-23% slower than the same export loaded later (cause not found; not
+the triad; not seen at 135M). List a throw-away engine first, e.g. the same export under a
+second name, and compare the others.
 """
 
 from __future__ import annotations

@@ -74,8 +74,8 @@ def profile(model_dir: Path, prompt: int, steps: int, threads: int, w8a8: str = 
     with tempfile.TemporaryDirectory() as tmp:
         base = rt.session_options
 
-        def profiled(n):  # the server's options, plus the profiler
-            so = base(n)
+        def profiled(*args, **kwargs):  # the server's options, plus the profiler
+            so = base(*args, **kwargs)
             so.enable_profiling = True
             so.profile_file_prefix = str(Path(tmp) / "ort")
             return so
