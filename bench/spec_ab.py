@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.peers.spec import SPEC_NEW_TOKENS, LlorchSpec, prompt_sets
+from bench.peers.spec import SPEC_NEW_TOKENS, LlorchSpec, interleaved, prompt_sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,25 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         peers["off-pad"] = LlorchSpec(model, args.threads, False, attention_pad=True)
         peers[f"{mode}-no-pad"] = LlorchSpec(model, args.threads, True, args.draft_dir,
                                              attention_pad=False)
-    names = list(peers)
     try:
-        for p in peers.values():
-            p.times(sets["grounded"][0], 8)  # warm-up
-        total = {(k, s): [0, 0.0] for k in peers for s in sets}
-        for rnd in range(args.rounds):
-            for s, prompts in sets.items():
-                for i, ids in enumerate(prompts):
-                    order = names if (rnd + i) % 2 == 0 else names[::-1]
-                    for k in order:
-                        stamps = peers[k].times(ids, args.new_tokens)
-                        if len(stamps) > 1:
-                            total[k, s][0] += len(stamps) - 1
-                            total[k, s][1] += stamps[-1] - stamps[0]
+        total = interleaved(peers, sets, args.rounds, args.new_tokens)
         for s in sets:
-            off = total["off", s][0] / total["off", s][1]
+            off = total["off", s]["tokens"] / total["off", s]["wall"]
             print(f"{s:9s}", "   ".join(
-                f"{k} {total[k, s][0] / total[k, s][1]:6.1f} tok/s "
-                f"({total[k, s][0] / total[k, s][1] / off:.2f}x)" for k in names))
+                f"{k} {total[k, s]['tokens'] / total[k, s]['wall']:6.1f} tok/s "
+                f"({total[k, s]['tokens'] / total[k, s]['wall'] / off:.2f}x)" for k in peers))
         print("drafts:", {k: p.extra() for k, p in peers.items() if k.startswith(mode)})
     finally:
         for p in peers.values():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from bench.peers.spec import LlorchSpec
+from bench.peers.spec import LlorchSpec, interleaved
 from bench.spec_prompts import chat_ids
 
 MISS_WORDS = (
@@ -107,41 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         peers["ngram-always"] = LlorchSpec(model, args.threads, True, adaptive=False)
     if args.pad_ab:
         peers["off-pad"] = LlorchSpec(model, args.threads, False, attention_pad=True)
-    names = list(peers)
     try:
-        for p in peers.values():
-            p.times(sets[args.sets[0]][0], 8)  # warm-up
-        total = {(k, s): [0, 0.0] for k in peers for s in sets}
-        cpu = {(k, s): 0.0 for k in peers for s in sets}
-        drafts = {(k, s): [0, 0] for k in peers if k.startswith("ngram") for s in sets}
-        for rnd in range(args.rounds):
-            for s, prompts in sets.items():
-                for i, ids in enumerate(prompts):
-                    order = names if (rnd + i) % 2 == 0 else names[::-1]
-                    for k in order:
-                        before = peers[k].extra()
-                        stamps = peers[k].times(ids, args.new_tokens, args.temperature, seed=i)
-                        if k.startswith("ngram"):
-                            after = peers[k].extra()
-                            drafts[k, s][0] += after["drafted"] - before["drafted"]
-                            drafts[k, s][1] += after["accepted"] - before["accepted"]
-                        if len(stamps) > 1:
-                            total[k, s][0] += len(stamps) - 1
-                            total[k, s][1] += stamps[-1] - stamps[0]
-                            cpu[k, s] += peers[k].cpu_stamps[-1] - peers[k].cpu_stamps[0]
+        total = interleaved(peers, sets, args.rounds, args.new_tokens,
+                            temperature=args.temperature, seeded=True)
         for s in sets:
-            off = total["off", s][0] / total["off", s][1]
-            print(f"{s:10s} ({len(sets[s][0])} tokens)", "   ".join(
-                f"{k} {total[k, s][0] / total[k, s][1]:6.1f} tok/s "
-                f"({total[k, s][0] / total[k, s][1] / off:.3f}x)" for k in names), flush=True)
-            off_cpu = total["off", s][0] / cpu["off", s]
-            print(f"{'':10s} per CPU second:", "   ".join(
-                f"{k} {total[k, s][0] / cpu[k, s]:6.1f} tok/s "
-                f"({total[k, s][0] / cpu[k, s] / off_cpu:.3f}x)" for k in names), flush=True)
-            for (k, s2), (d, a) in drafts.items():
-                if s2 == s:
+            for clock, label in (("wall", f"{s:10s} ({len(sets[s][0])} tokens)"),
+                                 ("cpu", f"{'':10s} per CPU second:")):
+                off = total["off", s]["tokens"] / total["off", s][clock]
+                print(label, "   ".join(
+                    f"{k} {total[k, s]['tokens'] / total[k, s][clock]:6.1f} tok/s "
+                    f"({total[k, s]['tokens'] / total[k, s][clock] / off:.3f}x)" for k in peers),
+                    flush=True)
+            for k in peers:
+                if k.startswith("ngram"):
+                    d, a = total[k, s]["drafted"], total[k, s]["accepted"]
                     print(f"    {k}: {d} drafts, {a} accepted ({a / d if d else 0:.0%}) over "
-                          f"{total[k, s][0] + len(sets[s])} tokens", flush=True)
+                          f"{total[k, s]['tokens'] + len(sets[s])} tokens", flush=True)
     finally:
         for p in peers.values():
             p.close()

@@ -119,6 +119,43 @@ class LlorchSpec:
                 "acceptance": c.accepted / c.drafted if c.drafted else None}
 
 
+def interleaved(peers: dict[str, LlorchSpec], sets: dict[str, list[list[int]]], rounds: int,
+                new_tokens: int, *, temperature: float = 0.0, seeded: bool = False
+                ) -> dict[tuple[str, str], dict[str, float]]:
+    """Every prompt of every set through every engine, ``rounds`` times, the engines' order
+    reversed every other prompt and round (so they all meet the same machine load), after an
+    8-token warm-up of each on the first set's first prompt; ``seeded``: prompt i is sampled
+    with seed i (at ``temperature``).
+
+    Returns:
+        per (engine name, set name): ``tokens`` after each answer's first, summed; ``wall``
+        and ``cpu`` seconds from each answer's first token to its last (perf_counter and
+        process CPU time, every thread), summed; ``drafted`` / ``accepted`` draft tokens.
+    """
+    names = list(peers)
+    first = next(iter(sets.values()))[0]
+    for p in peers.values():
+        p.times(first, 8)  # warm-up
+    total = {(k, s): dict.fromkeys(("tokens", "wall", "cpu", "drafted", "accepted"), 0)
+             for k in peers for s in sets}
+    for rnd in range(rounds):
+        for s, prompts in sets.items():
+            for i, ids in enumerate(prompts):
+                for k in names if (rnd + i) % 2 == 0 else names[::-1]:
+                    t = total[k, s]
+                    before = peers[k].extra()
+                    stamps = peers[k].times(ids, new_tokens, temperature,
+                                            seed=i if seeded else None)
+                    after = peers[k].extra()
+                    t["drafted"] += after["drafted"] - before["drafted"]
+                    t["accepted"] += after["accepted"] - before["accepted"]
+                    if len(stamps) > 1:
+                        t["tokens"] += len(stamps) - 1
+                        t["wall"] += stamps[-1] - stamps[0]
+                        t["cpu"] += peers[k].cpu_stamps[-1] - peers[k].cpu_stamps[0]
+    return total
+
+
 class LlamaCppSpec:
     def __init__(self, gguf: Path, threads: int, speculative: bool, eos: int) -> None:
         llama_cpp = require("llama_cpp", HINT)
