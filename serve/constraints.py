@@ -100,7 +100,6 @@ CACHE_SIZE = 64  # compiled grammars kept (LRU by grammar text)
 _JSON_DOCUMENT = '{"grammars":[{"name":"json_schema","json_schema":'
 
 
-
 # --------------------------------------------------------------------- request → grammar
 
 
