@@ -39,7 +39,7 @@ import numpy as np
 from serve.model_dir import ModelDirError, load_model_info
 from serve.prefix_cache import as_ids, common_prefix
 from serve.sequence import Choice
-from serve.speculative import SpeculativeConfig, gate_of
+from serve.speculative import SpeculativeConfig, gate_of, gated
 
 log = logging.getLogger("serve.draft_model")
 
@@ -118,16 +118,11 @@ class DraftModelSpeculator:
         if len(choices) > cfg.disable_by_batch_size:
             return {}
         todo: dict[Choice, int] = {}
-        if self.gate is not None:
-            self.gate.prune()
-        for c in choices:
-            if self.gate is not None and not self.gate.allows(c):
-                continue
+        for c, k in gated(self.gate, choices, cfg.num_speculative_tokens):
             room = min(c.job.max_tokens - len(c.generated) - 1,  # the step emits up to k + 1
                        max_length - length(c.slot) - 1,  # verify appends k + 1
                        self.draft.info.max_length - length(c.slot) - 1,
-                       cfg.num_speculative_tokens if self.gate is None
-                       else self.gate.limit(c, cfg.num_speculative_tokens))
+                       k)
             if room >= 1 and not c.job.cancelled:
                 todo[c] = room
         out: dict[Choice, list[int]] = {}

@@ -32,7 +32,7 @@ README "Speculative decoding".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,6 +200,19 @@ def gate_of(config: SpeculativeConfig) -> DraftGate | None:
     return DraftGate() if config.adaptive else None
 
 
+def gated(gate: DraftGate | None, choices: Sequence[Choice], k: int) -> Iterator[tuple[Choice, int]]:
+    """The choices ``gate`` lets draft this step, each with the most tokens it may draft
+    (`DraftGate.limit` of ``k``; every choice with ``k`` without a gate). Ended sequences are
+    forgotten first (`DraftGate.prune`)."""
+    if gate is None:
+        yield from ((c, k) for c in choices)
+        return
+    gate.prune()
+    for c in choices:
+        if gate.allows(c):
+            yield c, gate.limit(c, k)
+
+
 @dataclass
 class Speculator:
     """Picks the drafts of the running choices each step (`verify_choice` checks them)."""
@@ -228,14 +241,8 @@ class Speculator:
         if len(choices) > cfg.disable_by_batch_size:
             return {}
         out: dict[Choice, list[int]] = {}
-        if self.gate is not None:
-            self.gate.prune()
-        for c in choices:
-            if self.gate is not None and not self.gate.allows(c):
-                continue
+        for c, k in gated(self.gate, choices, cfg.num_speculative_tokens):
             job = c.job
-            k = cfg.num_speculative_tokens if self.gate is None else self.gate.limit(
-                c, cfg.num_speculative_tokens)
             room = min(job.max_tokens - len(c.generated) - 1,  # the step emits up to k + 1
                        max_length - length(c.slot) - 1,  # verify appends k + 1
                        k)
