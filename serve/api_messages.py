@@ -62,6 +62,7 @@ from serve.response_store import StoredThread
 from serve.responses import Output, TokenText
 from serve.sse import sse
 from serve.text_parts import join_text_parts
+from serve.tool_flags import check_hosted_tool_fields, flag
 
 log = logging.getLogger("serve.api_messages")
 
@@ -167,7 +168,7 @@ class MessagesRequest(BaseModel):
             raise InvalidRequestError("MCP servers are not supported by this server.", param="mcp_servers")
         if self.thinking is not None and self.thinking.get("type") != "disabled":
             raise InvalidRequestError(
-                "Extended thinking budgets are not supported by this server; a model that reasons "
+                "thinking: extended thinking budgets are not supported by this server; a model that reasons "
                 "by its chat template returns `thinking` blocks without asking.", param="thinking")
         if self.thread is not None:
             kind = self.thread.get("type")
@@ -192,8 +193,15 @@ class MessagesRequest(BaseModel):
         last = len(self.messages) - 1
         for i, message in enumerate(self.messages):
             previous = self.messages[i - 1] if i else None
-            messages += chat_messages(message, f"messages.[{i}]", final=i == last,
-                                      tool_use_ids=_tool_use_ids(previous))
+            calls = _tool_use_ids(previous)
+            turn = chat_messages(message, f"messages.[{i}]", final=i == last, tool_use_ids=calls)
+            missing = sorted(calls - {m.get("tool_call_id") for m in turn if m["role"] == "tool"})
+            if missing:  # Anthropic's rule: the next message answers every tool_use
+                raise InvalidRequestError(
+                    f"`tool_use` ids were found without `tool_result` blocks immediately after: "
+                    f"{', '.join(missing)}. Each `tool_use` block must have a corresponding `tool_result` "
+                    "block in the next message.", param=f"messages.[{i}].content")
+            messages += turn
         renamer = Renamer(_RENAMES)
         renamer.take_origins(messages, fields={"tool_call_id": "tool_use_id"},
                              calls={"function.arguments": "input", "function.name": "name", "function": ""},
@@ -404,7 +412,7 @@ def chat_messages(message: dict[str, Any], param: str, *, final: bool = False,
                     "`tool_result` block must have a corresponding `tool_use` block in the previous message.",
                     param=f"{where}.tool_use_id")
             text = _text(block.get("content", ""), f"{where}.content")
-            if block.get("is_error"):
+            if flag(block, "is_error", where):
                 text = f"Error: {text}"
             results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text, ORIGIN: where})
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
@@ -440,10 +448,7 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
             raise InvalidRequestError("Each tool needs a string 'name' and an 'input_schema' object.",
                                       param=f"tools.[{j}]")
-        if tool.get("defer_loading"):
-            raise InvalidRequestError("Deferred tools are loaded by the tool search tool, which this server does "
-                                      "not have; send the tool without 'defer_loading'.",
-                                      param=f"tools.[{j}].defer_loading")
+        check_hosted_tool_fields(tool, f"tools.[{j}]", what="tool")
         function = {"name": tool["name"], "parameters": tool["input_schema"]}
         description = _with_examples(tool.get("description"), tool.get("input_examples"), f"tools.[{j}]")
         if description is not None:

@@ -44,6 +44,7 @@ from serve.responses import Output, TokenText, chat_logprobs_content
 from serve.sse import sse
 from serve.text_parts import join_text_parts
 from serve.token_bytes import TokenBytes
+from serve.tool_flags import check_hosted_tool_fields
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # `include` values that change nothing here: we never encrypt reasoning, and a text-only
@@ -163,14 +164,21 @@ class ResponsesRequest(BaseModel):
                              calls={"function.arguments": "arguments", "function.name": "name", "function": "",
                                     "id": "call_id"}, default="input")
         calls: set[Any] = set()  # call ids made so far (this input's and the stored history's)
+        pending: dict[Any, str] = {}  # call id → its param, while no output has answered it
         for k, m in enumerate(messages):  # a tool result's text is its item's `output`
-            calls.update(c.get("id") for c in m.get("tool_calls") or () if isinstance(c, dict))
             if m["role"] == "tool":
                 renamer.add(f"messages.[{k}].content", renamer(f"messages.[{k}]") + ".output")
                 if m.get("tool_call_id") not in calls:  # as OpenAI: an output answers a call
                     raise InvalidRequestError(
                         f"No tool call found for function call output with call_id "
                         f"'{m.get('tool_call_id')}'.", param=renamer(f"messages.[{k}].tool_call_id"))
+                pending.pop(m.get("tool_call_id"), None)
+                continue
+            _no_missing_outputs(pending)
+            made = [c for c in m.get("tool_calls") or () if isinstance(c, dict)]
+            calls.update(c.get("id") for c in made)
+            pending = {c.get("id"): renamer(f"messages.[{k}].tool_calls.[{j}].id") for j, c in enumerate(made)}
+        _no_missing_outputs(pending)
         for j in range(len(self.tools or ())):
             renamer.add(f"tools.[{j}].function", f"tools[{j}]")  # OpenAI's Responses spelling
         self._renamer = renamer
@@ -230,6 +238,14 @@ _RENAMES = (
     ("max_completion_tokens", "max_output_tokens"), ("reasoning_effort", "reasoning.effort"),
     ("chat_template_kwargs", "reasoning.effort"), ("logprobs", "include"), ("tool_choice.function", "tool_choice"),
 )
+
+
+def _no_missing_outputs(pending: dict[Any, str]) -> None:
+    """OpenAI's 400 for `function_call` items no `function_call_output` answers before the
+    conversation goes on (`pending`: call id → the call's param), naming the first."""
+    if pending:
+        call_id, param = next(iter(pending.items()))
+        raise InvalidRequestError(f"No tool output found for function call {call_id}.", param=param)
 
 
 def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -311,10 +327,7 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise InvalidRequestError(f"Tools of type {kind!r} are not supported by this server; only "
                                       "'function' tools (no built-in tools such as web search).",
                                       param=f"tools[{j}].type")
-        if tool.get("defer_loading"):
-            raise InvalidRequestError("Deferred functions are loaded by the tool search tool, which this server "
-                                      "does not have; send the function without 'defer_loading'.",
-                                      param=f"tools[{j}].defer_loading")
+        check_hosted_tool_fields(tool, f"tools[{j}]")
         function = {"name": _string(tool, "name", f"tools[{j}]")}
         for key in ("description", "parameters", "strict"):
             if tool.get(key) is not None:

@@ -326,6 +326,16 @@ class ChatMessage(_Request):
         return message
 
 
+def _no_unanswered_calls(pending: dict[str, str]) -> None:
+    """OpenAI's 400 for `tool_calls` whose ids no `tool` message answered (`pending`: id →
+    param of the call), naming the first such call."""
+    if pending:
+        first = next(iter(pending.values()))
+        raise _FieldError(first, "An assistant message with 'tool_calls' must be followed by tool messages "
+                          "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+                          f"response messages: {', '.join(pending)}")
+
+
 class _ChatHead(_Request):
     # Before the sampling fields, so a missing or empty `messages` is the error reported
     # first (pydantic validates base classes' fields first, then the class's own).
@@ -426,15 +436,27 @@ class ChatCompletionRequest(_Sampling, _ChatHead, _Constrained):
         # OpenAI's rule: a `tool` message answers a call of an earlier assistant message (the
         # Responses and Messages routes check their call ids the same way); a result for a call
         # never made would be rendered as if the model had made it.
+        # And the converse: each of an assistant message's `tool_calls` is answered by the
+        # `tool` messages right after it (a call without a result would be rendered as a turn
+        # the conversation went on from as if it had one). The legacy `function_call` is not
+        # held to it, as OpenAI does not.
         made: set[str] = set()
+        pending: dict[str, str] = {}  # unanswered call id → its param
         for i, m in enumerate(self.messages):
+            if m.role == "tool":
+                if m.tool_call_id not in made:
+                    raise _FieldError(f"messages.[{i}].tool_call_id",
+                                      f"Invalid parameter: a message with role 'tool' must answer a "
+                                      f"preceding assistant message's 'tool_calls'; no call has the "
+                                      f"id '{m.tool_call_id}'.")
+                pending.pop(m.tool_call_id, None)
+                continue
+            _no_unanswered_calls(pending)
             if m.role == "assistant":
                 made.update(c.id for c in m.calls() if c.id)
-            elif m.role == "tool" and m.tool_call_id not in made:
-                raise _FieldError(f"messages.[{i}].tool_call_id",
-                                  f"Invalid parameter: a message with role 'tool' must answer a "
-                                  f"preceding assistant message's 'tool_calls'; no call has the "
-                                  f"id '{m.tool_call_id}'.")
+                pending = {c.id: f"messages.[{i}].tool_calls.[{j}].id"
+                           for j, c in enumerate(m.tool_calls or ()) if c.id}
+        _no_unanswered_calls(pending)
         return self
 
     @model_validator(mode="after")

@@ -185,6 +185,9 @@ def oai(server) -> Iterator[openai.OpenAI]:
         yield c
 
 
+FUNCTION = {"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": False}
+
+
 @pytest.mark.parametrize("route, extra, param", [
     ("chat", {"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
     ("responses", {"moderation": {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}},
@@ -193,6 +196,14 @@ def oai(server) -> Iterator[openai.OpenAI]:
      "context_management"),
     ("responses", {"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"},
                               "strict": False, "defer_loading": True}]}, "tools[0].defer_loading"),
+    # openai 3.57's FunctionTool: a function only a program may call (programmatic tool
+    # calling, which this server has not) was offered to the model; `async` was dropped; a
+    # string "false" read as true
+    ("responses", {"tools": [{**FUNCTION, "allowed_callers": ["programmatic"]}]}, "tools[0].allowed_callers"),
+    ("responses", {"tools": [{**FUNCTION, "allowed_callers": []}]}, "tools[0].allowed_callers"),
+    ("responses", {"tools": [{**FUNCTION, "allowed_callers": "direct"}]}, "tools[0].allowed_callers"),
+    ("responses", {"tools": [{**FUNCTION, "async": True}]}, "tools[0].async"),
+    ("responses", {"tools": [{**FUNCTION, "defer_loading": "false"}]}, "tools[0].defer_loading"),
 ])
 def test_openai_fields_that_would_be_ignored_are_400s(oai, model, route, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -227,6 +238,10 @@ def test_vllm_continuous_usage_stats_is_refused(oai, model, route):
     ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "context_management"),
     ({"tools": [{**WEATHER, "defer_loading": True}]}, "tools.[0].defer_loading"),
     ({"tools": [{**WEATHER, "input_examples": {"city": "Rome"}}]}, "tools.[0].input_examples"),
+    # anthropic 2.14's ToolParam: a tool only code execution may call was offered to the model
+    ({"tools": [{**WEATHER, "allowed_callers": ["code_execution_20250825"]}]}, "tools.[0].allowed_callers"),
+    ({"tools": [{**WEATHER, "defer_loading": "false"}]}, "tools.[0].defer_loading"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
 ])
 def test_anthropic_fields_that_would_be_ignored_are_400s(claude, model, extra, where):
     with pytest.raises(anthropic.BadRequestError) as caught:
@@ -241,6 +256,87 @@ def test_no_op_values_of_those_fields_pass(oai, claude, model):
                                 extra_body={"context_management": [], "moderation": None}).status
     assert claude.messages.create(model=model, max_tokens=3, messages=[{"role": "user", "content": "hi"}],
                                   extra_body={"context_management": {"edits": []}, "compaction": None}).id
+    # the model calls tools directly, which is what these ask; a program never runs here
+    for tool in ({**FUNCTION, "allowed_callers": ["direct", "programmatic"], "async": False, "defer_loading": False},
+                 {**FUNCTION, "allowed_callers": None, "async": None}):
+        assert oai.responses.create(model=model, max_output_tokens=3, input="hi", tools=[tool]).status
+    for tool in ({**WEATHER, "allowed_callers": ["direct", "code_execution_20250825"], "defer_loading": False},
+                 {**WEATHER, "allowed_callers": ["direct"], "eager_input_streaming": True}):
+        assert claude.messages.create(model=model, max_tokens=3, messages=[{"role": "user", "content": "hi"}],
+                                      tools=[tool]).id
+
+
+def test_messages_tool_result_is_error_must_be_a_boolean(claude, model):
+    """`is_error: "false"` read as true: the result went to the model as an error."""
+    def turn(is_error):
+        return [{"role": "user", "content": "Weather in Rome?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                   "input": {"city": "Rome"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny",
+                                              "is_error": is_error}]}]
+
+    def count(is_error) -> int:
+        return claude.messages.count_tokens(model=model, tools=[WEATHER], messages=turn(is_error)).input_tokens
+
+    assert count(True) > count(False) == count(None)  # an error result is marked so
+    for bad in ("false", 0, "yes"):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            claude.messages.create(model=model, max_tokens=3, tools=[WEATHER], messages=turn(bad))
+        assert caught.value.body["error"]["message"].startswith("'messages.[2].content.[0].is_error' must be a boolean")
+
+
+# ------------------------------------- a tool call the next turn does not answer, on every route
+
+
+def test_an_unanswered_tool_call_is_400_on_every_route(oai, claude, model):
+    """A history whose tool call has no result (a client that dropped it, or went on with a
+    user turn) was rendered as if the call had been answered and answered 200; OpenAI's chat
+    and Responses APIs and Anthropic's answer 400 naming the call."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    second = {**call, "id": "call_2"}
+    chat_cases = [  # (messages after the user's question, the param)
+        ([{"role": "assistant", "content": None, "tool_calls": [call]}], "messages.[1].tool_calls.[0].id"),
+        ([{"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "user", "content": "and?"}],
+         "messages.[1].tool_calls.[0].id"),
+        ([{"role": "assistant", "content": None, "tool_calls": [call, second]},
+          {"role": "tool", "tool_call_id": "call_2", "content": "sunny"}, {"role": "user", "content": "and?"}],
+         "messages.[1].tool_calls.[0].id"),
+    ]
+    for rest, param in chat_cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.chat.completions.create(model=model, max_tokens=3, tools=[_fn("get_weather", "w")],
+                                        messages=[{"role": "user", "content": "Weather?"}, *rest])
+        assert caught.value.body["param"] == param, rest
+        assert "call_1" in caught.value.body["message"]
+    answered = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "user", "content": "and?"}]
+    assert oai.chat.completions.create(model=model, max_tokens=3, messages=answered).choices
+
+    function_call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"}
+    for items in ([function_call], [function_call, {"role": "user", "content": "and?"}]):
+        with pytest.raises(openai.BadRequestError) as caught:
+            oai.responses.create(model=model, max_output_tokens=3, input=[{"role": "user", "content": "Weather?"},
+                                                                          *items])
+        assert caught.value.body["param"] == "input[1].call_id"
+        assert caught.value.body["message"] == "No tool output found for function call call_1."
+    # a stored call answered in the next request (previous_response_id) is fine; not answered, a 400
+    first = oai.responses.create(model=model, max_output_tokens=60, input="Weather in Rome?", tool_choice="required",
+                                 temperature=0, tools=[{"type": "function", **TWO_TOOLS[0]["function"]}])
+    made = [o for o in first.output if o.type == "function_call"]
+    assert made and first.status == "completed"
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.responses.create(model=model, max_output_tokens=3, previous_response_id=first.id, input="and?")
+    assert f"function call {made[0].call_id}." in caught.value.body["message"]
+    assert oai.responses.create(model=model, max_output_tokens=3, previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": made[0].call_id, "output": "sunny"}]).status
+
+    tool_use = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                  "input": {"city": "Rome"}}]}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(model=model, max_tokens=3, tools=[WEATHER], messages=[
+            {"role": "user", "content": "Weather?"}, tool_use, {"role": "user", "content": "and?"}])
+    assert caught.value.body["error"]["message"].startswith(
+        "messages.[2].content: `tool_use` ids were found without `tool_result`")
 
 
 def test_anthropic_tool_input_examples_reach_the_prompt(claude, model):

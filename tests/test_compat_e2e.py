@@ -504,7 +504,8 @@ def test_errors_name_the_routes_own_fields(claude, oai, model):
     assert responses_param(input="x", text={"format": {"type": "json_schema", "name": "x", "schema": BAD_SCHEMA}}) \
         .startswith("text.format")
     assert responses_param(input=[{"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c",
-                                                                      "name": "f", "arguments": "{"}]) \
+                                                                      "name": "f", "arguments": "{"},
+                                  {"type": "function_call_output", "call_id": "c", "output": "ok"}]) \
         == "input[1].arguments"
     assert responses_param(input="x", tools=[{"type": "function", "name": "bad name!"}]) == "tools[0].name"
     assert responses_param(input=5) == "input"
