@@ -38,6 +38,7 @@ from serve.parsers import (
     TextDelta,
     ToolCallArgs,
     ToolCallStart,
+    partial_json_object,
 )
 from serve.protocol import MAX_TOP_LOGPROBS
 from serve.responses import Output, TokenText, chat_logprobs_content
@@ -156,6 +157,7 @@ class ResponsesRequest(BaseModel):
         if self.instructions:
             messages.append({"role": "system", "content": self.instructions, ORIGIN: "instructions"})
         messages += [{**m, ORIGIN: "previous_response_id"} for m in history]
+        first_input = len(messages)
         messages += _marked_input_messages(self.input)
         if not messages:
             raise InvalidRequestError("The input is empty: send at least one message.", param="input")
@@ -177,7 +179,9 @@ class ResponsesRequest(BaseModel):
             _no_missing_outputs(pending)
             made = [c for c in m.get("tool_calls") or () if isinstance(c, dict)]
             calls.update(c.get("id") for c in made)
-            pending = {c.get("id"): renamer(f"messages.[{k}].tool_calls.[{j}].id") for j, c in enumerate(made)}
+            # a stored response's call is answered in this request's `input`: name that
+            pending = {c.get("id"): "input" if k < first_input else renamer(f"messages.[{k}].tool_calls.[{j}].id")
+                       for j, c in enumerate(made)}
         _no_missing_outputs(pending)
         for j in range(len(self.tools or ())):
             renamer.add(f"tools.[{j}].function", f"tools[{j}]")  # OpenAI's Responses spelling
@@ -259,7 +263,8 @@ def _marked_input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, 
     A string is one user message. Items: messages (`type` "message" or absent; roles
     user/system/developer/assistant; content a string or `input_text`/`output_text`
     parts), `function_call` (→ `tool_calls` on an assistant message, joining the one
-    before it), `function_call_output` (→ a `role: "tool"` message), `reasoning` (dropped:
+    before it; one with `status: "incomplete"`, a call `max_output_tokens` cut, with the
+    object its arguments hold so far, as `output_messages` replays it), `function_call_output` (→ a `role: "tool"` message), `reasoning` (dropped:
     chat templates do not replay earlier reasoning). Anything else is a 400 naming it.
     Each message carries its origin (`serve.param_names`: `input[i]`, OpenAI's Responses spelling).
     """
@@ -272,9 +277,11 @@ def _marked_input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, 
         if kind == "message":
             messages.append(_message(item, param))
         elif kind == "function_call":
+            arguments = _string(item, "arguments", param)
+            if item.get("status") == "incomplete":  # cut by max_output_tokens: what it holds so far
+                arguments = json.dumps(partial_json_object(arguments), ensure_ascii=False)
             call = {"id": _string(item, "call_id", param), "type": "function",
-                    "function": {"name": _string(item, "name", param),
-                                 "arguments": _string(item, "arguments", param)}}
+                    "function": {"name": _string(item, "name", param), "arguments": arguments}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -450,7 +457,13 @@ def list_page(items: list[dict[str, Any]], *, order: str, limit: int, after: str
 
 
 def output_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A response's output items as chat messages (what `previous_response_id` replays)."""
+    """A response's output items as chat messages (what `previous_response_id` replays).
+
+    A `function_call` cut by `max_output_tokens` (status `incomplete`, its `arguments` JSON
+    unfinished) replays with the object its arguments hold so far (`partial_json_object`,
+    as Anthropic's SDK reads a cut call), so that a conversation can go on past it: the
+    unfinished text would make every later request a 400 its client could not fix.
+    """
     message: dict[str, Any] | None = None
     for item in items:
         if item["type"] == "message":
@@ -459,9 +472,12 @@ def output_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             message["content"] = (message["content"] or "") + text
         elif item["type"] == "function_call":
             message = message or {"role": "assistant", "content": None}
+            arguments = item["arguments"]
+            if item.get("status") == "incomplete":
+                arguments = json.dumps(partial_json_object(arguments), ensure_ascii=False)
             message.setdefault("tool_calls", []).append(
                 {"id": item["call_id"], "type": "function",
-                 "function": {"name": item["name"], "arguments": item["arguments"]}})
+                 "function": {"name": item["name"], "arguments": arguments}})
     return [message] if message is not None else []
 
 

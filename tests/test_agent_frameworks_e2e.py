@@ -13,6 +13,7 @@ certain whatever the model would write.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -507,3 +508,34 @@ def test_responses_output_schema_reaches_the_prompt(oai, model):
             oai.responses.create(model=model, max_output_tokens=1, input="hi",
                                  tools=[{**tool, "output_schema": bad}])
         assert caught.value.body["param"] == "tools[0].output_schema"
+
+
+def test_a_conversation_goes_on_past_a_call_max_output_tokens_cut(oai, model):
+    """A function call `max_output_tokens` cut is an `incomplete` item whose arguments are
+    unfinished JSON; going on from it (`previous_response_id`, or the item sent back as the
+    SDK returned it) was a 400 no request could avoid, naming
+    `previous_response_id.tool_calls.[0].function.arguments`. Its arguments now replay as
+    the object they hold so far, and the call is answered like any other."""
+    tool = {"type": "function", **TWO_TOOLS[0]["function"]}
+    first = None
+    for limit in range(14, 30):  # the first limit that cuts the call inside its arguments
+        r = oai.responses.create(model=model, input="Weather in Paris?", tools=[tool], tool_choice="required",
+                                 temperature=0, max_output_tokens=limit)
+        calls = [o for o in r.output if o.type == "function_call"]
+        if calls and calls[0].arguments.strip():
+            first = r
+            break
+    assert first is not None and first.status == "incomplete"
+    call = [o for o in first.output if o.type == "function_call"][0]
+    assert call.status == "incomplete"
+    with pytest.raises(ValueError):
+        json.loads(call.arguments)
+    answer = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+    later = oai.responses.create(model=model, max_output_tokens=3, previous_response_id=first.id, input=[answer])
+    assert later.status in ("completed", "incomplete") and later.previous_response_id == first.id
+    replayed = oai.responses.create(model=model, max_output_tokens=3, input=[
+        {"role": "user", "content": "Weather in Paris?"}, call.model_dump(exclude_none=True), answer])
+    assert replayed.output_text
+    with pytest.raises(openai.BadRequestError) as caught:  # still a call: it needs its output
+        oai.responses.create(model=model, max_output_tokens=3, previous_response_id=first.id, input="and?")
+    assert caught.value.body["param"] == "input"

@@ -159,6 +159,35 @@ def test_output_items_replay_as_chat_messages():
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
 
 
+def test_a_cut_call_replays_with_what_its_arguments_hold():
+    """A call `max_output_tokens` cut (status incomplete) replayed its unfinished JSON, which
+    the chat request refuses: every later `previous_response_id` request was a 400 naming a
+    param that does not exist (`previous_response_id.tool_calls.[0].function.arguments`)."""
+    cut = {"type": "function_call", "call_id": "c", "name": "f", "arguments": '{"a": 1, "city": "Pa',
+           "status": "incomplete"}
+    assert output_messages([cut])[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
+    assert input_messages([{"role": "user", "content": "x"}, cut])[1]["tool_calls"][0]["function"] == \
+        {"name": "f", "arguments": '{"a": 1}'}
+    req = request(input=[{"role": "user", "content": "x"}, {**cut, "status": "completed"},
+                         {"type": "function_call_output", "call_id": "c", "output": "ok"}])
+    body = req.chat_body([])
+    with pytest.raises(InvalidRequestError) as caught:  # a finished call's arguments are not mended
+        parse_request(ChatCompletionRequest, body)
+    assert req.renamer.rename(caught.value).param == "input[1].arguments"
+
+
+def test_an_unanswered_call_is_named():
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    for items, param in (([call], "input[1].call_id"), ([call, {"role": "user", "content": "y"}], "input[1].call_id")):
+        with pytest.raises(InvalidRequestError) as caught:
+            request(input=[{"role": "user", "content": "x"}, *items]).chat_body([])
+        assert caught.value.param == param
+    history = output_messages([call])  # a stored response's call: answered in this input
+    with pytest.raises(InvalidRequestError) as caught:
+        request(input="y").chat_body(history)
+    assert caught.value.param == "input" and caught.value.message == "No tool output found for function call c."
+
+
 # -------------------------------------------------------------------------- rendering
 
 
