@@ -762,9 +762,19 @@ def _stored_response(request: Request, state: _State) -> tuple[str, StoredRespon
 
 
 async def get_response(request: Request, state: _State) -> Response:
+    """`GET /v1/responses/{id}`: the stored response. `?stream=true` (the openai SDK's
+    `responses.retrieve(id, stream=True)`) streams a background response's events at OpenAI;
+    this server runs none, and answering JSON there left the SDK an empty stream: a 400."""
     response_id, stored = _stored_response(request, state)
     if stored is None:
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    stream = request.query_params.get("stream", "false")
+    if stream == "true":
+        raise InvalidRequestError("Only responses created with 'background': true can be streamed again; this "
+                                  "server does not run background responses: retrieve it without 'stream'.",
+                                  param="stream")
+    if stream != "false":
+        raise InvalidRequestError("Invalid 'stream': expected true or false.", param="stream", code="invalid_type")
     return JSONResponse(stored.body)
 
 

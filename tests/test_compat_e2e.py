@@ -184,6 +184,12 @@ def test_retrieve_and_delete(oai, model):
     r = create(oai, model, input=Q, max_output_tokens=8)
     got = oai.responses.retrieve(r.id)
     assert got.model_dump() == r.model_dump()
+    assert oai.responses.retrieve(r.id, stream=False).model_dump() == r.model_dump()
+    # re-streaming is for background responses, which this server runs none of: JSON here gave
+    # the SDK an empty stream, no error
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.responses.retrieve(r.id, stream=True)
+    assert err.value.body["param"] == "stream" and "background" in err.value.body["message"]
     oai.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         oai.responses.retrieve(r.id)
