@@ -233,6 +233,16 @@ class ResponsesRequest(BaseModel):
         }
 
 
+class InputTokensRequest(ResponsesRequest):
+    """`POST /v1/responses/input_tokens` (openai-python's `responses.input_tokens.count`): a
+    Responses request whose prompt is counted, not answered. `input` may be left out
+    (`instructions` or the `previous_response_id` history alone); a `responses.create` body
+    counts as it is (its generation fields change no prompt)."""
+
+    FOREIGN_ALIASES: ClassVar[dict[str, str] | None] = None  # type: ignore[misc]
+    input: str | list[dict[str, Any]] = Field(default_factory=list)
+
+
 # ------------------------------------------------------------------ request translation
 
 

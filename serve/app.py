@@ -10,6 +10,7 @@ POST /v1/messages ─────────┘ path (`generate_chat`); serve.a
 GET|DELETE /v1/responses/{id}    the Responses store (serve.response_store); GET …/input_items,
                                  POST …/cancel
 POST /v1/messages/count_tokens   the Anthropic request's prompt length
+POST /v1/responses/input_tokens  the Responses request's prompt length
 POST /tokenize, /detokenize  token counting (vLLM's shapes)
 GET  /v1/models, /v1/models/{id}    every served model, with its status (serve.models)
 POST /v1/models/{id}/load, /unload operators (behind --api-key)
@@ -51,7 +52,7 @@ from starlette.routing import Route
 
 from serve import api_messages, api_responses, webui
 from serve.api_messages import CountTokensRequest, MessagesOutput, MessagesRequest, anthropic_errors
-from serve.api_responses import ResponsesOutput, ResponsesRequest
+from serve.api_responses import InputTokensRequest, ResponsesOutput, ResponsesRequest
 from serve.body import ClientGone, read_json
 from serve.chat_prep import encode_chat, prepare_chat
 from serve.constraints import require_compiled
@@ -200,6 +201,7 @@ def create_app(
             route("/v1/chat/completions", chat_completions, "POST"),
             route("/v1/completions", completions, "POST"),
             route("/v1/responses", create_response, "POST"),
+            route("/v1/responses/input_tokens", count_response_tokens, "POST"),
             route("/v1/responses/{response_id}", get_response, "GET"),
             route("/v1/responses/{response_id}", delete_response, "DELETE"),
             route("/v1/responses/{response_id}/input_items", list_input_items, "GET"),
@@ -706,13 +708,7 @@ async def create_response(request: Request, state: _State) -> Response:
     _authorize(request, state)
     req = parse_request(ResponsesRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
-    history: list[dict[str, Any]] = []
-    if req.previous_response_id is not None:
-        previous = state.responses.get(req.previous_response_id)
-        if not isinstance(previous, StoredResponse):  # unknown, evicted, or a Messages thread's
-            raise NotFoundError(f"Previous response with id '{req.previous_response_id}' not found.",
-                                param="previous_response_id")
-        history = list(previous.conversation)
+    history = _response_history(req, state)
     body = req.chat_body(history)
     chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
     conversation = [*history, *req.input_messages()]
@@ -733,6 +729,36 @@ async def create_response(request: Request, state: _State) -> Response:
                                token_bytes=getattr(engine.tokenizer, "token_bytes", None))
 
     return await _renamed_async(req.renamer, generate_chat(request, state, chat, output, param="input"))
+
+
+def _response_history(req: ResponsesRequest, state: _State) -> list[dict[str, Any]]:
+    """The chat messages of `req.previous_response_id`'s conversation ([] without one).
+
+    Raises:
+        NotFoundError: the id is unknown, evicted, or a Messages thread's.
+    """
+    if req.previous_response_id is None:
+        return []
+    previous = state.responses.get(req.previous_response_id)
+    if not isinstance(previous, StoredResponse):
+        raise NotFoundError(f"Previous response with id '{req.previous_response_id}' not found.",
+                            param="previous_response_id")
+    return list(previous.conversation)
+
+
+async def count_response_tokens(request: Request, state: _State) -> Response:
+    """`POST /v1/responses/input_tokens` → `{"object": "response.input_tokens", "input_tokens": n}`:
+    the prompt a `POST /v1/responses` with this body would run (instructions, the
+    `previous_response_id` history, input, tools)."""
+    _authorize(request, state)
+    req = parse_request(InputTokensRequest, await read_json(request, state.options.max_body_bytes))
+    req.check()
+    body = req.chat_body(_response_history(req, state))
+    chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)
+    engine = await _engine(request, state, chat.model)
+    prepared = await _renamed_async(req.renamer, run_in_threadpool(prepare_chat, engine.tokenizer, chat,
+                                                                   state.options, engine.max_length))
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(prepared.prompt_ids)})
 
 
 T = TypeVar("T")

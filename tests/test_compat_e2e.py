@@ -197,6 +197,29 @@ def test_retrieve_and_delete(oai, model):
         oai.responses.delete(r.id)
 
 
+def test_input_tokens_count_is_the_prompt_create_runs(oai, model):
+    """`client.responses.input_tokens.count` was a 405 (the path read as a response id)."""
+    tools = [{"type": "function", "name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": False}}]
+    kw = dict(input=Q, instructions="Be brief.", tools=tools, tool_choice="required")
+    first = create(oai, model, max_output_tokens=60, **kw)
+    assert first.output[0].type == "function_call"
+    counted = oai.responses.input_tokens.count(model=model, **kw)
+    assert counted.object == "response.input_tokens" and counted.input_tokens == first.usage.input_tokens
+    later = create(oai, model, max_output_tokens=1, previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": first.output[0].call_id, "output": "sunny"}])
+    assert oai.responses.input_tokens.count(model=model, previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": first.output[0].call_id, "output": "sunny"}]
+    ).input_tokens == later.usage.input_tokens
+    assert 0 < oai.responses.input_tokens.count(model=model, instructions="Be brief.").input_tokens < 20
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.input_tokens.count(model=model, input="Hi", previous_response_id="resp_nope")
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.responses.input_tokens.count(model=model)
+    assert err.value.body["param"] == "input"
+
+
 def test_input_items_and_cancel(oai, model):
     items = [{"role": "developer", "content": "Be brief."},
              {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
