@@ -24,7 +24,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -40,13 +40,14 @@ from serve.parsers import (
     ToolCallStart,
     partial_json_object,
 )
-from serve.protocol import MAX_TOP_LOGPROBS
+from serve.protocol import MAX_TOP_LOGPROBS, parse_request
 from serve.responses import Output, TokenText, chat_logprobs_content
 from serve.sse import sse
 from serve.text_parts import join_text_parts
 from serve.token_bytes import TokenBytes
 from serve.tool_flags import check_hosted_tool_fields
 
+R = TypeVar("R", bound=BaseModel)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # `include` values that change nothing here: we never encrypt reasoning, and a text-only
 # server has no image URLs, search sources or code outputs to add.
@@ -75,7 +76,7 @@ class ResponsesRequest(BaseModel):
     # Strict, as the chat route: "0.5" is no number, "true" / "no" no boolean.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
     # chat's and Anthropic's fields → this route's (`serve.foreign_fields`: others are 400)
-    FOREIGN_ALIASES: ClassVar[dict[str, str]] = {
+    FOREIGN_ALIASES: ClassVar[dict[str, str] | None] = {
         "max_tokens": "'max_output_tokens'", "max_completion_tokens": "'max_output_tokens'",
         "response_format": "'text.format'", "output_config": "'text.format'", "output_format": "'text.format'",
         "system": "'instructions'", "messages": "'input'", "reasoning_effort": "'reasoning.effort'",
@@ -233,13 +234,29 @@ class ResponsesRequest(BaseModel):
         }
 
 
+def parse_body(model: type[R], body: dict[str, Any]) -> R:
+    """`parse_request` for this route's bodies, its errors spelled as OpenAI's Responses API
+    spells params (`input[0]`, `tools[1].name`), not chat's `input.[0]`.
+
+    Raises:
+        InvalidRequestError: as `serve.protocol.parse_request`.
+    """
+    try:
+        return parse_request(model, body)
+    except APIError as exc:
+        if exc.param and ".[" in exc.param:
+            old, exc.param = exc.param, exc.param.replace(".[", "[")
+            exc.message = exc.message.replace(f"'{old}", f"'{exc.param}")
+        raise
+
+
 class InputTokensRequest(ResponsesRequest):
     """`POST /v1/responses/input_tokens` (openai-python's `responses.input_tokens.count`): a
     Responses request whose prompt is counted, not answered. `input` may be left out
     (`instructions` or the `previous_response_id` history alone); a `responses.create` body
     counts as it is (its generation fields change no prompt)."""
 
-    FOREIGN_ALIASES: ClassVar[dict[str, str] | None] = None  # type: ignore[misc]
+    FOREIGN_ALIASES: ClassVar[dict[str, str] | None] = None  # a create() body counts as it is
     input: str | list[dict[str, Any]] = Field(default_factory=list)
 
 

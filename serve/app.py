@@ -706,7 +706,7 @@ def _completion_prompts(tokenizer: Any, req: CompletionRequest, max_length: int,
 async def create_response(request: Request, state: _State) -> Response:
     """`POST /v1/responses` (serve.api_responses)."""
     _authorize(request, state)
-    req = parse_request(ResponsesRequest, await read_json(request, state.options.max_body_bytes))
+    req = api_responses.parse_body(ResponsesRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
     history = _response_history(req, state)
     body = req.chat_body(history)
@@ -751,7 +751,7 @@ async def count_response_tokens(request: Request, state: _State) -> Response:
     the prompt a `POST /v1/responses` with this body would run (instructions, the
     `previous_response_id` history, input, tools)."""
     _authorize(request, state)
-    req = parse_request(InputTokensRequest, await read_json(request, state.options.max_body_bytes))
+    req = api_responses.parse_body(InputTokensRequest, await read_json(request, state.options.max_body_bytes))
     req.check()
     body = req.chat_body(_response_history(req, state))
     chat = _renamed(req.renamer, parse_request, ChatCompletionRequest, body)

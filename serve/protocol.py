@@ -689,8 +689,14 @@ def _first_error(errors: Sequence[Any]) -> dict[str, Any]:
     first = strip(errors[0])
     if not first["branched"]:
         return first
-    same = [strip(e) for e in errors]
-    same = [e for e in same if e["loc"] == first["loc"]]
+    stripped = [strip(e) for e in errors]
+    # a branch that got past the value's own type and failed inside it (`input: ["hi"]`: the
+    # list branch at `input.[0]`) says what is wrong; "expected a string" would not
+    n = len(first["loc"])
+    deeper = [e for e in stripped if len(e["loc"]) > n and e["loc"][:n] == first["loc"]]
+    if deeper:
+        return deeper[0]
+    same = [e for e in stripped if e["loc"] == first["loc"]]
     kinds = [e["type"].removesuffix("_type") for e in same if e["type"].endswith("_type")]
     if len(kinds) == len(same) > 1 and all(k in _EXPECTED for k in kinds):
         expected = " or ".join(dict.fromkeys(_EXPECTED[k] for k in kinds))

@@ -538,6 +538,11 @@ def test_errors_name_the_routes_own_fields(claude, oai, model):
         == "input[1].arguments"
     assert responses_param(input="x", tools=[{"type": "function", "name": "bad name!"}]) == "tools[0].name"
     assert responses_param(input=5) == "input"
+    # an item of the wrong type: named where it stands, in this route's spelling (it was
+    # "input: expected a string, but got an array", chat's `tools.[0]`)
+    assert responses_param(input=["hi"]) == "input[0]"
+    assert responses_param(input="x", tools=["get_weather"]) == "tools[0]"
+    assert responses_param(input="x", metadata={"a": 1}) == "metadata.a"
     assert responses_param(input="x", reasoning={"effort": "high"}) == "reasoning.effort"  # ChatML does not read it
 
 
