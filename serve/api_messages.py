@@ -227,6 +227,10 @@ class MessagesRequest(BaseModel):
             body["tools"] = chat_tools(self.tools)
         if self.tool_choice is not None:
             body.update(chat_tool_choice(self.tool_choice))
+            named = self.tool_choice.get("name") if self.tool_choice.get("type") == "tool" else None
+            if named is not None and named not in {t.get("name") for t in self.tools or ()}:
+                raise InvalidRequestError(f"tool_choice.name: no tool named {named!r} in 'tools'.",
+                                          param="tool_choice.name")
         if self.stop_sequences:
             body["stop"] = list(self.stop_sequences)
         for name in ("temperature", "top_p", "top_k", "ignore_eos"):

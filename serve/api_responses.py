@@ -401,14 +401,27 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
             raise InvalidRequestError(f"Invalid tool_choice {choice!r}: use 'auto', 'none', 'required' "
                                       "or a function.", param="tool_choice")
         return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if choice.get("type") == "function":
+        if not isinstance(choice.get("name"), str):
+            raise InvalidRequestError("tool_choice of type 'function' needs the function's 'name'.",
+                                      param="tool_choice.name")
         return {"type": "function", "function": {"name": choice["name"]}}
     if choice.get("type") == "allowed_tools":
-        # flat here (`mode`, `tools: [{"type": "function", "name"}]`), nested on chat
+        # flat here (`mode`, `tools: [{"type": "function", "name"}]`), nested on chat: the
+        # shape is checked here, so that errors show this route's
+        if choice.get("mode") not in ("auto", "required"):
+            raise InvalidRequestError(f"Invalid 'tool_choice.mode': {choice.get('mode')!r} is not one of "
+                                      "'auto', 'required'.", param="tool_choice.mode")
         tools = choice.get("tools")
-        nested = [{"type": t.get("type"), "function": {"name": t.get("name")}} if isinstance(t, dict) else t
-                  for t in tools] if isinstance(tools, list) else tools
-        return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": nested}}
+        if not isinstance(tools, list) or not tools:
+            raise InvalidRequestError("'tool_choice.tools' must be a non-empty list of "
+                                      "{'type': 'function', 'name': ...}.", param="tool_choice.tools")
+        for k, t in enumerate(tools):
+            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("name"), str):
+                raise InvalidRequestError(f"'tool_choice.tools[{k}]' must be {{'type': 'function', 'name': ...}} "
+                                          "(function tools only).", param=f"tool_choice.tools[{k}]")
+        nested = [{"type": "function", "function": {"name": t["name"]}} for t in tools]
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice["mode"], "tools": nested}}
     raise InvalidRequestError(f"tool_choice of type {choice.get('type')!r} is not supported; use 'auto', "
                               "'none', 'required' or {'type': 'function', 'name': ...}.", param="tool_choice")
 

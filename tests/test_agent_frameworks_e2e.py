@@ -406,6 +406,11 @@ def test_responses_allowed_tools_restricts_the_calls(oai, model):
     assert called("required") == ["get_weather"]
     assert called({"type": "allowed_tools", "mode": "required",
                    "tools": [{"type": "function", "name": "get_time"}]}) == ["get_time"]
+    # a wrong shape is named in the Responses' flat spelling (it was chat's nested one)
+    with pytest.raises(openai.BadRequestError) as caught:
+        called({"type": "allowed_tools", "mode": "required", "tools": [{"type": "function",
+                                                                       "function": {"name": "get_time"}}]})
+    assert caught.value.body["param"] == "tool_choice.tools[0]" and "'name'" in caught.value.body["message"]
 
 
 # ------------------------------------------- max_tokens past the context (Anthropic's rule)

@@ -111,6 +111,23 @@ def test_tools_tool_choice_and_output_format():
     ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools.[0].type"),
     ({"tools": [{"name": "f"}]}, "tools.[0]"),
     ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
+    # a tool the request does not offer: named in this route's words (was chat's "no function named")
+    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "tool", "name": "g"}},
+     "tool_choice.name"),
+    # the tool flags: booleans, and callers this server has
+    ({"tools": [{"name": "f", "input_schema": {"type": "object"}, "defer_loading": "false"}]},
+     "tools.[0].defer_loading"),
+    ({"tools": [{"name": "f", "input_schema": {"type": "object"}, "allowed_callers": ["code_execution_20260120"]}]},
+     "tools.[0].allowed_callers"),
+    ({"messages": [*USER, {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f",
+                                                             "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r",
+                                                 "is_error": "false"}]}]},
+     "messages.[2].content.[0].is_error"),
+    # a tool_use the next message leaves unanswered
+    ({"messages": [*USER, {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f",
+                                                             "input": {}}]},
+                   {"role": "user", "content": "and?"}]}, "messages.[2].content"),
     ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format"),
     ({"system": [{"type": "image"}]}, "system.[0].type"),
     # as Anthropic refuses them

@@ -113,6 +113,15 @@ def test_tools_tool_choice_and_text_format():
     ({"tools": [{"type": "computer_use_preview"}]}, "tools[0].type"),
     ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
+    # the flat Responses shapes, checked in this route's spelling (not chat's nested one)
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function"}}, "tool_choice.name"),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "allowed_tools", "mode": "sometimes",
+                                                                     "tools": []}}, "tool_choice.mode"),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                                                     "tools": ["f"]}}, "tool_choice.tools[0]"),
+    ({"tools": [{"type": "function", "name": "f", "allowed_callers": ["programmatic"]}]}, "tools[0].allowed_callers"),
+    ({"tools": [{"type": "function", "name": "f", "async": True}]}, "tools[0].async"),
+    ({"tools": [{"type": "function", "name": "f", "defer_loading": 1}]}, "tools[0].defer_loading"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format"),
 ])
