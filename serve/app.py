@@ -10,7 +10,7 @@ POST /v1/messages ─────────┘ path (`generate_chat`); serve.a
 GET|DELETE /v1/responses/{id}    the Responses store (serve.response_store); GET …/input_items,
                                  POST …/cancel
 POST /v1/messages/count_tokens   the Anthropic request's prompt length
-POST /v1/responses/input_tokens  the Responses request's prompt length
+POST /v1/responses/input_tokens  the Responses request's prompt length (…/compact: 400)
 POST /tokenize, /detokenize  token counting (vLLM's shapes)
 GET  /v1/models, /v1/models/{id}    every served model, with its status (serve.models)
 POST /v1/models/{id}/load, /unload operators (behind --api-key)
@@ -202,6 +202,7 @@ def create_app(
             route("/v1/completions", completions, "POST"),
             route("/v1/responses", create_response, "POST"),
             route("/v1/responses/input_tokens", count_response_tokens, "POST"),
+            route("/v1/responses/compact", compact_response, "POST"),
             route("/v1/responses/{response_id}", get_response, "GET"),
             route("/v1/responses/{response_id}", delete_response, "DELETE"),
             route("/v1/responses/{response_id}/input_items", list_input_items, "GET"),
@@ -759,6 +760,15 @@ async def count_response_tokens(request: Request, state: _State) -> Response:
     prepared = await _renamed_async(req.renamer, run_in_threadpool(prepare_chat, engine.tokenizer, chat,
                                                                    state.options, engine.max_length))
     return JSONResponse({"object": "response.input_tokens", "input_tokens": len(prepared.prompt_ids)})
+
+
+async def compact_response(request: Request, state: _State) -> Response:
+    """`POST /v1/responses/compact` (the openai SDK's `responses.compact`): server-side
+    compaction is not done here (as `context_management` compaction is refused); a 400 that
+    says so, where the path read as a response id answered 405 "allowed: HEAD, GET"."""
+    _authorize(request, state)
+    raise InvalidRequestError("Compacting a conversation is not supported by this server; send the "
+                              "conversation itself (or continue it with 'previous_response_id').", param=None)
 
 
 T = TypeVar("T")

@@ -218,6 +218,9 @@ def test_input_tokens_count_is_the_prompt_create_runs(oai, model):
     with pytest.raises(openai.BadRequestError) as err:
         oai.responses.input_tokens.count(model=model)
     assert err.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as err:  # was a 405 "allowed: HEAD, GET"
+        oai.responses.compact(model=model, input="Hi")
+    assert "Compacting" in err.value.body["message"]
 
 
 def test_input_items_and_cancel(oai, model):
