@@ -317,13 +317,18 @@ async def metrics_text(request: Request, state: _State) -> Response:
 
 
 async def list_models(request: Request, state: _State) -> Response:
-    """Every served model, the default first (serve.models.ModelEntry.card)."""
-    _authorize(request, state)
-    return JSONResponse({"object": "list", "data": [e.card() for e in state.models.entries.values()]})
+    """Every served model, the default first (serve.models.ModelEntry.card), as one page that
+    both OpenAI's list and Anthropic's cursor page (`has_more`, `first_id`, `last_id`) read;
+    the key may come as Anthropic's `x-api-key`, as the anthropic SDK's `models.list()` sends it."""
+    _authorize(request, state, x_api_key=True)
+    cards = [e.card() for e in state.models.entries.values()]
+    return JSONResponse({"object": "list", "data": cards, "has_more": False,
+                         "first_id": cards[0]["id"] if cards else None,
+                         "last_id": cards[-1]["id"] if cards else None})
 
 
 async def get_model(request: Request, state: _State) -> Response:
-    _authorize(request, state)
+    _authorize(request, state, x_api_key=True)
     return JSONResponse(state.models.entry(request.path_params["model_id"]).card())
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +107,18 @@ class ModelEntry:
         return self.leases > 0 or bool(getattr(self.engine, "num_requests", 0))
 
     def card(self) -> dict[str, Any]:
-        """The `/v1/models` entry: OpenAI's fields, then llorch's."""
+        """The `/v1/models` entry: OpenAI's fields (openai-python's `Model`), Anthropic's
+        (anthropic-sdk-python's `ModelInfo`: `type`, `display_name`, `created_at` RFC 3339,
+        `lifecycle`, `max_input_tokens`), so either SDK's `models.list()` parses it, then llorch's."""
         info = self.info
+        max_length = (self.options.max_length or info.max_length) if info else None
         card: dict[str, Any] = {
             "id": self.id, "object": "model", "created": self.created, "owned_by": "llorch",
+            "type": "model", "display_name": self.id,
+            "created_at": datetime.fromtimestamp(self.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "lifecycle": "active", "max_input_tokens": max_length,
             "status": self.status,
-            "max_length": (self.options.max_length or info.max_length) if info else None,
+            "max_length": max_length,
             "precision": info.precision if info else None,
             "provider": self.options.provider,
             "memory_bytes": self.memory_bytes,

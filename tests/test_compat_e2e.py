@@ -223,6 +223,25 @@ def test_input_tokens_count_is_the_prompt_create_runs(oai, model):
     assert "Compacting" in err.value.body["message"]
 
 
+def test_models_list_parses_in_both_sdks(oai, claude, server, model):
+    """The anthropic SDK's `models.list()` read OpenAI's cards as ModelInfo with `type`,
+    `display_name`, `created_at` all None (its required fields), and behind `--api-key` its
+    `x-api-key` header was a 401 on /v1/models."""
+    from anthropic.types import ModelInfo
+    from openai.types import Model
+
+    page = claude.models.list()
+    assert [m.id for m in page.data] == [model] and page.has_more is False and page.first_id == model
+    raw = httpx.get(f"{server}/v1/models", headers={"x-api-key": KEY}).json()
+    info = ModelInfo.model_validate(raw["data"][0])  # every required field, of its type
+    assert info.type == "model" and info.display_name == model and info.created_at.year >= 2025
+    assert info.max_input_tokens > 0
+    assert claude.models.retrieve(model).id == model
+    assert Model.model_validate(raw["data"][0]).owned_by == "llorch"
+    assert [m.id for m in oai.models.list()] == [model]
+    assert httpx.get(f"{server}/v1/models", headers={"x-api-key": "wrong"}).status_code == 401
+
+
 def test_input_items_and_cancel(oai, model):
     items = [{"role": "developer", "content": "Be brief."},
              {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
