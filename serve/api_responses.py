@@ -291,8 +291,9 @@ def _marked_input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, 
     user/system/developer/assistant; content a string or `input_text`/`output_text`
     parts), `function_call` (→ `tool_calls` on an assistant message, joining the one
     before it; one with `status: "incomplete"`, a call `max_output_tokens` cut, with the
-    object its arguments hold so far, as `output_messages` replays it), `function_call_output` (→ a `role: "tool"` message), `reasoning` (dropped:
-    chat templates do not replay earlier reasoning). Anything else is a 400 naming it.
+    object its arguments hold so far, as `output_messages` replays it),
+    `function_call_output` (→ a `role: "tool"` message), `reasoning` (dropped: chat
+    templates do not replay earlier reasoning). Anything else is a 400 naming it.
     Each message carries its origin (`serve.param_names`: `input[i]`, OpenAI's Responses spelling).
     """
     if isinstance(items, str):
