@@ -50,6 +50,14 @@ def test_propose_ngram_takes_the_longest_then_most_recent_match():
     assert propose_ngram(ids(1, 2, 1), 5, 2, 3).tolist() == []  # below prompt_lookup_min
 
 
+def test_propose_ngram_drafts_at_most_per_gram_tokens_a_matched_token():
+    seq = ids(1, 2, *range(10, 20), 5, 1, 2)
+    assert propose_ngram(seq, 12, 1, 3).tolist() == list(range(10, 20)) + [5, 1]
+    assert propose_ngram(seq, 12, 1, 3, per_gram=3).tolist() == list(range(10, 16))  # n = 2
+    assert propose_ngram(seq, 4, 1, 3, per_gram=3).tolist() == list(range(10, 14))  # k first
+    assert propose_ngram(seq, 12, 1, 1, per_gram=3).tolist() == list(range(10, 13))  # n = 1
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         SpeculativeConfig(prompt_lookup_min=3, prompt_lookup_max=2)
@@ -111,6 +119,45 @@ def test_gate_backs_off_doubling_and_a_hit_brings_drafting_back():
     c.slot = -1
     gate.prune()
     assert not gate._state
+
+
+def test_gate_grows_k_after_whole_hits_and_halves_it_after_misses():
+    gate, c = DraftGate(grow=True), _Seq()
+    assert gate.limit(c, 5) == 5  # the caller's K at the first draft
+    ks = []
+    for _ in range(3):  # drafts accepted whole: 5 -> 10 -> 12 (MAX_TOKENS) -> 12
+        gate.record(c, gate.limit(c, 5), gate.limit(c, 5))
+        ks.append(gate.limit(c, 5))
+    assert ks == [10, 12, 12]
+    gate.record(c, 12, 3)  # a miss halves K: a sequence whose drafts miss drafts short
+    assert gate.limit(c, 5) == 6
+    gate.record(c, 6, 6)  # a draft cut short (room, the 3n cap) but kept whole grows it too
+    assert gate.limit(c, 5) == 12
+    ks = []
+    while gate.allows(c) and (k := gate.limit(c, 5)) > 1:  # misses: 12, 6, 3, 2, 2, ...
+        ks.append(k)
+        gate.record(c, k, 0)
+    assert ks[:4] == [12, 6, 3, 2] and set(ks[3:]) == {2}
+    assert gate.limit(c, 5) == 1  # the mean fell below 1: the gate's probe, as without grow
+    while not gate.allows(c):
+        pass
+    gate.record(c, 1, 0)
+    while not gate.allows(c):
+        pass
+    gate.record(c, 1, 1)  # the probe hits: full drafts again, from K's floor MIN_TOKENS
+    assert gate.limit(c, 5) == 2
+    # K beyond the bounds is the caller's: --num-speculative-tokens 16 starts and tops at 16
+    big, small = _Seq(), _Seq()
+    assert gate.limit(big, 16) == 16
+    gate.record(big, 16, 16)
+    assert gate.limit(big, 16) == 16
+    assert gate.limit(small, 1) == 1
+    gate.record(small, 1, 0)
+    assert gate.limit(small, 1) == 1
+    # without grow (the draft-model speculator) K stays the caller's
+    fixed = DraftGate()
+    fixed.record(c, 5, 5)
+    assert fixed.limit(c, 5) == 5
 
 
 # -- the engine on the tiny model ------------------------------------------------------------
