@@ -277,6 +277,42 @@ def test_max_tokens_and_context_mid_draft_roll_back(tiny_model_dir, tiny_prompts
     assert spec.observer.accepted > 0
 
 
+def test_k_grows_on_a_copying_stream_and_stays_exact_to_the_context_end(default_model_dir):
+    """Prompt lookup's K per sequence (`DraftGate` grow, the default): an int4 greedy answer
+    that quotes its prompt drafts more than --num-speculative-tokens a call (up to
+    `DraftGate.MAX_TOKENS`), never past the context, and is plain decoding's (under the pad)
+    to the slot's last position."""
+    from bench.spec_prompts import GROUNDED, chat_ids
+
+    class Sizes(Counts):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def speculated(self, counts: tuple[int, int]) -> None:
+            super().speculated(counts)
+            self.sizes.append(counts[0])
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    prompt = chat_ids(tok, dict(GROUNDED)["quote-sentences"])
+    engines = []
+    for spec, observer in ((None, Counts()), (SpeculativeConfig(), Sizes())):
+        runtime = open_runtime(default_model_dir, RuntimeOptions(
+            threads=1, max_batch=1, max_length=len(prompt) + 70, attention_pad=True, w8a8="auto"))
+        engines.append(Engine(runtime, tok, speculative=spec, observer=observer))
+        engines[-1].start()
+    plain, spec = engines
+    try:
+        want = run_all(plain, [prompt], temperature=0.0, ignore_eos=True)[0][0]
+        got = run_all(spec, [prompt], temperature=0.0, ignore_eos=True)[0][0]
+    finally:
+        plain.stop()
+        spec.stop()
+    assert got == want and len(want) == 70  # to the context's end
+    sizes = spec.observer.sizes
+    assert SpeculativeConfig().num_speculative_tokens < max(sizes) <= DraftGate.MAX_TOKENS, sizes
+
+
 # -- the sampled distribution ---------------------------------------------------------------
 
 
