@@ -313,6 +313,37 @@ def test_k_grows_on_a_copying_stream_and_stays_exact_to_the_context_end(default_
     assert SpeculativeConfig().num_speculative_tokens < max(sizes) <= DraftGate.MAX_TOKENS, sizes
 
 
+def test_replay_counts_the_drafts_the_engine_makes(tiny_model_dir):
+    """bench.spec_replay's walk of a plain answer through the shipped policy proposes and
+    keeps exactly the draft tokens the speculative engine does (greedy, and sampled over four
+    tokens where most drafts miss and the gate backs off), so its policy comparisons are
+    about the drafts the server would make."""
+    from bench.spec_replay import Policy, capped, replay
+
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    shipped = Policy("shipped", capped(2, 4, serve.speculative.DRAFTS_PER_GRAM),
+                     k0=SpeculativeConfig().num_speculative_tokens,
+                     gate=lambda: DraftGate(grow=True))
+    walk = tok.encode("a b c d b a d c a c b d " * 4)
+    cases = [(tok.encode(REPETITIVE), dict(temperature=0.0)),
+             (walk, dict(temperature=1.0, seed=7, allowed_token_ids=tuple(sorted(set(walk[-12:])))))]
+    plain = engine_for(tiny_model_dir, None)
+    try:
+        for prompt, params in cases:
+            spec = engine_for(tiny_model_dir, SpeculativeConfig())
+            try:
+                got = run_all(spec, [prompt], max_tokens=90, ignore_eos=True, **params)[0][0]
+            finally:
+                spec.stop()
+            answer = run_all(plain, [prompt], max_tokens=90, ignore_eos=True, **params)[0][0]
+            assert got == answer
+            score = replay(shipped, prompt, answer, max_tokens=90)
+            assert (score.drafted, score.accepted) == (spec.observer.drafted, spec.observer.accepted)
+            assert score.drafted > 0
+    finally:
+        plain.stop()
+
+
 # -- the sampled distribution ---------------------------------------------------------------
 
 
