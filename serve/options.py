@@ -211,7 +211,10 @@ class ServeOptions:
         "export with the target's tokenizer, e.g. the int4 export of an fp32 target), loaded "
         "with the same --provider and --threads, one KV slot per target slot", type=Path)
     num_speculative_tokens: int = _flag(
-        5, "--speculative: draft tokens verified per call (default: %(default)s)", type=int)
+        5, "--speculative: draft tokens verified per call (default: %(default)s); with "
+        "--speculative ngram and the adaptive gate, each sequence's K at its first draft: it "
+        "doubles after a draft accepted whole, up to 12 (or K), and halves after a miss, down "
+        "to 2", type=int)
     prompt_lookup_max: int = _flag(
         4, "--speculative ngram: longest n-gram looked up, tried first (default: %(default)s)",
         type=int)
@@ -223,8 +226,9 @@ class ServeOptions:
     speculative_adaptive: bool = _flag(
         True, "--speculative: a sequence whose recent drafts cost more verify time than they "
         "save (tokens kept per verify against the measured cost of verifying them) stops "
-        "drafting for a few steps, then tries again, backing off longer each time (default: "
-        "on; --no-speculative-adaptive: draft whenever a draft is found)",
+        "drafting for a few steps, then tries again, backing off longer each time; with "
+        "--speculative ngram each sequence's K grows and shrinks with its drafts' success "
+        "(default: on; --no-speculative-adaptive: draft K tokens whenever a draft is found)",
         action=argparse.BooleanOptionalAction)
     cuda_graph: bool | None = _flag(
         None, "--provider cuda: decode steps as captured CUDA graphs (one per batch size) on "

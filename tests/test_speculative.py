@@ -50,6 +50,14 @@ def test_propose_ngram_takes_the_longest_then_most_recent_match():
     assert propose_ngram(ids(1, 2, 1), 5, 2, 3).tolist() == []  # below prompt_lookup_min
 
 
+def test_propose_ngram_drafts_at_most_per_gram_tokens_a_matched_token():
+    seq = ids(1, 2, *range(10, 20), 5, 1, 2)
+    assert propose_ngram(seq, 12, 1, 3).tolist() == list(range(10, 20)) + [5, 1]
+    assert propose_ngram(seq, 12, 1, 3, per_gram=3).tolist() == list(range(10, 16))  # n = 2
+    assert propose_ngram(seq, 4, 1, 3, per_gram=3).tolist() == list(range(10, 14))  # k first
+    assert propose_ngram(seq, 12, 1, 1, per_gram=3).tolist() == list(range(10, 13))  # n = 1
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         SpeculativeConfig(prompt_lookup_min=3, prompt_lookup_max=2)
@@ -111,6 +119,45 @@ def test_gate_backs_off_doubling_and_a_hit_brings_drafting_back():
     c.slot = -1
     gate.prune()
     assert not gate._state
+
+
+def test_gate_grows_k_after_whole_hits_and_halves_it_after_misses():
+    gate, c = DraftGate(grow=True), _Seq()
+    assert gate.limit(c, 5) == 5  # the caller's K at the first draft
+    ks = []
+    for _ in range(3):  # drafts accepted whole: 5 -> 10 -> 12 (MAX_TOKENS) -> 12
+        gate.record(c, gate.limit(c, 5), gate.limit(c, 5))
+        ks.append(gate.limit(c, 5))
+    assert ks == [10, 12, 12]
+    gate.record(c, 12, 3)  # a miss halves K: a sequence whose drafts miss drafts short
+    assert gate.limit(c, 5) == 6
+    gate.record(c, 6, 6)  # a draft cut short (room, the 3n cap) but kept whole grows it too
+    assert gate.limit(c, 5) == 12
+    ks = []
+    while gate.allows(c) and (k := gate.limit(c, 5)) > 1:  # misses: 12, 6, 3, 2, 2, ...
+        ks.append(k)
+        gate.record(c, k, 0)
+    assert ks[:4] == [12, 6, 3, 2] and set(ks[3:]) == {2}
+    assert gate.limit(c, 5) == 1  # the mean fell below 1: the gate's probe, as without grow
+    while not gate.allows(c):
+        pass
+    gate.record(c, 1, 0)
+    while not gate.allows(c):
+        pass
+    gate.record(c, 1, 1)  # the probe hits: full drafts again, from K's floor MIN_TOKENS
+    assert gate.limit(c, 5) == 2
+    # K beyond the bounds is the caller's: --num-speculative-tokens 16 starts and tops at 16
+    big, small = _Seq(), _Seq()
+    assert gate.limit(big, 16) == 16
+    gate.record(big, 16, 16)
+    assert gate.limit(big, 16) == 16
+    assert gate.limit(small, 1) == 1
+    gate.record(small, 1, 0)
+    assert gate.limit(small, 1) == 1
+    # without grow (the draft-model speculator) K stays the caller's
+    fixed = DraftGate()
+    fixed.record(c, 5, 5)
+    assert fixed.limit(c, 5) == 5
 
 
 # -- the engine on the tiny model ------------------------------------------------------------
@@ -228,6 +275,73 @@ def test_max_tokens_and_context_mid_draft_roll_back(tiny_model_dir, tiny_prompts
         spec.stop()
         plain.stop()
     assert spec.observer.accepted > 0
+
+
+def test_k_grows_on_a_copying_stream_and_stays_exact_to_the_context_end(default_model_dir):
+    """Prompt lookup's K per sequence (`DraftGate` grow, the default): an int4 greedy answer
+    that quotes its prompt drafts more than --num-speculative-tokens a call (up to
+    `DraftGate.MAX_TOKENS`), never past the context, and is plain decoding's (under the pad)
+    to the slot's last position."""
+    from bench.spec_prompts import GROUNDED, chat_ids
+
+    class Sizes(Counts):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def speculated(self, counts: tuple[int, int]) -> None:
+            super().speculated(counts)
+            self.sizes.append(counts[0])
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    prompt = chat_ids(tok, dict(GROUNDED)["quote-sentences"])
+    engines = []
+    for spec, observer in ((None, Counts()), (SpeculativeConfig(), Sizes())):
+        runtime = open_runtime(default_model_dir, RuntimeOptions(
+            threads=1, max_batch=1, max_length=len(prompt) + 70, attention_pad=True, w8a8="auto"))
+        engines.append(Engine(runtime, tok, speculative=spec, observer=observer))
+        engines[-1].start()
+    plain, spec = engines
+    try:
+        want = run_all(plain, [prompt], temperature=0.0, ignore_eos=True)[0][0]
+        got = run_all(spec, [prompt], temperature=0.0, ignore_eos=True)[0][0]
+    finally:
+        plain.stop()
+        spec.stop()
+    assert got == want and len(want) == 70  # to the context's end
+    sizes = spec.observer.sizes
+    assert SpeculativeConfig().num_speculative_tokens < max(sizes) <= DraftGate.MAX_TOKENS, sizes
+
+
+def test_replay_counts_the_drafts_the_engine_makes(tiny_model_dir):
+    """bench.spec_replay's walk of a plain answer through the shipped policy proposes and
+    keeps exactly the draft tokens the speculative engine does (greedy, and sampled over four
+    tokens where most drafts miss and the gate backs off), so its policy comparisons are
+    about the drafts the server would make."""
+    from bench.spec_replay import Policy, capped, replay
+
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    shipped = Policy("shipped", capped(2, 4, serve.speculative.DRAFTS_PER_GRAM),
+                     k0=SpeculativeConfig().num_speculative_tokens,
+                     gate=lambda: DraftGate(grow=True))
+    walk = tok.encode("a b c d b a d c a c b d " * 4)
+    cases = [(tok.encode(REPETITIVE), dict(temperature=0.0)),
+             (walk, dict(temperature=1.0, seed=7, allowed_token_ids=tuple(sorted(set(walk[-12:])))))]
+    plain = engine_for(tiny_model_dir, None)
+    try:
+        for prompt, params in cases:
+            spec = engine_for(tiny_model_dir, SpeculativeConfig())
+            try:
+                got = run_all(spec, [prompt], max_tokens=90, ignore_eos=True, **params)[0][0]
+            finally:
+                spec.stop()
+            answer = run_all(plain, [prompt], max_tokens=90, ignore_eos=True, **params)[0][0]
+            assert got == answer
+            score = replay(shipped, prompt, answer, max_tokens=90)
+            assert (score.drafted, score.accepted) == (spec.observer.drafted, spec.observer.accepted)
+            assert score.drafted > 0
+    finally:
+        plain.stop()
 
 
 # -- the sampled distribution ---------------------------------------------------------------
