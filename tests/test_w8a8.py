@@ -78,40 +78,61 @@ def test_flags_and_targets(tiny_hf_dir, tmp_path):
 
 def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4, tiny_hf_dir, tmp_path):
     """Runtime's own default is off (parity tests compare the main graph); `llorch serve`
-    defaults to auto. all/auto: every prefill and every decode step on an export whose W8A8
-    graph is row-invariant (the default: down_proj at accuracy level 4,
-    graph.w8a8_row_invariant), unless batch_invariant is False; on a level-0 export, or with
-    batch_invariant False, a lone sequence decodes on the int4 graph; prefill: prefill only
-    (one token too, so a prefix-cache hit sees the KV a full prefill makes)."""
+    defaults to auto. On the default cpu int4 export the main graph is row-invariant
+    (--float-zero-points int8, graph.row_invariant): auto then means prefill — every prefill
+    on the W8A8 graph, every decode step on the main graph, batch-invariant — and all runs
+    every step on the (row-invariant) W8A8 graph. On an export whose main graph is not
+    (float zero points as a correction MatMul) auto is all. A level-0 down_proj, or
+    batch_invariant False: a lone sequence decodes on the int4 graph, batches on W8A8."""
+    def graph(d):
+        return json.loads((d / "llorch.json").read_text())["graph"]
+
     assert open_runtime(tiny_int4, RuntimeOptions(max_batch=2)).w8a8_session is None
-    assert json.loads((tiny_int4 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
+    invariant = tiny_int4
+    assert graph(invariant)["w8a8_row_invariant"] and graph(invariant)["row_invariant"]
+    assert graph(invariant)["float_zero_points"] == "int8"
+    corr = tmp_path / "correction"
+    export_model(tiny_hf_dir, corr, precision="int4", float_zero_points="correction",
+                 progress=False)
+    assert graph(corr)["w8a8_row_invariant"] and graph(corr)["row_invariant"] is False
     level0 = tmp_path / "down-proj-level-0"
     export_model(tiny_hf_dir, level0, precision="int4", down_proj_accuracy_level=0, progress=False)
-    assert not json.loads((level0 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
-    invariant = tiny_int4
-    for mode in (True, "all", "auto"):
-        for kw in ({}, {"batch_invariant": None}, {"batch_invariant": True}):
+    assert not graph(level0)["w8a8_row_invariant"] and not graph(level0)["row_invariant"]
+    for kw in ({}, {"batch_invariant": None}, {"batch_invariant": True}):
+        rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8="auto", **kw))
+        assert rt.w8a8 == "prefill" and rt.batch_invariant
+        assert rt._session_for(1) is rt.session and rt._session_for(64) is rt.session
+        assert rt._session_for(1, prefill=True) is rt.w8a8_session
+        for mode in (True, "all"):
             rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
+            assert rt.w8a8 == "all" and rt.batch_invariant and rt._session_for(1) is rt.w8a8_session
+        for mode in (True, "all", "auto"):
+            rt = open_runtime(corr, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
             assert rt.w8a8 == "all" and rt.w8a8_session is not None and rt.batch_invariant
             assert rt._session_for(1) is rt.w8a8_session
+    for mode in (True, "all", "auto"):
         # a level-0 down_proj, or batch invariance turned off: a lone sequence decodes on int4
         for d, kw in ((level0, {"batch_invariant": True}), (level0, {}),
-                      (invariant, {"batch_invariant": False})):
+                      (invariant, {"batch_invariant": False}), (corr, {"batch_invariant": False})):
             rt = open_runtime(d, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
             assert rt._session_for(1) is rt.session and not rt.batch_invariant
         assert rt._session_for(1, prefill=True) is rt.w8a8_session
         assert rt._session_for(2) is rt.w8a8_session and rt._session_for(512) is rt.w8a8_session
     old = tmp_path / "older-export"  # before graph.w8a8_row_invariant
-    shutil.copytree(invariant, old)
+    shutil.copytree(corr, old)
     meta = json.loads((old / "llorch.json").read_text())
-    del meta["graph"]["w8a8_row_invariant"]
+    del meta["graph"]["w8a8_row_invariant"], meta["graph"]["row_invariant"]
     (old / "llorch.json").write_text(json.dumps(meta))
     rt = open_runtime(old, RuntimeOptions(max_batch=2, w8a8="auto", batch_invariant=True))
     assert rt._session_for(1) is rt.session and not rt.batch_invariant
     assert rt._session_for(2) is rt.w8a8_session
-    rt = open_runtime(tiny_int4, RuntimeOptions(max_batch=2, w8a8="prefill"))
-    assert rt._session_for(1, prefill=True) is rt.w8a8_session and not rt.batch_invariant
-    assert rt._session_for(2) is rt.session and rt._session_for(16) is rt.session
+    for d in (corr, invariant):  # prefill: the W8A8 graph prefills, decode stays on the main one
+        rt = open_runtime(d, RuntimeOptions(max_batch=2, w8a8="prefill"))
+        assert rt._session_for(1, prefill=True) is rt.w8a8_session
+        assert rt._session_for(2) is rt.session and rt._session_for(16) is rt.session
+        assert rt.batch_invariant is (d == invariant)
+    rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8="off"))
+    assert rt.w8a8_session is None and rt.batch_invariant
     with pytest.raises(ValueError, match="w8a8 must be one of"):
         open_runtime(tiny_int4, RuntimeOptions(w8a8="yes"))
 
