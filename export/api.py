@@ -227,7 +227,7 @@ def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length
                 block_size: int, accuracy_level: int | None, force: bool, lm_head_bits: int,
                 down_proj_accuracy_level: int | None, prefill_chunk: int,
                 w8a8_graph: bool | None, kv_dtype: str | None = None,
-                int4_symmetric: bool = False, float_zero_points: str | None = None) -> ExportPlan:
+                int4_symmetric: bool = False) -> ExportPlan:
     """Open and validate the source and settle every default (``export_model``'s arguments).
 
     Raises:
@@ -238,16 +238,6 @@ def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length
         raise ExportError(f"{out}: output directory exists (pass --force to replace it)")
     if int4_symmetric and precision != "int4":
         raise ExportError(f"--int4-symmetric is for --precision int4, not {precision}")
-    if float_zero_points is not None and precision != "int4":
-        raise ExportError(f"--float-zero-points is for --precision int4, not {precision}")
-    if float_zero_points is not None and int4_symmetric:
-        raise ExportError("--float-zero-points has nothing to do with --int4-symmetric: "
-                          "symmetric blocks have no zero points")
-    if float_zero_points is None:
-        # cpu: 8-bit blocks, one MatMulNBits a projection at one accuracy level, so the main
-        # graph is row-invariant and a lone decode step runs 480 fewer nodes on the default
-        # model (README "int4 quantization"); elsewhere the 4-bit blocks and the correction
-        float_zero_points = "int8" if target == "cpu" else "correction"
     source = open_source(src)
     cfg = source.config
     validate(source)
@@ -270,8 +260,7 @@ def plan_export(src: Path, out: Path, *, precision: str, target: str, max_length
     spec = GraphSpec(target=target, precision=precision, max_length=max_length,
                      block_size=block_size, accuracy_level=accuracy_level,
                      down_proj_accuracy_level=down_proj_accuracy_level,
-                     lm_head_bits=lm_head_bits, int4_symmetric=int4_symmetric,
-                     float_zero_points=float_zero_points)
+                     lm_head_bits=lm_head_bits, int4_symmetric=int4_symmetric)
     gqa = uses_gqa(cfg, spec) and target != "coreml"
     # cpu GroupQueryAttention graphs get the attention pad (export.graph._attention_pad)
     spec = replace(spec, attention_pad=target == "cpu" and gqa)
@@ -296,8 +285,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                  progress: bool = True, lm_head_bits: int = 8,
                  down_proj_accuracy_level: int | None = None,
                  prefill_chunk: int = DEFAULT_CHUNK, w8a8_graph: bool | None = None,
-                 kv_dtype: str | None = None, int4_symmetric: bool = False,
-                 float_zero_points: str | None = None) -> ExportSummary:
+                 kv_dtype: str | None = None, int4_symmetric: bool = False) -> ExportSummary:
     """Export ``src`` (HF SafeTensors dir or .gguf) into the model directory ``out``.
 
     Args:
@@ -310,11 +298,6 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
             scheme: no float-zero-point correction MatMul, fewer bytes a step. GGUF sources:
             Q4_0 / Q8_0 blocks map exactly; 4-bit layers stored in other 4-5-bit types are
             refused (check_symmetric_source).
-        float_zero_points: how int4 blocks with float zero points (affine blocks: HF
-            sources without ``int4_symmetric``, GGUF Q4_1) are written: "int8" (8-bit blocks
-            with integer zero points, export.quant.widen_affine_blocks) or "correction" (4-bit
-            blocks and an exact correction MatMul, export.linear.nbits_linear). None: "int8"
-            on cpu, else "correction".
         target: cpu/cuda: one GroupQueryAttention graph (fp16 I/O on cuda; cuda also writes
             ``model_decode_static.onnx``, the decode graph CUDA graphs capture). coreml: the
             static decode + prefill graphs of export/graph_coreml.py, ``prefill_chunk``
@@ -343,8 +326,7 @@ def export_model(src: Path | str, out: Path | str, *, precision: str = "int4", t
                        accuracy_level=accuracy_level, force=force, lm_head_bits=lm_head_bits,
                        down_proj_accuracy_level=down_proj_accuracy_level,
                        prefill_chunk=prefill_chunk, w8a8_graph=w8a8_graph,
-                       kv_dtype=kv_dtype, int4_symmetric=int4_symmetric,
-                       float_zero_points=float_zero_points)
+                       kv_dtype=kv_dtype, int4_symmetric=int4_symmetric)
     tmp = _staging_dir(plan.out)
     try:
         tok = write_tokenizer_files(tmp, plan.source)  # first: calibration tokenizes with them
@@ -402,17 +384,20 @@ def verify_written(tmp: Path, plan: ExportPlan, static: StaticGraphs | None):
                          quantized=plan.spec.precision == "int4")
 
 
-def main_row_invariant(plan: ExportPlan) -> bool:
+def main_row_invariant(plan: ExportPlan, main_file: Path) -> bool:
     """Whether every op of the main graph computes a row without looking at the others: a
     cpu int4 GroupQueryAttention graph whose MatMulNBits are all at accuracy level 4 (int8
     compute, activations quantized per row and block; MLAS's one-row path of level 0 rounds
-    otherwise), the lm_head quantized, and no float MatMul (the correction of float zero
-    points, an SGEMM whose one-row path is not checked to round as its many-row one)."""
+    otherwise), with the lm_head quantized and no float MatMul — i.e. no float-zero-point
+    correction (affine blocks, GGUF Q4_1: an SGEMM whose one-row path is not checked to round
+    as its many-row one). In practice: `--int4-symmetric` exports and GGUF Q4_0/Q8_0 ones."""
     spec = plan.spec
-    return (spec.target == "cpu" and spec.precision == "int4" and plan.gqa
+    if not (spec.target == "cpu" and spec.precision == "int4" and plan.gqa
             and spec.accuracy_level == 4 and spec.down_proj_accuracy_level in (4, None)
-            and spec.lm_head_bits != 0
-            and (spec.int4_symmetric or spec.float_zero_points == "int8"))
+            and spec.lm_head_bits != 0):
+        return False
+    graph = onnx.load(str(main_file), load_external_data=False).graph
+    return not any(n.op_type == "MatMul" for n in graph.node)
 
 
 def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, report) -> None:
@@ -446,12 +431,9 @@ def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, rep
             "lm_head_bits": spec.lm_head_bits if int4 else None,
             # MatMulNBits without zero_points (implicit 2^(bits-1)), --int4-symmetric
             "int4_symmetric": spec.int4_symmetric if int4 else None,
-            # affine blocks as 8-bit MatMulNBits ("int8") or 4-bit + correction MatMul
-            "float_zero_points": spec.float_zero_points if int4 and not spec.int4_symmetric
-            else None,
             # the main graph computes each row the same whatever the other rows are (every
             # MatMulNBits at accuracy level 4, no float MatMul): serve decodes every step on it
-            "row_invariant": main_row_invariant(plan),
+            "row_invariant": main_row_invariant(plan, tmp / "model.onnx"),
             "gguf_blocks": plan.source.kind == "gguf" and int4,
             "w8a8": W8A8_FILE if plan.w8a8_graph else None,
             "w8a8_smoothing": {"alpha": SMOOTH_ALPHA, "statistic": "mean |x|",

@@ -159,14 +159,11 @@ def _ensure_export(root: Path, hf_dir: Path, variant: str, progress: bool) -> Pa
         try:  # stale: exports with another KV type than the default (int8 for int4,
             # float32 for fp32), an int4 one whose W8A8 graph is not row-invariant (older than
             # the level-4 down_proj default: serve is then not batch-invariant by default), or
-            # one without the attention pad (exact speculative decoding needs it), or an int4
-            # one whose main graph is not row-invariant (float zero points as a correction
-            # MatMul, before --float-zero-points int8: serve then decodes on the W8A8 graph)
+            # one without the attention pad (exact speculative decoding needs it)
             graph = json.loads((out / "llorch.json").read_text()).get("graph", {})
             current = ("w8a8_row_invariant" in graph
                        and graph.get("kv_dtype") == DEFAULT_KV_TYPES[variant]
                        and (variant != "int4" or graph["w8a8_row_invariant"] is True)
-                       and (variant != "int4" or graph.get("row_invariant") is True)
                        and graph.get("attention_pad") is True)
         except (OSError, ValueError):
             current = False

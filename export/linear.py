@@ -20,7 +20,6 @@ from export.quant import (
     quantize_blocks_affine,
     quantize_blocks_symmetric,
     split_zero_points,
-    widen_affine_blocks,
     without_zero_points,
 )
 from export.spec import GraphContext, Weights
@@ -91,23 +90,16 @@ def nbits_linear(ctx: GraphContext, x: str, qw: QuantizedWeight, *, node: str, i
                  accuracy_level: int) -> str:
     """
       x ─► MatMulNBits(qweight, scales, qzeros) ──────────────────────────► Sub ─► y
-      x ─► block sums ─► MatMul(zp_correction) ─────────────────────────────┘ (float zero points,
-                                                                               --float-zero-points correction)
+      x ─► block sums ─► MatMul(zp_correction) ─────────────────────────────┘ (float zero points only)
     ``qw``: blocks of ``bits`` along K (export.quant). Float zero points (HF sources' affine
-    blocks, GGUF Q4_1) do not fit MatMulNBits' uint8 ones (ORT's CPU kernels with float zero
-    points measured 10-15x slower). With --float-zero-points int8 (the cpu default) the blocks
-    are re-stored at 8 bits with integer zero points (quant.widen_affine_blocks: one node, no
-    correction); with ``correction`` the integer part goes in and the rest is subtracted
-    exactly (quant.split_zero_points). A symmetric weight (``zero_points`` None,
+    blocks, GGUF Q4_1) do not fit MatMulNBits' uint8 ones: the integer part goes in, the rest
+    is subtracted exactly (quant.split_zero_points). A symmetric weight (``zero_points`` None,
     --int4-symmetric) gets no zero_points input: ORT's implicit 2^(bits-1).
     """
     g, spec = ctx.g, ctx.spec
     corr = None
     if qw.zero_points is not None and qw.zero_points.dtype != np.uint8:
-        if spec.float_zero_points == "int8":
-            qw = widen_affine_blocks(qw)
-        else:
-            qw, corr = split_zero_points(qw)
+        qw, corr = split_zero_points(qw)
     inputs = [
         x,
         g.initializer(f"{init}.qweight", qw.packed),

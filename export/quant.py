@@ -207,25 +207,6 @@ def quantize_blocks_affine(w: np.ndarray, *, block_size: int = 32,
                            4, block_size, k, n)
 
 
-def widen_affine_blocks(qw: QuantizedWeight) -> QuantizedWeight:
-    """4-bit blocks with float zero points → 8-bit blocks with integer ones, for
-    MatMulNBits' fast int8 kernels (--float-zero-points int8).
-
-    Each block's values s·(q - z), q in 0..15, are quantized again at 8 bits over the block's
-    range widened to include 0 (`quantize_blocks`, ORT's asymmetric rule). Where the block
-    spans 0 (its 4-bit grid runs from s·(0 - z) ≤ 0 to s·(15 - z) ≥ 0, as a Q4_1 block whose
-    values have both signs does) the 8-bit scale is s/17, every level 17·q is on the new grid,
-    and the one error is the zero point's rounding: every value of the block moves by the
-    same amount, at most s/34 (1/34 of the 4-bit step). Otherwise the error is at most
-    (max(hi, 0) - min(lo, 0)) / 510, hi and lo the block's largest and smallest value.
-
-    Returns:
-        A QuantizedWeight with ``bits`` 8, uint8 ``zero_points`` [N, n_blocks], the same
-        ``block_size``, ``k`` and ``n``: twice the bytes of the 4-bit blocks' ``packed``.
-    """
-    return quantize_blocks(dequantize_blocks(qw), bits=8, block_size=qw.block_size)
-
-
 def split_zero_points(qw: QuantizedWeight) -> tuple[QuantizedWeight, np.ndarray]:
     """Float zero points → integer ones plus an exact per-block correction.
 

@@ -15,8 +15,6 @@ from export.onnx_builder import GraphBuilder
 from export.quant import QuantizedWeight
 
 PRECISIONS = ("fp32", "fp16", "int4")
-# --float-zero-points: how int4 blocks with float zero points become MatMulNBits (GraphSpec)
-FLOAT_ZERO_POINTS = ("int8", "correction")
 TARGETS = ("cpu", "cuda", "coreml")
 # What each target can build: CUDA has no fp32 GroupQueryAttention kernel; the CoreML graph
 # (graph_coreml.py) is float only, since MatMulNBits is a contrib op.
@@ -45,12 +43,6 @@ class GraphSpec:
     # (int4_is_symmetric). Else HF sources get affine blocks (float zero points: an integer
     # part plus a correction MatMul, linear.nbits_linear) and 8-bit layers integer ones.
     int4_symmetric: bool = False
-    # int4 blocks with float zero points (affine blocks: HF sources by default, GGUF Q4_1):
-    # "int8" re-stores each block as an 8-bit MatMulNBits block with an integer zero point
-    # (quant.widen_affine_blocks: within 1/34 of the block's 4-bit step where the block spans
-    # 0); "correction" keeps 4 bits and subtracts the rest exactly with a small MatMul
-    # (linear.nbits_linear). See FLOAT_ZERO_POINTS.
-    float_zero_points: str = "correction"
     attention: str = "auto"  # gqa | standard | auto (gqa where ORT's kernel takes the head size)
     # The W8A8 companion graph (build_decoder with w8a8=True): int8 weights per output
     # channel, activations quantized per token, for the runs with many rows (prefill chunks,
@@ -81,9 +73,6 @@ class GraphSpec:
                 f"(choose one of {TARGET_PRECISIONS[self.target]})")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"--block-size {self.block_size}: must be a power of two >= 16")
-        if self.float_zero_points not in FLOAT_ZERO_POINTS:
-            raise ExportError(f"--float-zero-points {self.float_zero_points!r}: choose one of "
-                              f"{FLOAT_ZERO_POINTS}")
         if self.int4_symmetric and self.precision != "int4":
             raise ExportError(f"--int4-symmetric is for --precision int4, not {self.precision}")
         for flag, level in (("--accuracy-level", self.accuracy_level),

@@ -44,12 +44,6 @@ def _export_parser(sub) -> None:
                    "zero point 8), as ORT GenAI's builder writes them (int4_is_symmetric): no "
                    "float-zero-point correction, fewer bytes per token; GGUF: Q4_0/Q8_0 blocks "
                    "map exactly, other 4-5-bit types are refused (default: off)")
-    p.add_argument("--float-zero-points", choices=("int8", "correction"), default=None,
-                   help="int4: how blocks with float zero points (affine blocks from float "
-                   "weights, GGUF Q4_1) are written: int8 = 8-bit blocks with integer zero "
-                   "points (within 1/34 of a 4-bit step; one MatMulNBits a projection, "
-                   "row-invariant, faster on ORT's CPU kernels), correction = 4-bit blocks and "
-                   "an exact correction MatMul (smaller) (default: int8 on cpu, else correction)")
     p.add_argument("--lm-head-bits", type=int, default=8, choices=(0, 4, 8),
                    help="int4 exports: lm_head as 8- or 4-bit MatMulNBits, 0 = float "
                    "(default: 8)")
@@ -149,7 +143,6 @@ def _run_export(args) -> int:
             down_proj_accuracy_level=args.down_proj_accuracy_level,
             prefill_chunk=args.prefill_chunk, w8a8_graph=args.w8a8_graph,
             kv_dtype=args.kv_dtype, int4_symmetric=args.int4_symmetric,
-            float_zero_points=args.float_zero_points,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

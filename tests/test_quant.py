@@ -20,7 +20,6 @@ from export.quant import (
     quantize_blocks_affine,
     split_zero_points,
     unpack_nibbles,
-    widen_affine_blocks,
 )
 
 
@@ -246,54 +245,6 @@ def test_split_zero_points_is_exact(source):
         split_zero_points(qi)
 
 
-@pytest.mark.parametrize("source", ["affine", "gguf-q4_1", "one-signed"])
-def test_widened_blocks_within_a_34th_of_the_4bit_step(source):
-    """--float-zero-points int8: 4-bit blocks with float zero points re-stored at 8 bits with
-    integer ones. A block spanning 0 keeps every level (scale s/17) and moves by at most s/34;
-    one of a single sign (its range widened to 0) by at most range/510."""
-    rng = np.random.default_rng(21)
-    if source == "affine":
-        qw = quantize_blocks_affine(rng.standard_normal((6, 96)).astype(np.float32))
-    elif source == "gguf-q4_1":
-        qw = from_gguf_blocks("Q4_1", _gguf_blocks("Q4_1", n=4, n_blocks=3, seed=22), k=96)
-    else:  # all-positive and all-negative blocks: the zero point lies outside 0..15
-        w = np.abs(rng.standard_normal((4, 64))).astype(np.float32) + 0.5
-        w[1::2] *= -1
-        qw = quantize_blocks_affine(w)
-    wide = widen_affine_blocks(qw)
-    assert (wide.bits, wide.block_size, wide.k, wide.n) == (8, qw.block_size, qw.k, qw.n)
-    assert wide.packed.shape == (qw.n, qw.n_blocks, qw.block_size)
-    assert wide.zero_points.dtype == np.uint8 and wide.zero_points.shape == (qw.n, qw.n_blocks)
-    v = dequantize_blocks(qw)
-    blk = v.reshape(qw.n, -1, qw.block_size)
-    lo = np.minimum(blk.min(-1), 0)
-    hi = np.maximum(blk.max(-1), 0)
-    step = np.abs(qw.scales.reshape(qw.n, -1))
-    spans = (blk.min(-1) <= 0) & (blk.max(-1) >= 0)
-    bound = np.where(spans, step / 34, (hi - lo) / 510) * (1 + 1e-4) + 1e-6 * np.abs(hi - lo)
-    err = np.abs(dequantize_blocks(wide) - v).reshape(blk.shape).max(-1)
-    assert (err <= bound).all()
-    if source == "one-signed":
-        assert not spans.any()
-    elif source == "affine":  # gaussian blocks have both signs: the s/34 bound everywhere
-        assert spans.all()
-
-
-def test_widened_blocks_on_matmulnbits_are_row_invariant():
-    """The main graph's claim (llorch.json graph.row_invariant): 8-bit MatMulNBits at
-    accuracy level 4 computes a row the same, bit for bit, whatever rows share the call (MLAS
-    quantizes activations per row and block; no one-row path), as the decode steps of any
-    batch and the verify calls of speculative decoding need."""
-    rng = np.random.default_rng(23)
-    qw = widen_affine_blocks(quantize_blocks_affine(rng.standard_normal((40, 192)).astype(np.float32)))
-    x = rng.standard_normal((300, qw.k)).astype(np.float32)
-    ref = np.concatenate([_matmul_nbits(x[i:i + 1], qw, accuracy_level=4) for i in range(17)])
-    for m in (2, 3, 4, 16, 17):
-        np.testing.assert_array_equal(_matmul_nbits(x[:m], qw, accuracy_level=4), ref[:m])
-    full = _matmul_nbits(x, qw, accuracy_level=4)
-    np.testing.assert_array_equal(full[:17], ref)
-
-
 # -- MatMulNBits -----------------------------------------------------------------------------
 
 
@@ -331,7 +282,6 @@ def _layouts():
         "int4-uint8-zp-odd-blocks": quantize_blocks(w(96), bits=4),
         "int4-uint8-zp-k40": quantize_blocks(w(40), bits=4),
         "int8-uint8-zp": quantize_blocks(w(64), bits=8),
-        "int8-widened-float-zp": widen_affine_blocks(quantize_blocks_affine(w(64))),
         "int4-float-zp": quantize_blocks_affine(w(64)),
         "gguf-q4_0": from_gguf_blocks("Q4_0", _gguf_blocks("Q4_0", 24, 2, 8), k=64),
         "gguf-q4_1-float-zp": from_gguf_blocks("Q4_1", _gguf_blocks("Q4_1", 24, 2, 9), k=64),
@@ -352,8 +302,7 @@ def test_matmulnbits_computes_x_times_dequantized_w(layout):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("layout", ["int4-uint8-zp", "int4-float-zp", "gguf-q4_1-float-zp",
-                                    "int8-widened-float-zp"])
+@pytest.mark.parametrize("layout", ["int4-uint8-zp", "int4-float-zp", "gguf-q4_1-float-zp"])
 def test_matmulnbits_accuracy_level_4(layout):
     """Level 4 quantizes activations to int8 per block: ~1% of the output scale, not exact."""
     qw = LAYOUTS[layout]

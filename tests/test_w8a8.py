@@ -78,26 +78,34 @@ def test_flags_and_targets(tiny_hf_dir, tmp_path):
 
 def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4, tiny_hf_dir, tmp_path):
     """Runtime's own default is off (parity tests compare the main graph); `llorch serve`
-    defaults to auto. On the default cpu int4 export the main graph is row-invariant
-    (--float-zero-points int8, graph.row_invariant): auto then means prefill — every prefill
-    on the W8A8 graph, every decode step on the main graph, batch-invariant — and all runs
-    every step on the (row-invariant) W8A8 graph. On an export whose main graph is not
-    (float zero points as a correction MatMul) auto is all. A level-0 down_proj, or
-    batch_invariant False: a lone sequence decodes on the int4 graph, batches on W8A8."""
+    defaults to auto. On an export whose main graph is row-invariant (graph.row_invariant:
+    `--int4-symmetric`, no float-zero-point correction) auto means prefill — every prefill on
+    the W8A8 graph, every decode step on the main graph, batch-invariant — and all runs every
+    step on the (row-invariant) W8A8 graph. On the default affine export (its main graph has
+    the correction MatMul) auto is all. A level-0 down_proj, or batch_invariant False: a lone
+    sequence decodes on the int4 graph, batches on W8A8."""
+    from serve.fingerprint import batch_invariance
+    from serve.options import ServeOptions
+
     def graph(d):
         return json.loads((d / "llorch.json").read_text())["graph"]
 
     assert open_runtime(tiny_int4, RuntimeOptions(max_batch=2)).w8a8_session is None
-    invariant = tiny_int4
-    assert graph(invariant)["w8a8_row_invariant"] and graph(invariant)["row_invariant"]
-    assert graph(invariant)["float_zero_points"] == "int8"
-    corr = tmp_path / "correction"
-    export_model(tiny_hf_dir, corr, precision="int4", float_zero_points="correction",
-                 progress=False)
+    corr = tiny_int4
     assert graph(corr)["w8a8_row_invariant"] and graph(corr)["row_invariant"] is False
+    invariant = tmp_path / "symmetric"
+    export_model(tiny_hf_dir, invariant, precision="int4", int4_symmetric=True, progress=False)
+    assert graph(invariant)["w8a8_row_invariant"] and graph(invariant)["row_invariant"] is True
     level0 = tmp_path / "down-proj-level-0"
     export_model(tiny_hf_dir, level0, precision="int4", down_proj_accuracy_level=0, progress=False)
     assert not graph(level0)["w8a8_row_invariant"] and not graph(level0)["row_invariant"]
+    # the fingerprint's mode follows: decode steps on the row-invariant main graph whatever
+    # --w8a8 leaves them on ("rows"), on the correction export only with the W8A8 graph
+    for w8a8 in ("off", "prefill", "all", "auto"):
+        assert batch_invariance(ServeOptions(invariant, w8a8=w8a8)) == "rows"
+        assert batch_invariance(ServeOptions(corr, w8a8=w8a8)) == (
+            "rows" if w8a8 in ("all", "auto") else "off")
+    assert batch_invariance(ServeOptions(invariant, batch_invariant=False)) == "off"
     for kw in ({}, {"batch_invariant": None}, {"batch_invariant": True}):
         rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8="auto", **kw))
         assert rt.w8a8 == "prefill" and rt.batch_invariant
@@ -118,8 +126,8 @@ def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4, tiny_hf_dir, tmp_path)
             assert rt._session_for(1) is rt.session and not rt.batch_invariant
         assert rt._session_for(1, prefill=True) is rt.w8a8_session
         assert rt._session_for(2) is rt.w8a8_session and rt._session_for(512) is rt.w8a8_session
-    old = tmp_path / "older-export"  # before graph.w8a8_row_invariant
-    shutil.copytree(corr, old)
+    old = tmp_path / "older-export"  # before graph.w8a8_row_invariant and graph.row_invariant
+    shutil.copytree(invariant, old)
     meta = json.loads((old / "llorch.json").read_text())
     del meta["graph"]["w8a8_row_invariant"], meta["graph"]["row_invariant"]
     (old / "llorch.json").write_text(json.dumps(meta))
