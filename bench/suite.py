@@ -16,6 +16,7 @@ class Entry:
         peer: module under `bench.peers` that runs it.
         group: name `--only` selects it by (its key works too).
         model: which prepared input it runs on: int4, fp32, hf, gguf, builder-int4, optimum-fp32,
+            int4-l0, int4-sym-lm4,
             or the 1B-class model's 1b-int4, 1b-int4-sym, 1b-int4-sym-lm4, 1b-int4-q4_0,
             1b-genai, 1b-gguf (bench.model_1b).
         baseline: the llorch entry its ratios are taken against (same precision), or None.
@@ -81,6 +82,14 @@ ENTRIES: tuple[Entry, ...] = (
           "int4", None, {"engine": "llorch", "speculative": False}),
     Entry("llorch-spec-ngram", "llorch engine int4 --speculative ngram", "spec", "speculative",
           "int4", None, {"engine": "llorch", "speculative": True}),
+    # the same on ORT GenAI's builder's quantization (--int4-symmetric --lm-head-bits 4: its
+    # blocks bit for bit), so llorch and GenAI read the same bytes a step
+    Entry("llorch-spec-sym-off", "llorch engine int4 --int4-symmetric --lm-head-bits 4, "
+          "speculation off", "spec", "speculative", "int4-sym-lm4", None,
+          {"engine": "llorch", "speculative": False}),
+    Entry("llorch-spec-sym-ngram", "llorch engine int4 --int4-symmetric --lm-head-bits 4 "
+          "--speculative ngram", "spec", "speculative", "int4-sym-lm4", None,
+          {"engine": "llorch", "speculative": True}),
     # the fp32 export as the target, alone and drafted by its int4 export (--speculative draft)
     Entry("llorch-spec-fp32-off", "llorch engine fp32, speculation off", "spec", "speculative",
           "fp32", None, {"engine": "llorch", "speculative": False}),

@@ -103,22 +103,17 @@ class SharedKVRuntime(SlotRuntime):
         self._pin_logits = pin_logits
         self._keep = {n: ort.OrtValue.ortvalue_from_numpy(np.full(1, n, np.int64)) for n in (0, 1)}
         self.session = ort.InferenceSession(str(info.onnx_file), so, providers=providers)
-        main_rows = (options.batch_invariant is not False and providers[0] == "CPUExecutionProvider"
-                     and main_row_invariant(info.graph, options.w8a8))
-        # auto on an export whose main graph is row-invariant: decode steps on it (a lone step
-        # 1.2-1.3x faster than on the W8A8 graph, as fast at 16 rows: default model, 2
-        # threads, 2026-12-01), prefills on the W8A8 graph's int8 GEMMs (1.1-1.5x faster)
-        w8a8 = ("prefill" if main_rows and options.w8a8 == "auto" and info.w8a8_file is not None
-                else options.w8a8)
-        self.w8a8, self.w8a8_session = open_w8a8_session(info, w8a8, so, providers)
+        self.w8a8, self.w8a8_session = open_w8a8_session(info, options.w8a8, so, providers)
         if options.batch_invariant is not False and w8a8_row_invariant(info.graph, self.w8a8):
             # no op of this W8A8 graph lets a row depend on the others (export.graph.mlp):
             # every step runs on it, so a sequence's tokens never depend on the batch
             self.w8a8_min_rows = 1
             self.batch_invariant = True
-        elif main_rows and self.w8a8 != "all":
-            # every decode step on the row-invariant main graph, every prefill on one graph
-            # (W8A8 with "prefill", whose rows are computed apart: graph.w8a8_row_invariant)
+        elif (options.batch_invariant is not False and providers[0] == "CPUExecutionProvider"
+              and main_row_invariant(info.graph, self.w8a8)):
+            # --w8a8 prefill / off on an export whose main graph is row-invariant: every decode
+            # step on it, every prefill on one graph (the W8A8 one with "prefill", whose rows
+            # are computed apart: graph.w8a8_row_invariant; the main one with "off")
             self.batch_invariant = True
         super().__init__(with_max_length(info, options.max_length, info.max_length),
                          options.max_batch, kv_dtype(self.session, info))
