@@ -83,11 +83,20 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("llorch-spec-ngram", "llorch engine int4 --speculative ngram", "spec", "speculative",
           "int4", None, {"engine": "llorch", "speculative": True}),
     # the same on ORT GenAI's builder's quantization (--int4-symmetric --lm-head-bits 4: its
-    # blocks bit for bit), so llorch and GenAI read the same bytes a step
-    Entry("llorch-spec-sym-off", "llorch engine int4 --int4-symmetric --lm-head-bits 4, "
+    # blocks bit for bit), so llorch and GenAI read the same bytes a step; --w8a8 prefill:
+    # decode steps on that row-invariant main graph (the one-stream setting there)
+    Entry("llorch-spec-sym-off", "llorch engine int4 --int4-symmetric --lm-head-bits 4 "
+          "--w8a8 prefill, speculation off", "spec", "speculative", "int4-sym-lm4", None,
+          {"engine": "llorch", "speculative": False, "w8a8": "prefill"}),
+    Entry("llorch-spec-sym-ngram", "llorch engine int4 --int4-symmetric --lm-head-bits 4 "
+          "--w8a8 prefill --speculative ngram", "spec", "speculative", "int4-sym-lm4", None,
+          {"engine": "llorch", "speculative": True, "w8a8": "prefill"}),
+    # and with --w8a8 auto (every step, verify calls included, on the W8A8 graph, whose
+    # int8 GEMMs verify several positions cheaper than the 4-bit main graph)
+    Entry("llorch-spec-sym-auto-off", "llorch engine int4 --int4-symmetric --lm-head-bits 4, "
           "speculation off", "spec", "speculative", "int4-sym-lm4", None,
           {"engine": "llorch", "speculative": False}),
-    Entry("llorch-spec-sym-ngram", "llorch engine int4 --int4-symmetric --lm-head-bits 4 "
+    Entry("llorch-spec-sym-auto-ngram", "llorch engine int4 --int4-symmetric --lm-head-bits 4 "
           "--speculative ngram", "spec", "speculative", "int4-sym-lm4", None,
           {"engine": "llorch", "speculative": True}),
     # the fp32 export as the target, alone and drafted by its int4 export (--speculative draft)
