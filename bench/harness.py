@@ -29,6 +29,7 @@ from bench.prepare import (
     default_model_paths,
     ensure_builder_int4,
     ensure_int4_down_proj_level0,
+    ensure_int4_symmetric_lm4,
     ensure_optimum_fp32,
 )
 from bench.proc import busy_cores, cpu_busy_seconds, run_child, thread_env
@@ -69,6 +70,10 @@ def prepare_models(entries: list[Entry], cfg: BenchConfig, log_dir: Path) -> tup
         path, secs = ensure_int4_down_proj_level0(paths["hf"])
         paths["int4-l0"] = path
         prepare["int4-l0"] = {"path": str(path), "export_s": secs}
+    if "int4-sym-lm4" in needed:
+        path, secs = ensure_int4_symmetric_lm4(paths["hf"])
+        paths["int4-sym-lm4"] = path
+        prepare["int4-sym-lm4"] = {"path": str(path), "export_s": secs}
     if "optimum-fp32" in needed:
         path, reason, secs = ensure_optimum_fp32(paths["hf"], log_dir / "optimum-export.log",
                                                  cfg.threads)

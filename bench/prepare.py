@@ -9,6 +9,9 @@
   optimum-fp32       optimum's own export of the HF dir
   int4-l0            llorch int4 with --down-proj-accuracy-level 0, the export the default was
                      before serve became batch-invariant by default (the determinism rows)
+  int4-sym-lm4       llorch int4 with ORT GenAI's builder's scheme (--int4-symmetric
+                     --lm-head-bits 4: its blocks bit for bit), so that llorch and GenAI run
+                     the same bytes (the speculative rows)
 
 Each `ensure_*` returns (path or None, reason or None, seconds spent building or None).
 """
@@ -66,6 +69,22 @@ def ensure_int4_down_proj_level0(hf_dir: Path) -> tuple[Path, float | None]:
     t0 = time.perf_counter()
     export_model(hf_dir, out, precision="int4", target="cpu", down_proj_accuracy_level=0,
                  kv_dtype="fp32", force=out.exists(), progress=False)
+    return out, time.perf_counter() - t0
+
+
+def ensure_int4_symmetric_lm4(hf_dir: Path) -> tuple[Path, float | None]:
+    """The default model exported with ORT GenAI's builder's quantization (symmetric blocks
+    of 32, a 4-bit lm_head: `--int4-symmetric --lm-head-bits 4`), every other setting
+    llorch's default. Built once into the bench cache; returns (dir, export seconds or None
+    when cached)."""
+    from export.api import export_model
+
+    out = CACHE / "smollm2-135m-instruct-int4-sym-lm4"
+    if (out / "llorch.json").is_file():
+        return out, None
+    t0 = time.perf_counter()
+    export_model(hf_dir, out, precision="int4", target="cpu", int4_symmetric=True,
+                 lm_head_bits=4, force=out.exists(), progress=False)
     return out, time.perf_counter() - t0
 
 

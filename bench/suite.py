@@ -16,6 +16,7 @@ class Entry:
         peer: module under `bench.peers` that runs it.
         group: name `--only` selects it by (its key works too).
         model: which prepared input it runs on: int4, fp32, hf, gguf, builder-int4, optimum-fp32,
+            int4-l0, int4-sym-lm4,
             or the 1B-class model's 1b-int4, 1b-int4-sym, 1b-int4-sym-lm4, 1b-int4-q4_0,
             1b-genai, 1b-gguf (bench.model_1b).
         baseline: the llorch entry its ratios are taken against (same precision), or None.
@@ -81,6 +82,23 @@ ENTRIES: tuple[Entry, ...] = (
           "int4", None, {"engine": "llorch", "speculative": False}),
     Entry("llorch-spec-ngram", "llorch engine int4 --speculative ngram", "spec", "speculative",
           "int4", None, {"engine": "llorch", "speculative": True}),
+    # the same on ORT GenAI's builder's quantization (--int4-symmetric --lm-head-bits 4: its
+    # blocks bit for bit), so llorch and GenAI read the same bytes a step; --w8a8 prefill:
+    # decode steps on that row-invariant main graph (the one-stream setting there)
+    Entry("llorch-spec-sym-off", "llorch engine int4 --int4-symmetric --lm-head-bits 4 "
+          "--w8a8 prefill, speculation off", "spec", "speculative", "int4-sym-lm4", None,
+          {"engine": "llorch", "speculative": False, "w8a8": "prefill"}),
+    Entry("llorch-spec-sym-ngram", "llorch engine int4 --int4-symmetric --lm-head-bits 4 "
+          "--w8a8 prefill --speculative ngram", "spec", "speculative", "int4-sym-lm4", None,
+          {"engine": "llorch", "speculative": True, "w8a8": "prefill"}),
+    # and with --w8a8 auto (every step, verify calls included, on the W8A8 graph, whose
+    # int8 GEMMs verify several positions cheaper than the 4-bit main graph)
+    Entry("llorch-spec-sym-auto-off", "llorch engine int4 --int4-symmetric --lm-head-bits 4, "
+          "speculation off", "spec", "speculative", "int4-sym-lm4", None,
+          {"engine": "llorch", "speculative": False}),
+    Entry("llorch-spec-sym-auto-ngram", "llorch engine int4 --int4-symmetric --lm-head-bits 4 "
+          "--speculative ngram", "spec", "speculative", "int4-sym-lm4", None,
+          {"engine": "llorch", "speculative": True}),
     # the fp32 export as the target, alone and drafted by its int4 export (--speculative draft)
     Entry("llorch-spec-fp32-off", "llorch engine fp32, speculation off", "spec", "speculative",
           "fp32", None, {"engine": "llorch", "speculative": False}),

@@ -384,6 +384,22 @@ def verify_written(tmp: Path, plan: ExportPlan, static: StaticGraphs | None):
                          quantized=plan.spec.precision == "int4")
 
 
+def main_row_invariant(plan: ExportPlan, main_file: Path) -> bool:
+    """Whether every op of the main graph computes a row without looking at the others: a
+    cpu int4 GroupQueryAttention graph whose MatMulNBits are all at accuracy level 4 (int8
+    compute, activations quantized per row and block; MLAS's one-row path of level 0 rounds
+    otherwise), with the lm_head quantized and no float MatMul — i.e. no float-zero-point
+    correction (affine blocks, GGUF Q4_1: an SGEMM whose one-row path is not checked to round
+    as its many-row one). In practice: `--int4-symmetric` exports and GGUF Q4_0/Q8_0 ones."""
+    spec = plan.spec
+    if not (spec.target == "cpu" and spec.precision == "int4" and plan.gqa
+            and spec.accuracy_level == 4 and spec.down_proj_accuracy_level in (4, None)
+            and spec.lm_head_bits != 0):
+        return False
+    graph = onnx.load(str(main_file), load_external_data=False).graph
+    return not any(n.op_type == "MatMul" for n in graph.node)
+
+
 def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, report) -> None:
     """llorch.json: the source (files and hashes), what the graphs are, the verify report."""
     spec, int4 = plan.spec, plan.spec.precision == "int4"
@@ -415,6 +431,9 @@ def write_manifest(tmp: Path, plan: ExportPlan, static: StaticGraphs | None, rep
             "lm_head_bits": spec.lm_head_bits if int4 else None,
             # MatMulNBits without zero_points (implicit 2^(bits-1)), --int4-symmetric
             "int4_symmetric": spec.int4_symmetric if int4 else None,
+            # the main graph computes each row the same whatever the other rows are (every
+            # MatMulNBits at accuracy level 4, no float MatMul): serve decodes every step on it
+            "row_invariant": main_row_invariant(plan, tmp / "model.onnx"),
             "gguf_blocks": plan.source.kind == "gguf" and int4,
             "w8a8": W8A8_FILE if plan.w8a8_graph else None,
             "w8a8_smoothing": {"alpha": SMOOTH_ALPHA, "statistic": "mean |x|",

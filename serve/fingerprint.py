@@ -24,6 +24,7 @@ from serve.runtime.interface import (
     ProviderError,
     cuda_graph_in_effect,
     decodes_apart,
+    main_row_invariant,
     w8a8_row_invariant,
 )
 
@@ -41,8 +42,9 @@ def llorch_version() -> str:
 
 def batch_invariance(options: ServeOptions) -> str:
     """How a request's numbers relate to its batch, from the flags and the export's llorch.json
-    (as `serve.runtime.shared_kv` and `serve.engine` decide it at load): "rows" (every step
-    on a row-invariant W8A8 graph: the default on such exports, or `--batch-invariant`; with
+    (as `serve.runtime.shared_kv` and `serve.engine` decide it at load): "rows" (every decode
+    step on one row-invariant graph, the main one or the W8A8 one: the default on such
+    exports, or `--batch-invariant`; with
     the attention pad only `--batch-invariant`, whose steps of 2+ sequences run one call
     each), "rows-batched" (the attention pad with batch invariance on auto, the default with
     `--speculative`: every step on that graph, but a step of 2+ sequences as one unpadded
@@ -50,8 +52,9 @@ def batch_invariance(options: ServeOptions) -> str:
     padded to two rows) or "off"."""
     if options.batch_invariant is False:
         return "off"
-    rows = (w8a8_row_invariant(export_graph(options.model_dir), options.w8a8)
-            and provider(options) == "CPUExecutionProvider")  # the W8A8 graph is CPU-only
+    graph = export_graph(options.model_dir)
+    rows = ((w8a8_row_invariant(graph, options.w8a8) or main_row_invariant(graph, options.w8a8))
+            and provider(options) == "CPUExecutionProvider")  # CUDA picks kernels by batch
     pad = options.attention_pad_in_effect()
     if pad and not decodes_apart(options.batch_invariant, pad):
         return "rows-batched" if rows else "off"

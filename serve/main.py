@@ -75,8 +75,11 @@ def log_invariance(options: ServeOptions, engine: Engine) -> None:
                  "the attention pad pads a lone decode step, a step of 2+ sequences runs as one "
                  "unpadded call%s; --batch-invariant runs one call a sequence)", flag, drafts)
     elif engine.batch_invariant:
-        how = ("every step on the row-invariant W8A8 graph" if engine.runtime.batch_invariant
-               else "a lone decode padded to two rows")
+        rt = engine.runtime
+        how = ("a lone decode padded to two rows" if not rt.batch_invariant
+               else "every step on the row-invariant W8A8 graph" if getattr(rt, "w8a8", "off") == "all"
+               else "every decode step on the row-invariant main graph, prefills on the "
+               f"{'W8A8' if getattr(rt, 'w8a8', 'off') == 'prefill' else 'main'} graph")
         log.info("batch-invariant: the same request gives the same tokens whatever else runs "
                  "(%s)", how)
     elif options.batch_invariant is None:

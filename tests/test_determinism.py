@@ -1,6 +1,7 @@
 """The same request gets the same tokens whatever else the server does (issue 15, part 2).
 
-On the default model (int4 with its row-invariant W8A8 graph) with the defaults (no flag), 8
+On the default model (int4 with its row-invariant W8A8 graph) with the defaults (no flag), and
+on its `--int4-symmetric` export with `--w8a8 prefill` (decode steps on the main graph), 8
 different prompts, greedy and seeded: alone, all together, after their prefixes were cached,
 next to a long prompt that prefills in chunks between their decode steps, on engines with
 different prefill chunk sizes, and a second turn whose prompt holds the first turn's answer
@@ -52,11 +53,24 @@ def prompts(tok) -> list[tuple[int, ...]]:
         add_generation_prompt=True), add_special_tokens=False)) for q in QUESTIONS]
 
 
-@pytest.fixture(scope="module")
-def runtime(default_model_dir):
-    rt = open_runtime(default_model_dir, RuntimeOptions(max_batch=10, max_length=2048,
-                                                        w8a8="auto"))
-    assert rt.batch_invariant, "the default int4 export's W8A8 graph should be row-invariant"
+@pytest.fixture(scope="module", params=["default", "symmetric-w8a8-prefill"])
+def runtime(request, default_model_dir, default_hf_dir, tmp_path_factory):
+    """The default export as serve opens it (every step on its row-invariant W8A8 graph), and
+    an `--int4-symmetric` export with `--w8a8 prefill`: prefills on the W8A8 graph, every
+    decode step on the main graph, row-invariant itself (graph.row_invariant)."""
+    if request.param == "default":
+        rt = open_runtime(default_model_dir, RuntimeOptions(max_batch=10, max_length=2048,
+                                                            w8a8="auto"))
+        assert rt.batch_invariant, "the default int4 export's W8A8 graph should be row-invariant"
+        return rt
+    from export.api import export_model
+
+    sym = tmp_path_factory.mktemp("symmetric") / "smollm2-int4-symmetric"
+    export_model(default_hf_dir, sym, precision="int4", int4_symmetric=True, max_length=2048,
+                 progress=False)
+    rt = open_runtime(sym, RuntimeOptions(max_batch=10, max_length=2048, w8a8="prefill"))
+    assert rt.batch_invariant and rt._session_for(1) is rt.session is rt._session_for(8)
+    assert rt._session_for(1, prefill=True) is rt.w8a8_session
     return rt
 
 

@@ -82,36 +82,69 @@ def test_runtime_routes_runs_to_the_w8a8_graph(tiny_int4, tiny_hf_dir, tmp_path)
     graph is row-invariant (the default: down_proj at accuracy level 4,
     graph.w8a8_row_invariant), unless batch_invariant is False; on a level-0 export, or with
     batch_invariant False, a lone sequence decodes on the int4 graph; prefill: prefill only
-    (one token too, so a prefix-cache hit sees the KV a full prefill makes)."""
+    (one token too, so a prefix-cache hit sees the KV a full prefill makes), batch-invariant
+    where the main graph is row-invariant itself (graph.row_invariant: no float-zero-point
+    correction, `--int4-symmetric`), as off is there."""
+    from serve.fingerprint import batch_invariance
+    from serve.options import ServeOptions
+
+    def graph(d):
+        return json.loads((d / "llorch.json").read_text())["graph"]
+
     assert open_runtime(tiny_int4, RuntimeOptions(max_batch=2)).w8a8_session is None
-    assert json.loads((tiny_int4 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
+    corr = tiny_int4  # affine blocks: the main graph has the correction MatMul
+    assert graph(corr)["w8a8_row_invariant"] and graph(corr)["row_invariant"] is False
+    sym = tmp_path / "symmetric"
+    export_model(tiny_hf_dir, sym, precision="int4", int4_symmetric=True, progress=False)
+    assert graph(sym)["w8a8_row_invariant"] and graph(sym)["row_invariant"] is True
     level0 = tmp_path / "down-proj-level-0"
     export_model(tiny_hf_dir, level0, precision="int4", down_proj_accuracy_level=0, progress=False)
-    assert not json.loads((level0 / "llorch.json").read_text())["graph"]["w8a8_row_invariant"]
-    invariant = tiny_int4
+    assert not graph(level0)["w8a8_row_invariant"] and not graph(level0)["row_invariant"]
+    for invariant in (corr, sym):
+        for mode in (True, "all", "auto"):
+            for kw in ({}, {"batch_invariant": None}, {"batch_invariant": True}):
+                rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
+                assert rt.w8a8 == "all" and rt.w8a8_session is not None and rt.batch_invariant
+                assert rt._session_for(1) is rt.w8a8_session
     for mode in (True, "all", "auto"):
-        for kw in ({}, {"batch_invariant": None}, {"batch_invariant": True}):
-            rt = open_runtime(invariant, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
-            assert rt.w8a8 == "all" and rt.w8a8_session is not None and rt.batch_invariant
-            assert rt._session_for(1) is rt.w8a8_session
         # a level-0 down_proj, or batch invariance turned off: a lone sequence decodes on int4
         for d, kw in ((level0, {"batch_invariant": True}), (level0, {}),
-                      (invariant, {"batch_invariant": False})):
+                      (corr, {"batch_invariant": False}), (sym, {"batch_invariant": False})):
             rt = open_runtime(d, RuntimeOptions(max_batch=2, w8a8=mode, **kw))
             assert rt._session_for(1) is rt.session and not rt.batch_invariant
         assert rt._session_for(1, prefill=True) is rt.w8a8_session
         assert rt._session_for(2) is rt.w8a8_session and rt._session_for(512) is rt.w8a8_session
-    old = tmp_path / "older-export"  # before graph.w8a8_row_invariant
-    shutil.copytree(invariant, old)
+    old = tmp_path / "older-export"  # before graph.w8a8_row_invariant and graph.row_invariant
+    shutil.copytree(sym, old)
     meta = json.loads((old / "llorch.json").read_text())
-    del meta["graph"]["w8a8_row_invariant"]
+    del meta["graph"]["w8a8_row_invariant"], meta["graph"]["row_invariant"]
     (old / "llorch.json").write_text(json.dumps(meta))
     rt = open_runtime(old, RuntimeOptions(max_batch=2, w8a8="auto", batch_invariant=True))
     assert rt._session_for(1) is rt.session and not rt.batch_invariant
     assert rt._session_for(2) is rt.w8a8_session
-    rt = open_runtime(tiny_int4, RuntimeOptions(max_batch=2, w8a8="prefill"))
-    assert rt._session_for(1, prefill=True) is rt.w8a8_session and not rt.batch_invariant
-    assert rt._session_for(2) is rt.session and rt._session_for(16) is rt.session
+    # prefill: the W8A8 graph prefills, every decode step runs on the main graph, which is
+    # batch-invariant where that graph is row-invariant; off: the main graph only
+    for d in (corr, sym):
+        rt = open_runtime(d, RuntimeOptions(max_batch=2, w8a8="prefill"))
+        assert rt._session_for(1, prefill=True) is rt.w8a8_session
+        assert rt._session_for(2) is rt.session and rt._session_for(16) is rt.session
+        assert rt.batch_invariant is (d == sym)
+        rt = open_runtime(d, RuntimeOptions(max_batch=2, w8a8="off"))
+        assert rt.w8a8_session is None and rt.batch_invariant is (d == sym)
+        assert not open_runtime(d, RuntimeOptions(max_batch=2, w8a8="prefill",
+                                                  batch_invariant=False)).batch_invariant
+    no_w8a8 = tmp_path / "symmetric-no-w8a8"
+    export_model(tiny_hf_dir, no_w8a8, precision="int4", int4_symmetric=True, w8a8_graph=False,
+                 progress=False)
+    for mode in ("auto", "all", "off"):
+        assert open_runtime(no_w8a8, RuntimeOptions(max_batch=2, w8a8=mode)).batch_invariant
+    # the fingerprint's mode follows what the runtime does
+    for w8a8 in ("off", "prefill", "all", "auto"):
+        assert batch_invariance(ServeOptions(sym, w8a8=w8a8)) == "rows"
+        assert batch_invariance(ServeOptions(no_w8a8, w8a8=w8a8)) == "rows"
+        assert batch_invariance(ServeOptions(corr, w8a8=w8a8)) == (
+            "rows" if w8a8 in ("all", "auto") else "off")
+    assert batch_invariance(ServeOptions(sym, batch_invariant=False)) == "off"
     with pytest.raises(ValueError, match="w8a8 must be one of"):
         open_runtime(tiny_int4, RuntimeOptions(w8a8="yes"))
 

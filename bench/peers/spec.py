@@ -49,12 +49,13 @@ class LlorchSpec:
     `serve.main.open_draft` for the draft runtime); ``spin`` overrides the target's
     `RuntimeOptions.spin` and ``attention_pad`` serve's `--attention-pad` (None: its auto, on
     with speculation where the export has the pad); ``adaptive`` False is
-    `--no-speculative-adaptive`. After `times`, ``cpu_stamps`` holds the process CPU time
+    `--no-speculative-adaptive`; ``w8a8`` serve's `--w8a8`. After `times`, ``cpu_stamps`` holds the process CPU time
     (`time.process_time`, every thread) at each token's arrival."""
 
     def __init__(self, model_dir: Path, threads: int, speculative: bool,
                  draft_dir: Path | None = None, spin: bool | None = None,
-                 attention_pad: bool | None = None, adaptive: bool = True) -> None:
+                 attention_pad: bool | None = None, adaptive: bool = True,
+                 w8a8: str = "auto") -> None:
         from serve.engine import Engine
         from serve.events import EngineObserver
         from serve.main import open_draft, target_spin
@@ -76,7 +77,7 @@ class LlorchSpec:
                                attention_pad=attention_pad,
                                speculative_adaptive=adaptive if speculative else True)
         runtime = open_runtime(model_dir, RuntimeOptions(
-            threads=threads, max_length=2048, w8a8="auto",
+            threads=threads, max_length=2048, w8a8=w8a8,
             spin=target_spin(options) if spin is None else spin,
             attention_pad=options.attention_pad_in_effect()))
         draft = open_draft(options, runtime) if options.draft_model else None
@@ -270,7 +271,8 @@ def run(job: dict) -> dict:
     sets = prompt_sets(int4, cfg.quick)
     if args["engine"] == "llorch":
         draft = Path(args["int4_dir"]) if args.get("draft") == "int4" else None
-        peer = LlorchSpec(Path(args["model_dir"]), cfg.threads, args["speculative"], draft)
+        peer = LlorchSpec(Path(args["model_dir"]), cfg.threads, args["speculative"], draft,
+                          w8a8=args.get("w8a8", "auto"))
         from importlib import metadata
         version = metadata.version("llorch")
     elif args["engine"] == "genai":

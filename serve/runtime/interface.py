@@ -28,6 +28,19 @@ def w8a8_row_invariant(graph: Mapping[str, Any], w8a8: str) -> bool:
     return bool(graph.get("w8a8") and graph.get("w8a8_row_invariant")) and w8a8 in ("all", "auto")
 
 
+def main_row_invariant(graph: Mapping[str, Any], w8a8: str) -> bool:
+    """Whether decode steps run on the export's main graph and every op of it computes a
+    row the same whatever the other rows are (llorch.json ``graph.row_invariant``: cpu int4
+    exports with every MatMulNBits at accuracy level 4 and no float-zero-point correction,
+    export.api.main_row_invariant), the ``w8a8`` mode keeping decode steps off the W8A8 graph
+    ("prefill" or "off", or any mode where the export has no W8A8 graph). Auto stays "all"
+    where it has one: on the symmetric default model the main graph's lone step is 1.4x
+    faster than the W8A8 graph's, but 1.1-1.2x slower at 4 and 16 rows (2 threads,
+    2026-12-01), and invariance allows one decode graph only."""
+    return bool(graph.get("row_invariant")) and (w8a8 in ("prefill", "off")
+                                                  or not graph.get("w8a8"))
+
+
 def decodes_apart(batch_invariant: bool | None, attention_pad: bool) -> bool:
     """Whether a decode step of 2+ sequences runs as one padded call a sequence (the attention
     pad on, batch invariance asked for: ``batch_invariant`` True), rather than as one unpadded
@@ -69,9 +82,11 @@ class RuntimeOptions:
         cuda_graph: CUDA only: decode on the export's static graph, captured per batch size;
             None (what `llorch serve` passes by default): where the runtime is `CudaRuntime`
             on the GPU and the export has that graph (`cuda_graph_in_effect`).
-        batch_invariant: True or None (the default): run every step, a lone sequence's decode
-            included, on a row-invariant W8A8 graph where the export has one (llorch.json
-            `graph.w8a8_row_invariant`, with ``w8a8`` "all"), so a sequence's tokens never
+        batch_invariant: True or None (the default): run every decode step on one
+            row-invariant graph — a row-invariant W8A8 graph where the export has one
+            (`graph.w8a8_row_invariant`, with ``w8a8`` "all" or "auto"), or the main graph
+            with ``w8a8`` "prefill" or "off" where the export says it is one (llorch.json
+            `graph.row_invariant`, `main_row_invariant`) — so a sequence's tokens never
             depend on its batch mates (under ``attention_pad`` only with True: see there); False: a lone sequence decodes on the int4 graph
             (closer to fp32, default model: KL 0.0034 vs 0.0053; faster at one row).
         coreml_cache_dir: static (CoreML) exports: where compiled models are kept (None:

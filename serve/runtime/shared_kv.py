@@ -55,6 +55,7 @@ from serve.runtime.interface import (
     RowToken,
     RuntimeOptions,
     decodes_apart,
+    main_row_invariant,
     w8a8_row_invariant,
 )
 from serve.runtime.kv_memory import KVBuffers
@@ -107,6 +108,12 @@ class SharedKVRuntime(SlotRuntime):
             # no op of this W8A8 graph lets a row depend on the others (export.graph.mlp):
             # every step runs on it, so a sequence's tokens never depend on the batch
             self.w8a8_min_rows = 1
+            self.batch_invariant = True
+        elif (options.batch_invariant is not False and providers[0] == "CPUExecutionProvider"
+              and main_row_invariant(info.graph, self.w8a8)):
+            # --w8a8 prefill / off on an export whose main graph is row-invariant: every decode
+            # step on it, every prefill on one graph (the W8A8 one with "prefill", whose rows
+            # are computed apart: graph.w8a8_row_invariant; the main one with "off")
             self.batch_invariant = True
         super().__init__(with_max_length(info, options.max_length, info.max_length),
                          options.max_batch, kv_dtype(self.session, info))
@@ -468,7 +475,9 @@ class HostRuntime(SharedKVRuntime):
                 # a step of 2+ sequences runs unpadded: its rows compute other numbers than
                 # a lone padded step (the W8A8 graph still takes every step where it did)
                 self.batch_invariant = False
-            self.positions_alike = self._apart and self.batch_invariant
+            # and only where prefills and decode steps run on one graph (not with "prefill":
+            # a prompt's positions on the W8A8 graph, a generated token's on the main one)
+            self.positions_alike = self._apart and self.batch_invariant and self.w8a8 != "prefill"
         # the pad row writes one position past a call's last token: one spare position
         shape = (self.n_slots, info.num_kv_heads, self.info.max_length + self.attention_pad,
                  info.head_dim)
