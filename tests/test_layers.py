@@ -29,6 +29,7 @@ LAYERS = {
     "serve.frontend": API,  # --api-workers: the engine in a process of its own, HTTP workers in front
     "serve.foreign_fields": API,  # another wire format's fields, refused by name
     "serve.request_id": API,  # x-request-id / request-id on every response (ASGI middleware)
+    "serve.tool_flags": API,  # tools' allowed_callers / async / boolean flags, checked per route
     # engine: the scheduler, sequences, sampling, constraints and the events it sends
     "serve.engine": ENGINE, "serve.events": ENGINE, "serve.sequence": ENGINE,
     "serve.sampling": ENGINE, "serve.constraints": ENGINE, "serve.tool_grammar": ENGINE,
