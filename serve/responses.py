@@ -374,7 +374,8 @@ class CompletionOutput(Output):
             i = k * self.n + c.index
             block = None
             if self.logprobs and c.logprobs:
-                block = self.offsets[i].block(c.logprobs, c.token_ids)
+                # the tokens whose logprobs are settled (`Choice._logprobs`), not c.token_ids
+                block = self.offsets[i].block(c.logprobs, [lp.token_id for lp in c.logprobs])
             pieces.append((i, c.text, block, c.finish_reason))
         return pieces
 

@@ -71,7 +71,7 @@ class Choice:
     """One sequence: a choice of a request, on one KV slot (-1 before and after)."""
 
     __slots__ = ("job", "index", "slot", "sampler", "constraint", "detok", "stops", "generated",
-                 "next_token", "t_last", "special_text")
+                 "next_token", "t_last", "special_text", "held_logprobs")
 
     def __init__(self, job: Job, index: int, tokenizer) -> None:
         params = job.request.params
@@ -91,6 +91,9 @@ class Choice:
         self.generated: list[int] = []
         self.next_token = -1  # sampled, not yet fed to the model
         self.t_last = 0.0  # when its latest token came
+        # Logprobs of tokens whose text the stop matcher still holds back: (where the token's
+        # text starts in the matcher's input, its logprob); see `_logprobs`.
+        self.held_logprobs: list[tuple[int, TokenLogprob]] = []
 
     def held_ids(self, length: int) -> np.ndarray:
         """The first `length` ids of its sequence (prompt, then generated): what its KV holds."""
@@ -112,10 +115,9 @@ class Choice:
         self.generated.append(token)
         self.next_token = token
         job.completion_tokens += 1
-        logprobs = None
         if params.logprobs is not None and sample.logprob is not None:
             top = tuple((int(i), float(p)) for i, p in (sample.top or ()))
-            logprobs = (TokenLogprob(token, float(sample.logprob), top),)
+            self.held_logprobs.append((self.stops.fed, TokenLogprob(token, float(sample.logprob), top)))
         eos = token in eos_ids and not params.ignore_eos
         # vLLM's stop_token_ids: the choice stops on one
         stop_id = not eos and token in params.stop_token_ids
@@ -136,9 +138,30 @@ class Choice:
         elif len(self.generated) >= job.max_tokens or len(job.prompt) + len(self.generated) >= max_length:
             finish = "length"
         if finish is None:
-            return ChoiceOutput(self.index, text, (token,), logprobs)
+            return ChoiceOutput(self.index, text, (token,), self._logprobs())
         out = self.end(finish, text, stopped=stopped)
-        return ChoiceOutput(self.index, out.text, (token,), logprobs, out.finish_reason, out.stop_sequence)
+        return ChoiceOutput(self.index, out.text, (token,), out.logprobs, out.finish_reason, out.stop_sequence)
+
+    def _logprobs(self, *, final: bool = False) -> tuple[TokenLogprob, ...] | None:
+        """The held logprobs whose tokens' text is now settled as output, in token order; None
+        without `logprobs`.
+
+        A token's logprob goes out with its text, not before: while a possible stop string
+        holds the text back, so does its logprob, and a token whose text starts at or after
+        where a matched stop cuts the output is dropped with it (`{"stop": [" in P"]}` used to
+        report ' in' and ' Python' in `logprobs.content` of a message ending before them).
+        `final`: the choice has ended without a stop; everything held is settled (an EOS adds
+        no text, so its logprob would otherwise wait for text that never comes).
+        """
+        if self.job.request.params.logprobs is None:
+            return None
+        kept = self.stops.fed + 1 if final else self.stops.kept
+        n = 0
+        while n < len(self.held_logprobs) and self.held_logprobs[n][0] < kept:
+            n += 1
+        out = tuple(lp for _, lp in self.held_logprobs[:n])
+        self.held_logprobs = [] if self.stops.stopped else self.held_logprobs[n:]
+        return out
 
     def end(self, reason: str, text: str = "", *, stopped: bool = False) -> ChoiceOutput:
         """The choice ends: release the text held back (it may still complete a stop string)."""
@@ -152,7 +175,8 @@ class Choice:
                 text += self.stops.flush()
         self.job.finished += 1
         self.job.finish_reasons.append(reason)
-        return ChoiceOutput(self.index, text, finish_reason=reason, stop_sequence=self.stops.matched)
+        return ChoiceOutput(self.index, text, logprobs=self._logprobs(final=not self.stops.stopped), finish_reason=reason,
+                            stop_sequence=self.stops.matched)
 
 
 def prompt_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:

@@ -49,6 +49,11 @@ class StopMatcher:
         self._hidden: list[tuple[int, int]] = []  # [start, end) spans of _held never emitted
         self.stopped = False
         self.matched: str | None = None  # the stop string that matched
+        # Absolute positions in everything fed (hidden pieces included): `fed` characters came
+        # in; input before `kept` is settled as output (or hidden); after a match, `kept` is
+        # where the output ends and nothing from it on is output.
+        self.fed = 0
+        self.kept = 0
 
     def feed(self, text: str, *, visible: bool = True, match: bool = True) -> tuple[str, bool]:
         """Adds a piece; returns (text safe to emit, whether a stop string matched).
@@ -59,7 +64,10 @@ class StopMatcher:
         """
         if self.stopped:
             return "", True
+        base = self.fed - len(self._held)  # where `self._held` (the buffer below) begins
+        self.fed += len(text)
         if not self._stops:
+            self.kept = self.fed
             return (text if visible else ""), False
         held = len(self._held)
         if not visible and text:
@@ -74,6 +82,7 @@ class StopMatcher:
                 end, start, self.matched = found
                 self.stopped = True
                 out = self._visible(buf, self._sent, end if self._include else start)
+                self.kept = base + (end if self._include else start)
                 self._held, self._sent, self._hidden = "", 0, []
                 return out, True
         keep = self._partial_match_len(buf)
@@ -86,6 +95,7 @@ class StopMatcher:
             self._sent = 0
         self._held = buf[cut:]
         self._hidden = [(max(a - cut, 0), b - cut) for a, b in self._hidden if b > cut]
+        self.kept = self.fed - (len(self._held) - self._sent)
         return out, False
 
     def _visible(self, buf: str, start: int, end: int) -> str:
@@ -103,7 +113,10 @@ class StopMatcher:
         """Text held back as a possible stop start, once generation ends otherwise."""
         held = self._visible(self._held, self._sent, len(self._held))
         self._held, self._sent, self._hidden = "", 0, []
-        return "" if self.stopped else held
+        if self.stopped:
+            return ""
+        self.kept = self.fed
+        return held
 
     def _partial_match_len(self, buf: str) -> int:
         """Length of the longest suffix of ``buf`` that is a proper prefix of a stop."""

@@ -308,6 +308,51 @@ def test_chat_logprobs(client):
     assert [e.token for e in streamed] == [e.token for e in content]
 
 
+def _kept_tokens(tokens: list[str], cut: int) -> list[str]:
+    """The tokens whose text starts before character `cut` of their joined text."""
+    starts = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    return [t for t, start in zip(tokens, starts, strict=True) if start < cut]
+
+
+def test_stop_strings_cut_the_logprobs_too(client, varied):
+    """A stop string that spans tokens ends the text before it; the logprobs of the tokens it
+    cut off (their text is not in the output) go with it, streamed or not, chat and legacy
+    completions. They used to stay: `stop: [" in P"]` gave a message ending "palindrome"
+    whose `logprobs.content` went on with ' in' and ' Python'."""
+    kw = dict(seed=77, max_tokens=30, **varied)
+    free = chat(client, logprobs=True, **kw).choices[0]
+    tokens = [e.token for e in free.logprobs.content]
+    text = free.message.content
+    assert "".join(tokens) == text and len(tokens) >= 8
+    k = next(i for i in range(3, len(tokens) - 1) if tokens[i] and tokens[i + 1])
+    for stop in (tokens[k] + tokens[k + 1], tokens[k][-1] + tokens[k + 1]):  # at / inside a token
+        cut = text.index(stop)
+        want = _kept_tokens(tokens, cut)
+        r = chat(client, logprobs=True, stop=[stop], **kw).choices[0]
+        assert (r.message.content, r.finish_reason) == (text[:cut], "stop")
+        got = r.logprobs.content
+        assert [e.token for e in got] == want
+        assert [e.logprob for e in got] == [e.logprob for e in free.logprobs.content[:len(want)]]
+        texts, finish, chunks = joined_chat_stream(chat(client, logprobs=True, stop=[stop], stream=True, **kw))
+        streamed = [e.token for ch in chunks for c in ch.choices if c.logprobs for e in c.logprobs.content]
+        assert (texts, finish, streamed) == ({0: text[:cut]}, {0: "stop"}, want)
+        # legacy completions: `tokens` / `text_offset` stop where the text does
+        p = dict(prompt="hello world", logprobs=1, **kw)
+        whole = complete(client, **p).choices[0]
+        ctoks = whole.logprobs.tokens
+        ctext = whole.text
+        assert "".join(ctoks) == ctext
+        cstop = ctoks[k][-1] + ctoks[k + 1]
+        ccut = ctext.index(cstop)
+        for c in (complete(client, stop=[cstop], **p).choices[0],):
+            assert c.text == ctext[:ccut] and c.finish_reason == "stop"
+            assert c.logprobs.tokens == _kept_tokens(ctoks, ccut)
+            assert c.logprobs.text_offset == whole.logprobs.text_offset[:len(c.logprobs.tokens)]
+        streamed = [t for ch in complete(client, stop=[cstop], stream=True, **p)
+                    for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
+        assert streamed == _kept_tokens(ctoks, ccut)
+
+
 def test_completions_logprobs_and_echo(client, tiny_tok):
     r = complete(client, temperature=0, max_tokens=4, logprobs=2, extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs

@@ -70,6 +70,39 @@ def test_never_leaks_a_partial_match(stops, text, cuts) -> None:
         assert consumed - len(emitted) < max(longest, 1)
 
 
+@settings(max_examples=300, deadline=None)
+@given(stops=STOPS, text=st.text(ALPHABET, max_size=30), cuts=st.lists(st.integers(0, 30)),
+       include=st.booleans())
+def test_positions_say_which_input_is_output(stops, text, cuts, include) -> None:
+    # `fed` counts what came in; `kept` is where the settled output ends in it: all that was
+    # emitted so far, and after a match exactly the output's end (Choice drops the logprobs
+    # of tokens starting at or after it).
+    m = StopMatcher(stops, include_stop=include)
+    emitted, consumed = "", 0
+    for piece in split(text, cuts):
+        out, stopped = m.feed(piece)
+        emitted += out
+        consumed += len(piece)
+        assert m.fed == consumed
+        assert m.kept == len(emitted)
+        if stopped:
+            break
+    else:
+        emitted += m.flush()
+        assert m.kept == m.fed == len(emitted)
+
+
+def test_positions_count_hidden_text() -> None:
+    m = StopMatcher(["ab"])
+    assert m.feed("x") == ("x", False)
+    assert m.feed("<s>", visible=False) == ("", False)  # a skipped special token's text
+    assert (m.fed, m.kept) == (4, 4)
+    assert m.feed("a") == ("", False)
+    assert (m.fed, m.kept) == (5, 4)  # "a" may start the stop: held, not settled
+    assert m.feed("bc") == ("", True)
+    assert (m.fed, m.kept) == (7, 4)  # the output ends before "ab"
+
+
 def test_stop_across_pieces() -> None:
     out, stopped = run(["</answer>"], ["The answer is 4<", "/ans", "wer> and more"])
     assert out == ["The answer is 4", "", ""]
