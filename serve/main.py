@@ -138,8 +138,9 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
                   else f"draft model {options.draft_model} ({draft.n_slots} slots, "
                        f"{draft.kv_bytes() / 2**20:.1f} MiB KV)")
         log.info("speculative decoding: %s, %d draft tokens a call, %s, while at most %d "
-                 "sequences decode", options.speculative, spec.num_speculative_tokens, source,
-                 spec.disable_by_batch_size)
+                 "sequence%s decode%s", options.speculative, spec.num_speculative_tokens, source,
+                 spec.disable_by_batch_size, "s" if spec.disable_by_batch_size != 1 else "",
+                 "" if spec.disable_by_batch_size != 1 else "s")
     engine.start()
     return engine
 

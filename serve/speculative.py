@@ -74,12 +74,14 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+            raise ValueError(f"--num-speculative-tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+            raise ValueError(f"need 1 <= --prompt-lookup-min <= --prompt-lookup-max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.disable_by_batch_size < 1:
-            raise ValueError(f"disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
+            raise ValueError(f"--speculative-disable-by-batch-size must be >= 1, got "
+                             f"{self.disable_by_batch_size}")
 
 
 def propose_ngram(ids: np.ndarray, k: int, min_n: int, max_n: int,

@@ -59,10 +59,13 @@ def test_propose_ngram_drafts_at_most_per_gram_tokens_a_matched_token():
 
 
 def test_config_is_checked():
-    with pytest.raises(ValueError, match="prompt_lookup_min"):
+    # out-of-range values name the flag a user typed
+    with pytest.raises(ValueError, match="--prompt-lookup-min <= --prompt-lookup-max, got 3 and 2"):
         SpeculativeConfig(prompt_lookup_min=3, prompt_lookup_max=2)
-    with pytest.raises(ValueError, match="num_speculative_tokens"):
+    with pytest.raises(ValueError, match="--num-speculative-tokens must be >= 1, got 0"):
         ServeOptions(model_dir="m", speculative="ngram", num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="--speculative-disable-by-batch-size must be >= 1, got 0"):
+        ServeOptions(model_dir="m", speculative="ngram", speculative_disable_by_batch_size=0)
     assert ServeOptions(model_dir="m").speculative_config() is None
     cfg = ServeOptions(model_dir="m", speculative="ngram", num_speculative_tokens=6).speculative_config()
     assert cfg == SpeculativeConfig(num_speculative_tokens=6)
