@@ -76,10 +76,11 @@ def log_invariance(options: ServeOptions, engine: Engine) -> None:
                  "unpadded call%s; --batch-invariant runs one call a sequence)", flag, drafts)
     elif engine.batch_invariant:
         rt = engine.runtime
+        w8a8 = getattr(rt, "w8a8", "off")  # the mode the runtime resolved
         how = ("a lone decode padded to two rows" if not rt.batch_invariant
-               else "every step on the row-invariant W8A8 graph" if getattr(rt, "w8a8", "off") == "all"
+               else "every step on the row-invariant W8A8 graph" if w8a8 == "all"
                else "every decode step on the row-invariant main graph, prefills on the "
-               f"{'W8A8' if getattr(rt, 'w8a8', 'off') == 'prefill' else 'main'} graph")
+               + ("W8A8" if w8a8 == "prefill" else "main") + " graph")
         log.info("batch-invariant: the same request gives the same tokens whatever else runs "
                  "(%s)", how)
     elif options.batch_invariant is None:
@@ -137,10 +138,10 @@ def load_engine(options: ServeOptions, metrics: EngineObserver | None = None) ->
         source = (f"n-grams {spec.prompt_lookup_max}..{spec.prompt_lookup_min}" if draft is None
                   else f"draft model {options.draft_model} ({draft.n_slots} slots, "
                        f"{draft.kv_bytes() / 2**20:.1f} MiB KV)")
-        log.info("speculative decoding: %s, %d draft tokens a call, %s, while at most %d "
-                 "sequence%s decode%s", options.speculative, spec.num_speculative_tokens, source,
-                 spec.disable_by_batch_size, "s" if spec.disable_by_batch_size != 1 else "",
-                 "" if spec.disable_by_batch_size != 1 else "s")
+        n = spec.disable_by_batch_size
+        log.info("speculative decoding: %s, %d draft tokens a call, %s, while at most %d %s",
+                 options.speculative, spec.num_speculative_tokens, source, n,
+                 "sequence decodes" if n == 1 else "sequences decode")
     engine.start()
     return engine
 
